@@ -1,0 +1,3 @@
+"""ether-diffusion: ETHER / ETHER+ hyperplane-reflection adapters for Stable Diffusion."""
+
+__version__ = "0.1.0"
