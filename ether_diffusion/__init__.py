@@ -1,3 +1,73 @@
-"""ether-diffusion: ETHER / ETHER+ hyperplane-reflection adapters for Stable Diffusion."""
+"""ether-diffusion: ETHER / ETHER+ hyperplane-reflection adapters for Stable Diffusion.
+
+The core (math, layers, injection, the adapter file) needs only torch and safetensors; the diffusers pipeline
+helpers are imported on first use, so ``import ether_diffusion`` stays light.
+"""
 
 __version__ = "0.1.0"
+
+from .config import TARGET_PRESETS, EtherConfig  # noqa: E402
+from .inject import (  # noqa: E402
+    adapter_names,
+    adapter_parameters,
+    count_parameters,
+    delete_adapter,
+    eject,
+    enable_adapters,
+    inject,
+    mark_only_adapters_trainable,
+    merge_adapters,
+    mixed_batch,
+    set_active_adapters,
+    unmerge_adapters,
+)
+from .io import AdapterFileError, AdapterMismatchError, load_adapter, read_adapter_file, save_adapter  # noqa: E402
+
+_PIPELINE_EXPORTS = {
+    "EtherStableDiffusionPipeline",
+    "EtherLoaderMixin",
+    "load_ether_weights",
+    "save_ether_weights",
+    "set_ether_adapters",
+    "fuse_ether",
+    "unfuse_ether",
+    "unload_ether_weights",
+    "enable_ether",
+    "disable_ether",
+    "delete_ether_adapters",
+    "get_active_ether_adapters",
+    "get_list_ether_adapters",
+    "ether_mixed_batch",
+}
+
+
+def __getattr__(name):
+    if name in _PIPELINE_EXPORTS:
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'ether_diffusion' has no attribute {name!r}")
+
+
+__all__ = [
+    "TARGET_PRESETS",
+    "AdapterFileError",
+    "AdapterMismatchError",
+    "EtherConfig",
+    "adapter_names",
+    "adapter_parameters",
+    "count_parameters",
+    "delete_adapter",
+    "eject",
+    "enable_adapters",
+    "inject",
+    "load_adapter",
+    "mark_only_adapters_trainable",
+    "merge_adapters",
+    "mixed_batch",
+    "read_adapter_file",
+    "save_adapter",
+    "set_active_adapters",
+    "unmerge_adapters",
+    *sorted(_PIPELINE_EXPORTS),
+]

@@ -1,0 +1,119 @@
+"""EtherConfig: what to adapt and how, with named target presets and a versioned JSON form."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from .reflection import METHODS
+
+__all__ = ["CONFIG_FORMAT_VERSION", "EtherConfig", "SIDES", "TARGET_PRESETS", "matches_module_path"]
+
+CONFIG_FORMAT_VERSION = 1
+
+SIDES = ("input", "output")
+
+#: Named target lists. Entries are dotted module-path suffixes ("to_out.0" matches "...attn1.to_out.0").
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    # The paper's subject-driven setting: q/k/v/out of every UNet attention (self and cross).
+    "unet-attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    # The paper's controllable setting: attention plus the GEGLU input projection of each feed-forward.
+    "unet-attention-ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"),
+    # CLIP text encoder attention.
+    "text-encoder-attention": ("q_proj", "k_proj", "v_proj", "out_proj"),
+}
+
+_DEFAULT_SIDES = {"ether": ("input",), "ether_plus": ("input", "output")}
+
+
+def matches_module_path(path: str, pattern: str) -> bool:
+    """True when ``pattern`` is a run of whole dotted components of ``path`` ("attn1" matches "a.attn1.to_q")."""
+    return f".{pattern}." in f".{path}."
+
+
+@dataclass
+class EtherConfig:
+    """How an ETHER adapter is built.
+
+    Args:
+        method: ``"ether"`` (one reflection per block, ~0.1M parameters on SD-1.5) or ``"ether_plus"``
+            (the relaxed ``I - ûûᵀ + v̂v̂ᵀ``, starts at the identity).
+        n_blocks: number of diagonal blocks; must divide the width of every adapted side.
+        sides: ``("input",)``, ``("output",)`` or both. ``None`` picks the paper's default: input for ETHER,
+            both (two-sided) for ETHER+.
+        target_modules: a preset name from ``TARGET_PRESETS`` or a list of dotted module-path suffixes.
+        exclude_modules: dotted path fragments to skip (e.g. ``["mid_block"]``, ``["down_blocks.0"]``).
+        init_seed: seed of the initial vectors; each layer draws from its own stream derived from its path.
+    """
+
+    method: str = "ether_plus"
+    n_blocks: int = 1
+    sides: tuple[str, ...] | None = None
+    target_modules: str | list[str] = "unet-attention"
+    exclude_modules: list[str] = field(default_factory=list)
+    init_seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown ETHER method {self.method!r}; choose one of {sorted(METHODS)}")
+        if not isinstance(self.n_blocks, int) or isinstance(self.n_blocks, bool) or self.n_blocks < 1:
+            raise ValueError(f"n_blocks must be a positive integer, got {self.n_blocks!r}")
+        sides = _DEFAULT_SIDES[self.method] if self.sides is None else tuple(self.sides)
+        unknown = [side for side in sides if side not in SIDES]
+        if unknown or not sides or len(set(sides)) != len(sides):
+            raise ValueError(f"sides must be a non-empty subset of {SIDES}, got {self.sides!r}")
+        self.sides = tuple(side for side in SIDES if side in sides)
+        if isinstance(self.target_modules, str):
+            if self.target_modules not in TARGET_PRESETS:
+                raise ValueError(
+                    f"unknown target preset {self.target_modules!r}; presets: {sorted(TARGET_PRESETS)}, "
+                    "or pass a list of module-path suffixes such as ['to_q', 'to_v']"
+                )
+        else:
+            self.target_modules = list(self.target_modules)
+            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+                raise ValueError("target_modules must be a preset name or a non-empty list of module-path suffixes")
+        self.exclude_modules = list(self.exclude_modules)
+
+    @property
+    def target_suffixes(self) -> tuple[str, ...]:
+        if isinstance(self.target_modules, str):
+            return TARGET_PRESETS[self.target_modules]
+        return tuple(self.target_modules)
+
+    def is_target(self, path: str) -> bool:
+        """Whether the module at dotted ``path`` is adapted under this config."""
+        if any(matches_module_path(path, pattern) for pattern in self.exclude_modules):
+            return False
+        return any(path == suffix or path.endswith("." + suffix) for suffix in self.target_suffixes)
+
+    # --- JSON ---------------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["sides"] = list(self.sides)
+        data["format_version"] = CONFIG_FORMAT_VERSION
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> EtherConfig:
+        data = dict(data)
+        version = data.pop("format_version", None)
+        if version != CONFIG_FORMAT_VERSION:
+            raise ValueError(
+                f"EtherConfig format_version {version!r} is not supported (this library reads version "
+                f"{CONFIG_FORMAT_VERSION}); upgrade ether-diffusion to read newer adapters"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"EtherConfig has unknown fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> EtherConfig:
+        return cls.from_dict(json.loads(text))

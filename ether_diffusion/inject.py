@@ -1,0 +1,318 @@
+"""Put ETHER adapters into any ``nn.Module`` and take them out again.
+
+One walk over ``named_modules`` finds the targets; ``LAYER_TYPES`` says which wrapper each base layer gets.
+Everything here works on a plain ``nn.Module`` (a diffusers UNet, a CLIP text encoder, a toy MLP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .config import EtherConfig
+from .layers import LAYER_TYPES, EtherLayer, parameter_name
+
+__all__ = [
+    "adapter_configs",
+    "adapter_layers",
+    "adapter_names",
+    "adapter_parameters",
+    "adapter_state_dict",
+    "count_parameters",
+    "delete_adapter",
+    "eject",
+    "enable_adapters",
+    "inject",
+    "load_adapter_state_dict",
+    "mark_only_adapters_trainable",
+    "merge_adapters",
+    "mixed_batch",
+    "set_active_adapters",
+    "unmerge_adapters",
+    "validate_adapter_name",
+]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+
+
+def validate_adapter_name(name: str) -> str:
+    """Adapter names are plain identifiers (letters, digits, '_', '-'): safe as module keys and file names."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(
+            f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, EtherLayer]]:
+    """``(path, wrapper)`` for every ETHER wrapper in ``model``; ``path`` is the adapted module's original path."""
+    for path, module in model.named_modules():
+        if isinstance(module, EtherLayer):
+            yield path, module
+
+
+def adapter_configs(model: nn.Module) -> dict[str, EtherConfig]:
+    """The config each adapter of ``model`` was injected with, by adapter name."""
+    return dict(getattr(model, "_ether_configs", {}))
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for _, layer in adapter_layers(model):
+        names.update(dict.fromkeys(layer.ether_adapters))
+    return list(names)
+
+
+def _wrapper_type(module: nn.Module) -> type[EtherLayer] | None:
+    for cls in type(module).__mro__:
+        if cls in LAYER_TYPES:
+            return LAYER_TYPES[cls]
+    return None
+
+
+def _find_targets(model: nn.Module, config: EtherConfig) -> list[tuple[str, nn.Module]]:
+    targets, wrapper_paths = [], []
+    for path, module in model.named_modules():
+        if any(path.startswith(prefix + ".") for prefix in wrapper_paths):
+            continue  # the base layer (and adapter vectors) inside a wrapper
+        if isinstance(module, EtherLayer):
+            wrapper_paths.append(path)
+        if path and config.is_target(path):
+            targets.append((path, module))
+    return targets
+
+
+def _divisors(width: int) -> str:
+    return ", ".join(str(d) for d in range(1, width + 1) if width % d == 0)
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def inject(model: nn.Module, config: EtherConfig, adapter_name: str = "default", activate: bool = True) -> list[str]:
+    """Add adapter ``adapter_name`` built from ``config`` to every targeted layer; returns the adapted paths.
+
+    Everything is checked before the model is touched: an unsupported layer, a width not divisible by
+    ``n_blocks``, or a name already in use raise and leave the model as it was. With ``activate`` the new adapter
+    becomes the only active one (strength 1).
+    """
+    validate_adapter_name(adapter_name)
+    if adapter_name in adapter_names(model):
+        raise ValueError(f"the model already has an adapter named {adapter_name!r}; delete it or pick another name")
+    if activate and any(layer.merged_adapters for _, layer in adapter_layers(model)):
+        raise RuntimeError("the model has merged adapters; unmerge them before adding and activating another")
+    targets = _find_targets(model, config)
+    if not targets:
+        kinds = sorted({type(m).__name__ for _, m in model.named_modules() if _wrapper_type(m)})
+        raise ValueError(
+            f"no module of {type(model).__name__} matches target_modules={config.target_modules!r} "
+            f"(exclusions {config.exclude_modules}); adaptable layer types present: {kinds}"
+        )
+    plan = []
+    for path, module in targets:
+        wrapper = type(module) if isinstance(module, EtherLayer) else _wrapper_type(module)
+        if wrapper is None:
+            raise TypeError(
+                f"'{path}' is a {type(module).__name__}; ETHER adapts {[t.__name__ for t in LAYER_TYPES]}. "
+                "Narrow target_modules or add it to exclude_modules."
+            )
+        base = module.base_layer if isinstance(module, EtherLayer) else module
+        in_width = base.in_features if isinstance(base, nn.Linear) else base.in_channels
+        out_width = base.out_features if isinstance(base, nn.Linear) else base.out_channels
+        for side, width in (("input", in_width), ("output", out_width)):
+            if side in config.sides and width % config.n_blocks:
+                raise ValueError(
+                    f"n_blocks={config.n_blocks} does not divide the {side} width {width} of '{path}'; "
+                    f"n_blocks values that divide {width}: {_divisors(width)}"
+                )
+        plan.append((path, module, wrapper))
+
+    for path, module, wrapper in plan:
+        if not isinstance(module, EtherLayer):
+            module = wrapper(module, layer_name=path)
+            _set_submodule(model, path, module)
+        module.add_adapter(adapter_name, config)
+    configs = adapter_configs(model)
+    configs[adapter_name] = config
+    model._ether_configs = configs
+    if activate:
+        set_active_adapters(model, [adapter_name])
+    return [path for path, _, _ in plan]
+
+
+def eject(model: nn.Module, keep_merged: bool = False) -> list[str]:
+    """Remove every wrapper, putting the original module objects back; returns their paths.
+
+    Merged adapters are unmerged first unless ``keep_merged`` (then the base weights keep the fused change).
+    """
+    paths = []
+    for path, layer in list(adapter_layers(model)):
+        if not keep_merged:
+            layer.unmerge()
+        _set_submodule(model, path, layer.base_layer)
+        paths.append(path)
+    if hasattr(model, "_ether_configs"):
+        del model._ether_configs
+    return paths
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove one adapter; wrappers left without adapters are ejected."""
+    if adapter_name not in adapter_names(model):
+        raise KeyError(f"no adapter named {adapter_name!r}; the model has {adapter_names(model)}")
+    for path, layer in list(adapter_layers(model)):
+        if adapter_name in layer.ether_adapters:
+            layer.delete_adapter(adapter_name)
+            if not layer.ether_adapters:
+                _set_submodule(model, path, layer.base_layer)
+    model._ether_configs.pop(adapter_name, None)
+
+
+def set_active_adapters(model: nn.Module, names: str | list[str], strengths: float | list[float] | None = None):
+    """Activate ``names`` (applied in this order) with per-adapter ``strengths`` (default 1.0 each)."""
+    names = [names] if isinstance(names, str) else list(names)
+    if isinstance(strengths, (int, float)):
+        strengths = [float(strengths)] * len(names)
+    if strengths is not None and len(strengths) != len(names):
+        raise ValueError(f"got {len(strengths)} strengths for {len(names)} adapters")
+    known = adapter_names(model)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise KeyError(f"unknown adapters {unknown}; the model has {known}")
+    for _, layer in adapter_layers(model):
+        layer.set_active(names, strengths)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    for _, layer in adapter_layers(model):
+        return list(layer.active_adapters)
+    return []
+
+
+def enable_adapters(model: nn.Module, enabled: bool = True) -> None:
+    """Switch the (unmerged) adapters on or off without removing them."""
+    for _, layer in adapter_layers(model):
+        if layer.merged_adapters and not enabled:
+            raise RuntimeError(f"'{layer.layer_name}' has merged adapters; unmerge before disabling adapters")
+        layer.adapters_enabled = enabled
+
+
+def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    """Fold adapters into the base weights. If a safe merge fails, layers already merged are restored."""
+    done = []
+    try:
+        for _, layer in adapter_layers(model):
+            layer.merge(adapter_names, safe_merge=safe_merge)
+            done.append(layer)
+    except Exception:
+        for layer in done:
+            layer.unmerge()
+        raise
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, per_sample: list[str | None]):
+    """Run sample ``i`` of the next forward passes through adapter ``per_sample[i]`` (``None`` = base model).
+
+    A batch that is a multiple of ``len(per_sample)`` repeats the assignment, as classifier-free guidance's
+    ``[uncond, cond]`` concatenation needs. Strengths come from ``set_active_adapters`` (default 1.0).
+    """
+    known = adapter_names(model)
+    unknown = sorted({n for n in per_sample if n is not None and n not in known})
+    if unknown:
+        raise KeyError(f"unknown adapters {unknown} in the mixed batch; the model has {known}")
+    slots = list(dict.fromkeys(per_sample))
+    ids = torch.tensor([slots.index(n) for n in per_sample], dtype=torch.long)
+    layers = [layer for _, layer in adapter_layers(model)]
+    try:
+        for layer in layers:
+            layer.set_mixed_batch(slots, ids)
+        yield model
+    finally:
+        for layer in layers:
+            layer.set_mixed_batch(None)
+
+
+def adapter_parameters(model: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:
+    """The adapter vectors, found by visiting the wrappers (never by matching parameter names)."""
+    params = []
+    for _, layer in adapter_layers(model):
+        for name, adapter in layer.ether_adapters.items():
+            if adapter_name is None or name == adapter_name:
+                params.extend(adapter.parameters())
+    return params
+
+
+def mark_only_adapters_trainable(model: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze the vectors of ``adapter_name`` (default: all adapters)."""
+    model.requires_grad_(False)
+    params = adapter_parameters(model, adapter_name)
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+def count_parameters(model: nn.Module, adapter_name: str | None = None) -> int:
+    return sum(p.numel() for p in adapter_parameters(model, adapter_name))
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """``{"<original module path>.ether_u": tensor, ...}``: keys independent of the wrapper's internals."""
+    state = {}
+    for path, layer in adapter_layers(model):
+        adapter = layer.ether_adapters[adapter_name] if adapter_name in layer.ether_adapters else None
+        if adapter is None:
+            continue
+        for name, param in adapter.named_parameters():
+            state[f"{path}.{name}"] = param.detach()
+    if not state:
+        raise KeyError(f"no adapter named {adapter_name!r}; the model has {adapter_names(model)}")
+    return state
+
+
+def _listing(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown} (and {len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+def load_adapter_state_dict(model: nn.Module, adapter_name: str, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` into adapter ``adapter_name``, strictly: missing, unexpected or misshaped keys raise."""
+    expected = {}
+    for path, layer in adapter_layers(model):
+        if adapter_name in layer.ether_adapters:
+            for name, param in layer.ether_adapters[adapter_name].named_parameters():
+                expected[f"{path}.{name}"] = param
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(
+        f"{k} (file {tuple(state[k].shape)}, model {tuple(p.shape)})"
+        for k, p in expected.items() if k in state and state[k].shape != p.shape
+    )
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
+    if misshaped:
+        problems.append(f"{len(misshaped)} keys with the wrong shape: {_listing(misshaped)}")
+    if problems:
+        raise ValueError(f"adapter {adapter_name!r} does not fit this model: " + "; ".join(problems))
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(state[key])
+
+
+def vector_keys(path: str, sides: tuple[str, ...], vector_names: tuple[str, ...]) -> list[str]:
+    return [f"{path}.{parameter_name(v, side)}" for side in sides for v in vector_names]

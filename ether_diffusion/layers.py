@@ -1,0 +1,307 @@
+"""Wrappers that hold an untouched base layer and apply ETHER transforms around it.
+
+``EtherLinear`` wraps ``nn.Linear``; ``EtherConv2d`` wraps a 1×1 ``nn.Conv2d`` (SD 1.x ``proj_in``/``proj_out``).
+A wrapper holds any number of named adapters (``ether_adapters``), applies the active ones in order, and can
+merge them into the base weight and back. torch only: no diffusers import here.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import EtherConfig
+from .reflection import METHODS, apply_low_rank, apply_low_rank_batched
+
+__all__ = ["LAYER_TYPES", "EtherAdapter", "EtherConv2d", "EtherLayer", "EtherLinear", "parameter_name"]
+
+
+def parameter_name(vector: str, side: str) -> str:
+    """Name of a learned vector: ``ether_u``/``ether_v`` on the input side, ``ether_u_out``/``ether_v_out``."""
+    return f"ether_{vector}" if side == "input" else f"ether_{vector}_out"
+
+
+def layer_generator(seed: int, layer_name: str) -> torch.Generator:
+    """A CPU generator for one layer's initial vectors: stable across runs (crc32, not Python's salted hash)."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(layer_name.encode())) % (2**63))
+
+
+class EtherAdapter(nn.Module):
+    """The learned vectors of one named adapter on one layer: (n_blocks, width / n_blocks) per vector and side."""
+
+    def __init__(self, config: EtherConfig, in_features: int, out_features: int, generator: torch.Generator,
+                 device=None, dtype=None):
+        super().__init__()
+        self.method = METHODS[config.method]
+        self.n_blocks = config.n_blocks
+        self.sides = tuple(config.sides)
+        widths = {"input": in_features, "output": out_features}
+        for side in self.sides:
+            vectors = self.method.init_vectors(self.n_blocks, widths[side] // self.n_blocks, generator)
+            for vector, value in vectors.items():
+                parameter = nn.Parameter(value.to(device=device, dtype=dtype))
+                self.register_parameter(parameter_name(vector, side), parameter)
+
+    def vectors(self, side: str) -> dict[str, torch.Tensor]:
+        return {v: getattr(self, parameter_name(v, side)) for v in self.method.vector_names}
+
+    def factors(self, side: str, strength: float, dtype: torch.dtype):
+        """``(D, E)`` of this side's transform in ``dtype``, or ``None`` when the side is not adapted."""
+        if side not in self.sides:
+            return None
+        down, up = self.method.factors(self.vectors(side), strength)
+        return down.to(dtype), up.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"method={self.method.name}, n_blocks={self.n_blocks}, sides={self.sides}"
+
+
+class EtherLayer(nn.Module):
+    """Common machinery of the wrappers. Subclasses say how to reach features and the bias-free base product."""
+
+    def __init__(self, base_layer: nn.Module, layer_name: str = ""):
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_name = layer_name
+        self.ether_adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.strengths: dict[str, float] = {}
+        self.adapters_enabled = True
+        self.merged_adapters: list[str] = []
+        self._weight_before_merge: torch.Tensor | None = None
+        # (slot names, per-sample slot index) while a mixed batch runs; see ``set_mixed_batch``.
+        self._mixed: tuple[list[str | None], torch.Tensor] | None = None
+
+    # --- to be provided by subclasses -------------------------------------------------------------------------
+    in_features: int
+    out_features: int
+
+    def _weight_matrix(self) -> torch.Tensor:
+        """The base weight viewed as (out, in)."""
+        raise NotImplementedError
+
+    def _features_last(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _features_back(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def _product_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- adapters ---------------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, config: EtherConfig) -> EtherAdapter:
+        if name in self.ether_adapters:
+            raise ValueError(f"'{self.layer_name}' already has an adapter named {name!r}")
+        weight = self.base_layer.weight
+        adapter = EtherAdapter(config, self.in_features, self.out_features,
+                               layer_generator(config.init_seed, self.layer_name),
+                               device=weight.device, dtype=weight.dtype)
+        self.ether_adapters[name] = adapter
+        self.strengths[name] = 1.0
+        return adapter
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged into '{self.layer_name}'; unmerge before deleting it")
+        del self.ether_adapters[name]
+        self.strengths.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_active(self, names: list[str], strengths: list[float] | None = None) -> None:
+        if self.merged_adapters:
+            raise RuntimeError(f"'{self.layer_name}' has merged adapters {self.merged_adapters}; unmerge first")
+        strengths = [1.0] * len(names) if strengths is None else list(strengths)
+        self.active_adapters = [n for n in names if n in self.ether_adapters]
+        for name, strength in zip(names, strengths):
+            if name in self.ether_adapters:
+                self.strengths[name] = float(strength)
+
+    def set_mixed_batch(self, slot_names: list[str | None] | None, slot_ids: torch.Tensor | None = None) -> None:
+        """Route sample i through adapter ``slot_names[slot_ids[i]]`` (``None`` = base model); ``None`` ends it."""
+        if slot_names is None:
+            self._mixed = None
+            return
+        if self.merged_adapters:
+            raise RuntimeError(f"'{self.layer_name}' has merged adapters; unmerge before a mixed batch")
+        self._mixed = (list(slot_names), slot_ids.to(self.base_layer.weight.device))
+
+    # --- forward ----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self.adapters_enabled or self.merged_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        if self._mixed is not None:
+            return self._forward_mixed(x)
+        adapters = [(self.ether_adapters[n], self.strengths[n]) for n in self.active_adapters]
+        if not adapters:
+            return self.base_layer(x, *args, **kwargs)
+        h = x
+        for adapter, strength in adapters:  # y = W · H_k ⋯ H_1 x: the first active adapter acts first
+            factors = adapter.factors("input", strength, x.dtype)
+            if factors is not None:
+                h = self._features_back(apply_low_rank(self._features_last(h), *factors))
+        output_factors = [f for a, s in adapters if (f := a.factors("output", s, x.dtype)) is not None]
+        if not output_factors:
+            return self.base_layer(h, *args, **kwargs)
+        y = self._features_last(self._product_without_bias(h))  # H̃ acts on W x, before the bias
+        for factors in output_factors:
+            y = apply_low_rank(y, *factors)
+        return self._add_bias(self._features_back(y))
+
+    def _slot_factors(self, side: str, slot_names: list[str | None], dtype: torch.dtype):
+        """Stacked per-slot factors (S, d, r), (S, r, d), zero-padded to a common rank; ``None`` if all empty."""
+        width = self.in_features if side == "input" else self.out_features
+        weight = self.base_layer.weight
+        factors = []
+        for name in slot_names:
+            adapter = self.ether_adapters[name] if name in self.ether_adapters else None
+            found = adapter.factors(side, self.strengths[name], dtype) if adapter is not None else None
+            factors.append(found)
+        rank = max((f[0].shape[1] for f in factors if f is not None), default=0)
+        if rank == 0:
+            return None
+        down = torch.zeros(len(slot_names), width, rank, dtype=dtype, device=weight.device)
+        up = torch.zeros(len(slot_names), rank, width, dtype=dtype, device=weight.device)
+        for slot, found in enumerate(factors):
+            if found is not None:
+                down[slot, :, : found[0].shape[1]] = found[0]
+                up[slot, : found[1].shape[0], :] = found[1]
+        return down, up
+
+    def _forward_mixed(self, x: torch.Tensor) -> torch.Tensor:
+        slot_names, slot_ids = self._mixed
+        if x.shape[0] % slot_ids.shape[0]:
+            raise ValueError(
+                f"'{self.layer_name}': batch of {x.shape[0]} does not match the mixed batch of "
+                f"{slot_ids.shape[0]} adapter assignments (nor a multiple of it, as classifier-free guidance makes)"
+            )
+        # Classifier-free guidance concatenates [uncond, cond]: each half uses the same assignment.
+        ids = slot_ids.repeat(x.shape[0] // slot_ids.shape[0])
+        h = x
+        found = self._slot_factors("input", slot_names, x.dtype)
+        if found is not None:
+            h = self._features_back(apply_low_rank_batched(self._features_last(h), found[0][ids], found[1][ids]))
+        found = self._slot_factors("output", slot_names, x.dtype)
+        if found is None:
+            return self.base_layer(h)
+        y = apply_low_rank_batched(self._features_last(self._product_without_bias(h)), found[0][ids], found[1][ids])
+        return self._add_bias(self._features_back(y))
+
+    # --- merge ------------------------------------------------------------------------------------------------
+    def _transform_matrix(self, matrix: torch.Tensor, names: list[str], inverse: bool) -> torch.Tensor:
+        """Weight form of the active transforms: ``H̃_k⋯H̃_1 · W · H_k⋯H_1`` (or its inverse for self-inverse H)."""
+        for name in names if inverse else reversed(names):  # rows of W·H_k⋯H_1 are H_1⋯H_k w_r
+            factors = self.ether_adapters[name].factors("input", self.strengths[name], matrix.dtype)
+            if factors is not None:
+                matrix = apply_low_rank(matrix, *factors)
+        for name in reversed(names) if inverse else names:  # columns of H̃_k⋯H̃_1·W are H̃_k⋯H̃_1 c
+            factors = self.ether_adapters[name].factors("output", self.strengths[name], matrix.dtype)
+            if factors is not None:
+                matrix = apply_low_rank(matrix.T, *factors).T
+        return matrix
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold the adapters (default: the active ones) into the base weight. Merging the same set again is a no-op."""
+        names = list(self.active_adapters if adapter_names is None else
+                     [n for n in adapter_names if n in self.ether_adapters])
+        if self.merged_adapters:
+            if names == self.merged_adapters:
+                return
+            raise RuntimeError(
+                f"'{self.layer_name}' already has {self.merged_adapters} merged; unmerge before merging {names}"
+            )
+        if not names:
+            return
+        weight = self.base_layer.weight
+        merged = self._transform_matrix(self._weight_matrix().float(), names, inverse=False)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(
+                f"merging {names} into '{self.layer_name}' gives non-finite weights (the adapter holds NaN or inf "
+                "values); nothing was changed"
+            )
+        exact_inverse = weight.dtype in (torch.float32, torch.float64) and all(
+            self.ether_adapters[n].method.self_inverse and self.strengths[n] == 1.0 for n in names
+        )
+        # A reflection undoes itself; anything else (ETHER+, blended strengths, half precision) keeps a copy.
+        self._weight_before_merge = None if exact_inverse else weight.detach().clone()
+        weight.copy_(merged.to(weight.dtype).view_as(weight))
+        self.merged_adapters = names
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight as it was before ``merge``. A no-op when nothing is merged."""
+        if not self.merged_adapters:
+            return
+        weight = self.base_layer.weight
+        if self._weight_before_merge is not None:
+            weight.copy_(self._weight_before_merge)
+        else:
+            restored = self._transform_matrix(self._weight_matrix().float(), self.merged_adapters, inverse=True)
+            weight.copy_(restored.to(weight.dtype).view_as(weight))
+        self._weight_before_merge = None
+        self.merged_adapters = []
+
+    def extra_repr(self) -> str:
+        return f"active={self.active_adapters}, merged={self.merged_adapters}, enabled={self.adapters_enabled}"
+
+
+class EtherLinear(EtherLayer):
+    """ETHER around an ``nn.Linear``: ``y = H̃ (W (H x)) + b``."""
+
+    def __init__(self, base_layer: nn.Linear, layer_name: str = ""):
+        super().__init__(base_layer, layer_name)
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+
+    def _weight_matrix(self):
+        return self.base_layer.weight
+
+    def _product_without_bias(self, x):
+        return F.linear(x, self.base_layer.weight)
+
+    def _add_bias(self, y):
+        bias = self.base_layer.bias
+        return y if bias is None else y + bias
+
+
+class EtherConv2d(EtherLayer):
+    """ETHER around a 1×1 ``nn.Conv2d`` (a per-pixel linear map over channels)."""
+
+    def __init__(self, base_layer: nn.Conv2d, layer_name: str = ""):
+        pointwise = (base_layer.kernel_size == (1, 1) and base_layer.stride == (1, 1) and base_layer.groups == 1
+                     and base_layer.padding in ((0, 0), "valid") and base_layer.dilation == (1, 1))
+        if not pointwise:
+            raise TypeError(
+                f"'{layer_name}' is a {base_layer.kernel_size} convolution; ETHER adapts only 1×1 convolutions "
+                "(stride 1, no padding, one group). Exclude it from target_modules."
+            )
+        super().__init__(base_layer, layer_name)
+        self.in_features = base_layer.in_channels
+        self.out_features = base_layer.out_channels
+
+    def _weight_matrix(self):
+        return self.base_layer.weight.view(self.out_features, self.in_features)
+
+    def _features_last(self, x):
+        return x.movedim(1, -1)
+
+    def _features_back(self, x):
+        return x.movedim(-1, 1)
+
+    def _product_without_bias(self, x):
+        return F.conv2d(x, self.base_layer.weight)
+
+    def _add_bias(self, y):
+        bias = self.base_layer.bias
+        return y if bias is None else y + bias.view(1, -1, *([1] * (y.dim() - 2)))
+
+
+#: Base layer type → wrapper. Looked up along the type's MRO, so subclasses of ``nn.Linear`` are found too.
+LAYER_TYPES: dict[type[nn.Module], type[EtherLayer]] = {nn.Linear: EtherLinear, nn.Conv2d: EtherConv2d}

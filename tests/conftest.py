@@ -1,0 +1,96 @@
+"""Tiny real components built from configs (no downloads): the diffusers way of testing pipelines."""
+
+from __future__ import annotations
+
+import json
+import string
+
+import pytest
+import torch
+from torch import nn
+
+
+def build_char_tokenizer(folder):
+    """A CLIPTokenizer whose vocabulary is single characters: every word tokenizes, nothing is downloaded."""
+    from transformers import CLIPTokenizer
+
+    chars = string.ascii_lowercase + string.digits + ",.!?'-"
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(chars) + [c + "</w>" for c in chars]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+
+
+def build_tiny_components(tmp_path, seed: int = 0):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(16, 32), latent_channels=4, norm_num_groups=16,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16,
+    )
+    tokenizer = build_char_tokenizer(tmp_path)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=tokenizer.vocab_size, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False)
+    return dict(unet=unet.eval(), vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.fixture
+def tiny_components(tmp_path):
+    return build_tiny_components(tmp_path)
+
+
+@pytest.fixture
+def tiny_pipe(tiny_components):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**tiny_components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def tiny_unet(tiny_components):
+    return tiny_components["unet"]
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.to_q = nn.Linear(width, width)
+        self.to_k = nn.Linear(width, 2 * width, bias=False)
+        self.act = nn.GELU()
+        self.block = nn.ModuleDict({"to_v": nn.Linear(2 * width, width), "to_out": nn.Sequential(nn.Linear(width, 8))})
+        self.ether_lookalike = nn.Linear(8, 8)  # a base layer whose name looks like an adapter's
+
+    def forward(self, x):
+        h = self.to_q(x) + self.act(self.to_k(x))[..., : x.shape[-1]]
+        h = self.block["to_v"](torch.cat([h, x], dim=-1))
+        return self.ether_lookalike(self.block["to_out"](h))
+
+
+@pytest.fixture
+def mlp():
+    torch.manual_seed(0)
+    return TinyMLP()
+
+
+def randomize_adapters(model, adapter_name=None, seed: int = 1):
+    """Move adapter vectors away from their init so that ETHER+ is not the identity."""
+    from ether_diffusion.inject import adapter_parameters
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in adapter_parameters(model, adapter_name):
+            param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype))
