@@ -1,0 +1,158 @@
+"""Wrappers: merge/unmerge exactness, strengths, dtypes, conv layers, mixed batches."""
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from ether_diffusion.config import EtherConfig
+from ether_diffusion.layers import EtherConv2d, EtherLinear
+
+CONFIGS = [
+    EtherConfig(method="ether", n_blocks=1),
+    EtherConfig(method="ether", n_blocks=4, sides=("input", "output")),
+    EtherConfig(method="ether_plus", n_blocks=2),
+    EtherConfig(method="ether_plus", n_blocks=4, sides=("input",)),
+]
+
+
+def make_layer(kind="linear", config=None, names=("a",), seed=0):
+    torch.manual_seed(seed)
+    base = nn.Linear(16, 8) if kind == "linear" else nn.Conv2d(16, 8, 1)
+    layer = (EtherLinear if kind == "linear" else EtherConv2d)(base, "blocks.0.to_q")
+    for i, name in enumerate(names):
+        adapter = layer.add_adapter(name, config or CONFIGS[0])
+        generator = torch.Generator().manual_seed(seed + 10 + i)
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.normal_(generator=generator)
+    layer.set_active(list(names))
+    return layer
+
+
+def sample_input(kind, batch=3):
+    torch.manual_seed(1)
+    return torch.randn(batch, 5, 16) if kind == "linear" else torch.randn(batch, 16, 4, 4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-n{c.n_blocks}-{'+'.join(c.sides)}")
+def test_merge_matches_forward_and_unmerge_restores(kind, config):
+    layer = make_layer(kind, config, names=("a", "b"))
+    x = sample_input(kind)
+    original = layer.base_layer.weight.detach().clone()
+    unmerged_out = layer(x)
+    assert not torch.allclose(unmerged_out, layer.base_layer(x), atol=1e-3)
+
+    layer.merge()
+    assert layer.merged_adapters == ["a", "b"]
+    assert_close(layer(x), unmerged_out)
+    merged_weight = layer.base_layer.weight.detach().clone()
+    layer.merge()  # merging again is a no-op
+    assert torch.equal(layer.base_layer.weight, merged_weight)
+
+    layer.unmerge()
+    assert layer.merged_adapters == []
+    assert_close(layer.base_layer.weight, original)
+    assert_close(layer(x), unmerged_out)
+
+
+def test_ether_unmerge_reapplies_the_reflection_without_a_copy():
+    layer = make_layer(config=EtherConfig(method="ether", n_blocks=2))
+    layer.merge()
+    assert layer._weight_before_merge is None  # H·H = I: no stored copy needed
+    plus = make_layer(config=EtherConfig(method="ether_plus", n_blocks=2))
+    plus.merge()
+    assert plus._weight_before_merge is not None  # ETHER+ may be singular: keep a copy
+
+
+def test_safe_merge_refuses_non_finite_and_changes_nothing():
+    layer = make_layer()
+    with torch.no_grad():
+        layer.ether_adapters["a"].ether_u[0, 0] = float("inf")
+    before = layer.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(layer.base_layer.weight, before)
+    assert layer.merged_adapters == []
+
+
+def test_merged_layer_refuses_to_switch_adapters():
+    layer = make_layer(names=("a", "b"))
+    layer.merge(["a"])
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.merge(["b"])
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer.set_active(["b"])
+
+
+@pytest.mark.parametrize("method", ["ether", "ether_plus"])
+def test_strength_zero_is_the_base_layer_and_one_the_method(method):
+    layer = make_layer(config=EtherConfig(method=method, sides=("input",)))
+    x = sample_input("linear")
+    full = layer(x)
+    layer.set_active(["a"], [0.0])
+    assert_close(layer(x), layer.base_layer(x))
+    layer.set_active(["a"], [0.5])
+    half = layer(x)
+    assert not torch.allclose(half, full) and not torch.allclose(half, layer.base_layer(x))
+    # one-sided H(s) is linear in s for both methods: the half-strength output is the average
+    assert_close(half, (full + layer.base_layer(x)) / 2)
+
+
+def test_disabled_layer_is_the_base_layer():
+    layer = make_layer()
+    x = sample_input("linear")
+    layer.adapters_enabled = False
+    assert torch.equal(layer(x), layer.base_layer(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_keeps_dtype_and_device(dtype):
+    base = nn.Linear(16, 8).to(dtype)
+    layer = EtherLinear(base, "x")
+    adapter = layer.add_adapter("a", EtherConfig(method="ether_plus", n_blocks=2))
+    layer.set_active(["a"])
+    assert all(p.dtype == dtype for p in adapter.parameters())
+    x = torch.randn(2, 16, dtype=dtype)
+    out = layer(x)
+    assert out.dtype == dtype
+    assert_close(out, base(x))  # ETHER+ at init
+    assert layer.base_layer is base
+
+
+def test_only_pointwise_convolutions_are_wrapped():
+    with pytest.raises(TypeError, match="1×1"):
+        EtherConv2d(nn.Conv2d(8, 8, 3, padding=1), "conv_in")
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_mixed_batch_equals_one_adapter_at_a_time(kind):
+    # adapters with different methods, block counts and sides share one batch
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8) if kind == "linear" else nn.Conv2d(16, 8, 1)
+    layer = (EtherLinear if kind == "linear" else EtherConv2d)(base, "x")
+    for name, config in zip("abc", CONFIGS[1:]):
+        adapter = layer.add_adapter(name, config)
+        with torch.no_grad():
+            for p in adapter.parameters():
+                p.normal_()
+    layer.set_active(["a"], [1.0])
+    layer.strengths["c"] = 0.7
+    assignment = ["a", None, "c", "b", "a"]
+    x = sample_input(kind, batch=5)
+
+    expected = []
+    for i, name in enumerate(assignment):
+        layer.set_active([] if name is None else [name], None if name is None else [layer.strengths[name]])
+        expected.append(layer(x[i:i + 1]))
+    expected = torch.cat(expected)
+
+    slots = list(dict.fromkeys(assignment))
+    layer.set_mixed_batch(slots, torch.tensor([slots.index(n) for n in assignment]))
+    assert_close(layer(x), expected)
+    # classifier-free guidance doubles the batch: [uncond, cond] both follow the assignment
+    assert_close(layer(torch.cat([x, x])), torch.cat([expected, expected]))
+    with pytest.raises(ValueError, match="does not match"):
+        layer(x[:4])
+    layer.set_mixed_batch(None)
