@@ -298,7 +298,8 @@ def load_adapter_state_dict(model: nn.Module, adapter_name: str, state: dict[str
     unexpected = sorted(set(state) - set(expected))
     misshaped = sorted(
         f"{k} (file {tuple(state[k].shape)}, model {tuple(p.shape)})"
-        for k, p in expected.items() if k in state and state[k].shape != p.shape
+        for k, p in expected.items()
+        if k in state and state[k].shape != p.shape
     )
     problems = []
     if missing:

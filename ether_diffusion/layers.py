@@ -32,8 +32,15 @@ def layer_generator(seed: int, layer_name: str) -> torch.Generator:
 class EtherAdapter(nn.Module):
     """The learned vectors of one named adapter on one layer: (n_blocks, width / n_blocks) per vector and side."""
 
-    def __init__(self, config: EtherConfig, in_features: int, out_features: int, generator: torch.Generator,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        config: EtherConfig,
+        in_features: int,
+        out_features: int,
+        generator: torch.Generator,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.method = METHODS[config.method]
         self.n_blocks = config.n_blocks
@@ -100,9 +107,14 @@ class EtherLayer(nn.Module):
         if name in self.ether_adapters:
             raise ValueError(f"'{self.layer_name}' already has an adapter named {name!r}")
         weight = self.base_layer.weight
-        adapter = EtherAdapter(config, self.in_features, self.out_features,
-                               layer_generator(config.init_seed, self.layer_name),
-                               device=weight.device, dtype=weight.dtype)
+        adapter = EtherAdapter(
+            config,
+            self.in_features,
+            self.out_features,
+            layer_generator(config.init_seed, self.layer_name),
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         self.ether_adapters[name] = adapter
         self.strengths[name] = 1.0
         return adapter
@@ -209,8 +221,9 @@ class EtherLayer(nn.Module):
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the adapters (default: the active ones) into the base weight. Merging the same set again is a no-op."""
-        names = list(self.active_adapters if adapter_names is None else
-                     [n for n in adapter_names if n in self.ether_adapters])
+        names = list(
+            self.active_adapters if adapter_names is None else [n for n in adapter_names if n in self.ether_adapters]
+        )
         if self.merged_adapters:
             if names == self.merged_adapters:
                 return
@@ -275,8 +288,13 @@ class EtherConv2d(EtherLayer):
     """ETHER around a 1×1 ``nn.Conv2d`` (a per-pixel linear map over channels)."""
 
     def __init__(self, base_layer: nn.Conv2d, layer_name: str = ""):
-        pointwise = (base_layer.kernel_size == (1, 1) and base_layer.stride == (1, 1) and base_layer.groups == 1
-                     and base_layer.padding in ((0, 0), "valid") and base_layer.dilation == (1, 1))
+        pointwise = (
+            base_layer.kernel_size == (1, 1)
+            and base_layer.stride == (1, 1)
+            and base_layer.groups == 1
+            and base_layer.padding in ((0, 0), "valid")
+            and base_layer.dilation == (1, 1)
+        )
         if not pointwise:
             raise TypeError(
                 f"'{layer_name}' is a {base_layer.kernel_size} convolution; ETHER adapts only 1×1 convolutions "

@@ -50,9 +50,7 @@ def unit_blocks(vectors: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
-def low_rank_factors(
-    directions: torch.Tensor, coefficients: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def low_rank_factors(directions: torch.Tensor, coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Thin factors ``D`` (d, K·n) and ``E`` (K·n, d) with ``T(x) = x + (x D) E``.
 
     ``directions`` (K, n, b) are unit vectors per block, ``coefficients`` (K,) the scalar of each term.
@@ -89,9 +87,7 @@ class Method:
     def init_vectors(self, n_blocks: int, block_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def terms(
-        self, vectors: Mapping[str, torch.Tensor], strength: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def terms(self, vectors: Mapping[str, torch.Tensor], strength: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit directions (K, n, b) and coefficients (K,) of the transform at ``strength``."""
         raise NotImplementedError
 

@@ -161,7 +161,7 @@ def test_mixed_batch_on_a_model(tiny_unet):
         expected = []
         for i, name in enumerate(assignment):
             set_active_adapters(tiny_unet, [] if name is None else [name])
-            expected.append(tiny_unet(sample[i:i + 1], t[i:i + 1], context[i:i + 1]).sample)
+            expected.append(tiny_unet(sample[i : i + 1], t[i : i + 1], context[i : i + 1]).sample)
         with mixed_batch(tiny_unet, assignment):
             mixed = tiny_unet(sample, t, context).sample
     assert_close(mixed, torch.cat(expected), rtol=1e-4, atol=1e-5)

@@ -145,7 +145,7 @@ def test_mixed_batch_equals_one_adapter_at_a_time(kind):
     expected = []
     for i, name in enumerate(assignment):
         layer.set_active([] if name is None else [name], None if name is None else [layer.strengths[name]])
-        expected.append(layer(x[i:i + 1]))
+        expected.append(layer(x[i : i + 1]))
     expected = torch.cat(expected)
 
     slots = list(dict.fromkeys(assignment))

@@ -8,7 +8,13 @@ from ether_diffusion.config import EtherConfig
 from ether_diffusion.layers import EtherLinear
 from ether_diffusion.reflection import METHODS, apply_low_rank, low_rank_factors, unit_blocks
 
-torch.set_default_dtype(torch.float64)
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def dense_blocks(method, vectors, strength=1.0):
@@ -46,7 +52,7 @@ def test_ether_is_an_orthogonal_involution_that_flips_u(n):
     # Each block's û is mapped to -û, and a vector orthogonal to it is kept.
     for i in range(n):
         u = torch.zeros(n * 6)
-        u[i * 6:(i + 1) * 6] = vectors["u"][i]
+        u[i * 6 : (i + 1) * 6] = vectors["u"][i]
         assert_close(transform("ether", vectors, u), -u)
     # ‖H_B − I‖_F = 2√n whatever u is: ETHER cannot run away.
     assert_close(torch.linalg.matrix_norm(h - eye), torch.tensor(2 * n**0.5))

@@ -1,0 +1,364 @@
+"""The adapter file: one ``.safetensors`` with versioned JSON metadata, written atomically, read strictly.
+
+Keys are ``<component>.<original module path>.<vector>``, e.g. ``unet.down_blocks.0.attentions.0.
+transformer_blocks.0.attn1.to_q.ether_u``; vectors are ``ether_u``/``ether_v`` (input side) and
+``ether_u_out``/``ether_v_out`` (output side), each (n_blocks, width / n_blocks). The metadata holds:
+
+- ``format`` = ``"ether-diffusion"`` and ``format_version`` (an integer, as a string);
+- ``config``: JSON ``{component: EtherConfig.to_dict()}``;
+- ``fingerprint``: JSON ``{component: {module path: [in_features, out_features]}}``, the adapted layers of the
+  base model, so a file loaded into another architecture fails with the layers that differ;
+- ``adapter_name``, ``base_model`` (informational), ``library_version``, and any ``extra`` string pairs.
+
+Never pickle: only safetensors is read or written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__
+from .config import EtherConfig
+from .inject import (
+    adapter_configs,
+    adapter_layers,
+    adapter_state_dict,
+    delete_adapter,
+    inject,
+    load_adapter_state_dict,
+    validate_adapter_name,
+)
+from .layers import EtherLayer, parameter_name
+from .reflection import METHODS
+
+__all__ = [
+    "DEFAULT_WEIGHT_NAME",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "AdapterFile",
+    "AdapterFileError",
+    "AdapterMismatchError",
+    "atomic_write",
+    "load_adapter",
+    "read_adapter_file",
+    "resolve_adapter_path",
+    "save_adapter",
+]
+
+FORMAT_NAME = "ether-diffusion"
+FORMAT_VERSION = 1
+DEFAULT_WEIGHT_NAME = "ether_adapter.safetensors"
+
+
+class AdapterFileError(ValueError):
+    """The file is not a valid ether-diffusion adapter (corrupt, truncated, wrong format or version)."""
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter is valid but was made for a model with other layers or widths."""
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    If writing fails (full disk, a killed process, an exception), the temporary file is removed and whatever was
+    at ``path`` before is untouched.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write '{path}': the folder '{path.parent}' does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class AdapterFile:
+    """The parsed, validated content of an adapter file."""
+
+    tensors: dict[str, torch.Tensor]
+    configs: dict[str, EtherConfig]
+    fingerprints: dict[str, dict[str, list[int]]]
+    adapter_name: str | None = None
+    base_model: str | None = None
+    library_version: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def component_state(self, component: str) -> dict[str, torch.Tensor]:
+        prefix = component + "."
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def num_parameters(self, component: str | None = None) -> int:
+        return sum(v.numel() for k, v in self.tensors.items() if component is None or k.startswith(component + "."))
+
+
+def resolve_adapter_path(path: str | os.PathLike, weight_name: str | None = None) -> Path:
+    """A file, or a folder holding ``weight_name`` (default ``ether_adapter.safetensors``, else its only file)."""
+    path = Path(path)
+    if path.is_dir():
+        if weight_name is not None:
+            candidate = path / weight_name
+        elif (path / DEFAULT_WEIGHT_NAME).is_file():
+            candidate = path / DEFAULT_WEIGHT_NAME
+        else:
+            found = sorted(path.glob("*.safetensors"))
+            if len(found) != 1:
+                raise FileNotFoundError(
+                    f"'{path}' holds {len(found)} .safetensors files ({[f.name for f in found]}); pass weight_name= "
+                    f"to choose one (the default name is {DEFAULT_WEIGHT_NAME})"
+                )
+            candidate = found[0]
+        path = candidate
+    if not path.is_file():
+        raise FileNotFoundError(f"no adapter file at '{path}': check the path (a .safetensors file or its folder)")
+    return path
+
+
+def _expected_shapes(config: EtherConfig, fingerprint: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
+    method = METHODS[config.method]
+    shapes = {}
+    for path, (in_width, out_width) in fingerprint.items():
+        for side, width in (("input", in_width), ("output", out_width)):
+            if side in config.sides:
+                for vector in method.vector_names:
+                    shapes[f"{path}.{parameter_name(vector, side)}"] = (config.n_blocks, width // config.n_blocks)
+    return shapes
+
+
+def _json_field(metadata: dict[str, str], key: str, path: Path):
+    if key not in metadata:
+        raise AdapterFileError(f"'{path}' has no '{key}' metadata; the file is incomplete or was not written by us")
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as err:
+        raise AdapterFileError(f"'{path}' has unreadable '{key}' metadata ({err})") from err
+
+
+def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -> AdapterFile:
+    """Read and validate an adapter file (or folder) without touching any model."""
+    path = resolve_adapter_path(path, weight_name)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterFileError(
+            f"'{path}' is not a readable safetensors file: it is truncated, corrupt or of another format ({err}). "
+            "Save the adapter again or copy a good version of it."
+        ) from err
+    if metadata.get("format") != FORMAT_NAME:
+        raise AdapterFileError(
+            f"'{path}' is a safetensors file but not an ether-diffusion adapter (metadata format="
+            f"{metadata.get('format')!r}); LoRA files load with diffusers' load_lora_weights"
+        )
+    try:
+        version = int(metadata.get("format_version", ""))
+    except ValueError:
+        version = None
+    if version != FORMAT_VERSION:
+        hint = "upgrade ether-diffusion" if isinstance(version, int) and version > FORMAT_VERSION else "re-save it"
+        raise AdapterFileError(
+            f"'{path}' has adapter format_version {metadata.get('format_version')!r}; this library reads version "
+            f"{FORMAT_VERSION}: {hint}"
+        )
+    try:
+        configs = {c: EtherConfig.from_dict(d) for c, d in _json_field(metadata, "config", path).items()}
+    except (TypeError, ValueError, AttributeError) as err:
+        if isinstance(err, AdapterFileError):
+            raise
+        raise AdapterFileError(f"'{path}' has an invalid adapter config: {err}") from err
+    fingerprints = _json_field(metadata, "fingerprint", path)
+    if not configs or set(fingerprints) != set(configs):
+        raise AdapterFileError(
+            f"'{path}': config components {sorted(configs)} and fingerprint components {sorted(fingerprints)} disagree"
+        )
+
+    expected = {}
+    for component, config in configs.items():
+        for key, shape in _expected_shapes(config, fingerprints[component]).items():
+            expected[f"{component}.{key}"] = shape
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshaped = sorted(
+        f"{k} {tuple(tensors[k].shape)} instead of {expected[k]}"
+        for k in expected
+        if k in tensors and tuple(tensors[k].shape) != expected[k]
+    )
+    problems = [
+        f"{len(keys)} {what}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}"
+        for what, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("keys with the wrong shape", misshaped),
+        )
+        if keys
+    ]
+    if problems:
+        raise AdapterFileError(f"'{path}' is inconsistent with its own metadata: " + "; ".join(problems))
+    bad = sorted(k for k, v in tensors.items() if not v.is_floating_point() or not torch.isfinite(v).all())
+    if bad:
+        raise AdapterFileError(f"'{path}' holds non-finite or non-float vectors: {', '.join(bad[:5])}")
+
+    reserved = {"format", "format_version", "config", "fingerprint", "adapter_name", "base_model", "library_version"}
+    return AdapterFile(
+        tensors=tensors,
+        configs=configs,
+        fingerprints=fingerprints,
+        adapter_name=metadata.get("adapter_name") or None,
+        base_model=metadata.get("base_model") or None,
+        library_version=metadata.get("library_version"),
+        extra={k: v for k, v in metadata.items() if k not in reserved},
+    )
+
+
+def fingerprint(model: nn.Module, adapter_name: str) -> dict[str, list[int]]:
+    """``{module path: [in_features, out_features]}`` of the layers carrying ``adapter_name``."""
+    return {
+        path: [layer.in_features, layer.out_features]
+        for path, layer in adapter_layers(model)
+        if adapter_name in layer.ether_adapters
+    }
+
+
+def save_adapter(
+    path: str | os.PathLike,
+    components: dict[str, nn.Module],
+    adapter_name: str = "default",
+    base_model: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> Path:
+    """Write adapter ``adapter_name`` of each component (e.g. ``{"unet": unet}``) to one file, atomically.
+
+    ``path`` may be a folder (the file is then ``<folder>/ether_adapter.safetensors``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / DEFAULT_WEIGHT_NAME
+    tensors, configs, prints = {}, {}, {}
+    for component, model in components.items():
+        if adapter_name not in adapter_configs(model):
+            continue
+        configs[component] = adapter_configs(model)[adapter_name].to_dict()
+        prints[component] = fingerprint(model, adapter_name)
+        for key, value in adapter_state_dict(model, adapter_name).items():
+            tensors[f"{component}.{key}"] = value.detach().to("cpu").contiguous().clone()
+    if not tensors:
+        raise KeyError(f"no component of {sorted(components)} has an adapter named {adapter_name!r}")
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(configs, sort_keys=True),
+        "fingerprint": json.dumps(prints, sort_keys=True),
+        "adapter_name": adapter_name,
+        "base_model": base_model or "",
+        "library_version": __version__,
+        **{str(k): str(v) for k, v in (extra or {}).items()},
+    }
+    try:
+        with atomic_write(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise OSError(
+            err.errno,
+            f"could not write the adapter to '{path}' ({err.strerror or err}); any file that was there is unchanged",
+        ) from err
+    return path
+
+
+def _check_fits(
+    component: str, model: nn.Module, config: EtherConfig, prints: dict[str, list[int]], source: AdapterFile, path: Path
+) -> None:
+    """Raise ``AdapterMismatchError`` unless ``model`` has exactly the recorded target layers and widths."""
+    wanted = {}
+    for module_path, module in model.named_modules():
+        if isinstance(module, EtherLayer):
+            wanted[module_path] = [module.in_features, module.out_features]
+        elif module_path and config.is_target(module_path) and not module_path.endswith(".base_layer"):
+            if isinstance(module, nn.Linear):
+                wanted[module_path] = [module.in_features, module.out_features]
+            elif isinstance(module, nn.Conv2d):
+                wanted[module_path] = [module.in_channels, module.out_channels]
+    wanted = {p: w for p, w in wanted.items() if config.is_target(p)}
+    missing = sorted(set(prints) - set(wanted))
+    extra = sorted(set(wanted) - set(prints))
+    widths = sorted(
+        f"{p} (adapter {prints[p]}, model {wanted[p]})"
+        for p in prints
+        if p in wanted and list(wanted[p]) != list(prints[p])
+    )
+    problems = [
+        f"{len(keys)} {what}: {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''}"
+        for what, keys in (
+            ("adapted layers this model lacks", missing),
+            ("target layers the adapter lacks", extra),
+            ("layers with other widths [in, out]", widths),
+        )
+        if keys
+    ]
+    if problems:
+        made_for = f" (made for {source.base_model})" if source.base_model else ""
+        raise AdapterMismatchError(
+            f"'{path}'{made_for} does not fit this {component} ({type(model).__name__}): "
+            + "; ".join(problems)
+            + ". Load it into the base model it was trained on."
+        )
+
+
+def load_adapter(
+    path: str | os.PathLike | AdapterFile,
+    components: dict[str, nn.Module],
+    adapter_name: str | None = None,
+    weight_name: str | None = None,
+) -> str:
+    """Load an adapter file into the given components (e.g. ``{"unet": unet, "text_encoder": te}``).
+
+    Everything is validated first (the file, then every component against the file's fingerprint), so a bad
+    file or the wrong model raises one clear error and leaves the models as they were. The adapter is injected
+    under ``adapter_name`` (default: the name stored in the file) and activated. Returns the name used.
+    """
+    source = path if isinstance(path, AdapterFile) else read_adapter_file(path, weight_name)
+    where = Path(str(path)) if not isinstance(path, AdapterFile) else Path("<adapter>")
+    name = validate_adapter_name(adapter_name or source.adapter_name or "default")
+    absent = sorted(set(source.configs) - set(c for c, m in components.items() if m is not None))
+    if absent:
+        raise AdapterMismatchError(
+            f"'{where}' adapts {absent}, which this pipeline does not have; load it into a pipeline with those parts"
+        )
+    for component, config in source.configs.items():
+        model = components[component]
+        if name in adapter_configs(model):
+            raise ValueError(f"{component} already has an adapter named {name!r}; delete it or choose another name")
+        _check_fits(component, model, config, source.fingerprints[component], source, where)
+    done = []
+    try:
+        for component, config in source.configs.items():
+            model = components[component]
+            inject(model, config, name, activate=True)
+            done.append(model)
+            load_adapter_state_dict(model, name, source.component_state(component))
+    except Exception:
+        for model in done:
+            delete_adapter(model, name)
+        raise
+    return name

@@ -1,0 +1,185 @@
+"""The adapter file: cross-process round trip, strict loading errors, atomic writes."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import TinyMLP, randomize_adapters
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.testing import assert_close
+
+from ether_diffusion import EtherConfig, adapter_names, count_parameters, inject
+from ether_diffusion.io import (
+    DEFAULT_WEIGHT_NAME,
+    AdapterFileError,
+    AdapterMismatchError,
+    load_adapter,
+    read_adapter_file,
+    save_adapter,
+)
+from ether_diffusion.layers import EtherLayer
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+CONFIG = EtherConfig(method="ether_plus", n_blocks=2, target_modules=TARGETS)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = TinyMLP()
+    inject(model, CONFIG, "subject")
+    randomize_adapters(model)
+    path = save_adapter(tmp_path / "adapter.safetensors", {"unet": model}, "subject", base_model="tiny-mlp")
+    return model, path
+
+
+def rewrite(path, out, drop=None, add=None, reshape=None, metadata=None):
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if drop:
+        del tensors[drop]
+    if add:
+        tensors.update(add)
+    if reshape:
+        tensors[reshape] = torch.zeros(3, 3)
+    meta.update(metadata or {})
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+def test_file_layout(saved):
+    model, path = saved
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        meta = f.metadata()
+    assert "unet.to_q.ether_u" in keys and "unet.block.to_out.0.ether_v_out" in keys
+    assert not any("base_layer" in k or "ether_adapters" in k for k in keys)
+    assert meta["format"] == "ether-diffusion" and meta["format_version"] == "1"
+    assert json.loads(meta["config"])["unet"]["method"] == "ether_plus"
+    assert json.loads(meta["fingerprint"])["unet"]["block.to_v"] == [32, 16]
+    # ETHER+ two-sided: 2·in + 2·out per layer
+    assert read_adapter_file(path).num_parameters() == count_parameters(model) == 64 + 96 + 96 + 48
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from conftest import TinyMLP, randomize_adapters
+    from ether_diffusion import EtherConfig, inject, load_adapter, save_adapter
+    torch.manual_seed(0)
+    model = TinyMLP()
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(7))
+    if sys.argv[1] == "save":
+        inject(model, EtherConfig(method="ether_plus", n_blocks=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        randomize_adapters(model)
+        save_adapter(sys.argv[2], {{"unet": model}}, "default")
+    else:
+        load_adapter(sys.argv[2], {{"unet": model}})
+    with torch.no_grad():
+        torch.save(model(x), sys.argv[3])
+""")
+
+
+def test_save_in_one_process_load_in_another(tmp_path):
+    script = tmp_path / "roundtrip.py"
+    script.write_text(SCRIPT.format(tests=os.path.dirname(__file__)))
+    adapter = tmp_path / "a.safetensors"
+    for mode, out in (("save", "saved.pt"), ("load", "loaded.pt")):
+        subprocess.run([sys.executable, str(script), mode, str(adapter), str(tmp_path / out)], check=True)
+    saved, loaded = torch.load(tmp_path / "saved.pt"), torch.load(tmp_path / "loaded.pt")
+    assert_close(loaded, saved, rtol=0, atol=0)
+
+
+def test_load_into_fresh_model_and_folder(saved, tmp_path):
+    model, path = saved
+    x = torch.randn(3, 16)
+    torch.manual_seed(0)
+    fresh = TinyMLP()
+    assert load_adapter(path, {"unet": fresh}) == "subject"
+    assert_close(fresh(x), model(x), rtol=0, atol=0)
+    # a folder with the default file name loads too, under another name
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    path.rename(folder / DEFAULT_WEIGHT_NAME)
+    assert load_adapter(folder, {"unet": fresh}, adapter_name="again") == "again"
+    assert adapter_names(fresh) == ["subject", "again"]
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (dict(drop="unet.to_q.ether_u"), "1 missing keys: unet.to_q.ether_u"),
+        (dict(add={"unet.to_q.ether_w": torch.zeros(2, 8)}), "1 unexpected keys: unet.to_q.ether_w"),
+        (dict(reshape="unet.to_k.ether_v"), r"wrong shape: unet.to_k.ether_v \(3, 3\) instead of \(2, 8\)"),
+        (dict(metadata={"format_version": "7"}), "format_version '7'.*upgrade ether-diffusion"),
+        (dict(metadata={"format": "lora"}), "not an ether-diffusion adapter"),
+        (dict(metadata={"config": "{not json"}), "unreadable 'config' metadata"),
+        (dict(add={"unet.to_q.ether_u": torch.full((2, 8), float("nan"))}), "non-finite"),
+    ],
+)
+def test_strict_loading_errors(saved, tmp_path, edit, message):
+    _, path = saved
+    bad = rewrite(path, tmp_path / "bad.safetensors", **edit)
+    torch.manual_seed(0)
+    fresh = TinyMLP()
+    with pytest.raises(AdapterFileError, match=message):
+        load_adapter(bad, {"unet": fresh})
+    assert not any(isinstance(m, EtherLayer) for m in fresh.modules())  # nothing was injected
+
+
+def test_truncated_and_foreign_files(saved, tmp_path):
+    _, path = saved
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    foreign = tmp_path / "pickle.safetensors"
+    torch.save({"a": torch.zeros(2)}, foreign)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    for bad in (truncated, foreign, empty):
+        with pytest.raises(AdapterFileError, match="not a readable safetensors file"):
+            read_adapter_file(bad)
+    with pytest.raises(FileNotFoundError, match="no adapter file at"):
+        read_adapter_file(tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match="holds 4 .safetensors files"):
+        read_adapter_file(tmp_path)
+
+
+def test_adapter_for_another_model_fails_clearly(saved):
+    _, path = saved
+    other = TinyMLP(width=32)  # same layer names, other widths
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"made for tiny-mlp.*other widths.*block.to_v \(adapter \[32, 16\], model \[64, 32\]",
+    ):
+        load_adapter(path, {"unet": other})
+    assert not any(isinstance(m, EtherLayer) for m in other.modules())
+    with pytest.raises(AdapterMismatchError, match="text_encoder"):
+        rewritten = read_adapter_file(path)
+        rewritten.configs = {"text_encoder": rewritten.configs["unet"]}
+        rewritten.fingerprints = {"text_encoder": rewritten.fingerprints["unet"]}
+        load_adapter(rewritten, {"unet": other})
+
+
+def test_interrupted_save_keeps_the_good_file(saved, tmp_path, monkeypatch):
+    model, path = saved
+    good = path.read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("ether_diffusion.io.save_file", disk_full)
+    with pytest.raises(OSError, match="No space left on device.*unchanged"):
+        save_adapter(path, {"unet": model}, "subject")
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]  # no temporary left behind
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        save_adapter(tmp_path / "no" / "such" / "dir.safetensors", {"unet": model}, "subject")
