@@ -57,9 +57,12 @@ def low_rank_factors(directions: torch.Tensor, coefficients: torch.Tensor) -> tu
     Column ``k·n + i`` of ``D`` holds ``ŵ_k,i`` in the rows of block i and zeros elsewhere.
     """
     k, n, b = directions.shape
-    block_mask = torch.eye(n, dtype=directions.dtype, device=directions.device)
-    # D[i·b + j, k·n + m] = ŵ[k, i, j] · [i == m]
-    down = torch.einsum("kij,im->ijkm", directions, block_mask).reshape(n * b, k * n)
+    if n == 1:
+        down = directions.reshape(k, b).T  # one block: the directions are the columns
+    else:
+        block_mask = torch.eye(n, dtype=directions.dtype, device=directions.device)
+        # D[i·b + j, k·n + m] = ŵ[k, i, j] · [i == m]
+        down = torch.einsum("kij,im->ijkm", directions, block_mask).reshape(n * b, k * n)
     up = (down * coefficients.to(down.dtype).repeat_interleave(n)).T  # (K·n, d)
     return down, up
 
