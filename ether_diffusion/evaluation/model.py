@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ether_diffusion.world.assets import ASSETS_DIR, AssetError
 from ether_diffusion.world.attributes import (
     BACKGROUND_NAMES,
     COLOUR_NAMES,
@@ -153,12 +154,8 @@ CONFIG_NAME = "config.json"
 REGENERATE_HINT = "python scripts/train_evaluator.py --output_dir assets/evaluator"
 
 
-class AssetError(RuntimeError):
-    """A shipped asset is missing or unreadable; the message says how to regenerate it."""
-
-
 def default_evaluator_path() -> Path:
-    return Path(__file__).resolve().parents[2] / "assets" / "evaluator"
+    return ASSETS_DIR / "evaluator"
 
 
 def save_evaluator(model: WorldEvaluator, directory: str | Path, metadata: dict | None = None) -> Path:

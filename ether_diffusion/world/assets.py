@@ -1,0 +1,72 @@
+"""Where the shipped assets live, and loading them with errors that say how to regenerate them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
+PRETRAIN_HINT = (
+    "python scripts/pretrain_tiny_world.py --export_dir assets/tiny-sd "
+    "(then python scripts/eval_tiny_sd.py --write_model_card); see assets/tiny-sd/README.md for the exact flags"
+)
+SUBJECTS_HINT = "python scripts/make_subjects.py --output_dir assets/subjects"
+
+# component -> files a tiny-sd folder must hold
+_PIPELINE_FILES = {
+    "unet": ("config.json", "diffusion_pytorch_model.safetensors"),
+    "vae": ("config.json", "diffusion_pytorch_model.safetensors"),
+    "text_encoder": ("config.json", "model.safetensors"),
+    "tokenizer": ("tokenizer_config.json",),
+    "scheduler": ("scheduler_config.json",),
+}
+
+
+class AssetError(RuntimeError):
+    """A shipped asset is missing or unreadable; the message names the file and how to regenerate it."""
+
+
+def default_model_path() -> Path:
+    return ASSETS_DIR / "tiny-sd"
+
+
+def default_subjects_path() -> Path:
+    return ASSETS_DIR / "subjects"
+
+
+def check_pipeline_folder(path: str | Path) -> Path:
+    """Raise AssetError unless ``path`` holds every file of the tiny pipeline and its safetensors parse."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise AssetError(f"{path / 'model_index.json'} is missing: the tiny Stable Diffusion is not there. "
+                         f"Regenerate it with: {PRETRAIN_HINT}")
+    try:
+        json.loads((path / "model_index.json").read_text())
+    except ValueError as err:
+        raise AssetError(f"{path / 'model_index.json'} is not valid JSON ({err}). Regenerate with: {PRETRAIN_HINT}")
+    for component, files in _PIPELINE_FILES.items():
+        for name in files:
+            f = path / component / name
+            if not f.is_file():
+                raise AssetError(f"{f} is missing. Regenerate the tiny Stable Diffusion with: {PRETRAIN_HINT}")
+            if name.endswith(".safetensors"):
+                try:
+                    with safe_open(str(f), framework="pt") as handle:
+                        for key in handle.keys():
+                            handle.get_tensor(key)
+                except Exception as err:  # safetensors raises several types for truncated or garbled files
+                    raise AssetError(f"{f} is corrupt ({err}). Regenerate it with: {PRETRAIN_HINT}") from err
+    return path
+
+
+def load_tiny_pipeline(path: str | Path | None = None, device: str = "cpu"):
+    """The shipped tiny Stable Diffusion (``assets/tiny-sd`` by default) as a ``StableDiffusionPipeline``,
+    loaded offline; a missing or corrupt file raises AssetError naming it."""
+    from diffusers import StableDiffusionPipeline
+
+    path = check_pipeline_folder(path if path is not None else default_model_path())
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
