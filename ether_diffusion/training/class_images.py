@@ -1,0 +1,57 @@
+"""Prior-preservation class images: generated once with the base model, reused on later runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..io import atomic_write
+from .data import IMAGE_EXTENSIONS
+
+__all__ = ["ensure_class_images"]
+
+
+def ensure_class_images(
+    make_pipeline,
+    class_prompt: str,
+    class_dir: str | Path,
+    num_class_images: int,
+    batch_size: int = 4,
+    seed: int = 0,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    show_progress: bool = True,
+) -> int:
+    """Top ``class_dir`` up to ``num_class_images`` images of ``class_prompt``; returns how many were generated.
+
+    ``make_pipeline()`` is only called when images are missing. Image ``i`` comes from seed ``seed + i``, so the set
+    is the same however often it is interrupted; each file is written atomically.
+    """
+    class_dir = Path(class_dir)
+    class_dir.mkdir(parents=True, exist_ok=True)
+    existing = sorted(p for p in class_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    missing = num_class_images - len(existing)
+    if missing <= 0:
+        return 0
+    taken = {p.name for p in existing}
+    free = (i for i in range(10**6) if f"class-{i:05d}.png" not in taken)
+    indices = [next(free) for _ in range(missing)]
+    pipe = make_pipeline()
+    bar = tqdm(total=missing, desc="class images", disable=not show_progress)
+    for start in range(0, missing, batch_size):
+        chunk = indices[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(seed + i) for i in chunk]
+        images = pipe(
+            [class_prompt] * len(chunk),
+            generator=generators,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+        ).images
+        for index, image in zip(chunk, images):
+            with atomic_write(class_dir / f"class-{index:05d}.png") as tmp:
+                image.save(tmp, format="PNG")
+        bar.update(len(chunk))
+    bar.close()
+    return missing
