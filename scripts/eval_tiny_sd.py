@@ -32,8 +32,11 @@ def parse_args(argv=None):
     p.add_argument("--num_inference_steps", type=int, default=25)
     p.add_argument("--guidance_scale", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--write_model_card", action="store_true",
-                   help="write README.md, samples.png and eval.json into the model folder")
+    p.add_argument(
+        "--write_model_card",
+        action="store_true",
+        help="write README.md, samples.png and eval.json into the model folder",
+    )
     p.add_argument("--output_json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.num_prompts < 1 or args.num_class_images < 2:
@@ -46,16 +49,26 @@ def main(args):
     pipe = load_tiny_pipeline(args.pretrained_model_name_or_path)
     evaluator = load_evaluator(args.evaluator_path)
     subjects = load_subjects(args.subjects_dir)
-    result = run_quality_gate(pipe, evaluator, subjects, args.num_prompts, args.num_class_images,
-                              args.num_inference_steps, args.guidance_scale, args.seed)
+    result = run_quality_gate(
+        pipe,
+        evaluator,
+        subjects,
+        args.num_prompts,
+        args.num_class_images,
+        args.num_inference_steps,
+        args.guidance_scale,
+        args.seed,
+    )
     images, prompts = result.pop("_heldout_images"), result.pop("_heldout_prompts")
     fid = result["heldout_prompt_fidelity"]
     print("held-out prompt fidelity:", json.dumps({k: round(v, 3) for k, v in fid.items()}))
-    print("gate (>= %.2f on %s): %s" % (GATE_THRESHOLD, ", ".join(GATE_ATTRIBUTES),
-                                        "PASSED" if result["gate_passed"] else "FAILED"))
+    verdict = "PASSED" if result["gate_passed"] else "FAILED"
+    print(f"gate (>= {GATE_THRESHOLD:.2f} on {', '.join(GATE_ATTRIBUTES)}): {verdict}")
     for name, s in result["subjects"].items():
-        print(f"{name}: base vs instances {s['base_vs_instances']:.3f}, "
-              f"instances vs instances {s['instances_vs_instances']:.3f}")
+        print(
+            f"{name}: base vs instances {s['base_vs_instances']:.3f}, "
+            f"instances vs instances {s['instances_vs_instances']:.3f}"
+        )
     text = json.dumps(result, indent=2) + "\n"
     if args.output_json:
         Path(args.output_json).write_text(text)

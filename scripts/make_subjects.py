@@ -1,6 +1,6 @@
 """Write the DreamBooth subjects of the tiny world (instance PNGs + subject.json) to ``--output_dir``.
 
-    python scripts/make_subjects.py --output_dir assets/subjects
+python scripts/make_subjects.py --output_dir assets/subjects
 """
 
 from __future__ import annotations

@@ -98,9 +98,7 @@ def main(args):
     vocab = tokenizer.get_vocab()
     data = render_arrays(args.num_images, "pretrain", start=0, workers=args.render_workers)
     pixels = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous().to(device)  # (N, 3, H, W) uint8
-    token_ids = torch.from_numpy(caption_variants(data.scenes, vocab, args.caption_variants, args.seed)).to(
-        device
-    )
+    token_ids = torch.from_numpy(caption_variants(data.scenes, vocab, args.caption_variants, args.seed)).to(device)
     empty_ids = torch.tensor(encode_world_caption("", vocab), device=device)
     print(f"rendered {len(data.scenes)} images in {time.time() - started:.0f}s", flush=True)
 
@@ -220,9 +218,7 @@ def main(args):
     }
     targets = [output_dir / "pipeline"] + ([Path(args.export_dir)] if args.export_dir else [])
     for target in targets:
-        save_pipeline_folder(
-            target, tokenizer, text_encoder.float().cpu(), vae.float().cpu(), unet.float().cpu()
-        )
+        save_pipeline_folder(target, tokenizer, text_encoder.float().cpu(), vae.float().cpu(), unet.float().cpu())
         (target / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info), flush=True)
     return targets[-1]

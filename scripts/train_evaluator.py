@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -104,9 +103,7 @@ def main(args):
         "train_steps": steps_done,
         "args": vars(args),
     }
-    out = save_evaluator(
-        model.cpu(), args.output_dir, metadata={"format": "ether-diffusion-world-evaluator/1"}
-    )
+    out = save_evaluator(model.cpu(), args.output_dir, metadata={"format": "ether-diffusion-world-evaluator/1"})
     (out / "metrics.json").write_text(json.dumps(info, indent=2) + "\n")
     (out / "README.md").write_text(readme(info))
     print(json.dumps(info, indent=2))
@@ -132,11 +129,12 @@ Trained by
     python scripts/train_evaluator.py --output_dir {a["output_dir"]} --num_images {a["num_images"]} \\
         --max_train_steps {a["max_train_steps"]} --train_batch_size {a["train_batch_size"]} \\
         --learning_rate {a["learning_rate"]} --seed {a["seed"]} --device {a["device"]} \\
-        --time_budget_minutes {a["time_budget_minutes"]}
+        --time_budget_minutes {a["time_budget_minutes"]} --num_eval_images {a["num_eval_images"]}
 
-on {info["device"]} in {info["train_seconds"]} s ({info["train_steps"]} steps), on rendered images (all attribute combinations, subjects
-included) with augmentations: shift by up to 2 px, brightness/contrast/per-channel gain jitter, Gaussian blur
-(sigma up to 1.2 px), 2x down-and-up resampling for half the batch, Gaussian noise.
+on {info["device"]} in {info["train_seconds"]} s ({info["train_steps"]} steps), on rendered images
+(all attribute combinations, subjects included) with augmentations: shift by up to 2 px,
+brightness/contrast/per-channel gain jitter, Gaussian blur (sigma up to 1.2 px), 2x down-and-up resampling for
+half the batch, Gaussian noise.
 
 ## Held-out accuracy
 

@@ -87,9 +87,16 @@ def read_images(images, evaluator: WorldEvaluator | None = None, batch_size: int
                 shape_index = int(shape_prob[b, s].argmax())
                 if shape_index == 0:
                     continue
-                objects.append(SlotReading(position, cfg.shapes[shape_index - 1], cfg.colours[colour[b, s]],
-                                           cfg.textures[texture[b, s]], cfg.sizes[size[b, s]],
-                                           float(1 - shape_prob[b, s, 0])))
+                objects.append(
+                    SlotReading(
+                        position,
+                        cfg.shapes[shape_index - 1],
+                        cfg.colours[colour[b, s]],
+                        cfg.textures[texture[b, s]],
+                        cfg.sizes[size[b, s]],
+                        float(1 - shape_prob[b, s, 0]),
+                    )
+                )
             readings.append(ImageReading(tuple(objects), cfg.backgrounds[background[b]]))
     return readings
 
@@ -147,8 +154,9 @@ def embed(images, evaluator: WorldEvaluator | None = None, batch_size: int = 256
     model = _evaluator(evaluator)
     device = next(model.parameters()).device
     pixels = as_pixel_batch(images, model.config.image_size)
-    return torch.cat([model(pixels[i : i + batch_size].to(device)).embedding.cpu()
-                      for i in range(0, pixels.shape[0], batch_size)])
+    return torch.cat(
+        [model(pixels[i : i + batch_size].to(device)).embedding.cpu() for i in range(0, pixels.shape[0], batch_size)]
+    )
 
 
 def subject_fidelity(generated, instance_images, evaluator: WorldEvaluator | None = None) -> float:
@@ -184,8 +192,10 @@ def segment(images, evaluator: WorldEvaluator | None = None, batch_size: int = 2
     model = _evaluator(evaluator)
     device = next(model.parameters()).device
     pixels = as_pixel_batch(images, model.config.image_size)
-    parts = [model(pixels[i : i + batch_size].to(device)).segmentation_logits.argmax(1).cpu()
-             for i in range(0, pixels.shape[0], batch_size)]
+    parts = [
+        model(pixels[i : i + batch_size].to(device)).segmentation_logits.argmax(1).cpu()
+        for i in range(0, pixels.shape[0], batch_size)
+    ]
     return torch.cat(parts).numpy().astype(np.uint8)
 
 

@@ -165,8 +165,7 @@ def save_evaluator(model: WorldEvaluator, directory: str | Path, metadata: dict 
     directory.mkdir(parents=True, exist_ok=True)
     # Half precision halves the file; load_state_dict copies it back into float32 parameters.
     state = {
-        k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
+        k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in model.state_dict().items()
     }
     save_file(state, str(directory / WEIGHTS_NAME), metadata={k: str(v) for k, v in (metadata or {}).items()})
     (directory / CONFIG_NAME).write_text(model.config.to_json() + "\n")
@@ -200,7 +199,6 @@ def load_evaluator(path: str | Path | None = None, device: str | torch.device = 
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise AssetError(
-            f"evaluator weights {weights} do not match {config_file} ({err}); regenerate them "
-            f"with: {REGENERATE_HINT}"
+            f"evaluator weights {weights} do not match {config_file} ({err}); regenerate them with: {REGENERATE_HINT}"
         ) from err
     return model.to(device).eval()

@@ -31,6 +31,17 @@ def write_model_card(folder: str | Path, result: dict, grid_prompts: list[str]) 
         f"| {s['class_prompt_fidelity']:.2f} | {s['class_diversity']:.3f} |"
         for name, s in result["subjects"].items()
     )
+    params = training.get("parameters", {})
+    component_rows = "\n".join(
+        [
+            f"| vae | AutoencoderKL, blocks {list(VAE_CONFIG['block_out_channels'])}, 64x64x3 -> 16x16x4, "
+            f"scaling factor {training.get('scaling_factor', float('nan')):.4f} | {params.get('vae', 954567):,} |",
+            f"| unet | UNet2DConditionModel, blocks {list(UNET_CONFIG['block_out_channels'])}, CrossAttnDown x2 + "
+            f"Down, cross-attention mid block, heads of width 32 | {params.get('unet', 2941508):,} |",
+            f"| text_encoder | CLIPTextModel, width 128, 3 layers, 4 heads, 32 tokens | "
+            f"{params.get('text_encoder', 626048):,} |",
+        ]
+    )
     grid_list = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(grid_prompts))
     status = "met" if result["gate_passed"] else "NOT met"
     command = (
@@ -59,15 +70,13 @@ offline and samples in well under a second on a CPU.
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("assets/tiny-sd")
 image = pipe("a small yellow dotted heart at top left on a gray background", height=64, width=64,
-             num_inference_steps=25, guidance_scale={result['guidance_scale']}).images[0]
+             num_inference_steps=25, guidance_scale={result["guidance_scale"]}).images[0]
 ```
 
 | component | what | parameters |
 |---|---|---|
-| vae | AutoencoderKL, blocks {list(VAE_CONFIG['block_out_channels'])}, 64x64x3 -> 16x16x4, scaling factor {training.get('scaling_factor', float('nan')):.4f} | {training.get('parameters', {}).get('vae', 954567):,} |
-| unet | UNet2DConditionModel, blocks {list(UNET_CONFIG['block_out_channels'])}, CrossAttnDown x2 + Down, cross-attention mid block, heads of width 32 | {training.get('parameters', {}).get('unet', 2941508):,} |
-| text_encoder | CLIPTextModel, width 128, 3 layers, 4 heads, 32 tokens | {training.get('parameters', {}).get('text_encoder', 626048):,} |
-| tokenizer | CLIPTokenizer over the world's words (each one token) plus single characters, so `sks` is new to the model | |
+{component_rows}
+| tokenizer | CLIPTokenizer: each world word one token, plus single characters (`sks` is new) | |
 
 Folder size: {_size_mb(folder):.1f} MB, safetensors only.
 
@@ -77,11 +86,11 @@ Trained with
 
     {command}
 
-on **{training.get('device', 'unknown device')}**, sharing the GPU with a second candidate run and the evaluator's
-training. Total wall time {training.get('total_seconds')} s: rendering 100,000 images, VAE
-{training.get('vae_steps')} steps ({training.get('vae_seconds')} s, batch {a.get('vae_batch_size')}), then UNet and text
-encoder jointly {training.get('unet_steps')} steps ({training.get('unet_seconds')} s, batch {a.get('train_batch_size')},
-AdamW, cosine learning rate, EMA {a.get('ema_decay')}, min-SNR weighting gamma {a.get('snr_gamma')}, 10 % of captions
+on **{training.get("device", "unknown device")}**, sharing the GPU with a second candidate run and the evaluator's
+training. Total wall time {training.get("total_seconds")} s: rendering 100,000 images, VAE
+{training.get("vae_steps")} steps ({training.get("vae_seconds")} s, batch {a.get("vae_batch_size")}), then UNet and text
+encoder jointly {training.get("unet_steps")} steps ({training.get("unet_seconds")} s, batch {a.get("train_batch_size")},
+AdamW, cosine learning rate, EMA {a.get("ema_decay")}, min-SNR weighting gamma {a.get("snr_gamma")}, 10 % of captions
 dropped for classifier-free guidance, optional words dropped at random so short prompts work). Both phases
 stopped on the time budget (`--time_budget_minutes`), so a rerun gives a similar but not bit-identical model.
 
@@ -93,9 +102,9 @@ that produced these weights.
 
 ## Quality gate: {status}
 
-{result['num_prompts']} prompts of held-out combinations and {result['num_prompts']} of the pretraining
-distribution (seeds never rendered for training), one image each, DDIM {result['num_inference_steps']} steps,
-guidance {result['guidance_scale']}, read back by the world evaluator (`assets/evaluator`). Prompt fidelity
+{result["num_prompts"]} prompts of held-out combinations and {result["num_prompts"]} of the pretraining
+distribution (seeds never rendered for training), one image each, DDIM {result["num_inference_steps"]} steps,
+guidance {result["guidance_scale"]}, read back by the world evaluator (`assets/evaluator`). Prompt fidelity
 is the fraction of the prompts' attributes found in the images; the gate asks >= {GATE_THRESHOLD} on
 {", ".join(GATE_ATTRIBUTES)} for held-out combinations.
 
@@ -105,8 +114,8 @@ is the fraction of the prompts' attributes found in the images; the gate asks >=
 
 ## Subjects are new to the model
 
-For each DreamBooth subject in `assets/subjects`, {result['num_class_images']} images of its class prompt from this base model;
-subject fidelity is the mean cosine similarity of evaluator embeddings (our DINO). The base model's class
+For each DreamBooth subject in `assets/subjects`, {result["num_class_images"]} images of its class prompt from this
+base model; subject fidelity is the mean cosine similarity of evaluator embeddings (our DINO). The base model's class
 images sit clearly below the instance images' similarity to each other: the subjects are not something the
 model already draws.
 
@@ -122,7 +131,7 @@ Held-out prompts, left to right, top to bottom:
 
 {grid_list}
 
-Reproduce the numbers: `python scripts/eval_tiny_sd.py --write_model_card --guidance_scale {result['guidance_scale']}`.
+Reproduce the numbers: `python scripts/eval_tiny_sd.py --write_model_card --guidance_scale {result["guidance_scale"]}`.
 
 ## Limitations
 

@@ -31,15 +31,23 @@ def pretrain_prompts(count: int, start: int = 5_000_000) -> list[str]:
 
 
 @torch.no_grad()
-def sample(pipe, prompts: list[str], seed: int, num_inference_steps: int, guidance_scale: float,
-           batch_size: int = 32) -> np.ndarray:
+def sample(
+    pipe, prompts: list[str], seed: int, num_inference_steps: int, guidance_scale: float, batch_size: int = 32
+) -> np.ndarray:
     """(N, 64, 64, 3) uint8; prompt i uses generator seed ``seed + i`` (independent of batching)."""
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         generators = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        images = pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                      height=64, width=64, generator=generators, output_type="np").images
+        images = pipe(
+            chunk,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=64,
+            width=64,
+            generator=generators,
+            output_type="np",
+        ).images
         out.append((images * 255).round().astype(np.uint8))
     return np.concatenate(out)
 
@@ -68,19 +76,23 @@ def run_quality_gate(
         "num_class_images": num_class_images,
         "subjects": {},
     }
-    result["gate_passed"] = all(
-        result["heldout_prompt_fidelity"][a] >= GATE_THRESHOLD for a in GATE_ATTRIBUTES
-    )
+    result["gate_passed"] = all(result["heldout_prompt_fidelity"][a] >= GATE_THRESHOLD for a in GATE_ATTRIBUTES)
     for k, subject in enumerate(subjects):
-        class_images = sample(pipe, [subject.class_prompt] * num_class_images, seed + 200_000 + 1000 * k,
-                              num_inference_steps, guidance_scale)
+        class_images = sample(
+            pipe,
+            [subject.class_prompt] * num_class_images,
+            seed + 200_000 + 1000 * k,
+            num_inference_steps,
+            guidance_scale,
+        )
         instances = subject.images()
         result["subjects"][subject.name] = {
             "class_prompt": subject.class_prompt,
             "base_vs_instances": subject_fidelity(class_images, instances, evaluator),
             "instances_vs_instances": instance_self_similarity(instances, evaluator),
-            "class_prompt_fidelity": prompt_fidelity(class_images, [subject.class_prompt] * num_class_images,
-                                                     evaluator)["shape"],
+            "class_prompt_fidelity": prompt_fidelity(
+                class_images, [subject.class_prompt] * num_class_images, evaluator
+            )["shape"],
             "class_diversity": diversity(class_images, evaluator),
         }
     result["_heldout_images"] = heldout_images

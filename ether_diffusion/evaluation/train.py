@@ -104,9 +104,7 @@ def augment(pixels: torch.Tensor, masks: torch.Tensor, generator: torch.Generato
     return x.clamp(0, 1) * 2 - 1, masks
 
 
-def evaluator_loss(
-    out: EvaluatorOutput, targets: dict[str, torch.Tensor], masks: torch.Tensor
-) -> torch.Tensor:
+def evaluator_loss(out: EvaluatorOutput, targets: dict[str, torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
     def ce(logits, labels):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
 
@@ -153,9 +151,7 @@ def attribute_accuracy(
         for name in ("colour", "texture", "size"):
             pred = getattr(out, f"{name}_logits").argmax(-1)
             add(name, (pred[occupied] == t[name][occupied]).sum(), occupied.sum())
-        add(
-            "background", (out.background_logits.argmax(-1) == t["background"]).sum(), t["background"].numel()
-        )
+        add("background", (out.background_logits.argmax(-1) == t["background"]).sum(), t["background"].numel())
         seg = out.segmentation_logits.argmax(1).cpu()
         m = masks[i : i + batch_size]
         add("segmentation_pixel", (seg == m).sum(), m.numel())

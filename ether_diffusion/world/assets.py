@@ -40,12 +40,16 @@ def check_pipeline_folder(path: str | Path) -> Path:
 
     path = Path(path)
     if not (path / "model_index.json").is_file():
-        raise AssetError(f"{path / 'model_index.json'} is missing: the tiny Stable Diffusion is not there. "
-                         f"Regenerate it with: {PRETRAIN_HINT}")
+        raise AssetError(
+            f"{path / 'model_index.json'} is missing: the tiny Stable Diffusion is not there. "
+            f"Regenerate it with: {PRETRAIN_HINT}"
+        )
     try:
         json.loads((path / "model_index.json").read_text())
     except ValueError as err:
-        raise AssetError(f"{path / 'model_index.json'} is not valid JSON ({err}). Regenerate with: {PRETRAIN_HINT}")
+        raise AssetError(
+            f"{path / 'model_index.json'} is not valid JSON ({err}). Regenerate with: {PRETRAIN_HINT}"
+        ) from err
     for component, files in _PIPELINE_FILES.items():
         for name in files:
             f = path / component / name

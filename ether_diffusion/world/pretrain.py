@@ -161,9 +161,7 @@ def diffusion_loss(unet, text_encoder, latents, input_ids, noise_scheduler, gene
     b = latents.shape[0]
     device = latents.device
     noise = torch.randn(latents.shape, device=device, generator=generator)
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (b,), device=device, generator=generator
-    )
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=device, generator=generator)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     hidden = text_encoder(input_ids)[0]
     pred = unet(noisy, timesteps, hidden).sample

@@ -142,9 +142,7 @@ def object_phrase(obj: WorldObject, keep: dict[str, bool] | None = None) -> str:
     return " ".join(words)
 
 
-def caption(
-    scene: Scene, rng: np.random.Generator | None = None, dropout: CaptionDropout | None = None
-) -> str:
+def caption(scene: Scene, rng: np.random.Generator | None = None, dropout: CaptionDropout | None = None) -> str:
     """Plain-words caption, e.g. "a large red striped star at top left on a blue background".
 
     With ``rng`` and ``dropout``, optional words are left out at random (the shape never is)."""

@@ -115,10 +115,18 @@ def load_subject(directory: str | Path) -> Subject:
         raise AssetError(f"{meta} is not valid JSON ({err}); regenerate with: {SUBJECTS_HINT}") from err
     paths = tuple(sorted(directory.glob("*.png")))
     if len(paths) < 4:
-        raise AssetError(f"{directory} holds {len(paths)} instance images, at least 4 expected; "
-                         f"regenerate with: {SUBJECTS_HINT}")
-    return Subject(record["name"], record["class_noun"], record["instance_prompt"], record["class_prompt"],
-                   tuple(record["eval_prompts"]), record["attributes"], paths)
+        raise AssetError(
+            f"{directory} holds {len(paths)} instance images, at least 4 expected; regenerate with: {SUBJECTS_HINT}"
+        )
+    return Subject(
+        record["name"],
+        record["class_noun"],
+        record["instance_prompt"],
+        record["class_prompt"],
+        tuple(record["eval_prompts"]),
+        record["attributes"],
+        paths,
+    )
 
 
 def load_subjects(root: str | Path | None = None) -> list[Subject]:

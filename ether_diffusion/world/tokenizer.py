@@ -94,9 +94,7 @@ def save_tokenizer_files(directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_vocab_and_merges()
     (directory / "vocab.json").write_text(json.dumps(vocab, indent=0) + "\n")
-    (directory / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges)
-    )
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges))
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": MODEL_MAX_LENGTH,

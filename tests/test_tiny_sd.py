@@ -1,0 +1,144 @@
+"""The shipped tiny Stable Diffusion: loads offline, samples fast, draws what it is asked; the pretraining
+script runs and resumes; broken assets fail with a message that says how to regenerate them."""
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ether_diffusion.evaluation import load_evaluator, read_images
+from ether_diffusion.world.assets import AssetError, check_pipeline_folder, load_tiny_pipeline
+
+MODEL = Path("assets/tiny-sd")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On a small shared CPU, two intra-op threads competing with other work can slow this tiny model 30x;
+    # one thread is steady (about 1 s for 25 steps).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_tiny_pipeline()
+
+
+def test_shipped_folder_is_small_safetensors_only_and_loads_with_plain_diffusers():
+    from diffusers import StableDiffusionPipeline
+
+    files = [f for f in MODEL.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 20 * 1024 * 1024
+    assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    plain = StableDiffusionPipeline.from_pretrained(str(MODEL), local_files_only=True)
+    assert plain.safety_checker is None and plain.feature_extractor is None
+    assert plain.tokenizer.model_max_length == plain.text_encoder.config.max_position_embeddings == 32
+
+
+def test_ether_targets_exist_with_block_friendly_widths(pipe):
+    names = {n.rsplit(".", 1)[-1] for n, _ in pipe.unet.named_modules()}
+    assert {"attn1", "attn2"} <= names
+    linears = {
+        n: m for n, m in pipe.unet.named_modules() if n.endswith(("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"))
+    }
+    assert len([n for n in linears if ".attn2." in n]) >= 4
+    for name, module in linears.items():
+        assert module.in_features % 16 == 0, name
+
+
+def test_generates_in_seconds(pipe):
+    start = time.perf_counter()
+    image = pipe(
+        "a red star", num_inference_steps=25, height=64, width=64, generator=torch.Generator().manual_seed(0)
+    ).images[0]
+    assert time.perf_counter() - start < 10
+    assert image.size == (64, 64)
+    assert np.asarray(image).std() > 5  # not a flat or blank image
+
+
+@pytest.mark.parametrize(
+    ("prompt", "seed", "shape", "colour", "background"),
+    [
+        ("a large red solid star at center on a blue background", 0, "star", "red", "blue"),
+        ("a small yellow dotted heart at top left on a gray background", 1, "heart", "yellow", "gray"),
+        ("a large green striped circle at bottom right on a white background", 2, "circle", "green", "white"),
+    ],
+)
+def test_generated_images_are_read_back_by_the_evaluator(pipe, prompt, seed, shape, colour, background):
+    image = pipe(
+        prompt,
+        num_inference_steps=25,
+        guidance_scale=5.0,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images
+    (reading,) = read_images(image, load_evaluator())
+    assert reading.background == background
+    assert any(o.shape == shape and o.colour == colour for o in reading.objects), reading
+
+
+def test_missing_or_corrupt_pipeline_names_the_file_and_the_fix(tmp_path):
+    with pytest.raises(AssetError, match=r"model_index\.json is missing.*pretrain_tiny_world\.py"):
+        load_tiny_pipeline(tmp_path / "nowhere")
+    shutil.copytree(MODEL, tmp_path / "sd")
+    check_pipeline_folder(tmp_path / "sd")
+    weights = tmp_path / "sd" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(AssetError, match=r"unet/diffusion_pytorch_model\.safetensors is corrupt.*pretrain_tiny"):
+        load_tiny_pipeline(tmp_path / "sd")
+    shutil.copy(MODEL / "unet" / "diffusion_pytorch_model.safetensors", weights)
+    (tmp_path / "sd" / "vae" / "config.json").unlink()
+    with pytest.raises(AssetError, match=r"vae/config\.json is missing"):
+        check_pipeline_folder(tmp_path / "sd")
+
+
+def test_pretrain_script_trains_saves_a_loadable_pipeline_and_resumes(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    sys.path.insert(0, "scripts")
+    from pretrain_tiny_world import main, parse_args
+
+    common = [
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--num_images",
+        "24",
+        "--vae_steps",
+        "2",
+        "--vae_batch_size",
+        "4",
+        "--train_batch_size",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    out = main(parse_args([*common, "--max_train_steps", "2", "--export_dir", str(tmp_path / "export")]))
+    first = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
+    assert (tmp_path / "run" / "checkpoint-4" / "state.pt").is_file()
+    resumed = main(parse_args([*common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"]))
+    second = StableDiffusionPipeline.from_pretrained(str(resumed), local_files_only=True)
+    # The VAE was not retrained on resume; the UNet moved on.
+    for a, b in zip(first.vae.parameters(), second.vae.parameters()):
+        torch.testing.assert_close(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(first.unet.parameters(), second.unet.parameters()))
+    image = second("a red star", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+
+
+def test_pretrain_script_rejects_bad_arguments():
+    sys.path.insert(0, "scripts")
+    from pretrain_tiny_world import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--num_images", "0"])
