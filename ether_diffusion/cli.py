@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .io import read_adapter_file
+
+DEMO_STEPS = 1000
 
 
 def _inspect(args) -> int:
@@ -42,9 +45,158 @@ def _inspect(args) -> int:
     return 0
 
 
+def _adapter_spec(text: str) -> tuple[str, float]:
+    """``path`` or ``path:weight``."""
+    path, sep, weight = text.rpartition(":")
+    if sep and path and weight.replace(".", "", 1).replace("-", "", 1).isdigit():
+        return path, float(weight)
+    return text, 1.0
+
+
+def _load_pipeline(model: str | None):
+    from diffusers import StableDiffusionPipeline
+
+    if model is None:
+        from .world.assets import load_tiny_pipeline
+
+        return load_tiny_pipeline()
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _load_adapters(pipe, specs: list[str]) -> None:
+    from .pipeline import load_ether_weights, set_ether_adapters
+
+    names, weights = [], []
+    for i, spec in enumerate(specs):
+        path, weight = _adapter_spec(spec)
+        names.append(load_ether_weights(pipe, path, adapter_name=f"adapter{i}"))
+        weights.append(weight)
+    if names:
+        set_ether_adapters(pipe, names, weights)
+
+
+def _sample(args) -> int:
+    import torch
+
+    from .pipeline import disable_ether
+
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pipe = _load_pipeline(args.model)
+    _load_adapters(pipe, args.adapter)
+    size = {} if args.size is None else {"height": args.size, "width": args.size}
+    written = []
+    for p, prompt in enumerate(args.prompt):
+        for seed in args.seed or [0]:
+            runs = [("adapted" if args.adapter else "base", None)]
+            if args.compare and args.adapter:
+                runs.append(("base", disable_ether))
+            for label, switch in runs:
+                if switch is not None:
+                    switch(pipe)
+                image = pipe(
+                    prompt,
+                    negative_prompt=args.negative_prompt,
+                    num_inference_steps=args.steps,
+                    guidance_scale=args.guidance_scale,
+                    generator=torch.Generator().manual_seed(seed),
+                    **size,
+                ).images[0]
+                path = output_dir / f"{p:02d}_seed{seed}_{label}.png"
+                image.save(path)
+                written.append(path)
+            if args.compare and args.adapter:
+                from .pipeline import enable_ether
+
+                enable_ether(pipe)
+    for path in written:
+        print(path)
+    return 0
+
+
+def _fuse(args) -> int:
+    import shutil
+    import tempfile
+
+    from .pipeline import fuse_ether, unload_ether_weights
+
+    output = Path(args.output_dir)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        print(f"error: '{output}' is not empty; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    pipe = _load_pipeline(args.model)
+    _load_adapters(pipe, args.adapter)
+    fuse_ether(pipe, safe_fusing=True)
+    unload_ether_weights(pipe)  # plain diffusers modules again, with the adapter folded into the weights
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(f"fused model written to {output} (load it with StableDiffusionPipeline.from_pretrained)")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(
+        args.output_dir,
+        subject=args.subject,
+        max_train_steps=args.max_train_steps,
+        method=args.method,
+        num_class_images=args.num_class_images,
+        seeds_per_prompt=args.seeds_per_prompt,
+        max_prompts=args.max_prompts,
+        quiet=args.quiet,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ether-diffusion", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser(
+        "train", help="DreamBooth with ETHER (flags of train_dreambooth_lora; see train --help)", add_help=False
+    )
+
+    sample = commands.add_parser("sample", help="generate PNGs with one or more adapters")
+    sample.add_argument("--model", default=None, help="diffusers folder or hub id (default: the shipped tiny model)")
+    sample.add_argument("--adapter", action="append", default=[], help="adapter file or folder, optionally :weight")
+    sample.add_argument("--prompt", action="append", required=True)
+    sample.add_argument("--negative_prompt", default=None)
+    sample.add_argument("--seed", type=int, action="append", default=None)
+    sample.add_argument("--steps", type=int, default=25)
+    sample.add_argument("--guidance_scale", type=float, default=5.0)
+    sample.add_argument("--size", type=int, default=None, help="height and width (default: the model's)")
+    sample.add_argument("--compare", action="store_true", help="also save the base model's image for each seed")
+    sample.add_argument("--output_dir", default="samples")
+    sample.set_defaults(run=_sample)
+
+    fuse = commands.add_parser("fuse", help="save a plain diffusers model with adapters fused into its weights")
+    fuse.add_argument("--model", default=None)
+    fuse.add_argument("--adapter", action="append", required=True, help="adapter file or folder, optionally :weight")
+    fuse.add_argument("--output_dir", required=True)
+    fuse.add_argument("--overwrite", action="store_true")
+    fuse.set_defaults(run=_fuse)
+
+    demo = commands.add_parser("demo", help="teach the shipped tiny model a subject and show before/after")
+    demo.add_argument("--output_dir", default="outputs/demo")
+    demo.add_argument("--subject", default="orange_checkered_star")
+    demo.add_argument("--method", choices=["ether", "ether_plus"], default="ether_plus")
+    demo.add_argument("--max_train_steps", type=int, default=DEMO_STEPS)
+    demo.add_argument("--num_class_images", type=int, default=50)
+    demo.add_argument("--seeds_per_prompt", type=int, default=4)
+    demo.add_argument("--max_prompts", type=int, default=None)
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(run=_demo)
     inspect = commands.add_parser("inspect", help="summarise an adapter file (validated strictly)")
     inspect.add_argument("adapter", help="an adapter .safetensors file or a folder holding one")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -53,10 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["train"]:
+            from .training.dreambooth import parse_args, train
+
+            result = train(parse_args(argv[1:]))
+            print(f"adapter written to {result.adapter_path}")
+            return 0
+        args = build_parser().parse_args(argv)
         return args.run(args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (FileNotFoundError, ValueError, KeyError, PermissionError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

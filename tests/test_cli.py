@@ -27,7 +27,101 @@ def test_inspect_summarises_and_rejects_bad_files(tmp_path):
     assert "ether, n_blocks=2" in text
 
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 10)
-    bad = subprocess.run(
-        [CLI, "inspect", str(tmp_path / "broken.safetensors")], capture_output=True, text=True
-    )
+    bad = subprocess.run([CLI, "inspect", str(tmp_path / "broken.safetensors")], capture_output=True, text=True)
     assert bad.returncode == 2 and "not a readable safetensors file" in bad.stderr
+
+
+def run_cli(*args):
+    result = subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_train_sample_fuse_on_the_shipped_model(tmp_path):
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from ether_diffusion.pipeline import load_ether_weights
+    from ether_diffusion.world.assets import default_model_path, default_subjects_path
+
+    subject = default_subjects_path() / "orange_checkered_star"
+    run_cli(
+        "train",
+        "--instance_data_dir",
+        subject,
+        "--instance_prompt",
+        "a sks star",
+        "--max_train_steps",
+        2,
+        "--output_dir",
+        tmp_path / "adapter",
+        "--report_to",
+        "none",
+        "--quiet",
+        "--no_final_reload",
+    )
+    adapter = tmp_path / "adapter" / "ether_adapter.safetensors"
+    assert "instance_prompt" in run_cli("inspect", adapter).stdout
+
+    out = run_cli(
+        "sample",
+        "--adapter",
+        f"{adapter}:0.5",
+        "--prompt",
+        "a sks star",
+        "--seed",
+        1,
+        "--seed",
+        2,
+        "--compare",
+        "--steps",
+        2,
+        "--output_dir",
+        tmp_path / "samples",
+    )
+    assert len(out.stdout.split()) == 4 and len(list((tmp_path / "samples").glob("*.png"))) == 4
+
+    run_cli("fuse", "--adapter", adapter, "--output_dir", tmp_path / "fused")
+    fused = StableDiffusionPipeline.from_pretrained(tmp_path / "fused")
+    unfused = StableDiffusionPipeline.from_pretrained(default_model_path())
+    load_ether_weights(unfused, adapter)
+    images = []
+    for pipe in (fused, unfused):
+        pipe.set_progress_bar_config(disable=True)
+        images.append(
+            pipe(
+                "a sks star", num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np"
+            ).images
+        )
+    np.testing.assert_allclose(images[0], images[1], atol=1e-4)
+    bad = subprocess.run(
+        [CLI, "fuse", "--adapter", adapter, "--output_dir", tmp_path / "fused"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "not empty" in bad.stderr
+
+
+def test_demo_in_short_mode(tmp_path):
+    run_cli(
+        "demo",
+        "--output_dir",
+        tmp_path,
+        "--max_train_steps",
+        3,
+        "--num_class_images",
+        2,
+        "--seeds_per_prompt",
+        1,
+        "--max_prompts",
+        3,
+        "--quiet",
+    )
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["train_steps"] == 3 and metrics["images_per_model"] == 3
+    for key in ("base", "adapted", "instance_ceiling"):
+        assert -1.0 <= metrics["subject_fidelity"][key] <= 1.0
+    assert 0.0 <= metrics["prompt_fidelity"]["adapted"]["overall"] <= 1.0
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.height == 3 * 128 + 16  # instance, base and adapted rows at 2× scale
