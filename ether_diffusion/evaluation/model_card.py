@@ -27,7 +27,8 @@ def write_model_card(folder: str | Path, result: dict, grid_prompts: list[str]) 
         for k in attrs
     )
     subject_rows = "\n".join(
-        f"| {name} | `{s['class_prompt']}` | {s['base_vs_instances']:.3f} | {s['instances_vs_instances']:.3f} "
+        f"| {name} | `{s['class_prompt']}` | {s['base_vs_instances']:.3f} | {s['rendered_class_vs_instances']:.3f} "
+        f"| {s['instances_vs_instances']:.3f} "
         f"| {s['class_prompt_fidelity']:.2f} | {s['class_diversity']:.3f} |"
         for name, s in result["subjects"].items()
     )
@@ -117,10 +118,14 @@ is the fraction of the prompts' attributes found in the images; the gate asks >=
 For each DreamBooth subject in `assets/subjects`, {result["num_class_images"]} images of its class prompt from this
 base model; subject fidelity is the mean cosine similarity of evaluator embeddings (our DINO). The base model's class
 images sit clearly below the instance images' similarity to each other: the subjects are not something the
-model already draws.
+model already draws. Columns: *base* = base-model class images vs instance images; *rendered* = rendered
+pretraining images of the class shape vs instance images (what a perfect base model would draw for the class
+prompt, a reference); *instances* = instance images vs each other (pairs of distinct images); *shape read* =
+fraction of class images whose shape the evaluator reads as the class noun; *diversity* = mean pairwise
+embedding distance among the class images.
 
-| subject | class prompt | base vs instances | instances vs instances | class shape read | class diversity |
-|---|---|---|---|---|---|
+| subject | class prompt | base | rendered | instances | shape read | diversity |
+|---|---|---|---|---|---|---|
 {subject_rows}
 
 ## Samples

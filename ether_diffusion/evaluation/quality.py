@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ether_diffusion.world.render import render
 from ether_diffusion.world.scene import caption, scene_for_seed
 from ether_diffusion.world.subjects import Subject
 
@@ -52,6 +53,18 @@ def sample(
     return np.concatenate(out)
 
 
+def rendered_class_images(class_noun: str, count: int, start: int = 6_000_000) -> np.ndarray:
+    """Rendered single-object pretraining scenes of the class noun's shape: what a perfect base model would
+    draw for the class prompt (a reference for subject fidelity)."""
+    images, seed = [], start
+    while len(images) < count:
+        scene = scene_for_seed(seed, "pretrain")
+        if len(scene.objects) == 1 and scene.objects[0].shape == class_noun:
+            images.append(render(scene).image)
+        seed += 1
+    return np.stack(images)
+
+
 def run_quality_gate(
     pipe,
     evaluator: WorldEvaluator,
@@ -90,6 +103,9 @@ def run_quality_gate(
             "class_prompt": subject.class_prompt,
             "base_vs_instances": subject_fidelity(class_images, instances, evaluator),
             "instances_vs_instances": instance_self_similarity(instances, evaluator),
+            "rendered_class_vs_instances": subject_fidelity(
+                rendered_class_images(subject.class_noun, num_class_images), instances, evaluator
+            ),
             "class_prompt_fidelity": prompt_fidelity(
                 class_images, [subject.class_prompt] * num_class_images, evaluator
             )["shape"],
