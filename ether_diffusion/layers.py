@@ -45,6 +45,7 @@ class EtherAdapter(nn.Module):
         self.method = METHODS[config.method]
         self.n_blocks = config.n_blocks
         self.sides = tuple(config.sides)
+        self._cache: dict[str, tuple] = {}  # side -> (key, D, E), inference only
         widths = {"input": in_features, "output": out_features}
         for side in self.sides:
             vectors = self.method.init_vectors(self.n_blocks, widths[side] // self.n_blocks, generator)
@@ -56,11 +57,23 @@ class EtherAdapter(nn.Module):
         return {v: getattr(self, parameter_name(v, side)) for v in self.method.vector_names}
 
     def factors(self, side: str, strength: float, dtype: torch.dtype):
-        """``(D, E)`` of this side's transform in ``dtype``, or ``None`` when the side is not adapted."""
+        """``(D, E)`` of this side's transform in ``dtype``, or ``None`` when the side is not adapted.
+
+        Without autograd (sampling) the factors are cached until a vector changes (tracked by its version
+        counter), so unfused inference pays only for the two skinny matmuls.
+        """
         if side not in self.sides:
             return None
-        down, up = self.method.factors(self.vectors(side), strength)
-        return down.to(dtype), up.to(dtype)
+        vectors = self.vectors(side)
+        if torch.is_grad_enabled():
+            down, up = self.method.factors(vectors, strength)
+            return down.to(dtype), up.to(dtype)
+        key = (side, strength, dtype, *((id(v), v._version, v.device) for v in vectors.values()))
+        cached = self._cache.get(side)
+        if cached is None or cached[0] != key:
+            down, up = self.method.factors(vectors, strength)
+            cached = self._cache[side] = (key, down.to(dtype), up.to(dtype))
+        return cached[1], cached[2]
 
     def extra_repr(self) -> str:
         return f"method={self.method.name}, n_blocks={self.n_blocks}, sides={self.sides}"

@@ -29,7 +29,7 @@ b×b or d×d matrix. The same function transforms activations (training, unfused
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -50,11 +50,12 @@ def unit_blocks(vectors: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
-def low_rank_factors(directions: torch.Tensor, coefficients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def low_rank_factors(directions: torch.Tensor, coefficients: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """Thin factors ``D`` (d, K·n) and ``E`` (K·n, d) with ``T(x) = x + (x D) E``.
 
-    ``directions`` (K, n, b) are unit vectors per block, ``coefficients`` (K,) the scalar of each term.
-    Column ``k·n + i`` of ``D`` holds ``ŵ_k,i`` in the rows of block i and zeros elsewhere.
+    ``directions`` (K, n, b) are unit vectors per block, ``coefficients`` the K scalars of the terms (Python floats:
+    no host-to-device copy, so nothing synchronises a GPU). Column ``k·n + i`` of ``D`` holds ``ŵ_k,i`` in the rows
+    of block i and zeros elsewhere; row ``k·n + i`` of ``E`` is that column times ``c_k``.
     """
     k, n, b = directions.shape
     if n == 1:
@@ -63,8 +64,9 @@ def low_rank_factors(directions: torch.Tensor, coefficients: torch.Tensor) -> tu
         block_mask = torch.eye(n, dtype=directions.dtype, device=directions.device)
         # D[i·b + j, k·n + m] = ŵ[k, i, j] · [i == m]
         down = torch.einsum("kij,im->ijkm", directions, block_mask).reshape(n * b, k * n)
-    up = (down * coefficients.to(down.dtype).repeat_interleave(n)).T  # (K·n, d)
-    return down, up
+    if k == 1:
+        return down, down.T * coefficients[0]
+    return down, torch.cat([down[:, i * n : (i + 1) * n].T * c for i, c in enumerate(coefficients)])
 
 
 def apply_low_rank(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -90,8 +92,8 @@ class Method:
     def init_vectors(self, n_blocks: int, block_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def terms(self, vectors: Mapping[str, torch.Tensor], strength: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit directions (K, n, b) and coefficients (K,) of the transform at ``strength``."""
+    def terms(self, vectors: Mapping[str, torch.Tensor], strength: float) -> tuple[torch.Tensor, list[float]]:
+        """Unit directions (K, n, b) and the K coefficients of the transform at ``strength``."""
         raise NotImplementedError
 
     def factors(self, vectors: Mapping[str, torch.Tensor], strength: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +124,7 @@ class Reflection(Method):
 
     def terms(self, vectors, strength):
         u_hat = unit_blocks(vectors["u"])
-        return u_hat.unsqueeze(0), u_hat.new_tensor([-2.0 * strength])
+        return u_hat.unsqueeze(0), [-2.0 * strength]
 
 
 class ReflectionPlus(Method):
@@ -142,8 +144,7 @@ class ReflectionPlus(Method):
         return {"u": u, "v": -u.clone()}
 
     def terms(self, vectors, strength):
-        u_hat, v_hat = unit_blocks(vectors["u"]), unit_blocks(vectors["v"])
-        return torch.stack([u_hat, v_hat]), u_hat.new_tensor([-float(strength), float(strength)])
+        return unit_blocks(torch.stack([vectors["u"], vectors["v"]])), [-float(strength), float(strength)]
 
 
 METHODS: dict[str, Method] = {method.name: method for method in (Reflection(), ReflectionPlus())}

@@ -531,17 +531,16 @@ def main(args) -> dict:
         repeats=args.repeats,
         date=time.strftime("%Y-%m-%d"),
     )
-    if "training" in args.sections:
-        result["training"] = bench_training(unet, args, meter, device, dtype)
-    if "inference" in args.sections:
-        result["inference"] = bench_inference(unet, args, meter, device, dtype)
-    if "adapters" in args.sections:
-        result["adapters"] = bench_adapters(unet, args, meter)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"speed_{device.type}" + ("_quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(markdown(result))
+    sections = {"training": lambda: bench_training(unet, args, meter, device, dtype),
+                "inference": lambda: bench_inference(unet, args, meter, device, dtype),
+                "adapters": lambda: bench_adapters(unet, args, meter)}
+    for name in args.sections:  # the report is rewritten after each section: a cut-short run keeps what it measured
+        result[name] = sections[name]()
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
     return result
 

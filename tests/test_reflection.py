@@ -90,7 +90,7 @@ def test_low_rank_form_equals_dense_blocks(method, n, strength):
 
 def test_factors_are_thin_and_block_sparse():
     directions = unit_blocks(torch.randn(2, 4, 3))
-    down, up = low_rank_factors(directions, torch.tensor([-1.0, 1.0]))
+    down, up = low_rank_factors(directions, [-1.0, 1.0])
     assert down.shape == (12, 8) and up.shape == (8, 12)
     # column k·n + i is nonzero only in the rows of block i
     for column in range(8):
