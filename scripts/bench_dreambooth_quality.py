@@ -1,0 +1,322 @@
+"""Subject-driven quality of ETHER, ETHER+, LoRA and OFT on the tiny world, across learning rates.
+
+    python scripts/bench_dreambooth_quality.py                       # all subjects, 2 seeds, lr ×0.1 ×1 ×10 ×100
+    python scripts/bench_dreambooth_quality.py --subjects orange_checkered_star --seeds 0 --quick   # smoke test
+
+Every method trains the same way (the library's dataset, noise, loss and class images; AdamW; batch 1 + 1 class
+image for prior preservation; the same steps) on the shipped tiny model, then samples each subject's evaluation
+prompts and is scored by the world evaluator: subject fidelity (our DINO), prompt fidelity (our CLIP-T),
+diversity (our LPIPS). Learning rates are the paper's (ETHER/ETHER+ 6e-3, LoRA 6e-4, OFT 6e-5) times each scale,
+unchanged for our shorter step budget. Writes a markdown table, a JSON file and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+
+from ether_diffusion import EtherConfig, inject, mark_only_adapters_trainable
+from ether_diffusion.config import TARGET_PRESETS
+from ether_diffusion.evaluation import (
+    diversity,
+    instance_self_similarity,
+    load_evaluator,
+    prompt_fidelity,
+    subject_fidelity,
+)
+from ether_diffusion.training.class_images import ensure_class_images
+from ether_diffusion.training.data import load_image_folder, to_pixels
+from ether_diffusion.training.diffusion import dreambooth_loss, prediction_target, sample_noise
+from ether_diffusion.world.assets import default_subjects_path, load_tiny_pipeline
+from ether_diffusion.world.subjects import load_subject
+
+TARGETS = list(TARGET_PRESETS["unet-attention"])
+PAPER_LR = {"ether": 6e-3, "ether_plus": 6e-3, "lora": 6e-4, "oft": 6e-5}
+LABELS = {"ether": "ETHER", "ether_plus": "ETHER+ (two-sided)", "lora": "LoRA r=4 (PEFT)", "oft": "OFT (PEFT)"}
+
+
+def add_adapter(unet, method: str, seed: int) -> list[torch.nn.Parameter]:
+    if method in ("ether", "ether_plus"):
+        inject(unet, EtherConfig(method=method, target_modules=TARGETS, init_seed=seed), "bench")
+        return mark_only_adapters_trainable(unet)
+    import peft
+
+    torch.manual_seed(seed)
+    config = (
+        peft.LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS)
+        if method == "lora"
+        else peft.OFTConfig(target_modules=TARGETS)
+    )
+    unet.requires_grad_(False)
+    peft.inject_adapter_in_model(config, unet, adapter_name="bench")
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+@torch.no_grad()
+def encode(pipe, images) -> torch.Tensor:
+    pixels = torch.stack([to_pixels(i.resize((64, 64))) for i in images])
+    return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def embed_prompt(pipe, prompt: str) -> torch.Tensor:
+    ids = pipe.tokenizer(
+        prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return pipe.text_encoder(ids)[0]
+
+
+def train_one(pipe, base_unet, method, lr, steps, seed, instance_latents, class_latents, instance_emb, class_emb):
+    unet = copy.deepcopy(base_unet)
+    params = add_adapter(unet, method, seed)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the betas the model was trained with
+    unet.train()
+    start = time.time()
+    losses = []
+    for _ in range(steps):
+        i = int(torch.randint(0, len(instance_latents), (1,), generator=generator))
+        j = int(torch.randint(0, len(class_latents), (1,), generator=generator))
+        latents = torch.cat([instance_latents[i : i + 1], class_latents[j : j + 1]])
+        hidden = torch.cat([instance_emb, class_emb])
+        noise = sample_noise(latents, generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (2,), generator=generator)
+        prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
+        target = prediction_target(noise_scheduler, latents, noise, timesteps)
+        loss, _ = dreambooth_loss(prediction, target, timesteps, noise_scheduler, with_prior_preservation=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    seconds = time.time() - start
+    unet.eval()
+    return unet, sum(p.numel() for p in params), seconds, losses
+
+
+@torch.no_grad()
+def sample(pipe, unet, prompts, seeds, steps, guidance):
+    original = pipe.unet
+    pipe.unet = unet
+    try:
+        images = []
+        for prompt in prompts:
+            generators = [torch.Generator().manual_seed(s) for s in seeds]
+            images += pipe(
+                [prompt] * len(seeds), generator=generators, num_inference_steps=steps, guidance_scale=guidance
+            ).images
+        return images
+    finally:
+        pipe.unet = original
+
+
+def summarise(rows):
+    table = {}
+    for row in rows:
+        table.setdefault((row["method"], row["lr_scale"]), []).append(row)
+    summary = []
+    for (method, scale), group in sorted(table.items(), key=lambda kv: (list(PAPER_LR).index(kv[0][0]), kv[0][1])):
+
+        def mean(key, group=group):
+            return statistics.fmean(r[key] for r in group)
+
+        summary.append(
+            dict(
+                method=method,
+                lr_scale=scale,
+                lr=group[0]["lr"],
+                runs=len(group),
+                subject_fidelity=mean("subject_fidelity"),
+                prompt_fidelity=mean("prompt_fidelity"),
+                diversity=mean("diversity"),
+                parameters=group[0]["parameters"],
+                train_seconds=mean("train_seconds"),
+            )
+        )
+    return summary
+
+
+def markdown(result) -> str:
+    lines = [
+        "# DreamBooth quality on the tiny world",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}; {result['date']}  ",
+        f"Subjects: {', '.join(result['subjects'])}; seeds {result['seeds']}; {result['steps']} steps; "
+        f"evaluation {result['eval_prompts']} prompts × {len(result['eval_seeds'])} seeds per subject, "
+        f"DDIM {result['inference_steps']} steps, guidance {result['guidance']}",
+        "",
+        f"Reference: base model {result['base']['subject_fidelity']:.3f} subject fidelity / "
+        f"{result['base']['prompt_fidelity']:.3f} prompt fidelity / {result['base']['diversity']:.3f} diversity; "
+        f"instance images to each other {result['base']['instance_ceiling']:.3f}.",
+        "",
+        "| method | lr (× paper) | trainable | subject fidelity ↑ | prompt fidelity ↑ | diversity | train s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["summary"]:
+        lines.append(
+            f"| {LABELS[row['method']]} | {row['lr']:.0e} (×{row['lr_scale']:g}) | {row['parameters']:,} | "
+            f"{row['subject_fidelity']:.3f} | {row['prompt_fidelity']:.3f} | {row['diversity']:.3f} | "
+            f"{row['train_seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for method in PAPER_LR:
+        rows = [r for r in result["summary"] if r["method"] == method]
+        if not rows:
+            continue
+        scales = [r["lr_scale"] for r in rows]
+        axes[0].plot(scales, [r["subject_fidelity"] for r in rows], marker="o", label=LABELS[method])
+        axes[1].plot(scales, [r["prompt_fidelity"] for r in rows], marker="o", label=LABELS[method])
+    for axis, title in zip(axes, ("subject fidelity", "prompt fidelity")):
+        axis.set_xscale("log")
+        axis.set_xlabel("learning rate / paper's")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    axes[0].axhline(result["base"]["subject_fidelity"], color="gray", linestyle="--", label="base model")
+    axes[1].axhline(result["base"]["prompt_fidelity"], color="gray", linestyle="--")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subjects", nargs="+", default=None, help="default: all shipped subjects")
+    parser.add_argument("--methods", nargs="+", default=list(PAPER_LR), choices=list(PAPER_LR))
+    parser.add_argument("--lr_scales", type=float, nargs="+", default=[0.1, 1.0, 10.0, 100.0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--max_train_steps", type=int, default=600)
+    parser.add_argument("--num_class_images", type=int, default=50)
+    parser.add_argument("--eval_seeds", type=int, nargs="+", default=[1000, 1001])
+    parser.add_argument("--inference_steps", type=int, default=25)
+    parser.add_argument("--guidance_scale", type=float, default=5.0)
+    parser.add_argument("--class_root", default="outputs/class_images")
+    parser.add_argument("--output_dir", default="docs/benchmarks")
+    parser.add_argument("--quick", action="store_true", help="2 steps, 2 prompts, 1 eval seed: a smoke test")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.max_train_steps, args.eval_seeds, args.inference_steps, args.num_class_images = 2, [1000], 2, 2
+    return args
+
+
+def main(args) -> dict:
+    torch.manual_seed(0)
+    pipe = load_tiny_pipeline()
+    base_unet = copy.deepcopy(pipe.unet)
+    evaluator = load_evaluator()
+    subjects = [
+        load_subject(default_subjects_path() / name)
+        for name in (args.subjects or sorted(p.name for p in default_subjects_path().iterdir() if p.is_dir()))
+    ]
+    rows, base_scores = [], []
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "dreambooth_quality" + ("_quick" if args.quick else "")
+    result = dict(
+        command="python " + " ".join(sys.argv),
+        date=time.strftime("%Y-%m-%d"),
+        machine=f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+        subjects=[s.name for s in subjects],
+        seeds=args.seeds,
+        steps=args.max_train_steps,
+        eval_seeds=args.eval_seeds,
+        inference_steps=args.inference_steps,
+        guidance=args.guidance_scale,
+    )
+    for subject in subjects:
+        prompts = list(subject.eval_prompts[:2] if args.quick else subject.eval_prompts)
+        expanded = [p for p in prompts for _ in args.eval_seeds]
+        instance = load_image_folder(subject.image_paths[0].parent)
+        class_dir = Path(args.class_root) / subject.class_noun
+        ensure_class_images(
+            lambda: pipe,
+            subject.class_prompt,
+            class_dir,
+            args.num_class_images,
+            seed=0,
+            num_inference_steps=25,
+            guidance_scale=args.guidance_scale,
+        )
+        class_images = load_image_folder(class_dir, "class")[: args.num_class_images]
+        instance_latents, class_latents = encode(pipe, instance), encode(pipe, class_images)
+        instance_emb, class_emb = embed_prompt(pipe, subject.instance_prompt), embed_prompt(pipe, subject.class_prompt)
+        base = sample(pipe, base_unet, prompts, args.eval_seeds, args.inference_steps, args.guidance_scale)
+        base_scores.append(
+            dict(
+                subject_fidelity=subject_fidelity(base, instance, evaluator),
+                prompt_fidelity=prompt_fidelity(base, expanded, evaluator)["overall"],
+                diversity=diversity(base, evaluator),
+                instance_ceiling=instance_self_similarity(instance, evaluator),
+            )
+        )
+        for method in args.methods:
+            for scale in args.lr_scales:
+                for seed in args.seeds:
+                    lr = PAPER_LR[method] * scale
+                    unet, params, seconds, losses = train_one(
+                        pipe,
+                        base_unet,
+                        method,
+                        lr,
+                        args.max_train_steps,
+                        seed,
+                        instance_latents,
+                        class_latents,
+                        instance_emb,
+                        class_emb,
+                    )
+                    images = sample(pipe, unet, prompts, args.eval_seeds, args.inference_steps, args.guidance_scale)
+                    finite = all(loss == loss for loss in losses)  # NaN is the only value unequal to itself
+                    row = dict(
+                        subject=subject.name,
+                        method=method,
+                        lr_scale=scale,
+                        lr=lr,
+                        seed=seed,
+                        parameters=params,
+                        train_seconds=seconds,
+                        losses_finite=finite,
+                        subject_fidelity=subject_fidelity(images, instance, evaluator),
+                        prompt_fidelity=prompt_fidelity(images, expanded, evaluator)["overall"],
+                        diversity=diversity(images, evaluator),
+                    )
+                    rows.append(row)
+                    print(
+                        f"{subject.name:<24} {LABELS[method]:<20} lr {lr:.0e} seed {seed}: subject "
+                        f"{row['subject_fidelity']:.3f} prompt {row['prompt_fidelity']:.3f} "
+                        f"diversity {row['diversity']:.3f} ({seconds:.0f} s)",
+                        flush=True,
+                    )
+                    result.update(
+                        rows=rows,
+                        summary=summarise(rows),
+                        eval_prompts=len(prompts),
+                        base={k: statistics.fmean(b[k] for b in base_scores) for k in base_scores[0]},
+                    )
+                    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+                    (out / f"{stem}.md").write_text(markdown(result))
+    plot(result, out / f"{stem}.png")
+    print(markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_args())
