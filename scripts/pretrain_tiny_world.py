@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--export_dir", default=None, help="also write the pipeline here (e.g. assets/tiny-sd)")
     p.add_argument("--num_images", type=int, default=20000, help="rendered pretraining images")
     p.add_argument("--caption_variants", type=int, default=4, help="captions per image (1 full + dropped)")
-    p.add_argument("--vae_steps", type=int, default=1500)
+    p.add_argument("--vae_steps", type=int, default=800)
     p.add_argument("--vae_batch_size", type=int, default=32)
     p.add_argument("--vae_learning_rate", type=float, default=1e-3)
     p.add_argument("--max_train_steps", type=int, default=6000, help="UNet + text-encoder steps")

@@ -2,6 +2,8 @@
 subjects."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,12 +136,18 @@ def test_tokenizer_has_every_world_word_as_one_token_and_still_reads_new_words(t
         assert encode_world_caption(text, vocab) == expected
 
 
-def test_shipped_tokenizer_is_the_world_tokenizer():
+def test_shipped_tokenizer_is_the_world_tokenizer(tmp_path):
     tok = load_tokenizer("assets/tiny-sd/tokenizer")
     text = "a large red striped star at top left on a blue background"
     ids = tok(text, padding="max_length", max_length=tok.model_max_length).input_ids
     assert ids == encode_world_caption(text, tok.get_vocab())
     assert tok.model_max_length == 32
+    # vocab.json + merges.txt alone (what transformers 4's slow tokenizer reads) give the same tokens.
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(Path("assets/tiny-sd/tokenizer") / name, tmp_path / name)
+    from_bpe_files = load_tokenizer(tmp_path)
+    for text in ("a sks star at center", "an orange checkered heart and a zebra"):
+        assert from_bpe_files(text).input_ids == tok(text).input_ids
 
 
 def test_bulk_rendering_matches_single_rendering_and_dataset():

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .scene import IMAGE_SIZE
-from .tokenizer import BOS, EOS, MODEL_MAX_LENGTH, load_tokenizer, save_tokenizer_files
+from .tokenizer import BOS, EOS, MODEL_MAX_LENGTH, load_tokenizer, save_tokenizer_files, write_vocab_and_merges
 
 LATENT_SCALE = 4  # pixels per latent cell
 
@@ -121,6 +121,7 @@ def save_pipeline_folder(directory: str | Path, tokenizer, text_encoder, vae, un
         requires_safety_checker=False,
     )
     pipe.save_pretrained(directory, safe_serialization=True)
+    write_vocab_and_merges(directory / "tokenizer")
     index_path = directory / "model_index.json"
     index = json.loads(index_path.read_text())
     index["requires_safety_checker"] = False

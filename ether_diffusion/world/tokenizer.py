@@ -88,13 +88,20 @@ def build_vocab_and_merges(words: list[str] | None = None) -> tuple[dict[str, in
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def save_tokenizer_files(directory: str | Path) -> Path:
-    """Write vocab.json, merges.txt and the tokenizer config for ``CLIPTokenizer.from_pretrained``."""
+def write_vocab_and_merges(directory: str | Path) -> Path:
+    """vocab.json and merges.txt: what the slow ``CLIPTokenizer`` (transformers 4) reads; transformers 5 also
+    writes tokenizer.json, and a pipeline folder holding both loads with either."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_vocab_and_merges()
     (directory / "vocab.json").write_text(json.dumps(vocab, indent=0) + "\n")
     (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{left} {right}\n" for left, right in merges))
+    return directory
+
+
+def save_tokenizer_files(directory: str | Path) -> Path:
+    """Write vocab.json, merges.txt and the tokenizer config for ``CLIPTokenizer.from_pretrained``."""
+    directory = write_vocab_and_merges(directory)
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": MODEL_MAX_LENGTH,
