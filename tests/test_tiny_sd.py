@@ -142,3 +142,30 @@ def test_pretrain_script_rejects_bad_arguments():
 
     with pytest.raises(SystemExit):
         parse_args(["--num_images", "0"])
+
+
+def test_eval_script_scores_and_writes_a_model_card(tmp_path):
+    sys.path.insert(0, "scripts")
+    from eval_tiny_sd import main, parse_args
+
+    folder = tmp_path / "sd"
+    shutil.copytree(MODEL, folder)
+    for name in ("README.md", "samples.png", "eval.json"):
+        (folder / name).unlink()
+    args = [
+        "--pretrained_model_name_or_path",
+        str(folder),
+        "--num_prompts",
+        "3",
+        "--num_class_images",
+        "2",
+        "--num_inference_steps",
+        "3",
+        "--write_model_card",
+    ]
+    result = main(parse_args(args))
+    assert set(result["heldout_prompt_fidelity"]) >= {"shape", "colour", "background"}
+    assert len(result["subjects"]) == 4
+    card = (folder / "README.md").read_text()
+    assert "Quality gate" in card and "orange_checkered_star" in card
+    assert (folder / "samples.png").is_file() and (folder / "eval.json").is_file()
