@@ -7,6 +7,7 @@ drift apart. Run under ``accelerate launch`` (data parallel, mixed precision) or
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import time
@@ -715,6 +716,14 @@ def train(args: argparse.Namespace, callbacks: TrainCallbacks | None = None) -> 
             make_grid(images).save(output_dir / grid_name)
             callbacks.call("on_validation", global_step, images, [output_dir / grid_name])
         write_model_card(output_dir, args, result, grid_name, result.trainable_parameters)
+    if accelerator.num_processes > 1:
+        # Free the DDP wrappers on every rank together, before the process group goes: gloo can hang forever in a
+        # process group's destructor (run when a DDP reducer is freed) once a peer has torn its side down.
+        accelerator.wait_for_everyone()
+        del prepared, models, unet_train, text_encoder_run, validate, save_hook, load_hook
+        accelerator.free_memory()
+        gc.collect()
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
 
