@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from .config import EtherConfig
-from .layers import LAYER_TYPES, EtherLayer, parameter_name
+from .layers import LAYER_TYPES, EtherLayer
 
 __all__ = [
+    "active_adapters",
     "adapter_configs",
     "adapter_layers",
     "adapter_names",
@@ -313,7 +314,3 @@ def load_adapter_state_dict(model: nn.Module, adapter_name: str, state: dict[str
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(state[key])
-
-
-def vector_keys(path: str, sides: tuple[str, ...], vector_names: tuple[str, ...]) -> list[str]:
-    return [f"{path}.{parameter_name(v, side)}" for side in sides for v in vector_names]

@@ -290,16 +290,14 @@ def _check_fits(
     component: str, model: nn.Module, config: EtherConfig, prints: dict[str, list[int]], source: AdapterFile, path: Path
 ) -> None:
     """Raise ``AdapterMismatchError`` unless ``model`` has exactly the recorded target layers and widths."""
-    wanted = {}
+    wanted = {}  # the layers this model would adapt under the file's config, with their [in, out] widths
     for module_path, module in model.named_modules():
-        if isinstance(module, EtherLayer):
+        if not (module_path and config.is_target(module_path)):
+            continue
+        if isinstance(module, (EtherLayer, nn.Linear)):
             wanted[module_path] = [module.in_features, module.out_features]
-        elif module_path and config.is_target(module_path) and not module_path.endswith(".base_layer"):
-            if isinstance(module, nn.Linear):
-                wanted[module_path] = [module.in_features, module.out_features]
-            elif isinstance(module, nn.Conv2d):
-                wanted[module_path] = [module.in_channels, module.out_channels]
-    wanted = {p: w for p, w in wanted.items() if config.is_target(p)}
+        elif isinstance(module, nn.Conv2d):
+            wanted[module_path] = [module.in_channels, module.out_channels]
     missing = sorted(set(prints) - set(wanted))
     extra = sorted(set(wanted) - set(prints))
     widths = sorted(
