@@ -534,9 +534,11 @@ def main(args) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"speed_{device.type}" + ("_quick" if args.quick else "")
-    sections = {"training": lambda: bench_training(unet, args, meter, device, dtype),
-                "inference": lambda: bench_inference(unet, args, meter, device, dtype),
-                "adapters": lambda: bench_adapters(unet, args, meter)}
+    sections = {
+        "training": lambda: bench_training(unet, args, meter, device, dtype),
+        "inference": lambda: bench_inference(unet, args, meter, device, dtype),
+        "adapters": lambda: bench_adapters(unet, args, meter),
+    }
     for name in args.sections:  # the report is rewritten after each section: a cut-short run keeps what it measured
         result[name] = sections[name]()
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
