@@ -1,0 +1,61 @@
+"""EtherConfig: defaults per method, validation messages, versioned JSON round trip."""
+
+import json
+
+import pytest
+
+from ether_diffusion.config import CONFIG_FORMAT_VERSION, TARGET_PRESETS, EtherConfig
+
+
+def test_paper_defaults_per_method():
+    assert EtherConfig(method="ether").sides == ("input",)
+    assert EtherConfig(method="ether_plus").sides == ("input", "output")  # two-sided, the paper's default
+    assert EtherConfig(sides=["output", "input"]).sides == ("input", "output")
+    assert EtherConfig().target_suffixes == TARGET_PRESETS["unet-attention"] == ("to_q", "to_k", "to_v", "to_out.0")
+    assert "ff.net.0.proj" in EtherConfig(target_modules="unet-attention-ff").target_suffixes
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        EtherConfig(),
+        EtherConfig(method="ether", n_blocks=16, target_modules=["to_q", "attn2.to_k"], exclude_modules=["mid_block"]),
+        EtherConfig(method="ether_plus", sides=("output",), target_modules="text-encoder-attention", init_seed=7),
+    ],
+)
+def test_json_round_trip(config):
+    text = config.to_json()
+    assert json.loads(text)["format_version"] == CONFIG_FORMAT_VERSION
+    assert EtherConfig.from_json(text) == config
+
+
+def test_targets_and_exclusions_match_whole_path_components():
+    config = EtherConfig(target_modules=["to_q", "to_out.0"], exclude_modules=["down_blocks.0"])
+    assert config.is_target("up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+    assert config.is_target("mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0")
+    assert not config.is_target("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    assert config.is_target("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")  # not "down_blocks.1x"
+    assert not config.is_target("blocks.0.my_to_q")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="lora"), "unknown ETHER method 'lora'"),
+        (dict(n_blocks=0), "n_blocks must be a positive integer"),
+        (dict(sides=("left",)), "sides must be a non-empty subset"),
+        (dict(target_modules="everything"), "unknown target preset 'everything'"),
+        (dict(target_modules=[]), "non-empty list"),
+    ],
+)
+def test_invalid_configs_say_what_is_wrong(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EtherConfig(**kwargs)
+
+
+def test_unknown_version_and_fields_are_rejected():
+    data = EtherConfig().to_dict()
+    with pytest.raises(ValueError, match="format_version 99 is not supported.*upgrade"):
+        EtherConfig.from_dict({**data, "format_version": 99})
+    with pytest.raises(ValueError, match=r"unknown fields \['rank'\]"):
+        EtherConfig.from_dict({**data, "rank": 4})
