@@ -310,7 +310,7 @@ def make_grid(images, columns: int | None = None):
     return grid
 
 
-def sampling_pipeline(args, tokenizer, text_encoder, vae, unet, dtype=None):
+def sampling_pipeline(args, tokenizer, text_encoder, vae, unet):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     scheduler = DPMSolverMultistepScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
