@@ -218,7 +218,7 @@ class TrainCallbacks:
     on_start: object = None  # fn(total_steps, start_step)
     on_step: object = None  # fn(step, logs: dict)
     on_validation: object = None  # fn(step, images: list[PIL.Image], paths: list[Path])
-    should_stop: object = None  # fn() -> bool: stop after this step, keeping the adapter so far
+    should_stop: object = None  # fn() -> bool: stop after this step, keeping the adapter and a checkpoint
 
     def call(self, name, *args):
         fn = getattr(self, name)
@@ -675,6 +675,8 @@ def train(args: argparse.Namespace, callbacks: TrainCallbacks | None = None) -> 
                 validate(global_step)
             if callbacks.call("should_stop"):
                 stop = result.stopped_early = True
+                if global_step % args.checkpointing_steps:  # a checkpoint to resume from, unless one was just saved
+                    save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit)
             if stop or global_step >= max_train_steps:
                 break
         if stop or global_step >= max_train_steps:
