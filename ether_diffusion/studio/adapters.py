@@ -1,0 +1,189 @@
+"""The saved adapters of a workspace: one ``<name>.safetensors`` each (the library's format), a ``<name>.png``
+thumbnail beside it. Every name goes through ``check_name`` and every path through ``inside``; imports are read
+with the library's strict reader (and, when given, loaded into the base model) before they are copied in."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..io import AdapterFileError, AdapterMismatchError, atomic_write, read_adapter_file
+from .workspace import StudioError, Workspace, check_name, inside, slug
+
+__all__ = ["MAX_ADAPTER_BYTES", "AdapterInfo", "AdapterStore"]
+
+MAX_ADAPTER_BYTES = 256 * 1024 * 1024  # ETHER adapters are kilobytes to a few MB; refuse anything absurd
+SUFFIX = ".safetensors"
+METHOD_LABELS = {"ether": "ETHER", "ether_plus": "ETHER+"}
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    path: Path
+    thumbnail: Path | None
+    method: str  # "ETHER", "ETHER+", or "unreadable"
+    n_blocks: int | None
+    parameters: int
+    base_model: str | None
+    steps: str | None
+    instance_prompt: str | None
+    error: str | None = None  # why a file in the folder cannot be used (it is still listed, so it can be deleted)
+
+    def row(self) -> list:
+        """The row shown in the Adapters table."""
+        return [
+            self.name,
+            self.method,
+            self.n_blocks if self.n_blocks is not None else "",
+            self.parameters,
+            self.steps or "",
+            self.instance_prompt or "",
+            self.base_model or "",
+            self.error or "",
+        ]
+
+
+TABLE_HEADERS = ["name", "method", "blocks", "parameters", "steps", "instance prompt", "base model", "problem"]
+
+
+def describe(name: str, path: Path, thumbnail: Path | None) -> AdapterInfo:
+    try:
+        source = read_adapter_file(path)
+    except (AdapterFileError, OSError) as err:
+        return AdapterInfo(name, path, thumbnail, "unreadable", None, 0, None, None, None, str(err))
+    configs = list(source.configs.values())
+    methods = sorted({METHOD_LABELS.get(c.method, c.method) for c in configs})
+    return AdapterInfo(
+        name,
+        path,
+        thumbnail,
+        "/".join(methods),
+        configs[0].n_blocks if configs else None,
+        source.num_parameters(),
+        source.base_model,
+        source.extra.get("steps"),
+        source.extra.get("instance_prompt"),
+    )
+
+
+class AdapterStore:
+    def __init__(self, workspace: Workspace):
+        self.folder = workspace.adapters
+
+    # --- paths -------------------------------------------------------------------------------------------------
+    def path(self, name: str) -> Path:
+        return inside(self.folder, check_name(name) + SUFFIX)
+
+    def thumbnail_path(self, name: str) -> Path:
+        return inside(self.folder, check_name(name) + ".png")
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).is_file()
+
+    def require(self, name: str) -> Path:
+        path = self.path(name)
+        if not path.is_file():
+            known = ", ".join(self.names()) or "none yet"
+            raise StudioError(f"no adapter named {name!r} (saved adapters: {known})")
+        return path
+
+    def names(self) -> list[str]:
+        return sorted(p.name[: -len(SUFFIX)] for p in self.folder.glob("*" + SUFFIX) if p.is_file())
+
+    def free_name(self, wanted: str) -> str:
+        """``wanted`` made valid, with ``-2``, ``-3``… appended if the name is taken."""
+        base = slug(wanted)[:58]
+        name, n = base, 1
+        while self.exists(name):
+            n += 1
+            name = f"{base}-{n}"
+        return name
+
+    # --- listing -----------------------------------------------------------------------------------------------
+    def list(self) -> list[AdapterInfo]:
+        infos = []
+        for name in self.names():
+            thumb = self.thumbnail_path(name)
+            infos.append(describe(name, self.path(name), thumb if thumb.is_file() else None))
+        return infos
+
+    def info(self, name: str) -> AdapterInfo:
+        path = self.require(name)
+        thumb = self.thumbnail_path(name)
+        return describe(name, path, thumb if thumb.is_file() else None)
+
+    # --- changes -----------------------------------------------------------------------------------------------
+    def publish(self, source: Path, name: str, thumbnail=None, replace: bool = False) -> Path:
+        """Copy a trained adapter file in as ``name`` (a PIL thumbnail optional); atomic, validated first."""
+        read_adapter_file(source)
+        target = self.path(name)
+        if target.exists() and not replace:
+            raise StudioError(f"an adapter named {name!r} already exists; choose another name or delete it first")
+        with atomic_write(target) as tmp:
+            shutil.copyfile(source, tmp)
+        if thumbnail is not None:
+            self.set_thumbnail(name, thumbnail)
+        return target
+
+    def set_thumbnail(self, name: str, image) -> Path:
+        path = self.thumbnail_path(name)
+        small = image.convert("RGB").copy()
+        small.thumbnail((256, 256))
+        with atomic_write(path) as tmp:
+            small.save(tmp, format="PNG")
+        return path
+
+    def rename(self, old: str, new: str) -> str:
+        source = self.require(old)
+        new = check_name(new, "new name")
+        target = self.path(new)
+        if new == check_name(old):
+            return new
+        if target.exists():
+            raise StudioError(f"an adapter named {new!r} already exists; choose another name")
+        os.rename(source, target)
+        if self.thumbnail_path(old).is_file():
+            os.replace(self.thumbnail_path(old), self.thumbnail_path(new))
+        return new
+
+    def delete(self, name: str) -> None:
+        self.require(name).unlink()
+        self.thumbnail_path(name).unlink(missing_ok=True)
+
+    def import_file(
+        self,
+        upload: str | os.PathLike | None,
+        name: str | None = None,
+        check_fits: Callable[[Path], None] | None = None,
+    ) -> str:
+        """Validate ``upload`` strictly and copy it in; returns the name. ``check_fits(path)`` may load it into the
+        base model to refuse files made for another architecture. A rejected file changes nothing."""
+        if upload is None or not str(upload):
+            raise StudioError("no file: choose an adapter .safetensors file to import")
+        upload = Path(upload)
+        if not upload.is_file():
+            raise StudioError(f"{upload.name}: file not found")
+        if upload.stat().st_size > MAX_ADAPTER_BYTES:
+            raise StudioError(
+                f"{upload.name} is {upload.stat().st_size / 2**20:.0f} MB; ETHER adapters are far smaller "
+                f"(limit {MAX_ADAPTER_BYTES // 2**20} MB). Is it a whole model?"
+            )
+        name = check_name(name) if name and name.strip() else self.free_name(Path(upload.name).stem)
+        if self.exists(name):
+            raise StudioError(f"an adapter named {name!r} already exists; choose another name")
+        try:
+            read_adapter_file(upload)
+            if check_fits is not None:
+                check_fits(upload)
+        except (AdapterFileError, AdapterMismatchError) as err:
+            raise StudioError(f"{upload.name} was not imported: {err}") from err
+        self.publish(upload, name)
+        return name
+
+    def export(self, name: str) -> Path:
+        """The file to hand to the browser for download."""
+        return self.require(name)

@@ -1,0 +1,199 @@
+"""Sampling for the studio: one pipeline, loaded once, shared by every client behind a lock.
+
+Adapters are loaded from the store under their own names the first time they are asked for, and reloaded when
+their file changes (a finished training job republishes it). A request names adapters with strengths; with
+``compare`` each seed is also drawn by the base model (adapters switched off), so the pair differs only by the
+adapter.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..io import AdapterMismatchError
+from .adapters import AdapterStore
+from .workspace import StudioError, Workspace, check_name
+
+__all__ = ["SampleRequest", "SampleResult", "Sampler", "parse_seeds"]
+
+MAX_IMAGES_PER_REQUEST = 32
+
+
+def parse_seeds(text: str | int | None) -> list[int]:
+    """``"1, 2, 5-7"`` → ``[1, 2, 5, 6, 7]``; empty → ``[0]``."""
+    if text is None or str(text).strip() == "":
+        return [0]
+    seeds = []
+    for part in str(text).replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        first, dash, last = part.partition("-")
+        try:
+            if dash and first:
+                low, high = int(first), int(last)
+                if high < low or high - low >= MAX_IMAGES_PER_REQUEST:
+                    raise ValueError
+                seeds.extend(range(low, high + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise StudioError(f"seeds: {part!r} is not a whole number or a range like 3-6") from None
+    if any(s < 0 or s >= 2**63 for s in seeds):
+        raise StudioError("seeds must be between 0 and 2^63-1")
+    return seeds
+
+
+@dataclass
+class SampleRequest:
+    prompt: str
+    adapters: list[tuple[str, float]] = field(default_factory=list)  # (name, strength)
+    negative_prompt: str = ""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    steps: int = 25
+    guidance_scale: float = 5.0
+    compare: bool = True  # also the base model, same seed
+
+    def validated(self) -> SampleRequest:
+        if not self.prompt or not self.prompt.strip():
+            raise StudioError("the prompt is empty; describe the image, e.g. 'a sks star on a blue background'")
+        if not 1 <= int(self.steps) <= 200:
+            raise StudioError("steps must be between 1 and 200")
+        if not 0 <= float(self.guidance_scale) <= 30:
+            raise StudioError("guidance must be between 0 and 30")
+        if not self.seeds:
+            raise StudioError("give at least one seed")
+        runs = len(self.seeds) * (2 if self.compare and self.adapters else 1)
+        if runs > MAX_IMAGES_PER_REQUEST:
+            raise StudioError(f"{runs} images asked for; at most {MAX_IMAGES_PER_REQUEST} per request")
+        names = [check_name(n) for n, _ in self.adapters]
+        if len(set(names)) != len(names):
+            raise StudioError("an adapter is listed twice; give each adapter once with its strength")
+        for name, strength in self.adapters:
+            if not -2.0 <= float(strength) <= 2.0:
+                raise StudioError(f"strength of {name!r} is {strength}; use a value between -2 and 2")
+        return self
+
+
+@dataclass
+class SampleResult:
+    images: list  # PIL images
+    captions: list[str]
+    paths: list[Path]
+    seconds: float
+
+
+class Sampler:
+    def __init__(self, model: str | Path, workspace: Workspace, store: AdapterStore | None = None):
+        self.model = str(model)
+        self.workspace = workspace
+        self.store = store or AdapterStore(workspace)
+        self.lock = threading.Lock()  # the pipeline's adapters and modules are shared state
+        self._pipe = None
+        self._loaded: dict[str, tuple[float, int]] = {}  # adapter name -> (mtime, size) of the file loaded
+
+    # --- the pipeline ------------------------------------------------------------------------------------------
+    def _pipeline(self):
+        if self._pipe is None:
+            from ..pipeline import EtherStableDiffusionPipeline
+
+            try:
+                pipe = EtherStableDiffusionPipeline.from_pretrained(
+                    self.model, safety_checker=None, requires_safety_checker=False
+                )
+            except (OSError, ValueError) as err:
+                raise StudioError(
+                    f"could not load the base model '{self.model}': {err}. Start the studio with --model pointing "
+                    "at a diffusers folder (hub ids need internet access)"
+                ) from err
+            pipe.set_progress_bar_config(disable=True)
+            self._pipe = pipe
+        return self._pipe
+
+    def _sync_adapter(self, pipe, name: str) -> None:
+        """Load ``name`` from the store, or reload it if its file changed since."""
+        path = self.store.require(name)
+        stamp = (path.stat().st_mtime, path.stat().st_size)
+        if self._loaded.get(name) == stamp:
+            return
+        if name in self._loaded:
+            pipe.delete_ether_adapters(name)
+            del self._loaded[name]
+        try:
+            pipe.load_ether_weights(path, adapter_name=name)
+        except AdapterMismatchError as err:
+            raise StudioError(f"adapter {name!r} does not fit the base model: {err}") from err
+        self._loaded[name] = stamp
+
+    def _forget_missing(self, pipe) -> None:
+        """Drop adapters whose files were renamed or deleted (the names could come back with other content)."""
+        for name in list(self._loaded):
+            if not self.store.exists(name):
+                pipe.delete_ether_adapters(name)
+                del self._loaded[name]
+
+    def check_fits(self, path: Path) -> None:
+        """Load ``path`` into the base model under a scratch name and remove it: raises AdapterMismatchError."""
+        with self.lock:
+            pipe = self._pipeline()
+            name = "studio-import-check"
+            pipe.load_ether_weights(path, adapter_name=name)
+            pipe.delete_ether_adapters(name)
+
+    # --- sampling ----------------------------------------------------------------------------------------------
+    def _draw(self, pipe, request: SampleRequest, seed: int):
+        import torch
+
+        return pipe(
+            request.prompt,
+            negative_prompt=request.negative_prompt or None,
+            num_inference_steps=int(request.steps),
+            guidance_scale=float(request.guidance_scale),
+            generator=torch.Generator().manual_seed(seed),
+        ).images[0]
+
+    def sample(self, request: SampleRequest, save: bool = True) -> SampleResult:
+        request = request.validated()
+        started = time.time()
+        images, captions = [], []
+        with self.lock:
+            pipe = self._pipeline()
+            self._forget_missing(pipe)
+            names = [check_name(n) for n, _ in request.adapters]
+            for name in names:
+                self._sync_adapter(pipe, name)
+            label = " + ".join(f"{n}×{w:g}" for n, w in request.adapters)
+            for seed in request.seeds:
+                if names:
+                    pipe.enable_ether()
+                    pipe.set_ether_adapters(names, [float(w) for _, w in request.adapters])
+                    images.append(self._draw(pipe, request, seed))
+                    captions.append(f"seed {seed} · {label}")
+                if request.compare or not names:
+                    if self._loaded:
+                        pipe.disable_ether()
+                    images.append(self._draw(pipe, request, seed))
+                    captions.append(f"seed {seed} · base model")
+                    if self._loaded:
+                        pipe.enable_ether()
+        paths = self._save(images, captions) if save else []
+        return SampleResult(images, captions, paths, time.time() - started)
+
+    def _save(self, images, captions) -> list[Path]:
+        folder = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=self.workspace.samples))
+        paths = []
+        for i, (image, caption) in enumerate(zip(images, captions)):
+            kind = "base" if caption.endswith("base model") else "adapted"
+            paths.append(folder / f"{i:02d}_{caption.split(' · ')[0].replace(' ', '')}_{kind}.png")
+            image.save(paths[-1])
+        return paths
+
+    def thumbnail(self, name: str, prompt: str | None = None, steps: int = 20):
+        """One image of adapter ``name`` (its instance prompt by default), for the Adapters tab."""
+        info = self.store.info(name)
+        request = SampleRequest(prompt or info.instance_prompt or "a photo", [(name, 1.0)], steps=steps, compare=False)
+        return self.sample(request, save=False).images[0]

@@ -1,0 +1,76 @@
+"""The studio's folders and the names users give things in it.
+
+A workspace is one folder::
+
+    <root>/adapters/<name>.safetensors   saved adapters (+ <name>.png thumbnail)
+    <root>/jobs/<job id>/                one training job: state.json, instance/ images, output/ (the loop's)
+    <root>/samples/<time>/               images from the Sample tab
+
+Names typed by users become file names, so they follow the adapter-name rule of the library (letters, digits,
+'_' and '-', starting with a letter or digit, at most 64): ``../x``, ``a/b``, ``.hidden`` or ``C:\\x`` are refused,
+and every path is checked to stay inside its folder even so.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["StudioError", "Workspace", "check_name", "inside", "slug"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+
+
+class StudioError(ValueError):
+    """Bad input or a refused action; the message is meant for the page as it is."""
+
+
+def check_name(name: str, what: str = "adapter name") -> str:
+    """``name`` stripped of surrounding spaces, or StudioError saying which characters are allowed."""
+    if not isinstance(name, str) or not name.strip():
+        raise StudioError(f"the {what} is empty; type a name such as 'my-star'")
+    name = name.strip()
+    if not _NAME.match(name):
+        raise StudioError(
+            f"the {what} {name!r} is not allowed: use 1-64 letters, digits, '_' or '-', starting with a letter or "
+            "digit (no spaces, dots or slashes)"
+        )
+    return name
+
+
+def slug(text: str, fallback: str = "adapter") -> str:
+    """A valid name made from free text (a file name, a subject): other characters become '-'."""
+    cleaned = re.sub(r"[^A-Za-z0-9_\-]+", "-", text).strip("-_")[:64]
+    return cleaned if cleaned else fallback
+
+
+def inside(folder: Path, name: str) -> Path:
+    """``folder / name``, refusing anything that resolves outside ``folder`` (links included)."""
+    folder = folder.resolve()
+    path = (folder / name).resolve()
+    if path.parent != folder:
+        raise StudioError(f"{name!r} would leave the folder {folder}")
+    return path
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+        for folder in (self.adapters, self.jobs, self.samples):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def adapters(self) -> Path:
+        return self.root / "adapters"
+
+    @property
+    def jobs(self) -> Path:
+        return self.root / "jobs"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples"

@@ -1,0 +1,355 @@
+"""The studio's work, without a browser, on the shipped tiny model: jobs, uploads, names, adapters, sampling."""
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import TinyMLP, randomize_adapters
+from PIL import Image
+from safetensors.torch import save_file
+
+from ether_diffusion import EtherConfig, inject, save_adapter
+from ether_diffusion.studio import (
+    AdapterStore,
+    JobManager,
+    SampleRequest,
+    Sampler,
+    StudioError,
+    TrainSpec,
+    Workspace,
+    check_name,
+    check_uploads,
+)
+from ether_diffusion.studio.sampling import parse_seeds
+from ether_diffusion.studio.uploads import save_uploads
+from ether_diffusion.training.checkpoints import list_checkpoints
+from ether_diffusion.world.assets import default_model_path
+
+MODEL = str(default_model_path())
+SUBJECT = "orange_checkered_star"
+
+
+def spec(name="star", **changes):
+    fields = dict(
+        adapter_name=name,
+        instance_prompt="a sks star",
+        subject=SUBJECT,
+        class_prompt="a star",
+        max_train_steps=4,
+        num_class_images=2,
+        preview_every=2,
+        preview_images=1,
+        preview_steps=2,
+    )
+    fields.update(changes)
+    return TrainSpec(**fields)
+
+
+def wait_for(manager, condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = manager.status()
+        if condition(state):
+            return state
+        if not manager.running():
+            raise AssertionError(f"the job ended before the condition held: {state['phase']} {state.get('error')}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out; last state {manager.status()}")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One finished 4-step job (prior preservation, previews every 2 steps) in a fresh workspace."""
+    workspace = Workspace(tmp_path_factory.mktemp("studio"))
+    manager = JobManager(workspace, MODEL)
+    manager.start(spec())
+    state = manager.wait(120)
+    assert state["phase"] == "done", state.get("traceback")
+    return workspace, state
+
+
+def test_job_reports_progress_previews_and_publishes_the_adapter(trained):
+    workspace, state = trained
+    assert (state["step"], state["total"], state["running"], state["resumable"]) == (4, 4, False, False)
+    assert len(state["losses"]) == 4 and all(np.isfinite(state["losses"])) and state["loss"] == pytest.approx(state["losses"][-1], abs=1e-6)
+    assert state["lr"] == pytest.approx(6e-3)
+    captions = [p["caption"] for p in state["previews"]]
+    assert captions == ["step 0 · base model (baseline)", "step 2", "step 4", "step 4 · saved adapter, reloaded"]
+    for preview in state["previews"]:
+        with Image.open(preview["path"]) as image:
+            assert image.width >= 64
+    info = AdapterStore(workspace).info("star")
+    assert (info.method, info.parameters, info.steps, info.error) == ("ETHER+", 17024, "4", None)
+    assert info.instance_prompt == "a sks star" and info.thumbnail is not None and info.thumbnail.is_file()
+
+    # a page reload or a restarted studio reads the same job from disk
+    again = JobManager(workspace, MODEL).status()
+    assert {k: again[k] for k in ("id", "phase", "step", "previews", "adapter")} == {
+        k: state[k] for k in ("id", "phase", "step", "previews", "adapter")
+    }
+    with pytest.raises(StudioError, match="finished all 4 steps"):
+        JobManager(workspace, MODEL).resume()
+    with pytest.raises(StudioError, match="already exists"):
+        JobManager(workspace, MODEL).start(spec())
+
+
+def test_stop_keeps_the_adapter_resume_continues_and_one_job_at_a_time(tmp_path):
+    workspace = Workspace(tmp_path)
+    manager = JobManager(workspace, MODEL)
+    manager.start(spec("long", max_train_steps=500, prior_preservation=False, preview_every=1000))
+    with pytest.raises(StudioError, match="already running"):
+        manager.start(spec("other"))
+    with pytest.raises(StudioError, match="already running"):
+        manager.resume()
+    first = wait_for(manager, lambda s: s["step"] >= 2)
+    assert first["phase"] == "training" and first["eta_seconds"] > 0
+    manager.stop()
+    stopped = manager.wait(60)
+    at = stopped["step"]
+    assert stopped["phase"] == "stopped" and 2 <= at < 500 and stopped["resumable"], stopped.get("traceback")
+    assert AdapterStore(workspace).info("long").steps == str(at)
+    output = workspace.jobs / stopped["id"] / "output"
+    assert [c.name for c in list_checkpoints(output)] == [f"checkpoint-{at}"]
+    with pytest.raises(StudioError, match="no training job is running"):
+        manager.stop()
+
+    manager.resume()
+    resumed = wait_for(manager, lambda s: s["phase"] == "training" and s["step"] >= at + 2)
+    assert resumed["start_step"] == at and len(resumed["losses"]) == resumed["step"]
+    assert resumed["losses"][:at] == stopped["losses"]
+    manager.stop()
+    again = manager.wait(60)
+    assert again["phase"] == "stopped" and again["step"] > at
+
+    # the studio dies mid-job: on restart the job is "interrupted" and resumes from its last checkpoint
+    state_file = workspace.jobs / again["id"] / "state.json"
+    record = json.loads(state_file.read_text())
+    record["phase"] = "training"
+    state_file.write_text(json.dumps(record))
+    restarted = JobManager(workspace, MODEL)
+    interrupted = restarted.status()
+    assert interrupted["phase"] == "interrupted" and interrupted["resumable"]
+    assert f"step {again['step']}" in interrupted["message"]
+    restarted.resume()
+    wait_for(restarted, lambda s: s["phase"] == "training" and s["step"] > again["step"])
+    restarted.stop()
+    assert restarted.wait(60)["phase"] == "stopped"
+
+
+def test_a_failing_job_shows_its_error(tmp_path):
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    manager = JobManager(Workspace(tmp_path / "ws"), not_a_model)
+    manager.start(spec(prior_preservation=False))
+    state = manager.wait(60)
+    assert state["phase"] == "failed" and state["resumable"]
+    assert "not a diffusers model folder" in state["error"] and "Traceback" in state["traceback"]
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(adapter_name="../x"), "not allowed"),
+        (dict(adapter_name="a/b"), "not allowed"),
+        (dict(adapter_name="  "), "empty"),
+        (dict(subject=None), "no images"),
+        (dict(subject="nope"), "no shipped subject"),
+        (dict(method="LoRA"), "ETHER or ETHER\\+"),
+        (dict(class_prompt=""), "class prompt"),
+        (dict(instance_prompt=""), "instance prompt is empty"),
+        (dict(max_train_steps=0), "max train steps"),
+        (dict(learning_rate=-1.0), "learning rate"),
+    ],
+)
+def test_bad_training_input_is_refused_before_anything_runs(tmp_path, changes, message):
+    workspace = Workspace(tmp_path)
+    with pytest.raises(StudioError, match=message):
+        JobManager(workspace, MODEL).start(spec(**changes))
+    assert list(workspace.jobs.iterdir()) == []
+
+
+def image_files(folder, count, size=(40, 32)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        paths.append(folder / f"photo{i}.jpg")
+        Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8")).save(paths[-1])
+    return paths
+
+
+def test_uploads_are_checked_and_saved_as_png(tmp_path):
+    good = image_files(tmp_path / "good", 3)
+    with pytest.raises(StudioError, match="no images"):
+        check_uploads([])
+    with pytest.raises(StudioError, match="2 images uploaded; DreamBooth needs 3-10"):
+        check_uploads(good[:2])
+    with pytest.raises(StudioError, match="11 images"):
+        check_uploads(image_files(tmp_path / "many", 11))
+    fake = tmp_path / "fake.png"
+    fake.write_text("not pixels")
+    with pytest.raises(StudioError, match="fake.png: not an image"):
+        check_uploads([*good, fake])
+    huge = tmp_path / "huge.png"
+    Image.new("RGB", (20000, 1000), "white").save(huge)  # 20 Mpx: small file, refused from its header
+    with pytest.raises(StudioError, match="huge.png: 20000×1000 pixels is too large"):
+        check_uploads([*good, huge])
+    written = save_uploads(good, tmp_path / "instance")
+    assert [p.name for p in written] == ["00.png", "01.png", "02.png"]
+    assert Image.open(written[0]).mode == "RGB" and Image.open(written[0]).size == (40, 32)
+
+    workspace = Workspace(tmp_path / "ws")
+    with pytest.raises(StudioError, match="fake.png: not an image"):
+        JobManager(workspace, MODEL).start(spec(subject=None, uploads=[*map(str, good), str(fake)]))
+    assert list(workspace.jobs.iterdir()) == []  # nothing left behind
+
+
+def test_uploaded_images_train(tmp_path):
+    workspace = Workspace(tmp_path / "ws")
+    manager = JobManager(workspace, MODEL)
+    uploads = [str(p) for p in image_files(tmp_path / "mine", 3, size=(80, 64))]
+    manager.start(spec("mine", subject=None, uploads=uploads, max_train_steps=2, prior_preservation=False))
+    state = manager.wait(60)
+    assert state["phase"] == "done" and state["step"] == 2, state.get("traceback")
+    assert sorted(p.name for p in (workspace.jobs / state["id"] / "instance").iterdir()) == [
+        "00.png",
+        "01.png",
+        "02.png",
+    ]
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "a\\b", ".hidden", "x" * 65, "", "ünï", "a b", "..", "/etc/passwd"])
+def test_names_cannot_escape_the_adapters_folder(tmp_path, bad):
+    with pytest.raises(StudioError):
+        check_name(bad)
+    workspace = Workspace(tmp_path / "ws")
+    store = AdapterStore(workspace)
+    outside = tmp_path / "x.safetensors"
+    outside.write_bytes(b"keep me")
+    (workspace.adapters / "good.safetensors").write_bytes(b"keep me too")
+    for action in (
+        lambda: store.path(bad),
+        lambda: store.rename("good", bad),
+        lambda: store.rename(bad, "new"),
+        lambda: store.delete(bad),
+        lambda: store.export(bad),
+    ):
+        with pytest.raises(StudioError):
+            action()
+    assert outside.read_bytes() == b"keep me" and store.names() == ["good"]
+
+
+def test_a_link_out_of_the_adapters_folder_is_refused(tmp_path):
+    store = AdapterStore(Workspace(tmp_path / "ws"))
+    (tmp_path / "secret.safetensors").write_bytes(b"secret")
+    (store.folder / "link.safetensors").symlink_to(tmp_path / "secret.safetensors")
+    with pytest.raises(StudioError, match="would leave the folder"):
+        store.export("link")
+    with pytest.raises(StudioError, match="would leave the folder"):
+        store.delete("link")
+    assert (tmp_path / "secret.safetensors").read_bytes() == b"secret"
+
+
+def foreign_adapter(path):
+    """A valid ETHER file made for another architecture (a small MLP)."""
+    model = TinyMLP()
+    inject(model, EtherConfig(method="ether", target_modules=["to_q"]), "mlp")
+    randomize_adapters(model)
+    return save_adapter(path, {"unet": model}, "mlp")
+
+
+def test_import_export_rename_delete(trained, tmp_path):
+    workspace, _ = trained
+    store = AdapterStore(workspace)
+    sampler = Sampler(MODEL, workspace, store)
+    before = store.names()
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x13\x00\x00\x00\x00\x00\x00\x00{garbage" + bytes(range(200)))
+    with pytest.raises(StudioError, match="corrupt.safetensors was not imported: .*not a readable safetensors file"):
+        store.import_file(corrupt, check_fits=sampler.check_fits)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": __import__("torch").zeros(2)}, plain)
+    with pytest.raises(StudioError, match="not an ether-diffusion adapter"):
+        store.import_file(plain)
+    foreign = foreign_adapter(tmp_path / "foreign.safetensors")
+    with pytest.raises(StudioError, match="does not fit"):
+        store.import_file(foreign, check_fits=sampler.check_fits)
+    with pytest.raises(StudioError, match="no file"):
+        store.import_file(None)
+    with pytest.raises(StudioError, match="not allowed"):
+        store.import_file(store.export("star"), "../escape")
+    assert store.names() == before  # nothing was added by a rejected import
+
+    exported = store.export("star")
+    assert exported.parent == store.folder and exported.name == "star.safetensors"
+    assert store.import_file(exported, "copy", check_fits=sampler.check_fits) == "copy"
+    assert store.import_file(exported, check_fits=sampler.check_fits) == "star-2"  # name from the file, made free
+    with pytest.raises(StudioError, match="already exists"):
+        store.import_file(exported, "copy")
+    assert store.info("copy").parameters == store.info("star").parameters
+    assert store.rename("copy", "copy2") == "copy2"
+    with pytest.raises(StudioError, match="already exists"):
+        store.rename("copy2", "star")
+    store.delete("copy2")
+    store.delete("star-2")
+    with pytest.raises(StudioError, match="no adapter named 'copy2'"):
+        store.delete("copy2")
+    assert store.names() == before
+
+    # a broken file dropped into the folder is listed with its problem (so it can be deleted), not a crash
+    (store.folder / "broken.safetensors").write_bytes(b"nope")
+    broken = {i.name: i for i in store.list()}["broken"]
+    assert broken.method == "unreadable" and "not a readable safetensors file" in broken.error
+    store.delete("broken")
+
+
+def test_sampling_side_by_side_and_many_clients_at_once(trained):
+    workspace, _ = trained
+    sampler = Sampler(MODEL, workspace)
+    request = SampleRequest("a sks star on a blue background", [("star", 1.0)], seeds=[3, 4], steps=2)
+    result = sampler.sample(request)
+    assert result.captions == ["seed 3 · star×1", "seed 3 · base model", "seed 4 · star×1", "seed 4 · base model"]
+    assert all(p.is_file() for p in result.paths) and len(result.paths) == 4
+    base_only = sampler.sample(SampleRequest(request.prompt, seeds=[3], steps=2), save=False)
+    assert base_only.captions == ["seed 3 · base model"]
+    pixels = [np.asarray(i, dtype=np.int16) for i in result.images]
+    assert np.array_equal(pixels[1], np.asarray(base_only.images[0], dtype=np.int16))  # same seed, same image
+    assert np.abs(pixels[0] - pixels[1]).mean() > 0.5  # the adapter changes it
+
+    def client(seed):
+        return sampler.sample(SampleRequest(request.prompt, [("star", 1.0)], seeds=[seed], steps=2), save=False)
+
+    seeds = [3, 4, 3, 4, 5, 6]
+    barrier = threading.Barrier(len(seeds))
+
+    def together(seed):
+        barrier.wait()
+        return client(seed)
+
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        answers = list(pool.map(together, seeds, timeout=300))
+    assert [len(a.images) for a in answers] == [2] * len(seeds)
+    assert np.array_equal(np.asarray(answers[0].images[0]), np.asarray(result.images[0]))
+    assert np.array_equal(np.asarray(answers[3].images[0]), np.asarray(result.images[2]))
+
+
+def test_bad_sample_requests_have_messages(trained):
+    workspace, _ = trained
+    sampler = Sampler(MODEL, workspace)
+    with pytest.raises(StudioError, match="no adapter named 'ghost'"):
+        sampler.sample(SampleRequest("a star", [("ghost", 1.0)], steps=1))
+    with pytest.raises(StudioError, match="not allowed"):
+        sampler.sample(SampleRequest("a star", [("../star", 1.0)], steps=1))
+    with pytest.raises(StudioError, match="prompt is empty"):
+        sampler.sample(SampleRequest("  ", steps=1))
+    with pytest.raises(StudioError, match="between 1 and 200"):
+        sampler.sample(SampleRequest("a star", steps=0))
+    with pytest.raises(StudioError, match="listed twice"):
+        sampler.sample(SampleRequest("a star", [("star", 1.0), ("star", 0.5)], steps=1))
+    assert parse_seeds("1, 2, 5-7") == [1, 2, 5, 6, 7] and parse_seeds("") == [0]
+    with pytest.raises(StudioError, match="'x' is not a whole number"):
+        parse_seeds("1, x")
