@@ -160,6 +160,25 @@ def _demo(args) -> int:
     return 0
 
 
+def _studio(argv: list[str]) -> int:
+    """Run ``app/app.py`` (the Gradio studio, beside the package like ``assets/``) with ``argv``."""
+    import importlib.util
+
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("error: the studio needs gradio: pip install -e '.[app]'", file=sys.stderr)
+        return 2
+    path = Path(__file__).resolve().parents[1] / "app" / "app.py"
+    if not path.is_file():
+        print(f"error: {path} is missing; run the studio from a checkout of ether-diffusion", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("ether_studio_app", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv, prog="ether-diffusion studio")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ether-diffusion", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("adapter", help="an adapter .safetensors file or a folder holding one")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(run=_inspect)
+    commands.add_parser(
+        "studio",
+        help="the Gradio app: train, sample, manage adapters (--host 127.0.0.1, --port, --model, --workdir)",
+        add_help=False,
+    )
     return parser
 
 
@@ -213,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             result = train(parse_args(argv[1:]))
             print(f"adapter written to {result.adapter_path}")
             return 0
+        if argv[:1] == ["studio"]:
+            return _studio(argv[1:])
         args = build_parser().parse_args(argv)
         return args.run(args)
     except (FileNotFoundError, ValueError, KeyError, PermissionError, RuntimeError) as err:
