@@ -229,9 +229,8 @@ def build_app(model: str | Path | None = None, workdir: str | Path = "outputs/st
 
     @page_errors
     def export(name):
-        if not name:
-            raise StudioError("select an adapter to export")
-        return str(store.export(name))
+        """The file behind the Export button, following the selected adapter."""
+        return gr.update(value=str(store.export(name)) if name else None, interactive=bool(name))
 
     # --- layout --------------------------------------------------------------------------------------------------
     subject_name, subject_prompt, subject_class, subject_images = subject_fields(first_subject)
@@ -332,16 +331,13 @@ def build_app(model: str | Path | None = None, workdir: str | Path = "outputs/st
                 table = gr.Dataframe(
                     headers=TABLE_HEADERS, interactive=False, label="Saved adapters", elem_id="adapter-table"
                 )
-                thumbs = gr.Gallery(
-                    label="Thumbnails", columns=8, height=180, allow_preview=False, object_fit="contain"
-                )
+                thumbs = gr.Gallery(label="Thumbnails", columns=8, height=180, allow_preview=False, fit_columns=False)
                 with gr.Row():
                     selected = gr.Dropdown([], label="Adapter", elem_id="selected-adapter")
                     new_name = gr.Textbox(label="New name")
                     rename_btn = gr.Button("Rename")
                     delete_btn = gr.Button("Delete", variant="stop")
-                    export_btn = gr.Button("Export")
-                exported = gr.File(label="Exported file", interactive=False, height=90)
+                    export_btn = gr.DownloadButton("Export (download)", elem_id="export")
                 with gr.Row():
                     import_file = gr.File(label="Import an adapter (.safetensors)", file_types=[".safetensors"])
                     import_name = gr.Textbox(label="Name (empty: from the file name)")
@@ -394,7 +390,7 @@ def build_app(model: str | Path | None = None, workdir: str | Path = "outputs/st
         demo.load(adapters_view, None, view_outputs)
         rename_btn.click(rename, [selected, new_name], [*view_outputs, adapters_note])
         delete_btn.click(delete, selected, [*view_outputs, adapters_note])
-        export_btn.click(export, selected, exported)
+        selected.change(export, selected, export_btn)
         import_btn.click(import_adapter, [import_file, import_name], [*view_outputs, adapters_note, import_file])
 
     demo.studio = {"workspace": workspace, "jobs": jobs, "sampler": sampler, "store": store}

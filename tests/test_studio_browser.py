@@ -3,7 +3,8 @@
 It trains a few steps on a shipped subject, watches progress and previews, reloads the page, samples with the new
 adapter, lists it, and saves a screenshot of each tab. Chromium missing is a failure, not a skip (CI installs it):
 only ``ETHER_STUDIO_SKIP_BROWSER=1`` skips, deliberately. ``STUDIO_SCREENSHOTS=docs/images`` also writes the
-screenshots there and ``STUDIO_TRAIN_STEPS`` trains longer (how the docs' pictures are made).
+screenshots there, ``STUDIO_TRAIN_STEPS`` and ``STUDIO_SAMPLING_STEPS`` train and sample longer (how the docs'
+pictures are made).
 """
 
 import os
@@ -16,6 +17,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from ether_diffusion.io import read_adapter_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("ETHER_STUDIO_CHROMIUM", "/usr/bin/chromium")
@@ -30,6 +33,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 TRAIN_STEPS = int(os.environ.get("STUDIO_TRAIN_STEPS", "6"))
+SAMPLING_STEPS = int(os.environ.get("STUDIO_SAMPLING_STEPS", "4"))
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("ETHER_STUDIO_SKIP_BROWSER") == "1", reason="ETHER_STUDIO_SKIP_BROWSER=1 asked to skip"
@@ -125,7 +129,7 @@ def test_train_preview_sample_in_a_browser(browser, tmp_path):
         page.locator("#class-images input").fill("2")
         page.locator("#preview-settings").get_by_text("Previews").click()
         page.locator("#preview-every input").fill(str(max(TRAIN_STEPS // 2, 1)))
-        page.locator("#preview-steps input").fill("3")
+        page.locator("#preview-steps input").fill(str(SAMPLING_STEPS))
         page.locator("#start").click()
         expect(status).to_contain_text("browser-star", timeout=30_000)  # the job started and the page knows
         expect(status).to_contain_text("loss", timeout=120_000)  # live step / loss / lr
@@ -148,7 +152,7 @@ def test_train_preview_sample_in_a_browser(browser, tmp_path):
         page.locator("#adapter-slot-0 input").click()
         page.get_by_role("option", name="browser-star").click()
         page.locator("#seeds input, #seeds textarea").fill("0")
-        page.locator("#sample-steps input[type=number]").fill("4")
+        page.locator("#sample-steps input[type=number]").fill(str(SAMPLING_STEPS))
         page.locator("#generate").click()
         expect(page.locator("#sample-note")).to_contain_text("2 images in", timeout=120_000)
         expect(page.locator("#samples")).to_contain_text("seed 0 · browser-star×1")
@@ -161,6 +165,11 @@ def test_train_preview_sample_in_a_browser(browser, tmp_path):
         expect(table).to_contain_text("browser-star", timeout=15_000)
         expect(table).to_contain_text("ETHER+")
         page.screenshot(path=str(shots / "studio_adapters.png"), full_page=True)
+        with page.expect_download(timeout=15_000) as download:
+            page.locator("#export").click()
+        assert download.value.suggested_filename == "browser-star.safetensors"
+        download.value.save_as(tmp_path / "exported.safetensors")
+        assert read_adapter_file(tmp_path / "exported.safetensors").extra["steps"] == str(TRAIN_STEPS)
         assert errors == [], errors
     finally:
         stop_studio(process)
