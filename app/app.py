@@ -246,7 +246,11 @@ def build_app(model: str | Path | None = None, workdir: str | Path = "outputs/st
                         source = gr.Radio([SHIPPED, UPLOAD], value=SHIPPED, label="Images")
                         subject = gr.Dropdown(list(subjects), value=first_subject, label="Shipped subject")
                         uploads = gr.File(
-                            file_count="multiple", file_types=["image"], label="Upload 3-10 images", visible=False
+                            file_count="multiple",
+                            file_types=["image"],
+                            label="Upload 3-10 images",
+                            visible=False,
+                            elem_id="uploads",
                         )
                         instance = gr.Gallery(subject_images, label="Instance images", columns=5, height=140)
                         name = gr.Textbox(subject_name, label="Adapter name", elem_id="adapter-name")

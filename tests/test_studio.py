@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from conftest import TinyMLP, randomize_adapters
 from PIL import Image
 from safetensors.torch import save_file
@@ -15,8 +16,8 @@ from ether_diffusion import EtherConfig, inject, save_adapter
 from ether_diffusion.studio import (
     AdapterStore,
     JobManager,
-    SampleRequest,
     Sampler,
+    SampleRequest,
     StudioError,
     TrainSpec,
     Workspace,
@@ -74,7 +75,8 @@ def trained(tmp_path_factory):
 def test_job_reports_progress_previews_and_publishes_the_adapter(trained):
     workspace, state = trained
     assert (state["step"], state["total"], state["running"], state["resumable"]) == (4, 4, False, False)
-    assert len(state["losses"]) == 4 and all(np.isfinite(state["losses"])) and state["loss"] == pytest.approx(state["losses"][-1], abs=1e-6)
+    assert len(state["losses"]) == 4 and all(np.isfinite(state["losses"]))
+    assert state["loss"] == pytest.approx(state["losses"][-1], abs=1e-6)
     assert state["lr"] == pytest.approx(6e-3)
     captions = [p["caption"] for p in state["previews"]]
     assert captions == ["step 0 · base model (baseline)", "step 2", "step 4", "step 4 · saved adapter, reloaded"]
@@ -272,7 +274,7 @@ def test_import_export_rename_delete(trained, tmp_path):
     with pytest.raises(StudioError, match="corrupt.safetensors was not imported: .*not a readable safetensors file"):
         store.import_file(corrupt, check_fits=sampler.check_fits)
     plain = tmp_path / "plain.safetensors"
-    save_file({"w": __import__("torch").zeros(2)}, plain)
+    save_file({"w": torch.zeros(2)}, plain)
     with pytest.raises(StudioError, match="not an ether-diffusion adapter"):
         store.import_file(plain)
     foreign = foreign_adapter(tmp_path / "foreign.safetensors")
@@ -353,3 +355,30 @@ def test_bad_sample_requests_have_messages(trained):
     assert parse_seeds("1, 2, 5-7") == [1, 2, 5, 6, 7] and parse_seeds("") == [0]
     with pytest.raises(StudioError, match="'x' is not a whole number"):
         parse_seeds("1, x")
+
+
+def test_two_pages_pressing_start_at_once_get_one_job(tmp_path):
+    manager = JobManager(Workspace(tmp_path), MODEL)
+    barrier = threading.Barrier(2)
+
+    def press(name):
+        barrier.wait()
+        try:
+            return manager.start(spec(name, max_train_steps=2, prior_preservation=False))["id"]
+        except StudioError as err:
+            return str(err)
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(press, ["first", "second"]))
+    refused = [o for o in outcomes if "already running" in o]
+    assert len(refused) == 1, outcomes
+    assert manager.wait(60)["phase"] == "done"
+
+
+def test_the_studio_library_does_not_need_gradio():
+    import subprocess
+    import sys
+
+    code = 'import sys; sys.modules["gradio"] = None; import ether_diffusion.studio; print("ok")'
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from ether_diffusion.io import read_adapter_file
 
@@ -123,6 +124,20 @@ def test_train_preview_sample_in_a_browser(browser, tmp_path):
         status = page.locator("#train-status")
         expect(status).to_contain_text("No training job yet", timeout=30_000)
         assert "a sks star" in page.locator("#instance-prompt textarea, #instance-prompt input").input_value()
+
+        # a bad upload is refused on the page with the file's name, and nothing starts
+        pictures = []
+        for i in range(2):
+            pictures.append(tmp_path / f"photo{i}.png")
+            Image.new("RGB", (48, 48), (200, 40 * i, 0)).save(pictures[-1])
+        (tmp_path / "fake.png").write_text("not pixels")
+        page.get_by_text("My images").click()
+        page.locator("#uploads input[type=file]").set_input_files([*map(str, pictures), str(tmp_path / "fake.png")])
+        expect(page.locator("#uploads")).to_contain_text("fake", timeout=15_000)
+        page.locator("#start").click()
+        expect(page.get_by_text("fake.png: not an image").first).to_be_visible(timeout=15_000)
+        expect(status).to_contain_text("No training job yet")
+        page.get_by_text("Shipped subject").first.click()
 
         page.locator("#adapter-name input, #adapter-name textarea").fill("browser-star")
         page.locator("#train-steps input").fill(str(TRAIN_STEPS))

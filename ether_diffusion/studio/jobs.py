@@ -145,7 +145,8 @@ class JobManager:
         self.workspace = workspace
         self.model = str(model)
         self.store = store or AdapterStore(workspace)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the state
+        self._launching = threading.Lock()  # Start and Resume from two pages at once: still one job
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._state: dict | None = None
@@ -215,6 +216,15 @@ class JobManager:
     # --- actions -----------------------------------------------------------------------------------------------
     def start(self, spec: TrainSpec) -> dict:
         """Check ``spec`` and start it in the background; StudioError if busy or the input is bad."""
+        with self._launching:
+            return self._start(spec)
+
+    def resume(self) -> dict:
+        """Continue the last stopped, failed or interrupted job from its latest checkpoint."""
+        with self._launching:
+            return self._resume()
+
+    def _start(self, spec: TrainSpec) -> dict:
         from ..training.dreambooth import build_parser, validate_args
 
         if self.running():
@@ -274,7 +284,7 @@ class JobManager:
         self._update(phase="stopping", message="stopping after the current step; the adapter so far will be saved")
         return self.status()
 
-    def resume(self) -> dict:
+    def _resume(self) -> dict:
         if self.running():
             raise StudioError(self._busy_message())
         state = self.status()
