@@ -382,3 +382,15 @@ def test_the_studio_library_does_not_need_gradio():
     code = 'import sys; sys.modules["gradio"] = None; import ether_diffusion.studio; print("ok")'
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_step_0_preview_is_the_base_model_for_both_methods(trained, tmp_path):
+    """A fresh ETHER reflection is not the identity; the step-0 baseline must still be the base model."""
+    _, plus = trained
+    manager = JobManager(Workspace(tmp_path), MODEL)
+    manager.start(spec("reflection", method="ETHER", max_train_steps=1, prior_preservation=False))
+    state = manager.wait(60)
+    assert state["phase"] == "done", state.get("traceback")
+    ether_step0, plus_step0 = state["previews"][0], plus["previews"][0]
+    assert ether_step0["step"] == plus_step0["step"] == 0
+    assert np.array_equal(np.asarray(Image.open(ether_step0["path"])), np.asarray(Image.open(plus_step0["path"])))

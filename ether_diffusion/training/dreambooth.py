@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--validation_prompt", default=None)
     a("--num_validation_images", type=int, default=4)
     a("--validation_epochs", type=int, default=None, help="validate every N epochs")
-    a("--validation_steps", type=int, default=None, help="validate every N steps (and at step 0)")
+    a("--validation_steps", type=int, default=None, help="validate every N steps (and at step 0: the base model)")
     a("--validation_inference_steps", type=int, default=25)
     a("--validation_guidance_scale", type=float, default=7.5)
     # ETHER
@@ -584,8 +584,15 @@ def train(args: argparse.Namespace, callbacks: TrainCallbacks | None = None) -> 
         pipe = sampling_pipeline(
             args, tokenizer, accelerator.unwrap_model(text_encoder_run), vae, accelerator.unwrap_model(unet_train)
         )
-        with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-            images = generate_validation(pipe, args, accelerator.device)
+        baseline = step == 0  # the base model, what training is judged against (a fresh ETHER reflection is not I)
+        for model in trainable if baseline else ():
+            enable_adapters(model, False)
+        try:
+            with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+                images = generate_validation(pipe, args, accelerator.device)
+        finally:
+            for model in trainable if baseline else ():
+                enable_adapters(model, True)
         folder = output_dir / "validation"
         folder.mkdir(exist_ok=True)
         paths = []
