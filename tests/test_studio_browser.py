@@ -36,7 +36,7 @@ CHROMIUM_ARGS = [
 TRAIN_STEPS = int(os.environ.get("STUDIO_TRAIN_STEPS", "6"))
 SAMPLING_STEPS = int(os.environ.get("STUDIO_SAMPLING_STEPS", "4"))
 
-pytestmark = pytest.mark.skipif(
+skip_on_request = pytest.mark.skipif(
     os.environ.get("ETHER_STUDIO_SKIP_BROWSER") == "1", reason="ETHER_STUDIO_SKIP_BROWSER=1 asked to skip"
 )
 
@@ -110,6 +110,7 @@ def test_cli_starts_the_studio_on_localhost(tmp_path):
         stop_studio(process)
 
 
+@skip_on_request
 def test_train_preview_sample_in_a_browser(browser, tmp_path):
     from playwright.sync_api import expect
 
