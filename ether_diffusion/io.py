@@ -8,7 +8,10 @@ transformer_blocks.0.attn1.to_q.ether_u``; vectors are ``ether_u``/``ether_v`` (
 - ``config``: JSON ``{component: EtherConfig.to_dict()}``;
 - ``fingerprint``: JSON ``{component: {module path: [in_features, out_features]}}``, the adapted layers of the
   base model, so a file loaded into another architecture fails with the layers that differ;
-- ``adapter_name``, ``base_model`` (informational), ``library_version``, and any ``extra`` string pairs.
+- ``adapter_name``, ``base_model`` (informational), ``library_version``, and any ``extra`` string pairs;
+- optionally ``modules``: JSON ``{name: config}`` for small trained modules stored beside the vectors (the condition
+  encoder of controllable synthesis), their tensors keyed ``<name>.<parameter>``. Their owner validates them; a
+  plain adapter load refuses such a file rather than drop a part of it.
 
 Never pickle: only safetensors is read or written.
 """
@@ -55,6 +58,7 @@ __all__ = [
     "save_adapter",
 ]
 
+ADAPTABLE_NAMES = ("unet", "text_encoder", "text_encoder_2")
 FORMAT_NAME = "ether-diffusion"
 FORMAT_VERSION = 1
 DEFAULT_WEIGHT_NAME = "ether_adapter.safetensors"
@@ -102,6 +106,7 @@ class AdapterFile:
     base_model: str | None = None
     library_version: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    modules: dict[str, dict] = field(default_factory=dict)  # {name: {"config": dict, "state": {key: tensor}}}
 
     def component_state(self, component: str) -> dict[str, torch.Tensor]:
         prefix = component + "."
@@ -187,7 +192,17 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
             raise
         raise AdapterFileError(f"'{path}' has an invalid adapter config: {err}") from err
     fingerprints = _json_field(metadata, "fingerprint", path)
-    if not configs or set(fingerprints) != set(configs):
+    module_configs = _json_field(metadata, "modules", path) if "modules" in metadata else {}
+    if not isinstance(module_configs, dict) or any(name in configs for name in module_configs):
+        raise AdapterFileError(f"'{path}' has invalid 'modules' metadata")
+    modules = {}
+    for name, config in module_configs.items():
+        prefix = name + "."
+        state = {k[len(prefix) :]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+        if not state:
+            raise AdapterFileError(f"'{path}' names a module {name!r} but holds none of its tensors")
+        modules[name] = {"config": config, "state": state}
+    if (not configs and not modules) or set(fingerprints) != set(configs):
         raise AdapterFileError(
             f"'{path}': config components {sorted(configs)} and fingerprint components {sorted(fingerprints)} disagree"
         )
@@ -214,11 +229,21 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
     ]
     if problems:
         raise AdapterFileError(f"'{path}' is inconsistent with its own metadata: " + "; ".join(problems))
-    bad = sorted(k for k, v in tensors.items() if not v.is_floating_point() or not torch.isfinite(v).all())
+    every = {**tensors, **{f"{n}.{k}": v for n, m in modules.items() for k, v in m["state"].items()}}
+    bad = sorted(k for k, v in every.items() if not v.is_floating_point() or not torch.isfinite(v).all())
     if bad:
         raise AdapterFileError(f"'{path}' holds non-finite or non-float vectors: {', '.join(bad[:5])}")
 
-    reserved = {"format", "format_version", "config", "fingerprint", "adapter_name", "base_model", "library_version"}
+    reserved = {
+        "format",
+        "format_version",
+        "config",
+        "fingerprint",
+        "adapter_name",
+        "base_model",
+        "library_version",
+        "modules",
+    }
     return AdapterFile(
         tensors=tensors,
         configs=configs,
@@ -227,6 +252,7 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
         base_model=metadata.get("base_model") or None,
         library_version=metadata.get("library_version"),
         extra={k: v for k, v in metadata.items() if k not in reserved},
+        modules=modules,
     )
 
 
@@ -245,10 +271,12 @@ def save_adapter(
     adapter_name: str = "default",
     base_model: str | None = None,
     extra: dict[str, str] | None = None,
+    modules: dict[str, tuple[dict, dict[str, torch.Tensor]]] | None = None,
 ) -> Path:
     """Write adapter ``adapter_name`` of each component (e.g. ``{"unet": unet}``) to one file, atomically.
 
-    ``path`` may be a folder (the file is then ``<folder>/ether_adapter.safetensors``).
+    ``path`` may be a folder (the file is then ``<folder>/ether_adapter.safetensors``). ``modules`` adds trained
+    modules as ``{name: (config dict, state dict)}`` (see the module docstring).
     """
     path = Path(path)
     if path.is_dir():
@@ -261,8 +289,13 @@ def save_adapter(
         prints[component] = fingerprint(model, adapter_name)
         for key, value in adapter_state_dict(model, adapter_name).items():
             tensors[f"{component}.{key}"] = value.detach().to("cpu").contiguous().clone()
-    if not tensors:
+    if not tensors and not modules:
         raise KeyError(f"no component of {sorted(components)} has an adapter named {adapter_name!r}")
+    for name, (_, state) in (modules or {}).items():
+        if name in components or name in ADAPTABLE_NAMES:
+            raise ValueError(f"module name {name!r} clashes with a component name")
+        for key, value in state.items():
+            tensors[f"{name}.{key}"] = value.detach().to("cpu", torch.float32).contiguous().clone()
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -273,6 +306,8 @@ def save_adapter(
         "library_version": __version__,
         **{str(k): str(v) for k, v in (extra or {}).items()},
     }
+    if modules:
+        metadata["modules"] = json.dumps({name: config for name, (config, _) in modules.items()}, sort_keys=True)
     try:
         with atomic_write(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -328,6 +363,7 @@ def load_adapter(
     components: dict[str, nn.Module],
     adapter_name: str | None = None,
     weight_name: str | None = None,
+    accept_modules: bool = False,
 ) -> str:
     """Load an adapter file into the given components (e.g. ``{"unet": unet, "text_encoder": te}``).
 
@@ -337,6 +373,11 @@ def load_adapter(
     """
     source = path if isinstance(path, AdapterFile) else read_adapter_file(path, weight_name)
     where = Path(str(path)) if not isinstance(path, AdapterFile) else Path("<adapter>")
+    if source.modules and not accept_modules:
+        raise AdapterMismatchError(
+            f"'{where}' also holds trained modules ({', '.join(sorted(source.modules))}) that a plain adapter load "
+            "would drop: it is a controllable-synthesis file; load it with EtherControlPipeline.load_control_weights"
+        )
     name = validate_adapter_name(adapter_name or source.adapter_name or "default")
     absent = sorted(set(source.configs) - set(c for c, m in components.items() if m is not None))
     if absent:
