@@ -10,6 +10,7 @@ from pathlib import Path
 from .io import read_adapter_file
 
 DEMO_STEPS = 1000
+CONTROL_DEMO_STEPS = 600
 
 
 def _inspect(args) -> int:
@@ -145,12 +146,24 @@ def _fuse(args) -> int:
 
 
 def _demo(args) -> int:
+    if args.task in ("control", "control-edges"):
+        from .control.demo import run_control_demo
+
+        run_control_demo(
+            args.output_dir if args.output_dir != "outputs/demo" else "outputs/demo-control",
+            task="edges" if args.task == "control-edges" else "segmentation",
+            max_train_steps=args.max_train_steps or CONTROL_DEMO_STEPS,
+            train_scenes=args.train_scenes,
+            eval_scenes=args.eval_scenes,
+            quiet=args.quiet,
+        )
+        return 0
     from .demo import run_demo
 
     run_demo(
         args.output_dir,
         subject=args.subject,
-        max_train_steps=args.max_train_steps,
+        max_train_steps=args.max_train_steps or DEMO_STEPS,
         method=args.method,
         num_class_images=args.num_class_images,
         seeds_per_prompt=args.seeds_per_prompt,
@@ -207,13 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.set_defaults(run=_fuse)
 
     demo = commands.add_parser("demo", help="teach the shipped tiny model a subject and show before/after")
+    demo.add_argument(
+        "--task",
+        choices=["dreambooth", "control", "control-edges"],
+        default="dreambooth",
+        help="dreambooth: learn a subject; control: follow segmentation maps; control-edges: follow edge maps",
+    )
     demo.add_argument("--output_dir", default="outputs/demo")
     demo.add_argument("--subject", default="orange_checkered_star")
     demo.add_argument("--method", choices=["ether", "ether_plus"], default="ether_plus")
-    demo.add_argument("--max_train_steps", type=int, default=DEMO_STEPS)
+    demo.add_argument(
+        "--max_train_steps", type=int, default=None, help=f"default {DEMO_STEPS} (control: {CONTROL_DEMO_STEPS})"
+    )
     demo.add_argument("--num_class_images", type=int, default=50)
     demo.add_argument("--seeds_per_prompt", type=int, default=4)
     demo.add_argument("--max_prompts", type=int, default=None)
+    demo.add_argument("--train_scenes", type=int, default=1000, help="control: rendered training scenes")
+    demo.add_argument("--eval_scenes", type=int, default=16, help="control: held-out scenes sampled and scored")
     demo.add_argument("--quiet", action="store_true")
     demo.set_defaults(run=_demo)
     inspect = commands.add_parser("inspect", help="summarise an adapter file (validated strictly)")

@@ -125,3 +125,30 @@ def test_demo_in_short_mode(tmp_path):
 
     grid = Image.open(tmp_path / "grid.png")
     assert grid.height == 3 * 128 + 16  # instance, base and adapted rows at 2× scale
+
+
+def test_control_demo_in_short_mode(tmp_path):
+    run_cli(
+        "demo",
+        "--task",
+        "control",
+        "--output_dir",
+        tmp_path,
+        "--max_train_steps",
+        2,
+        "--train_scenes",
+        8,
+        "--eval_scenes",
+        2,
+        "--quiet",
+    )
+    metrics = json.loads((tmp_path / "control_metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["task"] == "segmentation" and metrics["eval_scenes"] == 2
+    for key in ("base_without_control", "with_control", "real_renders"):
+        assert 0.0 <= metrics[key]["miou"] <= 1.0 and 0.0 <= metrics[key]["pixel_accuracy"] <= 1.0
+    assert metrics["real_renders"]["miou"] > 0.9  # the evaluator reads the true scenes' masks back
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "control_grid.png")
+    assert grid.size == (2 * 128, 3 * 128)  # control, base and controlled rows at 2× scale
+    assert (tmp_path / "model" / "ether_control.safetensors").is_file()
