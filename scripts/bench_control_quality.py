@@ -37,7 +37,7 @@ from PIL import Image
 from ether_diffusion import EtherConfig, inject, mark_only_adapters_trainable
 from ether_diffusion.config import TARGET_PRESETS
 from ether_diffusion.control import ConditionEncoder, ConditionEncoderConfig, attach_condition_encoder, set_condition
-from ether_diffusion.control.data import edges_to_control, mask_to_control
+from ether_diffusion.control.data import edges_to_control, layout_free_caption, mask_to_control
 from ether_diffusion.control.pipeline import EtherControlPipeline
 from ether_diffusion.evaluation import load_evaluator, prompt_fidelity
 from ether_diffusion.evaluation.metrics import embed, segment
@@ -45,7 +45,6 @@ from ether_diffusion.training.diffusion import prediction_target, sample_noise
 from ether_diffusion.training.dreambooth import make_grid
 from ether_diffusion.world.assets import default_model_path
 from ether_diffusion.world.dataset import render_arrays
-from ether_diffusion.world.scene import caption
 
 TARGETS = list(TARGET_PRESETS["unet-attention-ff"])
 PAPER_LR = {"encoder": 0.0, "ether": 1e-3, "ether_plus": 1e-3, "oft": 1e-5, "lora": 1e-4}
@@ -95,7 +94,7 @@ def prepare_training(pipe, task: str, count: int):
     pixels = torch.from_numpy(arrays.images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     latents = torch.cat([pipe.vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, count, 256)])
     latents = latents * pipe.vae.config.scaling_factor
-    captions = [caption(s) for s in arrays.scenes]
+    captions = [layout_free_caption(s) for s in arrays.scenes]
     ids = pipe.tokenizer(
         captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
@@ -262,7 +261,7 @@ def parse_args(argv=None):
     parser.add_argument("--lr_scales", type=float, nargs="+", default=[1.0])
     parser.add_argument("--sweep_methods", nargs="*", default=["ether", "ether_plus", "oft"], choices=list(PAPER_LR))
     parser.add_argument("--sweep_scales", type=float, nargs="*", default=[0.1, 10.0])
-    parser.add_argument("--max_train_steps", type=int, default=400)
+    parser.add_argument("--max_train_steps", type=int, default=600)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--train_scenes", type=int, default=2000)
     parser.add_argument("--eval_scenes", type=int, default=64)
@@ -289,7 +288,7 @@ def main(args) -> dict:
     data = prepare_training(pipe, args.task, args.train_scenes)
     held_out = render_arrays(args.eval_scenes, "pretrain", start=EVAL_START)
     other_real = render_arrays(args.eval_scenes, "pretrain", start=EVAL_START + 1_000_000)
-    controls, prompts = controls_for(args.task, held_out), [caption(s) for s in held_out.scenes]
+    controls, prompts = controls_for(args.task, held_out), [layout_free_caption(s) for s in held_out.scenes]
     real_images = [Image.fromarray(i) for i in held_out.images]
     reference = embed(real_images, evaluator)
     out = Path(args.output_dir)

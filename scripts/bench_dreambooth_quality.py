@@ -62,8 +62,8 @@ def add_adapter(unet, method: str, seed: int) -> list[torch.nn.Parameter]:
 
 @torch.no_grad()
 def encode(pipe, images) -> torch.Tensor:
-    pixels = torch.stack([to_pixels(i.resize((64, 64))) for i in images])
-    return pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+    pixels = torch.stack([to_pixels(i.resize((64, 64))) for i in images]).to(pipe.device)
+    return (pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor).cpu()
 
 
 @torch.no_grad()
@@ -71,10 +71,11 @@ def embed_prompt(pipe, prompt: str) -> torch.Tensor:
     ids = pipe.tokenizer(
         prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
-    return pipe.text_encoder(ids)[0]
+    return pipe.text_encoder(ids.to(pipe.device))[0].cpu()
 
 
 def train_one(pipe, base_unet, method, lr, steps, seed, instance_latents, class_latents, instance_emb, class_emb):
+    device = base_unet.device  # latents and embeddings stay on the CPU, where the seeded draws happen
     unet = copy.deepcopy(base_unet)
     params = add_adapter(unet, method, seed)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -87,17 +88,22 @@ def train_one(pipe, base_unet, method, lr, steps, seed, instance_latents, class_
         i = int(torch.randint(0, len(instance_latents), (1,), generator=generator))
         j = int(torch.randint(0, len(class_latents), (1,), generator=generator))
         latents = torch.cat([instance_latents[i : i + 1], class_latents[j : j + 1]])
-        hidden = torch.cat([instance_emb, class_emb])
+        hidden = torch.cat([instance_emb, class_emb]).to(device)
         noise = sample_noise(latents, generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (2,), generator=generator)
-        prediction = unet(noise_scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        latents, noise, noisy, timesteps = (t.to(device) for t in (latents, noise, noisy, timesteps))
+        prediction = unet(noisy, timesteps, hidden).sample
         target = prediction_target(noise_scheduler, latents, noise, timesteps)
         loss, _ = dreambooth_loss(prediction, target, timesteps, noise_scheduler, with_prior_preservation=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.detach())
+    losses = [float(loss) for loss in losses]  # one device sync at the end, not one per step
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.time() - start
     unet.eval()
     return unet, sum(p.numel() for p in params), seconds, losses
@@ -129,6 +135,9 @@ def summarise(rows):
         def mean(key, group=group):
             return statistics.fmean(r[key] for r in group)
 
+        def sd(key, group=group):
+            return statistics.stdev(r[key] for r in group) if len(group) > 1 else 0.0
+
         summary.append(
             dict(
                 method=method,
@@ -136,13 +145,45 @@ def summarise(rows):
                 lr=group[0]["lr"],
                 runs=len(group),
                 subject_fidelity=mean("subject_fidelity"),
+                subject_fidelity_sd=sd("subject_fidelity"),
                 prompt_fidelity=mean("prompt_fidelity"),
+                prompt_fidelity_sd=sd("prompt_fidelity"),
                 diversity=mean("diversity"),
                 parameters=group[0]["parameters"],
                 train_seconds=mean("train_seconds"),
             )
         )
     return summary
+
+
+def average_base(by_subject: dict) -> dict:
+    scores = list(by_subject.values())
+    return {key: statistics.fmean(s[key] for s in scores) for key in scores[0]}
+
+
+def merge(paths: list[str], output_dir: str) -> dict:
+    """Combine the JSON files of runs made in parts (e.g. one process per subject and seed) into one table."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [row for part in parts for row in part["rows"]]
+    base_by_subject = {name: scores for part in parts for name, scores in part["base_by_subject"].items()}
+    result = dict(parts[0])
+    result.update(
+        command=" ; ".join(sorted({part["command"] for part in parts})),
+        subjects=sorted(base_by_subject),
+        seeds=sorted({row["seed"] for row in rows}),
+        rows=rows,
+        summary=summarise(rows),
+        base_by_subject=base_by_subject,
+        base=average_base(base_by_subject),
+        parts=len(parts),
+    )
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dreambooth_quality.json").write_text(json.dumps(result, indent=1))
+    (out / "dreambooth_quality.md").write_text(markdown(result))
+    plot(result, out / "dreambooth_quality.png")
+    print(markdown(result))
+    return result
 
 
 def markdown(result) -> str:
@@ -159,13 +200,16 @@ def markdown(result) -> str:
         f"{result['base']['prompt_fidelity']:.3f} prompt fidelity / {result['base']['diversity']:.3f} diversity; "
         f"instance images to each other {result['base']['instance_ceiling']:.3f}.",
         "",
-        "| method | lr (× paper) | trainable | subject fidelity ↑ | prompt fidelity ↑ | diversity | train s |",
-        "|---|---|---|---|---|---|---|",
+        "Fidelities are means ± standard deviation over the runs (subjects × seeds) of each row.",
+        "",
+        "| method | lr (× paper) | runs | trainable | subject fidelity ↑ | prompt fidelity ↑ | diversity | train s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in result["summary"]:
         lines.append(
-            f"| {LABELS[row['method']]} | {row['lr']:.0e} (×{row['lr_scale']:g}) | {row['parameters']:,} | "
-            f"{row['subject_fidelity']:.3f} | {row['prompt_fidelity']:.3f} | {row['diversity']:.3f} | "
+            f"| {LABELS[row['method']]} | {row['lr']:.0e} (×{row['lr_scale']:g}) | {row['runs']} | {row['parameters']:,} | "
+            f"{row['subject_fidelity']:.3f} ± {row.get('subject_fidelity_sd', 0):.3f} | "
+            f"{row['prompt_fidelity']:.3f} ± {row.get('prompt_fidelity_sd', 0):.3f} | {row['diversity']:.3f} | "
             f"{row['train_seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -210,6 +254,8 @@ def parse_args(argv=None):
     parser.add_argument("--guidance_scale", type=float, default=5.0)
     parser.add_argument("--class_root", default="outputs/class_images")
     parser.add_argument("--output_dir", default="docs/benchmarks")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the evaluator always runs on the CPU)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="merge the JSON files of partial runs, then exit")
     parser.add_argument("--quick", action="store_true", help="2 steps, 2 prompts, 1 eval seed: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
@@ -219,21 +265,25 @@ def parse_args(argv=None):
 
 def main(args) -> dict:
     torch.manual_seed(0)
-    pipe = load_tiny_pipeline()
+    device = torch.device(args.device)
+    pipe = load_tiny_pipeline().to(device)
     base_unet = copy.deepcopy(pipe.unet)
     evaluator = load_evaluator()
     subjects = [
         load_subject(default_subjects_path() / name)
         for name in (args.subjects or sorted(p.name for p in default_subjects_path().iterdir() if p.is_dir()))
     ]
-    rows, base_scores = [], []
+    rows, base_scores = [], {}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = "dreambooth_quality" + ("_quick" if args.quick else "")
     result = dict(
         command="python " + " ".join(sys.argv),
         date=time.strftime("%Y-%m-%d"),
-        machine=f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+        machine=(
+            torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+        )
+        + f", torch {torch.__version__}",
         subjects=[s.name for s in subjects],
         seeds=args.seeds,
         steps=args.max_train_steps,
@@ -259,13 +309,11 @@ def main(args) -> dict:
         instance_latents, class_latents = encode(pipe, instance), encode(pipe, class_images)
         instance_emb, class_emb = embed_prompt(pipe, subject.instance_prompt), embed_prompt(pipe, subject.class_prompt)
         base = sample(pipe, base_unet, prompts, args.eval_seeds, args.inference_steps, args.guidance_scale)
-        base_scores.append(
-            dict(
+        base_scores[subject.name] = dict(
                 subject_fidelity=subject_fidelity(base, instance, evaluator),
                 prompt_fidelity=prompt_fidelity(base, expanded, evaluator)["overall"],
                 diversity=diversity(base, evaluator),
                 instance_ceiling=instance_self_similarity(instance, evaluator),
-            )
         )
         for method in args.methods:
             for scale in args.lr_scales:
@@ -309,7 +357,8 @@ def main(args) -> dict:
                         rows=rows,
                         summary=summarise(rows),
                         eval_prompts=len(prompts),
-                        base={k: statistics.fmean(b[k] for b in base_scores) for k in base_scores[0]},
+                        base_by_subject=base_scores,
+                        base=average_base(base_scores),
                     )
                     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
                     (out / f"{stem}.md").write_text(markdown(result))
@@ -319,4 +368,8 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    arguments = parse_args()
+    if arguments.merge:
+        merge(arguments.merge, arguments.output_dir)
+    else:
+        main(arguments)

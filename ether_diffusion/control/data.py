@@ -44,6 +44,14 @@ SEGMENTATION_PALETTE = np.array(
 ACCEPTED_MODES = ("RGB", "L", "P", "1")
 
 
+def layout_free_caption(scene) -> str:
+    """The caption of a control scene: what is there (shapes, colours, textures, background) but not where or how
+    large: that is the control's job. A full caption would let the base model place objects by itself."""
+    from ..world.scene import CaptionDropout, caption
+
+    return caption(scene, np.random.default_rng(0), CaptionDropout(size=1.0, position=1.0))
+
+
 class ControlDataError(ValueError):
     """A dataset folder or control image that cannot be used, with what to do about it."""
 
@@ -220,7 +228,8 @@ def collate(examples: list[dict]) -> dict:
 
 
 def write_world_control_dataset(folder: str | Path, task: str, count: int, start: int = 0) -> Path:
-    """Render ``count`` tiny-world scenes (numbers ``start ..``) as a dataset folder for ``task``.
+    """Render ``count`` tiny-world scenes (numbers ``start ..``) as a dataset folder for ``task``, captioned with
+    ``layout_free_caption``.
 
     Besides the three columns it stores each scene's class mask (``masks/``, values 0..6) for the mIoU of the
     benchmark. The same numbers give the same pixels on any machine.
@@ -232,8 +241,6 @@ def write_world_control_dataset(folder: str | Path, task: str, count: int, start
     folder = Path(folder)
     for sub in ("images", "conditions", "masks"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    from ..world.scene import caption
-
     arrays = render_arrays(count, "pretrain", start=start)
     lines = []
     for i in range(count):
@@ -242,7 +249,11 @@ def write_world_control_dataset(folder: str | Path, task: str, count: int, start
         control = mask_to_control(arrays.masks[i]) if task == "segmentation" else edges_to_control(arrays.edges[i])
         control.save(folder / "conditions" / name)
         Image.fromarray(arrays.masks[i]).save(folder / "masks" / name)
-        row = {"image": f"images/{name}", "conditioning_image": f"conditions/{name}", "text": caption(arrays.scenes[i])}
+        row = {
+            "image": f"images/{name}",
+            "conditioning_image": f"conditions/{name}",
+            "text": layout_free_caption(arrays.scenes[i]),
+        }
         lines.append(json.dumps(row))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder

@@ -48,8 +48,7 @@ def run_control_demo(
     from ..training.dreambooth import make_grid
     from ..world.assets import default_model_path
     from ..world.dataset import render_arrays
-    from ..world.scene import caption
-    from .data import edges_to_control, mask_to_control, write_world_control_dataset
+    from .data import edges_to_control, layout_free_caption, mask_to_control, write_world_control_dataset
     from .pipeline import EtherControlPipeline
     from .train import parse_args, train
 
@@ -61,7 +60,7 @@ def run_control_demo(
     held_out = render_arrays(eval_scenes, "pretrain", start=EVAL_START)
     to_control = mask_to_control if task == "segmentation" else edges_to_control
     controls = [to_control(m if task == "segmentation" else e) for m, e in zip(held_out.masks, held_out.edges)]
-    prompts = [caption(s) for s in held_out.scenes]
+    prompts = [layout_free_caption(s) for s in held_out.scenes]
     validation = out / "validation-control.png"
     controls[0].save(validation)
 
