@@ -28,6 +28,10 @@ def _inspect(args) -> int:
             }
             for component, config in source.configs.items()
         },
+        "modules": {
+            name: {"config": module["config"], "parameters": sum(v.numel() for v in module["state"].values())}
+            for name, module in source.modules.items()
+        },
         "extra": source.extra,
     }
     if args.json:
@@ -41,6 +45,8 @@ def _inspect(args) -> int:
             f"{component:<12} {config['method']}, n_blocks={config['n_blocks']}, sides={'+'.join(config['sides'])}, "
             f"{info['layers']} layers, {info['parameters']:,} parameters, targets={config['target_modules']}"
         )
+    for name, info in summary["modules"].items():
+        print(f"{name:<12} {info['parameters']:,} parameters, {json.dumps(info['config'])}")
     for key, value in summary["extra"].items():
         print(f"{key:<12} {value}")
     return 0
@@ -199,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="DreamBooth with ETHER (flags of train_dreambooth_lora; see train --help)", add_help=False
     )
 
+    commands.add_parser(
+        "train-control",
+        help="controllable synthesis: condition encoder + ETHER (flags of train_controlnet; see train-control --help)",
+        add_help=False,
+    )
+
     sample = commands.add_parser("sample", help="generate PNGs with one or more adapters")
     sample.add_argument("--model", default=None, help="diffusers folder or hub id (default: the shipped tiny model)")
     sample.add_argument("--adapter", action="append", default=[], help="adapter file or folder, optionally :weight")
@@ -259,6 +271,13 @@ def main(argv: list[str] | None = None) -> int:
 
             result = train(parse_args(argv[1:]))
             print(f"adapter written to {result.adapter_path}")
+            return 0
+        if argv[:1] == ["train-control"]:
+            from .control.train import parse_args as parse_control_args
+            from .control.train import train as train_control
+
+            result = train_control(parse_control_args(argv[1:]))
+            print(f"condition encoder and adapter written to {result.adapter_path}")
             return 0
         if argv[:1] == ["studio"]:
             return _studio(argv[1:])

@@ -277,3 +277,24 @@ def test_bad_flags_are_refused(dataset, tmp_path):
         _args(dataset, tmp_path, "--validation_prompt", "a", "--validation_image", str(tmp_path / "missing.png"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(_args(tmp_path / "nowhere", tmp_path / "out", "--max_train_steps", "1"))
+
+
+def test_inspect_shows_the_encoder(pipe, tmp_path, capsys):
+    from ether_diffusion.cli import main
+    from ether_diffusion.inject import delete_adapter
+
+    encoder = _trained_like(pipe)
+    path = save_control_weights(tmp_path, pipe.unet, encoder, "c")
+    delete_adapter(pipe.unet, "c")
+    assert main(["inspect", str(path), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["modules"]["condition_encoder"]["parameters"] == sum(p.numel() for p in encoder.parameters())
+    assert summary["components"]["unet"]["config"]["method"] == "ether_plus" and summary["extra"]["task"] == "control"
+
+
+def test_edges_task_writes_edge_controls(tmp_path):
+    folder = write_world_control_dataset(tmp_path, "edges", 2, start=10_000_000)
+    control = np.asarray(Image.open(folder / "conditions" / "10000000.png"))
+    assert control.shape == (64, 64, 3) and set(np.unique(control)) == {0, 255}
+    with pytest.raises(ValueError, match="task must be one of"):
+        write_world_control_dataset(tmp_path, "depth", 1)
