@@ -125,6 +125,12 @@ def sample(pipe, unet, prompts, seeds, steps, guidance):
         pipe.unet = original
 
 
+def timed_mean(group) -> float:
+    """Mean train time over the rows whose timing is comparable (``timed``, default true); NaN if none is."""
+    timed = [r["train_seconds"] for r in group if r.get("timed", True)]
+    return statistics.fmean(timed) if timed else float("nan")
+
+
 def summarise(rows):
     table = {}
     for row in rows:
@@ -150,7 +156,7 @@ def summarise(rows):
                 prompt_fidelity_sd=sd("prompt_fidelity"),
                 diversity=mean("diversity"),
                 parameters=group[0]["parameters"],
-                train_seconds=mean("train_seconds"),
+                train_seconds=timed_mean(group),
             )
         )
     return summary
@@ -161,14 +167,26 @@ def average_base(by_subject: dict) -> dict:
     return {key: statistics.fmean(s[key] for s in scores) for key in scores[0]}
 
 
-def merge(paths: list[str], output_dir: str) -> dict:
-    """Combine the JSON files of runs made in parts (e.g. one process per subject and seed) into one table."""
+def merge(paths: list[str], output_dir: str, timed: list[str] | None = None) -> dict:
+    """Combine the JSON files of runs made in parts (e.g. one process per subject and seed) into one table.
+
+    Train times count only from the ``timed`` files when given (e.g. the runs made alone on one machine, not the
+    ones that shared a GPU with 15 others). A (subject, method, lr, seed) run present twice is an error.
+    """
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    rows = [row for part in parts for row in part["rows"]]
-    base_by_subject = {name: scores for part in parts for name, scores in part["base_by_subject"].items()}
+    rows, seen = [], set()
+    for path, part in zip(paths, parts):
+        for row in part["rows"]:
+            key = (row["subject"], row["method"], row["lr_scale"], row["seed"])
+            if key in seen:
+                raise ValueError(f"run {key} appears twice (again in {path})")
+            seen.add(key)
+            rows.append(dict(row, timed=timed is None or path in timed, machine=part["machine"]))
+    base_by_subject = {name: scores for part in parts for name, scores in part.get("base_by_subject", {}).items()}
     result = dict(parts[0])
     result.update(
         command=" ; ".join(sorted({part["command"] for part in parts})),
+        machine=" + ".join(sorted({part["machine"] for part in parts})),
         subjects=sorted(base_by_subject),
         seeds=sorted({row["seed"] for row in rows}),
         rows=rows,
@@ -207,10 +225,11 @@ def markdown(result) -> str:
     ]
     for row in result["summary"]:
         lines.append(
-            f"| {LABELS[row['method']]} | {row['lr']:.0e} (×{row['lr_scale']:g}) | {row['runs']} | {row['parameters']:,} | "
+            f"| {LABELS[row['method']]} | {row['lr']:.0e} (×{row['lr_scale']:g}) | {row['runs']} | "
+            f"{row['parameters']:,} | "
             f"{row['subject_fidelity']:.3f} ± {row.get('subject_fidelity_sd', 0):.3f} | "
             f"{row['prompt_fidelity']:.3f} ± {row.get('prompt_fidelity_sd', 0):.3f} | {row['diversity']:.3f} | "
-            f"{row['train_seconds']:.0f} |"
+            f"{row['train_seconds']:.0f} |".replace("nan", "—")
         )
     return "\n".join(lines) + "\n"
 
@@ -256,6 +275,7 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default="docs/benchmarks")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the evaluator always runs on the CPU)")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="merge the JSON files of partial runs, then exit")
+    parser.add_argument("--timed", nargs="+", metavar="JSON", help="with --merge: the files whose train times count")
     parser.add_argument("--quick", action="store_true", help="2 steps, 2 prompts, 1 eval seed: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
@@ -310,10 +330,10 @@ def main(args) -> dict:
         instance_emb, class_emb = embed_prompt(pipe, subject.instance_prompt), embed_prompt(pipe, subject.class_prompt)
         base = sample(pipe, base_unet, prompts, args.eval_seeds, args.inference_steps, args.guidance_scale)
         base_scores[subject.name] = dict(
-                subject_fidelity=subject_fidelity(base, instance, evaluator),
-                prompt_fidelity=prompt_fidelity(base, expanded, evaluator)["overall"],
-                diversity=diversity(base, evaluator),
-                instance_ceiling=instance_self_similarity(instance, evaluator),
+            subject_fidelity=subject_fidelity(base, instance, evaluator),
+            prompt_fidelity=prompt_fidelity(base, expanded, evaluator)["overall"],
+            diversity=diversity(base, evaluator),
+            instance_ceiling=instance_self_similarity(instance, evaluator),
         )
         for method in args.methods:
             for scale in args.lr_scales:
@@ -370,6 +390,6 @@ def main(args) -> dict:
 if __name__ == "__main__":
     arguments = parse_args()
     if arguments.merge:
-        merge(arguments.merge, arguments.output_dir)
+        merge(arguments.merge, arguments.output_dir, arguments.timed)
     else:
         main(arguments)
