@@ -97,17 +97,25 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def inject(model: nn.Module, config: EtherConfig, adapter_name: str = "default", activate: bool = True) -> list[str]:
+def inject(
+    model: nn.Module,
+    config: EtherConfig,
+    adapter_name: str = "default",
+    activate: bool = True,
+    initialize: bool = True,
+) -> list[str]:
     """Add adapter ``adapter_name`` built from ``config`` to every targeted layer; returns the adapted paths.
 
     Everything is checked before the model is touched: an unsupported layer, a width not divisible by
     ``n_blocks``, or a name already in use raise and leave the model as it was. With ``activate`` the new adapter
-    becomes the only active one (strength 1).
+    becomes the only active one (strength 1). ``initialize=False`` leaves the vectors unset (uninitialised memory),
+    for callers that load every vector right after (``load_adapter``), saving the random draws.
     """
     validate_adapter_name(adapter_name)
-    if adapter_name in adapter_names(model):
+    existing = [layer for _, layer in adapter_layers(model)]  # one walk for both checks
+    if any(adapter_name in layer.ether_adapters for layer in existing):
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; delete it or pick another name")
-    if activate and any(layer.merged_adapters for _, layer in adapter_layers(model)):
+    if activate and any(layer.merged_adapters for layer in existing):
         raise RuntimeError("the model has merged adapters; unmerge them before adding and activating another")
     targets = _find_targets(model, config)
     if not targets:
@@ -135,11 +143,13 @@ def inject(model: nn.Module, config: EtherConfig, adapter_name: str = "default",
                 )
         plan.append((path, module, wrapper))
 
+    modules = dict(model.named_modules()) if any(not isinstance(m, EtherLayer) for _, m, _ in plan) else {}
     for path, module, wrapper in plan:
         if not isinstance(module, EtherLayer):
             module = wrapper(module, layer_name=path)
-            _set_submodule(model, path, module)
-        module.add_adapter(adapter_name, config)
+            parent_path, _, child = path.rpartition(".")
+            setattr(modules[parent_path], child, module)  # one walk above instead of a lookup per layer
+        module.add_adapter(adapter_name, config, initialize=initialize)
     configs = adapter_configs(model)
     configs[adapter_name] = config
     model._ether_configs = configs
@@ -183,11 +193,12 @@ def set_active_adapters(model: nn.Module, names: str | list[str], strengths: flo
         strengths = [float(strengths)] * len(names)
     if strengths is not None and len(strengths) != len(names):
         raise ValueError(f"got {len(strengths)} strengths for {len(names)} adapters")
-    known = adapter_names(model)
+    layers = [layer for _, layer in adapter_layers(model)]
+    known = list(dict.fromkeys(name for layer in layers for name in layer.ether_adapters))
     unknown = [n for n in names if n not in known]
     if unknown:
         raise KeyError(f"unknown adapters {unknown}; the model has {known}")
-    for _, layer in adapter_layers(model):
+    for layer in layers:
         layer.set_active(names, strengths)
 
 

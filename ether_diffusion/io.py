@@ -393,7 +393,7 @@ def load_adapter(
     try:
         for component, config in source.configs.items():
             model = components[component]
-            inject(model, config, name, activate=True)
+            inject(model, config, name, activate=True, initialize=False)  # every vector is loaded next
             done.append(model)
             load_adapter_state_dict(model, name, source.component_state(component))
     except Exception:

@@ -37,10 +37,11 @@ class EtherAdapter(nn.Module):
         config: EtherConfig,
         in_features: int,
         out_features: int,
-        generator: torch.Generator,
+        generator: torch.Generator | None,
         device=None,
         dtype=None,
     ):
+        """``generator=None`` allocates the vectors without drawing them (their values are loaded next)."""
         super().__init__()
         self.method = METHODS[config.method]
         self.n_blocks = config.n_blocks
@@ -48,7 +49,11 @@ class EtherAdapter(nn.Module):
         self._cache: dict[str, tuple] = {}  # side -> (key, D, E), inference only
         widths = {"input": in_features, "output": out_features}
         for side in self.sides:
-            vectors = self.method.init_vectors(self.n_blocks, widths[side] // self.n_blocks, generator)
+            shape = (self.n_blocks, widths[side] // self.n_blocks)
+            if generator is None:
+                vectors = {v: torch.empty(shape, device=device, dtype=dtype) for v in self.method.vector_names}
+            else:
+                vectors = self.method.init_vectors(*shape, generator)
             for vector, value in vectors.items():
                 parameter = nn.Parameter(value.to(device=device, dtype=dtype))
                 self.register_parameter(parameter_name(vector, side), parameter)
@@ -116,7 +121,7 @@ class EtherLayer(nn.Module):
         raise NotImplementedError
 
     # --- adapters ---------------------------------------------------------------------------------------------
-    def add_adapter(self, name: str, config: EtherConfig) -> EtherAdapter:
+    def add_adapter(self, name: str, config: EtherConfig, initialize: bool = True) -> EtherAdapter:
         if name in self.ether_adapters:
             raise ValueError(f"'{self.layer_name}' already has an adapter named {name!r}")
         weight = self.base_layer.weight
@@ -124,7 +129,7 @@ class EtherLayer(nn.Module):
             config,
             self.in_features,
             self.out_features,
-            layer_generator(config.init_seed, self.layer_name),
+            layer_generator(config.init_seed, self.layer_name) if initialize else None,
             device=weight.device,
             dtype=weight.dtype,
         )
