@@ -185,7 +185,8 @@ def merge(paths: list[str], output_dir: str, timed: list[str] | None = None) -> 
     base_by_subject = {name: scores for part in parts for name, scores in part.get("base_by_subject", {}).items()}
     result = dict(parts[0])
     result.update(
-        command=" ; ".join(sorted({part["command"] for part in parts})),
+        command=f"python scripts/bench_dreambooth_quality.py --merge <{len(parts)} part files> (their commands: JSON)",
+        part_commands=sorted({part["command"] for part in parts}),
         machine=" + ".join(sorted({part["machine"] for part in parts})),
         subjects=sorted(base_by_subject),
         seeds=sorted({row["seed"] for row in rows}),
