@@ -12,4 +12,5 @@ from ether_diffusion.control.train import parse_args, train
 
 if __name__ == "__main__":
     result = train(parse_args())
-    print(f"saved {result.adapter_path} after {result.global_step} steps")
+    if result.adapter_path:  # the main process
+        print(f"saved {result.adapter_path} after {result.global_step} steps")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import string
 
 import pytest
@@ -130,3 +132,21 @@ def randomize_adapters(model, adapter_name=None, seed: int = 1):
     with torch.no_grad():
         for param in adapter_parameters(model, adapter_name):
             param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_env() -> dict[str, str]:
+    """The environment for an ``accelerate launch`` child: nothing left over from accelerate state created by other
+    tests in this process, one thread per process."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ACCELERATE_", "MASTER_", "TORCHELASTIC_"))
+        and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    }
+    return {**env, "OMP_NUM_THREADS": "1"}

@@ -298,3 +298,25 @@ def test_edges_task_writes_edge_controls(tmp_path):
     assert control.shape == (64, 64, 3) and set(np.unique(control)) == {0, 255}
     with pytest.raises(ValueError, match="task must be one of"):
         write_world_control_dataset(tmp_path, "depth", 1)
+
+
+def test_two_processes_train_one_control_model(dataset, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import free_port, launch_env
+
+    from ether_diffusion.io import read_adapter_file
+
+    launcher = Path(sys.executable).parent / "accelerate"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_control_ether.py"
+    command = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    command += [str(script), "--train_data_dir", str(dataset), "--max_train_steps", "2", "--train_batch_size", "2"]
+    command += ["--output_dir", str(tmp_path), "--report_to", "none", "--quiet"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=launch_env())
+    assert run.returncode == 0, run.stderr[-3000:]
+    source = read_adapter_file(tmp_path / "ether_control.safetensors")
+    assert source.extra["num_processes"] == "2" and source.extra["steps"] == "2"
+    assert "condition_encoder" in source.modules and "unet" in source.configs

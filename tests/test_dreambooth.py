@@ -1,7 +1,6 @@
 """DreamBooth training on a tiny pipeline built from configs: smoke run, resume, two processes, bad input."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_components
+from conftest import build_tiny_components, free_port, launch_env
 from PIL import Image
 
 from ether_diffusion.io import read_adapter_file
@@ -34,12 +33,6 @@ def world(tmp_path_factory):
         Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(instance / f"{i}.png")
     (instance / "captions.txt").write_text("ignored: not an image")
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def args_for(world, output_dir, *extra):
@@ -203,14 +196,7 @@ def test_two_processes_train_one_adapter(world, tmp_path):
         "--quiet",
         "--no_final_reload",
     ]
-    # a clean environment: nothing left over from accelerate state created by other tests in this process
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("ACCELERATE_", "MASTER_", "TORCHELASTIC_"))
-        and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
-    }
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=launch_env())
     assert run.returncode == 0, run.stderr[-3000:]
     source = read_adapter_file(tmp_path / "ether_adapter.safetensors")
     assert source.extra["num_processes"] == "2" and source.extra["steps"] == "2", run.stdout + run.stderr

@@ -9,7 +9,6 @@ pictures are made).
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from PIL import Image
 
 from ether_diffusion.io import read_adapter_file
@@ -39,12 +39,6 @@ SAMPLING_STEPS = int(os.environ.get("STUDIO_SAMPLING_STEPS", "4"))
 skip_on_request = pytest.mark.skipif(
     os.environ.get("ETHER_STUDIO_SKIP_BROWSER") == "1", reason="ETHER_STUDIO_SKIP_BROWSER=1 asked to skip"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_studio(command: list[str], workdir: Path, log: Path, timeout: float = 120.0):

@@ -9,6 +9,7 @@ plain ``python``.
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import time
 from pathlib import Path
@@ -442,12 +443,18 @@ def train(args: argparse.Namespace, callbacks: TrainCallbacks | None = None) -> 
     result.train_seconds = time.time() - start
     result.global_step = global_step
     accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:  # data parallel: every replica must hold the same encoder and adapter
+        checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+        sums = accelerator.gather(checksum.to(accelerator.device))
+        if not torch.allclose(sums, sums[:1].expand_as(sums)):
+            raise RuntimeError(f"data-parallel replicas hold different weights (checksums {sums.tolist()})")
     if accelerator.is_main_process:
         extra = {
             "steps": str(global_step),
             "learning_rate": str(args.learning_rate),
             "encoder_learning_rate": str(args.encoder_learning_rate),
             "trained_with": "ether-diffusion control",
+            "num_processes": str(accelerator.num_processes),
         }
         result.adapter_path = save_control_weights(
             output_dir / CONTROL_WEIGHT_NAME,
@@ -464,5 +471,13 @@ def train(args: argparse.Namespace, callbacks: TrainCallbacks | None = None) -> 
             images = sample_controls(pipe, pairs, args, accelerator.device)
             make_grid(images, 1 + args.num_validation_images).save(output_dir / "samples.png")
             callbacks.call("on_validation", global_step, images, [output_dir / "samples.png"])
+    if accelerator.num_processes > 1:
+        # Free the DDP wrappers on every rank together (see the DreamBooth loop: gloo can hang in a process group's
+        # destructor once a peer has torn its side down).
+        accelerator.wait_for_everyone()
+        del prepared, encoder_run, unet_run, save_hook, load_hook, validate
+        accelerator.free_memory()
+        gc.collect()
+        accelerator.wait_for_everyone()
     accelerator.end_training()
     return result
