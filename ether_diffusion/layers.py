@@ -99,6 +99,9 @@ class EtherLayer(nn.Module):
         self._weight_before_merge: torch.Tensor | None = None
         # (slot names, per-sample slot index) while a mixed batch runs; see ``set_mixed_batch``.
         self._mixed: tuple[list[str | None], torch.Tensor] | None = None
+        # side -> (the slots' factor tensors, repeat, gathered (B, d, r), (B, r, d)): reused across the denoising
+        # steps of one mixed batch while the factors are the very same tensors (no grad, nothing changed)
+        self._mixed_cache: dict[str, tuple] = {}
 
     # --- to be provided by subclasses -------------------------------------------------------------------------
     in_features: int
@@ -161,6 +164,7 @@ class EtherLayer(nn.Module):
         if self.merged_adapters:
             raise RuntimeError(f"'{self.layer_name}' has merged adapters; unmerge before a mixed batch")
         self._mixed = (list(slot_names), slot_ids.to(self.base_layer.weight.device))
+        self._mixed_cache = {}
 
     # --- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -184,20 +188,42 @@ class EtherLayer(nn.Module):
             y = apply_low_rank(y, *factors)
         return self._add_bias(self._features_back(y))
 
-    def _slot_factors(self, side: str, slot_names: list[str | None], dtype: torch.dtype):
-        """Stacked per-slot factors (S, d, r), (S, r, d), zero-padded to a common rank; ``None`` if all empty."""
-        width = self.in_features if side == "input" else self.out_features
-        weight = self.base_layer.weight
+    def _sample_factors(self, side: str, slot_names: list[str | None], ids: torch.Tensor, dtype: torch.dtype):
+        """Per-sample factors (B, d, r), (B, r, d) for the batch's slot ids; ``None`` if no slot adapts ``side``.
+
+        Without grad, the stacked and gathered tensors are kept while every slot's factors are the same tensors
+        (the adapters' own caches return them until a vector or strength changes), so the denoising steps of one
+        mixed batch gather once instead of once per step."""
         factors = []
         for name in slot_names:
             adapter = self.ether_adapters[name] if name in self.ether_adapters else None
-            found = adapter.factors(side, self.strengths[name], dtype) if adapter is not None else None
-            factors.append(found)
+            factors.append(adapter.factors(side, self.strengths[name], dtype) if adapter is not None else None)
+        flat = tuple(t for f in factors for t in (f or (None,)))
+        cached = self._mixed_cache.get(side)
+        if (
+            cached is not None
+            and not torch.is_grad_enabled()
+            and len(cached[0]) == len(flat)
+            and all(a is b for a, b in zip(cached[0], flat))
+            and cached[1].shape == ids.shape
+            and torch.equal(cached[1], ids)
+        ):
+            return cached[2]
+        stacked = self._slot_factors(side, factors, dtype)
+        result = None if stacked is None else (stacked[0][ids], stacked[1][ids])
+        if not torch.is_grad_enabled():
+            self._mixed_cache[side] = (flat, ids, result)
+        return result
+
+    def _slot_factors(self, side: str, factors: list, dtype: torch.dtype):
+        """Stacked per-slot factors (S, d, r), (S, r, d), zero-padded to a common rank; ``None`` if all empty."""
+        width = self.in_features if side == "input" else self.out_features
+        weight = self.base_layer.weight
         rank = max((f[0].shape[1] for f in factors if f is not None), default=0)
         if rank == 0:
             return None
-        down = torch.zeros(len(slot_names), width, rank, dtype=dtype, device=weight.device)
-        up = torch.zeros(len(slot_names), rank, width, dtype=dtype, device=weight.device)
+        down = torch.zeros(len(factors), width, rank, dtype=dtype, device=weight.device)
+        up = torch.zeros(len(factors), rank, width, dtype=dtype, device=weight.device)
         for slot, found in enumerate(factors):
             if found is not None:
                 down[slot, :, : found[0].shape[1]] = found[0]
@@ -214,13 +240,13 @@ class EtherLayer(nn.Module):
         # Classifier-free guidance concatenates [uncond, cond]: each half uses the same assignment.
         ids = slot_ids.repeat(x.shape[0] // slot_ids.shape[0])
         h = x
-        found = self._slot_factors("input", slot_names, x.dtype)
+        found = self._sample_factors("input", slot_names, ids, x.dtype)
         if found is not None:
-            h = self._features_back(apply_low_rank_batched(self._features_last(h), found[0][ids], found[1][ids]))
-        found = self._slot_factors("output", slot_names, x.dtype)
+            h = self._features_back(apply_low_rank_batched(self._features_last(h), *found))
+        found = self._sample_factors("output", slot_names, ids, x.dtype)
         if found is None:
             return self.base_layer(h)
-        y = apply_low_rank_batched(self._features_last(self._product_without_bias(h)), found[0][ids], found[1][ids])
+        y = apply_low_rank_batched(self._features_last(self._product_without_bias(h)), *found)
         return self._add_bias(self._features_back(y))
 
     # --- merge ------------------------------------------------------------------------------------------------

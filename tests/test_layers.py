@@ -156,3 +156,35 @@ def test_mixed_batch_equals_one_adapter_at_a_time(kind):
     with pytest.raises(ValueError, match="does not match"):
         layer(x[:4])
     layer.set_mixed_batch(None)
+
+
+def test_mixed_batch_reuses_its_gathered_factors_only_while_nothing_changes():
+    torch.manual_seed(0)
+    layer = EtherLinear(nn.Linear(16, 8), "x")
+    for name in "ab":
+        with torch.no_grad():
+            for p in layer.add_adapter(name, CONFIGS[2]).parameters():
+                p.normal_()
+    x = torch.randn(2, 3, 16)
+
+    def one_by_one():
+        outs = []
+        for i, name in enumerate("ab"):
+            layer.set_mixed_batch(None)
+            layer.set_active([name], [layer.strengths[name]])
+            outs.append(layer(x[i : i + 1]))
+        return torch.cat(outs)
+
+    with torch.no_grad():
+        layer.set_mixed_batch(["a", "b"], torch.tensor([0, 1]))
+        first = layer(x)
+        gathered = layer._mixed_cache["input"][2]
+        assert layer(x) is not first and layer._mixed_cache["input"][2] is gathered  # steps reuse the gather
+        layer.ether_adapters["b"].ether_u.add_(1.0)  # a vector changes between steps
+        changed = layer(x)
+        assert layer._mixed_cache["input"][2] is not gathered
+        layer.strengths["a"] = 0.5  # so does a strength
+        halved = layer(x)
+        expected = one_by_one()
+    assert_close(halved, expected)
+    assert not torch.allclose(changed, first)
