@@ -275,6 +275,9 @@ def test_bad_flags_are_refused(dataset, tmp_path):
         _args(dataset, tmp_path, "--validation_prompt", "a circle")  # no --validation_image
     with pytest.raises(SystemExit):
         _args(dataset, tmp_path, "--validation_prompt", "a", "--validation_image", str(tmp_path / "missing.png"))
+    for flag, value in (("--train_batch_size", "0"), ("--encoder_learning_rate", "0"), ("--n_blocks", "0")):
+        with pytest.raises(SystemExit):
+            _args(dataset, tmp_path, flag, value)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(_args(tmp_path / "nowhere", tmp_path / "out", "--max_train_steps", "1"))
 

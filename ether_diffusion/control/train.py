@@ -9,7 +9,6 @@ plain ``python``.
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import time
 from pathlib import Path
@@ -17,10 +16,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import SIDES, TARGET_PRESETS, EtherConfig
+from ..config import TARGET_PRESETS
 from ..inject import adapter_parameters, inject, load_adapter_state_dict
 from ..io import read_adapter_file
-from ..training.checkpoints import checkpoint_step, latest_checkpoint, save_checkpoint
+from ..training.checkpoints import save_checkpoint
 from ..training.data import EpochShuffleSampler
 from ..training.diffusion import dreambooth_loss, prediction_target, sample_noise
 from ..training.dreambooth import (
@@ -28,9 +27,17 @@ from ..training.dreambooth import (
     TrainResult,
     _check_output_dir,
     _GeneratorState,
-    default_model,
+    add_ether_arguments,
+    add_loop_arguments,
+    add_model_arguments,
+    check_loop_args,
+    check_replicas_agree,
     load_components,
     make_grid,
+    release_wrappers,
+    resume_state,
+    sampling_pipeline,
+    unet_ether_config,
 )
 from .data import ControlDataset, _open_image, collate
 from .encoder import ConditionEncoder, ConditionEncoderConfig, attach_condition_encoder, set_condition
@@ -47,10 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Controllable synthesis: condition encoder + ETHER (flags as diffusers' train_controlnet)"
     )
     a = p.add_argument
-    a("--pretrained_model_name_or_path", default=None, help="diffusers folder or hub id (default: shipped tiny-sd)")
-    a("--revision", default=None)
-    a("--variant", default=None)
-    a("--tokenizer_name", default=None)
+    add_model_arguments(a)
     a("--train_data_dir", required=True, help="folder with metadata.jsonl (image, conditioning_image, text)")
     a("--image_column", default="image")
     a("--conditioning_image_column", default="conditioning_image")
@@ -65,47 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--validation_steps", type=int, default=None, help="validate every N steps (and at step 0)")
     a("--validation_inference_steps", type=int, default=25)
     a("--validation_guidance_scale", type=float, default=5.0)
-    a("--ether_method", choices=["ether", "ether_plus"], default="ether_plus")
-    a("--n_blocks", type=int, default=1)
-    a("--ether_sides", choices=["auto", "input", "output", "both"], default="auto")
-    a("--target_modules", default="unet-attention-ff", help="a preset or comma-separated suffixes (paper: +GEGLU)")
+    add_ether_arguments(a, "unet-attention-ff")  # the paper's control targets: attention + GEGLU input projection
     a("--no_adapters", action="store_true", help="train the condition encoder alone (the paper's baseline)")
     a("--adapter_name", default="control")
     a("--output_dir", default="ether-control")
-    a("--seed", type=int, default=0)
-    a("--train_batch_size", type=int, default=4)
-    a("--num_train_epochs", type=int, default=1)
-    a("--max_train_steps", type=int, default=None)
-    a("--checkpointing_steps", type=int, default=500)
-    a("--checkpoints_total_limit", type=int, default=None)
-    a("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
-    a("--gradient_accumulation_steps", type=int, default=1)
-    a("--gradient_checkpointing", action="store_true")
-    a("--learning_rate", type=float, default=PAPER_LEARNING_RATE, help="for the ETHER vectors")
+    add_loop_arguments(a, PAPER_LEARNING_RATE, train_batch_size=4)
     a("--encoder_learning_rate", type=float, default=PAPER_ENCODER_LEARNING_RATE)
-    a("--scale_lr", action="store_true")
-    a(
-        "--lr_scheduler",
-        default="constant",
-        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
-    )
-    a("--lr_warmup_steps", type=int, default=0)
-    a("--lr_num_cycles", type=int, default=1)
-    a("--lr_power", type=float, default=1.0)
-    a("--use_8bit_adam", action="store_true")
-    a("--adam_beta1", type=float, default=0.9)
-    a("--adam_beta2", type=float, default=0.999)
-    a("--adam_weight_decay", type=float, default=0.0)
-    a("--adam_epsilon", type=float, default=1e-8)
-    a("--max_grad_norm", type=float, default=1.0)
-    a("--snr_gamma", type=float, default=None)
-    a("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    a("--allow_tf32", action="store_true")
-    a("--report_to", default="tensorboard")
-    a("--logging_dir", default="logs")
     a("--tracker_project_name", default="ether-control")
-    a("--local_rank", type=int, default=-1)
-    a("--quiet", action="store_true")
     return p
 
 
@@ -115,8 +85,13 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser | No
             parser.error(message)
         raise ValueError(message)
 
-    if args.pretrained_model_name_or_path is None:
-        args.pretrained_model_name_or_path = default_model()
+    check_loop_args(args, fail)
+    if args.encoder_learning_rate <= 0:
+        fail("--encoder_learning_rate must be positive")
+    for name in ("num_validation_images", "validation_steps", "max_train_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            fail(f"--{name} must be at least 1")
     prompts, images = args.validation_prompt or [], args.validation_image or []
     if bool(prompts) != bool(images):
         fail("--validation_prompt and --validation_image go together: give both or neither")
@@ -129,29 +104,12 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser | No
         fail("--proportion_empty_prompts must lie in [0, 1]")
     if args.target_modules not in TARGET_PRESETS and not args.target_modules.strip(", "):
         fail("--target_modules is empty")
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            fail("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes, or drop the flag")
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        fail("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on this machine")
     return args
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     return validate_args(parser.parse_args(argv), parser)
-
-
-def ether_config(args) -> EtherConfig:
-    targets = args.target_modules
-    targets = TARGET_PRESETS[targets] if targets in TARGET_PRESETS else [t.strip() for t in targets.split(",") if t]
-    sides = {"auto": None, "input": ("input",), "output": ("output",), "both": SIDES}[args.ether_sides]
-    kwargs = {"sides": sides} if sides else {}
-    return EtherConfig(
-        method=args.ether_method, n_blocks=args.n_blocks, target_modules=list(targets), init_seed=args.seed, **kwargs
-    )
 
 
 def validation_pairs(args) -> list[tuple[str, Path]]:
@@ -183,24 +141,6 @@ def sample_controls(pipe, pairs, args, device) -> list:
         ).images
         images += [control, *out]
     return images
-
-
-def _pipeline(args, tokenizer, text_encoder, vae, unet):
-    from diffusers import DPMSolverMultistepScheduler
-
-    scheduler = DPMSolverMultistepScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
-    pipe = EtherControlPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def train(args: argparse.Namespace, callbacks: TrainCallbacks | None = None) -> TrainResult:  # noqa: C901
@@ -246,7 +186,7 @@ def train(args: argparse.Namespace, callbacks: TrainCallbacks | None = None) -> 
     vae.to(accelerator.device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
     if not args.no_adapters:
-        inject(unet, ether_config(args), args.adapter_name)
+        inject(unet, unet_ether_config(args), args.adapter_name)
     unet.to(accelerator.device, dtype=weight_dtype)
     encoder = ConditionEncoder(ConditionEncoderConfig.for_model(unet, vae_scale_factor)).to(accelerator.device)
     attach_condition_encoder(unet, encoder)
@@ -320,25 +260,7 @@ def train(args: argparse.Namespace, callbacks: TrainCallbacks | None = None) -> 
         tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name, config=tracked)
 
-    global_step, first_epoch, skip_batches = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = (
-            latest_checkpoint(output_dir)
-            if args.resume_from_checkpoint == "latest"
-            else Path(args.resume_from_checkpoint)
-        )
-        if path is None:
-            accelerator.print(f"no checkpoint in '{output_dir}' to resume from: starting a new run")
-        elif not path.is_dir():
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint '{path}' does not exist; pass a checkpoint-N folder or 'latest'"
-            )
-        else:
-            accelerator.print(f"resuming from {path}")
-            accelerator.load_state(str(path))
-            global_step = checkpoint_step(path)
-            first_epoch = global_step // updates_per_epoch
-            skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    global_step, first_epoch, skip_batches = resume_state(accelerator, args, output_dir, updates_per_epoch)
 
     pairs = validation_pairs(args)
     result = TrainResult(None, output_dir, global_step, False, 0.0, sum(p.numel() for p in params))
@@ -347,7 +269,7 @@ def train(args: argparse.Namespace, callbacks: TrainCallbacks | None = None) -> 
         if not (accelerator.is_main_process and pairs):
             return
         encoder.eval()
-        pipe = _pipeline(args, tokenizer, text_encoder, vae, unet)
+        pipe = sampling_pipeline(args, tokenizer, text_encoder, vae, unet, EtherControlPipeline)
         with torch.autocast(accelerator.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
             images = sample_controls(pipe, pairs, args, accelerator.device)
         folder = output_dir / "validation"
@@ -443,11 +365,7 @@ def train(args: argparse.Namespace, callbacks: TrainCallbacks | None = None) -> 
     result.train_seconds = time.time() - start
     result.global_step = global_step
     accelerator.wait_for_everyone()
-    if accelerator.num_processes > 1:  # data parallel: every replica must hold the same encoder and adapter
-        checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
-        sums = accelerator.gather(checksum.to(accelerator.device))
-        if not torch.allclose(sums, sums[:1].expand_as(sums)):
-            raise RuntimeError(f"data-parallel replicas hold different weights (checksums {sums.tolist()})")
+    check_replicas_agree(accelerator, params)
     if accelerator.is_main_process:
         extra = {
             "steps": str(global_step),
@@ -466,18 +384,15 @@ def train(args: argparse.Namespace, callbacks: TrainCallbacks | None = None) -> 
         )
         if pairs:  # the round trip: the saved file into a fresh pipeline, then samples
             _, fresh_text_encoder, fresh_vae, fresh_unet, _ = load_components(args)
-            pipe = _pipeline(args, tokenizer, fresh_text_encoder, fresh_vae, fresh_unet).to(accelerator.device)
+            pipe = sampling_pipeline(
+                args, tokenizer, fresh_text_encoder, fresh_vae, fresh_unet, EtherControlPipeline
+            ).to(accelerator.device)
             pipe.load_control_weights(result.adapter_path)
             images = sample_controls(pipe, pairs, args, accelerator.device)
             make_grid(images, 1 + args.num_validation_images).save(output_dir / "samples.png")
             callbacks.call("on_validation", global_step, images, [output_dir / "samples.png"])
     if accelerator.num_processes > 1:
-        # Free the DDP wrappers on every rank together (see the DreamBooth loop: gloo can hang in a process group's
-        # destructor once a peer has torn its side down).
-        accelerator.wait_for_everyone()
         del prepared, encoder_run, unet_run, save_hook, load_hook, validate
-        accelerator.free_memory()
-        gc.collect()
-        accelerator.wait_for_everyone()
+        release_wrappers(accelerator)
     accelerator.end_training()
     return result

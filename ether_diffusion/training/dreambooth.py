@@ -7,6 +7,7 @@ drift apart. Run under ``accelerate launch`` (data parallel, mixed precision) or
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -37,12 +38,7 @@ def default_model() -> str:
     return str(default_model_path())
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description="DreamBooth with ETHER adapters (flags as diffusers' train_dreambooth_lora)"
-    )
-    a = p.add_argument
-    # model
+def add_model_arguments(a) -> None:
     a(
         "--pretrained_model_name_or_path",
         default=None,
@@ -51,6 +47,98 @@ def build_parser() -> argparse.ArgumentParser:
     a("--revision", default=None)
     a("--variant", default=None, help="weights variant, e.g. fp16")
     a("--tokenizer_name", default=None)
+
+
+def add_ether_arguments(a, target_modules: str) -> None:
+    a("--ether_method", choices=["ether", "ether_plus"], default="ether_plus")
+    a("--n_blocks", type=int, default=1)
+    a(
+        "--ether_sides",
+        choices=["auto", "input", "output", "both"],
+        default="auto",
+        help="auto: input for ETHER, both (two-sided) for ETHER+",
+    )
+    a(
+        "--target_modules",
+        default=target_modules,
+        help=f"a preset ({', '.join(p for p in TARGET_PRESETS if p.startswith('unet'))}) or comma-separated suffixes",
+    )
+
+
+def add_loop_arguments(a, learning_rate: float, train_batch_size: int) -> None:
+    """The optimisation, checkpoint, precision and logging flags both training loops share (diffusers' names)."""
+    a("--seed", type=int, default=0)
+    a("--train_batch_size", type=int, default=train_batch_size)
+    a("--num_train_epochs", type=int, default=1)
+    a("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpoints_total_limit", type=int, default=None)
+    a("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--gradient_checkpointing", action="store_true")
+    a("--learning_rate", type=float, default=learning_rate)
+    a("--scale_lr", action="store_true", help="multiply lr by accumulation steps × batch size × processes")
+    a(
+        "--lr_scheduler",
+        default="constant",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+    )
+    a("--lr_warmup_steps", type=int, default=0)
+    a("--lr_num_cycles", type=int, default=1)
+    a("--lr_power", type=float, default=1.0)
+    a("--use_8bit_adam", action="store_true")
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=0.0, help="0 by default: decay would shrink û, v̂ for nothing")
+    a("--adam_epsilon", type=float, default=1e-8)
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--snr_gamma", type=float, default=None, help="min-SNR weighting gamma (5.0 is the usual choice)")
+    a(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="default: accelerate's configuration, else no",
+    )
+    a("--allow_tf32", action="store_true")
+    a("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
+    a("--logging_dir", default="logs")
+    a("--local_rank", type=int, default=-1)
+    a("--quiet", action="store_true", help="no progress bars")
+
+
+def check_loop_args(args: argparse.Namespace, fail) -> None:
+    """Checks of the shared loop flags; ``fail(message)`` reports one."""
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1")
+    for name in ("max_train_steps", "checkpoints_total_limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            fail(f"--{name} must be at least 1")
+    if args.n_blocks < 1:
+        fail("--n_blocks must be at least 1")
+    if args.learning_rate <= 0:
+        fail("--learning_rate must be positive")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        fail("--mixed_precision fp16 needs a CUDA GPU; on this machine use --mixed_precision bf16 or no")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            fail(
+                "--use_8bit_adam needs bitsandbytes (pip install bitsandbytes, on a CUDA machine); "
+                "or drop the flag to use torch's AdamW"
+            )
+    if args.pretrained_model_name_or_path is None:
+        args.pretrained_model_name_or_path = default_model()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="DreamBooth with ETHER adapters (flags as diffusers' train_dreambooth_lora)"
+    )
+    a = p.add_argument
+    add_model_arguments(a)
     # data
     a("--instance_data_dir", required=True, help="folder with 3-10 images of the subject")
     a("--instance_prompt", required=True, help="prompt with the identifier, e.g. 'a sks dog'")
@@ -73,62 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--validation_inference_steps", type=int, default=25)
     a("--validation_guidance_scale", type=float, default=7.5)
     # ETHER
-    a("--ether_method", choices=["ether", "ether_plus"], default="ether_plus")
-    a("--n_blocks", type=int, default=1)
-    a(
-        "--ether_sides",
-        choices=["auto", "input", "output", "both"],
-        default="auto",
-        help="auto: input for ETHER, both (two-sided) for ETHER+",
-    )
-    a(
-        "--target_modules",
-        default="unet-attention",
-        help=f"a preset ({', '.join(p for p in TARGET_PRESETS if p.startswith('unet'))}) or comma-separated suffixes",
-    )
+    add_ether_arguments(a, "unet-attention")
     a("--train_text_encoder", action="store_true", help="also adapt the text encoder's attention")
     a("--adapter_name", default="default")
     # optimisation
     a("--output_dir", default="ether-dreambooth")
-    a("--seed", type=int, default=0)
-    a("--train_batch_size", type=int, default=1)
-    a("--num_train_epochs", type=int, default=1)
-    a("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
-    a("--checkpointing_steps", type=int, default=500)
-    a("--checkpoints_total_limit", type=int, default=None)
-    a("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
-    a("--gradient_accumulation_steps", type=int, default=1)
-    a("--gradient_checkpointing", action="store_true")
-    a("--learning_rate", type=float, default=PAPER_LEARNING_RATE)
-    a("--scale_lr", action="store_true", help="multiply lr by accumulation steps × batch size × processes")
-    a(
-        "--lr_scheduler",
-        default="constant",
-        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
-    )
-    a("--lr_warmup_steps", type=int, default=0)
-    a("--lr_num_cycles", type=int, default=1)
-    a("--lr_power", type=float, default=1.0)
-    a("--use_8bit_adam", action="store_true")
-    a("--adam_beta1", type=float, default=0.9)
-    a("--adam_beta2", type=float, default=0.999)
-    a("--adam_weight_decay", type=float, default=0.0, help="0 by default: decay would shrink û, v̂ for nothing")
-    a("--adam_epsilon", type=float, default=1e-8)
-    a("--max_grad_norm", type=float, default=1.0)
-    a("--snr_gamma", type=float, default=None, help="min-SNR weighting gamma (5.0 is the usual choice)")
+    add_loop_arguments(a, PAPER_LEARNING_RATE, train_batch_size=1)
     a("--offset_noise", action="store_true", help="add per-channel offset noise (0.1), as diffusers does")
-    a(
-        "--mixed_precision",
-        choices=["no", "fp16", "bf16"],
-        default=None,
-        help="default: accelerate's configuration, else no",
-    )
-    a("--allow_tf32", action="store_true")
-    a("--report_to", default="tensorboard", help="tensorboard, wandb, all or none")
-    a("--logging_dir", default="logs")
-    a("--local_rank", type=int, default=-1)
     a("--no_final_reload", action="store_true", help="skip reloading the saved file into a fresh pipeline")
-    a("--quiet", action="store_true", help="no progress bars")
     return p
 
 
@@ -147,45 +187,18 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser | No
         )
     if args.class_prompt and not args.with_prior_preservation and args.class_data_dir:
         print("note: --class_prompt/--class_data_dir are ignored without --with_prior_preservation")
-    for name in (
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "num_train_epochs",
-        "checkpointing_steps",
-        "num_validation_images",
-        "n_blocks",
-        "sample_batch_size",
-    ):
+    check_loop_args(args, fail)
+    for name in ("num_validation_images", "sample_batch_size"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be at least 1")
-    for name in (
-        "max_train_steps",
-        "validation_steps",
-        "validation_epochs",
-        "checkpoints_total_limit",
-        "num_class_images",
-    ):
+    for name in ("validation_steps", "validation_epochs", "num_class_images"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "num_class_images" else 1):
             fail(f"--{name} must be at least 1")
-    if args.learning_rate <= 0:
-        fail("--learning_rate must be positive")
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        fail("--mixed_precision fp16 needs a CUDA GPU; on this machine use --mixed_precision bf16 or no")
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            fail(
-                "--use_8bit_adam needs bitsandbytes (pip install bitsandbytes, on a CUDA machine); "
-                "or drop the flag to use torch's AdamW"
-            )
     if args.validation_prompt is None and (args.validation_steps or args.validation_epochs):
         fail("--validation_steps/--validation_epochs need --validation_prompt")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         fail("--resolution must be a positive multiple of 8")
-    if args.pretrained_model_name_or_path is None:
-        args.pretrained_model_name_or_path = default_model()
     return args
 
 
@@ -194,17 +207,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return validate_args(parser.parse_args(argv), parser)
 
 
-def ether_configs(args) -> dict[str, EtherConfig]:
+def unet_ether_config(args) -> EtherConfig:
+    """The UNet's adapter config from the ETHER flags (``add_ether_arguments``)."""
     sides = {"auto": None, "input": ("input",), "output": ("output",), "both": SIDES}[args.ether_sides]
     targets = (
         args.target_modules
         if args.target_modules in TARGET_PRESETS
         else [t.strip() for t in args.target_modules.split(",") if t.strip()]
     )
-    common = dict(method=args.ether_method, n_blocks=args.n_blocks, sides=sides, init_seed=args.seed)
-    configs = {"unet": EtherConfig(target_modules=targets, **common)}
+    return EtherConfig(
+        target_modules=targets, method=args.ether_method, n_blocks=args.n_blocks, sides=sides, init_seed=args.seed
+    )
+
+
+def ether_configs(args) -> dict[str, EtherConfig]:
+    configs = {"unet": unet_ether_config(args)}
     if args.train_text_encoder:
-        configs["text_encoder"] = EtherConfig(target_modules="text-encoder-attention", **common)
+        configs["text_encoder"] = dataclasses.replace(configs["unet"], target_modules="text-encoder-attention")
     return configs
 
 
@@ -310,11 +329,12 @@ def make_grid(images, columns: int | None = None):
     return grid
 
 
-def sampling_pipeline(args, tokenizer, text_encoder, vae, unet):
+def sampling_pipeline(args, tokenizer, text_encoder, vae, unet, pipeline_class=None):
+    """A pipeline (``StableDiffusionPipeline`` unless ``pipeline_class``) over the training components."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     scheduler = DPMSolverMultistepScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
-    pipe = StableDiffusionPipeline(
+    pipe = (pipeline_class or StableDiffusionPipeline)(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -388,6 +408,47 @@ def write_model_card(output_dir: Path, args, result: TrainResult, grid_name: str
         ]
     with atomic_write(output_dir / "README.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
+
+
+def resume_state(accelerator, args, output_dir: Path, updates_per_epoch: int) -> tuple[int, int, int]:
+    """Load ``--resume_from_checkpoint`` (a folder or "latest") into ``accelerator``'s registered state; returns
+    ``(global_step, first_epoch, batches to skip in that epoch)``, zeros for a new run."""
+    if not args.resume_from_checkpoint:
+        return 0, 0, 0
+    latest = args.resume_from_checkpoint == "latest"
+    path = latest_checkpoint(output_dir) if latest else Path(args.resume_from_checkpoint)
+    if path is None:
+        accelerator.print(f"no checkpoint in '{output_dir}' to resume from: starting a new run")
+        return 0, 0, 0
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint '{path}' does not exist; pass a checkpoint-N folder or 'latest'"
+        )
+    accelerator.print(f"resuming from {path}")
+    accelerator.load_state(str(path))
+    step = checkpoint_step(path)
+    skip = (step % updates_per_epoch) * args.gradient_accumulation_steps
+    return step, step // updates_per_epoch, skip
+
+
+def check_replicas_agree(accelerator, params) -> None:
+    """Data parallel: raise unless every process ends with the same trained parameters."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+    sums = accelerator.gather(checksum.to(accelerator.device))
+    if not torch.allclose(sums, sums[:1].expand_as(sums)):
+        raise RuntimeError(f"data-parallel replicas hold different weights (checksums {sums.tolist()})")
+
+
+def release_wrappers(accelerator) -> None:
+    """Free the DDP wrappers on every rank together, before the process group goes: gloo can hang forever in a
+    process group's destructor (run when a DDP reducer is freed) once a peer has torn its side down. The caller
+    drops its own references to the prepared models first."""
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.wait_for_everyone()
 
 
 def train(args: argparse.Namespace, callbacks: TrainCallbacks | None = None) -> TrainResult:  # noqa: C901
@@ -552,25 +613,7 @@ def train(args: argparse.Namespace, callbacks: TrainCallbacks | None = None) -> 
         tracked = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("ether-dreambooth", config=tracked)
 
-    global_step, first_epoch, skip_batches = 0, 0, 0
-    if args.resume_from_checkpoint:
-        path = (
-            latest_checkpoint(output_dir)
-            if args.resume_from_checkpoint == "latest"
-            else Path(args.resume_from_checkpoint)
-        )
-        if path is None:
-            accelerator.print(f"no checkpoint in '{output_dir}' to resume from: starting a new run")
-        elif not path.is_dir():
-            raise FileNotFoundError(
-                f"--resume_from_checkpoint '{path}' does not exist; pass a checkpoint-N folder or 'latest'"
-            )
-        else:
-            accelerator.print(f"resuming from {path}")
-            accelerator.load_state(str(path))
-            global_step = checkpoint_step(path)
-            first_epoch = global_step // updates_per_epoch
-            skip_batches = (global_step % updates_per_epoch) * args.gradient_accumulation_steps
+    global_step, first_epoch, skip_batches = resume_state(accelerator, args, output_dir, updates_per_epoch)
 
     def validation_due(step: int) -> bool:
         return bool(args.validation_prompt and args.validation_steps and step % args.validation_steps == 0)
@@ -693,11 +736,7 @@ def train(args: argparse.Namespace, callbacks: TrainCallbacks | None = None) -> 
     result.global_step = global_step
 
     accelerator.wait_for_everyone()
-    if accelerator.num_processes > 1:  # data parallel: every replica must hold the same adapter
-        checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
-        sums = accelerator.gather(checksum.to(accelerator.device))
-        if not torch.allclose(sums, sums[:1].expand_as(sums)):
-            raise RuntimeError(f"data-parallel replicas hold different adapters (checksums {sums.tolist()})")
+    check_replicas_agree(accelerator, params)
     if accelerator.is_main_process:
         parts = {
             c: accelerator.unwrap_model(m)
@@ -726,13 +765,8 @@ def train(args: argparse.Namespace, callbacks: TrainCallbacks | None = None) -> 
             callbacks.call("on_validation", global_step, images, [output_dir / grid_name])
         write_model_card(output_dir, args, result, grid_name, result.trainable_parameters)
     if accelerator.num_processes > 1:
-        # Free the DDP wrappers on every rank together, before the process group goes: gloo can hang forever in a
-        # process group's destructor (run when a DDP reducer is freed) once a peer has torn its side down.
-        accelerator.wait_for_everyone()
         del prepared, models, unet_train, text_encoder_run, validate, save_hook, load_hook
-        accelerator.free_memory()
-        gc.collect()
-        accelerator.wait_for_everyone()
+        release_wrappers(accelerator)
     accelerator.end_training()
     return result
 
