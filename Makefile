@@ -13,15 +13,24 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev,train,app]"
 	touch $@
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-fast lint browser
 setup: $(BIN)/.installed
 
 demo: $(BIN)/.installed
 	$(BIN)/ether-diffusion demo
 
-test: $(BIN)/.installed
+# Chromium for the studio's browser test (Debian's package; a clear message where it cannot be installed)
+browser:
+	@bash scripts/install_chromium.sh
+
+# everything, as CI runs it: lint, the fast tier and the slow end-to-end tier (demos, browser, several processes)
+test: $(BIN)/.installed browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# everyday work: the tests not marked slow (under a minute)
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

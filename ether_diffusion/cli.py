@@ -60,18 +60,6 @@ def _adapter_spec(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def _load_pipeline(model: str | None):
-    from diffusers import StableDiffusionPipeline
-
-    if model is None:
-        from .world.assets import load_tiny_pipeline
-
-        return load_tiny_pipeline()
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _load_adapters(pipe, specs: list[str]) -> None:
     from .pipeline import load_ether_weights, set_ether_adapters
 
@@ -85,40 +73,29 @@ def _load_adapters(pipe, specs: list[str]) -> None:
 
 
 def _sample(args) -> int:
-    import torch
-
-    from .pipeline import disable_ether
+    from .models import load_pipeline
+    from .sampling import sample_images
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    pipe = _load_pipeline(args.model)
+    pipe = load_pipeline(args.model)
     _load_adapters(pipe, args.adapter)
     size = {} if args.size is None else {"height": args.size, "width": args.size}
-    written = []
-    for p, prompt in enumerate(args.prompt):
-        for seed in args.seed or [0]:
-            runs = [("adapted" if args.adapter else "base", None)]
-            if args.compare and args.adapter:
-                runs.append(("base", disable_ether))
-            for label, switch in runs:
-                if switch is not None:
-                    switch(pipe)
-                image = pipe(
-                    prompt,
-                    negative_prompt=args.negative_prompt,
-                    num_inference_steps=args.steps,
-                    guidance_scale=args.guidance_scale,
-                    generator=torch.Generator().manual_seed(seed),
-                    **size,
-                ).images[0]
-                path = output_dir / f"{p:02d}_seed{seed}_{label}.png"
-                image.save(path)
-                written.append(path)
-            if args.compare and args.adapter:
-                from .pipeline import enable_ether
-
-                enable_ether(pipe)
-    for path in written:
+    variants = ("adapted", "base") if args.compare and args.adapter else ("adapted" if args.adapter else "base",)
+    samples = sample_images(
+        pipe,
+        args.prompt,
+        args.seed or [0],
+        variants=variants,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt,
+        **size,
+    )
+    index = {prompt: p for p, prompt in reversed(list(enumerate(args.prompt)))}
+    for sample in samples:
+        path = output_dir / f"{index[sample.prompt]:02d}_seed{sample.seed}_{sample.variant}.png"
+        sample.image.save(path)
         print(path)
     return 0
 
@@ -133,7 +110,9 @@ def _fuse(args) -> int:
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         print(f"error: '{output}' is not empty; pass --overwrite to replace it", file=sys.stderr)
         return 2
-    pipe = _load_pipeline(args.model)
+    from .models import load_pipeline
+
+    pipe = load_pipeline(args.model)
     _load_adapters(pipe, args.adapter)
     fuse_ether(pipe, safe_fusing=True)
     unload_ether_weights(pipe)  # plain diffusers modules again, with the adapter folded into the weights
@@ -194,6 +173,7 @@ def _studio(argv: list[str]) -> int:
         return 2
     spec = importlib.util.spec_from_file_location("ether_studio_app", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # registered, as an import would, so its dataclasses resolve their annotations
     spec.loader.exec_module(module)
     return module.main(argv, prog="ether-diffusion studio")
 
@@ -214,21 +194,23 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="generate PNGs with one or more adapters")
     sample.add_argument("--model", default=None, help="diffusers folder or hub id (default: the shipped tiny model)")
     sample.add_argument("--adapter", action="append", default=[], help="adapter file or folder, optionally :weight")
-    sample.add_argument("--prompt", action="append", required=True)
-    sample.add_argument("--negative_prompt", default=None)
-    sample.add_argument("--seed", type=int, action="append", default=None)
-    sample.add_argument("--steps", type=int, default=25)
-    sample.add_argument("--guidance_scale", type=float, default=5.0)
+    sample.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
+    sample.add_argument("--negative_prompt", default=None, help="what to steer away from")
+    sample.add_argument("--seed", type=int, action="append", default=None, help="a seed; repeat for several (0)")
+    sample.add_argument("--steps", type=int, default=25, help="denoising steps")
+    sample.add_argument("--guidance_scale", type=float, default=5.0, help="classifier-free guidance scale")
     sample.add_argument("--size", type=int, default=None, help="height and width (default: the model's)")
     sample.add_argument("--compare", action="store_true", help="also save the base model's image for each seed")
-    sample.add_argument("--output_dir", default="samples")
+    sample.add_argument("--output_dir", default="samples", help="where the PNGs go (NN_seedS_adapted|base.png)")
     sample.set_defaults(run=_sample)
 
     fuse = commands.add_parser("fuse", help="save a plain diffusers model with adapters fused into its weights")
-    fuse.add_argument("--model", default=None)
-    fuse.add_argument("--adapter", action="append", required=True, help="adapter file or folder, optionally :weight")
-    fuse.add_argument("--output_dir", required=True)
-    fuse.add_argument("--overwrite", action="store_true")
+    fuse.add_argument("--model", default=None, help="diffusers folder or hub id (default: the shipped tiny model)")
+    fuse.add_argument(
+        "--adapter", action="append", required=True, help="adapter file or folder, optionally :weight; repeat to stack"
+    )
+    fuse.add_argument("--output_dir", required=True, help="the diffusers folder to write")
+    fuse.add_argument("--overwrite", action="store_true", help="replace --output_dir if it is not empty")
     fuse.set_defaults(run=_fuse)
 
     demo = commands.add_parser("demo", help="teach the shipped tiny model a subject and show before/after")
@@ -267,16 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:1] == ["train"]:
-            from .training.dreambooth import parse_args, train
+            from .training.dreambooth import DreamBoothConfig, train
 
-            result = train(parse_args(argv[1:]))
+            result = train(DreamBoothConfig.from_args(argv[1:], prog="ether-diffusion train"))
             print(f"adapter written to {result.adapter_path}")
             return 0
         if argv[:1] == ["train-control"]:
-            from .control.train import parse_args as parse_control_args
+            from .control.train import ControlConfig
             from .control.train import train as train_control
 
-            result = train_control(parse_control_args(argv[1:]))
+            result = train_control(ControlConfig.from_args(argv[1:], prog="ether-diffusion train-control"))
             print(f"condition encoder and adapter written to {result.adapter_path}")
             return 0
         if argv[:1] == ["studio"]:

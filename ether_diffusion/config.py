@@ -8,11 +8,14 @@ from dataclasses import dataclass, field
 
 from .reflection import METHODS
 
-__all__ = ["CONFIG_FORMAT_VERSION", "EtherConfig", "SIDES", "TARGET_PRESETS", "matches_module_path"]
+__all__ = ["CONFIG_FORMAT_VERSION", "METHOD_LABELS", "EtherConfig", "SIDES", "TARGET_PRESETS", "matches_module_path"]
 
 CONFIG_FORMAT_VERSION = 1
 
 SIDES = ("input", "output")
+
+#: How methods are named on pages, grids, tables and model cards (ETHER's and the PEFT peers benchmarks train).
+METHOD_LABELS = {"ether": "ETHER", "ether_plus": "ETHER+", "lora": "LoRA r=4", "oft": "OFT"}
 
 #: Named target lists. Entries are dotted module-path suffixes ("to_out.0" matches "...attn1.to_out.0").
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {

@@ -5,11 +5,12 @@
     python scripts/bench_control_quality.py --task edges --methods encoder ether_plus
     python scripts/bench_control_quality.py --quick                  # smoke test
 
-Every method trains the same condition encoder (the paper's layout, lr 1e-4) with the frozen tiny model, plus its
-adapter on the attention projections and GEGLU ``ff.net.0.proj`` (the paper's control targets): our ETHER / ETHER+
-(lr 1e-3, the paper's), PEFT's OFT at its defaults (1e-5, the paper's) and PEFT's LoRA r=4 (1e-4: the paper could
-not make LoRA work here and gives no rate; 1e-4 keeps LoRA's DreamBooth ratio to ETHER). Same data order, noise,
-steps and batch for all; VAE latents and text embeddings are computed once up front (both models are frozen).
+Every method trains on the library's control task and loop (what ``ether-diffusion train-control`` runs) the same
+condition encoder (the paper's layout, lr 1e-4) with the frozen tiny model, plus its adapter on the attention
+projections and GEGLU ``ff.net.0.proj`` (the paper's control targets): our ETHER / ETHER+ (lr 1e-3, the paper's),
+PEFT's OFT at its defaults (1e-5, the paper's) and PEFT's LoRA r=4 (1e-4: the paper could not make LoRA work here
+and gives no rate; 1e-4 keeps LoRA's DreamBooth ratio to ETHER) as peers on the same loop. Same dataset folder
+(rendered once), data order, noise, steps and batch for all.
 
 Evaluation, on held-out scenes (other scene numbers than training): each control is sampled with its caption, then
 - mIoU and pixel accuracy between the input mask and the evaluator's segmentation of the generated image;
@@ -22,31 +23,32 @@ Writes ``control_quality.{md,json,png}`` and a sample grid (control | ground tru
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
 from PIL import Image
 
-from ether_diffusion import EtherConfig, inject, mark_only_adapters_trainable
-from ether_diffusion.config import TARGET_PRESETS
-from ether_diffusion.control import ConditionEncoder, ConditionEncoderConfig, attach_condition_encoder, set_condition
-from ether_diffusion.control.data import edges_to_control, layout_free_caption, mask_to_control
+from ether_diffusion.control.data import (
+    edges_to_control,
+    layout_free_caption,
+    mask_to_control,
+    write_world_control_dataset,
+)
 from ether_diffusion.control.pipeline import EtherControlPipeline
+from ether_diffusion.control.train import ControlConfig, ControlTask
 from ether_diffusion.evaluation import load_evaluator, prompt_fidelity
 from ether_diffusion.evaluation.metrics import embed, segment
-from ether_diffusion.training.diffusion import prediction_target, sample_noise
-from ether_diffusion.training.dreambooth import make_grid
-from ether_diffusion.world.assets import default_model_path
+from ether_diffusion.models import default_model, load_pipeline
+from ether_diffusion.training.artifacts import make_grid
+from ether_diffusion.training.trainer import Trainer, TrainingDivergedError
 from ether_diffusion.world.dataset import render_arrays
 
-TARGETS = list(TARGET_PRESETS["unet-attention-ff"])
 PAPER_LR = {"encoder": 0.0, "ether": 1e-3, "ether_plus": 1e-3, "oft": 1e-5, "lora": 1e-4}
 LABELS = {
     "encoder": "encoder only",
@@ -59,86 +61,46 @@ ENCODER_LR = 1e-4
 TRAIN_START, EVAL_START = 20_000_000, 30_000_000  # scene numbers: disjoint from each other and from pretraining
 
 
-def add_adapter(unet, method: str, seed: int) -> list[torch.nn.Parameter]:
-    unet.requires_grad_(False)
-    if method == "encoder":
-        return []
-    if method in ("ether", "ether_plus"):
-        inject(unet, EtherConfig(method=method, target_modules=TARGETS, init_seed=seed), "bench")
-        return mark_only_adapters_trainable(unet)
-    import peft
-
-    torch.manual_seed(seed)
-    config = (
-        peft.LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS)
-        if method == "lora"
-        else peft.OFTConfig(target_modules=TARGETS)
-    )
-    peft.inject_adapter_in_model(config, unet, adapter_name="bench")
-    return [p for p in unet.parameters() if p.requires_grad]
-
-
 def controls_for(task: str, arrays) -> list[Image.Image]:
     if task == "segmentation":
         return [mask_to_control(m) for m in arrays.masks]
     return [edges_to_control(e) for e in arrays.edges]
 
 
-def control_tensor(images: list[Image.Image]) -> torch.Tensor:
-    return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255.0 for i in images])).permute(0, 3, 1, 2)
+def training_folder(task: str, count: int, root: Path) -> Path:
+    """The rendered training set in the control script's layout (written once, reused)."""
+    folder = root / f"{task}-{count}-{TRAIN_START}"
+    if not (folder / "metadata.jsonl").is_file():
+        write_world_control_dataset(folder, task, count, start=TRAIN_START)
+    return folder
 
 
-@torch.no_grad()
-def prepare_training(pipe, task: str, count: int):
-    arrays = render_arrays(count, "pretrain", start=TRAIN_START)
-    pixels = torch.from_numpy(arrays.images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    latents = torch.cat([pipe.vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, count, 256)])
-    latents = latents * pipe.vae.config.scaling_factor
-    captions = [layout_free_caption(s) for s in arrays.scenes]
-    ids = pipe.tokenizer(
-        captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    hidden = torch.cat([pipe.text_encoder(ids[i : i + 256])[0] for i in range(0, count, 256)])
-    empty = pipe.text_encoder(ids[:1] * 0 + pipe.tokenizer("", padding="max_length", return_tensors="pt").input_ids)[0]
-    return latents, hidden, control_tensor(controls_for(task, arrays)), empty
-
-
-def train_one(pipe, base_unet, method, lr, args, data):
-    latents, hidden, controls, empty = data
-    unet = copy.deepcopy(base_unet)
-    params = add_adapter(unet, method, args.seed)
-    encoder = ConditionEncoder(ConditionEncoderConfig.for_model(unet, pipe.vae_scale_factor))
-    attach_condition_encoder(unet, encoder)
-    groups = [{"params": list(encoder.parameters()), "lr": ENCODER_LR}] + (
-        [{"params": params, "lr": lr}] if params else []
+def train_one(method: str, lr: float, args, data_dir: Path, work_dir: Path):
+    """Train the encoder (+ adapter) on the library's control task; returns (task, result, adapter parameters)."""
+    config = ControlConfig(
+        pretrained_model_name_or_path=default_model(),
+        train_data_dir=str(data_dir),
+        no_adapters=method == "encoder",
+        ether_method=method if method in ("ether", "ether_plus") else "ether_plus",
+        peer=method if method in ("lora", "oft") else None,
+        learning_rate=lr or PAPER_LR["ether"],
+        encoder_learning_rate=ENCODER_LR,
+        max_train_steps=args.max_train_steps,
+        train_batch_size=args.batch_size,
+        proportion_empty_prompts=args.proportion_empty_prompts,
+        checkpointing_steps=args.max_train_steps + 1,
+        seed=args.seed,
+        output_dir=str(work_dir),
+        report_to="none",
+        quiet=True,
     )
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(args.seed)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    unet.train()
-    losses, start = [], time.time()
-    for _ in range(args.max_train_steps):
-        index = torch.randint(0, len(latents), (args.batch_size,), generator=generator)
-        x0, cond = latents[index], hidden[index].clone()
-        drop = torch.rand(args.batch_size, generator=generator) < args.proportion_empty_prompts
-        cond[drop] = empty[0]
-        noise = sample_noise(x0, generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch_size,), generator=generator)
-        set_condition(unet, encoder(controls[index]))
-        prediction = unet(scheduler.add_noise(x0, noise, t), t, cond).sample
-        loss = torch.nn.functional.mse_loss(prediction, prediction_target(scheduler, x0, noise, t))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-    seconds = time.time() - start
-    set_condition(unet, None)
-    unet.eval()
-    encoder.eval()
-    trainable = sum(p.numel() for g in groups for p in g["params"])
-    adapter = sum(p.numel() for p in params)
-    return unet, trainable, adapter, seconds, [float(x) for x in losses]
+    task = ControlTask(config.validate())
+    try:
+        result = Trainer(task).train()
+    except TrainingDivergedError as err:  # scored as it stands (a diverged model is a result of the sweep)
+        print(f"  diverged: {err}", flush=True)
+        result = None
+    return task, result, sum(p.numel() for p in task.params)
 
 
 @torch.no_grad()
@@ -271,6 +233,7 @@ def parse_args(argv=None):
     parser.add_argument("--sample_batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="docs/benchmarks")
+    parser.add_argument("--data_root", default="outputs/control_data", help="where the rendered training set goes")
     parser.add_argument("--quick", action="store_true", help="2 steps, 4 scenes: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
@@ -281,11 +244,10 @@ def parse_args(argv=None):
 
 def main(args) -> dict:
     torch.manual_seed(0)
-    pipe = EtherControlPipeline.from_pretrained(str(default_model_path()), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    base_unet = copy.deepcopy(pipe.unet)
+    pipe = load_pipeline(None, EtherControlPipeline)
+    base_unet = pipe.unet
     evaluator = load_evaluator()
-    data = prepare_training(pipe, args.task, args.train_scenes)
+    data_dir = training_folder(args.task, args.train_scenes, Path(args.data_root))
     held_out = render_arrays(args.eval_scenes, "pretrain", start=EVAL_START)
     other_real = render_arrays(args.eval_scenes, "pretrain", start=EVAL_START + 1_000_000)
     controls, prompts = controls_for(args.task, held_out), [layout_free_caption(s) for s in held_out.scenes]
@@ -320,7 +282,11 @@ def main(args) -> dict:
     ]
     for method, scale in runs:
         lr = PAPER_LR[method] * scale
-        unet, trainable, adapter, seconds, losses = train_one(pipe, base_unet, method, lr, args, data)
+        with tempfile.TemporaryDirectory(prefix="bench-") as work_dir:
+            task, trained, adapter = train_one(method, lr, args, data_dir, Path(work_dir))
+        unet = task.components.unet.eval()
+        trainable = adapter + sum(p.numel() for p in task.encoder.parameters())
+        seconds, losses = (trained.train_seconds, trained.losses) if trained else (float("nan"), [float("nan")])
         images = generate(pipe, unet, controls, prompts, args)
         row = dict(
             method=method,
@@ -330,7 +296,7 @@ def main(args) -> dict:
             adapter_parameters=adapter,
             train_seconds=seconds,
             final_loss=statistics.fmean(losses[-50:]),
-            losses_finite=all(x == x for x in losses),
+            losses_finite=trained is not None,
             **score(images, held_out.masks, prompts, reference, evaluator),
         )
         result["rows"].append(row)

@@ -3,9 +3,10 @@
     python scripts/bench_dreambooth_quality.py                       # all subjects, 2 seeds, lr ×0.1 ×1 ×10 ×100
     python scripts/bench_dreambooth_quality.py --subjects orange_checkered_star --seeds 0 --quick   # smoke test
 
-Every method trains the same way (the library's dataset, noise, loss and class images; AdamW; batch 1 + 1 class
-image for prior preservation; the same steps) on the shipped tiny model, then samples each subject's evaluation
-prompts and is scored by the world evaluator: subject fidelity (our DINO), prompt fidelity (our CLIP-T),
+Every method trains on the library's own DreamBooth task and loop (the one ``ether-diffusion train`` runs: dataset,
+noise, loss, class images, AdamW, batch 1 + 1 class image for prior preservation, the same steps; LoRA and OFT are
+PEFT peers on that same loop) on the shipped tiny model, then samples each subject's evaluation prompts and is
+scored by the world evaluator: subject fidelity (our DINO), prompt fidelity (our CLIP-T),
 diversity (our LPIPS). Learning rates are the paper's (ETHER/ETHER+ 6e-3, LoRA 6e-4, OFT 6e-5) times each scale,
 unchanged for our shorter step budget. Writes a markdown table, a JSON file and a plot.
 """
@@ -13,18 +14,16 @@ unchanged for our shorter step budget. Writes a markdown table, a JSON file and 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler
 
-from ether_diffusion import EtherConfig, inject, mark_only_adapters_trainable
-from ether_diffusion.config import TARGET_PRESETS
+from ether_diffusion.config import METHOD_LABELS
 from ether_diffusion.evaluation import (
     diversity,
     instance_self_similarity,
@@ -32,95 +31,58 @@ from ether_diffusion.evaluation import (
     prompt_fidelity,
     subject_fidelity,
 )
+from ether_diffusion.models import default_model, load_pipeline
+from ether_diffusion.sampling import sample_images
 from ether_diffusion.training.class_images import ensure_class_images
-from ether_diffusion.training.data import load_image_folder, to_pixels
-from ether_diffusion.training.diffusion import dreambooth_loss, prediction_target, sample_noise
-from ether_diffusion.world.assets import default_subjects_path, load_tiny_pipeline
+from ether_diffusion.training.data import load_image_folder
+from ether_diffusion.training.dreambooth import DreamBoothConfig, DreamBoothTask
+from ether_diffusion.training.trainer import Trainer, TrainingDivergedError
+from ether_diffusion.world.assets import default_subjects_path
 from ether_diffusion.world.subjects import load_subject
 
-TARGETS = list(TARGET_PRESETS["unet-attention"])
 PAPER_LR = {"ether": 6e-3, "ether_plus": 6e-3, "lora": 6e-4, "oft": 6e-5}
-LABELS = {"ether": "ETHER", "ether_plus": "ETHER+ (two-sided)", "lora": "LoRA r=4 (PEFT)", "oft": "OFT (PEFT)"}
+LABELS = {**METHOD_LABELS, "ether_plus": "ETHER+ (two-sided)", "lora": "LoRA r=4 (PEFT)", "oft": "OFT (PEFT)"}
 
 
-def add_adapter(unet, method: str, seed: int) -> list[torch.nn.Parameter]:
-    if method in ("ether", "ether_plus"):
-        inject(unet, EtherConfig(method=method, target_modules=TARGETS, init_seed=seed), "bench")
-        return mark_only_adapters_trainable(unet)
-    import peft
-
-    torch.manual_seed(seed)
-    config = (
-        peft.LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS)
-        if method == "lora"
-        else peft.OFTConfig(target_modules=TARGETS)
+def train_one(subject, method: str, lr: float, steps: int, seed: int, class_dir: Path, num_class_images: int,
+              guidance: float, work_dir: Path):  # fmt: skip
+    """Train one (subject, method, lr, seed) on the library's DreamBooth task; returns (task, result)."""
+    config = DreamBoothConfig(
+        pretrained_model_name_or_path=default_model(),
+        instance_data_dir=str(subject.image_paths[0].parent),
+        instance_prompt=subject.instance_prompt,
+        with_prior_preservation=True,
+        class_prompt=subject.class_prompt,
+        class_data_dir=str(class_dir),
+        num_class_images=num_class_images,
+        ether_method=method if method in ("ether", "ether_plus") else "ether_plus",
+        peer=None if method in ("ether", "ether_plus") else method,
+        learning_rate=lr,
+        max_train_steps=steps,
+        checkpointing_steps=steps + 1,  # no checkpoints: a benchmark run is not resumed
+        seed=seed,
+        output_dir=str(work_dir),
+        validation_guidance_scale=guidance,
+        report_to="none",
+        quiet=True,
+        no_final_reload=True,
     )
-    unet.requires_grad_(False)
-    peft.inject_adapter_in_model(config, unet, adapter_name="bench")
-    return [p for p in unet.parameters() if p.requires_grad]
-
-
-@torch.no_grad()
-def encode(pipe, images) -> torch.Tensor:
-    pixels = torch.stack([to_pixels(i.resize((64, 64))) for i in images]).to(pipe.device)
-    return (pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor).cpu()
-
-
-@torch.no_grad()
-def embed_prompt(pipe, prompt: str) -> torch.Tensor:
-    ids = pipe.tokenizer(
-        prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    return pipe.text_encoder(ids.to(pipe.device))[0].cpu()
-
-
-def train_one(pipe, base_unet, method, lr, steps, seed, instance_latents, class_latents, instance_emb, class_emb):
-    device = base_unet.device  # latents and embeddings stay on the CPU, where the seeded draws happen
-    unet = copy.deepcopy(base_unet)
-    params = add_adapter(unet, method, seed)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the betas the model was trained with
-    unet.train()
-    start = time.time()
-    losses = []
-    for _ in range(steps):
-        i = int(torch.randint(0, len(instance_latents), (1,), generator=generator))
-        j = int(torch.randint(0, len(class_latents), (1,), generator=generator))
-        latents = torch.cat([instance_latents[i : i + 1], class_latents[j : j + 1]])
-        hidden = torch.cat([instance_emb, class_emb]).to(device)
-        noise = sample_noise(latents, generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (2,), generator=generator)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        latents, noise, noisy, timesteps = (t.to(device) for t in (latents, noise, noisy, timesteps))
-        prediction = unet(noisy, timesteps, hidden).sample
-        target = prediction_target(noise_scheduler, latents, noise, timesteps)
-        loss, _ = dreambooth_loss(prediction, target, timesteps, noise_scheduler, with_prior_preservation=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-    losses = [float(loss) for loss in losses]  # one device sync at the end, not one per step
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.time() - start
-    unet.eval()
-    return unet, sum(p.numel() for p in params), seconds, losses
+    task = DreamBoothTask(config.validate())
+    try:
+        return task, Trainer(task).train()
+    except TrainingDivergedError as err:  # scored as it stands (a diverged model is a result of the sweep)
+        print(f"  diverged: {err}", flush=True)
+        return task, None
 
 
 @torch.no_grad()
 def sample(pipe, unet, prompts, seeds, steps, guidance):
     original = pipe.unet
-    pipe.unet = unet
+    pipe.unet = unet.to(pipe.device).eval()
     try:
-        images = []
-        for prompt in prompts:
-            generators = [torch.Generator().manual_seed(s) for s in seeds]
-            images += pipe(
-                [prompt] * len(seeds), generator=generators, num_inference_steps=steps, guidance_scale=guidance
-            ).images
-        return images
+        samples = sample_images(pipe, prompts, seeds, num_inference_steps=steps, guidance_scale=guidance,
+                                batch_size=len(seeds))  # fmt: skip
+        return [s.image for s in samples]
     finally:
         pipe.unet = original
 
@@ -287,8 +249,8 @@ def parse_args(argv=None):
 def main(args) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
-    pipe = load_tiny_pipeline().to(device)
-    base_unet = copy.deepcopy(pipe.unet)
+    pipe = load_pipeline().to(device)
+    base_unet = pipe.unet
     evaluator = load_evaluator()
     subjects = [
         load_subject(default_subjects_path() / name)
@@ -326,9 +288,6 @@ def main(args) -> dict:
             num_inference_steps=25,
             guidance_scale=args.guidance_scale,
         )
-        class_images = load_image_folder(class_dir, "class")[: args.num_class_images]
-        instance_latents, class_latents = encode(pipe, instance), encode(pipe, class_images)
-        instance_emb, class_emb = embed_prompt(pipe, subject.instance_prompt), embed_prompt(pipe, subject.class_prompt)
         base = sample(pipe, base_unet, prompts, args.eval_seeds, args.inference_steps, args.guidance_scale)
         base_scores[subject.name] = dict(
             subject_fidelity=subject_fidelity(base, instance, evaluator),
@@ -340,20 +299,15 @@ def main(args) -> dict:
             for scale in args.lr_scales:
                 for seed in args.seeds:
                     lr = PAPER_LR[method] * scale
-                    unet, params, seconds, losses = train_one(
-                        pipe,
-                        base_unet,
-                        method,
-                        lr,
-                        args.max_train_steps,
-                        seed,
-                        instance_latents,
-                        class_latents,
-                        instance_emb,
-                        class_emb,
-                    )
+                    with tempfile.TemporaryDirectory(prefix="bench-") as work_dir:
+                        task, trained = train_one(
+                            subject, method, lr, args.max_train_steps, seed, class_dir, args.num_class_images,
+                            args.guidance_scale, Path(work_dir),
+                        )  # fmt: skip
+                    unet, params = task.components.unet, sum(p.numel() for p in task.params)
+                    seconds, losses = (trained.train_seconds, trained.losses) if trained else (float("nan"), [])
                     images = sample(pipe, unet, prompts, args.eval_seeds, args.inference_steps, args.guidance_scale)
-                    finite = all(loss == loss for loss in losses)  # NaN is the only value unequal to itself
+                    finite = trained is not None  # the loop stops a run whose loss or vectors go non-finite
                     row = dict(
                         subject=subject.name,
                         method=method,

@@ -5,12 +5,18 @@
     accelerate launch scripts/train_control_ether.py --train_data_dir data/seg --max_train_steps 2000 \\
         --validation_image data/seg/conditions/00000000.png --validation_prompt "a red circle" --validation_steps 500
 
-Flags as diffusers' train_controlnet.py; see --help. The loop lives in ether_diffusion.control.train.
+Flags as diffusers' train_controlnet.py; see --help. The task lives in ether_diffusion.control.train.
 """
 
 from ether_diffusion.control.train import parse_args, train
 
-if __name__ == "__main__":
-    result = train(parse_args())
+
+def main(config):
+    result = train(config)
     if result.adapter_path:  # the main process
         print(f"saved {result.adapter_path} after {result.global_step} steps")
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -124,7 +124,9 @@ def test_demo_in_short_mode(tmp_path):
     from PIL import Image
 
     grid = Image.open(tmp_path / "grid.png")
-    assert grid.height == 3 * 128 + 16  # instance, base and adapted rows at 2× scale
+    # a title row with the prompts, then instance, base and adapted rows at 2× scale, one column per prompt
+    assert grid.width == 90 + 3 * 128 and 3 * 128 + 16 + 14 <= grid.height <= 3 * 128 + 16 + 100
+    assert metrics["grid_seed"] == 1000 and len(metrics["prompts"]) == 3
 
 
 def test_control_demo_in_short_mode(tmp_path):

@@ -12,8 +12,9 @@ from conftest import build_tiny_components, free_port, launch_env
 from PIL import Image
 
 from ether_diffusion.io import read_adapter_file
+from ether_diffusion.models import ModelLoadError
 from ether_diffusion.training.checkpoints import COMPLETE_MARKER, latest_checkpoint
-from ether_diffusion.training.dreambooth import ModelLoadError, parse_args, train
+from ether_diffusion.training.dreambooth import parse_args, train
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_dreambooth_ether.py"

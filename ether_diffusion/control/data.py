@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ..training.data import MAX_IMAGE_PIXELS, to_pixels
+from ..images import ImageReadError, open_image
+from ..training.data import to_pixels
 
 __all__ = [
     "CONTROL_TASKS",
@@ -113,15 +114,12 @@ def control_to_tensor(image, height: int, width: int, channels: int = 3) -> torc
     return tensor.contiguous()
 
 
-def _open_image(path: Path, what: str) -> Image.Image:
+def open_control_image(path: Path, what: str) -> Image.Image:
+    """A target or control image as upright RGB, or ``ControlDataError`` naming it."""
     try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"{image.width}×{image.height} pixels is too large")
-            image.load()
-            return image.copy()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ControlDataError(f"the {what} '{path}' cannot be read as an image ({err}); replace or remove it") from err
+        return open_image(path, what)
+    except ImageReadError as err:
+        raise ControlDataError(f"{err}; replace or remove it") from err
 
 
 class ControlDataset(torch.utils.data.Dataset):
@@ -199,8 +197,8 @@ class ControlDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         image_path, control_path, caption = self.rows[index]
         size = (self.resolution, self.resolution)
-        image = _open_image(image_path, "image").convert("RGB")
-        control = _open_image(control_path, "control image")
+        image = open_control_image(image_path, "image").convert("RGB")
+        control = open_control_image(control_path, "control image")
         if image.size != size:
             image = image.resize(size, Image.BICUBIC)
         if control.size != size:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..io import atomic_write
+from ..files import atomic_write
 
 __all__ = ["run_control_demo"]
 
@@ -45,12 +45,12 @@ def run_control_demo(
     quiet: bool = False,
 ) -> dict:
     from ..evaluation import load_evaluator
-    from ..training.dreambooth import make_grid
-    from ..world.assets import default_model_path
+    from ..models import default_model, load_pipeline
+    from ..training.artifacts import make_grid
     from ..world.dataset import render_arrays
     from .data import edges_to_control, layout_free_caption, mask_to_control, write_world_control_dataset
     from .pipeline import EtherControlPipeline
-    from .train import parse_args, train
+    from .train import ControlConfig, train
 
     out = Path(output_dir)
     data = out / f"data-{task}"
@@ -64,29 +64,27 @@ def run_control_demo(
     validation = out / "validation-control.png"
     controls[0].save(validation)
 
-    args = parse_args(
-        [
-            "--train_data_dir", str(data),
-            "--output_dir", str(out / "model"),
-            "--max_train_steps", str(max_train_steps),
-            "--train_batch_size", "8",
-            "--checkpointing_steps", str(max(max_train_steps // 2, 1)),
-            "--checkpoints_total_limit", "1",
-            "--proportion_empty_prompts", "0.1",
-            "--validation_image", str(validation),
-            "--validation_prompt", prompts[0],
-            "--validation_steps", str(max(max_train_steps // 3, 1)),
-            "--validation_inference_steps", str(inference_steps),
-            "--num_validation_images", "2",
-            "--report_to", "none",
-            "--seed", str(seed),
-            *(["--quiet"] if quiet else []),
-        ]
-    )  # fmt: skip
-    result = train(args)
+    config = ControlConfig(
+        pretrained_model_name_or_path=default_model(),
+        train_data_dir=str(data),
+        output_dir=str(out / "model"),
+        max_train_steps=max_train_steps,
+        train_batch_size=8,
+        checkpointing_steps=max(max_train_steps // 2, 1),
+        checkpoints_total_limit=1,
+        proportion_empty_prompts=0.1,
+        validation_image=[str(validation)],
+        validation_prompt=[prompts[0]],
+        validation_steps=max(max_train_steps // 3, 1),
+        validation_inference_steps=inference_steps,
+        num_validation_images=2,
+        report_to="none",
+        seed=seed,
+        quiet=quiet,
+    )
+    result = train(config)
 
-    pipe = EtherControlPipeline.from_pretrained(str(default_model_path()), safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(None, EtherControlPipeline)
     kwargs = dict(num_inference_steps=inference_steps, guidance_scale=guidance_scale)
     generators = lambda: [torch.Generator().manual_seed(seed + i) for i in range(eval_scenes)]  # noqa: E731
     base = pipe(prompts, generator=generators(), **kwargs).images

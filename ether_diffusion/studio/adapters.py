@@ -4,20 +4,22 @@ with the library's strict reader (and, when given, loaded into the base model) b
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import AdapterFileError, AdapterMismatchError, atomic_write, read_adapter_file
+from ..config import METHOD_LABELS
+from ..files import atomic_write
+from ..io import AdapterFileError, AdapterMismatchError, read_adapter_file
 from .workspace import StudioError, Workspace, check_name, inside, slug
 
 __all__ = ["MAX_ADAPTER_BYTES", "AdapterInfo", "AdapterStore"]
 
 MAX_ADAPTER_BYTES = 256 * 1024 * 1024  # ETHER adapters are kilobytes to a few MB; refuse anything absurd
 SUFFIX = ".safetensors"
-METHOD_LABELS = {"ether": "ETHER", "ether_plus": "ETHER+"}
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,11 @@ def describe(name: str, path: Path, thumbnail: Path | None) -> AdapterInfo:
     )
 
 
+def file_digest(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 class AdapterStore:
     def __init__(self, workspace: Workspace):
         self.folder = workspace.adapters
@@ -102,6 +109,17 @@ class AdapterStore:
             n += 1
             name = f"{base}-{n}"
         return name
+
+    def digest(self, name: str) -> str:
+        """SHA-256 of the adapter's file: what a training job recognises its own file by, whatever its name."""
+        return file_digest(self.require(name))
+
+    def find(self, digest: str) -> str | None:
+        """The name of the adapter whose file has ``digest`` (renamed or not), or None."""
+        for name in self.names():
+            if file_digest(self.path(name)) == digest:
+                return name
+        return None
 
     # --- listing -----------------------------------------------------------------------------------------------
     def list(self) -> list[AdapterInfo]:

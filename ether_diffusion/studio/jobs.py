@@ -1,10 +1,11 @@
 """Background training for the studio: one job at a time on the library's DreamBooth loop.
 
 A job is a folder ``<workspace>/jobs/<id>/`` holding ``state.json`` (what the page shows), the instance images
-when they were uploaded, and ``output/``, the loop's output folder (checkpoints, previews, the adapter). The loop
-runs in a thread with ``TrainCallbacks``: each step updates the state (step, loss, lr, ETA), each preview adds to
-the gallery, ``stop`` asks the loop to stop after the current step (it saves the adapter and a checkpoint), and
-``resume`` runs the loop again with ``--resume_from_checkpoint latest``. Every exception ends the job as
+when they were uploaded, and ``output/``, the loop's output folder (checkpoints, previews, the adapter). A job is a
+``DreamBoothConfig`` built from the form (no command line in between) run in a thread with a ``Callback``: each
+preparation phase and step updates the state (message, step, loss, lr, ETA), each preview adds to the gallery,
+``stop`` asks the loop to stop (before the first step, or after the current one with the adapter and a checkpoint
+saved), and ``resume`` runs the loop again from the latest checkpoint. Every exception ends the job as
 ``failed`` with its message on the page; a studio that dies mid-job finds the job ``interrupted`` on restart,
 resumable from its last checkpoint.
 
@@ -17,6 +18,7 @@ resumable from its last checkpoint.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import shutil
 import threading
@@ -25,17 +27,21 @@ import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..io import atomic_write
+from ..config import METHOD_LABELS
+from ..files import atomic_write
+from ..training.callbacks import Callback
 from ..training.checkpoints import checkpoint_step, latest_checkpoint
+from ..training.config import ETHER_METHODS
 from ..training.dreambooth import PAPER_LEARNING_RATE
 from .adapters import AdapterStore
 from .uploads import save_uploads
-from .workspace import StudioError, Workspace, check_name, inside
+from .workspace import StudioError, Workspace, check_name, inside, slug
 
 __all__ = ["ACTIVE_PHASES", "JobManager", "TrainSpec", "shipped_subjects"]
 
 ACTIVE_PHASES = ("preparing", "training", "stopping", "saving")
-METHODS = {"ETHER": "ether", "ETHER+": "ether_plus", "ether": "ether", "ether_plus": "ether_plus"}
+METHODS = {**{label: method for method, label in METHOD_LABELS.items() if method in ETHER_METHODS},
+           **{method: method for method in ETHER_METHODS}}  # fmt: skip  # "ETHER+" or "ether_plus" -> "ether_plus"
 STATE_FILE = "state.json"
 
 
@@ -81,9 +87,9 @@ class TrainSpec:
         if spec.method not in METHODS:
             raise StudioError(f"method {spec.method!r}: choose ETHER or ETHER+")
         spec.method = METHODS[spec.method]
-        if not spec.instance_prompt or not spec.instance_prompt.strip():
+        if not isinstance(spec.instance_prompt, str) or not spec.instance_prompt.strip():
             raise StudioError("the instance prompt is empty: name the subject with an identifier, e.g. 'a sks dog'")
-        if spec.prior_preservation and not spec.class_prompt.strip():
+        if spec.prior_preservation and not (spec.class_prompt or "").strip():
             raise StudioError("prior preservation needs a class prompt without the identifier, e.g. 'a dog'")
         for name, low, high in (
             ("max_train_steps", 1, 100_000),
@@ -105,37 +111,38 @@ class TrainSpec:
             raise StudioError(f"no shipped subject {spec.subject!r}; choose one of {sorted(shipped_subjects())}")
         return spec
 
-    def argv(self, model: str, instance_dir: Path, output_dir: Path, resume: bool) -> list[str]:
-        """The flags of the library loop (``training.dreambooth.build_parser``) for this job."""
+    def config(self, model: str, instance_dir: Path, output_dir: Path, class_dir: Path, resume: bool):
+        """The library's DreamBooth configuration for this job (no command line in between)."""
+        from ..training.dreambooth import DreamBoothConfig
+
         every = self.checkpoint_every or self.preview_every
-        argv = [
-            "--pretrained_model_name_or_path", model,
-            "--instance_data_dir", str(instance_dir),
-            "--instance_prompt", self.instance_prompt.strip(),
-            "--ether_method", self.method,
-            "--n_blocks", str(self.n_blocks),
-            "--max_train_steps", str(self.max_train_steps),
-            "--learning_rate", repr(float(self.learning_rate)),
-            "--seed", str(int(self.seed)),
-            "--checkpointing_steps", str(every),
-            "--checkpoints_total_limit", "2",
-            "--validation_prompt", (self.preview_prompt or self.instance_prompt).strip(),
-            "--validation_steps", str(self.preview_every),
-            "--num_validation_images", str(self.preview_images),
-            "--validation_inference_steps", str(self.preview_steps),
-            "--validation_guidance_scale", repr(float(self.guidance_scale)),
-            "--adapter_name", self.adapter_name,
-            "--output_dir", str(output_dir),
-            "--random_flip",
-            "--report_to", "none",
-            "--quiet",
-        ]  # fmt: skip
-        if self.prior_preservation:
-            argv += ["--with_prior_preservation", "--class_prompt", self.class_prompt.strip()]
-            argv += ["--num_class_images", str(self.num_class_images)]
-        if resume:
-            argv += ["--resume_from_checkpoint", "latest"]
-        return argv
+        return DreamBoothConfig(
+            pretrained_model_name_or_path=model,
+            instance_data_dir=str(instance_dir),
+            instance_prompt=self.instance_prompt.strip(),
+            ether_method=self.method,
+            n_blocks=int(self.n_blocks),
+            max_train_steps=int(self.max_train_steps),
+            learning_rate=float(self.learning_rate),
+            seed=int(self.seed),
+            checkpointing_steps=int(every),
+            checkpoints_total_limit=2,
+            validation_prompt=(self.preview_prompt or self.instance_prompt).strip(),
+            validation_steps=int(self.preview_every),
+            num_validation_images=int(self.preview_images),
+            validation_inference_steps=int(self.preview_steps),
+            validation_guidance_scale=float(self.guidance_scale),
+            adapter_name=self.adapter_name,
+            output_dir=str(output_dir),
+            random_flip=True,
+            report_to="none",
+            quiet=True,
+            with_prior_preservation=bool(self.prior_preservation),
+            class_prompt=self.class_prompt.strip() or None,
+            num_class_images=int(self.num_class_images),
+            class_data_dir=str(class_dir),
+            resume_from_checkpoint="latest" if resume else None,
+        )
 
 
 class JobManager:
@@ -225,7 +232,7 @@ class JobManager:
             return self._resume()
 
     def _start(self, spec: TrainSpec) -> dict:
-        from ..training.dreambooth import build_parser, validate_args
+        from ..training.config import ConfigError
 
         if self.running():
             raise StudioError(self._busy_message())
@@ -252,8 +259,8 @@ class JobManager:
             instance_dir = job_dir / "instance"
         spec.uploads = []
         try:  # the loop's own checks, before anything runs in the background
-            validate_args(build_parser().parse_args(spec.argv(self.model, instance_dir, job_dir / "output", False)))
-        except ValueError as err:
+            self._config(spec, instance_dir, job_dir, resume=False).validate()
+        except ConfigError as err:
             _remove_tree(job_dir)
             raise StudioError(str(err)) from err
         self._state = {
@@ -299,66 +306,36 @@ class JobManager:
         return self.status()
 
     # --- the thread --------------------------------------------------------------------------------------------
+    def _class_dir(self, spec: TrainSpec) -> Path:
+        """Class images are the base model's: jobs with the same model, class prompt and sampling share them."""
+        key = f"{self.model}|{spec.class_prompt.strip()}|{spec.seed}|{spec.preview_steps}|{spec.guidance_scale}"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+        return inside(self.workspace.class_images, f"{slug(spec.class_prompt.strip(), 'class')[:40]}-{digest}")
+
+    def _config(self, spec: TrainSpec, instance_dir: Path, job_dir: Path, resume: bool):
+        return spec.config(self.model, instance_dir, job_dir / "output", self._class_dir(spec), resume)
+
     def _launch(self, resume: bool) -> None:
-        prior = self._state["spec"]["prior_preservation"]
-        what = "loading the base model" + (
-            f" and drawing {self._state['spec']['num_class_images']} class images" if prior and not resume else ""
-        )
         self._stop.clear()
-        self._update(phase="preparing", error=None, message=what + ("; resuming" if resume else ""), force=True)
+        message = "loading the base model" + ("; resuming" if resume else "")
+        self._update(phase="preparing", error=None, message=message, force=True)
         self._thread = threading.Thread(target=self._run, args=(resume,), name="studio-training", daemon=True)
         self._thread.start()
 
     def _run(self, resume: bool) -> None:
-        from ..training.dreambooth import TrainCallbacks, build_parser, train, validate_args
+        from ..training.dreambooth import train
 
         spec = TrainSpec(**self._state["spec"])
-        output_dir = self._job_dir() / "output"
-        clock = {"start": time.monotonic(), "first_step": 0}
-        last_images: list = []
-
-        def on_start(total: int, start_step: int) -> None:
-            clock["start"], clock["first_step"] = time.monotonic(), start_step
-            previews = [p for p in self._state["previews"] if p["step"] <= start_step] if start_step else []
-            message = f"resumed at step {start_step}" if start_step else "training"
-            self._update(phase="training", total=total, step=start_step, start_step=start_step, previews=previews,
-                         losses=self._state["losses"][:start_step], message=message)  # fmt: skip
-
-        def on_step(step: int, logs: dict) -> None:
-            done = step - clock["first_step"]
-            per_step = (time.monotonic() - clock["start"]) / max(done, 1)
-            losses = self._state["losses"] + [round(logs["loss"], 6)]
-            self._update(step=step, loss=logs["loss"], lr=logs["lr"], losses=losses,
-                         eta_seconds=per_step * (self._state["total"] - step))  # fmt: skip
-
-        def on_validation(step: int, images, paths) -> None:
-            final = Path(paths[0]).name == "samples.png"  # the loop's last call: a grid from the reloaded file
-            caption = f"step {step} · saved adapter, reloaded" if final else f"step {step}"
-            if step == 0:
-                caption = "step 0 · base model (baseline)"
-            if final:  # the next run of the loop writes samples.png again: keep this one under its own name
-                kept = self._job_dir() / "previews" / f"step-{step:06d}-saved.png"
-                kept.parent.mkdir(exist_ok=True)
-                shutil.copyfile(paths[0], kept)
-                paths = [kept]
-            last_images[:] = images
-            previews = self._state["previews"] + [{"path": str(paths[0]), "caption": caption, "step": step}]
-            previews += [{"path": str(p), "caption": caption, "step": step} for p in paths[1:]]
-            self._update(previews=previews, phase="saving" if final else self._state["phase"], force=True)
-
-        def should_stop() -> bool:
-            return self._stop.is_set()
-
+        callback = _JobCallback(self)
         try:
-            args = validate_args(build_parser().parse_args(
-                spec.argv(self.model, Path(self._state["instance_dir"]), output_dir, resume)))  # fmt: skip
-            result = train(args, TrainCallbacks(on_start, on_step, on_validation, should_stop))
+            config = self._config(spec, Path(self._state["instance_dir"]), self._job_dir(), resume)
+            result = train(config, [callback])
+            if result.adapter_path is None:  # stopped before the first step: nothing trained, nothing to publish
+                self._update(phase="stopped", eta_seconds=None,
+                             message="stopped before training began; Resume starts it")  # fmt: skip
+                return
             self._update(phase="saving", message="publishing the adapter")
-            name = self._state["adapter"] or spec.adapter_name
-            if self.store.exists(name) and not self._state["adapter"]:
-                name = self.store.free_name(name)  # the name was taken while the job ran
-            self.store.publish(result.adapter_path, name, thumbnail=last_images[0] if last_images else None,
-                               replace=True)  # fmt: skip
+            name = self._publish(result.adapter_path, spec, callback.last_images)
             stopped = result.stopped_early
             self._update(
                 phase="stopped" if stopped else "done",
@@ -379,6 +356,71 @@ class JobManager:
                 eta_seconds=None,
                 message="training failed; fix the cause, then Resume (from the last checkpoint) or start anew",
             )
+
+    def _publish(self, adapter_path: Path, spec: TrainSpec, last_images: list) -> str:
+        """Copy the trained file into the store. A job owns the file it published (found by its content, even if
+        renamed since), never a name: a file someone else put under the job's name is left alone."""
+        previous = self._state.get("adapter_digest")
+        name = self.store.find(previous) if previous else None
+        if name is None:
+            wanted = spec.adapter_name
+            name = wanted if not self.store.exists(wanted) else self.store.free_name(wanted)
+        self.store.publish(adapter_path, name, thumbnail=last_images[0] if last_images else None, replace=True)
+        self._update(adapter=name, adapter_digest=self.store.digest(name), force=True)
+        return name
+
+
+class _JobCallback(Callback):
+    """The loop's events as the job's state: phase, progress, previews, stop."""
+
+    def __init__(self, manager: JobManager):
+        self.manager = manager
+        self.last_images: list = []
+        self.clock: tuple[float, int] | None = None  # (time, step) when the timed stretch began
+
+    def _phase(self, wanted: str) -> str:
+        return "stopping" if self.manager._stop.is_set() else wanted
+
+    def on_prepare(self, preparation) -> None:
+        message = preparation.message
+        if preparation.total:
+            message += f" ({preparation.done}/{preparation.total})"
+        self.manager._update(phase=self._phase("preparing"), message=message)
+
+    def on_train_start(self, total: int, start_step: int) -> None:
+        state = self.manager._state
+        previews = [p for p in state["previews"] if p["step"] <= start_step] if start_step else state["previews"]
+        self.clock = (time.monotonic(), start_step)
+        self.manager._update(phase=self._phase("training"), total=total, step=start_step, start_step=start_step,
+                             previews=previews, losses=state["losses"][:start_step], eta_seconds=None,
+                             message=f"resumed at step {start_step}" if start_step else "training")  # fmt: skip
+
+    def on_step(self, step: int, logs: dict) -> None:
+        state = self.manager._state
+        started, first = self.clock or (time.monotonic(), step - 1)
+        per_step = (time.monotonic() - started) / max(step - first, 1)  # training steps only: no step-0 preview
+        self.manager._update(step=step, loss=logs["loss"], lr=logs["lr"],
+                             losses=state["losses"] + [round(logs["loss"], 6)],
+                             eta_seconds=per_step * (state["total"] - step))  # fmt: skip
+
+    def on_validation(self, event) -> None:
+        manager = self.manager
+        paths = list(event.paths)
+        caption = {"baseline": "step 0 · base model (baseline)", "final": f"step {event.step} · saved adapter, "
+                   "reloaded"}.get(event.kind, f"step {event.step}")  # fmt: skip
+        if event.kind == "final":  # a resumed run writes samples.png again: keep this one under its own name
+            kept = manager._job_dir() / "previews" / f"step-{event.step:06d}-saved.png"
+            kept.parent.mkdir(exist_ok=True)
+            shutil.copyfile(paths[0], kept)
+            paths = [kept]
+        self.last_images = list(event.images)
+        added = [{"path": str(p), "caption": caption, "step": event.step} for p in paths]
+        previews = manager._state["previews"] + added
+        phase = "saving" if event.kind == "final" else manager._state["phase"]
+        manager._update(previews=previews, phase=phase, force=True)
+
+    def should_stop(self) -> bool:
+        return self.manager._stop.is_set()
 
 
 def _remove_tree(path: Path) -> None:

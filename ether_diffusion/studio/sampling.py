@@ -99,19 +99,13 @@ class Sampler:
     # --- the pipeline ------------------------------------------------------------------------------------------
     def _pipeline(self):
         if self._pipe is None:
+            from ..models import ModelLoadError, load_pipeline
             from ..pipeline import EtherStableDiffusionPipeline
 
             try:
-                pipe = EtherStableDiffusionPipeline.from_pretrained(
-                    self.model, safety_checker=None, requires_safety_checker=False
-                )
-            except (OSError, ValueError) as err:
-                raise StudioError(
-                    f"could not load the base model '{self.model}': {err}. Start the studio with --model pointing "
-                    "at a diffusers folder (hub ids need internet access)"
-                ) from err
-            pipe.set_progress_bar_config(disable=True)
-            self._pipe = pipe
+                self._pipe = load_pipeline(self.model, EtherStableDiffusionPipeline)
+            except ModelLoadError as err:
+                raise StudioError(f"{err}. Start the studio with --model pointing at a diffusers folder") from err
         return self._pipe
 
     def _sync_adapter(self, pipe, name: str) -> None:
@@ -144,42 +138,34 @@ class Sampler:
             pipe.load_ether_weights(path, adapter_name=name)
             pipe.delete_ether_adapters(name)
 
-    # --- sampling ----------------------------------------------------------------------------------------------
-    def _draw(self, pipe, request: SampleRequest, seed: int):
-        import torch
-
-        return pipe(
-            request.prompt,
-            negative_prompt=request.negative_prompt or None,
-            num_inference_steps=int(request.steps),
-            guidance_scale=float(request.guidance_scale),
-            generator=torch.Generator().manual_seed(seed),
-        ).images[0]
-
+    # --- sampling ---------------------------------------------------------------------------------------------
     def sample(self, request: SampleRequest, save: bool = True) -> SampleResult:
+        from ..sampling import sample_images
+
         request = request.validated()
         started = time.time()
-        images, captions = [], []
         with self.lock:
             pipe = self._pipeline()
             self._forget_missing(pipe)
             names = [check_name(n) for n, _ in request.adapters]
             for name in names:
                 self._sync_adapter(pipe, name)
-            label = " + ".join(f"{n}×{w:g}" for n, w in request.adapters)
-            for seed in request.seeds:
-                if names:
-                    pipe.enable_ether()
-                    pipe.set_ether_adapters(names, [float(w) for _, w in request.adapters])
-                    images.append(self._draw(pipe, request, seed))
-                    captions.append(f"seed {seed} · {label}")
-                if request.compare or not names:
-                    if self._loaded:
-                        pipe.disable_ether()
-                    images.append(self._draw(pipe, request, seed))
-                    captions.append(f"seed {seed} · base model")
-                    if self._loaded:
-                        pipe.enable_ether()
+            if names:
+                pipe.enable_ether()
+                pipe.set_ether_adapters(names, [float(w) for _, w in request.adapters])
+            variants = ("adapted", "base") if names and request.compare else ("adapted" if names else "base",)
+            samples = sample_images(
+                pipe,
+                [request.prompt],
+                request.seeds,
+                variants=variants,
+                num_inference_steps=int(request.steps),
+                guidance_scale=float(request.guidance_scale),
+                negative_prompt=request.negative_prompt or None,
+            )
+        label = " + ".join(f"{n}×{w:g}" for n, w in request.adapters)
+        images = [s.image for s in samples]
+        captions = [f"seed {s.seed} · {label if s.variant == 'adapted' else 'base model'}" for s in samples]
         paths = self._save(images, captions) if save else []
         return SampleResult(images, captions, paths, time.time() - started)
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
+from ..images import ImageReadError, open_image
 from .workspace import StudioError
 
-__all__ = ["MAX_FILE_BYTES", "MAX_IMAGES", "MAX_PIXELS", "MIN_IMAGES", "check_uploads", "save_uploads"]
+__all__ = ["MAX_FILE_BYTES", "MAX_IMAGES", "MIN_IMAGES", "check_uploads", "save_uploads"]
 
 MIN_IMAGES, MAX_IMAGES = 3, 10  # DreamBooth's advice: a few images of one subject
-MAX_PIXELS = 4096 * 4096  # larger than any photo worth training on; refuses decompression bombs before decoding
 MAX_FILE_BYTES = 50 * 1024 * 1024
 
 
@@ -28,30 +26,24 @@ def check_uploads(paths: list[str | os.PathLike] | None) -> list[Path]:
         try:
             size = path.stat().st_size
             if size > MAX_FILE_BYTES:
-                raise ValueError(f"{size / 2**20:.0f} MB, over the {MAX_FILE_BYTES // 2**20} MB limit")
-            with Image.open(path) as image:  # reads the header only: size is known before any pixel is decoded
-                if image.width * image.height > MAX_PIXELS:
-                    raise ValueError(
-                        f"{image.width}×{image.height} pixels is too large (at most {MAX_PIXELS:,} pixels, "
-                        "e.g. 4096×4096); scale it down"
-                    )
-                image.verify()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            reason = "not an image" if isinstance(err, UnidentifiedImageError) else str(err)
-            bad.append(f"{path.name}: {reason}")
+                raise ImageReadError(f"{path.name}: {size / 2**20:.0f} MB, over the {MAX_FILE_BYTES // 2**20} MB limit")
+            open_image(path, "upload")  # decodes fully: a truncated file fails here, not in training
+        except ImageReadError as err:
+            bad.append(str(err))
+        except OSError as err:
+            bad.append(f"{path.name}: {err.strerror or err}")
     if bad:
         raise StudioError("these files cannot be used: " + "; ".join(bad) + ". Nothing was trained.")
     return paths
 
 
 def save_uploads(paths: list[str | os.PathLike], folder: Path) -> list[Path]:
-    """Check the files, then write them as ``00.png``, ``01.png``… (RGB) into ``folder``."""
+    """Check the files, then write them as ``00.png``, ``01.png``… (upright 8-bit RGB) into ``folder``."""
     checked = check_uploads(paths)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for i, path in enumerate(checked):
-        with Image.open(path) as image:
-            target = folder / f"{i:02d}.png"
-            image.convert("RGB").save(target)
-            written.append(target)
+        target = folder / f"{i:02d}.png"
+        open_image(path, "upload").save(target)  # upright (EXIF applied), 8-bit RGB, high bit depths scaled
+        written.append(target)
     return written

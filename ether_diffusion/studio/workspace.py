@@ -5,6 +5,7 @@ A workspace is one folder::
     <root>/adapters/<name>.safetensors   saved adapters (+ <name>.png thumbnail)
     <root>/jobs/<job id>/                one training job: state.json, instance/ images, output/ (the loop's)
     <root>/samples/<time>/               images from the Sample tab
+    <root>/class_images/<prompt>-<key>/  prior-preservation images, shared by jobs with the same class and model
 
 Names typed by users become file names, so they follow the adapter-name rule of the library (letters, digits,
 '_' and '-', starting with a letter or digit, at most 64): ``../x``, ``a/b``, ``.hidden`` or ``C:\\x`` are refused,
@@ -17,9 +18,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["StudioError", "Workspace", "check_name", "inside", "slug"]
+from ..inject import validate_adapter_name
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
+__all__ = ["StudioError", "Workspace", "check_name", "inside", "slug"]
 
 
 class StudioError(ValueError):
@@ -31,12 +32,13 @@ def check_name(name: str, what: str = "adapter name") -> str:
     if not isinstance(name, str) or not name.strip():
         raise StudioError(f"the {what} is empty; type a name such as 'my-star'")
     name = name.strip()
-    if not _NAME.match(name):
+    try:
+        return validate_adapter_name(name)  # the library's rule: names become module keys and file names
+    except ValueError:
         raise StudioError(
             f"the {what} {name!r} is not allowed: use 1-64 letters, digits, '_' or '-', starting with a letter or "
             "digit (no spaces, dots or slashes)"
-        )
-    return name
+        ) from None
 
 
 def slug(text: str, fallback: str = "adapter") -> str:
@@ -60,7 +62,7 @@ class Workspace:
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
-        for folder in (self.adapters, self.jobs, self.samples):
+        for folder in (self.adapters, self.jobs, self.samples, self.class_images):
             folder.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -74,3 +76,7 @@ class Workspace:
     @property
     def samples(self) -> Path:
         return self.root / "samples"
+
+    @property
+    def class_images(self) -> Path:
+        return self.root / "class_images"

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..io import atomic_write
+from ..files import atomic_write
 from .data import IMAGE_EXTENSIONS
 
 __all__ = ["ensure_class_images"]
@@ -23,11 +23,13 @@ def ensure_class_images(
     num_inference_steps: int = 25,
     guidance_scale: float = 7.5,
     show_progress: bool = True,
+    progress=None,
 ) -> int:
     """Top ``class_dir`` up to ``num_class_images`` images of ``class_prompt``; returns how many were generated.
 
     ``make_pipeline()`` is only called when images are missing. Image ``i`` comes from seed ``seed + i``, so the set
-    is the same however often it is interrupted; each file is written atomically.
+    is the same however often it is interrupted; each file is written atomically. ``progress(done, total)`` is called
+    before each batch and at the end (the studio shows it; it may raise to stop).
     """
     class_dir = Path(class_dir)
     class_dir.mkdir(parents=True, exist_ok=True)
@@ -38,9 +40,13 @@ def ensure_class_images(
     taken = {p.name for p in existing}
     free = (i for i in range(10**6) if f"class-{i:05d}.png" not in taken)
     indices = [next(free) for _ in range(missing)]
+    if progress is not None:
+        progress(0, missing)
     pipe = make_pipeline()
     bar = tqdm(total=missing, desc="class images", disable=not show_progress)
     for start in range(0, missing, batch_size):
+        if progress is not None and start:
+            progress(start, missing)
         chunk = indices[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + i) for i in chunk]
         images = pipe(
@@ -54,4 +60,6 @@ def ensure_class_images(
                 image.save(tmp, format="PNG")
         bar.update(len(chunk))
     bar.close()
+    if progress is not None:
+        progress(missing, missing)
     return missing

@@ -7,16 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from ..images import IMAGE_EXTENSIONS, ImageReadError, open_image
 
 __all__ = ["IMAGE_EXTENSIONS", "DreamBoothDataset", "EpochShuffleSampler", "collate", "load_image_folder"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MAX_IMAGE_PIXELS = 64_000_000  # larger than any photo a user means to train on; refuses decompression bombs
-
 
 def load_image_folder(folder: str | Path, what: str = "instance") -> list[Image.Image]:
-    """Every image in ``folder`` (sorted by name) as RGB; files of other types (captions, JSON) are ignored.
+    """Every image in ``folder`` (sorted by name) as upright RGB; files of other types (captions, JSON) are ignored.
 
     Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` naming the files when the folder holds no
     images or any image cannot be decoded.
@@ -35,13 +34,9 @@ def load_image_folder(folder: str | Path, what: str = "instance") -> list[Image.
     images, bad = [], []
     for path in candidates:
         try:
-            with Image.open(path) as image:
-                if image.width * image.height > MAX_IMAGE_PIXELS:
-                    raise ValueError(f"{image.width}×{image.height} pixels is too large")
-                image.load()
-                images.append(image.convert("RGB"))
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-            bad.append(f"{path.name} ({err})")
+            images.append(open_image(path, f"{what} image"))
+        except ImageReadError as err:
+            bad.append(str(err))
     if bad:
         raise ValueError(
             f"{len(bad)} file(s) in the {what} folder '{folder}' cannot be read as images: {'; '.join(bad[:5])}. "

@@ -68,9 +68,7 @@ def check_pipeline_folder(path: str | Path) -> Path:
 def load_tiny_pipeline(path: str | Path | None = None, device: str = "cpu"):
     """The shipped tiny Stable Diffusion (``assets/tiny-sd`` by default) as a ``StableDiffusionPipeline``,
     loaded offline; a missing or corrupt file raises AssetError naming it."""
-    from diffusers import StableDiffusionPipeline
+    from ..models import load_pipeline
 
     path = check_pipeline_folder(path if path is not None else default_model_path())
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return load_pipeline(str(path), local_files_only=True).to(device)

@@ -1,0 +1,277 @@
+"""Typed run configurations: one dataclass per task, built by argparse for the scripts and the CLI, directly by the
+studio, the demos and the benchmarks.
+
+Every field is a flag of the same name (diffusers' names), documented once, in its ``option(...)``; the parser is
+derived from the fields, so a flag cannot exist without its field or the other way round. ``validate()`` checks
+what the types cannot (ranges, finite numbers, flags that contradict each other) and raises ``ConfigError`` whose
+message says what to do; the command line turns it into a usage error, the studio into a message on the page.
+
+    config = DreamBoothConfig(instance_data_dir="dog/", instance_prompt="a sks dog", max_train_steps=400)
+    config.validate()
+    config = DreamBoothConfig.from_args(["--instance_data_dir", "dog/", "--instance_prompt", "a sks dog"])
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from dataclasses import MISSING, dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..config import SIDES, TARGET_PRESETS, EtherConfig
+from ..inject import validate_adapter_name
+from ..models import default_model
+
+__all__ = ["ConfigError", "RunConfig", "option"]
+
+ETHER_METHODS = ("ether", "ether_plus")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+class ConfigError(ValueError):
+    """A run configuration that cannot run; the message names the flag and what to do."""
+
+
+def option(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    choices: tuple | None = None,
+    minimum: float | None = None,
+    same_run: bool = True,
+    cli: bool = True,
+    factory=None,
+):
+    """A config field and its flag.
+
+    ``minimum``: the smallest allowed value (checked by ``validate``). ``same_run=False``: a field a resumed run may
+    change (output, logging, validation, length) without becoming a different run; every other field is part of
+    the run's identity recorded in its checkpoints. ``cli=False``: library-only (benchmarks), no flag.
+    """
+    metadata = dict(help=help, choices=choices, minimum=minimum, same_run=same_run, cli=cli)
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """What every training task shares: the base model, the adapter, the optimisation loop, validation, output."""
+
+    task_name: ClassVar[str] = "run"
+    description: ClassVar[str] = ""
+
+    # --- the base model ------------------------------------------------------------------------------------------
+    pretrained_model_name_or_path: str | None = option(
+        None, "diffusers model folder or hub id (default: the shipped tiny model, assets/tiny-sd)"
+    )
+    revision: str | None = option(None, "model revision (hub)")
+    variant: str | None = option(None, "weights variant, e.g. fp16")
+    tokenizer_name: str | None = option(None, "tokenizer folder or hub id, if not the model's own")
+
+    # --- the adapter ---------------------------------------------------------------------------------------------
+    ether_method: str = option("ether_plus", "ETHER (one reflection per block) or ETHER+", choices=ETHER_METHODS)
+    n_blocks: int = option(1, "diagonal blocks per transform (must divide every adapted width)", minimum=1)
+    ether_sides: str = option(
+        "auto", "auto: input for ETHER, both (two-sided) for ETHER+", choices=("auto", "input", "output", "both")
+    )
+    target_modules: str = option(
+        "unet-attention",
+        f"a preset ({', '.join(p for p in TARGET_PRESETS if p.startswith('unet'))}) or comma-separated suffixes",
+    )
+    adapter_name: str = option("default", "name stored in the adapter file")
+    peer: str | None = option(
+        None, "train a PEFT peer (lora r=4 or oft) instead of ETHER: benchmarks only", choices=("lora", "oft"),
+        cli=False,
+    )  # fmt: skip
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+    output_dir: str = option("ether-output", "where checkpoints, validation images and the adapter go", same_run=False)
+    seed: int = option(0, "seed of the data order, noise, augmentation and initial vectors", minimum=0)
+    resolution: int | None = option(None, "training resolution in pixels (default: the model's native size)", minimum=8)
+    train_batch_size: int = option(1, "batch size per process", minimum=1)
+    num_train_epochs: int = option(1, "epochs (ignored when --max_train_steps is given)", minimum=1, same_run=False)
+    max_train_steps: int | None = option(None, "optimisation steps; overrides --num_train_epochs", minimum=1,
+                                         same_run=False)  # fmt: skip
+    checkpointing_steps: int = option(500, "save a checkpoint every N steps", minimum=1, same_run=False)
+    checkpoints_total_limit: int | None = option(None, "keep at most N checkpoints", minimum=1, same_run=False)
+    resume_from_checkpoint: str | None = option(None, "a checkpoint folder, or 'latest'", same_run=False)
+    gradient_accumulation_steps: int = option(1, "batches per optimisation step", minimum=1)
+    gradient_checkpointing: bool = option(False, "trade compute for memory in the UNet (and text encoder)")
+    learning_rate: float = option(6e-3, "learning rate of the adapter vectors", minimum=0.0)
+    scale_lr: bool = option(False, "multiply the learning rate by accumulation steps × batch size × processes")
+    lr_scheduler: str = option("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = option(0, "warm-up steps", minimum=0)
+    lr_num_cycles: int = option(1, "cycles of cosine_with_restarts", minimum=1)
+    lr_power: float = option(1.0, "power of the polynomial schedule")
+    use_8bit_adam: bool = option(False, "bitsandbytes' 8-bit AdamW (CUDA only)")
+    adam_beta1: float = option(0.9, "AdamW beta1", minimum=0.0)
+    adam_beta2: float = option(0.999, "AdamW beta2", minimum=0.0)
+    adam_weight_decay: float = option(0.0, "0 by default: decay would shrink û, v̂ for nothing", minimum=0.0)
+    adam_epsilon: float = option(1e-8, "AdamW epsilon", minimum=0.0)
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: no clipping)", minimum=0.0)
+    snr_gamma: float | None = option(None, "min-SNR weighting gamma (5.0 is the usual choice)", minimum=0.0)
+    mixed_precision: str | None = option(
+        None, "default: accelerate's configuration, else no", choices=("no", "fp16", "bf16")
+    )
+    allow_tf32: bool = option(False, "TF32 matmuls on Ampere GPUs")
+    report_to: str = option("tensorboard", "tensorboard, wandb, all or none", same_run=False)
+    logging_dir: str = option("logs", "TensorBoard folder inside --output_dir", same_run=False)
+    dataloader_num_workers: int = option(0, "data loading processes", minimum=0, same_run=False)
+    local_rank: int = option(-1, "set by the launcher", same_run=False)
+    quiet: bool = option(False, "no progress bars", same_run=False)
+
+    # --- validation ----------------------------------------------------------------------------------------------
+    validation_prompt: str | None = option(None, "prompt sampled during training and after it", same_run=False)
+    num_validation_images: int = option(4, "images per validation", minimum=1, same_run=False)
+    validation_steps: int | None = option(
+        None, "validate every N steps (and at step 0: the base model)", minimum=1, same_run=False
+    )
+    validation_inference_steps: int = option(25, "sampling steps of validation images", minimum=1, same_run=False)
+    validation_guidance_scale: float = option(7.5, "guidance of validation images", minimum=0.0, same_run=False)
+    validation_epochs: int | None = option(None, "validate every N epochs", minimum=1, same_run=False)
+    no_final_reload: bool = option(
+        False, "skip reloading the saved file into a fresh pipeline to sample it", same_run=False
+    )
+
+    # --- construction ----------------------------------------------------------------------------------------------
+    @classmethod
+    def build_parser(cls, prog: str | None = None) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog=prog, description=cls.description)
+        own = parser.add_argument_group(f"{cls.task_name} options")
+        shared = parser.add_argument_group("model, adapter, loop and validation options (every task)")
+        hints = typing.get_type_hints(cls)
+        declared_here = set(vars(cls).get("__annotations__", {}))
+        fields = sorted(dataclasses.fields(cls), key=lambda f: f.name not in declared_here)  # the task's own first
+        for f in fields:
+            if not f.metadata.get("cli", True):
+                continue
+            kind, many = _flag_type(hints[f.name])
+            kwargs: dict[str, Any] = {"help": f.metadata.get("help") or None}
+            if kind is bool:
+                kwargs["action"] = "store_true"
+            else:
+                kwargs["type"] = kind
+                if many:
+                    kwargs["nargs"] = "+"
+                if f.metadata.get("choices"):
+                    kwargs["choices"] = f.metadata["choices"]
+            if f.default is MISSING and f.default_factory is MISSING:
+                kwargs["required"] = True
+            else:
+                kwargs["default"] = f.default if f.default is not MISSING else f.default_factory()
+            (own if f.name in declared_here else shared).add_argument(f"--{f.name}", **kwargs)
+        return parser
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None, prog: str | None = None):
+        """Parse flags and validate; a bad combination exits with a usage error that says what to do."""
+        parser = cls.build_parser(prog)
+        namespace = parser.parse_args(argv)
+        config = cls(**vars(namespace))
+        try:
+            return config.validate()
+        except ConfigError as err:
+            parser.error(str(err))
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict:
+        """The fields that make two runs the same run (recorded in checkpoints; a resume must match them)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("same_run", True)}
+
+    # --- checks ----------------------------------------------------------------------------------------------------
+    def validate(self):
+        """Check ranges, finiteness and contradictions; returns ``self`` (for chaining) or raises ConfigError."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind, many = _flag_type(hints[f.name])
+            if value is None:
+                continue
+            if kind in (int, float) and not many:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"--{f.name} must be a number, not {value!r}")
+                if kind is int and value != int(value):
+                    raise ConfigError(f"--{f.name} must be a whole number, not {value!r}")
+                if not math.isfinite(value):
+                    raise ConfigError(f"--{f.name} is {value}: give a finite number")
+                minimum = f.metadata.get("minimum")
+                if minimum is not None and value < minimum:
+                    raise ConfigError(f"--{f.name} must be at least {minimum:g}, not {value:g}")
+            choices = f.metadata.get("choices")
+            if choices and not many and value not in choices:
+                raise ConfigError(f"--{f.name} {value!r} is not one of {', '.join(map(str, choices))}")
+        if self.learning_rate <= 0:
+            raise ConfigError("--learning_rate must be positive")
+        if self.resolution is not None and self.resolution % 8:
+            raise ConfigError("--resolution must be a positive multiple of 8")
+        if (self.validation_steps or self.validation_epochs) and not self.validation_prompt:
+            raise ConfigError("--validation_steps/--validation_epochs need --validation_prompt")
+        if self.use_8bit_adam:
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "--use_8bit_adam needs bitsandbytes (pip install bitsandbytes, on a CUDA machine); "
+                    "or drop the flag to use torch's AdamW"
+                ) from None
+        if self.report_to in ("wandb", "all"):
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                if self.report_to == "wandb":
+                    raise ConfigError(
+                        "--report_to wandb needs wandb (pip install wandb); or use --report_to tensorboard / none"
+                    ) from None
+        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError(
+                "--mixed_precision fp16 needs a CUDA GPU; on this machine use --mixed_precision bf16 or no"
+            )
+        try:
+            validate_adapter_name(self.adapter_name)
+        except ValueError as err:
+            raise ConfigError(f"--adapter_name: {err}") from None
+        if self.pretrained_model_name_or_path is None:
+            self.pretrained_model_name_or_path = default_model()
+        if self.target_modules not in TARGET_PRESETS and not self.target_list():
+            raise ConfigError("--target_modules is empty: give a preset or comma-separated module-path suffixes")
+        self.adapter_config()  # EtherConfig's own checks, as a ConfigError
+        return self
+
+    # --- derived ---------------------------------------------------------------------------------------------------
+    def target_list(self) -> str | list[str]:
+        if self.target_modules in TARGET_PRESETS:
+            return self.target_modules
+        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
+
+    def adapter_config(self, target_modules: str | list[str] | None = None) -> EtherConfig:
+        """The ETHER config of the flags (``target_modules`` overrides the flag, e.g. for the text encoder)."""
+        sides = {"auto": None, "input": ("input",), "output": ("output",), "both": SIDES}[self.ether_sides]
+        try:
+            return EtherConfig(
+                target_modules=target_modules or self.target_list(),
+                method=self.ether_method,
+                n_blocks=int(self.n_blocks),
+                sides=sides,
+                init_seed=int(self.seed),
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+
+
+def _flag_type(annotation) -> tuple[type, bool]:
+    """``(element type, is a list)`` of a field annotation such as ``int | None`` or ``list[str] | None``."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    inner = args[0]
+    if typing.get_origin(inner) is list:
+        return typing.get_args(inner)[0], True
+    return inner, False

@@ -1,0 +1,113 @@
+"""What every Stable Diffusion 1.x/2.x task shares: the frozen components on the run's device and dtype, the
+adapters, the denoising loss, and pipelines over the training modules for validation."""
+
+from __future__ import annotations
+
+import torch
+
+from ..models import load_components
+from ..sampling import sample_images
+from .adapters import adapters_for
+from .diffusion import dreambooth_loss, prediction_target, sample_noise
+from .task import Run, Task
+
+__all__ = ["StableDiffusionTask"]
+
+
+class StableDiffusionTask(Task):
+    """Loads the model, freezes it, adds the adapters the subclass asks for (``adapter_configs``), and computes the
+    noise-prediction loss. Subclasses add their data, validation and artifact."""
+
+    def adapter_configs(self) -> dict:
+        """``{component: EtherConfig}`` of what to adapt; the UNet with the flags' targets by default."""
+        return {"unet": self.config.adapter_config()}
+
+    def setup(self, run: Run) -> None:
+        config = self.config
+        parts = self.components = load_components(
+            config.pretrained_model_name_or_path, config.revision, config.variant, config.tokenizer_name
+        )
+        if config.resolution is None:
+            config.resolution = parts.native_resolution
+        for model in (parts.vae, parts.text_encoder, parts.unet):
+            model.requires_grad_(False)
+        weight_dtype = run.weight_dtype
+        parts.vae.to(run.device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
+        self.adapters = adapters_for(config)
+        configs = self.adapter_configs()
+        models = {"unet": parts.unet, "text_encoder": parts.text_encoder}
+        self.adapters.add({c: models[c] for c in configs}, configs)
+        parts.unet.to(run.device, dtype=weight_dtype)
+        parts.text_encoder.to(run.device, dtype=weight_dtype)
+        self.params = self.adapters.parameters()
+        if config.gradient_checkpointing:
+            parts.unet.enable_gradient_checkpointing()
+            if "text_encoder" in configs:
+                parts.text_encoder.gradient_checkpointing_enable()
+
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return {name: model for name, model in self.adapters.models.items()}
+
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": self.params, "lr": self.config.learning_rate, "name": "adapter"}]
+
+    # --- the loss -----------------------------------------------------------------------------------------------
+    def denoising_loss(self, batch: dict, run: Run, offset_noise: float = 0.0, prior_preservation: bool = False,
+                       prior_loss_weight: float = 1.0):  # fmt: skip
+        """Noise ``batch["pixel_values"]``'s latents at random timesteps and score the UNet's prediction of the
+        scheduler's target (epsilon or v), conditioned on ``batch["input_ids"]``."""
+        parts, generator = self.components, run.noise_generator
+        vae, scheduler = parts.vae, parts.noise_scheduler
+        pixels = batch["pixel_values"].to(run.device, dtype=vae.dtype)
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample(generator=generator)
+        latents = (latents * vae.config.scaling_factor).to(run.weight_dtype)
+        noise = sample_noise(latents, generator, offset_noise)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
+        )
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        hidden = run.module("text_encoder", parts.text_encoder)(batch["input_ids"].to(run.device))[0]
+        prediction = run.module("unet", parts.unet)(noisy, timesteps, hidden).sample
+        target = prediction_target(scheduler, latents, noise, timesteps)
+        return dreambooth_loss(
+            prediction, target, timesteps, scheduler, self.config.snr_gamma, prior_preservation, prior_loss_weight
+        )
+
+    # --- sampling -----------------------------------------------------------------------------------------------
+    def pipeline(self, pipeline_class=None, device=None):
+        """A pipeline over the training modules (adapters as they are now), sampling with DPM-Solver++."""
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+        parts = self.components
+        pipe = (pipeline_class or StableDiffusionPipeline)(
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            tokenizer=parts.tokenizer,
+            unet=parts.unet,
+            scheduler=DPMSolverMultistepScheduler.from_config(parts.noise_scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def validation_images(self, pipe, prompt: str, run: Run | None, **kwargs) -> list:
+        """``num_validation_images`` images of ``prompt`` from seeds ``seed``, ``seed + 1``, ..."""
+        config = self.config
+        seeds = [config.seed + i for i in range(config.num_validation_images)]
+        with run.autocast() if run is not None else torch.autocast("cpu", enabled=False):
+            samples = sample_images(
+                pipe,
+                [prompt],
+                seeds,
+                num_inference_steps=config.validation_inference_steps,
+                guidance_scale=config.validation_guidance_scale,
+                batch_size=len(seeds),
+                **kwargs,
+            )
+        return [s.image for s in samples]
+
+    def base_model(self) -> str:
+        return str(self.config.pretrained_model_name_or_path)

@@ -1,0 +1,451 @@
+"""The training loop every task runs: accelerate, optimizer, schedule, checkpoints with exact resume, validation,
+callbacks, the final save and teardown. Tasks (``task.py``) say what trains and on what; nothing here knows about
+DreamBooth or control.
+
+    result = Trainer(DreamBoothTask(config), callbacks=[MyCallback()]).train()
+
+Run under ``accelerate launch`` (data parallel, mixed precision) or plain ``python``. Guarantees:
+
+- a checkpoint folder is complete or absent; it records the run it belongs to (``run.json``), and resuming a
+  checkpoint of another run (other flags, another task) is refused with the fields that differ;
+- ``--resume_from_checkpoint`` continues bit-exactly where the checkpoint left off (data order, noise, optimizer);
+- a non-finite loss or adapter vector stops the run with ``TrainingDivergedError`` before anything is written:
+  the last checkpoint and any adapter file already in the output folder stay as they were;
+- the adapter file is written atomically (a killed run or a full disk leaves the previous file).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from .artifacts import make_grid, save_samples, write_text
+from .callbacks import Callback, CallbackList, Preparation, ValidationEvent
+from .checkpoints import checkpoint_step, latest_checkpoint, save_checkpoint
+from .config import ConfigError
+from .data import EpochShuffleSampler
+from .task import Run, Task
+
+__all__ = ["ResumeMismatchError", "TrainResult", "Trainer", "TrainingDivergedError", "TrainingStopped"]
+
+RUN_RECORD = "run.json"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the trained tensors became NaN or infinite; nothing was saved from the diverged state."""
+
+
+class ResumeMismatchError(ValueError):
+    """The checkpoint to resume belongs to another run."""
+
+
+class TrainingStopped(Exception):
+    """Raised inside preparation when a callback asks to stop before the first step."""
+
+
+@dataclass
+class TrainResult:
+    adapter_path: Path | None
+    output_dir: Path
+    global_step: int
+    stopped_early: bool
+    train_seconds: float
+    trainable_parameters: int
+    losses: list[float] = field(default_factory=list)
+    validation_images: list[Path] = field(default_factory=list)
+    mixed_precision: str = "no"
+    num_processes: int = 1
+
+
+def check_output_dir(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(
+            f"cannot write to --output_dir '{output_dir}' ({err.strerror or err}); choose a folder you can write to"
+        ) from err
+
+
+class _GeneratorState:
+    """The training noise generator, saved and restored with each checkpoint."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self):
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["state"])
+
+
+def _json_ready(value):
+    return json.loads(json.dumps(value))
+
+
+class Trainer:
+    def __init__(self, task: Task, callbacks: list[Callback] | tuple = ()):
+        self.task = task
+        self.config = task.config
+        self.callbacks = CallbackList(callbacks)
+
+    # --- pieces ------------------------------------------------------------------------------------------------
+    def _prepare(self, message: str, done: int | None = None, total: int | None = None) -> None:
+        self.callbacks.on_prepare(Preparation(message, done, total))
+        if self.callbacks.should_stop():
+            raise TrainingStopped(message)
+
+    def _accelerator(self, output_dir: Path):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        config = self.config
+        report_to = None if config.report_to in (None, "none") else config.report_to
+        has_accelerator = torch.cuda.is_available() or torch.backends.mps.is_available()
+        accelerator = Accelerator(
+            cpu=not has_accelerator,  # lets `accelerate launch --multi_gpu` / torchrun run data parallel on CPUs
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision=config.mixed_precision,
+            log_with=report_to,
+            project_config=ProjectConfiguration(
+                project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
+            ),
+        )
+        if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
+            raise ConfigError(
+                "fp16 mixed precision (from --mixed_precision or accelerate's configuration) needs a CUDA GPU; on "
+                f"this {accelerator.device.type} machine use --mixed_precision bf16 or no"
+            )
+        if config.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        return accelerator
+
+    def _optimizer(self, groups: list[dict]):
+        config = self.config
+        if config.use_8bit_adam:
+            import bitsandbytes as bnb
+
+            optimizer_class = bnb.optim.AdamW8bit
+        else:
+            optimizer_class = torch.optim.AdamW
+        return optimizer_class(
+            groups,
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay,
+            eps=config.adam_epsilon,
+        )
+
+    def _resume(self, accelerator, output_dir: Path, updates_per_epoch: int) -> tuple[int, int, int]:
+        """Load ``--resume_from_checkpoint`` (a folder or "latest"); returns ``(global_step, first_epoch, batches to
+        skip in that epoch)``, zeros for a new run."""
+        wanted = self.config.resume_from_checkpoint
+        if not wanted:
+            return 0, 0, 0
+        path = latest_checkpoint(output_dir) if wanted == "latest" else Path(wanted)
+        if path is None:
+            accelerator.print(f"no checkpoint in '{output_dir}' to resume from: starting a new run")
+            return 0, 0, 0
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint '{path}' does not exist; pass a checkpoint-N folder or 'latest'"
+            )
+        self._check_same_run(path)
+        accelerator.print(f"resuming from {path}")
+        accelerator.load_state(str(path))
+        step = checkpoint_step(path)
+        skip = (step % updates_per_epoch) * self.config.gradient_accumulation_steps
+        return step, step // updates_per_epoch, skip
+
+    def _run_record(self) -> dict:
+        return {"task": self.task.name, "config": _json_ready(self.config.identity())}
+
+    def _check_same_run(self, checkpoint: Path) -> None:
+        record_file = checkpoint / RUN_RECORD
+        if not record_file.is_file():  # written by ether-diffusion before 0.2: nothing to compare
+            return
+        try:
+            record = json.loads(record_file.read_text())
+            recorded, recorded_task = dict(record["config"]), record["task"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ResumeMismatchError(f"'{record_file}' is unreadable ({err}); cannot tell whose run it is") from err
+        current = self._run_record()
+        if recorded_task != current["task"]:
+            raise ResumeMismatchError(
+                f"'{checkpoint}' is a checkpoint of a {recorded_task} run, not of this {current['task']} run; "
+                "resume it with its own script, or start this run in another --output_dir"
+            )
+        differ = sorted(
+            k for k in set(recorded) | set(current["config"]) if recorded.get(k) != current["config"].get(k)
+        )
+        if differ:
+            shown = "; ".join(
+                f"--{k}: checkpoint {recorded.get(k)!r}, now {current['config'].get(k)!r}" for k in differ[:6]
+            )
+            raise ResumeMismatchError(
+                f"'{checkpoint}' belongs to another run ({shown}). Resume with the flags it was trained with, or "
+                "start this run in a new --output_dir (or without --resume_from_checkpoint)"
+            )
+
+    def _check_finite(self, params, step: int, what: str) -> None:
+        if all(bool(torch.isfinite(p).all()) for p in params):
+            return
+        raise TrainingDivergedError(
+            f"the trained vectors hold NaN or infinite values at step {step}, before {what}; nothing was saved "
+            f"from this state (earlier checkpoints and adapter files are untouched). Lower --learning_rate "
+            f"({self.config.learning_rate:g}) or --max_grad_norm, then resume from the last checkpoint"
+        )
+
+    # --- the loop ------------------------------------------------------------------------------------------------
+    def train(self) -> TrainResult:
+        """Run the task to the end (or until a callback stops it); returns what was trained and where it is."""
+        output_dir = Path(self.config.output_dir)
+        check_output_dir(output_dir)
+        self.task.check_inputs()  # fail before any model loads
+        accelerator = self._accelerator(output_dir)
+        try:
+            return self._train(accelerator, output_dir)
+        finally:
+            accelerator.end_training()  # closes the trackers, also after an error
+
+    def _train(self, accelerator, output_dir: Path) -> TrainResult:  # noqa: C901
+        from accelerate.utils import set_seed
+        from diffusers.optimization import get_scheduler
+
+        config, task, callbacks = self.config, self.task, self.callbacks
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        result = TrainResult(None, output_dir, 0, False, 0.0, 0, mixed_precision=accelerator.mixed_precision,
+                             num_processes=accelerator.num_processes)  # fmt: skip
+        try:
+            set_seed(config.seed)
+            self._prepare("loading the base model")
+            noise_generator = torch.Generator(device=accelerator.device)
+            noise_generator.manual_seed(config.seed + accelerator.process_index)
+            run = Run(accelerator, weight_dtype, noise_generator)
+            task.setup(run)
+            self._prepare("preparing the data")
+            dataset = task.dataset(run, self._prepare)
+        except TrainingStopped:
+            result.stopped_early = True
+            callbacks.on_train_end(result)
+            return result
+
+        groups = task.parameter_groups()
+        params = [p for group in groups for p in group["params"]]
+        result.trainable_parameters = sum(p.numel() for p in params)
+        if config.scale_lr:
+            scale = config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
+            for group in groups:
+                group["lr"] *= scale
+        optimizer = self._optimizer(groups)
+        sampler = EpochShuffleSampler(len(dataset), seed=config.seed)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=config.train_batch_size,
+            sampler=sampler,
+            collate_fn=dataset.collate,
+            num_workers=config.dataloader_num_workers,
+            drop_last=task.drop_last and len(dataset) >= config.train_batch_size,
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+        batches_per_epoch = max(1, math.ceil(len(loader) / accelerator.num_processes))
+        updates_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+        max_train_steps = config.max_train_steps or config.num_train_epochs * updates_per_epoch
+        num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+        lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=max_train_steps * accelerator.num_processes,
+            num_cycles=config.lr_num_cycles,
+            power=config.lr_power,
+        )
+        trainable = task.trainable_modules()
+        prepared = accelerator.prepare(*trainable.values(), optimizer, loader, lr_scheduler)
+        run.prepared = dict(zip(trainable, prepared[: len(trainable)]))
+        optimizer, loader, lr_scheduler = prepared[len(trainable) :]
+        del prepared
+        models = list(run.prepared.values())
+
+        # checkpoints hold the task's file (not the frozen weights), optimizer, scheduler, RNG, step and run record
+        def save_hook(models, weights, folder):
+            if accelerator.is_main_process:
+                task.save(Path(folder) / task.weight_name)
+                write_text(Path(folder) / RUN_RECORD, json.dumps(self._run_record(), indent=1))
+            weights.clear()
+
+        def load_hook(models, folder):
+            task.load_checkpoint(Path(folder) / task.weight_name)
+            models.clear()
+
+        accelerator.register_save_state_pre_hook(save_hook)
+        accelerator.register_load_state_pre_hook(load_hook)
+        accelerator.register_for_checkpointing(_GeneratorState(noise_generator))
+        if accelerator.is_main_process and config.report_to not in (None, "none"):
+            tracked = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+            project = getattr(config, "tracker_project_name", None) or f"ether-{task.name}"
+            accelerator.init_trackers(project, config=tracked)
+
+        global_step, first_epoch, skip_batches = self._resume(accelerator, output_dir, updates_per_epoch)
+        result.global_step = global_step
+
+        def checkpoint(step: int) -> None:
+            self._check_finite(params, step, "a checkpoint")
+            path = save_checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit)
+            callbacks.on_checkpoint(step, path)
+
+        def validate(step: int, kind: str, adapter_path: Path | None = None) -> None:
+            if not accelerator.is_main_process:
+                return
+            for model in models:
+                model.eval()
+            try:
+                samples = task.samples(run, kind, adapter_path)
+            finally:
+                for model in models:
+                    model.train()
+            if samples is None or not samples.images:
+                return
+            if kind == "final":
+                path = output_dir / "samples.png"
+                make_grid(samples.images, samples.columns).save(path)
+                paths = [path]
+            else:
+                paths = save_samples(samples.images, output_dir / "validation", f"step-{step:06d}", samples.columns)
+                result.validation_images.extend(paths)
+            for tracker in accelerator.trackers:
+                if tracker.name == "tensorboard":
+                    import numpy as np
+
+                    stacked = np.stack([np.asarray(i) for i in samples.images])
+                    tracker.writer.add_images(f"validation/{kind}", stacked, step, dataformats="NHWC")
+            callbacks.on_validation(ValidationEvent(step, kind, samples.images, paths, samples.prompts))
+
+        def validation_due(step: int) -> bool:
+            if not task.wants_validation():
+                return False
+            every_epochs = getattr(config, "validation_epochs", None)
+            return bool(
+                (config.validation_steps and step % config.validation_steps == 0)
+                or (every_epochs and step and step % (updates_per_epoch * every_epochs) == 0)
+            )
+
+        callbacks.on_train_start(max_train_steps, global_step)
+        if global_step == 0 and task.wants_validation() and config.validation_steps:
+            validate(0, "baseline")
+        progress = tqdm(
+            range(max_train_steps),
+            initial=global_step,
+            desc="steps",
+            disable=config.quiet or not accelerator.is_local_main_process,
+        )
+        for model in models:
+            model.train()
+        start = time.time()
+        stop = False
+        for epoch in range(first_epoch, num_epochs):
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+            if hasattr(epoch_loader, "set_epoch"):  # accelerate re-sets the sampler's epoch from its own counter
+                epoch_loader.set_epoch(epoch)
+            skip_batches = 0
+            for batch in epoch_loader:
+                with accelerator.accumulate(*models):
+                    loss, parts = task.loss(batch, run)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and config.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                logs = {k: float(v) for k, v in parts.items()}
+                if not math.isfinite(logs["loss"]):
+                    raise TrainingDivergedError(
+                        f"the loss is {logs['loss']} at step {global_step}: training diverged. Nothing was saved from "
+                        f"this state (earlier checkpoints and adapter files are untouched). Lower --learning_rate "
+                        f"({config.learning_rate:g}), then resume from the last checkpoint or start again"
+                    )
+                lrs = lr_scheduler.get_last_lr()
+                logs["lr"] = lrs[-1]
+                for group, lr in zip(groups[:-1], lrs[:-1]):
+                    logs[f"{group.get('name', 'group')}_lr"] = lr
+                progress.update(1)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                result.losses.append(logs["loss"])
+                accelerator.log(logs, step=global_step)
+                callbacks.on_step(global_step, logs)
+                if global_step % config.checkpointing_steps == 0:
+                    checkpoint(global_step)
+                if validation_due(global_step):
+                    validate(global_step, "preview")
+                if callbacks.should_stop():
+                    stop = result.stopped_early = True
+                    if global_step % config.checkpointing_steps:  # a checkpoint to resume from, unless just saved
+                        checkpoint(global_step)
+                if stop or global_step >= max_train_steps:
+                    break
+            if stop or global_step >= max_train_steps:
+                break
+        progress.close()
+        result.train_seconds = time.time() - start
+        result.global_step = global_step
+
+        accelerator.wait_for_everyone()
+        check_replicas_agree(accelerator, params)
+        if accelerator.is_main_process:
+            self._check_finite(params, global_step, "the final save")
+            extra = {
+                "steps": str(global_step),
+                "learning_rate": str(config.learning_rate),
+                "trained_with": f"ether-diffusion {__version__} {task.name}",
+                "num_processes": str(accelerator.num_processes),
+            }
+            result.adapter_path = task.save(output_dir / task.weight_name, extra)
+            callbacks.on_save(result.adapter_path)
+            samples_file = None
+            if task.wants_validation() and not config.no_final_reload:
+                validate(global_step, "final", result.adapter_path)
+                samples_file = "samples.png"
+            card = task.model_card(result, samples_file)
+            if card:
+                write_text(output_dir / "README.md", card)
+        if accelerator.num_processes > 1:
+            del models
+            run.prepared.clear()
+            release_wrappers(accelerator)
+        callbacks.on_train_end(result)
+        return result
+
+
+def check_replicas_agree(accelerator, params) -> None:
+    """Data parallel: raise unless every process ends with the same trained parameters."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+    sums = accelerator.gather(checksum.to(accelerator.device))
+    if not torch.allclose(sums, sums[:1].expand_as(sums)):
+        raise RuntimeError(f"data-parallel replicas hold different weights (checksums {sums.tolist()})")
+
+
+def release_wrappers(accelerator) -> None:
+    """Free the DDP wrappers on every rank together, before the process group goes: gloo can hang forever in a
+    process group's destructor (run when a DDP reducer is freed) once a peer has torn its side down. The caller
+    drops its own references to the prepared models first."""
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.wait_for_everyone()
