@@ -8,6 +8,7 @@ import pytest
 
 pytest.importorskip("peft", reason="the benchmark compares against PEFT: pip install -e .[dev]")
 pytest.importorskip("matplotlib", reason="the benchmark plots with matplotlib: pip install -e .[dev]")
+pytestmark = pytest.mark.slow  # end to end
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_dreambooth_quality.py"
 
 

@@ -9,6 +9,7 @@ pytest.importorskip("peft", reason="the benchmark compares against PEFT: pip ins
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_speed.py"
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_every_section(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
     bench = importlib.util.module_from_spec(spec)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import TinyMLP, randomize_adapters
 
 from ether_diffusion import EtherConfig, inject, save_adapter
@@ -12,6 +13,7 @@ from ether_diffusion import EtherConfig, inject, save_adapter
 CLI = str(Path(sys.executable).parent / "ether-diffusion")  # the console script installed beside this Python
 
 
+@pytest.mark.slow
 def test_inspect_summarises_and_rejects_bad_files(tmp_path):
     model = TinyMLP()
     inject(model, EtherConfig(method="ether", n_blocks=2, target_modules=["to_q", "to_k"]), "dog")
@@ -37,6 +39,7 @@ def run_cli(*args):
     return result
 
 
+@pytest.mark.slow
 def test_train_sample_fuse_on_the_shipped_model(tmp_path):
     import numpy as np
     import torch
@@ -101,6 +104,7 @@ def test_train_sample_fuse_on_the_shipped_model(tmp_path):
     assert bad.returncode == 2 and "not empty" in bad.stderr
 
 
+@pytest.mark.slow
 def test_demo_in_short_mode(tmp_path):
     run_cli(
         "demo",
@@ -129,6 +133,7 @@ def test_demo_in_short_mode(tmp_path):
     assert metrics["grid_seed"] == 1000 and len(metrics["prompts"]) == 3
 
 
+@pytest.mark.slow
 def test_control_demo_in_short_mode(tmp_path):
     run_cli(
         "demo",

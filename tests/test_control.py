@@ -225,6 +225,7 @@ def _args(dataset, out, *extra):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_script_trains_checkpoints_and_resumes_to_the_same_model(dataset, tmp_path):
     common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--proportion_empty_prompts", "0.5"]
     straight = train(
@@ -260,6 +261,7 @@ def test_script_trains_checkpoints_and_resumes_to_the_same_model(dataset, tmp_pa
     assert all(torch.equal(ea[k], eb[k]) for k in ea) and ea["conv_out.weight"].abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_encoder_only_baseline_trains_no_adapter(dataset, tmp_path):
     result = train(_args(dataset, tmp_path, "--max_train_steps", "1", "--no_adapters"))
     from ether_diffusion.io import read_adapter_file
@@ -303,6 +305,7 @@ def test_edges_task_writes_edge_controls(tmp_path):
         write_world_control_dataset(tmp_path, "depth", 1)
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_control_model(dataset, tmp_path):
     import subprocess
     import sys

@@ -59,6 +59,7 @@ def args_for(world, output_dir, *extra):
     )
 
 
+@pytest.mark.slow
 def test_smoke_run_with_prior_preservation(world, tmp_path):
     args = args_for(
         world,
@@ -115,6 +116,7 @@ def test_smoke_run_with_prior_preservation(world, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "class_images").iterdir()} == before
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_adapter(world, tmp_path):
     common = [
         "--max_train_steps",
@@ -148,6 +150,7 @@ def test_resume_gives_the_same_adapter(world, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_checkpoint_retention(world, tmp_path):
     train(
         args_for(
@@ -165,6 +168,7 @@ def test_checkpoint_retention(world, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_adapter(world, tmp_path):
     launcher = Path(sys.executable).parent / "accelerate"
     command = [
@@ -252,6 +256,7 @@ def test_contradicting_flags_and_unwritable_output(world, tmp_path, capsys):
         train(args)
 
 
+@pytest.mark.slow
 def test_interrupted_final_save_keeps_the_previous_adapter(world, tmp_path, monkeypatch):
     first = train(args_for(world, tmp_path, "--max_train_steps", "1", "--no_final_reload"))
     good = first.adapter_path.read_bytes()

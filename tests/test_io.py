@@ -86,6 +86,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_save_in_one_process_load_in_another(tmp_path):
     script = tmp_path / "roundtrip.py"
     script.write_text(SCRIPT.format(tests=os.path.dirname(__file__)))

@@ -98,6 +98,7 @@ def test_job_reports_progress_previews_and_publishes_the_adapter(trained):
         JobManager(workspace, MODEL).start(spec())
 
 
+@pytest.mark.slow
 def test_stop_keeps_the_adapter_resume_continues_and_one_job_at_a_time(tmp_path):
     workspace = Workspace(tmp_path)
     manager = JobManager(workspace, MODEL)
@@ -309,6 +310,7 @@ def test_import_export_rename_delete(trained, tmp_path):
     store.delete("broken")
 
 
+@pytest.mark.slow
 def test_sampling_side_by_side_and_many_clients_at_once(trained):
     workspace, _ = trained
     sampler = Sampler(MODEL, workspace)
@@ -394,3 +396,65 @@ def test_the_step_0_preview_is_the_base_model_for_both_methods(trained, tmp_path
     ether_step0, plus_step0 = state["previews"][0], plus["previews"][0]
     assert ether_step0["step"] == plus_step0["step"] == 0
     assert np.array_equal(np.asarray(Image.open(ether_step0["path"])), np.asarray(Image.open(plus_step0["path"])))
+
+
+@pytest.mark.parametrize("prompt", ["--help", "-sks"])
+def test_prompts_that_look_like_flags_are_just_prompts(tmp_path, prompt):
+    """No user text reaches a command-line parser: a prompt such as '--help' trains like any other."""
+    workspace = Workspace(tmp_path)
+    manager = JobManager(workspace, MODEL)
+    manager.start(spec("flaglike", instance_prompt=prompt, max_train_steps=1, prior_preservation=False))
+    state = manager.wait(120)
+    assert state["phase"] == "done", state.get("traceback")
+    assert AdapterStore(workspace).info("flaglike").instance_prompt == prompt
+
+
+def test_resume_republishes_the_jobs_own_file_not_a_name(tmp_path):
+    workspace = Workspace(tmp_path)
+    store = AdapterStore(workspace)
+    manager = JobManager(workspace, MODEL, store)
+    manager.start(spec("mine", max_train_steps=500, prior_preservation=False, preview_every=1000))
+    wait_for(manager, lambda s: s["step"] >= 1)
+    manager.stop()
+    stopped = manager.wait(60)
+    assert stopped["phase"] == "stopped" and stopped["adapter"] == "mine"
+    # the user renames the job's adapter and imports a different file under the old name
+    store.rename("mine", "renamed")
+    other = foreign_adapter(tmp_path / "other.safetensors")
+    store.publish(other, "mine")
+    other_bytes = store.path("mine").read_bytes()
+    manager.resume()
+    wait_for(manager, lambda s: s["phase"] == "training" and s["step"] > stopped["step"])
+    manager.stop()
+    again = manager.wait(60)
+    assert again["phase"] == "stopped" and again["adapter"] == "renamed"
+    assert store.path("mine").read_bytes() == other_bytes  # the imported file is untouched
+    assert store.info("renamed").steps == str(again["step"])  # the job's own file carries the new steps
+
+
+def test_class_images_are_drawn_once_for_jobs_that_share_them(tmp_path):
+    workspace = Workspace(tmp_path)
+    manager = JobManager(workspace, MODEL)
+    manager.start(spec("first", max_train_steps=1, num_class_images=2))
+    first = manager.wait(120)
+    assert first["phase"] == "done", first.get("traceback")
+    folders = list(workspace.class_images.iterdir())
+    assert len(folders) == 1 and len(list(folders[0].glob("*.png"))) == 2
+    drawn = {p: p.stat().st_mtime_ns for p in folders[0].iterdir()}
+    manager.start(spec("second", max_train_steps=1, num_class_images=2))
+    assert manager.wait(120)["phase"] == "done"
+    assert {p: p.stat().st_mtime_ns for p in folders[0].iterdir()} == drawn  # reused, not redrawn
+
+
+def test_stop_acts_during_preparation(tmp_path):
+    workspace = Workspace(tmp_path)
+    manager = JobManager(workspace, MODEL)
+    manager.start(spec("early", num_class_images=40, max_train_steps=50))
+    drawing = wait_for(manager, lambda s: "class images (" in s.get("message", ""))
+    assert drawing["phase"] == "preparing"
+    started = time.monotonic()
+    manager.stop()
+    state = manager.wait(60)
+    assert time.monotonic() - started < 30  # after the current batch of class images, not after all 40
+    assert state["phase"] == "stopped" and "before training began" in state["message"] and state["resumable"]
+    assert not AdapterStore(workspace).exists("early")

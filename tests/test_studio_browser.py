@@ -21,6 +21,7 @@ from PIL import Image
 
 from ether_diffusion.io import read_adapter_file
 
+pytestmark = pytest.mark.slow  # end to end
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("ETHER_STUDIO_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -340,9 +340,10 @@ class Trainer:
                 or (every_epochs and step and step % (updates_per_epoch * every_epochs) == 0)
             )
 
-        callbacks.on_train_start(max_train_steps, global_step)
         if global_step == 0 and task.wants_validation() and config.validation_steps:
+            callbacks.on_prepare(Preparation("sampling the step-0 baseline (the base model)"))
             validate(0, "baseline")
+        callbacks.on_train_start(max_train_steps, global_step)  # from here on, every second is a training step
         progress = tqdm(
             range(max_train_steps),
             initial=global_step,

@@ -1,0 +1,253 @@
+"""The loop every task runs (training/trainer.py) and the typed run configurations (training/config.py), on a tiny
+pipeline built from configs: flags, finiteness, divergence, resume identity, precision, callbacks."""
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny_components
+from PIL import Image
+
+from ether_diffusion.training import Callback, ConfigError, ResumeMismatchError, TrainingDivergedError
+from ether_diffusion.training.checkpoints import list_checkpoints
+from ether_diffusion.training.dreambooth import DreamBoothConfig, DreamBoothTask, train
+from ether_diffusion.training.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from diffusers import StableDiffusionPipeline
+
+    root = tmp_path_factory.mktemp("trainer")
+    (root / "tokenizer").mkdir()
+    StableDiffusionPipeline(**build_tiny_components(root / "tokenizer")).save_pretrained(root / "model")
+    instance = root / "instance"
+    instance.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype("uint8")).save(instance / f"{i}.png")
+    return root
+
+
+def config_for(world, output_dir, **changes) -> DreamBoothConfig:
+    fields = dict(
+        pretrained_model_name_or_path=str(world / "model"),
+        instance_data_dir=str(world / "instance"),
+        instance_prompt="a sks star",
+        output_dir=str(output_dir),
+        report_to="none",
+        quiet=True,
+        max_train_steps=2,
+        validation_inference_steps=2,
+        num_validation_images=1,
+    )
+    fields.update(changes)
+    return DreamBoothConfig(**fields)
+
+
+# --- configurations ------------------------------------------------------------------------------------------------
+
+
+def test_the_parser_is_derived_from_the_fields():
+    parser = DreamBoothConfig.build_parser()
+    flags = {a.dest for a in parser._actions} - {"help"}
+    cli_fields = {f.name for f in dataclasses.fields(DreamBoothConfig) if f.metadata.get("cli", True)}
+    assert flags == cli_fields
+    assert "peer" not in flags  # library-only (benchmarks)
+    help_text = parser.format_help()
+    assert help_text.index("--instance_data_dir") < help_text.index("--learning_rate")  # the task's own flags first
+    config = DreamBoothConfig.from_args(["--instance_data_dir", "x", "--instance_prompt", "a sks dog"])
+    assert isinstance(config, DreamBoothConfig) and config.learning_rate == 6e-3 and config.n_blocks == 1
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("learning_rate", "inf"), ("prior_loss_weight", "nan"), ("max_grad_norm", "nan"), ("adam_epsilon", "-inf")],
+)
+def test_non_finite_flags_are_refused(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        DreamBoothConfig.from_args(["--instance_data_dir", "x", "--instance_prompt", "a sks dog", f"--{flag}={value}"])
+    assert f"--{flag} is {float(value)}: give a finite number" in capsys.readouterr().err
+    config = DreamBoothConfig(instance_data_dir="x", instance_prompt="a sks dog", **{flag: float(value)})
+    with pytest.raises(ConfigError, match="finite"):
+        config.validate()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(n_blocks=0), "--n_blocks must be at least 1"),
+        (dict(max_train_steps=2.5), "whole number"),
+        (dict(learning_rate=0.0), "must be positive"),
+        (dict(ether_method="lora"), "ether_method 'lora' is not one of"),
+        (dict(adapter_name="../x"), "--adapter_name"),
+        (dict(target_modules=" , "), "--target_modules is empty"),
+        (dict(resolution=60), "multiple of 8"),
+        (dict(with_prior_preservation=True), "needs --class_prompt"),
+        (dict(validation_epochs=1), "need --validation_prompt"),
+        (dict(instance_prompt="  "), "instance_prompt is empty"),
+        (dict(report_to="wandb"), "wandb"),
+    ],
+)
+def test_bad_configurations_say_what_to_do(changes, message):
+    if changes.get("report_to") == "wandb":
+        try:
+            import wandb  # noqa: F401
+
+            pytest.skip("wandb is installed here, so --report_to wandb is valid")
+        except ImportError:
+            pass
+    config = DreamBoothConfig(**{"instance_data_dir": "x", "instance_prompt": "a sks dog", **changes})
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
+
+
+# --- the loop ------------------------------------------------------------------------------------------------------
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.events = []
+
+    def on_prepare(self, preparation):
+        self.events.append(("prepare", preparation.message, preparation.done, preparation.total))
+
+    def on_train_start(self, total_steps, start_step):
+        self.events.append(("start", total_steps, start_step))
+
+    def on_step(self, step, logs):
+        self.events.append(("step", step, sorted(logs)))
+
+    def on_validation(self, event):
+        self.events.append(("validation", event.step, event.kind, len(event.images), len(event.paths)))
+
+    def on_checkpoint(self, step, path):
+        self.events.append(("checkpoint", step, path.name))
+
+    def on_save(self, path):
+        self.events.append(("save", path.name))
+
+    def on_train_end(self, result):
+        self.events.append(("end", result.global_step))
+
+
+@pytest.mark.slow
+def test_callbacks_see_every_event_in_order(world, tmp_path):
+    recorder = Recorder()
+    config = config_for(world, tmp_path, validation_prompt="a sks star", validation_steps=2, checkpointing_steps=1,
+                        with_prior_preservation=True, class_prompt="a star", num_class_images=2,
+                        sample_batch_size=1)  # fmt: skip
+    result = train(config, [recorder])
+    kinds = [e[0] for e in recorder.events]
+    assert kinds[:2] == ["prepare", "prepare"] and kinds[-1] == "end"
+    class_progress = [e for e in recorder.events if e[0] == "prepare" and e[3] == 2]
+    assert [e[2] for e in class_progress] == [0, 1, 2]  # drawing class images, counted
+    after = recorder.events[len([k for k in kinds if k == "prepare"]) :]
+    assert after == [
+        ("validation", 0, "baseline", 1, 1),
+        ("start", 2, 0),
+        ("step", 1, ["instance_loss", "loss", "lr", "prior_loss"]),
+        ("checkpoint", 1, "checkpoint-1"),
+        ("step", 2, ["instance_loss", "loss", "lr", "prior_loss"]),
+        ("checkpoint", 2, "checkpoint-2"),
+        ("validation", 2, "preview", 1, 1),
+        ("save", "ether_adapter.safetensors"),
+        ("validation", 2, "final", 1, 1),
+        ("end", 2),
+    ]
+    card = (tmp_path / "README.md").read_text()
+    assert "mixed precision no" in card and "1 processes" in card
+    assert result.mixed_precision == "no"
+
+
+class NaNAt(DreamBoothTask):
+    """DreamBooth whose loss turns NaN at one step (what an exploding run looks like to the loop)."""
+
+    def __init__(self, config, step):
+        super().__init__(config)
+        self.calls, self.bad_step = 0, step
+
+    def loss(self, batch, run):
+        self.calls += 1
+        loss, parts = super().loss(batch, run)
+        if self.calls == self.bad_step:
+            loss = loss * float("nan")
+            parts = {**parts, "loss": loss.detach()}
+        return loss, parts
+
+
+def test_a_diverging_run_stops_and_keeps_the_good_files(world, tmp_path):
+    good = train(config_for(world, tmp_path, max_train_steps=1, no_final_reload=True)).adapter_path
+    good_bytes = good.read_bytes()
+    config = config_for(world, tmp_path, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=5)
+    with pytest.raises(TrainingDivergedError, match="the loss is nan at step 3.*Lower --learning_rate"):
+        Trainer(NaNAt(config.validate(), step=3)).train()
+    assert good.read_bytes() == good_bytes  # the previous adapter is untouched
+    assert [c.name for c in list_checkpoints(tmp_path)] == ["checkpoint-1", "checkpoint-2"]  # none from step 3
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_checkpoint_of_another_run(world, tmp_path):
+    train(config_for(world, tmp_path, max_train_steps=2, checkpointing_steps=1, no_final_reload=True))
+    other = config_for(world, tmp_path, max_train_steps=4, learning_rate=1e-3, resume_from_checkpoint="latest")
+    with pytest.raises(ResumeMismatchError, match=r"--learning_rate: checkpoint 0.006, now 0.001"):
+        train(other)
+    # the same run, only longer and with other logging: that is a resume
+    same = config_for(world, tmp_path, max_train_steps=3, resume_from_checkpoint="latest", quiet=False)
+    result = train(same)
+    assert result.global_step == 3 and len(result.losses) == 1
+
+
+def test_fp16_on_a_cpu_is_refused_whoever_asks(world, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is valid on this CUDA machine")
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        train(config_for(world, tmp_path, mixed_precision="fp16"))
+    # `accelerate launch --mixed_precision fp16` asks through the environment of a fresh process, not the flag
+    from conftest import launch_env
+
+    env = {**launch_env(), "ACCELERATE_MIXED_PRECISION": "fp16"}
+    cli = Path(sys.executable).parent / "ether-diffusion"
+    run = subprocess.run(
+        [str(cli), "train", "--pretrained_model_name_or_path", str(world / "model"), "--instance_data_dir",
+         str(world / "instance"), "--instance_prompt", "a sks star", "--output_dir", str(tmp_path), "--quiet",
+         "--max_train_steps", "1", "--report_to", "none"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "fp16 mixed precision (from --mixed_precision or accelerate's configuration) needs a CUDA GPU" in run.stderr
+    assert not (tmp_path / "ether_adapter.safetensors").exists()
+
+
+def test_prior_generation_precision_draws_class_images_in_that_dtype(world, tmp_path):
+    common = dict(with_prior_preservation=True, class_prompt="a star", num_class_images=1, max_train_steps=1,
+                  no_final_reload=True, validation_inference_steps=3)  # fmt: skip
+    train(config_for(world, tmp_path / "fp32", class_data_dir=str(tmp_path / "c32"), **common))
+    train(config_for(world, tmp_path / "bf16", class_data_dir=str(tmp_path / "c16"),
+                     prior_generation_precision="bf16", **common))  # fmt: skip
+    fp32 = np.asarray(Image.open(tmp_path / "c32" / "class-00000.png"), dtype=np.int16)
+    bf16 = np.asarray(Image.open(tmp_path / "c16" / "class-00000.png"), dtype=np.int16)
+    assert fp32.shape == bf16.shape and not np.array_equal(fp32, bf16)  # bf16 rounding shows in the pixels
+    assert np.abs(fp32 - bf16).mean() < 40  # ... but it is the same image
+
+
+def test_a_stop_during_preparation_ends_before_any_step(world, tmp_path):
+    class StopWhileDrawing(Recorder):
+        def should_stop(self):
+            return any(e[0] == "prepare" and e[3] for e in self.events)  # once class images are being drawn
+
+    recorder = StopWhileDrawing()
+    config = config_for(world, tmp_path, with_prior_preservation=True, class_prompt="a star", num_class_images=3,
+                        sample_batch_size=1)  # fmt: skip
+    result = train(config, [recorder])
+    assert result.stopped_early and result.adapter_path is None and result.global_step == 0
+    assert [e[0] for e in recorder.events if e[0] in ("start", "step", "save")] == []
+    assert not (tmp_path / "ether_adapter.safetensors").exists() and not list_checkpoints(tmp_path)
+    assert math.isfinite(result.train_seconds) and os.path.isdir(tmp_path)
