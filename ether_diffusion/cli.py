@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             return _studio(argv[1:])
         args = build_parser().parse_args(argv)
         return args.run(args)
-    except (FileNotFoundError, ValueError, KeyError, PermissionError, RuntimeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # ours say what to do; no traceback for them
         print(f"error: {err}", file=sys.stderr)
         return 2
 

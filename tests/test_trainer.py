@@ -15,7 +15,7 @@ from conftest import build_tiny_components
 from PIL import Image
 
 from ether_diffusion.training import Callback, ConfigError, ResumeMismatchError, TrainingDivergedError
-from ether_diffusion.training.checkpoints import list_checkpoints
+from ether_diffusion.training.checkpoints import CheckpointError, list_checkpoints
 from ether_diffusion.training.dreambooth import DreamBoothConfig, DreamBoothTask, train
 from ether_diffusion.training.trainer import Trainer
 
@@ -251,3 +251,25 @@ def test_a_stop_during_preparation_ends_before_any_step(world, tmp_path):
     assert [e[0] for e in recorder.events if e[0] in ("start", "step", "save")] == []
     assert not (tmp_path / "ether_adapter.safetensors").exists() and not list_checkpoints(tmp_path)
     assert math.isfinite(result.train_seconds) and os.path.isdir(tmp_path)
+
+
+def test_a_full_disk_during_a_checkpoint_leaves_no_partial_folder(world, tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def disk_fills_up(obj, f, *args, **kwargs):
+        if ".checkpoint-2.partial" in str(f):  # checkpoint-1 fits, checkpoint-2 does not
+            Path(f).write_bytes(b"\0" * 64)
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4056\nfile write failed"
+            )
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_fills_up)
+    config = config_for(world, tmp_path, max_train_steps=3, checkpointing_steps=1, no_final_reload=True)
+    with pytest.raises(CheckpointError, match=r"could not write the checkpoint at step 2 .*file write failed.*"
+                       r"checkpoint-1 is intact.*resume with --resume_from_checkpoint latest"):  # fmt: skip
+        train(config)
+    assert sorted(p.name for p in tmp_path.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+    monkeypatch.setattr(torch, "save", real_save)  # space freed: the run resumes from checkpoint-1
+    result = train(config.replace(resume_from_checkpoint="latest"))
+    assert result.global_step == 3 and len(result.losses) == 2

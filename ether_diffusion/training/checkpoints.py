@@ -7,6 +7,7 @@ from pathlib import Path
 
 __all__ = [
     "COMPLETE_MARKER",
+    "CheckpointError",
     "checkpoint_step",
     "latest_checkpoint",
     "list_checkpoints",
@@ -15,6 +16,12 @@ __all__ = [
 ]
 
 PREFIX = "checkpoint-"
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written (typically a full disk); nothing partial was left behind."""
+
+
 COMPLETE_MARKER = "checkpoint_complete"
 
 
@@ -57,7 +64,9 @@ def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[P
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit: int | None = None) -> Path:
     """``accelerator.save_state`` into a temporary folder, mark it complete, rename it into place, then prune.
 
-    A run killed at any point leaves every earlier checkpoint intact (and at most an unmarked temporary folder).
+    A run killed at any point leaves every earlier checkpoint intact (and at most an unmarked temporary folder). A
+    write that fails (a full disk: torch reports it as ``RuntimeError: ... file write failed``) removes the partial
+    folder, so it cannot fill the disk further, and raises ``CheckpointError`` saying what happened.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{step}"
@@ -65,12 +74,29 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, total_limit:
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    try:
+        accelerator.save_state(str(partial))
+        if accelerator.is_main_process:
+            (partial / COMPLETE_MARKER).write_text(str(step))
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        earlier = latest_checkpoint(output_dir)
+        raise CheckpointError(
+            f"could not write the checkpoint at step {step} in '{output_dir}' ({_reason(err)}); the partial folder "
+            f"was removed and {f'{earlier.name} is intact' if earlier else 'no earlier checkpoint exists'}. Free "
+            "some space (or choose another --output_dir), then resume with --resume_from_checkpoint latest"
+        ) from err
     if accelerator.is_main_process:
-        (partial / COMPLETE_MARKER).write_text(str(step))
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
         prune_checkpoints(output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err).strip().splitlines()
+    return text[-1][:200] if text else type(err).__name__
