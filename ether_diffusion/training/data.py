@@ -45,7 +45,11 @@ def load_image_folder(folder: str | Path, what: str = "instance") -> list[Image.
     return images
 
 
-def _resize_and_crop(image: Image.Image, size: int, center_crop: bool, rng: np.random.Generator) -> Image.Image:
+def _resize_and_crop(
+    image: Image.Image, size: int, center_crop: bool, rng: np.random.Generator
+) -> tuple[Image.Image, int, int, int]:
+    """Resize the short side to ``size`` and crop a square; returns the crop, its top-left corner (top, left) in the
+    resized image, and the resized width."""
     scale = size / min(image.size)
     width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
     image = image.resize((width, height), Image.BICUBIC)
@@ -53,7 +57,7 @@ def _resize_and_crop(image: Image.Image, size: int, center_crop: bool, rng: np.r
         left, top = (width - size) // 2, (height - size) // 2
     else:
         left, top = int(rng.integers(0, width - size + 1)), int(rng.integers(0, height - size + 1))
-    return image.crop((left, top, left + size, top + size))
+    return image.crop((left, top, left + size, top + size)), top, left, width
 
 
 def to_pixels(image: Image.Image) -> torch.Tensor:
@@ -64,6 +68,11 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
 
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance images with their prompt, plus class images with theirs when prior preservation is on.
+
+    ``tokenizer`` may be a list (SDXL's two): the prompt's ids are ``input_ids``, ``input_ids_2``, ... in the batch.
+    Each example also carries SDXL's size conditioning, ``add_time_ids`` = (original height, original width, crop
+    top, crop left, target height, target width), the crop corner measured in the image as it was flipped (as
+    diffusers' ``train_dreambooth_lora_sdxl.py`` records it); tasks of other models ignore it.
 
     Augmentation (random crop, flip) is a pure function of ``(seed, epoch, index)``, so a resumed run sees the
     same images as an uninterrupted one. Call ``set_epoch`` at the start of each epoch.
@@ -85,8 +94,9 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.class_images = list(class_images or [])
         self.size, self.center_crop, self.random_flip, self.seed = size, center_crop, random_flip, seed
         self.epoch = 0
-        self.instance_ids = self._tokenize(tokenizer, instance_prompt)
-        self.class_ids = self._tokenize(tokenizer, class_prompt) if self.class_images else None
+        tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
+        self.instance_ids = [self._tokenize(t, instance_prompt) for t in tokenizers]
+        self.class_ids = [self._tokenize(t, class_prompt) for t in tokenizers] if self.class_images else None
 
     @staticmethod
     def _tokenize(tokenizer, prompt: str) -> torch.Tensor:
@@ -100,29 +110,37 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_images))
 
-    def _augment(self, image: Image.Image, index: int, stream: int) -> torch.Tensor:
+    def _augment(self, image: Image.Image, index: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixels, add_time_ids) of one image."""
         rng = np.random.default_rng([self.seed, self.epoch, index, stream])
-        image = _resize_and_crop(image, self.size, self.center_crop, rng)
+        original = (image.height, image.width)
+        image, top, left, width = _resize_and_crop(image, self.size, self.center_crop, rng)
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_pixels(image)
+            left = width - self.size - left  # the same crop, measured in the flipped image
+        return to_pixels(image), torch.tensor([*original, top, left, self.size, self.size])
+
+    def _example(self, image: Image.Image, ids: list[torch.Tensor], index: int, stream: int) -> dict:
+        pixels, time_ids = self._augment(image, index, stream)
+        return {"pixel_values": pixels, "add_time_ids": time_ids, **{_ids_key(i): t for i, t in enumerate(ids)}}
 
     def __getitem__(self, index: int) -> dict:
-        example = {
-            "instance_pixels": self._augment(self.instance_images[index % len(self.instance_images)], index, 0),
-            "instance_ids": self.instance_ids,
-        }
+        instance = self.instance_images[index % len(self.instance_images)]
+        example = {"instance": self._example(instance, self.instance_ids, index, 0)}
         if self.class_images:
-            example["class_pixels"] = self._augment(self.class_images[index % len(self.class_images)], index, 1)
-            example["class_ids"] = self.class_ids
+            image = self.class_images[index % len(self.class_images)]
+            example["class"] = self._example(image, self.class_ids, index, 1)
         return example
+
+
+def _ids_key(i: int) -> str:
+    return "input_ids" if i == 0 else f"input_ids_{i + 1}"
 
 
 def collate(examples: list[dict]) -> dict:
     """Batch instance examples, then class examples after them (one forward pass; the loss splits them)."""
-    pixels = [e["instance_pixels"] for e in examples] + [e["class_pixels"] for e in examples if "class_pixels" in e]
-    ids = [e["instance_ids"] for e in examples] + [e["class_ids"] for e in examples if "class_ids" in e]
-    return {"pixel_values": torch.stack(pixels), "input_ids": torch.stack(ids)}
+    rows = [e["instance"] for e in examples] + [e["class"] for e in examples if "class" in e]
+    return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):

@@ -1,11 +1,24 @@
-"""What every Stable Diffusion 1.x/2.x task shares: the frozen components on the run's device and dtype, the
-adapters, the denoising loss, and pipelines over the training modules for validation."""
+"""What every Stable Diffusion task shares: the frozen components on the run's device and dtype, the adapters, the
+denoising loss, and pipelines over the training modules for validation.
+
+``StableDiffusionTask`` is SD 1.x/2.x; ``training/sdxl.py`` overrides the few hooks where SDXL differs:
+
+    family                      the model family the task trains (``families.FAMILIES``), checked before loading
+    load_components()           tokenizers, text encoders, VAE, UNet, noise scheduler
+    text_encoders()             ``{component: text encoder}`` (one for SD, two for SDXL)
+    text_encoder_adapter_config(component, unet_config)   what ``--train_text_encoder`` adapts in each
+    condition(batch, run)       the UNet's keyword arguments for a batch (text embeddings, SDXL's added conditions)
+    pipeline() / base_pipeline()   a pipeline over the training modules / a fresh one from disk
+"""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from ..models import load_components
+from ..families import FAMILIES, require_family
+from ..models import load_components, load_pipeline
 from ..sampling import sample_images
 from .adapters import adapters_for
 from .diffusion import dreambooth_loss, prediction_target, sample_noise
@@ -16,34 +29,64 @@ __all__ = ["StableDiffusionTask"]
 
 class StableDiffusionTask(Task):
     """Loads the model, freezes it, adds the adapters the subclass asks for (``adapter_configs``), and computes the
-    noise-prediction loss. Subclasses add their data, validation and artifact."""
+    denoising loss (epsilon or v target, from the scheduler's ``prediction_type``). Subclasses add their data,
+    validation and artifact."""
+
+    #: the model family this task trains; another family's model is refused before anything loads
+    family = "sd"
+    #: said when a model of another family is refused (where the right task is)
+    family_hint = ""
 
     def adapter_configs(self) -> dict:
         """``{component: EtherConfig}`` of what to adapt; the UNet with the flags' targets by default."""
         return {"unet": self.config.adapter_config()}
 
-    def setup(self, run: Run) -> None:
+    def text_encoder_adapter_config(self, component: str, unet_config):
+        """The adapter of text encoder ``component`` when the task trains it: its attention, else as the UNet's."""
+        return dataclasses.replace(unet_config, target_modules="text-encoder-attention")
+
+    # --- the model --------------------------------------------------------------------------------------------
+    def check_family(self) -> None:
         config = self.config
-        parts = self.components = load_components(
+        what = f"{self.name} training ({type(self).__name__})"
+        require_family(config.pretrained_model_name_or_path, (self.family,), what, self.family_hint, config.revision)
+
+    def load_components(self):
+        config = self.config
+        return load_components(
             config.pretrained_model_name_or_path, config.revision, config.variant, config.tokenizer_name
         )
+
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        return {"text_encoder": self.components.text_encoder}
+
+    def tokenizers(self) -> list:
+        """Tokenizers in the order of ``input_ids``, ``input_ids_2``, ..."""
+        return [self.components.tokenizer]
+
+    def setup(self, run: Run) -> None:
+        config = self.config
+        self.check_family()
+        parts = self.components = self.load_components()
         if config.resolution is None:
             config.resolution = parts.native_resolution
-        for model in (parts.vae, parts.text_encoder, parts.unet):
+        text_encoders = self.text_encoders()
+        for model in (parts.vae, parts.unet, *text_encoders.values()):
             model.requires_grad_(False)
         weight_dtype = run.weight_dtype
         parts.vae.to(run.device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
         self.adapters = adapters_for(config)
         configs = self.adapter_configs()
-        models = {"unet": parts.unet, "text_encoder": parts.text_encoder}
+        models = {"unet": parts.unet, **text_encoders}
         self.adapters.add({c: models[c] for c in configs}, configs)
-        parts.unet.to(run.device, dtype=weight_dtype)
-        parts.text_encoder.to(run.device, dtype=weight_dtype)
+        for model in models.values():
+            model.to(run.device, dtype=weight_dtype)
         self.params = self.adapters.parameters()
         if config.gradient_checkpointing:
             parts.unet.enable_gradient_checkpointing()
-            if "text_encoder" in configs:
-                parts.text_encoder.gradient_checkpointing_enable()
+            for component, model in text_encoders.items():
+                if component in configs:
+                    model.gradient_checkpointing_enable()
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         return {name: model for name, model in self.adapters.models.items()}
@@ -52,10 +95,15 @@ class StableDiffusionTask(Task):
         return [{"params": self.params, "lr": self.config.learning_rate, "name": "adapter"}]
 
     # --- the loss -----------------------------------------------------------------------------------------------
+    def condition(self, batch: dict, run: Run) -> dict:
+        """The UNet's conditioning for ``batch``: the text encoder's last hidden state."""
+        text_encoder = run.module("text_encoder", self.components.text_encoder)
+        return {"encoder_hidden_states": text_encoder(batch["input_ids"].to(run.device))[0]}
+
     def denoising_loss(self, batch: dict, run: Run, offset_noise: float = 0.0, prior_preservation: bool = False,
                        prior_loss_weight: float = 1.0):  # fmt: skip
         """Noise ``batch["pixel_values"]``'s latents at random timesteps and score the UNet's prediction of the
-        scheduler's target (epsilon or v), conditioned on ``batch["input_ids"]``."""
+        scheduler's target (epsilon or v), conditioned on ``condition(batch)``."""
         parts, generator = self.components, run.noise_generator
         vae, scheduler = parts.vae, parts.noise_scheduler
         pixels = batch["pixel_values"].to(run.device, dtype=vae.dtype)
@@ -67,20 +115,22 @@ class StableDiffusionTask(Task):
             0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
         )
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        hidden = run.module("text_encoder", parts.text_encoder)(batch["input_ids"].to(run.device))[0]
-        prediction = run.module("unet", parts.unet)(noisy, timesteps, hidden).sample
+        prediction = run.module("unet", parts.unet)(noisy, timesteps, **self.condition(batch, run)).sample
         target = prediction_target(scheduler, latents, noise, timesteps)
         return dreambooth_loss(
             prediction, target, timesteps, scheduler, self.config.snr_gamma, prior_preservation, prior_loss_weight
         )
 
     # --- sampling -----------------------------------------------------------------------------------------------
+    def pipeline_class(self):
+        return FAMILIES[self.family].pipeline_class()
+
     def pipeline(self, pipeline_class=None, device=None):
         """A pipeline over the training modules (adapters as they are now), sampling with DPM-Solver++."""
-        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+        from diffusers import DPMSolverMultistepScheduler
 
         parts = self.components
-        pipe = (pipeline_class or StableDiffusionPipeline)(
+        pipe = (pipeline_class or self.pipeline_class())(
             vae=parts.vae,
             text_encoder=parts.text_encoder,
             tokenizer=parts.tokenizer,
@@ -92,6 +142,12 @@ class StableDiffusionTask(Task):
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def base_pipeline(self, pipeline_class=None, scheduler: str | None = None, **kwargs):
+        """A fresh pipeline of the base model from disk (what users load; the final reload, class images)."""
+        return load_pipeline(
+            self.config.pretrained_model_name_or_path, pipeline_class or self.pipeline_class(), scheduler, **kwargs
+        )
 
     def validation_images(self, pipe, prompt: str, run: Run | None, **kwargs) -> list:
         """``num_validation_images`` images of ``prompt`` from seeds ``seed``, ``seed + 1``, ..."""
