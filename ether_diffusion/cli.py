@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ether-diffusion", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
-        "train", help="DreamBooth with ETHER (flags of train_dreambooth_lora; see train --help)", add_help=False
+        "train",
+        help="DreamBooth with ETHER on SD 1.x/2.x or SDXL (flags of train_dreambooth_lora[_sdxl]; see train --help)",
+        add_help=False,
     )
 
     commands.add_parser(
@@ -249,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         if argv[:1] == ["train"]:
-            from .training.dreambooth import DreamBoothConfig, train
+            from .training.dreambooth import parse_args, train
 
-            result = train(DreamBoothConfig.from_args(argv[1:], prog="ether-diffusion train"))
+            result = train(parse_args(argv[1:], prog="ether-diffusion train"))  # SD 1.x/2.x or SDXL, from the model
             print(f"adapter written to {result.adapter_path}")
             return 0
         if argv[:1] == ["train-control"]:

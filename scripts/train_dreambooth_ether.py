@@ -4,7 +4,13 @@
         --instance_data_dir assets/subjects/orange_checkered_star --instance_prompt "a sks star" \
         --with_prior_preservation --class_prompt "a star" --max_train_steps 400 --output_dir out/star
 
-Flags follow diffusers' train_dreambooth_lora.py (see --help); the task and the loop live in ether_diffusion.training.
+The model decides the task: an SDXL folder (model_index.json's _class_name StableDiffusionXLPipeline) trains SDXL
+DreamBooth with the flags of diffusers' train_dreambooth_lora_sdxl.py (`--help` with that model lists them), any other
+SD 1.x/2.x model those of train_dreambooth_lora.py. The tasks and the loop live in ether_diffusion.training.
+
+    accelerate launch scripts/train_dreambooth_ether.py --pretrained_model_name_or_path stable-diffusion-xl-base-1.0 \
+        --pretrained_vae_model_name_or_path sdxl-vae-fp16-fix --mixed_precision fp16 \
+        --instance_data_dir dog --instance_prompt "a photo of sks dog" --max_train_steps 500 --output_dir out/dog-xl
 """
 
 from ether_diffusion.training.dreambooth import parse_args, train

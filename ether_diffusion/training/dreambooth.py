@@ -6,10 +6,13 @@ preservation), its configuration with the flags of diffusers' ``train_dreambooth
     result = train(config)                      # the loop of trainer.py; result.adapter_path is the file
 
 Used by ``scripts/train_dreambooth_ether.py``, ``ether-diffusion train``, the demo, the studio and the benchmarks.
+``train`` and ``parse_args`` pick the task from the model: an SDXL model trains ``sdxl.DreamBoothXLTask`` (with
+``sdxl.DreamBoothXLConfig``'s extra flags), the same data, prior preservation, loop and file.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..config import METHOD_LABELS
+from ..families import FAMILIES, UnsupportedModelError, model_family
 from ..io import DEFAULT_WEIGHT_NAME
 from .class_images import ensure_class_images
 from .config import ConfigError, RunConfig, option
@@ -26,7 +30,7 @@ from .sd import StableDiffusionTask
 from .task import Run, Samples
 from .trainer import Trainer, TrainResult
 
-__all__ = ["PAPER_LEARNING_RATE", "DreamBoothConfig", "DreamBoothTask", "parse_args", "train"]
+__all__ = ["PAPER_LEARNING_RATE", "DreamBoothConfig", "DreamBoothTask", "parse_args", "task_for", "train"]
 
 PAPER_LEARNING_RATE = 6e-3  # ETHER / ETHER+ DreamBooth (Bini et al. 2024, Tab. 2 setup)
 
@@ -34,7 +38,10 @@ PAPER_LEARNING_RATE = 6e-3  # ETHER / ETHER+ DreamBooth (Bini et al. 2024, Tab. 
 @dataclass(kw_only=True)
 class DreamBoothConfig(RunConfig):
     task_name = "dreambooth"
-    description = "DreamBooth with ETHER adapters (flags as diffusers' train_dreambooth_lora)"
+    description = (
+        "DreamBooth with ETHER adapters (flags as diffusers' train_dreambooth_lora). An SDXL model "
+        "(--pretrained_model_name_or_path) is detected and adds its flags: see --help with that model"
+    )
 
     instance_data_dir: str = option(help="folder with 3-10 images of the subject")
     instance_prompt: str = option(help="prompt with the identifier, e.g. 'a sks dog'")
@@ -50,7 +57,7 @@ class DreamBoothConfig(RunConfig):
     )  # fmt: skip
     center_crop: bool = option(False, "crop the centre instead of a random square")
     random_flip: bool = option(False, "flip images horizontally at random")
-    train_text_encoder: bool = option(False, "also adapt the text encoder's attention")
+    train_text_encoder: bool = option(False, "also adapt the text encoder's attention (SDXL: both encoders)")
     offset_noise: bool = option(False, "add per-channel offset noise (0.1), as diffusers does")
     output_dir: str = option("ether-dreambooth", "where checkpoints, validation images and the adapter go",
                              same_run=False)  # fmt: skip
@@ -76,6 +83,8 @@ class DreamBoothConfig(RunConfig):
 class DreamBoothTask(StableDiffusionTask):
     name = "dreambooth"
     weight_name = DEFAULT_WEIGHT_NAME
+    card_tags = ("ether", "dreambooth", "diffusers", "text-to-image")
+    family_hint = "dreambooth.train(), train_dreambooth_ether.py and `ether-diffusion train` pick the task by model"
 
     def __init__(self, config: DreamBoothConfig):
         super().__init__(config)
@@ -86,7 +95,8 @@ class DreamBoothTask(StableDiffusionTask):
     def adapter_configs(self) -> dict:
         configs = super().adapter_configs()
         if self.config.train_text_encoder:
-            configs["text_encoder"] = dataclasses.replace(configs["unet"], target_modules="text-encoder-attention")
+            for component in self.text_encoders():
+                configs[component] = self.text_encoder_adapter_config(component, configs["unet"])
         return configs
 
     # --- data -------------------------------------------------------------------------------------------------
@@ -102,7 +112,7 @@ class DreamBoothTask(StableDiffusionTask):
         dataset = DreamBoothDataset(
             self.instance_images,
             config.instance_prompt,
-            self.components.tokenizer,
+            self.tokenizers(),
             config.resolution,
             config.center_crop,
             config.random_flip,
@@ -123,10 +133,8 @@ class DreamBoothTask(StableDiffusionTask):
             if precision and precision != "no":
                 import torch
 
-                from ..models import load_pipeline
-
                 dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-                return load_pipeline(config.pretrained_model_name_or_path, torch_dtype=dtype).to(run.device)
+                return self.base_pipeline(torch_dtype=dtype).to(run.device)
             stack.enter_context(self.adapters.disabled())
             return self.pipeline()
 
@@ -159,10 +167,9 @@ class DreamBoothTask(StableDiffusionTask):
         if kind == "final":  # the round trip diffusers does: a fresh pipeline from disk, the saved file, samples
             if self.config.peer:
                 return None
-            from ..models import load_pipeline
             from ..pipeline import load_ether_weights
 
-            pipe = load_pipeline(self.config.pretrained_model_name_or_path, scheduler="dpm").to(run.device)
+            pipe = self.base_pipeline(scheduler="dpm").to(run.device)
             load_ether_weights(pipe, adapter_path)
             images = self.validation_images(pipe, prompt, None)
         else:  # the baseline is the base model: a fresh ETHER reflection is not the identity
@@ -178,6 +185,16 @@ class DreamBoothTask(StableDiffusionTask):
     def load_checkpoint(self, path: Path) -> None:
         self.adapters.load(path)
 
+    def card_loading_code(self) -> list[str]:
+        """The model card's lines that load the base pipeline as ``pipe``."""
+        pipeline = FAMILIES[self.family].pipeline
+        return [
+            f"from diffusers import {pipeline}",
+            "from ether_diffusion import load_ether_weights",
+            "",
+            f'pipe = {pipeline}.from_pretrained("{self.config.pretrained_model_name_or_path}")',
+        ]
+
     def model_card(self, result: TrainResult, samples_file: str | None) -> str:
         config = self.config
         configs = {c: cfg.to_dict() for c, cfg in self.adapter_configs().items()}
@@ -191,7 +208,7 @@ class DreamBoothTask(StableDiffusionTask):
             "---",
             f"base_model: {config.pretrained_model_name_or_path}",
             "library_name: ether-diffusion",
-            "tags: [ether, dreambooth, diffusers, text-to-image]",
+            f"tags: [{', '.join(self.card_tags)}]",
             f"instance_prompt: {config.instance_prompt}",
             "---",
             "",
@@ -202,10 +219,7 @@ class DreamBoothTask(StableDiffusionTask):
             f"{result.global_step} steps in {result.train_seconds:.0f} s.",
             "",
             "```python",
-            "from diffusers import StableDiffusionPipeline",
-            "from ether_diffusion import load_ether_weights",
-            "",
-            f'pipe = StableDiffusionPipeline.from_pretrained("{config.pretrained_model_name_or_path}")',
+            *self.card_loading_code(),
             f'load_ether_weights(pipe, "{config.output_dir}")',
             f'image = pipe("{config.validation_prompt or config.instance_prompt}").images[0]',
             "```",
@@ -226,10 +240,68 @@ class DreamBoothTask(StableDiffusionTask):
         return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: list[str] | None = None) -> DreamBoothConfig:
-    return DreamBoothConfig.from_args(argv)
+def _tasks() -> dict[str, tuple[type[DreamBoothConfig], type[DreamBoothTask]]]:
+    """The DreamBooth configuration and task of each model family."""
+    from .sdxl import DreamBoothXLConfig, DreamBoothXLTask  # sdxl builds on this module
+
+    return {"sd": (DreamBoothConfig, DreamBoothTask), "sdxl": (DreamBoothXLConfig, DreamBoothXLTask)}
+
+
+def _classes_for(model: str | None, revision: str | None = None):
+    family = model_family(model, revision)  # UnsupportedModelError for other families
+    if family.name not in _tasks():
+        supported = " and ".join(FAMILIES[name].label for name in _tasks())
+        raise UnsupportedModelError(f"'{model}' is a {family.label} model; DreamBooth supports {supported} models")
+    return _tasks()[family.name]
+
+
+def _not_for_this_model(flags: list[str], model: str | None, revision: str | None) -> str:
+    family = model_family(model, revision)
+    return (
+        f"{', '.join('--' + f for f in flags)} {'does' if len(flags) == 1 else 'do'} not apply to {family.label} "
+        f"models, and '{model or 'the shipped tiny model'}' is one"
+    )
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> DreamBoothConfig:
+    """Flags of the model's family: ``DreamBoothXLConfig`` for an SDXL ``--pretrained_model_name_or_path``, else
+    ``DreamBoothConfig``. Bad flags, and a model of a family DreamBooth does not train, are usage errors."""
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--pretrained_model_name_or_path")
+    probe.add_argument("--revision")
+    known, _ = probe.parse_known_args(argv)
+    try:
+        config_class = _classes_for(known.pretrained_model_name_or_path, known.revision)[0]
+    except UnsupportedModelError as err:
+        DreamBoothConfig.build_parser(prog).error(str(err))
+    others = {f.name for config, _ in _tasks().values() for f in dataclasses.fields(config)}
+    foreign = others - {f.name for f in dataclasses.fields(config_class)}
+    given = sorted(flag for flag in foreign if any(a.split("=")[0] == f"--{flag}" for a in argv or []))
+    if given:
+        config_class.build_parser(prog).error(
+            _not_for_this_model(given, known.pretrained_model_name_or_path, known.revision)
+        )
+    return config_class.from_args(argv, prog)
+
+
+def task_for(config: DreamBoothConfig) -> DreamBoothTask:
+    """The DreamBooth task of ``config``'s model family. A configuration of the other family is carried over field by
+    field (an SD one for an SDXL model gets the SDXL flags' defaults); one that sets flags the model's family does
+    not have is a ``ConfigError``."""
+    config.validate()
+    config_class, task_class = _classes_for(config.pretrained_model_name_or_path, config.revision)
+    if type(config) is not config_class and type(config) in {c for c, _ in _tasks().values()}:
+        names = {f.name for f in dataclasses.fields(config_class)}
+        extra = [f for f in dataclasses.fields(config) if f.name not in names]
+        lost = [f.name for f in extra if getattr(config, f.name) != f.default]
+        if lost:
+            model = config.pretrained_model_name_or_path
+            raise ConfigError(f"{_not_for_this_model(lost, model, config.revision)}; use {config_class.__name__}")
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in names}
+        config = config_class(**fields).validate()
+    return task_class(config)
 
 
 def train(config: DreamBoothConfig, callbacks=()) -> TrainResult:
-    """Validate ``config`` and run DreamBooth on the library's loop."""
-    return Trainer(DreamBoothTask(config.validate()), callbacks).train()
+    """Validate ``config`` and run DreamBooth on the library's loop (the task of the model's family)."""
+    return Trainer(task_for(config), callbacks).train()
