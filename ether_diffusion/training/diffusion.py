@@ -27,6 +27,8 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator, offset_noise
 
 
 def prediction_target(noise_scheduler, latents, noise, timesteps):
+    """What the UNet learns to predict, by the scheduler's ``prediction_type``: the noise ε (SD 1.x, SDXL), or the
+    velocity v = √ᾱ_t ε − √(1 − ᾱ_t) x₀ (SD 2.x 768-v models)."""
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
@@ -50,11 +52,12 @@ def dreambooth_loss(
         dim=tuple(range(1, prediction.dim()))
     )
     if snr_gamma is not None:
+        # min-SNR-γ (Hang et al. 2023) is min(snr, γ)/snr on the epsilon error. A v error is (snr + 1)/snr times
+        # the epsilon error of the same prediction, so on v it is min(snr, γ)/(snr + 1), as diffusers weights it
         snr = compute_snr(noise_scheduler, timesteps)
-        weight = torch.clamp(snr, max=snr_gamma) / snr
-        if noise_scheduler.config.prediction_type == "v_prediction":
-            weight = torch.clamp(snr, max=snr_gamma) / (snr + 1)
-        per_sample = per_sample * weight
+        clipped = torch.clamp(snr, max=snr_gamma)
+        v_target = noise_scheduler.config.prediction_type == "v_prediction"
+        per_sample = per_sample * (clipped / (snr + 1) if v_target else clipped / snr)
     if not with_prior_preservation:
         loss = per_sample.mean()
         return loss, {"loss": loss.detach()}
