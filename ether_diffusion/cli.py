@@ -126,7 +126,7 @@ def _fuse(args) -> int:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    print(f"fused model written to {output} (load it with StableDiffusionPipeline.from_pretrained)")
+    print(f"fused model written to {output} (load it with {type(pipe).__name__}.from_pretrained)")
     return 0
 
 

@@ -44,11 +44,15 @@ def _loading_failed(path: str, err: Exception) -> ModelLoadError:
 
 def load_pipeline(model: str | Path | None = None, pipeline_class=None, scheduler: str | None = None, **kwargs):
     """A text-to-image pipeline of ``model`` (default: the shipped tiny model) with no safety checker and no
-    progress bars. ``pipeline_class`` defaults to ``StableDiffusionPipeline``; ``scheduler="dpm"`` swaps in
-    DPM-Solver++ (what validation samples with)."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    progress bars. ``pipeline_class`` defaults to the model's family's (``StableDiffusionPipeline``,
+    ``StableDiffusionXLPipeline``: see ``families.py``); ``scheduler="dpm"`` swaps in DPM-Solver++ (what validation
+    samples with)."""
+    from diffusers import DPMSolverMultistepScheduler
 
-    pipeline_class = pipeline_class or StableDiffusionPipeline
+    if pipeline_class is None:
+        from .families import model_family  # families reads model folders with this module's helpers
+
+        pipeline_class = model_family(model, kwargs.get("revision")).pipeline_class()
     if model is None:
         from .world.assets import check_pipeline_folder
 

@@ -310,3 +310,103 @@ def test_sdxl_two_processes_train_both_text_encoders(world, tmp_path):
     assert source.extra["num_processes"] == "2" and source.extra["steps"] == "2"
     assert set(source.configs) == {"unet", "text_encoder", "text_encoder_2"}
     assert source.extra["trained_with"].endswith("dreambooth-sdxl")
+
+
+@pytest.mark.slow
+def test_cli_train_sample_and_fuse_take_an_sdxl_model(world, trained, tmp_path, capsys):
+    from diffusers import StableDiffusionXLPipeline
+
+    from ether_diffusion.cli import main
+    from ether_diffusion.pipeline import load_ether_weights
+
+    model = str(world / "sdxl")
+    assert main(["train", *flags(world, tmp_path / "train", "--max_train_steps", "1", "--no_final_reload")]) == 0
+    assert read_adapter_file(tmp_path / "train").extra["trained_with"].endswith("dreambooth-sdxl")
+    adapter = str(trained[0].adapter_path)
+    assert main(["sample", "--model", model, "--adapter", adapter, "--prompt", PROMPT, "--steps", "2",
+                 "--compare", "--output_dir", str(tmp_path / "samples")]) == 0  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["00_seed0_adapted.png", "00_seed0_base.png"]
+    assert main(["fuse", "--model", model, "--adapter", adapter, "--output_dir", str(tmp_path / "fused")]) == 0
+    assert "StableDiffusionXLPipeline.from_pretrained" in capsys.readouterr().out
+    fused = StableDiffusionXLPipeline.from_pretrained(tmp_path / "fused")  # plain diffusers, adapter baked in
+    loaded = StableDiffusionXLPipeline.from_pretrained(model)
+    load_ether_weights(loaded, adapter)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = [pipe(PROMPT, latents=latents, num_inference_steps=2, output_type="np").images for pipe in (fused, loaded)]
+    np.testing.assert_allclose(images[0], images[1], atol=1e-4)
+
+
+# --- sizes on the real SDXL architecture ------------------------------------------------------------------------------
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json, written out (nothing is downloaded)
+SDXL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # 6 size/crop ids x 256 + the 1280-wide pooled text embedding
+)
+# its text_encoder (CLIP ViT-L/14) and text_encoder_2 (OpenCLIP ViT-bigG/14 with projection)
+SDXL_TEXT = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                 hidden_act="quick_gelu", projection_dim=768, vocab_size=49408, max_position_embeddings=77)  # fmt: skip
+SDXL_TEXT_2 = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                   hidden_act="gelu", projection_dim=1280, vocab_size=49408, max_position_embeddings=77)  # fmt: skip
+
+SDXL_COUNTS = {  # (method, sides) -> trained parameters on the UNet's 560 attention projections
+    ("ether", None): 785_920,
+    ("ether_plus", None): 2_903_040,  # two-sided, the default
+    ("ether_plus", ("input",)): 1_571_840,
+    ("lora", None): 5_806_080,  # PEFT LoRA r=4 on the same layers
+}
+SDXL_TEXT_COUNTS = {"ether": (33_792, 163_840), "ether_plus": (135_168, 655_360)}  # (text_encoder, text_encoder_2)
+
+
+def test_parameter_counts_on_the_real_sdxl_architecture():
+    """ETHER / ETHER+ / LoRA r=4 sizes on SDXL-base built on the meta device (no weights), pinned here and in the
+    docs."""
+    import peft
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ether_diffusion import EtherConfig, inject
+    from ether_diffusion.inject import count_parameters, eject
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2))
+    # the published sizes: the configs above are SDXL-base's
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    assert sum(p.numel() for p in text_encoder.parameters()) == 123_060_480
+    assert sum(p.numel() for p in text_encoder_2.parameters()) == 694_659_840
+    docs = (ROOT / "docs" / "dreambooth.md").read_text()
+    for (method, sides), expected in SDXL_COUNTS.items():
+        if method == "lora":
+            lora = peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+            peft.inject_adapter_in_model(lora, unet)  # last: it stays in
+            count = sum(p.numel() for name, p in unet.named_parameters() if ".lora_" in name)
+        else:
+            assert len(inject(unet, EtherConfig(method=method, sides=sides))) == 560
+            count = count_parameters(unet)
+            eject(unet)
+            assert count_parameters(unet) == 0
+        assert count == expected, (method, sides)
+        assert f"{expected:,}" in docs, f"{expected:,} missing from docs/dreambooth.md"
+    # --train_text_encoder: all attention of text_encoder_2, text_encoder's but its unread last layer
+    unread = ["encoder.layers.11"]  # what DreamBoothXLTask excludes (tested on the tiny model above)
+    for method, (first, second) in SDXL_TEXT_COUNTS.items():
+        assert len(inject(text_encoder, EtherConfig(method=method, target_modules="text-encoder-attention",
+                                                    exclude_modules=unread))) == 11 * 4  # fmt: skip
+        assert len(inject(text_encoder_2, EtherConfig(method=method, target_modules="text-encoder-attention"))) == 128
+        assert (count_parameters(text_encoder), count_parameters(text_encoder_2)) == (first, second)
+        eject(text_encoder)
+        eject(text_encoder_2)
+        assert f"{first:,}" in docs and f"{second:,}" in docs
