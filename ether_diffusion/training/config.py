@@ -145,10 +145,8 @@ class RunConfig:
         own = parser.add_argument_group(f"{cls.task_name} options")
         shared = parser.add_argument_group("model, adapter, loop and validation options (every task)")
         hints = typing.get_type_hints(cls)
-        inherited = {
-            f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)
-        }
-        declared_here = set(vars(cls).get("__annotations__", {})) - inherited  # new here, not re-defaulted
+        # the task's own flags: every field added to RunConfig's (DreamBoothXLConfig: DreamBooth's and its own)
+        declared_here = {f.name for f in dataclasses.fields(cls)} - {f.name for f in dataclasses.fields(RunConfig)}
         fields = sorted(dataclasses.fields(cls), key=lambda f: f.name not in declared_here)  # the task's own first
         for f in fields:
             if not f.metadata.get("cli", True):
