@@ -52,12 +52,12 @@ def _inspect(args) -> int:
     return 0
 
 
-def _adapter_spec(text: str) -> tuple[str, float]:
+def _adapter_spec(text: str, default: float = 1.0) -> tuple[str, float]:
     """``path`` or ``path:weight``."""
     path, sep, weight = text.rpartition(":")
     if sep and path and weight.replace(".", "", 1).replace("-", "", 1).isdigit():
         return path, float(weight)
-    return text, 1.0
+    return text, default
 
 
 def _load_pipeline(model: str | None):
@@ -151,6 +151,35 @@ def _fuse(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .export import export_adapters
+
+    output = Path(args.output)
+    target = output / "pytorch_lora_weights.safetensors" if output.is_dir() else output
+    if target.exists() and not args.overwrite:
+        print(f"error: '{target}' exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    if not output.is_dir() and output.suffix != ".safetensors":
+        print(f"error: --output must be a .safetensors file (or an existing folder), not '{output}'", file=sys.stderr)
+        return 2
+    specs = [_adapter_spec(spec, args.strength) for spec in args.adapter]
+    pipe = _load_pipeline(args.model)
+    summary = export_adapters(specs, output, pipe, format=args.format, dtype=args.dtype, unet_only=args.unet_only)
+    for note in summary.notes:
+        print(f"note: {note}")
+    layers = sum(summary.layers.values())
+    ranks = sorted({r for rs in summary.ranks.values() for r in rs})
+    if summary.file_rank:
+        rank = f"rank {summary.file_rank} on all {layers} layers"
+    else:
+        rank = f"rank {ranks[0]} on {layers} layers" if len(ranks) == 1 else f"ranks {ranks} on {layers} layers"
+    print(
+        f"{args.format} LoRA written to {summary.path} ({summary.dtype}, {rank}, {summary.bytes / 1e6:.2f} MB); "
+        "it reproduces the adapters exactly at LoRA weight 1 (docs/export.md)"
+    )
+    return 0
+
+
 def _demo(args) -> int:
     if args.task in ("control", "control-edges"):
         from .control.demo import run_control_demo
@@ -230,6 +259,36 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--output_dir", required=True)
     fuse.add_argument("--overwrite", action="store_true")
     fuse.set_defaults(run=_fuse)
+
+    export = commands.add_parser(
+        "export", help="write adapters as one exact LoRA file for diffusers, ComfyUI, A1111, Forge (docs/export.md)"
+    )
+    export.add_argument(
+        "adapter", nargs="+", help="adapter file or folder, optionally :strength; several are composed in order"
+    )
+    export.add_argument("--model", default=None, help="the base model the adapters were trained on (default: tiny)")
+    export.add_argument(
+        "--format",
+        choices=["diffusers", "kohya"],
+        required=True,
+        help="diffusers: pipe.load_lora_weights keys; kohya: lora_unet_/lora_te_ keys (A1111, Forge, ComfyUI)",
+    )
+    export.add_argument("--output", required=True, help="the .safetensors file to write (or an existing folder)")
+    export.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    export.add_argument(
+        "--strength",
+        type=float,
+        default=1.0,
+        help="ETHER strength of adapters given without :strength (two-sided ETHER+ is not linear in it: export "
+        "at the strength you want and load the LoRA at weight 1)",
+    )
+    export.add_argument(
+        "--unet_only",
+        action="store_true",
+        help="export a controllable-synthesis file's UNet adapters without its condition encoder (not a LoRA)",
+    )
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(run=_export)
 
     demo = commands.add_parser("demo", help="teach the shipped tiny model a subject and show before/after")
     demo.add_argument(
