@@ -60,16 +60,33 @@ def _adapter_spec(text: str, default: float = 1.0) -> tuple[str, float]:
     return text, default
 
 
-def _load_pipeline(model: str | None):
-    from diffusers import StableDiffusionPipeline
-
+def _load_pipeline(model: str | None, config: str | None = None, original_config: str | None = None):
     if model is None:
+        if config is not None or original_config is not None:
+            raise ValueError("--config/--original_config describe a single-file --model; give that --model too")
         from .world.assets import load_tiny_pipeline
 
         return load_tiny_pipeline()
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    from .models import load_pipeline
+
+    pipe = load_pipeline(model, config=config, original_config=original_config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _add_model_arguments(parser, default_help: str = "default: the shipped tiny model") -> None:
+    parser.add_argument(
+        "--model", default=None, help=f"diffusers folder, hub id, or single .safetensors/.ckpt file ({default_help})"
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="for a single-file --model: a local diffusers folder of the same architecture (its configs and "
+        "tokenizer; no weights needed), so nothing is fetched from the Hub",
+    )
+    parser.add_argument(
+        "--original_config", default=None, help="for a single-file --model: its original LDM .yaml (v1-inference.yaml)"
+    )
 
 
 def _load_adapters(pipe, specs: list[str]) -> None:
@@ -91,7 +108,7 @@ def _sample(args) -> int:
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    pipe = _load_pipeline(args.model)
+    pipe = _load_pipeline(args.model, args.config, args.original_config)
     _load_adapters(pipe, args.adapter)
     size = {} if args.size is None else {"height": args.size, "width": args.size}
     written = []
@@ -129,14 +146,33 @@ def _fuse(args) -> int:
 
     from .pipeline import fuse_ether, unload_ether_weights
 
-    output = Path(args.output_dir)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        print(f"error: '{output}' is not empty; pass --overwrite to replace it", file=sys.stderr)
-        return 2
-    pipe = _load_pipeline(args.model)
+    if args.single_file is not None:
+        target = Path(args.single_file)
+        if target.suffix != ".safetensors":
+            print(f"error: --single_file must name a .safetensors file, not '{target}'", file=sys.stderr)
+            return 2
+        if target.exists() and not args.overwrite:
+            print(f"error: '{target}' exists; pass --overwrite to replace it", file=sys.stderr)
+            return 2
+    else:
+        output = Path(args.output_dir)
+        if output.exists() and any(output.iterdir()) and not args.overwrite:
+            print(f"error: '{output}' is not empty; pass --overwrite to replace it", file=sys.stderr)
+            return 2
+    pipe = _load_pipeline(args.model, args.config, args.original_config)
     _load_adapters(pipe, args.adapter)
     fuse_ether(pipe, safe_fusing=True)
     unload_ether_weights(pipe)  # plain diffusers modules again, with the adapter folded into the weights
+    if args.single_file is not None:
+        import torch
+
+        from .models import save_single_file
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+        save_single_file(pipe, target, dtype=dtype)
+        print(f"fused model written to {target} (original SD checkpoint layout: A1111/Forge/ComfyUI, from_single_file)")
+        return 0
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -163,7 +199,7 @@ def _export(args) -> int:
         print(f"error: --output must be a .safetensors file (or an existing folder), not '{output}'", file=sys.stderr)
         return 2
     specs = [_adapter_spec(spec, args.strength) for spec in args.adapter]
-    pipe = _load_pipeline(args.model)
+    pipe = _load_pipeline(args.model, args.config, args.original_config)
     summary = export_adapters(specs, output, pipe, format=args.format, dtype=args.dtype, unet_only=args.unet_only)
     for note in summary.notes:
         print(f"note: {note}")
@@ -241,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sample = commands.add_parser("sample", help="generate PNGs with one or more adapters")
-    sample.add_argument("--model", default=None, help="diffusers folder or hub id (default: the shipped tiny model)")
+    _add_model_arguments(sample)
     sample.add_argument("--adapter", action="append", default=[], help="adapter file or folder, optionally :weight")
     sample.add_argument("--prompt", action="append", required=True)
     sample.add_argument("--negative_prompt", default=None)
@@ -253,10 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--output_dir", default="samples")
     sample.set_defaults(run=_sample)
 
-    fuse = commands.add_parser("fuse", help="save a plain diffusers model with adapters fused into its weights")
-    fuse.add_argument("--model", default=None)
+    fuse = commands.add_parser(
+        "fuse", help="save the model with adapters fused into its weights (a diffusers folder or one checkpoint file)"
+    )
+    _add_model_arguments(fuse)
     fuse.add_argument("--adapter", action="append", required=True, help="adapter file or folder, optionally :weight")
-    fuse.add_argument("--output_dir", required=True)
+    where = fuse.add_mutually_exclusive_group(required=True)
+    where.add_argument("--output_dir", help="write a diffusers folder (StableDiffusionPipeline.from_pretrained)")
+    where.add_argument(
+        "--single_file", help="write one .safetensors in the original SD 1.x layout (A1111, Forge, ComfyUI)"
+    )
+    fuse.add_argument(
+        "--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="--single_file: cast (default: as loaded)"
+    )
     fuse.add_argument("--overwrite", action="store_true")
     fuse.set_defaults(run=_fuse)
 
@@ -266,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "adapter", nargs="+", help="adapter file or folder, optionally :strength; several are composed in order"
     )
-    export.add_argument("--model", default=None, help="the base model the adapters were trained on (default: tiny)")
+    _add_model_arguments(export, "the base model the adapters were trained on; default: the shipped tiny model")
     export.add_argument(
         "--format",
         choices=["diffusers", "kohya"],
