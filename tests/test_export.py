@@ -329,7 +329,7 @@ def test_half_precision_file(case_files, source_pipe, tmp_path):
     assert sum(v.nbytes for v in half.values()) * 2 == sum(v.nbytes for v in full.values())
     stock = load_stock()
     stock.load_lora_weights(str(fp16.path))
-    assert np.abs(generate(stock) - reference).max() < 0.02  # fp16 factors: close, not exact
+    assert np.abs(generate(stock) - reference).max() < 2e-3  # fp16 factors: close (1e-4 measured), not exact
 
 
 def test_control_file_exports_its_unet_part_only_when_asked(source_pipe, tmp_path):
@@ -376,3 +376,18 @@ def test_cli_export(case_files, tmp_path):
     assert again.returncode == 2 and "exists" in again.stderr and "--overwrite" in again.stderr
     wrong = subprocess.run([*args, "--output", str(tmp_path / "x.pt")], capture_output=True, text=True)
     assert wrong.returncode == 2 and ".safetensors" in wrong.stderr
+
+
+def test_documented_sd15_sizes_come_from_the_architecture():
+    """Rows of the docs/export.md table, recomputed on the SD-1.5 UNet built on the meta device."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "lora_sizes.py"
+    spec = importlib.util.spec_from_file_location("lora_sizes", script)
+    sizes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sizes)
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    table = sizes.table(blocks=(1, 4))
+    rows = table.splitlines()[2:]
+    assert len(rows) == 6 and all(row in docs for row in rows), table
+    assert "| ETHER | 1 | 99,456 | 1 | 0.44 MB | 0.45 MB |" in rows  # the reference's 0.44 MB
