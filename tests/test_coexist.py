@@ -144,11 +144,20 @@ def test_save_pretrained_writes_plain_weights_as_the_pipeline_computes(state, fi
     assert np.array_equal(generate(pipe), before)
 
 
-def test_unload_removes_the_save_guard(files):
+def test_guard_follows_copies_and_leaves_with_the_adapters(files, tmp_path):
+    import copy
+
     subject, _ = files
     pipe = load_stock()
     load_ether_weights(pipe, subject, "subject")
     assert "save_pretrained" in vars(pipe.unet) and "load_adapter" in vars(pipe.text_encoder)
+    twin = copy.deepcopy(pipe.unet)  # the guard is bound to the copy, not to the original
+    fuse_ether(pipe)  # the original changes; the copy must save its own (unfused, adapted-as-computed) weights
+    twin.save_pretrained(tmp_path / "twin")
+    saved = load_file(str(tmp_path / "twin" / "diffusion_pytorch_model.safetensors"))
+    assert not [k for k in saved if "base_layer" in k or "ether" in k]
+    for path, layer in adapter_layers(pipe.unet):  # fused original == the copy's adapted weights (float64 fold)
+        torch.testing.assert_close(saved[f"{path}.weight"], layer.base_layer.weight, rtol=0, atol=1e-5)
     unload_ether_weights(pipe)
     assert not {"save_pretrained", "load_lora_adapter", "add_adapter"} & set(vars(pipe.unet))
     assert not {"save_pretrained", "load_adapter", "add_adapter"} & set(vars(pipe.text_encoder))
