@@ -60,20 +60,6 @@ def _adapter_spec(text: str, default: float = 1.0) -> tuple[str, float]:
     return text, default
 
 
-def _load_pipeline(model: str | None, config: str | None = None, original_config: str | None = None):
-    if model is None:
-        if config is not None or original_config is not None:
-            raise ValueError("--config/--original_config describe a single-file --model; give that --model too")
-        from .world.assets import load_tiny_pipeline
-
-        return load_tiny_pipeline()
-    from .models import load_pipeline
-
-    pipe = load_pipeline(model, config=config, original_config=original_config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _add_model_arguments(parser, default_help: str = "default: the shipped tiny model") -> None:
     parser.add_argument(
         "--model", default=None, help=f"diffusers folder, hub id, or single .safetensors/.ckpt file ({default_help})"
@@ -104,11 +90,12 @@ def _load_adapters(pipe, specs: list[str]) -> None:
 def _sample(args) -> int:
     import torch
 
+    from .models import load_pipeline
     from .pipeline import disable_ether
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    pipe = _load_pipeline(args.model, args.config, args.original_config)
+    pipe = load_pipeline(args.model, config=args.config, original_config=args.original_config)
     _load_adapters(pipe, args.adapter)
     size = {} if args.size is None else {"height": args.size, "width": args.size}
     written = []
@@ -144,6 +131,7 @@ def _fuse(args) -> int:
     import shutil
     import tempfile
 
+    from .models import load_pipeline
     from .pipeline import fuse_ether, unload_ether_weights
 
     if args.single_file is not None:
@@ -159,7 +147,7 @@ def _fuse(args) -> int:
         if output.exists() and any(output.iterdir()) and not args.overwrite:
             print(f"error: '{output}' is not empty; pass --overwrite to replace it", file=sys.stderr)
             return 2
-    pipe = _load_pipeline(args.model, args.config, args.original_config)
+    pipe = load_pipeline(args.model, config=args.config, original_config=args.original_config)
     _load_adapters(pipe, args.adapter)
     fuse_ether(pipe, safe_fusing=True)
     unload_ether_weights(pipe)  # plain diffusers modules again, with the adapter folded into the weights
@@ -189,6 +177,7 @@ def _fuse(args) -> int:
 
 def _export(args) -> int:
     from .export import export_adapters
+    from .models import load_pipeline
 
     output = Path(args.output)
     target = output / "pytorch_lora_weights.safetensors" if output.is_dir() else output
@@ -199,7 +188,7 @@ def _export(args) -> int:
         print(f"error: --output must be a .safetensors file (or an existing folder), not '{output}'", file=sys.stderr)
         return 2
     specs = [_adapter_spec(spec, args.strength) for spec in args.adapter]
-    pipe = _load_pipeline(args.model, args.config, args.original_config)
+    pipe = load_pipeline(args.model, config=args.config, original_config=args.original_config)
     summary = export_adapters(specs, output, pipe, format=args.format, dtype=args.dtype, unet_only=args.unet_only)
     for note in summary.notes:
         print(f"note: {note}")

@@ -1,26 +1,34 @@
-"""Loading a base model from wherever it lives, and writing a model back in the original single-file layout.
+"""Loading base models from wherever they live, and writing a model back in the original single-file layout.
 
-API (one entry point for the CLI, the training scripts and the studio)::
+One place turns a model path (or nothing: the shipped tiny model) into a pipeline or into the training components,
+with one clear error (``ModelLoadError``) when the path is not a model::
 
-    load_pipeline(path, pipeline_class=None, config=None, original_config=None, **kwargs) -> pipeline
+    pipe = load_pipeline()                                             # assets/tiny-sd, offline
+    pipe = load_pipeline("path/to/sd-1.5", EtherStableDiffusionPipeline)
+    pipe = load_pipeline("dreamshaper_8.safetensors", config="sd15-configs/")   # one checkpoint file, offline
+    parts = load_components("path/to/sd-1.5")       # tokenizer, text encoder, VAE, UNet, noise scheduler
 
-``path`` may be
+``load_pipeline(model=None, pipeline_class=None, scheduler=None, config=None, original_config=None, **kwargs)``:
+``model`` may be
 
-- a diffusers folder or a Hub id: ``pipeline_class.from_pretrained(path, **kwargs)``;
+- ``None``: the shipped tiny model (``assets/tiny-sd``), checked and loaded offline;
+- a diffusers folder or a Hub id: ``pipeline_class.from_pretrained(model, **kwargs)``;
 - a single checkpoint file (``.safetensors``, or ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin``), as most community
-  models ship: ``pipeline_class.from_single_file(path, config=…, original_config=…, **kwargs)``. Such a file has
+  models ship: ``pipeline_class.from_single_file(model, config=…, original_config=…, **kwargs)``. Such a file has
   the weights but not the pipeline's configuration, which diffusers fetches from the Hub. Offline, pass ``config``:
   a local diffusers folder of the same architecture (its ``model_index.json``, component ``config.json`` files,
   tokenizer and scheduler config; weights are not needed, e.g. a copy of ``stable-diffusion-v1-5`` or
   ``assets/tiny-sd``). ``original_config``, the checkpoint's original LDM YAML (``v1-inference.yaml``), is passed
   on to diffusers, which builds UNet and VAE from it but still needs the CLIP configs in the local Hugging Face
   cache. When the configuration cannot be found, ``ConfigNotFoundError`` says exactly what to pass.
-  Pickled checkpoints (``.ckpt`` …) are opened with ``torch.load(weights_only=True)`` only: a file holding
+  Pickled checkpoints (``.ckpt`` …) are first opened with ``torch.load(weights_only=True)``: a file holding
   anything but tensors and plain values raises ``UnsafeCheckpointError`` and no code of it runs.
 
 ``pipeline_class`` defaults to ``StableDiffusionPipeline`` (pass ``EtherStableDiffusionPipeline``,
-``EtherControlPipeline``, …); ``kwargs`` go to diffusers (``torch_dtype``, ``variant``, ``revision`` …). Pipelines
-that take a safety checker get ``safety_checker=None, requires_safety_checker=False`` unless given.
+``EtherControlPipeline``, …); pipelines that take a safety checker get none; ``scheduler="dpm"`` swaps in
+DPM-Solver++; progress bars are off; ``kwargs`` go to diffusers (``torch_dtype``, ``variant``, ``revision`` …).
+``load_components(model=None, revision=None, variant=None, tokenizer=None, config=None, original_config=None)``
+takes the same kinds of ``model``. Every failure is a ``ModelLoadError`` (or one of its subclasses above).
 
 The other way::
 
@@ -38,6 +46,7 @@ import inspect
 import os
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,8 +55,12 @@ from torch import nn
 __all__ = [
     "SINGLE_FILE_SUFFIXES",
     "ConfigNotFoundError",
+    "ModelLoadError",
+    "SDComponents",
     "UnsafeCheckpointError",
+    "default_model",
     "is_single_file",
+    "load_components",
     "load_pipeline",
     "original_state_dict",
     "save_single_file",
@@ -57,17 +70,46 @@ SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-class ConfigNotFoundError(ValueError):
+class ModelLoadError(RuntimeError):
+    """The base model could not be loaded; the message says what to pass instead."""
+
+
+class ConfigNotFoundError(ModelLoadError):
     """A single-file checkpoint whose pipeline configuration is not available offline."""
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(ModelLoadError):
     """A pickled checkpoint that holds more than tensors: it is not unpickled."""
+
+
+def default_model() -> str:
+    """The shipped tiny Stable Diffusion (``assets/tiny-sd``)."""
+    from .world.assets import default_model_path
+
+    return str(default_model_path())
 
 
 def is_single_file(path: str | os.PathLike) -> bool:
     path = Path(path)
     return path.suffix.lower() in SINGLE_FILE_SUFFIXES and not path.is_dir()
+
+
+def _check_local(path: str) -> None:
+    local = Path(path).expanduser()
+    looks_local = local.exists() or path.startswith((".", "/", "~"))
+    if looks_local and not (local / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"'{path}' is not a diffusers model folder (no model_index.json) nor a single checkpoint file "
+            f"({', '.join(SINGLE_FILE_SUFFIXES)}); pass a folder saved with save_pretrained, a checkpoint file, a hub "
+            "id, or leave the flag out to use the shipped tiny model"
+        )
+
+
+def _loading_failed(path: str, err: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load the base model '{path}': {err}. Without internet access pass a local "
+        "diffusers folder (hub downloads need a connection)"
+    )
 
 
 def _check_pickle(path: Path) -> None:
@@ -77,14 +119,14 @@ def _check_pickle(path: Path) -> None:
     except pickle.UnpicklingError as err:
         found = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
         if not found:  # not a pickle the restricted unpickler can parse at all
-            raise ValueError(f"'{path}' is not a readable PyTorch checkpoint ({err}); check the file") from err
+            raise ModelLoadError(f"'{path}' is not a readable PyTorch checkpoint ({err}); check the file") from err
         raise UnsafeCheckpointError(
             f"'{path}' holds Python objects besides tensors, and unpickling them could run code, so it is not "
             f"opened ({found[0]}). Use a .safetensors version of the model, or convert this file only if you trust "
             "where it came from."
         ) from err
     except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise ValueError(f"'{path}' is not a readable PyTorch checkpoint ({err}); check the file") from err
+        raise ModelLoadError(f"'{path}' is not a readable PyTorch checkpoint ({err}); check the file") from err
 
 
 def _config_hint(path: Path) -> str:
@@ -100,58 +142,140 @@ def _config_hint(path: Path) -> str:
     )
 
 
-def _with_safety_defaults(pipeline_class, kwargs: dict) -> dict:
+def _safety_off(pipeline_class) -> dict:
     params = inspect.signature(pipeline_class.__init__).parameters
-    if "safety_checker" in params:
-        kwargs.setdefault("safety_checker", None)
-    if "requires_safety_checker" in params:
-        kwargs.setdefault("requires_safety_checker", False)
-    return kwargs
+    return {k: v for k, v in (("safety_checker", None), ("requires_safety_checker", False)) if k in params}
 
 
-def load_pipeline(
-    path: str | os.PathLike,
-    pipeline_class=None,
-    config: str | os.PathLike | None = None,
-    original_config: str | os.PathLike | None = None,
-    **kwargs,
-):
-    """A diffusers pipeline from a folder, a Hub id or a single checkpoint file (see the module docstring)."""
-    if pipeline_class is None:
-        from diffusers import StableDiffusionPipeline as pipeline_class
-    kwargs = _with_safety_defaults(pipeline_class, kwargs)
-    source = Path(path)
-    if not is_single_file(source):
-        if config is not None or original_config is not None:
-            raise ValueError(
-                f"config/original_config describe a single-file checkpoint; '{path}' is a diffusers folder or Hub id "
-                "and carries its own configuration: drop them"
-            )
-        return pipeline_class.from_pretrained(path, **kwargs)
+def _from_single_file(pipeline_class, source: Path, config, original_config, kwargs: dict):
     if not source.is_file():
-        raise FileNotFoundError(f"no checkpoint file at '{source}'")
+        raise ModelLoadError(f"no checkpoint file at '{source}'")
     if config is not None and not (Path(config) / "model_index.json").is_file():
-        raise ValueError(
+        raise ModelLoadError(
             f"config '{config}' is not a diffusers folder (no model_index.json): pass the folder that holds "
             "model_index.json and the component subfolders"
         )
     if original_config is not None and not Path(original_config).is_file():
-        raise FileNotFoundError(f"no original config at '{original_config}' (a .yaml file such as v1-inference.yaml)")
+        raise ModelLoadError(f"no original config at '{original_config}' (a .yaml file such as v1-inference.yaml)")
     if source.suffix.lower() in PICKLE_SUFFIXES:
         _check_pickle(source)
-    offline = {"local_files_only": True} if original_config is not None and config is None else {}
+    if original_config is not None and config is None:
+        kwargs.setdefault("local_files_only", True)  # diffusers' path that builds components from the YAML
     try:
         return pipeline_class.from_single_file(
             str(source),
             config=None if config is None else str(config),
             original_config=None if original_config is None else str(original_config),
-            **offline,
             **kwargs,
         )
     except (OSError, ValueError) as err:  # the Hub's errors (offline, not found) are OSError / ValueError
         if config is not None:
-            raise
+            raise _loading_failed(str(source), err) from err
         raise ConfigNotFoundError(f"{_config_hint(source)}. ({type(err).__name__}: {err})") from err
+
+
+def load_pipeline(
+    model: str | os.PathLike | None = None,
+    pipeline_class=None,
+    scheduler: str | None = None,
+    config: str | os.PathLike | None = None,
+    original_config: str | os.PathLike | None = None,
+    **kwargs,
+):
+    """A text-to-image pipeline of ``model`` (default: the shipped tiny model): a folder, a Hub id or a single
+    checkpoint file; no safety checker, no progress bars (see the module docstring)."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    pipeline_class = pipeline_class or StableDiffusionPipeline
+    kwargs = {**_safety_off(pipeline_class), **kwargs}
+    if model is None:
+        if config is not None or original_config is not None:
+            raise ModelLoadError("config/original_config describe a single checkpoint file: pass that model too")
+        from .world.assets import check_pipeline_folder
+
+        model = str(check_pipeline_folder(default_model()))
+        kwargs.setdefault("local_files_only", True)
+    if is_single_file(model):
+        pipe = _from_single_file(pipeline_class, Path(model), config, original_config, kwargs)
+    else:
+        model = str(model)
+        if config is not None or original_config is not None:
+            raise ModelLoadError(
+                f"config/original_config describe a single checkpoint file; '{model}' is a diffusers folder or hub "
+                "id and carries its own configuration: drop them"
+            )
+        _check_local(model)
+        try:
+            pipe = pipeline_class.from_pretrained(model, **kwargs)
+        except (OSError, ValueError) as err:
+            raise _loading_failed(model, err) from err
+    if scheduler == "dpm":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@dataclass
+class SDComponents:
+    """The parts of a Stable Diffusion 1.x/2.x model that training uses."""
+
+    tokenizer: object
+    text_encoder: object
+    vae: object
+    unet: object
+    noise_scheduler: object
+    path: str
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+
+def load_components(
+    model: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+    tokenizer: str | None = None,
+    config: str | os.PathLike | None = None,
+    original_config: str | os.PathLike | None = None,
+) -> SDComponents:
+    """Tokenizer, text encoder, VAE, UNet and DDPM noise scheduler of ``model`` (a folder, hub id or single
+    checkpoint file), with a clear error if absent."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = str(model or default_model())
+    if is_single_file(path):
+        pipe = load_pipeline(path, config=config, original_config=original_config, revision=revision)
+        return SDComponents(
+            tokenizer=CLIPTokenizer.from_pretrained(tokenizer) if tokenizer else pipe.tokenizer,
+            text_encoder=pipe.text_encoder,
+            vae=pipe.vae,
+            unet=pipe.unet,
+            noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+            path=path,
+        )
+    if config is not None or original_config is not None:
+        raise ModelLoadError(f"config/original_config describe a single checkpoint file, and '{path}' is not one")
+    _check_local(path)
+    kwargs = dict(revision=revision)
+    try:
+        return SDComponents(
+            tokenizer=CLIPTokenizer.from_pretrained(
+                tokenizer or path, subfolder=None if tokenizer else "tokenizer", **kwargs
+            ),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kwargs),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kwargs),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kwargs),
+            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs),
+            path=path,
+        )
+    except (OSError, ValueError) as err:
+        raise _loading_failed(path, err) from err
 
 
 # --- diffusers → original (CompVis/LDM) layout ------------------------------------------------------------------

@@ -16,6 +16,7 @@ from ether_diffusion import EtherConfig, inject, save_adapter
 from ether_diffusion.inject import delete_adapter
 from ether_diffusion.models import (
     ConfigNotFoundError,
+    ModelLoadError,
     UnsafeCheckpointError,
     load_pipeline,
     original_state_dict,
@@ -157,15 +158,15 @@ def test_ckpt_loads_and_a_malicious_one_runs_nothing(tmp_path):
 
 
 def test_bad_single_file_arguments(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+    with pytest.raises(ModelLoadError, match="no checkpoint file"):
         load_pipeline(tmp_path / "missing.safetensors", config=TINY_SD)
     save_single_file(load_pipeline(TINY_SD), tmp_path / "m.safetensors")
-    with pytest.raises(ValueError, match="not a diffusers folder"):
+    with pytest.raises(ModelLoadError, match="not a diffusers folder"):
         load_pipeline(tmp_path / "m.safetensors", config=tmp_path)
-    with pytest.raises(ValueError, match="drop them"):
+    with pytest.raises(ModelLoadError, match="drop them"):
         load_pipeline(TINY_SD, config=TINY_SD)
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(ModelLoadError, match="not a readable PyTorch checkpoint"):
         load_pipeline(tmp_path / "junk.ckpt", config=TINY_SD)
     with pytest.raises(ValueError, match="Stable Diffusion 1.x layout.*SD 2.x-style"):
         with torch.device("meta"):
