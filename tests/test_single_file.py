@@ -208,3 +208,35 @@ def test_config_not_found_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never reach out, even with a network
     with pytest.raises(ConfigNotFoundError, match="--config FOLDER"):
         load_pipeline(tmp_path / "m.safetensors")
+
+
+def test_training_scripts_and_the_studio_take_a_single_file_model(tmp_path):
+    """DreamBooth, control and the studio train on one .safetensors checkpoint (offline with --config), and the
+    reload round trip at the end loads the base model from the same file."""
+    from ether_diffusion.io import read_adapter_file
+    from ether_diffusion.studio import JobManager, Sampler, SampleRequest, TrainSpec, Workspace
+    from ether_diffusion.training.dreambooth import DreamBoothConfig, train
+    from ether_diffusion.world.assets import default_subjects_path
+
+    checkpoint = save_single_file(load_pipeline(TINY_SD), tmp_path / "tiny.safetensors")
+    subject = default_subjects_path() / "orange_checkered_star"
+    config = DreamBoothConfig.from_args(
+        ["--pretrained_model_name_or_path", str(checkpoint), "--config", str(TINY_SD),
+         "--instance_data_dir", str(subject), "--instance_prompt", "a sks star", "--output_dir", str(tmp_path / "db"),
+         "--max_train_steps", "1", "--validation_prompt", "a sks star", "--num_validation_images", "1",
+         "--validation_inference_steps", "2", "--report_to", "none", "--quiet"]
+    )  # fmt: skip
+    assert config.model_config == str(TINY_SD)
+    result = train(config)
+    assert read_adapter_file(result.adapter_path).base_model == str(checkpoint)
+    assert (tmp_path / "db" / "samples.png").is_file()  # the saved file reloaded onto the single-file model
+
+    workspace = Workspace(tmp_path / "studio")
+    jobs = JobManager(workspace, checkpoint, model_config=str(TINY_SD))
+    jobs.start(TrainSpec(adapter_name="one", instance_prompt="a sks star", subject="orange_checkered_star",
+                         prior_preservation=False, max_train_steps=1, preview_every=5, preview_steps=2))  # fmt: skip
+    state = jobs.wait(120)
+    assert state["phase"] == "done", state.get("traceback")
+    sampler = Sampler(checkpoint, workspace, model_config=str(TINY_SD))
+    out = sampler.sample(SampleRequest("a sks star", [("one", 1.0)], seeds=[0], steps=2), save=False)
+    assert len(out.images) == 2

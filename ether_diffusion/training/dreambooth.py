@@ -126,7 +126,9 @@ class DreamBoothTask(StableDiffusionTask):
                 from ..models import load_pipeline
 
                 dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-                return load_pipeline(config.pretrained_model_name_or_path, torch_dtype=dtype).to(run.device)
+                pipe = load_pipeline(config.pretrained_model_name_or_path, config=config.model_config,
+                                     original_config=config.original_config, torch_dtype=dtype)  # fmt: skip
+                return pipe.to(run.device)
             stack.enter_context(self.adapters.disabled())
             return self.pipeline()
 
@@ -159,10 +161,9 @@ class DreamBoothTask(StableDiffusionTask):
         if kind == "final":  # the round trip diffusers does: a fresh pipeline from disk, the saved file, samples
             if self.config.peer:
                 return None
-            from ..models import load_pipeline
             from ..pipeline import load_ether_weights
 
-            pipe = load_pipeline(self.config.pretrained_model_name_or_path, scheduler="dpm").to(run.device)
+            pipe = self.fresh_pipeline(device=run.device)
             load_ether_weights(pipe, adapter_path)
             images = self.validation_images(pipe, prompt, None)
         else:  # the baseline is the base model: a fresh ETHER reflection is not the identity

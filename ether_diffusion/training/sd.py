@@ -25,7 +25,12 @@ class StableDiffusionTask(Task):
     def setup(self, run: Run) -> None:
         config = self.config
         parts = self.components = load_components(
-            config.pretrained_model_name_or_path, config.revision, config.variant, config.tokenizer_name
+            config.pretrained_model_name_or_path,
+            config.revision,
+            config.variant,
+            config.tokenizer_name,
+            config=config.model_config,
+            original_config=config.original_config,
         )
         if config.resolution is None:
             config.resolution = parts.native_resolution
@@ -111,3 +116,13 @@ class StableDiffusionTask(Task):
 
     def base_model(self) -> str:
         return str(self.config.pretrained_model_name_or_path)
+
+    def fresh_pipeline(self, pipeline_class=None, device=None):
+        """The base model loaded anew from where the run loaded it (folder, hub id or single file), sampling with
+        DPM-Solver++: what users get when they load the saved file themselves."""
+        from ..models import load_pipeline
+
+        config = self.config
+        pipe = load_pipeline(config.pretrained_model_name_or_path, pipeline_class, scheduler="dpm",
+                             config=config.model_config, original_config=config.original_config)  # fmt: skip
+        return pipe.to(device) if device is not None else pipe
