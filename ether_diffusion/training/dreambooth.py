@@ -56,6 +56,22 @@ class DreamBoothConfig(RunConfig):
                              same_run=False)  # fmt: skip
     learning_rate: float = option(PAPER_LEARNING_RATE, "learning rate of the adapter vectors", minimum=0.0)
 
+    @classmethod
+    def for_subject(cls, subject, **fields) -> DreamBoothConfig:
+        """A run on a tiny-world subject (``world.subjects.Subject``: its images, instance and class prompts, prior
+        preservation on its class) with the shipped model; ``fields`` set or override anything else."""
+        from ..models import default_model
+
+        defaults = dict(
+            pretrained_model_name_or_path=default_model(),
+            instance_data_dir=str(subject.image_paths[0].parent),
+            instance_prompt=subject.instance_prompt,
+            with_prior_preservation=True,
+            class_prompt=subject.class_prompt,
+            report_to="none",
+        )
+        return cls(**{**defaults, **fields})
+
     def validate(self):
         super().validate()
         if not self.instance_prompt or not self.instance_prompt.strip():
