@@ -96,14 +96,14 @@ class Studio:
     subjects: dict
 
     @classmethod
-    def open(cls, model: str | Path | None, workdir: str | Path) -> Studio:
+    def open(cls, model: str | Path | None, workdir: str | Path, model_config: str | None = None) -> Studio:
         from ether_diffusion.models import default_model
 
         model = str(model or default_model())
         workspace = Workspace(workdir)
         store = AdapterStore(workspace)
-        return cls(model, workspace, store, JobManager(workspace, model, store), Sampler(model, workspace, store),
-                   shipped_subjects())  # fmt: skip
+        jobs = JobManager(workspace, model, store, model_config)
+        return cls(model, workspace, store, jobs, Sampler(model, workspace, store, model_config), shipped_subjects())
 
     def subject_fields(self, name):
         """Adapter name, instance prompt, class prompt and images of shipped subject ``name``."""
@@ -321,8 +321,10 @@ def adapters_tab(studio: Studio, demo: gr.Blocks, tab: gr.Tab) -> None:
     import_btn.click(import_adapter, [import_file, import_name], [*outputs, note, import_file])
 
 
-def build_app(model: str | Path | None = None, workdir: str | Path = "outputs/studio") -> gr.Blocks:
-    studio = Studio.open(model, workdir)
+def build_app(
+    model: str | Path | None = None, workdir: str | Path = "outputs/studio", model_config: str | None = None
+) -> gr.Blocks:
+    studio = Studio.open(model, workdir, model_config)
     first = DEFAULT_SUBJECT if DEFAULT_SUBJECT in studio.subjects else next(iter(studio.subjects), None)
     prompt = studio.subject_fields(first)[1]
     with gr.Blocks(title="ETHER Studio", analytics_enabled=False) as demo:
@@ -351,14 +353,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--model", default=None, help="diffusers folder or hub id (default: the shipped tiny model)")
+    parser.add_argument(
+        "--model", default=None, help="diffusers folder, hub id or single checkpoint file (default: the tiny model)"
+    )
+    parser.add_argument(
+        "--config", default=None, help="for a single-file --model: a local diffusers folder of its architecture"
+    )
     parser.add_argument("--workdir", default="outputs/studio", help="folder for adapters, jobs and samples")
 
 
 def launch(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
     from ether_diffusion.world.assets import ASSETS_DIR
 
-    demo = build_app(args.model, args.workdir)
+    demo = build_app(args.model, args.workdir, args.config)
     workspace = demo.studio["workspace"]
     demo.queue(default_concurrency_limit=1)
     demo.launch(

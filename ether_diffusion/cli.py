@@ -52,12 +52,27 @@ def _inspect(args) -> int:
     return 0
 
 
-def _adapter_spec(text: str) -> tuple[str, float]:
+def _adapter_spec(text: str, default: float = 1.0) -> tuple[str, float]:
     """``path`` or ``path:weight``."""
     path, sep, weight = text.rpartition(":")
     if sep and path and weight.replace(".", "", 1).replace("-", "", 1).isdigit():
         return path, float(weight)
-    return text, 1.0
+    return text, default
+
+
+def _add_model_arguments(parser, default_help: str = "default: the shipped tiny model") -> None:
+    parser.add_argument(
+        "--model", default=None, help=f"diffusers folder, hub id, or single .safetensors/.ckpt file ({default_help})"
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="for a single-file --model: a local diffusers folder of the same architecture (its configs and "
+        "tokenizer; no weights needed), so nothing is fetched from the Hub",
+    )
+    parser.add_argument(
+        "--original_config", default=None, help="for a single-file --model: its original LDM .yaml (v1-inference.yaml)"
+    )
 
 
 def _load_adapters(pipe, specs: list[str]) -> None:
@@ -78,7 +93,7 @@ def _sample(args) -> int:
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, config=args.config, original_config=args.original_config)
     _load_adapters(pipe, args.adapter)
     size = {} if args.size is None else {"height": args.size, "width": args.size}
     variants = ("adapted", "base") if args.compare and args.adapter else ("adapted" if args.adapter else "base",)
@@ -104,18 +119,36 @@ def _fuse(args) -> int:
     import shutil
     import tempfile
 
+    from .models import load_pipeline
     from .pipeline import fuse_ether, unload_ether_weights
 
-    output = Path(args.output_dir)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        print(f"error: '{output}' is not empty; pass --overwrite to replace it", file=sys.stderr)
-        return 2
-    from .models import load_pipeline
-
-    pipe = load_pipeline(args.model)
+    if args.single_file is not None:
+        target = Path(args.single_file)
+        if target.suffix != ".safetensors":
+            print(f"error: --single_file must name a .safetensors file, not '{target}'", file=sys.stderr)
+            return 2
+        if target.exists() and not args.overwrite:
+            print(f"error: '{target}' exists; pass --overwrite to replace it", file=sys.stderr)
+            return 2
+    else:
+        output = Path(args.output_dir)
+        if output.exists() and any(output.iterdir()) and not args.overwrite:
+            print(f"error: '{output}' is not empty; pass --overwrite to replace it", file=sys.stderr)
+            return 2
+    pipe = load_pipeline(args.model, config=args.config, original_config=args.original_config)
     _load_adapters(pipe, args.adapter)
     fuse_ether(pipe, safe_fusing=True)
     unload_ether_weights(pipe)  # plain diffusers modules again, with the adapter folded into the weights
+    if args.single_file is not None:
+        import torch
+
+        from .models import save_single_file
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+        save_single_file(pipe, target, dtype=dtype)
+        print(f"fused model written to {target} (original SD checkpoint layout: A1111/Forge/ComfyUI, from_single_file)")
+        return 0
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -127,6 +160,36 @@ def _fuse(args) -> int:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     print(f"fused model written to {output} (load it with {type(pipe).__name__}.from_pretrained)")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export_adapters
+    from .models import load_pipeline
+
+    output = Path(args.output)
+    target = output / "pytorch_lora_weights.safetensors" if output.is_dir() else output
+    if target.exists() and not args.overwrite:
+        print(f"error: '{target}' exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    if not output.is_dir() and output.suffix != ".safetensors":
+        print(f"error: --output must be a .safetensors file (or an existing folder), not '{output}'", file=sys.stderr)
+        return 2
+    specs = [_adapter_spec(spec, args.strength) for spec in args.adapter]
+    pipe = load_pipeline(args.model, config=args.config, original_config=args.original_config)
+    summary = export_adapters(specs, output, pipe, format=args.format, dtype=args.dtype, unet_only=args.unet_only)
+    for note in summary.notes:
+        print(f"note: {note}")
+    layers = sum(summary.layers.values())
+    ranks = sorted({r for rs in summary.ranks.values() for r in rs})
+    if summary.file_rank:
+        rank = f"rank {summary.file_rank} on all {layers} layers"
+    else:
+        rank = f"rank {ranks[0]} on {layers} layers" if len(ranks) == 1 else f"ranks {ranks} on {layers} layers"
+    print(
+        f"{args.format} LoRA written to {summary.path} ({summary.dtype}, {rank}, {summary.bytes / 1e6:.2f} MB); "
+        "it reproduces the adapters exactly at LoRA weight 1 (docs/export.md)"
+    )
     return 0
 
 
@@ -194,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sample = commands.add_parser("sample", help="generate PNGs with one or more adapters")
-    sample.add_argument("--model", default=None, help="diffusers folder or hub id (default: the shipped tiny model)")
+    _add_model_arguments(sample)
     sample.add_argument("--adapter", action="append", default=[], help="adapter file or folder, optionally :weight")
     sample.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     sample.add_argument("--negative_prompt", default=None, help="what to steer away from")
@@ -206,14 +269,53 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--output_dir", default="samples", help="where the PNGs go (NN_seedS_adapted|base.png)")
     sample.set_defaults(run=_sample)
 
-    fuse = commands.add_parser("fuse", help="save a plain diffusers model with adapters fused into its weights")
-    fuse.add_argument("--model", default=None, help="diffusers folder or hub id (default: the shipped tiny model)")
+    fuse = commands.add_parser(
+        "fuse", help="save the model with adapters fused into its weights (a diffusers folder or one checkpoint file)"
+    )
+    _add_model_arguments(fuse)
     fuse.add_argument(
         "--adapter", action="append", required=True, help="adapter file or folder, optionally :weight; repeat to stack"
     )
-    fuse.add_argument("--output_dir", required=True, help="the diffusers folder to write")
-    fuse.add_argument("--overwrite", action="store_true", help="replace --output_dir if it is not empty")
+    where = fuse.add_mutually_exclusive_group(required=True)
+    where.add_argument("--output_dir", help="write a diffusers folder (StableDiffusionPipeline.from_pretrained)")
+    where.add_argument(
+        "--single_file", help="write one .safetensors in the original SD 1.x layout (A1111, Forge, ComfyUI)"
+    )
+    fuse.add_argument(
+        "--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="--single_file: cast (default: as loaded)"
+    )
+    fuse.add_argument("--overwrite", action="store_true", help="replace an existing output")
     fuse.set_defaults(run=_fuse)
+
+    export = commands.add_parser(
+        "export", help="write adapters as one exact LoRA file for diffusers, ComfyUI, A1111, Forge (docs/export.md)"
+    )
+    export.add_argument(
+        "adapter", nargs="+", help="adapter file or folder, optionally :strength; several are composed in order"
+    )
+    _add_model_arguments(export, "the base model the adapters were trained on; default: the shipped tiny model")
+    export.add_argument(
+        "--format",
+        choices=["diffusers", "kohya"],
+        required=True,
+        help="diffusers: pipe.load_lora_weights keys; kohya: lora_unet_/lora_te_ keys (A1111, Forge, ComfyUI)",
+    )
+    export.add_argument("--output", required=True, help="the .safetensors file to write (or an existing folder)")
+    export.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    export.add_argument(
+        "--strength",
+        type=float,
+        default=1.0,
+        help="ETHER strength of adapters given without :strength (two-sided ETHER+ is not linear in it: export "
+        "at the strength you want and load the LoRA at weight 1)",
+    )
+    export.add_argument(
+        "--unet_only",
+        action="store_true",
+        help="export a controllable-synthesis file's UNet adapters without its condition encoder (not a LoRA)",
+    )
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(run=_export)
 
     demo = commands.add_parser("demo", help="teach the shipped tiny model a subject and show before/after")
     demo.add_argument(

@@ -39,7 +39,7 @@ def run_demo(
 
     ``config_changes`` are further ``DreamBoothConfig`` fields (e.g. ``n_blocks=4``)."""
     from .evaluation import instance_self_similarity, load_evaluator, prompt_fidelity, subject_fidelity
-    from .models import default_model, load_pipeline
+    from .models import load_pipeline
     from .pipeline import load_ether_weights
     from .sampling import sample_images
     from .training.artifacts import labelled_grid
@@ -59,12 +59,8 @@ def run_demo(
         f"[1/3] training {method} on subject '{chosen.name}' ({len(chosen.image_paths)} images, "
         f"'{chosen.instance_prompt}', prior '{chosen.class_prompt}') for {max_train_steps} steps"
     )
-    config = DreamBoothConfig(
-        pretrained_model_name_or_path=default_model(),
-        instance_data_dir=str(chosen.image_paths[0].parent),
-        instance_prompt=chosen.instance_prompt,
-        with_prior_preservation=True,
-        class_prompt=chosen.class_prompt,
+    config = DreamBoothConfig.for_subject(
+        chosen,
         num_class_images=num_class_images,
         class_data_dir=str(class_data_dir or output_dir / "class_images"),
         ether_method=method,
@@ -77,7 +73,6 @@ def run_demo(
         validation_guidance_scale=guidance_scale,
         validation_inference_steps=inference_steps,
         seed=seed,
-        report_to="none",
         random_flip=True,
         quiet=quiet,
         **config_changes,

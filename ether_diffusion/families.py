@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .models import ModelLoadError, default_model
+from .models import ModelLoadError, default_model, is_single_file
 
 __all__ = ["FAMILIES", "ModelFamily", "UnsupportedModelError", "model_class_name", "model_family", "require_family"]
 
@@ -62,9 +62,13 @@ _KNOWN_OTHERS = {
 }
 
 
-def model_class_name(model: str | Path | None, revision: str | None = None) -> str | None:
-    """``_class_name`` of ``model``'s ``model_index.json`` (a local folder, or a hub id when reachable); ``None``
-    when it cannot be read (the model's loader then says why)."""
+def model_class_name(
+    model: str | Path | None, revision: str | None = None, config: str | Path | None = None
+) -> str | None:
+    """``_class_name`` of ``model``'s ``model_index.json`` (a local folder, or a hub id when reachable; for a single
+    checkpoint file, that of its ``config`` folder); ``None`` when it cannot be read (the loader then says why)."""
+    if model is not None and is_single_file(model):
+        return None if config is None else model_class_name(config)
     path = Path(str(model or default_model())).expanduser()
     index = path / "model_index.json"
     if index.is_file():
@@ -82,11 +86,13 @@ def model_class_name(model: str | Path | None, revision: str | None = None) -> s
         return None
 
 
-def model_family(model: str | Path | None, revision: str | None = None) -> ModelFamily:
-    """The family of ``model`` (default: the shipped tiny model). A model whose ``model_index.json`` cannot be read
-    counts as Stable Diffusion 1.x/2.x (its loader reports the real problem); a readable one of another family raises
-    ``UnsupportedModelError``."""
-    class_name = model_class_name(model, revision)
+def model_family(
+    model: str | Path | None, revision: str | None = None, config: str | Path | None = None
+) -> ModelFamily:
+    """The family of ``model`` (default: the shipped tiny model; a single checkpoint file: its ``config`` folder's).
+    A model whose ``model_index.json`` cannot be read counts as Stable Diffusion 1.x/2.x (its loader reports the real
+    problem); a readable one of another family raises ``UnsupportedModelError``."""
+    class_name = model_class_name(model, revision, config)
     if class_name is None:
         return FAMILIES["sd"]
     for family in FAMILIES.values():
@@ -101,10 +107,10 @@ def model_family(model: str | Path | None, revision: str | None = None) -> Model
 
 
 def require_family(model: str | Path | None, supported: tuple[str, ...], what: str, hint: str = "",
-                   revision: str | None = None) -> ModelFamily:  # fmt: skip
+                   revision: str | None = None, config: str | Path | None = None) -> ModelFamily:  # fmt: skip
     """``model``'s family if ``what`` (e.g. "control training") supports it, else ``UnsupportedModelError`` naming the
     model's family, what is supported and ``hint``."""
-    family = model_family(model, revision)
+    family = model_family(model, revision, config)
     if family.name in supported:
         return family
     labels = " and ".join(FAMILIES[name].label for name in supported)

@@ -13,8 +13,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from . import coexist
 from .config import EtherConfig
-from .layers import LAYER_TYPES, EtherLayer
+from .layers import LAYER_TYPES, EtherLayer, plain_layer
 
 __all__ = [
     "active_adapters",
@@ -126,13 +127,15 @@ def inject(
         )
     plan = []
     for path, module in targets:
-        wrapper = type(module) if isinstance(module, EtherLayer) else _wrapper_type(module)
+        # A PEFT LoRA layer (or another wrapper keeping the original as ``base_layer``) is wrapped whole: ETHER then
+        # acts on what it computes (see coexist.py).
+        base = plain_layer(module.base_layer if isinstance(module, EtherLayer) else module)
+        wrapper = type(module) if isinstance(module, EtherLayer) else _wrapper_type(base)
         if wrapper is None:
             raise TypeError(
                 f"'{path}' is a {type(module).__name__}; ETHER adapts {[t.__name__ for t in LAYER_TYPES]}. "
                 "Narrow target_modules or add it to exclude_modules."
             )
-        base = module.base_layer if isinstance(module, EtherLayer) else module
         in_width = base.in_features if isinstance(base, nn.Linear) else base.in_channels
         out_width = base.out_features if isinstance(base, nn.Linear) else base.out_channels
         for side, width in (("input", in_width), ("output", out_width)):
@@ -153,6 +156,7 @@ def inject(
     configs = adapter_configs(model)
     configs[adapter_name] = config
     model._ether_configs = configs
+    coexist.install(model)  # save_pretrained writes plain weights; PEFT LoRAs load beside the wrappers
     if activate:
         set_active_adapters(model, [adapter_name])
     return [path for path, _, _ in plan]
@@ -171,6 +175,7 @@ def eject(model: nn.Module, keep_merged: bool = False) -> list[str]:
         paths.append(path)
     if hasattr(model, "_ether_configs"):
         del model._ether_configs
+    coexist.uninstall(model)
     return paths
 
 
@@ -184,6 +189,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
             if not layer.ether_adapters:
                 _set_submodule(model, path, layer.base_layer)
     model._ether_configs.pop(adapter_name, None)
+    if not model._ether_configs:
+        coexist.uninstall(model)
 
 
 def set_active_adapters(model: nn.Module, names: str | list[str], strengths: float | list[float] | None = None):

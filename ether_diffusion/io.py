@@ -40,7 +40,7 @@ from .inject import (
     load_adapter_state_dict,
     validate_adapter_name,
 )
-from .layers import EtherLayer, parameter_name
+from .layers import EtherLayer, parameter_name, plain_layer
 from .reflection import METHODS
 
 __all__ = [
@@ -305,10 +305,11 @@ def _check_fits(
     for module_path, module in model.named_modules():
         if not (module_path and config.is_target(module_path)):
             continue
-        if isinstance(module, (EtherLayer, nn.Linear)):
-            wanted[module_path] = [module.in_features, module.out_features]
-        elif isinstance(module, nn.Conv2d):
-            wanted[module_path] = [module.in_channels, module.out_channels]
+        plain = module if isinstance(module, EtherLayer) else plain_layer(module)  # through a PEFT LoRA layer
+        if isinstance(plain, (EtherLayer, nn.Linear)):
+            wanted[module_path] = [plain.in_features, plain.out_features]
+        elif isinstance(plain, nn.Conv2d):
+            wanted[module_path] = [plain.in_channels, plain.out_channels]
     missing = sorted(set(prints) - set(wanted))
     extra = sorted(set(wanted) - set(prints))
     widths = sorted(

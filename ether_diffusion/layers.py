@@ -16,12 +16,20 @@ from torch import nn
 from .config import EtherConfig
 from .reflection import METHODS, apply_low_rank, apply_low_rank_batched
 
-__all__ = ["LAYER_TYPES", "EtherAdapter", "EtherConv2d", "EtherLayer", "EtherLinear", "parameter_name"]
+__all__ = ["LAYER_TYPES", "EtherAdapter", "EtherConv2d", "EtherLayer", "EtherLinear", "parameter_name", "plain_layer"]
 
 
 def parameter_name(vector: str, side: str) -> str:
     """Name of a learned vector: ``ether_u``/``ether_v`` on the input side, ``ether_u_out``/``ether_v_out``."""
     return f"ether_{vector}" if side == "input" else f"ether_{vector}_out"
+
+
+def plain_layer(module: nn.Module) -> nn.Module:
+    """The ``nn.Linear`` / ``nn.Conv2d`` under ``module``: itself, or found along ``.base_layer`` through other
+    adapters' wrappers (a PEFT LoRA layer keeps its original layer there, as ours do)."""
+    while not isinstance(module, (nn.Linear, nn.Conv2d)) and isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
+    return module
 
 
 def layer_generator(seed: int, layer_name: str) -> torch.Generator:
@@ -97,11 +105,28 @@ class EtherLayer(nn.Module):
         self.adapters_enabled = True
         self.merged_adapters: list[str] = []
         self._weight_before_merge: torch.Tensor | None = None
+        self._merge_delta: torch.Tensor | None = None  # what merge added, when another adapter sits inside
         # (slot names, per-sample slot index) while a mixed batch runs; see ``set_mixed_batch``.
         self._mixed: tuple[list[str | None], torch.Tensor] | None = None
         # side -> (the slots' factor tensors, repeat, gathered (B, d, r), (B, r, d)): reused across the denoising
         # steps of one mixed batch while the factors are the very same tensors (no grad, nothing changed)
         self._mixed_cache: dict[str, tuple] = {}
+
+    @property
+    def plain(self) -> nn.Module:
+        """The plain ``nn.Linear`` / ``nn.Conv2d`` whose weight this wrapper transforms."""
+        return plain_layer(self.base_layer)
+
+    @property
+    def stacked(self) -> bool:
+        """True when another adapter's layer (a PEFT LoRA) sits between this wrapper and the plain layer: the
+        transforms then act on what that layer computes, ``W + ΔW``."""
+        return self.base_layer is not self.plain
+
+    def get_base_layer(self) -> nn.Module:
+        """Itself. diffusers' ``unload_lora_weights`` replaces every module that has a ``base_layer`` by its
+        ``get_base_layer()`` (PEFT's convention); answering ``self`` keeps ETHER in place when LoRAs are removed."""
+        return self
 
     # --- to be provided by subclasses -------------------------------------------------------------------------
     in_features: int
@@ -120,14 +145,24 @@ class EtherLayer(nn.Module):
     def _product_without_bias(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _add_bias(self, y: torch.Tensor) -> torch.Tensor:
+    def _add_bias(self, y: torch.Tensor, sign: int = 1) -> torch.Tensor:
         raise NotImplementedError
+
+    def _probe(self, dtype: torch.dtype) -> torch.Tensor:
+        """The input that makes ``_product_without_bias`` return the effective weight (transposed)."""
+        raise NotImplementedError
+
+    def _effective_matrix(self) -> torch.Tensor:
+        """(out, in) the linear map the base layer computes (with any adapter inside it), bias removed."""
+        weight = self.plain.weight
+        product = self._product_without_bias(self._probe(weight.dtype).to(weight.device))  # (in, out[, 1, 1])
+        return product.reshape(self.in_features, self.out_features).T
 
     # --- adapters ---------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, config: EtherConfig, initialize: bool = True) -> EtherAdapter:
         if name in self.ether_adapters:
             raise ValueError(f"'{self.layer_name}' already has an adapter named {name!r}")
-        weight = self.base_layer.weight
+        weight = self.plain.weight
         adapter = EtherAdapter(
             config,
             self.in_features,
@@ -163,7 +198,7 @@ class EtherLayer(nn.Module):
             return
         if self.merged_adapters:
             raise RuntimeError(f"'{self.layer_name}' has merged adapters; unmerge before a mixed batch")
-        self._mixed = (list(slot_names), slot_ids.to(self.base_layer.weight.device))
+        self._mixed = (list(slot_names), slot_ids.to(self.plain.weight.device))
         self._mixed_cache = {}
 
     # --- forward ----------------------------------------------------------------------------------------------
@@ -218,7 +253,7 @@ class EtherLayer(nn.Module):
     def _slot_factors(self, side: str, factors: list, dtype: torch.dtype):
         """Stacked per-slot factors (S, d, r), (S, r, d), zero-padded to a common rank; ``None`` if all empty."""
         width = self.in_features if side == "input" else self.out_features
-        weight = self.base_layer.weight
+        weight = self.plain.weight
         rank = max((f[0].shape[1] for f in factors if f is not None), default=0)
         if rank == 0:
             return None
@@ -276,33 +311,46 @@ class EtherLayer(nn.Module):
             )
         if not names:
             return
-        weight = self.base_layer.weight
-        merged = self._transform_matrix(self._weight_matrix().float(), names, inverse=False)
+        weight = self.plain.weight
+        if self.stacked:
+            # Another adapter adds ΔW inside: add ETHER(W + ΔW) - (W + ΔW) to W, so that fusing or unfusing that
+            # adapter (PEFT adds and subtracts ΔW in the same weight) commutes with this merge.
+            effective = self._effective_matrix().float()
+            merged = self._transform_matrix(effective, names, inverse=False) - effective
+        else:
+            merged = self._transform_matrix(self._weight_matrix().float(), names, inverse=False)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(
                 f"merging {names} into '{self.layer_name}' gives non-finite weights (the adapter holds NaN or inf "
                 "values); nothing was changed"
             )
+        self.merged_adapters = names
+        if self.stacked:
+            self._merge_delta = merged.to(weight.dtype).view_as(weight)
+            weight.add_(self._merge_delta)
+            return
         exact_inverse = weight.dtype in (torch.float32, torch.float64) and all(
             self.ether_adapters[n].method.self_inverse and self.strengths[n] == 1.0 for n in names
         )
         # A reflection undoes itself; anything else (ETHER+, blended strengths, half precision) keeps a copy.
         self._weight_before_merge = None if exact_inverse else weight.detach().clone()
         weight.copy_(merged.to(weight.dtype).view_as(weight))
-        self.merged_adapters = names
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the base weight as it was before ``merge``. A no-op when nothing is merged."""
         if not self.merged_adapters:
             return
-        weight = self.base_layer.weight
-        if self._weight_before_merge is not None:
+        weight = self.plain.weight
+        if self._merge_delta is not None:
+            weight.sub_(self._merge_delta)
+        elif self._weight_before_merge is not None:
             weight.copy_(self._weight_before_merge)
         else:
             restored = self._transform_matrix(self._weight_matrix().float(), self.merged_adapters, inverse=True)
             weight.copy_(restored.to(weight.dtype).view_as(weight))
         self._weight_before_merge = None
+        self._merge_delta = None
         self.merged_adapters = []
 
     def extra_repr(self) -> str:
@@ -312,44 +360,50 @@ class EtherLayer(nn.Module):
 class EtherLinear(EtherLayer):
     """ETHER around an ``nn.Linear``: ``y = H̃ (W (H x)) + b``."""
 
-    def __init__(self, base_layer: nn.Linear, layer_name: str = ""):
+    def __init__(self, base_layer: nn.Module, layer_name: str = ""):
         super().__init__(base_layer, layer_name)
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self.in_features = self.plain.in_features
+        self.out_features = self.plain.out_features
 
     def _weight_matrix(self):
-        return self.base_layer.weight
+        return self.plain.weight
 
     def _product_without_bias(self, x):
+        if self.stacked:  # the inner adapter's output, bias removed
+            return self._add_bias(self.base_layer(x), sign=-1)
         return F.linear(x, self.base_layer.weight)
 
-    def _add_bias(self, y):
-        bias = self.base_layer.bias
-        return y if bias is None else y + bias
+    def _add_bias(self, y, sign=1):
+        bias = self.plain.bias
+        return y if bias is None else y + sign * bias
+
+    def _probe(self, dtype):
+        return torch.eye(self.in_features, dtype=dtype)
 
 
 class EtherConv2d(EtherLayer):
     """ETHER around a 1×1 ``nn.Conv2d`` (a per-pixel linear map over channels)."""
 
-    def __init__(self, base_layer: nn.Conv2d, layer_name: str = ""):
+    def __init__(self, base_layer: nn.Module, layer_name: str = ""):
+        conv = plain_layer(base_layer)
         pointwise = (
-            base_layer.kernel_size == (1, 1)
-            and base_layer.stride == (1, 1)
-            and base_layer.groups == 1
-            and base_layer.padding in ((0, 0), "valid")
-            and base_layer.dilation == (1, 1)
+            conv.kernel_size == (1, 1)
+            and conv.stride == (1, 1)
+            and conv.groups == 1
+            and conv.padding in ((0, 0), "valid")
+            and conv.dilation == (1, 1)
         )
         if not pointwise:
             raise TypeError(
-                f"'{layer_name}' is a {base_layer.kernel_size} convolution; ETHER adapts only 1×1 convolutions "
+                f"'{layer_name}' is a {conv.kernel_size} convolution; ETHER adapts only 1×1 convolutions "
                 "(stride 1, no padding, one group). Exclude it from target_modules."
             )
         super().__init__(base_layer, layer_name)
-        self.in_features = base_layer.in_channels
-        self.out_features = base_layer.out_channels
+        self.in_features = conv.in_channels
+        self.out_features = conv.out_channels
 
     def _weight_matrix(self):
-        return self.base_layer.weight.view(self.out_features, self.in_features)
+        return self.plain.weight.view(self.out_features, self.in_features)
 
     def _features_last(self, x):
         return x.movedim(1, -1)
@@ -358,11 +412,16 @@ class EtherConv2d(EtherLayer):
         return x.movedim(-1, 1)
 
     def _product_without_bias(self, x):
+        if self.stacked:  # the inner adapter's output, bias removed
+            return self._add_bias(self.base_layer(x), sign=-1)
         return F.conv2d(x, self.base_layer.weight)
 
-    def _add_bias(self, y):
-        bias = self.base_layer.bias
-        return y if bias is None else y + bias.view(1, -1, *([1] * (y.dim() - 2)))
+    def _add_bias(self, y, sign=1):
+        bias = self.plain.bias
+        return y if bias is None else y + sign * bias.view(1, -1, *([1] * (y.dim() - 2)))
+
+    def _probe(self, dtype):
+        return torch.eye(self.in_features, dtype=dtype)[:, :, None, None]  # ``in`` one-pixel images
 
 
 #: Base layer type → wrapper. Looked up along the type's MRO, so subclasses of ``nn.Linear`` are found too.

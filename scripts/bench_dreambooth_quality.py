@@ -31,7 +31,7 @@ from ether_diffusion.evaluation import (
     prompt_fidelity,
     subject_fidelity,
 )
-from ether_diffusion.models import default_model, load_pipeline
+from ether_diffusion.models import load_pipeline
 from ether_diffusion.sampling import sample_images
 from ether_diffusion.training.class_images import ensure_class_images
 from ether_diffusion.training.data import load_image_folder
@@ -47,12 +47,8 @@ LABELS = {**METHOD_LABELS, "ether_plus": "ETHER+ (two-sided)", "lora": "LoRA r=4
 def train_one(subject, method: str, lr: float, steps: int, seed: int, class_dir: Path, num_class_images: int,
               guidance: float, work_dir: Path):  # fmt: skip
     """Train one (subject, method, lr, seed) on the library's DreamBooth task; returns (task, result)."""
-    config = DreamBoothConfig(
-        pretrained_model_name_or_path=default_model(),
-        instance_data_dir=str(subject.image_paths[0].parent),
-        instance_prompt=subject.instance_prompt,
-        with_prior_preservation=True,
-        class_prompt=subject.class_prompt,
+    config = DreamBoothConfig.for_subject(
+        subject,
         class_data_dir=str(class_dir),
         num_class_images=num_class_images,
         ether_method=method if method in ("ether", "ether_plus") else "ether_plus",
@@ -63,7 +59,6 @@ def train_one(subject, method: str, lr: float, steps: int, seed: int, class_dir:
         seed=seed,
         output_dir=str(work_dir),
         validation_guidance_scale=guidance,
-        report_to="none",
         quiet=True,
         no_final_reload=True,
     )

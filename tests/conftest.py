@@ -148,6 +148,25 @@ def build_tiny_sdxl_components(tmp_path, seed: int = 0) -> dict:
     )
 
 
+def build_training_world(root, image_size=(24, 20)):
+    """A tiny SD pipeline saved to ``root/model`` and three random instance images (plus a caption file that
+    must be ignored) in ``root/instance``: what the training tests train on."""
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    (root / "tokenizer").mkdir()
+    StableDiffusionPipeline(**build_tiny_components(root / "tokenizer")).save_pretrained(root / "model")
+    instance = root / "instance"
+    instance.mkdir()
+    rng = np.random.default_rng(0)
+    width, height = image_size
+    for i in range(3):
+        Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8")).save(instance / f"{i}.png")
+    (instance / "captions.txt").write_text("ignored: not an image")
+    return root
+
+
 @pytest.fixture
 def tiny_components(tmp_path):
     return build_tiny_components(tmp_path)

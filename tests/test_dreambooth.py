@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_components, free_port, launch_env
-from PIL import Image
+from conftest import build_training_world, free_port, launch_env
 
 from ether_diffusion.io import read_adapter_file
 from ether_diffusion.models import ModelLoadError
@@ -22,18 +21,7 @@ SCRIPT = ROOT / "scripts" / "train_dreambooth_ether.py"
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from diffusers import StableDiffusionPipeline
-
-    root = tmp_path_factory.mktemp("dreambooth")
-    (root / "tokenizer").mkdir()
-    StableDiffusionPipeline(**build_tiny_components(root / "tokenizer")).save_pretrained(root / "model")
-    instance = root / "instance"
-    instance.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray((rng.random((20, 24, 3)) * 255).astype("uint8")).save(instance / f"{i}.png")
-    (instance / "captions.txt").write_text("ignored: not an image")
-    return root
+    return build_training_world(tmp_path_factory.mktemp("dreambooth"), (24, 20))
 
 
 def args_for(world, output_dir, *extra):

@@ -77,6 +77,9 @@ def make_task(world, tmp_path, **fields) -> tuple[DreamBoothXLTask, Run]:
 def test_the_model_folder_says_which_task_trains_it(world, tmp_path, capsys):
     assert model_family(world / "sdxl").name == "sdxl" and model_family(world / "sd").name == "sd"
     assert model_family(None).name == "sd"  # the shipped tiny model
+    # a single checkpoint file says nothing; its --config folder (same architecture) does
+    assert model_family(tmp_path / "model.safetensors", config=world / "sdxl").name == "sdxl"
+    assert model_family(tmp_path / "model.safetensors").name == "sd"
     config = parse_args(flags(world, tmp_path))
     assert type(config) is DreamBoothXLConfig
     assert type(parse_args(flags(world, tmp_path)[2:])) is DreamBoothConfig  # no model: the shipped SD one

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_components
+from conftest import build_training_world
 from PIL import Image
 
 from ether_diffusion.training import Callback, ConfigError, ResumeMismatchError, TrainingDivergedError
@@ -22,17 +22,7 @@ from ether_diffusion.training.trainer import Trainer
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from diffusers import StableDiffusionPipeline
-
-    root = tmp_path_factory.mktemp("trainer")
-    (root / "tokenizer").mkdir()
-    StableDiffusionPipeline(**build_tiny_components(root / "tokenizer")).save_pretrained(root / "model")
-    instance = root / "instance"
-    instance.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray((rng.random((16, 16, 3)) * 255).astype("uint8")).save(instance / f"{i}.png")
-    return root
+    return build_training_world(tmp_path_factory.mktemp("trainer"), (16, 16))
 
 
 def config_for(world, output_dir, **changes) -> DreamBoothConfig:

@@ -138,10 +138,7 @@ class ControlTask(StableDiffusionTask):
         if kind == "final":  # the round trip: the saved file into a fresh pipeline, then samples
             if self.config.peer:
                 return None
-            from ..models import load_pipeline
-
-            pipe = load_pipeline(self.config.pretrained_model_name_or_path, EtherControlPipeline, scheduler="dpm")
-            pipe.to(run.device)
+            pipe = self.fresh_pipeline(EtherControlPipeline, run.device)
             pipe.load_control_weights(adapter_path)
             run = None  # fp32, as users load it
         else:

@@ -111,13 +111,15 @@ class TrainSpec:
             raise StudioError(f"no shipped subject {spec.subject!r}; choose one of {sorted(shipped_subjects())}")
         return spec
 
-    def config(self, model: str, instance_dir: Path, output_dir: Path, class_dir: Path, resume: bool):
+    def config(self, model: str, instance_dir: Path, output_dir: Path, class_dir: Path, resume: bool,
+               model_config: str | None = None):  # fmt: skip
         """The library's DreamBooth configuration for this job (no command line in between)."""
         from ..training.dreambooth import DreamBoothConfig
 
         every = self.checkpoint_every or self.preview_every
         return DreamBoothConfig(
             pretrained_model_name_or_path=model,
+            model_config=model_config,
             instance_data_dir=str(instance_dir),
             instance_prompt=self.instance_prompt.strip(),
             ether_method=self.method,
@@ -148,9 +150,13 @@ class TrainSpec:
 class JobManager:
     """Starts, watches, stops and resumes training jobs; ``status()`` is what the page polls."""
 
-    def __init__(self, workspace: Workspace, model: str | Path, store: AdapterStore | None = None):
+    def __init__(self, workspace: Workspace, model: str | Path, store: AdapterStore | None = None,
+                 model_config: str | None = None):  # fmt: skip
+        """``model``: a diffusers folder, hub id or single checkpoint file (then ``model_config``: a local diffusers
+        folder of its architecture, for loading offline)."""
         self.workspace = workspace
         self.model = str(model)
+        self.model_config = model_config
         self.store = store or AdapterStore(workspace)
         self._lock = threading.Lock()  # guards the state
         self._launching = threading.Lock()  # Start and Resume from two pages at once: still one job
@@ -313,7 +319,8 @@ class JobManager:
         return inside(self.workspace.class_images, f"{slug(spec.class_prompt.strip(), 'class')[:40]}-{digest}")
 
     def _config(self, spec: TrainSpec, instance_dir: Path, job_dir: Path, resume: bool):
-        return spec.config(self.model, instance_dir, job_dir / "output", self._class_dir(spec), resume)
+        return spec.config(self.model, instance_dir, job_dir / "output", self._class_dir(spec), resume,
+                           self.model_config)  # fmt: skip
 
     def _launch(self, resume: bool) -> None:
         self._stop.clear()

@@ -88,8 +88,10 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, model: str | Path, workspace: Workspace, store: AdapterStore | None = None):
+    def __init__(self, model: str | Path, workspace: Workspace, store: AdapterStore | None = None,
+                 model_config: str | None = None):  # fmt: skip
         self.model = str(model)
+        self.model_config = model_config
         self.workspace = workspace
         self.store = store or AdapterStore(workspace)
         self.lock = threading.Lock()  # the pipeline's adapters and modules are shared state
@@ -103,7 +105,7 @@ class Sampler:
             from ..pipeline import EtherStableDiffusionPipeline
 
             try:
-                self._pipe = load_pipeline(self.model, EtherStableDiffusionPipeline)
+                self._pipe = load_pipeline(self.model, EtherStableDiffusionPipeline, config=self.model_config)
             except ModelLoadError as err:
                 raise StudioError(f"{err}. Start the studio with --model pointing at a diffusers folder") from err
         return self._pipe

@@ -45,14 +45,16 @@ def option(
     same_run: bool = True,
     cli: bool = True,
     factory=None,
+    flag: str | None = None,
 ):
     """A config field and its flag.
 
     ``minimum``: the smallest allowed value (checked by ``validate``). ``same_run=False``: a field a resumed run may
     change (output, logging, validation, length) without becoming a different run; every other field is part of
-    the run's identity recorded in its checkpoints. ``cli=False``: library-only (benchmarks), no flag.
+    the run's identity recorded in its checkpoints. ``cli=False``: library-only (benchmarks), no flag. ``flag``: the
+    flag's name when it is not the field's (``--config`` for ``model_config``).
     """
-    metadata = dict(help=help, choices=choices, minimum=minimum, same_run=same_run, cli=cli)
+    metadata = dict(help=help, choices=choices, minimum=minimum, same_run=same_run, cli=cli, flag=flag)
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -67,8 +69,16 @@ class RunConfig:
 
     # --- the base model ------------------------------------------------------------------------------------------
     pretrained_model_name_or_path: str | None = option(
-        None, "diffusers model folder or hub id (default: the shipped tiny model, assets/tiny-sd)"
+        None,
+        "diffusers model folder, hub id, or one .safetensors/.ckpt checkpoint (default: the shipped tiny model)",
     )
+    model_config: str | None = option(
+        None,
+        "for a single-file model: a local diffusers folder of the same architecture (configs and tokenizer, no "
+        "weights), so nothing is fetched from the Hub",
+        flag="config",
+    )
+    original_config: str | None = option(None, "for a single-file model: its original LDM .yaml")
     revision: str | None = option(None, "model revision (hub)")
     variant: str | None = option(None, "weights variant, e.g. fp16")
     tokenizer_name: str | None = option(None, "tokenizer folder or hub id, if not the model's own")
@@ -165,7 +175,8 @@ class RunConfig:
                 kwargs["required"] = True
             else:
                 kwargs["default"] = f.default if f.default is not MISSING else f.default_factory()
-            (own if f.name in declared_here else shared).add_argument(f"--{f.name}", **kwargs)
+            flag = f.metadata.get("flag") or f.name
+            (own if f.name in declared_here else shared).add_argument(f"--{flag}", dest=f.name, **kwargs)
         return parser
 
     @classmethod
@@ -194,23 +205,23 @@ class RunConfig:
         """Check ranges, finiteness and contradictions; returns ``self`` (for chaining) or raises ConfigError."""
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+            value, name = getattr(self, f.name), f.metadata.get("flag") or f.name
             kind, many = _flag_type(hints[f.name])
             if value is None:
                 continue
             if kind in (int, float) and not many:
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ConfigError(f"--{f.name} must be a number, not {value!r}")
+                    raise ConfigError(f"--{name} must be a number, not {value!r}")
                 if kind is int and value != int(value):
-                    raise ConfigError(f"--{f.name} must be a whole number, not {value!r}")
+                    raise ConfigError(f"--{name} must be a whole number, not {value!r}")
                 if not math.isfinite(value):
-                    raise ConfigError(f"--{f.name} is {value}: give a finite number")
+                    raise ConfigError(f"--{name} is {value}: give a finite number")
                 minimum = f.metadata.get("minimum")
                 if minimum is not None and value < minimum:
-                    raise ConfigError(f"--{f.name} must be at least {minimum:g}, not {value:g}")
+                    raise ConfigError(f"--{name} must be at least {minimum:g}, not {value:g}")
             choices = f.metadata.get("choices")
             if choices and not many and value not in choices:
-                raise ConfigError(f"--{f.name} {value!r} is not one of {', '.join(map(str, choices))}")
+                raise ConfigError(f"--{name} {value!r} is not one of {', '.join(map(str, choices))}")
         if self.learning_rate <= 0:
             raise ConfigError("--learning_rate must be positive")
         if self.resolution is not None and self.resolution % 8:

@@ -63,6 +63,22 @@ class DreamBoothConfig(RunConfig):
                              same_run=False)  # fmt: skip
     learning_rate: float = option(PAPER_LEARNING_RATE, "learning rate of the adapter vectors", minimum=0.0)
 
+    @classmethod
+    def for_subject(cls, subject, **fields) -> DreamBoothConfig:
+        """A run on a tiny-world subject (``world.subjects.Subject``: its images, instance and class prompts, prior
+        preservation on its class) with the shipped model; ``fields`` set or override anything else."""
+        from ..models import default_model
+
+        defaults = dict(
+            pretrained_model_name_or_path=default_model(),
+            instance_data_dir=str(subject.image_paths[0].parent),
+            instance_prompt=subject.instance_prompt,
+            with_prior_preservation=True,
+            class_prompt=subject.class_prompt,
+            report_to="none",
+        )
+        return cls(**{**defaults, **fields})
+
     def validate(self):
         super().validate()
         if not self.instance_prompt or not self.instance_prompt.strip():
@@ -134,7 +150,7 @@ class DreamBoothTask(StableDiffusionTask):
                 import torch
 
                 dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-                return self.base_pipeline(torch_dtype=dtype).to(run.device)
+                return self.fresh_pipeline(device=run.device, scheduler=None, torch_dtype=dtype)
             stack.enter_context(self.adapters.disabled())
             return self.pipeline()
 
@@ -169,7 +185,7 @@ class DreamBoothTask(StableDiffusionTask):
                 return None
             from ..pipeline import load_ether_weights
 
-            pipe = self.base_pipeline(scheduler="dpm").to(run.device)
+            pipe = self.fresh_pipeline(device=run.device)
             load_ether_weights(pipe, adapter_path)
             images = self.validation_images(pipe, prompt, None)
         else:  # the baseline is the base model: a fresh ETHER reflection is not the identity
@@ -247,16 +263,16 @@ def _tasks() -> dict[str, tuple[type[DreamBoothConfig], type[DreamBoothTask]]]:
     return {"sd": (DreamBoothConfig, DreamBoothTask), "sdxl": (DreamBoothXLConfig, DreamBoothXLTask)}
 
 
-def _classes_for(model: str | None, revision: str | None = None):
-    family = model_family(model, revision)  # UnsupportedModelError for other families
+def _classes_for(model: str | None, revision: str | None = None, model_config: str | None = None):
+    family = model_family(model, revision, model_config)  # UnsupportedModelError for other families
     if family.name not in _tasks():
         supported = " and ".join(FAMILIES[name].label for name in _tasks())
         raise UnsupportedModelError(f"'{model}' is a {family.label} model; DreamBooth supports {supported} models")
     return _tasks()[family.name]
 
 
-def _not_for_this_model(flags: list[str], model: str | None, revision: str | None) -> str:
-    family = model_family(model, revision)
+def _not_for_this_model(flags: list[str], model: str | None, revision: str | None, model_config: str | None) -> str:
+    family = model_family(model, revision, model_config)
     return (
         f"{', '.join('--' + f for f in flags)} {'does' if len(flags) == 1 else 'do'} not apply to {family.label} "
         f"models, and '{model or 'the shipped tiny model'}' is one"
@@ -269,9 +285,10 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> DreamB
     probe = argparse.ArgumentParser(add_help=False)
     probe.add_argument("--pretrained_model_name_or_path")
     probe.add_argument("--revision")
+    probe.add_argument("--config", dest="model_config")
     known, _ = probe.parse_known_args(argv)
     try:
-        config_class = _classes_for(known.pretrained_model_name_or_path, known.revision)[0]
+        config_class = _classes_for(known.pretrained_model_name_or_path, known.revision, known.model_config)[0]
     except UnsupportedModelError as err:
         DreamBoothConfig.build_parser(prog).error(str(err))
     others = {f.name for config, _ in _tasks().values() for f in dataclasses.fields(config)}
@@ -279,7 +296,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> DreamB
     given = sorted(flag for flag in foreign if any(a.split("=")[0] == f"--{flag}" for a in argv or []))
     if given:
         config_class.build_parser(prog).error(
-            _not_for_this_model(given, known.pretrained_model_name_or_path, known.revision)
+            _not_for_this_model(given, known.pretrained_model_name_or_path, known.revision, known.model_config)
         )
     return config_class.from_args(argv, prog)
 
@@ -289,14 +306,15 @@ def task_for(config: DreamBoothConfig) -> DreamBoothTask:
     field (an SD one for an SDXL model gets the SDXL flags' defaults); one that sets flags the model's family does
     not have is a ``ConfigError``."""
     config.validate()
-    config_class, task_class = _classes_for(config.pretrained_model_name_or_path, config.revision)
+    config_class, task_class = _classes_for(config.pretrained_model_name_or_path, config.revision, config.model_config)
     if type(config) is not config_class and type(config) in {c for c, _ in _tasks().values()}:
         names = {f.name for f in dataclasses.fields(config_class)}
         extra = [f for f in dataclasses.fields(config) if f.name not in names]
         lost = [f.name for f in extra if getattr(config, f.name) != f.default]
         if lost:
             model = config.pretrained_model_name_or_path
-            raise ConfigError(f"{_not_for_this_model(lost, model, config.revision)}; use {config_class.__name__}")
+            reason = _not_for_this_model(lost, model, config.revision, config.model_config)
+            raise ConfigError(f"{reason}; use {config_class.__name__}")
         fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in names}
         config = config_class(**fields).validate()
     return task_class(config)

@@ -8,7 +8,7 @@ denoising loss, and pipelines over the training modules for validation.
     text_encoders()             ``{component: text encoder}`` (one for SD, two for SDXL)
     text_encoder_adapter_config(component, unet_config)   what ``--train_text_encoder`` adapts in each
     condition(batch, run)       the UNet's keyword arguments for a batch (text embeddings, SDXL's added conditions)
-    pipeline() / base_pipeline()   a pipeline over the training modules / a fresh one from disk
+    pipeline() / fresh_pipeline()   a pipeline over the training modules / a fresh one from disk
 """
 
 from __future__ import annotations
@@ -49,12 +49,18 @@ class StableDiffusionTask(Task):
     def check_family(self) -> None:
         config = self.config
         what = f"{self.name} training ({type(self).__name__})"
-        require_family(config.pretrained_model_name_or_path, (self.family,), what, self.family_hint, config.revision)
+        require_family(config.pretrained_model_name_or_path, (self.family,), what, self.family_hint, config.revision,
+                       config.model_config)  # fmt: skip
 
     def load_components(self):
         config = self.config
         return load_components(
-            config.pretrained_model_name_or_path, config.revision, config.variant, config.tokenizer_name
+            config.pretrained_model_name_or_path,
+            config.revision,
+            config.variant,
+            config.tokenizer_name,
+            config=config.model_config,
+            original_config=config.original_config,
         )
 
     def text_encoders(self) -> dict[str, torch.nn.Module]:
@@ -143,12 +149,6 @@ class StableDiffusionTask(Task):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def base_pipeline(self, pipeline_class=None, scheduler: str | None = None, **kwargs):
-        """A fresh pipeline of the base model from disk (what users load; the final reload, class images)."""
-        return load_pipeline(
-            self.config.pretrained_model_name_or_path, pipeline_class or self.pipeline_class(), scheduler, **kwargs
-        )
-
     def validation_images(self, pipe, prompt: str, run: Run | None, **kwargs) -> list:
         """``num_validation_images`` images of ``prompt`` from seeds ``seed``, ``seed + 1``, ..."""
         config = self.config
@@ -167,3 +167,12 @@ class StableDiffusionTask(Task):
 
     def base_model(self) -> str:
         return str(self.config.pretrained_model_name_or_path)
+
+    def fresh_pipeline(self, pipeline_class=None, device=None, scheduler: str | None = "dpm", **kwargs):
+        """The base model loaded anew from where the run loaded it (folder, hub id or single file), sampling with
+        DPM-Solver++ (``scheduler=None``: the model's own): what users get when they load the saved file themselves.
+        ``pipeline_class`` defaults to the family's; ``kwargs`` go to ``load_pipeline`` (``torch_dtype``)."""
+        config = self.config
+        pipe = load_pipeline(config.pretrained_model_name_or_path, pipeline_class or self.pipeline_class(), scheduler,
+                             config=config.model_config, original_config=config.original_config, **kwargs)  # fmt: skip
+        return pipe.to(device) if device is not None else pipe

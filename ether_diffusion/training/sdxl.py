@@ -85,6 +85,8 @@ class StableDiffusionXLTask(StableDiffusionTask):
         pipe = load_pipeline(
             config.pretrained_model_name_or_path,
             StableDiffusionXLPipeline,
+            config=config.model_config,
+            original_config=config.original_config,
             revision=config.revision,
             variant=config.variant,
             **extra,
@@ -143,11 +145,11 @@ class StableDiffusionXLTask(StableDiffusionTask):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def base_pipeline(self, pipeline_class=None, scheduler: str | None = None, **kwargs):
+    def fresh_pipeline(self, pipeline_class=None, device=None, scheduler: str | None = "dpm", **kwargs):
         vae = self._vae(kwargs.get("torch_dtype"))
         if vae is not None:
             kwargs.setdefault("vae", vae)
-        return super().base_pipeline(pipeline_class, scheduler, **kwargs)
+        return super().fresh_pipeline(pipeline_class, device, scheduler, **kwargs)
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,393 @@
+"""Exact export of ETHER adapters to LoRA: the math per layer, and stock diffusers reproducing the images."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TinyMLP, randomize_adapters
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.testing import assert_close
+
+from ether_diffusion import EtherConfig, inject, save_adapter, set_active_adapters
+from ether_diffusion.export import (
+    export_adapters,
+    kohya_name,
+    layer_lora_factors,
+    lora_factors,
+    lora_rank,
+    save_lora,
+)
+from ether_diffusion.inject import adapter_layers, delete_adapter, merge_adapters, unmerge_adapters
+
+TINY_SD = Path(__file__).resolve().parents[1] / "assets" / "tiny-sd"
+CLI = str(Path(sys.executable).parent / "ether-diffusion")
+ALL_UNET_LAYERS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "proj_in", "proj_out"]
+
+
+# --- the math, layer by layer --------------------------------------------------------------------------------
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj_in = nn.Conv2d(8, 12, 1)
+        self.proj_out = nn.Conv2d(12, 8, 1, bias=False)
+
+    def forward(self, x):
+        return self.proj_out(self.proj_in(x))
+
+
+def transformed_weight(layer) -> torch.Tensor:
+    """``W'`` as the wrapper computes it: its forward on the identity, minus the bias (float64)."""
+    eye = torch.eye(layer.in_features, dtype=torch.float64)
+    if isinstance(layer.base_layer, nn.Conv2d):
+        eye = eye[:, :, None, None]  # ``in`` one-pixel images
+    zero = torch.zeros_like(eye)
+    with torch.no_grad():
+        return (layer(eye) - layer(zero)).reshape(layer.in_features, layer.out_features).T
+
+
+def assert_factors_match_forward(model):
+    """``W + up · down`` of every layer equals the weight its wrapper applies, in float64."""
+    model.double()
+    factors = lora_factors(model)
+    assert set(factors) == {path for path, _ in adapter_layers(model)}
+    for path, layer in adapter_layers(model):
+        found = factors[path]
+        base = layer.base_layer.weight.detach().reshape(layer.out_features, layer.in_features)
+        assert_close(base + found.delta(), transformed_weight(layer), rtol=0, atol=1e-12)
+    return factors
+
+
+@pytest.mark.parametrize(
+    "configs, expected_rank",
+    [
+        ([EtherConfig(method="ether", n_blocks=1)], 1),
+        ([EtherConfig(method="ether", n_blocks=4)], 4),
+        ([EtherConfig(method="ether_plus", n_blocks=2, sides=("input",))], 4),
+        ([EtherConfig(method="ether_plus", n_blocks=2, sides=("output",))], 4),
+        ([EtherConfig(method="ether_plus", n_blocks=2)], 8),  # two-sided: 4n
+        ([EtherConfig(method="ether", n_blocks=2), EtherConfig(method="ether_plus", n_blocks=1)], 2 + 4),
+        ([EtherConfig(method="ether_plus"), EtherConfig(method="ether_plus", n_blocks=4), EtherConfig()], 4 + 16 + 4),
+    ],
+)
+def test_factors_are_the_exact_weight_change(configs, expected_rank):
+    torch.manual_seed(0)
+    for model, targets in ((TinyMLP(), ["to_q", "to_v", "to_out.0"]), (ConvNet(), ["proj_in", "proj_out"])):
+        names = []
+        for i, config in enumerate(configs):
+            config.target_modules = targets
+            inject(model, config, f"a{i}")
+            randomize_adapters(model, f"a{i}", seed=i + 1)
+            names.append(f"a{i}")
+        set_active_adapters(model, names, [1.0, 0.7, 1.3][: len(names)])
+        factors = assert_factors_match_forward(model)
+        assert {f.rank for f in factors.values()} == {expected_rank}
+        assert expected_rank == sum(lora_rank(c) for c in configs)
+        assert {f.conv for f in factors.values()} == {isinstance(model, ConvNet)}
+
+
+def test_strength_is_linear_one_sided_and_quadratic_two_sided():
+    torch.manual_seed(0)
+    for sides, linear in ((("input",), True), (("output",), True), (("input", "output"), False)):
+        model = TinyMLP()
+        inject(model, EtherConfig(method="ether_plus", sides=sides, target_modules=["to_q"]))
+        randomize_adapters(model)
+        layer = dict(adapter_layers(model))["to_q"]
+        full = layer_lora_factors(layer).delta()
+        set_active_adapters(model, "default", 0.5)
+        half = layer_lora_factors(layer).delta()
+        assert torch.allclose(half, 0.5 * full, atol=1e-12) == linear
+
+
+def test_nothing_active_fused_or_disabled():
+    model = TinyMLP()
+    inject(model, EtherConfig(method="ether", target_modules=["to_q"]))
+    randomize_adapters(model)
+    layer = dict(adapter_layers(model))["to_q"]
+    set_active_adapters(model, [])
+    assert layer_lora_factors(layer) is None and lora_factors(model) == {}
+    set_active_adapters(model, "default")
+    merge_adapters(model)
+    with pytest.raises(RuntimeError, match="unfuse_ether"):
+        lora_factors(model)
+    unmerge_adapters(model)
+    layer.adapters_enabled = False
+    assert lora_factors(model) == {}
+    with pytest.raises(ValueError, match="no active ETHER adapter"):
+        save_lora("/nonexistent/x.safetensors", unet=model)
+
+
+def test_kohya_names():
+    assert kohya_name("unet", "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_out.0") == (
+        "lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_attn2_to_out_0"
+    )
+    assert kohya_name("text_encoder", "text_model.encoder.layers.3.self_attn.q_proj") == (
+        "lora_te_text_model_encoder_layers_3_self_attn_q_proj"
+    )
+    assert kohya_name("text_encoder_2", "text_model.encoder.layers.0.mlp.fc1").startswith("lora_te2_")
+    with pytest.raises(ValueError, match="kohya format names only"):
+        kohya_name("vae", "decoder.conv_in")
+
+
+# --- stock diffusers reproduces the ETHER images --------------------------------------------------------------
+
+
+def load_stock():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(TINY_SD, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt="a red star and a blue circle"):
+    return pipe([prompt], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+
+def make_adapter(pipe, path, unet_config=None, text_config=None, seed=1):
+    """An adapter file on the tiny model with vectors moved far from their init (ETHER+ is not the identity)."""
+    components = {}
+    for component, config in (("unet", unet_config), ("text_encoder", text_config)):
+        if config is not None:
+            model = getattr(pipe, component)
+            inject(model, config, "tmp")
+            randomize_adapters(model, "tmp", seed=seed + len(components))
+            components[component] = model
+    written = save_adapter(path, components, "tmp", base_model="tiny-sd")
+    for model in components.values():
+        delete_adapter(model, "tmp")
+    return written
+
+
+CASES = {
+    "ether-n1": [(EtherConfig(method="ether"), None, 1.0)],
+    "ether-n4-ff-conv": [(EtherConfig(method="ether", n_blocks=4, target_modules=ALL_UNET_LAYERS), None, 1.0)],
+    "ether-plus-two-sided": [(EtherConfig(method="ether_plus", n_blocks=2, target_modules=ALL_UNET_LAYERS), None, 1.0)],
+    "composed": [
+        (EtherConfig(method="ether", target_modules="unet-attention-ff"), None, 1.0),
+        (EtherConfig(method="ether_plus", target_modules=["to_q"]), None, 0.6),  # to_q: rank 5, the rest rank 1
+    ],
+    "text-encoder": [
+        (
+            EtherConfig(method="ether_plus", n_blocks=1),
+            EtherConfig(method="ether", n_blocks=2, target_modules=["q_proj", "v_proj", "out_proj", "mlp.fc1"]),
+            1.0,
+        )
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def source_pipe():
+    return load_stock()
+
+
+@pytest.fixture(scope="module")
+def case_files(source_pipe, tmp_path_factory):
+    """{case: ([(file, strength)], reference images of the ETHER-adapted pipeline)}."""
+    from ether_diffusion.pipeline import delete_ether_adapters, load_ether_weights, set_ether_adapters
+
+    folder = tmp_path_factory.mktemp("adapters")
+    pipe = source_pipe
+    found = {}
+    for case, specs in CASES.items():
+        files = [
+            (make_adapter(pipe, folder / f"{case}{i}.safetensors", u, t, seed=10 * i + 1), s)
+            for i, (u, t, s) in enumerate(specs)
+        ]
+        names = [load_ether_weights(pipe, f, f"x{i}") for i, (f, _) in enumerate(files)]
+        set_ether_adapters(pipe, names, [s for _, s in files])
+        found[case] = (files, generate(pipe))
+        delete_ether_adapters(pipe, names)
+    found["base"] = generate(pipe)
+    return found
+
+
+@pytest.mark.parametrize("format", ["diffusers", "kohya"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_stock_diffusers_reproduces_the_ether_images(case, format, case_files, source_pipe, tmp_path):
+    files, reference = case_files[case]
+    output = tmp_path / "lora.safetensors"
+    summary = export_adapters(files, output, source_pipe, format=format, dtype="fp32")
+    assert summary.path == output and output.stat().st_size == summary.bytes
+    assert not list(adapter_layers(source_pipe.unet))  # the export left the pipeline as it was
+
+    stock = load_stock()
+    stock.load_lora_weights(str(output))  # kohya files go through diffusers' kohya converter
+    images = generate(stock)
+    assert np.abs(reference - case_files["base"]).max() > 0.1  # the adapter changes the images
+    assert np.abs(images - reference).max() <= 1e-4
+
+    with safe_open(str(output), "pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata()
+    if format == "kohya":
+        assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+        assert summary.file_rank == int(metadata["ss_network_dim"])
+    else:
+        assert all(k.startswith(("unet.", "text_encoder.")) and ".lora_" in k for k in keys)
+    assert any(k.startswith(("text_encoder.", "lora_te_")) for k in keys) == (case == "text-encoder")
+    sources = json.loads(metadata["ether_sources"])
+    assert [s["strength"] for s in sources] == [s for _, s in files]
+
+
+def strip_padding(path, target):
+    """The kohya file as an exporter without padding writes it: each layer at its own rank, alpha = its rank."""
+    tensors, out = load_file(str(path)), {}
+    for key, down in tensors.items():
+        if key.endswith(".lora_down.weight"):
+            name = key.removesuffix(".lora_down.weight")
+            keep = down.flatten(1).abs().sum(1) > 0  # the padded rows are exactly zero
+            out[key] = down[keep].contiguous()
+            out[f"{name}.lora_up.weight"] = tensors[f"{name}.lora_up.weight"][:, keep].contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(keep.sum()))
+    save_file(out, str(target))
+    return {int(v.item()) for k, v in out.items() if k.endswith(".alpha")}
+
+
+def test_kohya_mixed_ranks_need_the_padding(case_files, source_pipe, tmp_path):
+    """diffusers' kohya loader keeps per-layer alphas under stale names: one rank for every layer avoids it."""
+    files, reference = case_files["composed"]
+    padded = export_adapters(files, tmp_path / "padded.safetensors", source_pipe, format="kohya", dtype="fp32")
+    assert padded.ranks == {"unet": [1, 5]} and padded.file_rank == 5
+    assert strip_padding(padded.path, tmp_path / "unpadded.safetensors") == {1, 5}
+    errors = {}
+    for name in ("padded", "unpadded"):
+        stock = load_stock()
+        if name == "padded":
+            stock.load_lora_weights(str(tmp_path / f"{name}.safetensors"))
+        else:  # PEFT says so: the alphas of the attention layers arrive under names no module has
+            with pytest.warns(RuntimeWarning, match="alpha_pattern keys did not match"):
+                stock.load_lora_weights(str(tmp_path / f"{name}.safetensors"))
+        errors[name] = np.abs(generate(stock) - reference).max()
+    assert errors["padded"] <= 1e-4
+    assert errors["unpadded"] > 0.05, errors  # the trap: to_q layers load at scale 1/5
+
+
+def test_diffusers_keys_are_those_save_lora_weights_writes(source_pipe, tmp_path):
+    """Same keys and shapes as a PEFT LoRA of the same rank and targets saved by diffusers itself."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    adapter = make_adapter(
+        source_pipe,
+        tmp_path / "a.safetensors",
+        EtherConfig(method="ether", n_blocks=2, target_modules=ALL_UNET_LAYERS),
+        EtherConfig(method="ether", n_blocks=2, target_modules="text-encoder-attention"),
+    )
+    ours = export_adapters([adapter], tmp_path / "ours.safetensors", source_pipe, dtype="fp32").path
+
+    stock = load_stock()
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=ALL_UNET_LAYERS), stock.unet)
+    text_targets = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=text_targets), stock.text_encoder)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path / "peft",
+        unet_lora_layers=get_peft_model_state_dict(stock.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(stock.text_encoder),
+    )
+    theirs = load_file(str(tmp_path / "peft" / "pytorch_lora_weights.safetensors"))
+    mine = load_file(str(ours))
+    assert {k: tuple(v.shape) for k, v in mine.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+
+
+def test_lora_weight_is_ether_strength_only_one_sided(case_files, source_pipe, tmp_path):
+    """A LoRA weight of 0.5 equals ETHER strength 0.5 for one-sided ETHER+, not for two-sided ETHER+."""
+    from ether_diffusion.pipeline import delete_ether_adapters, load_ether_weights, set_ether_adapters
+
+    for sides, same in ((("input",), True), (("input", "output"), False)):
+        adapter = make_adapter(source_pipe, tmp_path / "a.safetensors", EtherConfig(method="ether_plus", sides=sides))
+        load_ether_weights(source_pipe, adapter, "dial")
+        set_ether_adapters(source_pipe, "dial", 0.5)
+        reference = generate(source_pipe)
+        delete_ether_adapters(source_pipe, "dial")
+        export_adapters([adapter], tmp_path / "full.safetensors", source_pipe, dtype="fp32")
+        stock = load_stock()
+        stock.load_lora_weights(str(tmp_path / "full.safetensors"), adapter_name="full")
+        stock.set_adapters("full", 0.5)
+        assert (np.abs(generate(stock) - reference).max() <= 1e-4) == same
+        if not same:  # exported at strength 0.5 instead, it matches at LoRA weight 1
+            export_adapters([(adapter, 0.5)], tmp_path / "half.safetensors", source_pipe, dtype="fp32")
+            stock = load_stock()
+            stock.load_lora_weights(str(tmp_path / "half.safetensors"))
+            assert np.abs(generate(stock) - reference).max() <= 1e-4
+
+
+def test_half_precision_file(case_files, source_pipe, tmp_path):
+    files, reference = case_files["ether-n1"]
+    fp32 = export_adapters(files, tmp_path / "fp32.safetensors", source_pipe, dtype="fp32")
+    fp16 = export_adapters(files, tmp_path / "fp16.safetensors", source_pipe, dtype="fp16")
+    half, full = load_file(str(fp16.path)), load_file(str(fp32.path))
+    assert {v.dtype for v in half.values()} == {torch.float16} and half.keys() == full.keys()
+    assert sum(v.nbytes for v in half.values()) * 2 == sum(v.nbytes for v in full.values())
+    stock = load_stock()
+    stock.load_lora_weights(str(fp16.path))
+    assert np.abs(generate(stock) - reference).max() < 2e-3  # fp16 factors: close (1e-4 measured), not exact
+
+
+def test_control_file_exports_its_unet_part_only_when_asked(source_pipe, tmp_path):
+    from ether_diffusion.control.encoder import ConditionEncoder, ConditionEncoderConfig
+    from ether_diffusion.control.pipeline import save_control_weights
+    from ether_diffusion.pipeline import load_ether_weights
+
+    inject(source_pipe.unet, EtherConfig(method="ether_plus", target_modules="unet-attention-ff"), "c")
+    randomize_adapters(source_pipe.unet, "c")
+    encoder = ConditionEncoder(ConditionEncoderConfig.for_model(source_pipe.unet, source_pipe.vae_scale_factor))
+    control = save_control_weights(tmp_path / "control.safetensors", source_pipe.unet, encoder, "c")
+    plain = save_adapter(tmp_path / "plain.safetensors", {"unet": source_pipe.unet}, "c")
+    delete_adapter(source_pipe.unet, "c")
+
+    with pytest.raises(ValueError, match="condition encoder .* not a weight change .* --unet_only"):
+        export_adapters([control], tmp_path / "x.safetensors", source_pipe)
+    assert not (tmp_path / "x.safetensors").exists()
+    summary = export_adapters([control], tmp_path / "x.safetensors", source_pipe, dtype="fp32", unet_only=True)
+    assert summary.notes and "UNet adapters only" in summary.notes[0]
+
+    load_ether_weights(source_pipe, plain, "plain")  # the same UNet adapters from a plain file
+    reference = generate(source_pipe)
+    from ether_diffusion.pipeline import delete_ether_adapters
+
+    delete_ether_adapters(source_pipe, "plain")
+    stock = load_stock()
+    stock.load_lora_weights(str(summary.path))
+    assert np.abs(generate(stock) - reference).max() <= 1e-4
+
+
+def test_cli_export(case_files, tmp_path):
+    files, reference = case_files["composed"]
+    (first, _), (second, strength) = files
+    output = tmp_path / "style.safetensors"
+    args = list(map(str, [CLI, "export", first, f"{second}:{strength}", "--model", TINY_SD, "--format", "kohya"]))
+    result = subprocess.run([*args, "--output", str(output), "--dtype", "fp32"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "rank 5" in result.stdout and str(output) in result.stdout
+    stock = load_stock()
+    stock.load_lora_weights(str(output))
+    assert np.abs(generate(stock) - reference).max() <= 1e-4
+
+    again = subprocess.run([*args, "--output", str(output)], capture_output=True, text=True)
+    assert again.returncode == 2 and "exists" in again.stderr and "--overwrite" in again.stderr
+    wrong = subprocess.run([*args, "--output", str(tmp_path / "x.pt")], capture_output=True, text=True)
+    assert wrong.returncode == 2 and ".safetensors" in wrong.stderr
+
+
+def test_documented_sd15_sizes_come_from_the_architecture():
+    """Rows of the docs/export.md table, recomputed on the SD-1.5 UNet built on the meta device."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "lora_sizes.py"
+    spec = importlib.util.spec_from_file_location("lora_sizes", script)
+    sizes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sizes)
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    table = sizes.table(blocks=(1, 4))
+    rows = table.splitlines()[2:]
+    assert len(rows) == 6 and all(row in docs for row in rows), table
+    assert "| ETHER | 1 | 99,456 | 1 | 0.44 MB | 0.45 MB |" in rows  # the reference's 0.44 MB
