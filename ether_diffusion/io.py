@@ -18,10 +18,8 @@ Never pickle: only safetensors is read or written.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from torch import nn
 
 from . import __version__
 from .config import EtherConfig
+from .files import atomic_write  # re-exported: callers still import it from here
 from .inject import (
     adapter_configs,
     adapter_layers,
@@ -70,29 +69,6 @@ class AdapterFileError(ValueError):
 
 class AdapterMismatchError(ValueError):
     """The adapter is valid but was made for a model with other layers or widths."""
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
-
-    If writing fails (full disk, a killed process, an exception), the temporary file is removed and whatever was
-    at ``path`` before is untouched.
-    """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write '{path}': the folder '{path.parent}' does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass
