@@ -1,5 +1,8 @@
 """atomic_write: a good file is replaced whole or not at all."""
 
+import os
+import stat
+
 import pytest
 
 from ether_diffusion.files import atomic_write
@@ -32,3 +35,33 @@ def test_io_still_exports_it():
     from ether_diffusion.io import atomic_write as from_io
 
     assert from_io is atomic_write
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test and restore it after."""
+    saved = os.umask(0o022)
+    yield os.umask
+    os.umask(saved)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_new_files_get_the_mode_open_would_give(tmp_path, umask, mask):
+    umask(mask)
+    with open(tmp_path / "plain.txt", "w") as handle:
+        handle.write("x")
+    with atomic_write(tmp_path / "atomic.txt") as tmp:
+        tmp.write_text("x")
+    mode = stat.S_IMODE((tmp_path / "atomic.txt").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode) == 0o666 & ~mask
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path, umask):
+    umask(0o022)
+    target = tmp_path / "adapter.safetensors"
+    target.write_text("old")
+    for mode in (0o640, 0o604, 0o600):
+        os.chmod(target, mode)
+        with atomic_write(target) as tmp:
+            tmp.write_text("new")
+        assert stat.S_IMODE(target.stat().st_mode) == mode and target.read_text() == "new"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -183,3 +184,16 @@ def test_interrupted_save_keeps_the_good_file(saved, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]  # no temporary left behind
     with pytest.raises(FileNotFoundError, match="does not exist"):
         save_adapter(tmp_path / "no" / "such" / "dir.safetensors", {"unet": model}, "subject")
+
+
+def test_saved_adapter_is_readable_by_others_and_a_resave_keeps_the_mode(saved):
+    model, path = saved
+    old = os.umask(0o022)
+    try:
+        fresh = save_adapter(path.with_name("fresh.safetensors"), {"unet": model}, "subject")
+        assert stat.S_IMODE(fresh.stat().st_mode) == 0o644  # as open() makes it, not mkstemp's 0600
+        os.chmod(path, 0o640)
+        save_adapter(path, {"unet": model}, "subject")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
