@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 
 from .reflection import METHODS
 
-__all__ = ["CONFIG_FORMAT_VERSION", "EtherConfig", "SIDES", "TARGET_PRESETS", "matches_module_path"]
+__all__ = [
+    "ADAPTER_NAME_PATTERN",
+    "CONFIG_FORMAT_VERSION",
+    "SIDES",
+    "TARGET_PRESETS",
+    "EtherConfig",
+    "check_adapter_name",
+    "matches_module_path",
+]
 
 CONFIG_FORMAT_VERSION = 1
 
@@ -23,6 +32,20 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     # CLIP text encoder attention.
     "text-encoder-attention": ("q_proj", "k_proj", "v_proj", "out_proj"),
 }
+
+#: The one rule for adapter names (modules, files, the studio): safe as a module key and as a file name.
+ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
+
+
+def check_adapter_name(name: str) -> str:
+    """Return ``name`` if it is a valid adapter name, else raise ``ValueError`` saying what is allowed."""
+    if not isinstance(name, str) or not ADAPTER_NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"invalid adapter name {name!r}: use 1-64 letters (A-Z, a-z), digits, '_' or '-', starting with a letter "
+            "or digit (no spaces, dots or slashes)"
+        )
+    return name
+
 
 _DEFAULT_SIDES = {"ether": ("input",), "ether_plus": ("input", "output")}
 

@@ -7,13 +7,12 @@ Everything here works on a plain ``nn.Module`` (a diffusers UNet, a CLIP text en
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from .config import EtherConfig
+from .config import EtherConfig, check_adapter_name
 from .layers import LAYER_TYPES, EtherLayer
 
 __all__ = [
@@ -34,19 +33,7 @@ __all__ = [
     "mixed_batch",
     "set_active_adapters",
     "unmerge_adapters",
-    "validate_adapter_name",
 ]
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
-
-
-def validate_adapter_name(name: str) -> str:
-    """Adapter names are plain identifiers (letters, digits, '_', '-'): safe as module keys and file names."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(
-            f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
-        )
-    return name
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, EtherLayer]]:
@@ -111,7 +98,7 @@ def inject(
     becomes the only active one (strength 1). ``initialize=False`` leaves the vectors unset (uninitialised memory),
     for callers that load every vector right after (``load_adapter``), saving the random draws.
     """
-    validate_adapter_name(adapter_name)
+    check_adapter_name(adapter_name)
     existing = [layer for _, layer in adapter_layers(model)]  # one walk for both checks
     if any(adapter_name in layer.ether_adapters for layer in existing):
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; delete it or pick another name")

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .config import EtherConfig
+from .config import EtherConfig, check_adapter_name
 from .files import atomic_write  # re-exported: callers still import it from here
 from .inject import (
     adapter_configs,
@@ -38,7 +38,6 @@ from .inject import (
     delete_adapter,
     inject,
     load_adapter_state_dict,
-    validate_adapter_name,
 )
 from .layers import EtherLayer, parameter_name
 from .reflection import METHODS
@@ -354,7 +353,7 @@ def load_adapter(
             f"'{where}' also holds trained modules ({', '.join(sorted(source.modules))}) that a plain adapter load "
             "would drop: it is a controllable-synthesis file; load it with EtherControlPipeline.load_control_weights"
         )
-    name = validate_adapter_name(adapter_name or source.adapter_name or "default")
+    name = check_adapter_name(adapter_name or source.adapter_name or "default")
     absent = sorted(set(source.configs) - set(c for c, m in components.items() if m is not None))
     if absent:
         raise AdapterMismatchError(

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ether_diffusion.config import CONFIG_FORMAT_VERSION, TARGET_PRESETS, EtherConfig
+from ether_diffusion.config import CONFIG_FORMAT_VERSION, TARGET_PRESETS, EtherConfig, check_adapter_name
 
 
 def test_paper_defaults_per_method():
@@ -59,3 +59,26 @@ def test_unknown_version_and_fields_are_rejected():
         EtherConfig.from_dict({**data, "format_version": 99})
     with pytest.raises(ValueError, match=r"unknown fields \['rank'\]"):
         EtherConfig.from_dict({**data, "rank": 4})
+
+
+@pytest.mark.parametrize("name", ["a", "subject", "my-star_2", "0", "A" * 64])
+def test_valid_adapter_names_pass_through(name):
+    assert check_adapter_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "-lead", "_lead", "has space", "dot.ted", "../up", "a/b", "ä", "A" * 65, "trailing\n", None, 3],
+)
+def test_invalid_adapter_names_say_which_characters_are_allowed(name):
+    with pytest.raises(ValueError, match=r"invalid adapter name .*letters.*digits, '_' or '-', starting with"):
+        check_adapter_name(name)
+
+
+def test_the_name_rule_is_the_one_inject_and_load_use():
+    import torch
+
+    from ether_diffusion import inject
+
+    with pytest.raises(ValueError, match="invalid adapter name 'x y'"):
+        inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), EtherConfig(target_modules=["0"]), "x y")
