@@ -8,13 +8,15 @@ merge them into the base weight and back. torch only: no diffusers import here.
 from __future__ import annotations
 
 import zlib
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import EtherConfig
-from .reflection import METHODS, apply_low_rank, apply_low_rank_batched
+from .mixed import MixedBatch
+from .reflection import METHODS, apply_low_rank
 
 __all__ = ["LAYER_TYPES", "EtherAdapter", "EtherConv2d", "EtherLayer", "EtherLinear", "parameter_name"]
 
@@ -27,6 +29,12 @@ def parameter_name(vector: str, side: str) -> str:
 def layer_generator(seed: int, layer_name: str) -> torch.Generator:
     """A CPU generator for one layer's initial vectors: stable across runs (crc32, not Python's salted hash)."""
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(layer_name.encode())) % (2**63))
+
+
+class _CachedFactors(NamedTuple):
+    key: tuple  # what the factors were computed from (strength, dtype, each vector's identity and version)
+    down: torch.Tensor  # D (d, K·n)
+    up: torch.Tensor  # E (K·n, d)
 
 
 class EtherAdapter(nn.Module):
@@ -46,7 +54,7 @@ class EtherAdapter(nn.Module):
         self.method = METHODS[config.method]
         self.n_blocks = config.n_blocks
         self.sides = tuple(config.sides)
-        self._cache: dict[str, tuple] = {}  # side -> (key, D, E), inference only
+        self._cache: dict[str, _CachedFactors] = {}  # side -> factors, inference only
         widths = {"input": in_features, "output": out_features}
         for side in self.sides:
             shape = (self.n_blocks, widths[side] // self.n_blocks)
@@ -73,12 +81,12 @@ class EtherAdapter(nn.Module):
         if torch.is_grad_enabled():
             down, up = self.method.factors(vectors, strength)
             return down.to(dtype), up.to(dtype)
-        key = (side, strength, dtype, *((id(v), v._version, v.device) for v in vectors.values()))
+        key = (strength, dtype, *((id(v), v._version, v.device) for v in vectors.values()))
         cached = self._cache.get(side)
-        if cached is None or cached[0] != key:
+        if cached is None or cached.key != key:
             down, up = self.method.factors(vectors, strength)
-            cached = self._cache[side] = (key, down.to(dtype), up.to(dtype))
-        return cached[1], cached[2]
+            cached = self._cache[side] = _CachedFactors(key, down.to(dtype), up.to(dtype))
+        return cached.down, cached.up
 
     def extra_repr(self) -> str:
         return f"method={self.method.name}, n_blocks={self.n_blocks}, sides={self.sides}"
@@ -97,11 +105,7 @@ class EtherLayer(nn.Module):
         self.adapters_enabled = True
         self.merged_adapters: list[str] = []
         self._weight_before_merge: torch.Tensor | None = None
-        # (slot names, per-sample slot index) while a mixed batch runs; see ``set_mixed_batch``.
-        self._mixed: tuple[list[str | None], torch.Tensor] | None = None
-        # side -> (the slots' factor tensors, repeat, gathered (B, d, r), (B, r, d)): reused across the denoising
-        # steps of one mixed batch while the factors are the very same tensors (no grad, nothing changed)
-        self._mixed_cache: dict[str, tuple] = {}
+        self._mixed: MixedBatch | None = None  # per-sample routing while a mixed batch runs
 
     # --- to be provided by subclasses -------------------------------------------------------------------------
     in_features: int
@@ -163,15 +167,14 @@ class EtherLayer(nn.Module):
             return
         if self.merged_adapters:
             raise RuntimeError(f"'{self.layer_name}' has merged adapters; unmerge before a mixed batch")
-        self._mixed = (list(slot_names), slot_ids.to(self.base_layer.weight.device))
-        self._mixed_cache = {}
+        self._mixed = MixedBatch(list(slot_names), slot_ids.to(self.base_layer.weight.device))
 
     # --- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not self.adapters_enabled or self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
         if self._mixed is not None:
-            return self._forward_mixed(x)
+            return self._mixed.forward(self, x)
         adapters = [(self.ether_adapters[n], self.strengths[n]) for n in self.active_adapters]
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
@@ -186,67 +189,6 @@ class EtherLayer(nn.Module):
         y = self._features_last(self._product_without_bias(h))  # H̃ acts on W x, before the bias
         for factors in output_factors:
             y = apply_low_rank(y, *factors)
-        return self._add_bias(self._features_back(y))
-
-    def _sample_factors(self, side: str, slot_names: list[str | None], ids: torch.Tensor, dtype: torch.dtype):
-        """Per-sample factors (B, d, r), (B, r, d) for the batch's slot ids; ``None`` if no slot adapts ``side``.
-
-        Without grad, the stacked and gathered tensors are kept while every slot's factors are the same tensors
-        (the adapters' own caches return them until a vector or strength changes), so the denoising steps of one
-        mixed batch gather once instead of once per step."""
-        factors = []
-        for name in slot_names:
-            adapter = self.ether_adapters[name] if name in self.ether_adapters else None
-            factors.append(adapter.factors(side, self.strengths[name], dtype) if adapter is not None else None)
-        flat = tuple(t for f in factors for t in (f or (None,)))
-        cached = self._mixed_cache.get(side)
-        if (
-            cached is not None
-            and not torch.is_grad_enabled()
-            and len(cached[0]) == len(flat)
-            and all(a is b for a, b in zip(cached[0], flat))
-            and cached[1].shape == ids.shape
-            and torch.equal(cached[1], ids)
-        ):
-            return cached[2]
-        stacked = self._slot_factors(side, factors, dtype)
-        result = None if stacked is None else (stacked[0][ids], stacked[1][ids])
-        if not torch.is_grad_enabled():
-            self._mixed_cache[side] = (flat, ids, result)
-        return result
-
-    def _slot_factors(self, side: str, factors: list, dtype: torch.dtype):
-        """Stacked per-slot factors (S, d, r), (S, r, d), zero-padded to a common rank; ``None`` if all empty."""
-        width = self.in_features if side == "input" else self.out_features
-        weight = self.base_layer.weight
-        rank = max((f[0].shape[1] for f in factors if f is not None), default=0)
-        if rank == 0:
-            return None
-        down = torch.zeros(len(factors), width, rank, dtype=dtype, device=weight.device)
-        up = torch.zeros(len(factors), rank, width, dtype=dtype, device=weight.device)
-        for slot, found in enumerate(factors):
-            if found is not None:
-                down[slot, :, : found[0].shape[1]] = found[0]
-                up[slot, : found[1].shape[0], :] = found[1]
-        return down, up
-
-    def _forward_mixed(self, x: torch.Tensor) -> torch.Tensor:
-        slot_names, slot_ids = self._mixed
-        if x.shape[0] % slot_ids.shape[0]:
-            raise ValueError(
-                f"'{self.layer_name}': batch of {x.shape[0]} does not match the mixed batch of "
-                f"{slot_ids.shape[0]} adapter assignments (nor a multiple of it, as classifier-free guidance makes)"
-            )
-        # Classifier-free guidance concatenates [uncond, cond]: each half uses the same assignment.
-        ids = slot_ids.repeat(x.shape[0] // slot_ids.shape[0])
-        h = x
-        found = self._sample_factors("input", slot_names, ids, x.dtype)
-        if found is not None:
-            h = self._features_back(apply_low_rank_batched(self._features_last(h), *found))
-        found = self._sample_factors("output", slot_names, ids, x.dtype)
-        if found is None:
-            return self.base_layer(h)
-        y = apply_low_rank_batched(self._features_last(self._product_without_bias(h)), *found)
         return self._add_bias(self._features_back(y))
 
     # --- merge ------------------------------------------------------------------------------------------------

@@ -178,11 +178,14 @@ def test_mixed_batch_reuses_its_gathered_factors_only_while_nothing_changes():
     with torch.no_grad():
         layer.set_mixed_batch(["a", "b"], torch.tensor([0, 1]))
         first = layer(x)
-        gathered = layer._mixed_cache["input"][2]
-        assert layer(x) is not first and layer._mixed_cache["input"][2] is gathered  # steps reuse the gather
+        gathered = layer._mixed.gathered["input"].factors
+        assert layer(x) is not first and layer._mixed.gathered["input"].factors is gathered  # steps reuse the gather
+        layer(torch.cat([x, x]))  # classifier-free guidance doubles the batch: gathered again for two copies
+        assert layer._mixed.gathered["input"].repeat == 2 and layer._mixed.gathered["input"].factors[0].shape[0] == 4
+        gathered = layer._mixed.gathered["input"].factors
         layer.ether_adapters["b"].ether_u.add_(1.0)  # a vector changes between steps
-        changed = layer(x)
-        assert layer._mixed_cache["input"][2] is not gathered
+        changed = layer(torch.cat([x, x]))[:2]
+        assert layer._mixed.gathered["input"].factors is not gathered
         layer.strengths["a"] = 0.5  # so does a strength
         halved = layer(x)
         expected = one_by_one()
