@@ -18,7 +18,7 @@ from .config import EtherConfig
 from .mixed import MixedBatch
 from .reflection import METHODS, apply_low_rank
 
-__all__ = ["LAYER_TYPES", "EtherAdapter", "EtherConv2d", "EtherLayer", "EtherLinear", "parameter_name"]
+__all__ = ["LAYER_TYPES", "EtherAdapter", "EtherConv2d", "EtherLayer", "EtherLinear", "Factors", "parameter_name"]
 
 
 def parameter_name(vector: str, side: str) -> str:
@@ -31,10 +31,18 @@ def layer_generator(seed: int, layer_name: str) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(layer_name.encode())) % (2**63))
 
 
+class Factors(NamedTuple):
+    """The thin factors ``(D (d, K·n), E (K·n, d))`` of an adapter's transform per side; ``None`` if not adapted."""
+
+    input: tuple[torch.Tensor, torch.Tensor] | None
+    output: tuple[torch.Tensor, torch.Tensor] | None
+
+
 class _CachedFactors(NamedTuple):
-    key: tuple  # what the factors were computed from (strength, dtype, each vector's identity and version)
-    down: torch.Tensor  # D (d, K·n)
-    up: torch.Tensor  # E (K·n, d)
+    strength: float
+    dtype: torch.dtype
+    vectors: tuple[torch.Tensor, ...]  # copies of the vectors the factors were computed from
+    factors: Factors
 
 
 class EtherAdapter(nn.Module):
@@ -54,7 +62,7 @@ class EtherAdapter(nn.Module):
         self.method = METHODS[config.method]
         self.n_blocks = config.n_blocks
         self.sides = tuple(config.sides)
-        self._cache: dict[str, _CachedFactors] = {}  # side -> factors, inference only
+        self._cache: _CachedFactors | None = None  # inference only; see ``factors``
         widths = {"input": in_features, "output": out_features}
         for side in self.sides:
             shape = (self.n_blocks, widths[side] // self.n_blocks)
@@ -69,27 +77,45 @@ class EtherAdapter(nn.Module):
     def vectors(self, side: str) -> dict[str, torch.Tensor]:
         return {v: getattr(self, parameter_name(v, side)) for v in self.method.vector_names}
 
-    def factors(self, side: str, strength: float, dtype: torch.dtype):
-        """``(D, E)`` of this side's transform in ``dtype``, or ``None`` when the side is not adapted.
+    def factors(self, strength: float, dtype: torch.dtype) -> Factors:
+        """Both sides' ``(D, E)`` in ``dtype`` at ``strength``.
 
-        Without autograd (sampling) the factors are cached until a vector changes (tracked by its version
-        counter), so unfused inference pays only for the two skinny matmuls.
+        Without autograd (sampling) the factors are kept, with a copy of the vectors they were computed from, and
+        reused while every vector still equals its copy. Comparing values, not version counters, sees every way a
+        vector changes: in place, through ``.data`` (``EMAModel.copy_to``), ``load_state_dict``, ``.to()``.
         """
-        if side not in self.sides:
-            return None
-        vectors = self.vectors(side)
         if torch.is_grad_enabled():
-            down, up = self.method.factors(vectors, strength)
-            return down.to(dtype), up.to(dtype)
-        key = (strength, dtype, *((id(v), v._version, v.device) for v in vectors.values()))
-        cached = self._cache.get(side)
-        if cached is None or cached.key != key:
-            down, up = self.method.factors(vectors, strength)
-            cached = self._cache[side] = _CachedFactors(key, down.to(dtype), up.to(dtype))
-        return cached.down, cached.up
+            return self._compute_factors(strength, dtype)
+        vectors = tuple(self._parameters.values())
+        cached = self._cache
+        if (
+            cached is None
+            or cached.strength != strength
+            or cached.dtype != dtype
+            or not all(_same_values(v, copy) for v, copy in zip(vectors, cached.vectors, strict=True))
+        ):
+            copies = tuple(v.detach().clone() for v in vectors)
+            cached = self._cache = _CachedFactors(strength, dtype, copies, self._compute_factors(strength, dtype))
+        return cached.factors
+
+    def _compute_factors(self, strength: float, dtype: torch.dtype) -> Factors:
+        found = {}
+        for side in self.sides:
+            down, up = self.method.factors(self.vectors(side), strength)
+            found[side] = (down.to(dtype), up.to(dtype))
+        return Factors(found.get("input"), found.get("output"))
 
     def extra_repr(self) -> str:
         return f"method={self.method.name}, n_blocks={self.n_blocks}, sides={self.sides}"
+
+
+def _same_values(tensor: torch.Tensor, copy: torch.Tensor) -> bool:
+    return (
+        tensor.shape == copy.shape
+        and tensor.dtype == copy.dtype
+        and tensor.device == copy.device
+        and torch.equal(tensor, copy)
+    )
 
 
 class EtherLayer(nn.Module):
@@ -175,33 +201,31 @@ class EtherLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if self._mixed is not None:
             return self._mixed.forward(self, x)
-        adapters = [(self.ether_adapters[n], self.strengths[n]) for n in self.active_adapters]
-        if not adapters:
+        factors = [self.ether_adapters[n].factors(self.strengths[n], x.dtype) for n in self.active_adapters]
+        if not factors:
             return self.base_layer(x, *args, **kwargs)
         h = x
-        for adapter, strength in adapters:  # y = W · H_k ⋯ H_1 x: the first active adapter acts first
-            factors = adapter.factors("input", strength, x.dtype)
-            if factors is not None:
-                h = self._features_back(apply_low_rank(self._features_last(h), *factors))
-        output_factors = [f for a, s in adapters if (f := a.factors("output", s, x.dtype)) is not None]
-        if not output_factors:
+        for found in factors:  # y = W · H_k ⋯ H_1 x: the first active adapter acts first
+            if found.input is not None:
+                h = self._features_back(apply_low_rank(self._features_last(h), *found.input))
+        outputs = [found.output for found in factors if found.output is not None]
+        if not outputs:
             return self.base_layer(h, *args, **kwargs)
         y = self._features_last(self._product_without_bias(h))  # H̃ acts on W x, before the bias
-        for factors in output_factors:
-            y = apply_low_rank(y, *factors)
+        for output in outputs:
+            y = apply_low_rank(y, *output)
         return self._add_bias(self._features_back(y))
 
     # --- merge ------------------------------------------------------------------------------------------------
     def _transform_matrix(self, matrix: torch.Tensor, names: list[str], inverse: bool) -> torch.Tensor:
         """Weight form of the active transforms: ``H̃_k⋯H̃_1 · W · H_k⋯H_1`` (or its inverse for self-inverse H)."""
+        factors = {name: self.ether_adapters[name].factors(self.strengths[name], matrix.dtype) for name in names}
         for name in names if inverse else reversed(names):  # rows of W·H_k⋯H_1 are H_1⋯H_k w_r
-            factors = self.ether_adapters[name].factors("input", self.strengths[name], matrix.dtype)
-            if factors is not None:
-                matrix = apply_low_rank(matrix, *factors)
+            if factors[name].input is not None:
+                matrix = apply_low_rank(matrix, *factors[name].input)
         for name in reversed(names) if inverse else names:  # columns of H̃_k⋯H̃_1·W are H̃_k⋯H̃_1 c
-            factors = self.ether_adapters[name].factors("output", self.strengths[name], matrix.dtype)
-            if factors is not None:
-                matrix = apply_low_rank(matrix.T, *factors).T
+            if factors[name].output is not None:
+                matrix = apply_low_rank(matrix.T, *factors[name].output).T
         return matrix
 
     @torch.no_grad()

@@ -51,22 +51,22 @@ class MixedBatch:
             )
         # Classifier-free guidance concatenates [uncond, cond]: each half uses the same assignment.
         repeat = x.shape[0] // samples
+        slots = [
+            layer.ether_adapters[name].factors(layer.strengths[name], x.dtype) if name in layer.ether_adapters else None
+            for name in self.slot_names
+        ]
         h = x
-        found = self._sample_factors(layer, "input", repeat, x.dtype)
+        found = self._sample_factors(layer, "input", [None if f is None else f.input for f in slots], repeat)
         if found is not None:
             h = layer._features_back(apply_low_rank_batched(layer._features_last(h), *found))
-        found = self._sample_factors(layer, "output", repeat, x.dtype)
+        found = self._sample_factors(layer, "output", [None if f is None else f.output for f in slots], repeat)
         if found is None:
             return layer.base_layer(h)
         y = apply_low_rank_batched(layer._features_last(layer._product_without_bias(h)), *found)
         return layer._add_bias(layer._features_back(y))
 
-    def _sample_factors(self, layer: EtherLayer, side: str, repeat: int, dtype: torch.dtype):
-        """Per-sample ``(D, E)`` (B, d, r), (B, r, d) for ``repeat`` copies of the assignment, or ``None``."""
-        factors = []
-        for name in self.slot_names:
-            adapter = layer.ether_adapters[name] if name in layer.ether_adapters else None
-            factors.append(None if adapter is None else adapter.factors(side, layer.strengths[name], dtype))
+    def _sample_factors(self, layer: EtherLayer, side: str, factors: list, repeat: int):
+        """Per-sample ``(D, E)`` (B, d, r), (B, r, d) from each slot's ``factors``, or ``None`` if all are empty."""
         sources = tuple(t for found in factors for t in (found or (None,)))
         cached = self.gathered.get(side)
         if (
@@ -77,7 +77,7 @@ class MixedBatch:
             and all(a is b for a, b in zip(cached.sources, sources))
         ):
             return cached.factors
-        stacked = _stack_slots(layer, side, factors, dtype)
+        stacked = _stack_slots(layer, side, factors)
         ids = self.slot_ids.repeat(repeat)
         gathered = None if stacked is None else (stacked[0][ids], stacked[1][ids])
         if not torch.is_grad_enabled():
@@ -85,13 +85,14 @@ class MixedBatch:
         return gathered
 
 
-def _stack_slots(layer: EtherLayer, side: str, factors: list, dtype: torch.dtype):
+def _stack_slots(layer: EtherLayer, side: str, factors: list):
     """Per-slot factors stacked as (S, d, r), (S, r, d), zero-padded to a common rank; ``None`` if all empty."""
     width = layer.in_features if side == "input" else layer.out_features
     device = layer.base_layer.weight.device
     rank = max((found[0].shape[1] for found in factors if found is not None), default=0)
     if rank == 0:
         return None
+    dtype = next(found[0].dtype for found in factors if found is not None)
     down = torch.zeros(len(factors), width, rank, dtype=dtype, device=device)
     up = torch.zeros(len(factors), rank, width, dtype=dtype, device=device)
     for slot, found in enumerate(factors):

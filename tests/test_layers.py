@@ -191,3 +191,86 @@ def test_mixed_batch_reuses_its_gathered_factors_only_while_nothing_changes():
         expected = one_by_one()
     assert_close(halved, expected)
     assert not torch.allclose(changed, first)
+
+
+def _new_values(layer, seed=5):
+    generator = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=generator) for k, v in layer.ether_adapters.state_dict().items()}
+
+
+def _via_data_copy(layer, new):
+    for key, param in layer.ether_adapters.named_parameters():
+        param.data.copy_(new[key])  # .data has its own version counter: the parameter's does not move
+
+
+def _via_data_assignment(layer, new):
+    for key, param in layer.ether_adapters.named_parameters():
+        param.data = new[key].clone()
+
+
+def _via_load_state_dict(layer, new):
+    layer.ether_adapters.load_state_dict(new)
+
+
+def _via_load_state_dict_assign(layer, new):
+    layer.ether_adapters.load_state_dict(new, assign=True)
+
+
+def _via_ema_copy_to(layer, new):
+    from diffusers.training_utils import EMAModel
+
+    params = list(layer.ether_adapters.parameters())
+    ema = EMAModel(params)
+    for shadow, key in zip(ema.shadow_params, layer.ether_adapters.state_dict()):
+        shadow.copy_(new[key])
+    ema.copy_to(params)  # diffusers writes param.data.copy_(...)
+
+
+def _via_numpy_view(layer, new):
+    for key, param in layer.ether_adapters.named_parameters():
+        param.detach().numpy()[...] = new[key].numpy()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_via_data_copy, _via_data_assignment, _via_load_state_dict, _via_load_state_dict_assign, _via_ema_copy_to]
+    + [_via_numpy_view],
+    ids=lambda f: f.__name__[5:],
+)
+@pytest.mark.parametrize("method", ["ether", "ether_plus"])
+def test_cached_factors_follow_every_way_a_vector_changes(change, method):
+    layer = make_layer(config=EtherConfig(method=method, n_blocks=2, sides=("input", "output")))
+    x = sample_input("linear")
+    with torch.no_grad():
+        before = layer(x)  # fills the inference cache
+        assert torch.equal(layer(x), before)
+        change(layer, _new_values(layer))
+        after = layer(x)
+    fresh = layer(x)  # with autograd: factors computed from the vectors as they are now, no cache
+    assert not torch.allclose(after, before, atol=1e-3)
+    assert_close(after, fresh.detach(), rtol=0, atol=0)
+
+
+def test_cached_factors_follow_a_dtype_change():
+    layer = make_layer(config=EtherConfig(method="ether_plus", n_blocks=2))
+    x = sample_input("linear")
+    with torch.no_grad():
+        layer(x)
+        layer.to(torch.float64)  # Module._apply assigns .data: same parameter objects, same version counters
+        after = layer(x.double())
+        assert layer.ether_adapters["a"]._cache.factors.input[0].dtype == torch.float64
+    assert_close(after, layer(x.double()).detach(), rtol=0, atol=0)
+
+
+def test_cache_is_reused_while_nothing_changes():
+    layer = make_layer(config=EtherConfig(method="ether_plus", n_blocks=2))
+    x = sample_input("linear")
+    adapter = layer.ether_adapters["a"]
+    with torch.no_grad():
+        layer(x)
+        factors = adapter._cache.factors
+        layer(x)
+        assert adapter._cache.factors is factors  # same tensors: mixed batches key their gathers on them
+        layer.set_active(["a"], [0.5])
+        layer(x)
+        assert adapter._cache.factors is not factors  # a new strength
