@@ -130,7 +130,7 @@ class EtherLayer(nn.Module):
         self.strengths: dict[str, float] = {}
         self.adapters_enabled = True
         self.merged_adapters: list[str] = []
-        self._weight_before_merge: torch.Tensor | None = None
+        self._weight_before_merge: torch.Tensor | None = None  # the base weight while adapters are merged
         self._mixed: MixedBatch | None = None  # per-sample routing while a mixed batch runs
 
     # --- to be provided by subclasses -------------------------------------------------------------------------
@@ -217,13 +217,13 @@ class EtherLayer(nn.Module):
         return self._add_bias(self._features_back(y))
 
     # --- merge ------------------------------------------------------------------------------------------------
-    def _transform_matrix(self, matrix: torch.Tensor, names: list[str], inverse: bool) -> torch.Tensor:
-        """Weight form of the active transforms: ``H̃_k⋯H̃_1 · W · H_k⋯H_1`` (or its inverse for self-inverse H)."""
+    def _transform_matrix(self, matrix: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Weight form of the transforms of ``names``: ``H̃_k⋯H̃_1 · W · H_k⋯H_1`` for ``W`` = ``matrix``."""
         factors = {name: self.ether_adapters[name].factors(self.strengths[name], matrix.dtype) for name in names}
-        for name in names if inverse else reversed(names):  # rows of W·H_k⋯H_1 are H_1⋯H_k w_r
+        for name in reversed(names):  # rows of W·H_k⋯H_1 are H_1⋯H_k w_r
             if factors[name].input is not None:
                 matrix = apply_low_rank(matrix, *factors[name].input)
-        for name in reversed(names) if inverse else names:  # columns of H̃_k⋯H̃_1·W are H̃_k⋯H̃_1 c
+        for name in names:  # columns of H̃_k⋯H̃_1·W are H̃_k⋯H̃_1 c
             if factors[name].output is not None:
                 matrix = apply_low_rank(matrix.T, *factors[name].output).T
         return matrix
@@ -243,31 +243,24 @@ class EtherLayer(nn.Module):
         if not names:
             return
         weight = self.base_layer.weight
-        merged = self._transform_matrix(self._weight_matrix().float(), names, inverse=False)
+        merged = self._transform_matrix(self._weight_matrix().float(), names)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(
                 f"merging {names} into '{self.layer_name}' gives non-finite weights (the adapter holds NaN or inf "
                 "values); nothing was changed"
             )
-        exact_inverse = weight.dtype in (torch.float32, torch.float64) and all(
-            self.ether_adapters[n].method.self_inverse and self.strengths[n] == 1.0 for n in names
-        )
-        # A reflection undoes itself; anything else (ETHER+, blended strengths, half precision) keeps a copy.
-        self._weight_before_merge = None if exact_inverse else weight.detach().clone()
+        # Unmerge restores this copy, bit for bit. Re-applying a reflection (H·H = I) would undo it only up to
+        # rounding, the error growing with every fuse/unfuse cycle; ETHER+ may be singular.
+        self._weight_before_merge = weight.detach().clone()
         weight.copy_(merged.to(weight.dtype).view_as(weight))
         self.merged_adapters = names
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the base weight as it was before ``merge``. A no-op when nothing is merged."""
+        """Restore the base weight exactly (bit for bit) as it was before ``merge``. A no-op when nothing is merged."""
         if not self.merged_adapters:
             return
-        weight = self.base_layer.weight
-        if self._weight_before_merge is not None:
-            weight.copy_(self._weight_before_merge)
-        else:
-            restored = self._transform_matrix(self._weight_matrix().float(), self.merged_adapters, inverse=True)
-            weight.copy_(restored.to(weight.dtype).view_as(weight))
+        self.base_layer.weight.copy_(self._weight_before_merge)
         self._weight_before_merge = None
         self.merged_adapters = []
 

@@ -130,7 +130,7 @@ def fuse_ether(pipe, adapter_names: list[str] | None = None, safe_fusing: bool =
 
 
 def unfuse_ether(pipe) -> None:
-    """Restore the weights as they were before ``fuse_ether`` (exactly: see ``EtherLayer.unmerge``)."""
+    """Restore the weights as they were before ``fuse_ether``, bit for bit (from copies kept at fuse time)."""
     for model in _components(pipe).values():
         unmerge_adapters(model)
 

@@ -86,8 +86,6 @@ class Method:
 
     name: str
     vector_names: tuple[str, ...]
-    #: True when ``T·T = I`` at strength 1, so a merged weight can be restored by applying ``T`` again.
-    self_inverse: bool
 
     def init_vectors(self, n_blocks: int, block_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -117,7 +115,6 @@ class Reflection(Method):
 
     name = "ether"
     vector_names = ("u",)
-    self_inverse = True
 
     def init_vectors(self, n_blocks, block_size, generator):
         return {"u": _uniform_blocks(n_blocks, block_size, generator)}
@@ -137,7 +134,6 @@ class ReflectionPlus(Method):
 
     name = "ether_plus"
     vector_names = ("u", "v")
-    self_inverse = False
 
     def init_vectors(self, n_blocks, block_size, generator):
         u = _uniform_blocks(n_blocks, block_size, generator)

@@ -57,13 +57,19 @@ def test_merge_matches_forward_and_unmerge_restores(kind, config):
     assert_close(layer(x), unmerged_out)
 
 
-def test_ether_unmerge_reapplies_the_reflection_without_a_copy():
-    layer = make_layer(config=EtherConfig(method="ether", n_blocks=2))
-    layer.merge()
-    assert layer._weight_before_merge is None  # H·H = I: no stored copy needed
-    plus = make_layer(config=EtherConfig(method="ether_plus", n_blocks=2))
-    plus.merge()
-    assert plus._weight_before_merge is not None  # ETHER+ may be singular: keep a copy
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-n{c.n_blocks}-{'+'.join(c.sides)}")
+def test_ten_merge_unmerge_cycles_leave_the_weight_bit_identical(config, dtype):
+    layer = make_layer(config=config, names=("a", "b")).to(dtype)
+    original = layer.base_layer.weight.detach().clone()
+    for strengths in ([1.0, 1.0], [0.7, 1.0]):  # the published method and a blend
+        layer.set_active(["a", "b"], strengths)
+        for _ in range(10):
+            layer.merge()
+            assert not torch.equal(layer.base_layer.weight, original)
+            layer.unmerge()
+            assert torch.equal(layer.base_layer.weight, original)  # a stored copy, not the reflection re-applied
+    assert layer._weight_before_merge is None  # the copy lives only while merged
 
 
 def test_safe_merge_refuses_non_finite_and_changes_nothing():
