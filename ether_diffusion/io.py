@@ -18,6 +18,7 @@ Never pickle: only safetensors is read or written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -32,14 +33,16 @@ from . import __version__
 from .config import EtherConfig, check_adapter_name
 from .files import atomic_write  # re-exported: callers still import it from here
 from .inject import (
+    Target,
     adapter_configs,
     adapter_layers,
     adapter_state_dict,
-    delete_adapter,
-    inject,
+    add_adapter_to_targets,
+    find_targets,
     load_adapter_state_dict,
+    restore_on_failure,
 )
-from .layers import EtherLayer, parameter_name
+from .layers import parameter_name
 from .reflection import METHODS
 
 __all__ = [
@@ -298,17 +301,13 @@ def save_adapter(
 
 def _check_fits(
     component: str, model: nn.Module, config: EtherConfig, prints: dict[str, list[int]], source: AdapterFile, path: Path
-) -> None:
-    """Raise ``AdapterMismatchError`` unless ``model`` has exactly the recorded target layers and widths."""
-    wanted = {}  # the layers this model would adapt under the file's config, with their [in, out] widths
-    for module_path, module in model.named_modules():
-        if not (module_path and config.is_target(module_path)):
-            continue
-        if isinstance(module, (EtherLayer, nn.Linear)):
-            wanted[module_path] = [module.in_features, module.out_features]
-        elif isinstance(module, nn.Conv2d):
-            wanted[module_path] = [module.in_channels, module.out_channels]
-    missing = sorted(set(prints) - set(wanted))
+) -> list[Target]:
+    """The targets of ``config`` in ``model``; ``AdapterMismatchError`` unless they are exactly the recorded layers,
+    with the recorded widths, and ETHER can adapt every one of them."""
+    targets = find_targets(model, config)
+    wanted = {t.path: list(t.widths) for t in targets if t.problem is None}
+    unsupported = [f"{t.path} ({t.problem})" for t in targets if t.problem is not None]
+    missing = sorted(set(prints) - {t.path for t in targets})
     extra = sorted(set(wanted) - set(prints))
     widths = sorted(
         f"{p} (adapter {prints[p]}, model {wanted[p]})"
@@ -318,6 +317,7 @@ def _check_fits(
     problems = [
         f"{len(keys)} {what}: {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''}"
         for what, keys in (
+            ("target layers ETHER cannot adapt", unsupported),
             ("adapted layers this model lacks", missing),
             ("target layers the adapter lacks", extra),
             ("layers with other widths [in, out]", widths),
@@ -331,6 +331,7 @@ def _check_fits(
             + "; ".join(problems)
             + ". Load it into the base model it was trained on."
         )
+    return targets
 
 
 def load_adapter(
@@ -342,9 +343,10 @@ def load_adapter(
 ) -> str:
     """Load an adapter file into the given components (e.g. ``{"unet": unet, "text_encoder": te}``).
 
-    Everything is validated first (the file, then every component against the file's fingerprint), so a bad
-    file or the wrong model raises one clear error and leaves the models as they were. The adapter is injected
-    under ``adapter_name`` (default: the name stored in the file) and activated. Returns the name used.
+    All or nothing. Everything is validated first (the file, then every component against the file's fingerprint),
+    so a bad file or the wrong model raises one clear error and leaves the models as they were; should anything
+    still fail while loading, every component is restored. The adapter is injected under ``adapter_name``
+    (default: the name stored in the file) and activated. Returns the name used.
     """
     source = path if isinstance(path, AdapterFile) else read_adapter_file(path, weight_name)
     where = Path(str(path)) if not isinstance(path, AdapterFile) else Path("<adapter>")
@@ -359,20 +361,20 @@ def load_adapter(
         raise AdapterMismatchError(
             f"'{where}' adapts {absent}, which this pipeline does not have; load it into a pipeline with those parts"
         )
+    plans = {}
     for component, config in source.configs.items():
         model = components[component]
-        if name in adapter_configs(model):
+        layers = [layer for _, layer in adapter_layers(model)]
+        if name in adapter_configs(model) or any(name in layer.ether_adapters for layer in layers):
             raise ValueError(f"{component} already has an adapter named {name!r}; delete it or choose another name")
-        _check_fits(component, model, config, source.fingerprints[component], source, where)
-    done = []
-    try:
-        for component, config in source.configs.items():
-            model = components[component]
-            inject(model, config, name, activate=True, initialize=False)  # every vector is loaded next
-            done.append(model)
-            load_adapter_state_dict(model, name, source.component_state(component))
-    except Exception:
-        for model in done:
-            delete_adapter(model, name)
-        raise
+        if any(layer.merged_adapters for layer in layers):
+            raise RuntimeError(f"{component} has fused adapters; unfuse them before loading another adapter")
+        targets = _check_fits(component, model, config, source.fingerprints[component], source, where)
+        plans[component] = (model, config, targets, source.component_state(component))
+    with contextlib.ExitStack() as undo:
+        for model, _, _, _ in plans.values():
+            undo.enter_context(restore_on_failure(model))
+        for model, config, targets, state in plans.values():
+            add_adapter_to_targets(model, targets, config, name, initialize=False)  # every vector is loaded next
+            load_adapter_state_dict(model, name, state)
     return name

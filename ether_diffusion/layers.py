@@ -137,6 +137,16 @@ class EtherLayer(nn.Module):
     in_features: int
     out_features: int
 
+    @classmethod
+    def widths(cls, base_layer: nn.Module) -> tuple[int, int]:
+        """``(in, out)`` widths of ``base_layer`` as this wrapper adapts it."""
+        raise NotImplementedError
+
+    @classmethod
+    def unsupported(cls, base_layer: nn.Module) -> str | None:
+        """Why this wrapper cannot adapt ``base_layer`` (e.g. "a 3×3 convolution"), or ``None`` when it can."""
+        return None
+
     def _weight_matrix(self) -> torch.Tensor:
         """The base weight viewed as (out, in)."""
         raise NotImplementedError
@@ -273,8 +283,11 @@ class EtherLinear(EtherLayer):
 
     def __init__(self, base_layer: nn.Linear, layer_name: str = ""):
         super().__init__(base_layer, layer_name)
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self.in_features, self.out_features = self.widths(base_layer)
+
+    @classmethod
+    def widths(cls, base_layer):
+        return base_layer.in_features, base_layer.out_features
 
     def _weight_matrix(self):
         return self.base_layer.weight
@@ -291,21 +304,38 @@ class EtherConv2d(EtherLayer):
     """ETHER around a 1×1 ``nn.Conv2d`` (a per-pixel linear map over channels)."""
 
     def __init__(self, base_layer: nn.Conv2d, layer_name: str = ""):
-        pointwise = (
-            base_layer.kernel_size == (1, 1)
-            and base_layer.stride == (1, 1)
-            and base_layer.groups == 1
-            and base_layer.padding in ((0, 0), "valid")
-            and base_layer.dilation == (1, 1)
-        )
-        if not pointwise:
-            raise TypeError(
-                f"'{layer_name}' is a {base_layer.kernel_size} convolution; ETHER adapts only 1×1 convolutions "
-                "(stride 1, no padding, one group). Exclude it from target_modules."
-            )
+        reason = self.unsupported(base_layer)
+        if reason is not None:
+            raise TypeError(f"'{layer_name}' is {reason}. Exclude it from target_modules.")
         super().__init__(base_layer, layer_name)
-        self.in_features = base_layer.in_channels
-        self.out_features = base_layer.out_channels
+        self.in_features, self.out_features = self.widths(base_layer)
+
+    @classmethod
+    def widths(cls, base_layer):
+        return base_layer.in_channels, base_layer.out_channels
+
+    @classmethod
+    def unsupported(cls, base_layer):
+        # Only a pointwise convolution is a linear map over channels at each pixel.
+        found = [
+            f"{what} {value}"
+            for what, value, pointwise in (
+                ("stride", base_layer.stride, (1, 1)),
+                ("padding", base_layer.padding, (0, 0)),
+                ("groups", base_layer.groups, 1),
+                ("dilation", base_layer.dilation, (1, 1)),
+            )
+            if value != pointwise and not (what == "padding" and value == "valid")
+        ]
+        if base_layer.kernel_size != (1, 1):
+            found = []
+        elif not found:
+            return None
+        kernel = "×".join(str(k) for k in base_layer.kernel_size)
+        return (
+            f"a {kernel} convolution{' with ' + ', '.join(found) if found else ''}; ETHER adapts only 1×1 "
+            "convolutions (stride 1, no padding, one group)"
+        )
 
     def _weight_matrix(self):
         return self.base_layer.weight.view(self.out_features, self.in_features)

@@ -9,12 +9,13 @@ import textwrap
 
 import pytest
 import torch
-from conftest import TinyMLP, randomize_adapters
+from conftest import TinyMLP, assert_model_unchanged, model_record, randomize_adapters
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 from torch.testing import assert_close
 
-from ether_diffusion import EtherConfig, adapter_names, count_parameters, inject
+from ether_diffusion import EtherConfig, adapter_names, count_parameters, inject, io
 from ether_diffusion.io import (
     DEFAULT_WEIGHT_NAME,
     AdapterFileError,
@@ -71,7 +72,7 @@ def test_file_layout(saved):
 SCRIPT = textwrap.dedent("""
     import sys, torch
     sys.path.insert(0, {tests!r})
-    from conftest import TinyMLP, randomize_adapters
+    from conftest import TinyMLP, assert_model_unchanged, model_record, randomize_adapters
     from ether_diffusion import EtherConfig, inject, load_adapter, save_adapter
     torch.manual_seed(0)
     model = TinyMLP()
@@ -197,3 +198,58 @@ def test_saved_adapter_is_readable_by_others_and_a_resave_keeps_the_mode(saved):
         assert stat.S_IMODE(path.stat().st_mode) == 0o640
     finally:
         os.umask(old)
+
+
+class _WithConv(nn.Module):
+    def __init__(self, kernel):
+        super().__init__()
+        self.to_q = nn.Linear(8, 8)
+        self.proj = nn.Conv2d(8, 8, kernel, padding=kernel // 2)
+        self.to_v = nn.Linear(8, 8)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh", "with-another-adapter"])
+def test_file_targeting_a_3x3_conv_is_refused_and_the_model_is_untouched(tmp_path, existing):
+    torch.manual_seed(0)
+    source = _WithConv(1)  # proj is a 1×1 convolution where the file was made
+    inject(source, EtherConfig(method="ether", target_modules=["to_q", "proj", "to_v"]), "subject")
+    path = save_adapter(tmp_path / "a.safetensors", {"unet": source}, "subject")
+    model = _WithConv(3)  # same widths, but a 3×3 convolution: the fingerprint alone cannot tell
+    if existing:
+        inject(model, EtherConfig(method="ether_plus", target_modules=["to_q"]), "old")
+        randomize_adapters(model)
+    before = model_record(model)
+    with pytest.raises(AdapterMismatchError, match=r"cannot adapt: proj \(a 3×3 convolution; ETHER adapts only 1×1"):
+        load_adapter(path, {"unet": model})
+    assert_model_unchanged(model, before)
+    if existing:  # and the studio's next import works: nothing left over
+        assert load_adapter(read_adapter_file(path), {"unet": _WithConv(1)}) == "subject"
+
+
+@pytest.mark.parametrize("fail_on", [1, 2])
+def test_a_load_failing_half_way_restores_every_component(saved, monkeypatch, fail_on):
+    _, path = saved
+    two = read_adapter_file(path)  # the same adapter for two components
+    two.configs["text_encoder"] = two.configs["unet"]
+    two.fingerprints["text_encoder"] = two.fingerprints["unet"]
+    two.tensors.update({"text_encoder." + k[len("unet.") :]: v for k, v in list(two.tensors.items())})
+    torch.manual_seed(0)
+    unet, text_encoder = TinyMLP(), TinyMLP()
+    inject(text_encoder, EtherConfig(method="ether", target_modules=["to_q"]), "old")
+    records = {"unet": model_record(unet), "text_encoder": model_record(text_encoder)}
+    calls = []
+    real = io.load_adapter_state_dict
+
+    def fail_on_call(model, name, state):
+        calls.append(name)
+        if len(calls) == fail_on:
+            raise RuntimeError("simulated: device lost")
+        return real(model, name, state)
+
+    monkeypatch.setattr(io, "load_adapter_state_dict", fail_on_call)
+    with pytest.raises(RuntimeError, match="device lost"):
+        load_adapter(two, {"unet": unet, "text_encoder": text_encoder})
+    assert_model_unchanged(unet, records["unet"])
+    assert_model_unchanged(text_encoder, records["text_encoder"])
+    monkeypatch.undo()
+    assert load_adapter(two, {"unet": unet, "text_encoder": text_encoder}) == "subject"  # nothing left in the way
