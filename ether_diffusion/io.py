@@ -42,8 +42,8 @@ from .inject import (
     load_adapter_state_dict,
     restore_on_failure,
 )
-from .layers import parameter_name
-from .reflection import METHODS
+from .layers import EtherLayer, parameter_name
+from .reflection import METHODS, unit_blocks
 
 __all__ = [
     "DEFAULT_WEIGHT_NAME",
@@ -334,6 +334,56 @@ def _check_fits(
     return targets
 
 
+def _in_model_dtypes(
+    state: dict[str, torch.Tensor], targets: list[Target], component: str, where: Path
+) -> dict[str, torch.Tensor]:
+    """``state`` cast to the dtype each vector will have in the model (its layer's weight dtype), and checked there.
+
+    The file's own check runs in the file's dtype: 1e300 is a finite float64 but infinite as float32, and the length
+    of a block of 1e30s overflows float32, so its direction ``u / |u|`` (all the transform uses) would be lost.
+    Each block's direction, computed in the model's dtype as the layer will compute it, must equal the direction of
+    the file's values up to that dtype's rounding.
+    """
+    dtypes = {}
+    for target in targets:
+        base = target.module.base_layer if isinstance(target.module, EtherLayer) else target.module
+        dtypes[target.path] = base.weight.dtype
+    groups: dict[tuple[torch.dtype, int], list[str]] = {}  # checked a group at a time: 512 vectors on SD-1.5
+    for key, value in state.items():
+        groups.setdefault((dtypes[key.rpartition(".")[0]], value.shape[-1]), []).append(key)
+    cast, problems = {}, []
+    for (dtype, _), keys in groups.items():
+        rows = torch.cat([state[k] for k in keys])  # (blocks, b): every block of the group, in the file's dtype
+        rows = rows.to(torch.promote_types(torch.promote_types(rows.dtype, dtype), torch.float32))
+        converted = rows.to(dtype)
+        # the reference direction, robust to any scale: blocks scaled to a largest magnitude of 1 first
+        scaled = rows / rows.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
+        error = (unit_blocks(converted).to(rows.dtype) - unit_blocks(scaled)).abs().amax(dim=-1)
+        bad = ~(error <= 4 * torch.finfo(dtype).eps) | ~torch.isfinite(converted).all(dim=-1)  # NaN counts as bad
+        sizes = [state[k].shape[0] for k in keys]
+        cast.update(zip(keys, converted.split(sizes)))
+        if not bad.any():
+            continue
+        for key, blocks, wrong, part in zip(keys, rows.split(sizes), bad.split(sizes), converted.split(sizes)):
+            if not torch.isfinite(part).all():
+                largest = blocks.abs().max().item()
+                problems.append(f"{component}.{key} overflows {dtype} (largest magnitude {largest:.3g})")
+            elif wrong.any():
+                low, high = blocks.norm(dim=-1).aminmax()
+                problems.append(
+                    f"{component}.{key}: its directions u/|u| are lost in {dtype} (block lengths {low.item():.3g} "
+                    f"to {high.item():.3g} overflow or underflow there)"
+                )
+    if problems:
+        raise AdapterFileError(
+            f"'{where}' holds vectors this {component} cannot use in its weights' dtype: "
+            + "; ".join(problems[:3])
+            + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+            + ". Re-save the adapter from a model in this dtype, or load it into a float32 model."
+        )
+    return cast
+
+
 def load_adapter(
     path: str | os.PathLike | AdapterFile,
     components: dict[str, nn.Module],
@@ -370,7 +420,8 @@ def load_adapter(
         if any(layer.merged_adapters for layer in layers):
             raise RuntimeError(f"{component} has fused adapters; unfuse them before loading another adapter")
         targets = _check_fits(component, model, config, source.fingerprints[component], source, where)
-        plans[component] = (model, config, targets, source.component_state(component))
+        state = _in_model_dtypes(source.component_state(component), targets, component, where)
+        plans[component] = (model, config, targets, state)
     with contextlib.ExitStack() as undo:
         for model, _, _, _ in plans.values():
             undo.enter_context(restore_on_failure(model))

@@ -47,6 +47,7 @@ __all__ = [
 
 def unit_blocks(vectors: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Normalise each block vector to unit length. ``vectors`` (..., n, b). A zero vector stays zero."""
+    eps = max(eps, torch.finfo(vectors.dtype).tiny)  # 1e-12 is 0 in float16: 0/0 would be NaN
     return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 

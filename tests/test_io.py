@@ -253,3 +253,75 @@ def test_a_load_failing_half_way_restores_every_component(saved, monkeypatch, fa
     assert_model_unchanged(text_encoder, records["text_encoder"])
     monkeypatch.undo()
     assert load_adapter(two, {"unet": unet, "text_encoder": text_encoder}) == "subject"  # nothing left in the way
+
+
+def _with_vector(path, out, key, value):
+    """A copy of the file whose vector ``key`` is ``value`` (any dtype): a hand-made or foreign file."""
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors[key] = value
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize(
+    "value, model_dtype, message",
+    [
+        (1e300, torch.float32, r"unet.to_q.ether_u overflows torch.float32 \(largest magnitude .*e\+300\)"),
+        (1e300, torch.float64, "directions u/|u| are lost in torch.float64"),  # 1e300² is beyond float64 too
+        (1e30, torch.float32, "directions u/|u| are lost in torch.float32"),  # finite, but |u| overflows: u/|u| = 0
+        (1e-21, torch.float32, "directions u/|u| are lost in torch.float32"),  # |u|² is subnormal: inaccurate
+        (1e5, torch.float16, "overflows torch.float16"),
+        (1e-10, torch.float16, "directions u/|u| are lost in torch.float16"),  # every value underflows to 0
+    ],
+)
+def test_values_are_checked_in_the_models_dtype(saved, tmp_path, value, model_dtype, message):
+    _, path = saved
+    shape = read_adapter_file(path).tensors["unet.to_q.ether_u"].shape
+    wide = torch.randn(shape, dtype=torch.float64) * value
+    bad = _with_vector(path, tmp_path / "bad.safetensors", "unet.to_q.ether_u", wide)
+    torch.manual_seed(0)
+    model = TinyMLP().to(model_dtype)
+    before = model_record(model)
+    with pytest.raises(AdapterFileError, match=message):
+        load_adapter(bad, {"unet": model})
+    assert_model_unchanged(model, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_an_ordinary_file_loads_into_a_model_of_any_dtype(saved, dtype):
+    model, path = saved
+    torch.manual_seed(0)
+    fresh = TinyMLP().to(dtype)
+    load_adapter(path, {"unet": fresh})
+    x = torch.randn(3, 16)
+    assert_close(fresh(x.to(dtype)).float(), model(x), rtol=0.05 if dtype.itemsize == 2 else 1e-5, atol=0.02)
+
+
+def test_a_float64_file_with_representable_values_loads_into_float32(saved, tmp_path):
+    model, path = saved
+    u = read_adapter_file(path).tensors["unet.to_q.ether_u"]
+    # directions are what count: a small float64 vector means what the saved one means
+    scaled = _with_vector(path, tmp_path / "scaled.safetensors", "unet.to_q.ether_u", u.double() * 1e-12)
+    torch.manual_seed(0)
+    fresh = TinyMLP()
+    load_adapter(scaled, {"unet": fresh})
+    x = torch.randn(3, 16)
+    assert_close(fresh(x), model(x))
+
+
+def test_sample_refuses_an_overflowing_file_instead_of_writing_black_images(tmp_path, capsys):
+    from ether_diffusion import cli
+    from ether_diffusion.world.assets import load_tiny_pipeline
+
+    pipe = load_tiny_pipeline()
+    inject(pipe.unet, EtherConfig(method="ether", target_modules=["to_q"]), "subject")
+    path = save_adapter(tmp_path / "a.safetensors", {"unet": pipe.unet}, "subject")
+    key = next(iter(read_adapter_file(path).tensors))
+    shape = read_adapter_file(path).tensors[key].shape
+    bad = _with_vector(path, tmp_path / "bad.safetensors", key, torch.full(shape, 1e300, dtype=torch.float64))
+    args = ["sample", "--adapter", str(bad), "--prompt", "a star", "--steps", "1", "--output_dir", tmp_path / "out"]
+    assert cli.main([str(a) for a in args]) == 2
+    assert "overflows torch.float32" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("*.png"))
