@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
@@ -136,14 +137,40 @@ def _json_field(metadata: dict[str, str], key: str, path: Path):
         raise AdapterFileError(f"'{path}' has unreadable '{key}' metadata ({err})") from err
 
 
+def _all_finite_floats(tensors) -> bool:
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        if not tensor.is_floating_point():
+            return False
+        by_dtype.setdefault(tensor.dtype, []).append(tensor.reshape(-1))
+    return all(torch.isfinite(torch.cat(group)).all() for group in by_dtype.values())
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file held in ``data`` (an 8-byte little-endian header length, then the
+    JSON header); call after safetensors has validated ``data``."""
+    size = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("the header's __metadata__ is not a table of strings")
+    return metadata
+
+
 def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -> AdapterFile:
     """Read and validate an adapter file (or folder) without touching any model."""
     path = resolve_adapter_path(path, weight_name)
+    # One read: header and tensors come from the same bytes, so a save replacing the file meanwhile cannot mix two
+    # versions (safe_open reads the header through one open and maps the data through a second open by name).
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
+        data = path.read_bytes()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"no adapter file at '{path}': it was removed while being read") from err
+    except OSError as err:
+        raise AdapterFileError(f"cannot read '{path}': {err.strerror or err}") from err
+    try:
+        tensors = load_safetensors(data)
+        metadata = _safetensors_metadata(data)
+    except (SafetensorError, ValueError) as err:
         raise AdapterFileError(
             f"'{path}' is not a readable safetensors file: it is truncated, corrupt or of another format ({err}). "
             "Save the adapter again or copy a good version of it."
@@ -208,8 +235,8 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
     if problems:
         raise AdapterFileError(f"'{path}' is inconsistent with its own metadata: " + "; ".join(problems))
     every = {**tensors, **{f"{n}.{k}": v for n, m in modules.items() for k, v in m["state"].items()}}
-    bad = sorted(k for k, v in every.items() if not v.is_floating_point() or not torch.isfinite(v).all())
-    if bad:
+    if not _all_finite_floats(every.values()):  # one check per dtype; name the culprits only when it fails
+        bad = sorted(k for k, v in every.items() if not v.is_floating_point() or not torch.isfinite(v).all())
         raise AdapterFileError(f"'{path}' holds non-finite or non-float vectors: {', '.join(bad[:5])}")
 
     reserved = {

@@ -325,3 +325,44 @@ def test_sample_refuses_an_overflowing_file_instead_of_writing_black_images(tmp_
     assert cli.main([str(a) for a in args]) == 2
     assert "overflows torch.float32" in capsys.readouterr().err
     assert not list((tmp_path / "out").glob("*.png"))
+
+
+WRITER = textwrap.dedent("""
+    import os, sys, time
+    path, stop, first, second = sys.argv[1:5]
+    contents = [open(first, "rb").read(), open(second, "rb").read()]
+    i = 0
+    while not os.path.exists(stop):  # atomically replace the file, alternating two valid adapters, as saves do
+        tmp = f"{path}.{i}.tmp"
+        with open(tmp, "wb") as handle:
+            handle.write(contents[i % 2])
+        os.replace(tmp, path)
+        i += 1
+    print(i)
+""")
+
+
+def test_reads_racing_a_writer_are_always_one_complete_save(saved, tmp_path):
+    model, _ = saved
+    versions = []
+    for seed in (1, 2):  # two valid adapters of different sizes: a torn read would mix header and data
+        randomize_adapters(model, seed=seed)
+        extra = {"padding": "x" * 1000 * seed}
+        versions.append(save_adapter(tmp_path / f"v{seed}.safetensors", {"unet": model}, "subject", extra=extra))
+    expected = [read_adapter_file(v).tensors for v in versions]
+    target, stop = tmp_path / "racing.safetensors", tmp_path / "stop"
+    target.write_bytes(versions[0].read_bytes())
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(target), str(stop), *map(str, versions)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        seen = [0, 0]
+        for _ in range(400):
+            tensors = read_adapter_file(target).tensors  # never a raw RuntimeError, never a mix
+            matches = [i for i, e in enumerate(expected) if all(torch.equal(tensors[k], e[k]) for k in e)]
+            assert tensors.keys() == expected[0].keys() and len(matches) == 1
+            seen[matches[0]] += 1
+    finally:
+        stop.touch()
+        replaced = int(writer.communicate(timeout=30)[0])
+    assert replaced > 100 and min(seen) > 0  # the race really ran: both versions were read
