@@ -365,4 +365,4 @@ def test_reads_racing_a_writer_are_always_one_complete_save(saved, tmp_path):
     finally:
         stop.touch()
         replaced = int(writer.communicate(timeout=30)[0])
-    assert replaced > 100 and min(seen) > 0  # the race really ran: both versions were read
+    assert replaced > 10 and min(seen) > 0  # the race really ran: both versions were read
