@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .io import read_adapter_file
+from .io import AdapterFile, read_adapter_file
 
 DEMO_STEPS = 1000
 CONTROL_DEMO_STEPS = 600
@@ -72,19 +72,21 @@ def _load_pipeline(model: str | None):
     return pipe
 
 
-def _load_adapters(pipe, specs: list[str]) -> None:
+def _read_adapters(specs: list[str]) -> list[tuple[AdapterFile, float]]:
+    """Every ``--adapter`` read and validated, before any model is loaded: a bad file fails in a moment."""
+    return [(read_adapter_file(path), weight) for path, weight in map(_adapter_spec, specs)]
+
+
+def _load_adapters(pipe, adapters: list[tuple[AdapterFile, float]]) -> None:
     from .pipeline import load_ether_weights, set_ether_adapters
 
-    names, weights = [], []
-    for i, spec in enumerate(specs):
-        path, weight = _adapter_spec(spec)
-        names.append(load_ether_weights(pipe, path, adapter_name=f"adapter{i}"))
-        weights.append(weight)
+    names = [load_ether_weights(pipe, source, adapter_name=f"adapter{i}") for i, (source, _) in enumerate(adapters)]
     if names:
-        set_ether_adapters(pipe, names, weights)
+        set_ether_adapters(pipe, names, [weight for _, weight in adapters])
 
 
 def _sample(args) -> int:
+    adapters = _read_adapters(args.adapter)  # first: a bad file fails before diffusers is even imported
     import torch
 
     from .pipeline import disable_ether
@@ -92,7 +94,7 @@ def _sample(args) -> int:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     pipe = _load_pipeline(args.model)
-    _load_adapters(pipe, args.adapter)
+    _load_adapters(pipe, adapters)
     size = {} if args.size is None else {"height": args.size, "width": args.size}
     written = []
     for p, prompt in enumerate(args.prompt):
@@ -133,8 +135,9 @@ def _fuse(args) -> int:
     if output.exists() and any(output.iterdir()) and not args.overwrite:
         print(f"error: '{output}' is not empty; pass --overwrite to replace it", file=sys.stderr)
         return 2
+    adapters = _read_adapters(args.adapter)
     pipe = _load_pipeline(args.model)
-    _load_adapters(pipe, args.adapter)
+    _load_adapters(pipe, adapters)
     fuse_ether(pipe, safe_fusing=True)
     unload_ether_weights(pipe)  # plain diffusers modules again, with the adapter folded into the weights
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -283,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             return _studio(argv[1:])
         args = build_parser().parse_args(argv)
         return args.run(args)
-    except (FileNotFoundError, ValueError, KeyError, PermissionError, RuntimeError) as err:
+    # ValueError covers AdapterFileError and AdapterMismatchError; OSError a missing file, a full disk, a permission
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

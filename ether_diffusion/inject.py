@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .config import EtherConfig, check_adapter_name
+from .config import TARGET_PRESETS, EtherConfig, check_adapter_name
 from .layers import LAYER_TYPES, EtherLayer
 
 __all__ = [
@@ -107,7 +107,8 @@ def find_targets(model: nn.Module, config: EtherConfig) -> list[Target]:
             continue
         wrapper = _wrapper_type(module)
         if wrapper is None:
-            problem = f"a {type(module).__name__}; ETHER adapts {', '.join(t.__name__ for t in LAYER_TYPES)} layers"
+            kinds = " and ".join(t.__name__ for t in LAYER_TYPES)
+            problem = f"a module of type {type(module).__name__}; ETHER adapts {kinds} layers"
             targets.append(Target(path, module, parent, child, None, None, problem))
         else:
             problem = wrapper.unsupported(module)
@@ -140,9 +141,17 @@ def plan_injection(model: nn.Module, config: EtherConfig, adapter_name: str, act
             f"no module of {type(model).__name__} matches target_modules={config.target_modules!r} "
             f"(exclusions {config.exclude_modules}); adaptable layer types present: {kinds}"
         )
+    unsupported = [f"'{t.path}' ({t.problem})" for t in targets if t.problem is not None]
+    if unsupported:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matches {len(unsupported)} layer(s) ETHER cannot adapt: "
+            + "; ".join(unsupported[:3])
+            + (f"; and {len(unsupported) - 3} more" if len(unsupported) > 3 else "")
+            + ". Narrow target_modules (presets: "
+            + ", ".join(sorted(TARGET_PRESETS))
+            + ") or add those layers to exclude_modules."
+        )
     for target in targets:
-        if target.problem is not None:
-            raise TypeError(f"'{target.path}' is {target.problem}. Narrow target_modules or add it to exclude_modules.")
         for side, width in zip(("input", "output"), target.widths):
             if side in config.sides and width % config.n_blocks:
                 raise ValueError(

@@ -50,6 +50,7 @@ __all__ = [
     "DEFAULT_WEIGHT_NAME",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "VECTOR_DTYPES",
     "AdapterFile",
     "AdapterFileError",
     "AdapterMismatchError",
@@ -133,14 +134,73 @@ def _json_field(metadata: dict[str, str], key: str, path: Path):
         raise AdapterFileError(f"'{path}' has no '{key}' metadata; the file is incomplete or was not written by us")
     try:
         return json.loads(metadata[key])
-    except json.JSONDecodeError as err:
-        raise AdapterFileError(f"'{path}' has unreadable '{key}' metadata ({err})") from err
+    except (ValueError, RecursionError) as err:  # RecursionError: nested too deeply for Python's parser
+        raise AdapterFileError(f"'{path}' has unreadable '{key}' metadata ({type(err).__name__}: {err})") from err
+
+
+def _json_table(metadata: dict[str, str], key: str, path: Path) -> dict:
+    """Metadata ``key`` as a JSON object whose keys are non-empty strings."""
+    table = _json_field(metadata, key, path)
+    if not isinstance(table, dict) or not all(isinstance(k, str) and k for k in table):
+        raise AdapterFileError(
+            f"'{path}' has invalid '{key}' metadata: a JSON object with non-empty keys was expected, got "
+            f"{json.dumps(table)[:60]}"
+        )
+    return table
+
+
+def _read_configs(metadata: dict[str, str], path: Path) -> dict[str, EtherConfig]:
+    configs = {}
+    for component, data in _json_table(metadata, "config", path).items():
+        try:
+            configs[component] = EtherConfig.from_dict(data)
+        except ValueError as err:
+            raise AdapterFileError(f"'{path}' has an invalid adapter config for {component!r}: {err}") from err
+    return configs
+
+
+def _read_fingerprints(
+    metadata: dict[str, str], configs: dict[str, EtherConfig], path: Path
+) -> dict[str, dict[str, list[int]]]:
+    """``{component: {layer path: [in, out]}}``, checked against the configs (same components, n_blocks dividing
+    every adapted width)."""
+    fingerprints = _json_table(metadata, "fingerprint", path)
+    if set(fingerprints) != set(configs):
+        raise AdapterFileError(
+            f"'{path}': config components {sorted(configs)} and fingerprint components {sorted(fingerprints)} disagree"
+        )
+    for component, layers in fingerprints.items():
+        if not isinstance(layers, dict) or not layers:
+            raise AdapterFileError(f"'{path}': the fingerprint of {component!r} lists no layers")
+        config = configs[component]
+        for layer, widths in layers.items():
+            if not (
+                layer
+                and isinstance(widths, list)
+                and len(widths) == 2
+                and all(type(width) is int and width > 0 for width in widths)
+            ):
+                raise AdapterFileError(
+                    f"'{path}': fingerprint entry {component} {layer!r} must be [in_features, out_features], two "
+                    f"positive integers, not {json.dumps(widths)[:60]}"
+                )
+            for side, width in zip(("input", "output"), widths):
+                if side in config.sides and width % config.n_blocks:
+                    raise AdapterFileError(
+                        f"'{path}': n_blocks={config.n_blocks} does not divide the {side} width {width} of "
+                        f"{component} '{layer}'; the file is damaged or hand-edited"
+                    )
+    return fingerprints
+
+
+#: dtypes a stored vector may have.
+VECTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _all_finite_floats(tensors) -> bool:
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for tensor in tensors:
-        if not tensor.is_floating_point():
+        if tensor.dtype not in VECTOR_DTYPES:
             return False
         by_dtype.setdefault(tensor.dtype, []).append(tensor.reshape(-1))
     return all(torch.isfinite(torch.cat(group)).all() for group in by_dtype.values())
@@ -170,7 +230,9 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
     try:
         tensors = load_safetensors(data)
         metadata = _safetensors_metadata(data)
-    except (SafetensorError, ValueError) as err:
+    # Any failure while parsing the bytes means they are not a safetensors file (safetensors raises its own error,
+    # or ValueError/KeyError/TypeError/RuntimeError from building tensors of a damaged header).
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, OverflowError) as err:
         raise AdapterFileError(
             f"'{path}' is not a readable safetensors file: it is truncated, corrupt or of another format ({err}). "
             "Save the adapter again or copy a good version of it."
@@ -190,16 +252,15 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
             f"'{path}' has adapter format_version {metadata.get('format_version')!r}; this library reads version "
             f"{FORMAT_VERSION}: {hint}"
         )
-    try:
-        configs = {c: EtherConfig.from_dict(d) for c, d in _json_field(metadata, "config", path).items()}
-    except (TypeError, ValueError, AttributeError) as err:
-        if isinstance(err, AdapterFileError):
-            raise
-        raise AdapterFileError(f"'{path}' has an invalid adapter config: {err}") from err
-    fingerprints = _json_field(metadata, "fingerprint", path)
-    module_configs = _json_field(metadata, "modules", path) if "modules" in metadata else {}
-    if not isinstance(module_configs, dict) or any(name in configs for name in module_configs):
-        raise AdapterFileError(f"'{path}' has invalid 'modules' metadata")
+    configs = _read_configs(metadata, path)
+    fingerprints = _read_fingerprints(metadata, configs, path)
+    module_configs = _json_table(metadata, "modules", path) if "modules" in metadata else {}
+    for name, config in module_configs.items():
+        if name in configs or name in ADAPTABLE_NAMES or not isinstance(config, dict):
+            raise AdapterFileError(
+                f"'{path}' has invalid 'modules' metadata: module {name!r} must have a name of its own and a JSON "
+                "object as its config"
+            )
     modules = {}
     for name, config in module_configs.items():
         prefix = name + "."
@@ -207,10 +268,14 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
         if not state:
             raise AdapterFileError(f"'{path}' names a module {name!r} but holds none of its tensors")
         modules[name] = {"config": config, "state": state}
-    if (not configs and not modules) or set(fingerprints) != set(configs):
-        raise AdapterFileError(
-            f"'{path}': config components {sorted(configs)} and fingerprint components {sorted(fingerprints)} disagree"
-        )
+    if not configs and not modules:
+        raise AdapterFileError(f"'{path}' holds neither adapter vectors nor modules")
+    adapter_name = metadata.get("adapter_name") or None
+    if adapter_name is not None:
+        try:
+            check_adapter_name(adapter_name)
+        except ValueError as err:
+            raise AdapterFileError(f"'{path}' stores an {err}") from err
 
     expected = {}
     for component, config in configs.items():
@@ -236,8 +301,16 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
         raise AdapterFileError(f"'{path}' is inconsistent with its own metadata: " + "; ".join(problems))
     every = {**tensors, **{f"{n}.{k}": v for n, m in modules.items() for k, v in m["state"].items()}}
     if not _all_finite_floats(every.values()):  # one check per dtype; name the culprits only when it fails
-        bad = sorted(k for k, v in every.items() if not v.is_floating_point() or not torch.isfinite(v).all())
-        raise AdapterFileError(f"'{path}' holds non-finite or non-float vectors: {', '.join(bad[:5])}")
+        bad = sorted(
+            f"{k} ({v.dtype})" if v.dtype not in VECTOR_DTYPES else f"{k} (non-finite)"
+            for k, v in every.items()
+            if v.dtype not in VECTOR_DTYPES or not torch.isfinite(v).all()
+        )
+        raise AdapterFileError(
+            f"'{path}' holds vectors that are not finite float16/bfloat16/float32/float64 numbers: "
+            + ", ".join(bad[:5])
+            + (" …" if len(bad) > 5 else "")
+        )
 
     reserved = {
         "format",
@@ -253,7 +326,7 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
         tensors=tensors,
         configs=configs,
         fingerprints=fingerprints,
-        adapter_name=metadata.get("adapter_name") or None,
+        adapter_name=adapter_name,
         base_model=metadata.get("base_model") or None,
         library_version=metadata.get("library_version"),
         extra={k: v for k, v in metadata.items() if k not in reserved},

@@ -306,7 +306,7 @@ class EtherConv2d(EtherLayer):
     def __init__(self, base_layer: nn.Conv2d, layer_name: str = ""):
         reason = self.unsupported(base_layer)
         if reason is not None:
-            raise TypeError(f"'{layer_name}' is {reason}. Exclude it from target_modules.")
+            raise ValueError(f"'{layer_name}' is {reason}. Exclude it from target_modules.")
         super().__init__(base_layer, layer_name)
         self.in_features, self.out_features = self.widths(base_layer)
 

@@ -46,6 +46,18 @@ def test_targets_and_exclusions_match_whole_path_components():
         (dict(sides=("left",)), "sides must be a non-empty subset"),
         (dict(target_modules="everything"), "unknown target preset 'everything'"),
         (dict(target_modules=[]), "non-empty list"),
+        # wrong types are a ValueError too (a file's config reaches here), never a TypeError
+        (dict(method=["ether"]), "unknown ETHER method"),
+        (dict(n_blocks=True), "n_blocks must be a positive integer"),
+        (dict(sides="input"), "sides must be a non-empty subset"),  # not the characters of "input"
+        (dict(sides=[["input"]]), "sides must be a non-empty subset"),
+        (dict(sides=5), "sides must be a non-empty subset"),
+        (dict(target_modules=5), "target_modules must be a preset name or a non-empty list"),
+        (dict(target_modules=["to_q", 5]), "target_modules must be a preset name or a non-empty list"),
+        (dict(exclude_modules="mid_block"), r"exclude_modules must be a list of module-path fragments"),
+        (dict(exclude_modules=[None]), r"exclude_modules must be a list of module-path fragments"),
+        (dict(init_seed="7"), "init_seed must be an integer"),
+        (dict(init_seed=1.5), "init_seed must be an integer"),
     ],
 )
 def test_invalid_configs_say_what_is_wrong(kwargs, message):
@@ -82,3 +94,9 @@ def test_the_name_rule_is_the_one_inject_and_load_use():
 
     with pytest.raises(ValueError, match="invalid adapter name 'x y'"):
         inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), EtherConfig(target_modules=["0"]), "x y")
+
+
+def test_from_dict_refuses_what_is_not_a_dict():
+    for data in (None, [], "ether", 3):
+        with pytest.raises(ValueError, match="an EtherConfig is a JSON object of its fields"):
+            EtherConfig.from_dict(data)

@@ -173,7 +173,7 @@ def test_mixed_batch_on_a_model(tiny_unet):
 def test_unsupported_layer_is_refused_before_anything_changes(mlp):
     mlp.block["to_out"].append(nn.Conv2d(8, 8, 3, padding=1))  # block.to_out.1, a 3×3 convolution
     before = model_record(mlp)
-    with pytest.raises(TypeError, match=r"'block.to_out.1' is a 3×3 convolution; ETHER adapts only 1×1"):
+    with pytest.raises(ValueError, match=r"'block.to_out.1' \(a 3×3 convolution; ETHER adapts only 1×1"):
         inject(mlp, EtherConfig(method="ether", target_modules=["to_q", "to_k", "to_out.1"]))
     assert_model_unchanged(mlp, before)
 
@@ -201,3 +201,17 @@ def test_inject_failing_half_way_restores_the_model(mlp, monkeypatch, existing, 
         inject(mlp, EtherConfig(method="ether", target_modules=MLP_TARGETS), "new")
     assert len(calls) == fail_at
     assert_model_unchanged(mlp, before)
+
+
+def test_targeting_resnet_convolutions_is_a_clear_value_error(tiny_unet):
+    """``--target_modules conv1``: a ValueError naming the layers and what to do (it was a TypeError)."""
+    before = model_record(tiny_unet)
+    with pytest.raises(ValueError) as info:
+        inject(tiny_unet, EtherConfig(method="ether", target_modules=["conv1"]))
+    message = str(info.value)
+    assert "matches 8 layer(s) ETHER cannot adapt: 'down_blocks.0.resnets.0.conv1' (a 3×3 convolution" in message
+    assert "Narrow target_modules (presets: text-encoder-attention, unet-attention" in message
+    assert "or add those layers to exclude_modules" in message
+    assert_model_unchanged(tiny_unet, before)
+    with pytest.raises(ValueError, match=r"'mid_block.attentions.0.transformer_blocks.0.attn1' \(a module of type Att"):
+        inject(tiny_unet, EtherConfig(method="ether", target_modules=["attn1"], exclude_modules=["down_blocks"]))

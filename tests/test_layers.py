@@ -128,7 +128,7 @@ def test_keeps_dtype_and_device(dtype):
 
 
 def test_only_pointwise_convolutions_are_wrapped():
-    with pytest.raises(TypeError, match="1×1"):
+    with pytest.raises(ValueError, match="'conv_in' is a 3×3 convolution; ETHER adapts only 1×1"):
         EtherConv2d(nn.Conv2d(8, 8, 3, padding=1), "conv_in")
 
 
