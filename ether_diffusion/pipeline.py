@@ -81,7 +81,7 @@ def get_active_ether_adapters(pipe) -> list[str]:
 
 
 def set_ether_adapters(pipe, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
-    """Activate adapters (applied in this order) with strengths; see ``docs/strength.md`` for what they mean."""
+    """Activate adapters (applied in this order) with strengths; ``docs/adapters.md`` (Strength) says what they mean."""
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     if adapter_weights is None or isinstance(adapter_weights, (int, float)):
         weights = [1.0 if adapter_weights is None else float(adapter_weights)] * len(names)
