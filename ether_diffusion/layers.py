@@ -92,7 +92,8 @@ class EtherAdapter(nn.Module):
             cached is None
             or cached.strength != strength
             or cached.dtype != dtype
-            or not all(_same_values(v, copy) for v, copy in zip(vectors, cached.vectors, strict=True))
+            or len(vectors) != len(cached.vectors)
+            or not all(_same_values(v, copy) for v, copy in zip(vectors, cached.vectors))
         ):
             copies = tuple(v.detach().clone() for v in vectors)
             cached = self._cache = _CachedFactors(strength, dtype, copies, self._compute_factors(strength, dtype))
