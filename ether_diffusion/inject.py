@@ -25,6 +25,7 @@ __all__ = [
     "adapter_parameters",
     "adapter_state_dict",
     "add_adapter_to_targets",
+    "check_can_add",
     "count_parameters",
     "delete_adapter",
     "eject",
@@ -126,14 +127,19 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def plan_injection(model: nn.Module, config: EtherConfig, adapter_name: str, activate: bool = True) -> list[Target]:
-    """Every check ``inject`` makes, without touching the model: the targets, or an error naming the problem."""
+def check_can_add(model: nn.Module, adapter_name: str, activate: bool = True) -> None:
+    """Raise unless ``model`` can take a new adapter ``adapter_name`` (a valid name, not in use, nothing merged)."""
     check_adapter_name(adapter_name)
     existing = [layer for _, layer in adapter_layers(model)]  # one walk for both checks
-    if any(adapter_name in layer.ether_adapters for layer in existing):
+    if adapter_name in adapter_configs(model) or any(adapter_name in layer.ether_adapters for layer in existing):
         raise ValueError(f"the model already has an adapter named {adapter_name!r}; delete it or pick another name")
     if activate and any(layer.merged_adapters for layer in existing):
         raise RuntimeError("the model has merged adapters; unmerge them before adding and activating another")
+
+
+def plan_injection(model: nn.Module, config: EtherConfig, adapter_name: str, activate: bool = True) -> list[Target]:
+    """Every check ``inject`` makes, without touching the model: the targets, or an error naming the problem."""
+    check_can_add(model, adapter_name, activate)
     targets = find_targets(model, config)
     if not targets:
         kinds = sorted({type(m).__name__ for _, m in model.named_modules() if _wrapper_type(m)})
@@ -236,8 +242,8 @@ def restore_on_failure(model: nn.Module):
     except BaseException:
         for path, layer in list(adapter_layers(model)):
             state = before.get(path)
-            if state is None or state.layer is not layer:
-                _set_submodule(model, path, layer.base_layer)
+            if state is None or state.layer is not layer:  # placed in the block: what was there goes back
+                _set_submodule(model, path, layer.base_layer if state is None else state.layer)
                 continue
             for name in [n for n in layer.ether_adapters if n not in state.adapters]:
                 del layer.ether_adapters[name]

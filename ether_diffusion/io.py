@@ -39,6 +39,7 @@ from .inject import (
     adapter_layers,
     adapter_state_dict,
     add_adapter_to_targets,
+    check_can_add,
     find_targets,
     load_adapter_state_dict,
     restore_on_failure,
@@ -514,11 +515,10 @@ def load_adapter(
     plans = {}
     for component, config in source.configs.items():
         model = components[component]
-        layers = [layer for _, layer in adapter_layers(model)]
-        if name in adapter_configs(model) or any(name in layer.ether_adapters for layer in layers):
-            raise ValueError(f"{component} already has an adapter named {name!r}; delete it or choose another name")
-        if any(layer.merged_adapters for layer in layers):
-            raise RuntimeError(f"{component} has fused adapters; unfuse them before loading another adapter")
+        try:
+            check_can_add(model, name)
+        except (ValueError, RuntimeError) as err:
+            raise type(err)(f"{component}: {err}") from err
         targets = _check_fits(component, model, config, source.fingerprints[component], source, where)
         state = _in_model_dtypes(source.component_state(component), targets, component, where)
         plans[component] = (model, config, targets, state)
