@@ -19,6 +19,7 @@ Never pickle: only safetensors is read or written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from dataclasses import dataclass, field
@@ -392,10 +393,12 @@ def save_adapter(
             save_file(tensors, str(tmp), metadata=metadata)
     except FileNotFoundError:
         raise
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).rpartition(": ")[2] or err
         raise OSError(
-            err.errno,
-            f"could not write the adapter to '{path}' ({err.strerror or err}); any file that was there is unchanged",
+            getattr(err, "errno", None) or (errno.ENOSPC if "os error 28" in str(err) else errno.EIO),
+            f"could not write the adapter to '{path}' ({reason}); any file that was there is unchanged. Free some "
+            "space or choose another folder, then save again",
         ) from err
     return path
 

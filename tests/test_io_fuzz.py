@@ -206,3 +206,28 @@ def test_mutated_files_raise_only_documented_errors_and_leave_the_model_untouche
             escaped.append(f"load, {name}: {type(err).__name__}: {str(err)[:120]}")
     assert not escaped, f"{len(escaped)} undocumented outcomes:\n" + "\n".join(escaped)
     assert outcomes["refused"] > 300 and outcomes["loaded"] > 0, outcomes  # the mutations really ran
+
+
+def test_the_studio_lists_a_folder_of_broken_files_with_each_problem(valid, tmp_path):
+    """One malformed file must not break the studio's whole Adapters table: every file gets a row, broken ones with
+    their problem (so they can be deleted), good ones as usual."""
+    from ether_diffusion.studio import AdapterStore, Workspace
+
+    data, header_size, metadata = valid
+    store = AdapterStore(Workspace(tmp_path))
+    (store.folder / "good.safetensors").write_bytes(data)
+    broken = {
+        "cut": data[: len(data) // 2],
+        "deep": _rebuilt(data, {"config": DEEP}),
+        "wrongtype": _rebuilt(data, {"config": json.dumps({"unet": {"method": 3}})}),
+        "noformat": _rebuilt(data, {"format": None}),
+        "nested": _rebuilt(data, {"fingerprint": json.dumps({"unet": [1, 2]})}),
+        "garbage": bytes(range(256)) * 3,
+    }
+    for name, content in broken.items():
+        (store.folder / f"{name}.safetensors").write_bytes(content)
+    listed = {info.name: info for info in store.list()}
+    assert set(listed) == {"good", *broken}
+    assert listed["good"].error is None and listed["good"].method == "ETHER+"
+    for name in broken:
+        assert listed[name].method == "unreadable" and listed[name].error, name
