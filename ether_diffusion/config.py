@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from .reflection import METHODS
 
 __all__ = [
+    "ADAPTABLE_COMPONENTS",
     "ADAPTER_NAME_PATTERN",
     "CONFIG_FORMAT_VERSION",
     "METHOD_LABELS",
@@ -24,6 +25,10 @@ __all__ = [
 CONFIG_FORMAT_VERSION = 1
 
 SIDES = ("input", "output")
+
+#: The pipeline components adapters can live on, declared once (as diffusers' ``_lora_loadable_modules``): pipelines
+#: expose them as attributes, adapter files key their tensors by them.
+ADAPTABLE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 #: How methods are named on pages, grids, tables and model cards (ETHER's and the PEFT peers benchmarks train).
 METHOD_LABELS = {"ether": "ETHER", "ether_plus": "ETHER+", "lora": "LoRA r=4", "oft": "OFT"}

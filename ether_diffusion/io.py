@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .config import EtherConfig, check_adapter_name
+from .config import ADAPTABLE_COMPONENTS, EtherConfig, check_adapter_name
 from .files import atomic_write  # re-exported: callers still import it from here
 from .inject import (
     Target,
@@ -63,7 +63,6 @@ __all__ = [
     "save_adapter",
 ]
 
-ADAPTABLE_NAMES = ("unet", "text_encoder", "text_encoder_2")
 FORMAT_NAME = "ether-diffusion"
 FORMAT_VERSION = 1
 DEFAULT_WEIGHT_NAME = "ether_adapter.safetensors"
@@ -258,7 +257,7 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
     fingerprints = _read_fingerprints(metadata, configs, path)
     module_configs = _json_table(metadata, "modules", path) if "modules" in metadata else {}
     for name, config in module_configs.items():
-        if name in configs or name in ADAPTABLE_NAMES or not isinstance(config, dict):
+        if name in configs or name in ADAPTABLE_COMPONENTS or not isinstance(config, dict):
             raise AdapterFileError(
                 f"'{path}' has invalid 'modules' metadata: module {name!r} must have a name of its own and a JSON "
                 "object as its config"
@@ -372,7 +371,7 @@ def save_adapter(
     if not tensors and not modules:
         raise KeyError(f"no component of {sorted(components)} has an adapter named {adapter_name!r}")
     for name, (_, state) in (modules or {}).items():
-        if name in components or name in ADAPTABLE_NAMES:
+        if name in components or name in ADAPTABLE_COMPONENTS:
             raise ValueError(f"module name {name!r} clashes with a component name")
         for key, value in state.items():
             tensors[f"{name}.{key}"] = value.detach().to("cpu", torch.float32).contiguous().clone()

@@ -20,6 +20,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch import nn
 
+from .config import ADAPTABLE_COMPONENTS
 from .inject import (
     active_adapters,
     adapter_names,
@@ -50,8 +51,6 @@ __all__ = [
     "unfuse_ether",
     "unload_ether_weights",
 ]
-
-ADAPTABLE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def _components(pipe) -> dict[str, nn.Module]:
