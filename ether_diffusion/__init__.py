@@ -6,7 +6,7 @@ helpers are imported on first use, so ``import ether_diffusion`` stays light.
 
 __version__ = "0.1.0"
 
-from .config import TARGET_PRESETS, EtherConfig  # noqa: E402
+from .config import TARGET_PRESETS, EtherConfig, check_adapter_name  # noqa: E402
 from .inject import (  # noqa: E402
     adapter_names,
     adapter_parameters,
@@ -56,6 +56,7 @@ __all__ = [
     "EtherConfig",
     "adapter_names",
     "adapter_parameters",
+    "check_adapter_name",
     "count_parameters",
     "delete_adapter",
     "eject",

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .io import read_adapter_file
+from .io import AdapterFile, read_adapter_file
 
 DEMO_STEPS = 1000
 CONTROL_DEMO_STEPS = 600
@@ -75,26 +75,28 @@ def _add_model_arguments(parser, default_help: str = "default: the shipped tiny 
     )
 
 
-def _load_adapters(pipe, specs: list[str]) -> None:
+def _read_adapters(specs: list[str]) -> list[tuple[AdapterFile, float]]:
+    """Every ``--adapter`` read and validated, before any model is loaded: a bad file fails in a moment."""
+    return [(read_adapter_file(path), weight) for path, weight in map(_adapter_spec, specs)]
+
+
+def _load_adapters(pipe, adapters: list[tuple[AdapterFile, float]]) -> None:
     from .pipeline import load_ether_weights, set_ether_adapters
 
-    names, weights = [], []
-    for i, spec in enumerate(specs):
-        path, weight = _adapter_spec(spec)
-        names.append(load_ether_weights(pipe, path, adapter_name=f"adapter{i}"))
-        weights.append(weight)
+    names = [load_ether_weights(pipe, source, adapter_name=f"adapter{i}") for i, (source, _) in enumerate(adapters)]
     if names:
-        set_ether_adapters(pipe, names, weights)
+        set_ether_adapters(pipe, names, [weight for _, weight in adapters])
 
 
 def _sample(args) -> int:
+    adapters = _read_adapters(args.adapter)  # first: a bad file fails before diffusers is even imported
     from .models import load_pipeline
     from .sampling import sample_images
 
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args.model, config=args.config, original_config=args.original_config)
-    _load_adapters(pipe, args.adapter)
+    _load_adapters(pipe, adapters)
     size = {} if args.size is None else {"height": args.size, "width": args.size}
     variants = ("adapted", "base") if args.compare and args.adapter else ("adapted" if args.adapter else "base",)
     samples = sample_images(
@@ -135,8 +137,9 @@ def _fuse(args) -> int:
         if output.exists() and any(output.iterdir()) and not args.overwrite:
             print(f"error: '{output}' is not empty; pass --overwrite to replace it", file=sys.stderr)
             return 2
+    adapters = _read_adapters(args.adapter)
     pipe = load_pipeline(args.model, config=args.config, original_config=args.original_config)
-    _load_adapters(pipe, args.adapter)
+    _load_adapters(pipe, adapters)
     fuse_ether(pipe, safe_fusing=True)
     unload_ether_weights(pipe)  # plain diffusers modules again, with the adapter folded into the weights
     if args.single_file is not None:
@@ -369,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
             return _studio(argv[1:])
         args = build_parser().parse_args(argv)
         return args.run(args)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:  # ours say what to do; no traceback for them
+    # ValueError covers AdapterFileError and AdapterMismatchError; OSError a missing file, a full disk, a permission
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

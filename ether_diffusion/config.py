@@ -4,15 +4,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
+import re
 from dataclasses import dataclass, field
 
 from .reflection import METHODS
 
-__all__ = ["CONFIG_FORMAT_VERSION", "METHOD_LABELS", "EtherConfig", "SIDES", "TARGET_PRESETS", "matches_module_path"]
+__all__ = [
+    "ADAPTABLE_COMPONENTS",
+    "ADAPTER_NAME_PATTERN",
+    "CONFIG_FORMAT_VERSION",
+    "METHOD_LABELS",
+    "SIDES",
+    "TARGET_PRESETS",
+    "EtherConfig",
+    "check_adapter_name",
+    "matches_module_path",
+]
 
 CONFIG_FORMAT_VERSION = 1
 
 SIDES = ("input", "output")
+
+#: The pipeline components adapters can live on, declared once (as diffusers' ``_lora_loadable_modules``): pipelines
+#: expose them as attributes, adapter files key their tensors by them.
+ADAPTABLE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 #: How methods are named on pages, grids, tables and model cards (ETHER's and the PEFT peers benchmarks train).
 METHOD_LABELS = {"ether": "ETHER", "ether_plus": "ETHER+", "lora": "LoRA r=4", "oft": "OFT"}
@@ -26,6 +42,25 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     # CLIP text encoder attention.
     "text-encoder-attention": ("q_proj", "k_proj", "v_proj", "out_proj"),
 }
+
+#: The one rule for adapter names (modules, files, the studio): safe as a module key and as a file name.
+ADAPTER_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]{0,63}")
+
+
+def check_adapter_name(name: str) -> str:
+    """Return ``name`` if it is a valid adapter name, else raise ``ValueError`` saying what is allowed."""
+    if not isinstance(name, str) or not ADAPTER_NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"invalid adapter name {name!r}: use 1-64 letters (A-Z, a-z), digits, '_' or '-', starting with a letter "
+            "or digit (no spaces, dots or slashes)"
+        )
+    return name
+
+
+def _strings(values) -> bool:
+    """A list or tuple of non-empty strings (not a string, whose characters would be taken one by one)."""
+    return isinstance(values, (list, tuple)) and all(isinstance(v, str) and v for v in values)
+
 
 _DEFAULT_SIDES = {"ether": ("input",), "ether_plus": ("input", "output")}
 
@@ -58,13 +93,18 @@ class EtherConfig:
     init_seed: int = 0
 
     def __post_init__(self):
-        if self.method not in METHODS:
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(f"unknown ETHER method {self.method!r}; choose one of {sorted(METHODS)}")
         if not isinstance(self.n_blocks, int) or isinstance(self.n_blocks, bool) or self.n_blocks < 1:
             raise ValueError(f"n_blocks must be a positive integer, got {self.n_blocks!r}")
-        sides = _DEFAULT_SIDES[self.method] if self.sides is None else tuple(self.sides)
-        unknown = [side for side in sides if side not in SIDES]
-        if unknown or not sides or len(set(sides)) != len(sides):
+        sides = _DEFAULT_SIDES[self.method] if self.sides is None else self.sides
+        if (
+            isinstance(sides, str)
+            or not isinstance(sides, (list, tuple, set, frozenset))
+            or not sides
+            or not all(isinstance(side, str) and side in SIDES for side in sides)
+            or len(set(sides)) != len(sides)
+        ):
             raise ValueError(f"sides must be a non-empty subset of {SIDES}, got {self.sides!r}")
         self.sides = tuple(side for side in SIDES if side in sides)
         if isinstance(self.target_modules, str):
@@ -73,11 +113,22 @@ class EtherConfig:
                     f"unknown target preset {self.target_modules!r}; presets: {sorted(TARGET_PRESETS)}, "
                     "or pass a list of module-path suffixes such as ['to_q', 'to_v']"
                 )
+        elif not _strings(self.target_modules) or not self.target_modules:
+            raise ValueError(
+                "target_modules must be a preset name or a non-empty list of module-path suffixes, got "
+                f"{self.target_modules!r}"
+            )
         else:
             self.target_modules = list(self.target_modules)
-            if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise ValueError("target_modules must be a preset name or a non-empty list of module-path suffixes")
+        if not _strings(self.exclude_modules):
+            raise ValueError(
+                f"exclude_modules must be a list of module-path fragments such as ['mid_block'], got "
+                f"{self.exclude_modules!r}"
+            )
         self.exclude_modules = list(self.exclude_modules)
+        if not isinstance(self.init_seed, numbers.Integral) or isinstance(self.init_seed, bool):
+            raise ValueError(f"init_seed must be an integer, got {self.init_seed!r}")
+        self.init_seed = int(self.init_seed)
 
     @property
     def target_suffixes(self) -> tuple[str, ...]:
@@ -104,6 +155,8 @@ class EtherConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> EtherConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"an EtherConfig is a JSON object of its fields, got {data!r:.60}")
         data = dict(data)
         version = data.pop("format_version", None)
         if version != CONFIG_FORMAT_VERSION:

@@ -68,7 +68,7 @@ def _side_factors(layer: EtherLayer, names: list[str], side: str):
     """[(D_j, E_j)] in float64 for the active adapters that transform ``side``, in the order they act."""
     found = []
     for name in names:
-        factors = layer.ether_adapters[name].factors(side, layer.strengths[name], torch.float64)
+        factors = getattr(layer.ether_adapters[name].factors(layer.strengths[name], torch.float64), side)
         if factors is not None:
             found.append(tuple(t.detach() for t in factors))
     return found

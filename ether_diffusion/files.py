@@ -1,13 +1,32 @@
-"""Writing files so that a reader never sees half of one: a crash, a full disk or a kill leaves the old file."""
+"""Writing files so that a good file is never lost: the temporary-file-and-rename pattern.
+
+Standard library only.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 
 __all__ = ["atomic_write"]
+
+
+def _create_beside(path: Path) -> Path:
+    """A new empty file next to ``path``, created as ``open()`` creates files: mode 0o666 less the umask.
+
+    (``tempfile.mkstemp`` would create it 0o600, so every saved file would be unreadable to other users.)
+    """
+    for _ in range(100):
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"could not create a temporary file beside '{path}'")
 
 
 @contextlib.contextmanager
@@ -15,15 +34,21 @@ def atomic_write(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
 
     If writing fails (full disk, a killed process, an exception), the temporary file is removed and whatever was
-    at ``path`` before is untouched.
+    at ``path`` before is untouched. A new file gets the mode ``open()`` would give it (0o666 less the umask); a
+    replaced file keeps its mode.
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write '{path}': the folder '{path.parent}' does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_beside(path)
     try:
-        yield Path(tmp)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)  # a replaced file keeps its mode
+        except FileNotFoundError:
+            mode = stat.S_IMODE(os.stat(tmp).st_mode)  # what open() gives a new file here
+        yield tmp
+        # Set after writing: a writer may itself replace the file (safetensors' save_file does, with mode 0o600).
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

@@ -7,47 +7,41 @@ Everything here works on a plain ``nn.Module`` (a diffusers UNet, a CLIP text en
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from . import coexist
-from .config import EtherConfig
+from .config import TARGET_PRESETS, EtherConfig, check_adapter_name
 from .layers import LAYER_TYPES, EtherLayer, plain_layer
 
 __all__ = [
+    "Target",
     "active_adapters",
     "adapter_configs",
     "adapter_layers",
     "adapter_names",
     "adapter_parameters",
     "adapter_state_dict",
+    "add_adapter_to_targets",
+    "check_can_add",
     "count_parameters",
     "delete_adapter",
     "eject",
     "enable_adapters",
+    "find_targets",
     "inject",
     "load_adapter_state_dict",
     "mark_only_adapters_trainable",
     "merge_adapters",
     "mixed_batch",
+    "plan_injection",
+    "restore_on_failure",
     "set_active_adapters",
     "unmerge_adapters",
-    "validate_adapter_name",
 ]
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
-
-
-def validate_adapter_name(name: str) -> str:
-    """Adapter names are plain identifiers (letters, digits, '_', '-'): safe as module keys and file names."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(
-            f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit"
-        )
-    return name
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, EtherLayer]]:
@@ -76,15 +70,53 @@ def _wrapper_type(module: nn.Module) -> type[EtherLayer] | None:
     return None
 
 
-def _find_targets(model: nn.Module, config: EtherConfig) -> list[tuple[str, nn.Module]]:
-    targets, wrapper_paths = [], []
-    for path, module in model.named_modules():
-        if any(path.startswith(prefix + ".") for prefix in wrapper_paths):
-            continue  # the base layer (and adapter vectors) inside a wrapper
+class Target(NamedTuple):
+    """A module ``config`` targets, where it sits, and whether (and how) ETHER can adapt it."""
+
+    path: str
+    module: nn.Module  # a base layer, or a wrapper already there (its adapters get one more)
+    parent: nn.Module  # the module holding it, as attribute ``child``
+    child: str
+    wrapper: type[EtherLayer] | None  # None when ETHER cannot adapt the module
+    widths: tuple[int, int] | None  # (in, out)
+    problem: str | None  # why ETHER cannot adapt it ("a 3×3 convolution; ...")
+
+
+def _walk(module: nn.Module, path: str = "", parent: nn.Module | None = None, child: str = "", seen=None):
+    """``(path, module, parent, child)`` in ``named_modules`` order, not descending into ETHER wrappers."""
+    seen = set() if seen is None else seen
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    yield path, module, parent, child
+    if isinstance(module, EtherLayer):
+        return  # its base layer and adapter vectors are not targets
+    for name, sub in module._modules.items():
+        if sub is not None:
+            yield from _walk(sub, f"{path}.{name}" if path else name, module, name, seen)
+
+
+def find_targets(model: nn.Module, config: EtherConfig) -> list[Target]:
+    """Every module of ``model`` that ``config`` targets, in one walk; changes nothing."""
+    targets = []
+    for path, module, parent, child in _walk(model):
+        if not (path and config.is_target(path)):
+            continue
         if isinstance(module, EtherLayer):
-            wrapper_paths.append(path)
-        if path and config.is_target(path):
-            targets.append((path, module))
+            targets.append(
+                Target(path, module, parent, child, type(module), (module.in_features, module.out_features), None)
+            )
+            continue
+        # A PEFT LoRA layer (or another wrapper keeping the original as ``base_layer``) is wrapped whole: ETHER then
+        # acts on what it computes (see coexist.py).
+        wrapper = _wrapper_type(plain_layer(module))
+        if wrapper is None:
+            kinds = " and ".join(t.__name__ for t in LAYER_TYPES)
+            problem = f"a module of type {type(module).__name__}; ETHER adapts {kinds} layers"
+            targets.append(Target(path, module, parent, child, None, None, problem))
+        else:
+            problem = wrapper.unsupported(module)
+            targets.append(Target(path, module, parent, child, wrapper, wrapper.widths(module), problem))
     return targets
 
 
@@ -98,6 +130,46 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def check_can_add(model: nn.Module, adapter_name: str, activate: bool = True) -> None:
+    """Raise unless ``model`` can take a new adapter ``adapter_name`` (a valid name, not in use, nothing merged)."""
+    check_adapter_name(adapter_name)
+    existing = [layer for _, layer in adapter_layers(model)]  # one walk for both checks
+    if adapter_name in adapter_configs(model) or any(adapter_name in layer.ether_adapters for layer in existing):
+        raise ValueError(f"the model already has an adapter named {adapter_name!r}; delete it or pick another name")
+    if activate and any(layer.merged_adapters for layer in existing):
+        raise RuntimeError("the model has merged adapters; unmerge them before adding and activating another")
+
+
+def plan_injection(model: nn.Module, config: EtherConfig, adapter_name: str, activate: bool = True) -> list[Target]:
+    """Every check ``inject`` makes, without touching the model: the targets, or an error naming the problem."""
+    check_can_add(model, adapter_name, activate)
+    targets = find_targets(model, config)
+    if not targets:
+        kinds = sorted({type(m).__name__ for _, m in model.named_modules() if _wrapper_type(m)})
+        raise ValueError(
+            f"no module of {type(model).__name__} matches target_modules={config.target_modules!r} "
+            f"(exclusions {config.exclude_modules}); adaptable layer types present: {kinds}"
+        )
+    unsupported = [f"'{t.path}' ({t.problem})" for t in targets if t.problem is not None]
+    if unsupported:
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matches {len(unsupported)} layer(s) ETHER cannot adapt: "
+            + "; ".join(unsupported[:3])
+            + (f"; and {len(unsupported) - 3} more" if len(unsupported) > 3 else "")
+            + ". Narrow target_modules (presets: "
+            + ", ".join(sorted(TARGET_PRESETS))
+            + ") or add those layers to exclude_modules."
+        )
+    for target in targets:
+        for side, width in zip(("input", "output"), target.widths):
+            if side in config.sides and width % config.n_blocks:
+                raise ValueError(
+                    f"n_blocks={config.n_blocks} does not divide the {side} width {width} of '{target.path}'; "
+                    f"n_blocks values that divide {width}: {_divisors(width)}"
+                )
+    return targets
+
+
 def inject(
     model: nn.Module,
     config: EtherConfig,
@@ -107,59 +179,87 @@ def inject(
 ) -> list[str]:
     """Add adapter ``adapter_name`` built from ``config`` to every targeted layer; returns the adapted paths.
 
-    Everything is checked before the model is touched: an unsupported layer, a width not divisible by
-    ``n_blocks``, or a name already in use raise and leave the model as it was. With ``activate`` the new adapter
-    becomes the only active one (strength 1). ``initialize=False`` leaves the vectors unset (uninitialised memory),
-    for callers that load every vector right after (``load_adapter``), saving the random draws.
+    All or nothing: everything is checked before the model is touched (an unsupported layer, a width not divisible
+    by ``n_blocks``, a name already in use raise and leave the model as it was), and should anything still fail
+    half-way the model is restored. With ``activate`` the new adapter becomes the only active one (strength 1).
+    ``initialize=False`` leaves the vectors unset (uninitialised memory), for callers that load every vector right
+    after (``load_adapter``), saving the random draws.
     """
-    validate_adapter_name(adapter_name)
-    existing = [layer for _, layer in adapter_layers(model)]  # one walk for both checks
-    if any(adapter_name in layer.ether_adapters for layer in existing):
-        raise ValueError(f"the model already has an adapter named {adapter_name!r}; delete it or pick another name")
-    if activate and any(layer.merged_adapters for layer in existing):
-        raise RuntimeError("the model has merged adapters; unmerge them before adding and activating another")
-    targets = _find_targets(model, config)
-    if not targets:
-        kinds = sorted({type(m).__name__ for _, m in model.named_modules() if _wrapper_type(m)})
-        raise ValueError(
-            f"no module of {type(model).__name__} matches target_modules={config.target_modules!r} "
-            f"(exclusions {config.exclude_modules}); adaptable layer types present: {kinds}"
-        )
-    plan = []
-    for path, module in targets:
-        # A PEFT LoRA layer (or another wrapper keeping the original as ``base_layer``) is wrapped whole: ETHER then
-        # acts on what it computes (see coexist.py).
-        base = plain_layer(module.base_layer if isinstance(module, EtherLayer) else module)
-        wrapper = type(module) if isinstance(module, EtherLayer) else _wrapper_type(base)
-        if wrapper is None:
-            raise TypeError(
-                f"'{path}' is a {type(module).__name__}; ETHER adapts {[t.__name__ for t in LAYER_TYPES]}. "
-                "Narrow target_modules or add it to exclude_modules."
-            )
-        in_width = base.in_features if isinstance(base, nn.Linear) else base.in_channels
-        out_width = base.out_features if isinstance(base, nn.Linear) else base.out_channels
-        for side, width in (("input", in_width), ("output", out_width)):
-            if side in config.sides and width % config.n_blocks:
-                raise ValueError(
-                    f"n_blocks={config.n_blocks} does not divide the {side} width {width} of '{path}'; "
-                    f"n_blocks values that divide {width}: {_divisors(width)}"
-                )
-        plan.append((path, module, wrapper))
+    targets = plan_injection(model, config, adapter_name, activate)
+    with restore_on_failure(model):
+        add_adapter_to_targets(model, targets, config, adapter_name, activate, initialize)
+    return [target.path for target in targets]
 
-    modules = dict(model.named_modules()) if any(not isinstance(m, EtherLayer) for _, m, _ in plan) else {}
-    for path, module, wrapper in plan:
-        if not isinstance(module, EtherLayer):
-            module = wrapper(module, layer_name=path)
-            parent_path, _, child = path.rpartition(".")
-            setattr(modules[parent_path], child, module)  # one walk above instead of a lookup per layer
-        module.add_adapter(adapter_name, config, initialize=initialize)
+
+def add_adapter_to_targets(
+    model: nn.Module,
+    targets: list[Target],
+    config: EtherConfig,
+    adapter_name: str,
+    activate: bool = True,
+    initialize: bool = True,
+) -> None:
+    """``inject``'s work for targets that ``plan_injection`` (or an equivalent check) accepted."""
+    for target in targets:
+        layer = target.module
+        if not isinstance(layer, EtherLayer):
+            layer = target.wrapper(layer, layer_name=target.path)
+            setattr(target.parent, target.child, layer)
+        layer.add_adapter(adapter_name, config, initialize=initialize)
     configs = adapter_configs(model)
     configs[adapter_name] = config
     model._ether_configs = configs
     coexist.install(model)  # save_pretrained writes plain weights; PEFT LoRAs load beside the wrappers
     if activate:
         set_active_adapters(model, [adapter_name])
-    return [path for path, _, _ in plan]
+
+
+class _LayerState(NamedTuple):
+    layer: EtherLayer
+    adapters: tuple[str, ...]
+    active: list[str]
+    strengths: dict[str, float]
+    enabled: bool
+
+
+@contextlib.contextmanager
+def restore_on_failure(model: nn.Module):
+    """Within the block, changes to ``model``'s adapters are undone if an exception escapes.
+
+    Recorded first: where each wrapper sits, its adapters, active adapters, strengths and switch, and the model's
+    adapter configs. Undone: wrappers added in the block (the original modules go back), adapters added to wrappers
+    that were there, and the activation. Base weights are not recorded: the block must not merge.
+    """
+    before = {
+        path: _LayerState(
+            layer,
+            tuple(layer.ether_adapters),
+            list(layer.active_adapters),
+            dict(layer.strengths),
+            layer.adapters_enabled,
+        )
+        for path, layer in adapter_layers(model)
+    }
+    configs = dict(model._ether_configs) if "_ether_configs" in model.__dict__ else None
+    try:
+        yield
+    except BaseException:
+        for path, layer in list(adapter_layers(model)):
+            state = before.get(path)
+            if state is None or state.layer is not layer:  # placed in the block: what was there goes back
+                _set_submodule(model, path, layer.base_layer if state is None else state.layer)
+                continue
+            for name in [n for n in layer.ether_adapters if n not in state.adapters]:
+                del layer.ether_adapters[name]
+            layer.active_adapters = list(state.active)
+            layer.strengths = dict(state.strengths)
+            layer.adapters_enabled = state.enabled
+        if configs is None:
+            model.__dict__.pop("_ether_configs", None)
+            coexist.uninstall(model)
+        else:
+            model._ether_configs = configs
+        raise
 
 
 def eject(model: nn.Module, keep_merged: bool = False) -> list[str]:

@@ -18,35 +18,41 @@ Never pickle: only safetensors is read or written.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .config import EtherConfig
-from .files import atomic_write
+from .config import ADAPTABLE_COMPONENTS, EtherConfig, check_adapter_name
+from .files import atomic_write  # re-exported: callers still import it from here
 from .inject import (
+    Target,
     adapter_configs,
     adapter_layers,
     adapter_state_dict,
-    delete_adapter,
-    inject,
+    add_adapter_to_targets,
+    check_can_add,
+    find_targets,
     load_adapter_state_dict,
-    validate_adapter_name,
+    restore_on_failure,
 )
-from .layers import EtherLayer, parameter_name, plain_layer
-from .reflection import METHODS
+from .layers import EtherLayer, parameter_name
+from .reflection import METHODS, unit_blocks
 
 __all__ = [
     "DEFAULT_WEIGHT_NAME",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "VECTOR_DTYPES",
     "AdapterFile",
     "AdapterFileError",
     "AdapterMismatchError",
@@ -57,7 +63,6 @@ __all__ = [
     "save_adapter",
 ]
 
-ADAPTABLE_NAMES = ("unet", "text_encoder", "text_encoder_2")
 FORMAT_NAME = "ether-diffusion"
 FORMAT_VERSION = 1
 DEFAULT_WEIGHT_NAME = "ether_adapter.safetensors"
@@ -130,18 +135,105 @@ def _json_field(metadata: dict[str, str], key: str, path: Path):
         raise AdapterFileError(f"'{path}' has no '{key}' metadata; the file is incomplete or was not written by us")
     try:
         return json.loads(metadata[key])
-    except json.JSONDecodeError as err:
-        raise AdapterFileError(f"'{path}' has unreadable '{key}' metadata ({err})") from err
+    except (ValueError, RecursionError) as err:  # RecursionError: nested too deeply for Python's parser
+        raise AdapterFileError(f"'{path}' has unreadable '{key}' metadata ({type(err).__name__}: {err})") from err
+
+
+def _json_table(metadata: dict[str, str], key: str, path: Path) -> dict:
+    """Metadata ``key`` as a JSON object whose keys are non-empty strings."""
+    table = _json_field(metadata, key, path)
+    if not isinstance(table, dict) or not all(isinstance(k, str) and k for k in table):
+        raise AdapterFileError(
+            f"'{path}' has invalid '{key}' metadata: a JSON object with non-empty keys was expected, got "
+            f"{json.dumps(table)[:60]}"
+        )
+    return table
+
+
+def _read_configs(metadata: dict[str, str], path: Path) -> dict[str, EtherConfig]:
+    configs = {}
+    for component, data in _json_table(metadata, "config", path).items():
+        try:
+            configs[component] = EtherConfig.from_dict(data)
+        except ValueError as err:
+            raise AdapterFileError(f"'{path}' has an invalid adapter config for {component!r}: {err}") from err
+    return configs
+
+
+def _read_fingerprints(
+    metadata: dict[str, str], configs: dict[str, EtherConfig], path: Path
+) -> dict[str, dict[str, list[int]]]:
+    """``{component: {layer path: [in, out]}}``, checked against the configs (same components, n_blocks dividing
+    every adapted width)."""
+    fingerprints = _json_table(metadata, "fingerprint", path)
+    if set(fingerprints) != set(configs):
+        raise AdapterFileError(
+            f"'{path}': config components {sorted(configs)} and fingerprint components {sorted(fingerprints)} disagree"
+        )
+    for component, layers in fingerprints.items():
+        if not isinstance(layers, dict) or not layers:
+            raise AdapterFileError(f"'{path}': the fingerprint of {component!r} lists no layers")
+        config = configs[component]
+        for layer, widths in layers.items():
+            if not (
+                layer
+                and isinstance(widths, list)
+                and len(widths) == 2
+                and all(type(width) is int and width > 0 for width in widths)
+            ):
+                raise AdapterFileError(
+                    f"'{path}': fingerprint entry {component} {layer!r} must be [in_features, out_features], two "
+                    f"positive integers, not {json.dumps(widths)[:60]}"
+                )
+            for side, width in zip(("input", "output"), widths):
+                if side in config.sides and width % config.n_blocks:
+                    raise AdapterFileError(
+                        f"'{path}': n_blocks={config.n_blocks} does not divide the {side} width {width} of "
+                        f"{component} '{layer}'; the file is damaged or hand-edited"
+                    )
+    return fingerprints
+
+
+#: dtypes a stored vector may have.
+VECTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _all_finite_floats(tensors) -> bool:
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        if tensor.dtype not in VECTOR_DTYPES:
+            return False
+        by_dtype.setdefault(tensor.dtype, []).append(tensor.reshape(-1))
+    return all(torch.isfinite(torch.cat(group)).all() for group in by_dtype.values())
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file held in ``data`` (an 8-byte little-endian header length, then the
+    JSON header); call after safetensors has validated ``data``."""
+    size = int.from_bytes(data[:8], "little")
+    metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("the header's __metadata__ is not a table of strings")
+    return metadata
 
 
 def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -> AdapterFile:
     """Read and validate an adapter file (or folder) without touching any model."""
     path = resolve_adapter_path(path, weight_name)
+    # One read: header and tensors come from the same bytes, so a save replacing the file meanwhile cannot mix two
+    # versions (safe_open reads the header through one open and maps the data through a second open by name).
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
+        data = path.read_bytes()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"no adapter file at '{path}': it was removed while being read") from err
+    except OSError as err:
+        raise AdapterFileError(f"cannot read '{path}': {err.strerror or err}") from err
+    try:
+        tensors = load_safetensors(data)
+        metadata = _safetensors_metadata(data)
+    # Any failure while parsing the bytes means they are not a safetensors file (safetensors raises its own error,
+    # or ValueError/KeyError/TypeError/RuntimeError from building tensors of a damaged header).
+    except (SafetensorError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, OverflowError) as err:
         raise AdapterFileError(
             f"'{path}' is not a readable safetensors file: it is truncated, corrupt or of another format ({err}). "
             "Save the adapter again or copy a good version of it."
@@ -161,16 +253,15 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
             f"'{path}' has adapter format_version {metadata.get('format_version')!r}; this library reads version "
             f"{FORMAT_VERSION}: {hint}"
         )
-    try:
-        configs = {c: EtherConfig.from_dict(d) for c, d in _json_field(metadata, "config", path).items()}
-    except (TypeError, ValueError, AttributeError) as err:
-        if isinstance(err, AdapterFileError):
-            raise
-        raise AdapterFileError(f"'{path}' has an invalid adapter config: {err}") from err
-    fingerprints = _json_field(metadata, "fingerprint", path)
-    module_configs = _json_field(metadata, "modules", path) if "modules" in metadata else {}
-    if not isinstance(module_configs, dict) or any(name in configs for name in module_configs):
-        raise AdapterFileError(f"'{path}' has invalid 'modules' metadata")
+    configs = _read_configs(metadata, path)
+    fingerprints = _read_fingerprints(metadata, configs, path)
+    module_configs = _json_table(metadata, "modules", path) if "modules" in metadata else {}
+    for name, config in module_configs.items():
+        if name in configs or name in ADAPTABLE_COMPONENTS or not isinstance(config, dict):
+            raise AdapterFileError(
+                f"'{path}' has invalid 'modules' metadata: module {name!r} must have a name of its own and a JSON "
+                "object as its config"
+            )
     modules = {}
     for name, config in module_configs.items():
         prefix = name + "."
@@ -178,10 +269,14 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
         if not state:
             raise AdapterFileError(f"'{path}' names a module {name!r} but holds none of its tensors")
         modules[name] = {"config": config, "state": state}
-    if (not configs and not modules) or set(fingerprints) != set(configs):
-        raise AdapterFileError(
-            f"'{path}': config components {sorted(configs)} and fingerprint components {sorted(fingerprints)} disagree"
-        )
+    if not configs and not modules:
+        raise AdapterFileError(f"'{path}' holds neither adapter vectors nor modules")
+    adapter_name = metadata.get("adapter_name") or None
+    if adapter_name is not None:
+        try:
+            check_adapter_name(adapter_name)
+        except ValueError as err:
+            raise AdapterFileError(f"'{path}' stores an {err}") from err
 
     expected = {}
     for component, config in configs.items():
@@ -206,9 +301,17 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
     if problems:
         raise AdapterFileError(f"'{path}' is inconsistent with its own metadata: " + "; ".join(problems))
     every = {**tensors, **{f"{n}.{k}": v for n, m in modules.items() for k, v in m["state"].items()}}
-    bad = sorted(k for k, v in every.items() if not v.is_floating_point() or not torch.isfinite(v).all())
-    if bad:
-        raise AdapterFileError(f"'{path}' holds non-finite or non-float vectors: {', '.join(bad[:5])}")
+    if not _all_finite_floats(every.values()):  # one check per dtype; name the culprits only when it fails
+        bad = sorted(
+            f"{k} ({v.dtype})" if v.dtype not in VECTOR_DTYPES else f"{k} (non-finite)"
+            for k, v in every.items()
+            if v.dtype not in VECTOR_DTYPES or not torch.isfinite(v).all()
+        )
+        raise AdapterFileError(
+            f"'{path}' holds vectors that are not finite float16/bfloat16/float32/float64 numbers: "
+            + ", ".join(bad[:5])
+            + (" …" if len(bad) > 5 else "")
+        )
 
     reserved = {
         "format",
@@ -224,7 +327,7 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
         tensors=tensors,
         configs=configs,
         fingerprints=fingerprints,
-        adapter_name=metadata.get("adapter_name") or None,
+        adapter_name=adapter_name,
         base_model=metadata.get("base_model") or None,
         library_version=metadata.get("library_version"),
         extra={k: v for k, v in metadata.items() if k not in reserved},
@@ -268,7 +371,7 @@ def save_adapter(
     if not tensors and not modules:
         raise KeyError(f"no component of {sorted(components)} has an adapter named {adapter_name!r}")
     for name, (_, state) in (modules or {}).items():
-        if name in components or name in ADAPTABLE_NAMES:
+        if name in components or name in ADAPTABLE_COMPONENTS:
             raise ValueError(f"module name {name!r} clashes with a component name")
         for key, value in state.items():
             tensors[f"{name}.{key}"] = value.detach().to("cpu", torch.float32).contiguous().clone()
@@ -289,28 +392,25 @@ def save_adapter(
             save_file(tensors, str(tmp), metadata=metadata)
     except FileNotFoundError:
         raise
-    except OSError as err:
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).rpartition(": ")[2] or err
         raise OSError(
-            err.errno,
-            f"could not write the adapter to '{path}' ({err.strerror or err}); any file that was there is unchanged",
+            getattr(err, "errno", None) or (errno.ENOSPC if "os error 28" in str(err) else errno.EIO),
+            f"could not write the adapter to '{path}' ({reason}); any file that was there is unchanged. Free some "
+            "space or choose another folder, then save again",
         ) from err
     return path
 
 
 def _check_fits(
     component: str, model: nn.Module, config: EtherConfig, prints: dict[str, list[int]], source: AdapterFile, path: Path
-) -> None:
-    """Raise ``AdapterMismatchError`` unless ``model`` has exactly the recorded target layers and widths."""
-    wanted = {}  # the layers this model would adapt under the file's config, with their [in, out] widths
-    for module_path, module in model.named_modules():
-        if not (module_path and config.is_target(module_path)):
-            continue
-        plain = module if isinstance(module, EtherLayer) else plain_layer(module)  # through a PEFT LoRA layer
-        if isinstance(plain, (EtherLayer, nn.Linear)):
-            wanted[module_path] = [plain.in_features, plain.out_features]
-        elif isinstance(plain, nn.Conv2d):
-            wanted[module_path] = [plain.in_channels, plain.out_channels]
-    missing = sorted(set(prints) - set(wanted))
+) -> list[Target]:
+    """The targets of ``config`` in ``model``; ``AdapterMismatchError`` unless they are exactly the recorded layers,
+    with the recorded widths, and ETHER can adapt every one of them."""
+    targets = find_targets(model, config)
+    wanted = {t.path: list(t.widths) for t in targets if t.problem is None}
+    unsupported = [f"{t.path} ({t.problem})" for t in targets if t.problem is not None]
+    missing = sorted(set(prints) - {t.path for t in targets})
     extra = sorted(set(wanted) - set(prints))
     widths = sorted(
         f"{p} (adapter {prints[p]}, model {wanted[p]})"
@@ -320,6 +420,7 @@ def _check_fits(
     problems = [
         f"{len(keys)} {what}: {', '.join(keys[:3])}{' …' if len(keys) > 3 else ''}"
         for what, keys in (
+            ("target layers ETHER cannot adapt", unsupported),
             ("adapted layers this model lacks", missing),
             ("target layers the adapter lacks", extra),
             ("layers with other widths [in, out]", widths),
@@ -333,6 +434,57 @@ def _check_fits(
             + "; ".join(problems)
             + ". Load it into the base model it was trained on."
         )
+    return targets
+
+
+def _in_model_dtypes(
+    state: dict[str, torch.Tensor], targets: list[Target], component: str, where: Path
+) -> dict[str, torch.Tensor]:
+    """``state`` cast to the dtype each vector will have in the model (its layer's weight dtype), and checked there.
+
+    The file's own check runs in the file's dtype: 1e300 is a finite float64 but infinite as float32, and the length
+    of a block of 1e30s overflows float32, so its direction ``u / |u|`` (all the transform uses) would be lost.
+    Each block's direction, computed in the model's dtype as the layer will compute it, must equal the direction of
+    the file's values up to that dtype's rounding.
+    """
+    dtypes = {}
+    for target in targets:
+        base = target.module.base_layer if isinstance(target.module, EtherLayer) else target.module
+        dtypes[target.path] = base.weight.dtype
+    groups: dict[tuple[torch.dtype, int], list[str]] = {}  # checked a group at a time: 512 vectors on SD-1.5
+    for key, value in state.items():
+        groups.setdefault((dtypes[key.rpartition(".")[0]], value.shape[-1]), []).append(key)
+    cast, problems = {}, []
+    for (dtype, _), keys in groups.items():
+        rows = torch.cat([state[k] for k in keys])  # (blocks, b): every block of the group, in the file's dtype
+        rows = rows.to(torch.promote_types(torch.promote_types(rows.dtype, dtype), torch.float32))
+        converted = rows.to(dtype)
+        # the reference direction, robust to any scale: blocks scaled to a largest magnitude of 1 first
+        scaled = rows / rows.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
+        error = (unit_blocks(converted).to(rows.dtype) - unit_blocks(scaled)).abs().amax(dim=-1)
+        bad = ~(error <= 4 * torch.finfo(dtype).eps) | ~torch.isfinite(converted).all(dim=-1)  # NaN counts as bad
+        sizes = [state[k].shape[0] for k in keys]
+        cast.update(zip(keys, converted.split(sizes)))
+        if not bad.any():
+            continue
+        for key, blocks, wrong, part in zip(keys, rows.split(sizes), bad.split(sizes), converted.split(sizes)):
+            if not torch.isfinite(part).all():
+                largest = blocks.abs().max().item()
+                problems.append(f"{component}.{key} overflows {dtype} (largest magnitude {largest:.3g})")
+            elif wrong.any():
+                low, high = blocks.norm(dim=-1).aminmax()
+                problems.append(
+                    f"{component}.{key}: its directions u/|u| are lost in {dtype} (block lengths {low.item():.3g} "
+                    f"to {high.item():.3g} overflow or underflow there)"
+                )
+    if problems:
+        raise AdapterFileError(
+            f"'{where}' holds vectors this {component} cannot use in its weights' dtype: "
+            + "; ".join(problems[:3])
+            + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+            + ". Re-save the adapter from a model in this dtype, or load it into a float32 model."
+        )
+    return cast
 
 
 def load_adapter(
@@ -344,9 +496,10 @@ def load_adapter(
 ) -> str:
     """Load an adapter file into the given components (e.g. ``{"unet": unet, "text_encoder": te}``).
 
-    Everything is validated first (the file, then every component against the file's fingerprint), so a bad
-    file or the wrong model raises one clear error and leaves the models as they were. The adapter is injected
-    under ``adapter_name`` (default: the name stored in the file) and activated. Returns the name used.
+    All or nothing. Everything is validated first (the file, then every component against the file's fingerprint),
+    so a bad file or the wrong model raises one clear error and leaves the models as they were; should anything
+    still fail while loading, every component is restored. The adapter is injected under ``adapter_name``
+    (default: the name stored in the file) and activated. Returns the name used.
     """
     source = path if isinstance(path, AdapterFile) else read_adapter_file(path, weight_name)
     where = Path(str(path)) if not isinstance(path, AdapterFile) else Path("<adapter>")
@@ -355,26 +508,26 @@ def load_adapter(
             f"'{where}' also holds trained modules ({', '.join(sorted(source.modules))}) that a plain adapter load "
             "would drop: it is a controllable-synthesis file; load it with EtherControlPipeline.load_control_weights"
         )
-    name = validate_adapter_name(adapter_name or source.adapter_name or "default")
+    name = check_adapter_name(adapter_name or source.adapter_name or "default")
     absent = sorted(set(source.configs) - set(c for c, m in components.items() if m is not None))
     if absent:
         raise AdapterMismatchError(
             f"'{where}' adapts {absent}, which this pipeline does not have; load it into a pipeline with those parts"
         )
+    plans = {}
     for component, config in source.configs.items():
         model = components[component]
-        if name in adapter_configs(model):
-            raise ValueError(f"{component} already has an adapter named {name!r}; delete it or choose another name")
-        _check_fits(component, model, config, source.fingerprints[component], source, where)
-    done = []
-    try:
-        for component, config in source.configs.items():
-            model = components[component]
-            inject(model, config, name, activate=True, initialize=False)  # every vector is loaded next
-            done.append(model)
-            load_adapter_state_dict(model, name, source.component_state(component))
-    except Exception:
-        for model in done:
-            delete_adapter(model, name)
-        raise
+        try:
+            check_can_add(model, name)
+        except (ValueError, RuntimeError) as err:
+            raise type(err)(f"{component}: {err}") from err
+        targets = _check_fits(component, model, config, source.fingerprints[component], source, where)
+        state = _in_model_dtypes(source.component_state(component), targets, component, where)
+        plans[component] = (model, config, targets, state)
+    with contextlib.ExitStack() as undo:
+        for model, _, _, _ in plans.values():
+            undo.enter_context(restore_on_failure(model))
+        for model, config, targets, state in plans.values():
+            add_adapter_to_targets(model, targets, config, name, initialize=False)  # every vector is loaded next
+            load_adapter_state_dict(model, name, state)
     return name

@@ -8,15 +8,26 @@ merge them into the base weight and back. torch only: no diffusers import here.
 from __future__ import annotations
 
 import zlib
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import EtherConfig
-from .reflection import METHODS, apply_low_rank, apply_low_rank_batched
+from .mixed import MixedBatch
+from .reflection import METHODS, apply_low_rank
 
-__all__ = ["LAYER_TYPES", "EtherAdapter", "EtherConv2d", "EtherLayer", "EtherLinear", "parameter_name", "plain_layer"]
+__all__ = [
+    "LAYER_TYPES",
+    "EtherAdapter",
+    "EtherConv2d",
+    "EtherLayer",
+    "EtherLinear",
+    "Factors",
+    "parameter_name",
+    "plain_layer",
+]
 
 
 def parameter_name(vector: str, side: str) -> str:
@@ -37,6 +48,20 @@ def layer_generator(seed: int, layer_name: str) -> torch.Generator:
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(layer_name.encode())) % (2**63))
 
 
+class Factors(NamedTuple):
+    """The thin factors ``(D (d, K·n), E (K·n, d))`` of an adapter's transform per side; ``None`` if not adapted."""
+
+    input: tuple[torch.Tensor, torch.Tensor] | None
+    output: tuple[torch.Tensor, torch.Tensor] | None
+
+
+class _CachedFactors(NamedTuple):
+    strength: float
+    dtype: torch.dtype
+    vectors: tuple[torch.Tensor, ...]  # copies of the vectors the factors were computed from
+    factors: Factors
+
+
 class EtherAdapter(nn.Module):
     """The learned vectors of one named adapter on one layer: (n_blocks, width / n_blocks) per vector and side."""
 
@@ -54,7 +79,7 @@ class EtherAdapter(nn.Module):
         self.method = METHODS[config.method]
         self.n_blocks = config.n_blocks
         self.sides = tuple(config.sides)
-        self._cache: dict[str, tuple] = {}  # side -> (key, D, E), inference only
+        self._cache: _CachedFactors | None = None  # inference only; see ``factors``
         widths = {"input": in_features, "output": out_features}
         for side in self.sides:
             shape = (self.n_blocks, widths[side] // self.n_blocks)
@@ -69,27 +94,49 @@ class EtherAdapter(nn.Module):
     def vectors(self, side: str) -> dict[str, torch.Tensor]:
         return {v: getattr(self, parameter_name(v, side)) for v in self.method.vector_names}
 
-    def factors(self, side: str, strength: float, dtype: torch.dtype):
-        """``(D, E)`` of this side's transform in ``dtype``, or ``None`` when the side is not adapted.
+    def factors(self, strength: float, dtype: torch.dtype) -> Factors:
+        """Both sides' ``(D, E)`` in ``dtype`` at ``strength``.
 
-        Without autograd (sampling) the factors are cached until a vector changes (tracked by its version
-        counter), so unfused inference pays only for the two skinny matmuls.
+        Without autograd (sampling) on the CPU the factors are kept, with a copy of the vectors they were computed
+        from, and reused while every vector still equals its copy. Comparing values, not version counters, sees every
+        way a vector changes: in place, through ``.data`` (``EMAModel.copy_to``), ``load_state_dict``, ``.to()``.
+        On an accelerator that comparison would make the host wait for the device once per layer and forward, so
+        there the factors are recomputed instead (a few small kernels on the vectors, queued without waiting);
+        meta tensors (parameter counting) are never cached either.
         """
-        if side not in self.sides:
-            return None
-        vectors = self.vectors(side)
-        if torch.is_grad_enabled():
-            down, up = self.method.factors(vectors, strength)
-            return down.to(dtype), up.to(dtype)
-        key = (side, strength, dtype, *((id(v), v._version, v.device) for v in vectors.values()))
-        cached = self._cache.get(side)
-        if cached is None or cached[0] != key:
-            down, up = self.method.factors(vectors, strength)
-            cached = self._cache[side] = (key, down.to(dtype), up.to(dtype))
-        return cached[1], cached[2]
+        vectors = tuple(self._parameters.values())
+        if torch.is_grad_enabled() or any(v.device.type != "cpu" for v in vectors):
+            return self._compute_factors(strength, dtype)
+        cached = self._cache
+        if (
+            cached is None
+            or cached.strength != strength
+            or cached.dtype != dtype
+            or len(vectors) != len(cached.vectors)
+            or not all(_same_values(v, copy) for v, copy in zip(vectors, cached.vectors))
+        ):
+            copies = tuple(v.detach().clone() for v in vectors)
+            cached = self._cache = _CachedFactors(strength, dtype, copies, self._compute_factors(strength, dtype))
+        return cached.factors
+
+    def _compute_factors(self, strength: float, dtype: torch.dtype) -> Factors:
+        found = {}
+        for side in self.sides:
+            down, up = self.method.factors(self.vectors(side), strength)
+            found[side] = (down.to(dtype), up.to(dtype))
+        return Factors(found.get("input"), found.get("output"))
 
     def extra_repr(self) -> str:
         return f"method={self.method.name}, n_blocks={self.n_blocks}, sides={self.sides}"
+
+
+def _same_values(tensor: torch.Tensor, copy: torch.Tensor) -> bool:
+    return (
+        tensor.shape == copy.shape
+        and tensor.dtype == copy.dtype
+        and tensor.device == copy.device
+        and torch.equal(tensor, copy)
+    )
 
 
 class EtherLayer(nn.Module):
@@ -104,13 +151,9 @@ class EtherLayer(nn.Module):
         self.strengths: dict[str, float] = {}
         self.adapters_enabled = True
         self.merged_adapters: list[str] = []
-        self._weight_before_merge: torch.Tensor | None = None
+        self._weight_before_merge: torch.Tensor | None = None  # the base weight while adapters are merged
         self._merge_delta: torch.Tensor | None = None  # what merge added, when another adapter sits inside
-        # (slot names, per-sample slot index) while a mixed batch runs; see ``set_mixed_batch``.
-        self._mixed: tuple[list[str | None], torch.Tensor] | None = None
-        # side -> (the slots' factor tensors, repeat, gathered (B, d, r), (B, r, d)): reused across the denoising
-        # steps of one mixed batch while the factors are the very same tensors (no grad, nothing changed)
-        self._mixed_cache: dict[str, tuple] = {}
+        self._mixed: MixedBatch | None = None  # per-sample routing while a mixed batch runs
 
     @property
     def plain(self) -> nn.Module:
@@ -131,6 +174,16 @@ class EtherLayer(nn.Module):
     # --- to be provided by subclasses -------------------------------------------------------------------------
     in_features: int
     out_features: int
+
+    @classmethod
+    def widths(cls, base_layer: nn.Module) -> tuple[int, int]:
+        """``(in, out)`` widths of ``base_layer`` (or of the plain layer inside it) as this wrapper adapts it."""
+        raise NotImplementedError
+
+    @classmethod
+    def unsupported(cls, base_layer: nn.Module) -> str | None:
+        """Why this wrapper cannot adapt ``base_layer`` (e.g. "a 3×3 convolution"), or ``None`` when it can."""
+        return None
 
     def _weight_matrix(self) -> torch.Tensor:
         """The base weight viewed as (out, in)."""
@@ -198,103 +251,39 @@ class EtherLayer(nn.Module):
             return
         if self.merged_adapters:
             raise RuntimeError(f"'{self.layer_name}' has merged adapters; unmerge before a mixed batch")
-        self._mixed = (list(slot_names), slot_ids.to(self.plain.weight.device))
-        self._mixed_cache = {}
+        self._mixed = MixedBatch(list(slot_names), slot_ids.to(self.plain.weight.device))
 
     # --- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not self.adapters_enabled or self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
         if self._mixed is not None:
-            return self._forward_mixed(x)
-        adapters = [(self.ether_adapters[n], self.strengths[n]) for n in self.active_adapters]
-        if not adapters:
+            return self._mixed.forward(self, x)
+        factors = [self.ether_adapters[n].factors(self.strengths[n], x.dtype) for n in self.active_adapters]
+        if not factors:
             return self.base_layer(x, *args, **kwargs)
         h = x
-        for adapter, strength in adapters:  # y = W · H_k ⋯ H_1 x: the first active adapter acts first
-            factors = adapter.factors("input", strength, x.dtype)
-            if factors is not None:
-                h = self._features_back(apply_low_rank(self._features_last(h), *factors))
-        output_factors = [f for a, s in adapters if (f := a.factors("output", s, x.dtype)) is not None]
-        if not output_factors:
+        for found in factors:  # y = W · H_k ⋯ H_1 x: the first active adapter acts first
+            if found.input is not None:
+                h = self._features_back(apply_low_rank(self._features_last(h), *found.input))
+        outputs = [found.output for found in factors if found.output is not None]
+        if not outputs:
             return self.base_layer(h, *args, **kwargs)
         y = self._features_last(self._product_without_bias(h))  # H̃ acts on W x, before the bias
-        for factors in output_factors:
-            y = apply_low_rank(y, *factors)
-        return self._add_bias(self._features_back(y))
-
-    def _sample_factors(self, side: str, slot_names: list[str | None], ids: torch.Tensor, dtype: torch.dtype):
-        """Per-sample factors (B, d, r), (B, r, d) for the batch's slot ids; ``None`` if no slot adapts ``side``.
-
-        Without grad, the stacked and gathered tensors are kept while every slot's factors are the same tensors
-        (the adapters' own caches return them until a vector or strength changes), so the denoising steps of one
-        mixed batch gather once instead of once per step."""
-        factors = []
-        for name in slot_names:
-            adapter = self.ether_adapters[name] if name in self.ether_adapters else None
-            factors.append(adapter.factors(side, self.strengths[name], dtype) if adapter is not None else None)
-        flat = tuple(t for f in factors for t in (f or (None,)))
-        cached = self._mixed_cache.get(side)
-        if (
-            cached is not None
-            and not torch.is_grad_enabled()
-            and len(cached[0]) == len(flat)
-            and all(a is b for a, b in zip(cached[0], flat))
-            and cached[1].shape == ids.shape
-            and torch.equal(cached[1], ids)
-        ):
-            return cached[2]
-        stacked = self._slot_factors(side, factors, dtype)
-        result = None if stacked is None else (stacked[0][ids], stacked[1][ids])
-        if not torch.is_grad_enabled():
-            self._mixed_cache[side] = (flat, ids, result)
-        return result
-
-    def _slot_factors(self, side: str, factors: list, dtype: torch.dtype):
-        """Stacked per-slot factors (S, d, r), (S, r, d), zero-padded to a common rank; ``None`` if all empty."""
-        width = self.in_features if side == "input" else self.out_features
-        weight = self.plain.weight
-        rank = max((f[0].shape[1] for f in factors if f is not None), default=0)
-        if rank == 0:
-            return None
-        down = torch.zeros(len(factors), width, rank, dtype=dtype, device=weight.device)
-        up = torch.zeros(len(factors), rank, width, dtype=dtype, device=weight.device)
-        for slot, found in enumerate(factors):
-            if found is not None:
-                down[slot, :, : found[0].shape[1]] = found[0]
-                up[slot, : found[1].shape[0], :] = found[1]
-        return down, up
-
-    def _forward_mixed(self, x: torch.Tensor) -> torch.Tensor:
-        slot_names, slot_ids = self._mixed
-        if x.shape[0] % slot_ids.shape[0]:
-            raise ValueError(
-                f"'{self.layer_name}': batch of {x.shape[0]} does not match the mixed batch of "
-                f"{slot_ids.shape[0]} adapter assignments (nor a multiple of it, as classifier-free guidance makes)"
-            )
-        # Classifier-free guidance concatenates [uncond, cond]: each half uses the same assignment.
-        ids = slot_ids.repeat(x.shape[0] // slot_ids.shape[0])
-        h = x
-        found = self._sample_factors("input", slot_names, ids, x.dtype)
-        if found is not None:
-            h = self._features_back(apply_low_rank_batched(self._features_last(h), *found))
-        found = self._sample_factors("output", slot_names, ids, x.dtype)
-        if found is None:
-            return self.base_layer(h)
-        y = apply_low_rank_batched(self._features_last(self._product_without_bias(h)), *found)
+        for output in outputs:
+            y = apply_low_rank(y, *output)
         return self._add_bias(self._features_back(y))
 
     # --- merge ------------------------------------------------------------------------------------------------
-    def _transform_matrix(self, matrix: torch.Tensor, names: list[str], inverse: bool) -> torch.Tensor:
-        """Weight form of the active transforms: ``H̃_k⋯H̃_1 · W · H_k⋯H_1`` (or its inverse for self-inverse H)."""
-        for name in names if inverse else reversed(names):  # rows of W·H_k⋯H_1 are H_1⋯H_k w_r
-            factors = self.ether_adapters[name].factors("input", self.strengths[name], matrix.dtype)
-            if factors is not None:
-                matrix = apply_low_rank(matrix, *factors)
-        for name in reversed(names) if inverse else names:  # columns of H̃_k⋯H̃_1·W are H̃_k⋯H̃_1 c
-            factors = self.ether_adapters[name].factors("output", self.strengths[name], matrix.dtype)
-            if factors is not None:
-                matrix = apply_low_rank(matrix.T, *factors).T
+    def _transform_matrix(self, matrix: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Weight form of the transforms of ``names``: ``H̃_k⋯H̃_1 · W · H_k⋯H_1`` for ``W`` = ``matrix``."""
+        factors = {name: self.ether_adapters[name].factors(self.strengths[name], matrix.dtype) for name in names}
+        for name in reversed(names):  # rows of W·H_k⋯H_1 are H_1⋯H_k w_r
+            if factors[name].input is not None:
+                matrix = apply_low_rank(matrix, *factors[name].input)
+        for name in names:  # columns of H̃_k⋯H̃_1·W are H̃_k⋯H̃_1 c
+            if factors[name].output is not None:
+                matrix = apply_low_rank(matrix.T, *factors[name].output).T
         return matrix
 
     @torch.no_grad()
@@ -316,39 +305,37 @@ class EtherLayer(nn.Module):
             # Another adapter adds ΔW inside: add ETHER(W + ΔW) - (W + ΔW) to W, so that fusing or unfusing that
             # adapter (PEFT adds and subtracts ΔW in the same weight) commutes with this merge.
             effective = self._effective_matrix().float()
-            merged = self._transform_matrix(effective, names, inverse=False) - effective
+            merged = self._transform_matrix(effective, names) - effective
         else:
-            merged = self._transform_matrix(self._weight_matrix().float(), names, inverse=False)
+            merged = self._transform_matrix(self._weight_matrix().float(), names)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(
                 f"merging {names} into '{self.layer_name}' gives non-finite weights (the adapter holds NaN or inf "
                 "values); nothing was changed"
             )
-        self.merged_adapters = names
-        if self.stacked:
+        if self.stacked:  # unmerge subtracts exactly this (the inner adapter may fuse or unfuse meanwhile)
             self._merge_delta = merged.to(weight.dtype).view_as(weight)
             weight.add_(self._merge_delta)
-            return
-        exact_inverse = weight.dtype in (torch.float32, torch.float64) and all(
-            self.ether_adapters[n].method.self_inverse and self.strengths[n] == 1.0 for n in names
-        )
-        # A reflection undoes itself; anything else (ETHER+, blended strengths, half precision) keeps a copy.
-        self._weight_before_merge = None if exact_inverse else weight.detach().clone()
-        weight.copy_(merged.to(weight.dtype).view_as(weight))
+        else:
+            # Unmerge restores this copy, bit for bit. Re-applying a reflection (H·H = I) would undo it only up to
+            # rounding, the error growing with every fuse/unfuse cycle; ETHER+ may be singular.
+            self._weight_before_merge = weight.detach().clone()
+            weight.copy_(merged.to(weight.dtype).view_as(weight))
+        self.merged_adapters = names
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the base weight as it was before ``merge``. A no-op when nothing is merged."""
+        """Restore the base weight exactly (bit for bit) as it was before ``merge``. A no-op when nothing is merged.
+
+        With another adapter inside (a PEFT LoRA fused or unfused since), only what this merge added is taken away,
+        so that adapter's own fuse state is kept."""
         if not self.merged_adapters:
             return
         weight = self.plain.weight
         if self._merge_delta is not None:
             weight.sub_(self._merge_delta)
-        elif self._weight_before_merge is not None:
-            weight.copy_(self._weight_before_merge)
         else:
-            restored = self._transform_matrix(self._weight_matrix().float(), self.merged_adapters, inverse=True)
-            weight.copy_(restored.to(weight.dtype).view_as(weight))
+            weight.copy_(self._weight_before_merge)
         self._weight_before_merge = None
         self._merge_delta = None
         self.merged_adapters = []
@@ -362,8 +349,12 @@ class EtherLinear(EtherLayer):
 
     def __init__(self, base_layer: nn.Module, layer_name: str = ""):
         super().__init__(base_layer, layer_name)
-        self.in_features = self.plain.in_features
-        self.out_features = self.plain.out_features
+        self.in_features, self.out_features = self.widths(base_layer)
+
+    @classmethod
+    def widths(cls, base_layer):
+        plain = plain_layer(base_layer)
+        return plain.in_features, plain.out_features
 
     def _weight_matrix(self):
         return self.plain.weight
@@ -385,22 +376,40 @@ class EtherConv2d(EtherLayer):
     """ETHER around a 1×1 ``nn.Conv2d`` (a per-pixel linear map over channels)."""
 
     def __init__(self, base_layer: nn.Module, layer_name: str = ""):
-        conv = plain_layer(base_layer)
-        pointwise = (
-            conv.kernel_size == (1, 1)
-            and conv.stride == (1, 1)
-            and conv.groups == 1
-            and conv.padding in ((0, 0), "valid")
-            and conv.dilation == (1, 1)
-        )
-        if not pointwise:
-            raise TypeError(
-                f"'{layer_name}' is a {conv.kernel_size} convolution; ETHER adapts only 1×1 convolutions "
-                "(stride 1, no padding, one group). Exclude it from target_modules."
-            )
+        reason = self.unsupported(base_layer)
+        if reason is not None:
+            raise ValueError(f"'{layer_name}' is {reason}. Exclude it from target_modules.")
         super().__init__(base_layer, layer_name)
-        self.in_features = conv.in_channels
-        self.out_features = conv.out_channels
+        self.in_features, self.out_features = self.widths(base_layer)
+
+    @classmethod
+    def widths(cls, base_layer):
+        plain = plain_layer(base_layer)
+        return plain.in_channels, plain.out_channels
+
+    @classmethod
+    def unsupported(cls, base_layer):
+        # Only a pointwise convolution is a linear map over channels at each pixel.
+        base_layer = plain_layer(base_layer)
+        found = [
+            f"{what} {value}"
+            for what, value, pointwise in (
+                ("stride", base_layer.stride, (1, 1)),
+                ("padding", base_layer.padding, (0, 0)),
+                ("groups", base_layer.groups, 1),
+                ("dilation", base_layer.dilation, (1, 1)),
+            )
+            if value != pointwise and not (what == "padding" and value == "valid")
+        ]
+        if base_layer.kernel_size != (1, 1):
+            found = []
+        elif not found:
+            return None
+        kernel = "×".join(str(k) for k in base_layer.kernel_size)
+        return (
+            f"a {kernel} convolution{' with ' + ', '.join(found) if found else ''}; ETHER adapts only 1×1 "
+            "convolutions (stride 1, no padding, one group)"
+        )
 
     def _weight_matrix(self):
         return self.plain.weight.view(self.out_features, self.in_features)

@@ -20,6 +20,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch import nn
 
+from .config import ADAPTABLE_COMPONENTS
 from .inject import (
     active_adapters,
     adapter_names,
@@ -51,8 +52,6 @@ __all__ = [
     "unload_ether_weights",
 ]
 
-ADAPTABLE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-
 
 def _components(pipe) -> dict[str, nn.Module]:
     found = {c: getattr(pipe, c, None) for c in ADAPTABLE_COMPONENTS}
@@ -81,7 +80,7 @@ def get_active_ether_adapters(pipe) -> list[str]:
 
 
 def set_ether_adapters(pipe, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None):
-    """Activate adapters (applied in this order) with strengths; see ``docs/strength.md`` for what they mean."""
+    """Activate adapters (applied in this order) with strengths; ``docs/adapters.md`` (Strength) says what they mean."""
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     if adapter_weights is None or isinstance(adapter_weights, (int, float)):
         weights = [1.0 if adapter_weights is None else float(adapter_weights)] * len(names)
@@ -130,7 +129,7 @@ def fuse_ether(pipe, adapter_names: list[str] | None = None, safe_fusing: bool =
 
 
 def unfuse_ether(pipe) -> None:
-    """Restore the weights as they were before ``fuse_ether`` (exactly: see ``EtherLayer.unmerge``)."""
+    """Restore the weights as they were before ``fuse_ether``, bit for bit (from copies kept at fuse time)."""
     for model in _components(pipe).values():
         unmerge_adapters(model)
 

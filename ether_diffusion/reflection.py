@@ -47,6 +47,7 @@ __all__ = [
 
 def unit_blocks(vectors: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Normalise each block vector to unit length. ``vectors`` (..., n, b). A zero vector stays zero."""
+    eps = max(eps, torch.finfo(vectors.dtype).tiny)  # 1e-12 is 0 in float16: 0/0 would be NaN
     return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(eps)
 
 
@@ -86,8 +87,6 @@ class Method:
 
     name: str
     vector_names: tuple[str, ...]
-    #: True when ``T·T = I`` at strength 1, so a merged weight can be restored by applying ``T`` again.
-    self_inverse: bool
 
     def init_vectors(self, n_blocks: int, block_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -117,7 +116,6 @@ class Reflection(Method):
 
     name = "ether"
     vector_names = ("u",)
-    self_inverse = True
 
     def init_vectors(self, n_blocks, block_size, generator):
         return {"u": _uniform_blocks(n_blocks, block_size, generator)}
@@ -137,7 +135,6 @@ class ReflectionPlus(Method):
 
     name = "ether_plus"
     vector_names = ("u", "v")
-    self_inverse = False
 
     def init_vectors(self, n_blocks, block_size, generator):
         u = _uniform_blocks(n_blocks, block_size, generator)

@@ -233,3 +233,31 @@ def launch_env() -> dict[str, str]:
         and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
     }
     return {**env, "OMP_NUM_THREADS": "1"}
+
+
+def model_record(model):
+    """Everything a failed operation must leave as it was: which module object sits at every path, the state dict
+    (keys and values), each wrapper's adapters, activation and strengths, and the model's adapter configs."""
+    from ether_diffusion.layers import EtherLayer
+
+    modules = dict(model.named_modules())
+    return {
+        "modules": {path: id(module) for path, module in modules.items()},
+        "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "adapters": {
+            path: (list(m.ether_adapters), list(m.active_adapters), dict(m.strengths), m.adapters_enabled)
+            for path, m in modules.items()
+            if isinstance(m, EtherLayer)
+        },
+        "configs": dict(getattr(model, "_ether_configs", {})),
+        "has_configs": "_ether_configs" in model.__dict__,
+    }
+
+
+def assert_model_unchanged(model, before):
+    after = model_record(model)
+    assert after["modules"] == before["modules"]
+    assert after["state"].keys() == before["state"].keys()
+    assert all(torch.equal(after["state"][k], before["state"][k]) for k in before["state"])
+    assert after["adapters"] == before["adapters"]
+    assert after["configs"] == before["configs"] and after["has_configs"] == before["has_configs"]

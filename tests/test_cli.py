@@ -159,3 +159,28 @@ def test_control_demo_in_short_mode(tmp_path):
     grid = Image.open(tmp_path / "control_grid.png")
     assert grid.size == (2 * 128, 3 * 128)  # control, base and controlled rows at 2× scale
     assert (tmp_path / "model" / "ether_control.safetensors").is_file()
+
+
+def _with_metadata(path, out, **changes):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = {**f.metadata(), **changes}, {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+@pytest.mark.parametrize("fingerprint", ["{not json", "null", '{"unet": []}', '{"unet": {"to_q": [16]}}', "[" * 5000])
+def test_malformed_fingerprint_is_one_clear_error_in_inspect_and_sample(tmp_path, capsys, fingerprint):
+    from ether_diffusion import cli
+
+    model = TinyMLP()
+    inject(model, EtherConfig(method="ether", target_modules=["to_q"]), "dog")
+    good = save_adapter(tmp_path / "dog.safetensors", {"unet": model}, "dog")
+    bad = _with_metadata(good, tmp_path / "bad.safetensors", fingerprint=fingerprint)
+    for argv in (["inspect", str(bad)], ["sample", "--adapter", str(bad), "--prompt", "x", "--output_dir", "out"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: '{bad}'") and "fingerprint" in err and "Traceback" not in err
+        assert err.count("\n") == 1  # one line

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ether_diffusion.config import CONFIG_FORMAT_VERSION, TARGET_PRESETS, EtherConfig
+from ether_diffusion.config import CONFIG_FORMAT_VERSION, TARGET_PRESETS, EtherConfig, check_adapter_name
 
 
 def test_paper_defaults_per_method():
@@ -46,6 +46,18 @@ def test_targets_and_exclusions_match_whole_path_components():
         (dict(sides=("left",)), "sides must be a non-empty subset"),
         (dict(target_modules="everything"), "unknown target preset 'everything'"),
         (dict(target_modules=[]), "non-empty list"),
+        # wrong types are a ValueError too (a file's config reaches here), never a TypeError
+        (dict(method=["ether"]), "unknown ETHER method"),
+        (dict(n_blocks=True), "n_blocks must be a positive integer"),
+        (dict(sides="input"), "sides must be a non-empty subset"),  # not the characters of "input"
+        (dict(sides=[["input"]]), "sides must be a non-empty subset"),
+        (dict(sides=5), "sides must be a non-empty subset"),
+        (dict(target_modules=5), "target_modules must be a preset name or a non-empty list"),
+        (dict(target_modules=["to_q", 5]), "target_modules must be a preset name or a non-empty list"),
+        (dict(exclude_modules="mid_block"), r"exclude_modules must be a list of module-path fragments"),
+        (dict(exclude_modules=[None]), r"exclude_modules must be a list of module-path fragments"),
+        (dict(init_seed="7"), "init_seed must be an integer"),
+        (dict(init_seed=1.5), "init_seed must be an integer"),
     ],
 )
 def test_invalid_configs_say_what_is_wrong(kwargs, message):
@@ -59,3 +71,32 @@ def test_unknown_version_and_fields_are_rejected():
         EtherConfig.from_dict({**data, "format_version": 99})
     with pytest.raises(ValueError, match=r"unknown fields \['rank'\]"):
         EtherConfig.from_dict({**data, "rank": 4})
+
+
+@pytest.mark.parametrize("name", ["a", "subject", "my-star_2", "0", "A" * 64])
+def test_valid_adapter_names_pass_through(name):
+    assert check_adapter_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "-lead", "_lead", "has space", "dot.ted", "../up", "a/b", "ä", "A" * 65, "trailing\n", None, 3],
+)
+def test_invalid_adapter_names_say_which_characters_are_allowed(name):
+    with pytest.raises(ValueError, match=r"invalid adapter name .*letters.*digits, '_' or '-', starting with"):
+        check_adapter_name(name)
+
+
+def test_the_name_rule_is_the_one_inject_and_load_use():
+    import torch
+
+    from ether_diffusion import inject
+
+    with pytest.raises(ValueError, match="invalid adapter name 'x y'"):
+        inject(torch.nn.Sequential(torch.nn.Linear(4, 4)), EtherConfig(target_modules=["0"]), "x y")
+
+
+def test_from_dict_refuses_what_is_not_a_dict():
+    for data in (None, [], "ether", 3):
+        with pytest.raises(ValueError, match="an EtherConfig is a JSON object of its fields"):
+            EtherConfig.from_dict(data)

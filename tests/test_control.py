@@ -205,6 +205,16 @@ def test_wrong_files_are_refused_and_nothing_changes(pipe, tmp_path):
     with pytest.raises(AdapterFileError, match="truncated, corrupt"):
         fresh.load_control_weights(corrupt)
     assert fresh.condition_encoder is None and fresh.get_list_ether_adapters() == {}
+    # finite in the file's float32, inf in a float16 pipeline: refused before anything is loaded
+    with torch.no_grad():
+        loud = _trained_like(pipe)
+        loud.conv_in.weight[0, 0, 0, 0] = 1e5
+    loud_file = save_control_weights(tmp_path / "loud.safetensors", pipe.unet, loud, "c")
+    delete_adapter(pipe.unet, "c")
+    half = EtherControlPipeline.from_pretrained(str(default_model_path()), safety_checker=None).to(torch.float16)
+    with pytest.raises(AdapterFileError, match=r"conv_in.weight do not fit in this pipeline's torch.float16"):
+        half.load_control_weights(loud_file)
+    assert half.condition_encoder is None and half.get_list_ether_adapters() == {}
     fresh.load_control_weights(control_file)  # still loads after the failures
     with pytest.raises(ValueError, match="already has a control model"):
         fresh.load_control_weights(control_file)

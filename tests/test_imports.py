@@ -13,6 +13,7 @@ def test_core_modules_import_with_diffusers_blocked():
         import torch
         from ether_diffusion import EtherConfig, inject
         from ether_diffusion.layers import EtherLinear
+        from ether_diffusion.mixed import MixedBatch  # noqa: F401
         from ether_diffusion.reflection import METHODS
         from ether_diffusion.io import save_adapter, load_adapter
         layer = EtherLinear(torch.nn.Linear(4, 4), "x")

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from conftest import randomize_adapters
+from conftest import assert_model_unchanged, model_record, randomize_adapters
+from torch import nn
 from torch.testing import assert_close
 
 from ether_diffusion import (
@@ -147,7 +148,7 @@ def test_several_named_adapters(mlp):
     assert_close(mlp(x), outputs[("a",)])
     delete_adapter(mlp, "a")  # the last adapter: the model is back to its own modules
     assert not any(isinstance(m, EtherLayer) for m in mlp.modules())
-    assert_close(mlp(x), base_out)  # ETHER was unmerged by reflecting again: equal up to rounding
+    assert torch.equal(mlp(x), base_out)  # unmerge restored the stored weights bit for bit
 
 
 def test_mixed_batch_on_a_model(tiny_unet):
@@ -167,3 +168,50 @@ def test_mixed_batch_on_a_model(tiny_unet):
     assert_close(mixed, torch.cat(expected), rtol=1e-4, atol=1e-5)
     with pytest.raises(KeyError, match="unknown adapters"), mixed_batch(tiny_unet, ["a", "zzz"]):
         pass
+
+
+def test_unsupported_layer_is_refused_before_anything_changes(mlp):
+    mlp.block["to_out"].append(nn.Conv2d(8, 8, 3, padding=1))  # block.to_out.1, a 3×3 convolution
+    before = model_record(mlp)
+    with pytest.raises(ValueError, match=r"'block.to_out.1' \(a 3×3 convolution; ETHER adapts only 1×1"):
+        inject(mlp, EtherConfig(method="ether", target_modules=["to_q", "to_k", "to_out.1"]))
+    assert_model_unchanged(mlp, before)
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["fresh", "with-another-adapter"])
+@pytest.mark.parametrize("fail_at", [1, 3, 4])
+def test_inject_failing_half_way_restores_the_model(mlp, monkeypatch, existing, fail_at):
+    """Whatever fails after the checks (here: memory, at the n-th layer) leaves the model exactly as it was."""
+    if existing:
+        inject(mlp, EtherConfig(method="ether_plus", target_modules=["to_q", "to_v"]), "old")
+        randomize_adapters(mlp)
+        set_active_adapters(mlp, ["old"], 0.5)
+    before = model_record(mlp)
+    calls = []
+    add_adapter = EtherLayer.add_adapter
+
+    def add_adapter_or_fail(self, *args, **kwargs):
+        calls.append(self.layer_name)
+        if len(calls) == fail_at:
+            raise MemoryError("simulated: out of memory")
+        return add_adapter(self, *args, **kwargs)
+
+    monkeypatch.setattr(EtherLayer, "add_adapter", add_adapter_or_fail)
+    with pytest.raises(MemoryError):
+        inject(mlp, EtherConfig(method="ether", target_modules=MLP_TARGETS), "new")
+    assert len(calls) == fail_at
+    assert_model_unchanged(mlp, before)
+
+
+def test_targeting_resnet_convolutions_is_a_clear_value_error(tiny_unet):
+    """``--target_modules conv1``: a ValueError naming the layers and what to do (it was a TypeError)."""
+    before = model_record(tiny_unet)
+    with pytest.raises(ValueError) as info:
+        inject(tiny_unet, EtherConfig(method="ether", target_modules=["conv1"]))
+    message = str(info.value)
+    assert "matches 8 layer(s) ETHER cannot adapt: 'down_blocks.0.resnets.0.conv1' (a 3×3 convolution" in message
+    assert "Narrow target_modules (presets: text-encoder-attention, unet-attention" in message
+    assert "or add those layers to exclude_modules" in message
+    assert_model_unchanged(tiny_unet, before)
+    with pytest.raises(ValueError, match=r"'mid_block.attentions.0.transformer_blocks.0.attn1' \(a module of type Att"):
+        inject(tiny_unet, EtherConfig(method="ether", target_modules=["attn1"], exclude_modules=["down_blocks"]))

@@ -57,13 +57,19 @@ def test_merge_matches_forward_and_unmerge_restores(kind, config):
     assert_close(layer(x), unmerged_out)
 
 
-def test_ether_unmerge_reapplies_the_reflection_without_a_copy():
-    layer = make_layer(config=EtherConfig(method="ether", n_blocks=2))
-    layer.merge()
-    assert layer._weight_before_merge is None  # H·H = I: no stored copy needed
-    plus = make_layer(config=EtherConfig(method="ether_plus", n_blocks=2))
-    plus.merge()
-    assert plus._weight_before_merge is not None  # ETHER+ may be singular: keep a copy
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method}-n{c.n_blocks}-{'+'.join(c.sides)}")
+def test_ten_merge_unmerge_cycles_leave_the_weight_bit_identical(config, dtype):
+    layer = make_layer(config=config, names=("a", "b")).to(dtype)
+    original = layer.base_layer.weight.detach().clone()
+    for strengths in ([1.0, 1.0], [0.7, 1.0]):  # the published method and a blend
+        layer.set_active(["a", "b"], strengths)
+        for _ in range(10):
+            layer.merge()
+            assert not torch.equal(layer.base_layer.weight, original)
+            layer.unmerge()
+            assert torch.equal(layer.base_layer.weight, original)  # a stored copy, not the reflection re-applied
+    assert layer._weight_before_merge is None  # the copy lives only while merged
 
 
 def test_safe_merge_refuses_non_finite_and_changes_nothing():
@@ -122,7 +128,7 @@ def test_keeps_dtype_and_device(dtype):
 
 
 def test_only_pointwise_convolutions_are_wrapped():
-    with pytest.raises(TypeError, match="1×1"):
+    with pytest.raises(ValueError, match="'conv_in' is a 3×3 convolution; ETHER adapts only 1×1"):
         EtherConv2d(nn.Conv2d(8, 8, 3, padding=1), "conv_in")
 
 
@@ -178,13 +184,99 @@ def test_mixed_batch_reuses_its_gathered_factors_only_while_nothing_changes():
     with torch.no_grad():
         layer.set_mixed_batch(["a", "b"], torch.tensor([0, 1]))
         first = layer(x)
-        gathered = layer._mixed_cache["input"][2]
-        assert layer(x) is not first and layer._mixed_cache["input"][2] is gathered  # steps reuse the gather
+        gathered = layer._mixed.gathered["input"].factors
+        assert layer(x) is not first and layer._mixed.gathered["input"].factors is gathered  # steps reuse the gather
+        layer(torch.cat([x, x]))  # classifier-free guidance doubles the batch: gathered again for two copies
+        assert layer._mixed.gathered["input"].repeat == 2 and layer._mixed.gathered["input"].factors[0].shape[0] == 4
+        gathered = layer._mixed.gathered["input"].factors
         layer.ether_adapters["b"].ether_u.add_(1.0)  # a vector changes between steps
-        changed = layer(x)
-        assert layer._mixed_cache["input"][2] is not gathered
+        changed = layer(torch.cat([x, x]))[:2]
+        assert layer._mixed.gathered["input"].factors is not gathered
         layer.strengths["a"] = 0.5  # so does a strength
         halved = layer(x)
         expected = one_by_one()
     assert_close(halved, expected)
     assert not torch.allclose(changed, first)
+
+
+def _new_values(layer, seed=5):
+    generator = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=generator) for k, v in layer.ether_adapters.state_dict().items()}
+
+
+def _via_data_copy(layer, new):
+    for key, param in layer.ether_adapters.named_parameters():
+        param.data.copy_(new[key])  # .data has its own version counter: the parameter's does not move
+
+
+def _via_data_assignment(layer, new):
+    for key, param in layer.ether_adapters.named_parameters():
+        param.data = new[key].clone()
+
+
+def _via_load_state_dict(layer, new):
+    layer.ether_adapters.load_state_dict(new)
+
+
+def _via_load_state_dict_assign(layer, new):
+    layer.ether_adapters.load_state_dict(new, assign=True)
+
+
+def _via_ema_copy_to(layer, new):
+    from diffusers.training_utils import EMAModel
+
+    params = list(layer.ether_adapters.parameters())
+    ema = EMAModel(params)
+    for shadow, key in zip(ema.shadow_params, layer.ether_adapters.state_dict()):
+        shadow.copy_(new[key])
+    ema.copy_to(params)  # diffusers writes param.data.copy_(...)
+
+
+def _via_numpy_view(layer, new):
+    for key, param in layer.ether_adapters.named_parameters():
+        param.detach().numpy()[...] = new[key].numpy()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_via_data_copy, _via_data_assignment, _via_load_state_dict, _via_load_state_dict_assign, _via_ema_copy_to]
+    + [_via_numpy_view],
+    ids=lambda f: f.__name__[5:],
+)
+@pytest.mark.parametrize("method", ["ether", "ether_plus"])
+def test_cached_factors_follow_every_way_a_vector_changes(change, method):
+    layer = make_layer(config=EtherConfig(method=method, n_blocks=2, sides=("input", "output")))
+    x = sample_input("linear")
+    with torch.no_grad():
+        before = layer(x)  # fills the inference cache
+        assert torch.equal(layer(x), before)
+        change(layer, _new_values(layer))
+        after = layer(x)
+    fresh = layer(x)  # with autograd: factors computed from the vectors as they are now, no cache
+    assert not torch.allclose(after, before, atol=1e-3)
+    assert_close(after, fresh.detach(), rtol=0, atol=0)
+
+
+def test_cached_factors_follow_a_dtype_change():
+    layer = make_layer(config=EtherConfig(method="ether_plus", n_blocks=2))
+    x = sample_input("linear")
+    with torch.no_grad():
+        layer(x)
+        layer.to(torch.float64)  # Module._apply assigns .data: same parameter objects, same version counters
+        after = layer(x.double())
+        assert layer.ether_adapters["a"]._cache.factors.input[0].dtype == torch.float64
+    assert_close(after, layer(x.double()).detach(), rtol=0, atol=0)
+
+
+def test_cache_is_reused_while_nothing_changes():
+    layer = make_layer(config=EtherConfig(method="ether_plus", n_blocks=2))
+    x = sample_input("linear")
+    adapter = layer.ether_adapters["a"]
+    with torch.no_grad():
+        layer(x)
+        factors = adapter._cache.factors
+        layer(x)
+        assert adapter._cache.factors is factors  # same tensors: mixed batches key their gathers on them
+        layer.set_active(["a"], [0.5])
+        layer(x)
+        assert adapter._cache.factors is not factors  # a new strength

@@ -135,3 +135,12 @@ def test_ether_n1_equals_peft_hra_r1():
     with torch.no_grad():
         hra_layer.hra_u["default"].copy_(adapter.ether_u.detach().T)  # PEFT keeps u as (in, r)
     assert_close(theirs(x), expected_ours)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_a_zero_block_stays_zero_in_every_dtype(dtype):
+    vectors = torch.zeros(2, 4, dtype=dtype)
+    vectors[1] = 1.0
+    unit = unit_blocks(vectors)
+    assert torch.equal(unit[0], vectors[0])  # not NaN: 1e-12 is 0 in float16
+    assert_close(unit[1], torch.full((4,), 0.5, dtype=dtype))

@@ -263,3 +263,20 @@ def test_a_full_disk_during_a_checkpoint_leaves_no_partial_folder(world, tmp_pat
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the run resumes from checkpoint-1
     result = train(config.replace(resume_from_checkpoint="latest"))
     assert result.global_step == 3 and len(result.losses) == 2
+
+
+def test_a_full_disk_at_the_final_save_keeps_the_previous_adapter(world, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    good = train(config_for(world, tmp_path, max_train_steps=1, no_final_reload=True)).adapter_path
+    good_bytes = good.read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)  # what got written before the disk filled up
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("ether_diffusion.io.save_file", disk_full)
+    with pytest.raises(OSError, match=r"could not write the adapter to .*No space left on device.*unchanged"):
+        train(config_for(world, tmp_path, max_train_steps=1, checkpointing_steps=5, no_final_reload=True))
+    assert good.read_bytes() == good_bytes
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -92,6 +92,13 @@ def load_control_weights(pipe, path: str | os.PathLike, adapter_name: str | None
     source = read_adapter_file(path, weight_name)
     encoder = encoder_from_file(source, str(path))
     encoder.check_fits(pipe.unet, pipe.vae_scale_factor)
+    dtype = pipe.unet.dtype  # checked as it will run: 1e5 is finite in float32 and inf in float16
+    overflow = sorted(k for k, v in encoder.state_dict().items() if not torch.isfinite(v.to(dtype)).all())
+    if overflow:
+        raise AdapterFileError(
+            f"'{path}': condition encoder weights {', '.join(overflow[:3])} do not fit in this pipeline's {dtype} "
+            "(they overflow to inf); load the pipeline in float32, or use a file trained for this precision"
+        )
     name = load_adapter(source, _components(pipe), adapter_name, accept_modules=True)
     attach_condition_encoder(pipe.unet, encoder.to(pipe.unet.device, pipe.unet.dtype).eval())
     pipe._ether_control = (name, bool(source.configs))

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..inject import validate_adapter_name
+from ..config import check_adapter_name
 
 __all__ = ["StudioError", "Workspace", "check_name", "inside", "slug"]
 
@@ -33,7 +33,7 @@ def check_name(name: str, what: str = "adapter name") -> str:
         raise StudioError(f"the {what} is empty; type a name such as 'my-star'")
     name = name.strip()
     try:
-        return validate_adapter_name(name)  # the library's rule: names become module keys and file names
+        return check_adapter_name(name)  # the library's rule: names become module keys and file names
     except ValueError:
         raise StudioError(
             f"the {what} {name!r} is not allowed: use 1-64 letters, digits, '_' or '-', starting with a letter or "

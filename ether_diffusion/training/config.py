@@ -22,8 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..config import SIDES, TARGET_PRESETS, EtherConfig
-from ..inject import validate_adapter_name
+from ..config import SIDES, TARGET_PRESETS, EtherConfig, check_adapter_name
 from ..models import default_model
 
 __all__ = ["ConfigError", "RunConfig", "option"]
@@ -249,7 +248,7 @@ class RunConfig:
                 "--mixed_precision fp16 needs a CUDA GPU; on this machine use --mixed_precision bf16 or no"
             )
         try:
-            validate_adapter_name(self.adapter_name)
+            check_adapter_name(self.adapter_name)
         except ValueError as err:
             raise ConfigError(f"--adapter_name: {err}") from None
         if self.pretrained_model_name_or_path is None:
