@@ -102,11 +102,11 @@ class EtherAdapter(nn.Module):
         way a vector changes: in place, through ``.data`` (``EMAModel.copy_to``), ``load_state_dict``, ``.to()``.
         On an accelerator that comparison would make the host wait for the device once per layer and forward, so
         there the factors are recomputed instead (a few small kernels on the vectors, queued without waiting);
-        meta tensors (parameter counting) are never cached either.
+        meta tensors (parameter counting) and ``torch.compile`` graphs (which fuse the few small ops) never cache.
         """
         vectors = tuple(self._parameters.values())
-        if torch.is_grad_enabled() or any(v.device.type != "cpu" for v in vectors):
-            return self._compute_factors(strength, dtype)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or any(v.device.type != "cpu" for v in vectors):
+            return self._compute_factors(strength, dtype)  # traced into a compiled graph, no data-dependent check
         cached = self._cache
         if (
             cached is None

@@ -89,10 +89,11 @@ def _stack_slots(layer: EtherLayer, side: str, factors: list):
     """Per-slot factors stacked as (S, d, r), (S, r, d), zero-padded to a common rank; ``None`` if all empty."""
     width = layer.in_features if side == "input" else layer.out_features
     device = layer.plain.weight.device
-    rank = max((found[0].shape[1] for found in factors if found is not None), default=0)
-    if rank == 0:
+    present = [found for found in factors if found is not None]
+    if not present:
         return None
-    dtype = next(found[0].dtype for found in factors if found is not None)
+    rank = max([found[0].shape[1] for found in present])  # a list, not max(generator, default=): dynamo traces it
+    dtype = present[0][0].dtype
     down = torch.zeros(len(factors), width, rank, dtype=dtype, device=device)
     up = torch.zeros(len(factors), rank, width, dtype=dtype, device=device)
     for slot, found in enumerate(factors):

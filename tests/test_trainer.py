@@ -280,3 +280,34 @@ def test_a_full_disk_at_the_final_save_keeps_the_previous_adapter(world, tmp_pat
         train(config_for(world, tmp_path, max_train_steps=1, checkpointing_steps=5, no_final_reload=True))
     assert good.read_bytes() == good_bytes
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same_adapter(world, tmp_path):
+    """--compile runs the loop on a torch.compile'd UNet (here aot_eager: the traced forward and backward graphs
+    without code generation, fast on a CPU) and trains what the eager loop trains."""
+    from conftest import launch_env
+
+    from ether_diffusion.io import read_adapter_file
+
+    cli = Path(sys.executable).parent / "ether-diffusion"
+    common = ["train", "--pretrained_model_name_or_path", str(world / "model"), "--instance_data_dir",
+              str(world / "instance"), "--instance_prompt", "a sks star", "--quiet", "--max_train_steps", "3",
+              "--report_to", "none", "--ether_method", "ether_plus", "--n_blocks", "2"]  # fmt: skip
+    files = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile", "--dynamo_backend", "aot_eager"])):
+        out = tmp_path / name
+        run = subprocess.run(
+            [str(cli), *common, "--output_dir", str(out), *extra],
+            capture_output=True,
+            text=True,
+            env=launch_env(),
+            timeout=600,
+        )  # fmt: skip  (a fresh process: accelerate's state)
+        assert run.returncode == 0, run.stderr[-3000:]
+        files[name] = read_adapter_file(out / "ether_adapter.safetensors").tensors
+        card = (out / "README.md").read_text()
+        assert f"torch.compile {'aot_eager' if extra else 'no'}" in card  # the UNet really ran compiled
+    assert files["eager"].keys() == files["compiled"].keys()
+    for key, value in files["eager"].items():
+        torch.testing.assert_close(files["compiled"][key], value, rtol=1e-4, atol=1e-6)

@@ -128,6 +128,10 @@ class RunConfig:
         None, "default: accelerate's configuration, else no", choices=("no", "fp16", "bf16")
     )
     allow_tf32: bool = option(False, "TF32 matmuls on Ampere GPUs")
+    compile: bool = option(False, "torch.compile the trained models (the first steps are slower while it compiles)")
+    dynamo_backend: str = option(
+        "inductor", "torch.compile backend with --compile", choices=("inductor", "aot_eager", "eager", "cudagraphs")
+    )
     report_to: str = option("tensorboard", "tensorboard, wandb, all or none", same_run=False)
     logging_dir: str = option("logs", "TensorBoard folder inside --output_dir", same_run=False)
     dataloader_num_workers: int = option(0, "data loading processes", minimum=0, same_run=False)

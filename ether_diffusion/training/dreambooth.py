@@ -247,7 +247,7 @@ class DreamBoothTask(StableDiffusionTask):
             f"{config.gradient_accumulation_steps} accumulation × {result.num_processes} processes, resolution "
             f"{config.resolution}, seed {config.seed}",
             f"- snr_gamma {config.snr_gamma}, offset noise {config.offset_noise}, mixed precision "
-            f"{result.mixed_precision}",
+            f"{result.mixed_precision}, torch.compile {result.compiled or 'no'}",
             f"- adapter config: `{json.dumps(configs)}`",
         ]
         if samples_file:

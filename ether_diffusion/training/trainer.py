@@ -63,6 +63,7 @@ class TrainResult:
     validation_images: list[Path] = field(default_factory=list)
     mixed_precision: str = "no"
     num_processes: int = 1
+    compiled: str | None = None  # the torch.compile backend the trained modules ran under, if any
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -117,6 +118,7 @@ class Trainer:
             cpu=not has_accelerator,  # lets `accelerate launch --multi_gpu` / torchrun run data parallel on CPUs
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=config.mixed_precision,
+            dynamo_backend=config.dynamo_backend if config.compile else None,  # prepare() compiles what trains
             log_with=report_to,
             project_config=ProjectConfiguration(
                 project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
@@ -276,6 +278,8 @@ class Trainer:
         optimizer, loader, lr_scheduler = prepared[len(trainable) :]
         del prepared
         models = list(run.prepared.values())
+        if any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in models):
+            result.compiled = config.dynamo_backend
 
         # checkpoints hold the task's file (not the frozen weights), optimizer, scheduler, RNG, step and run record
         def save_hook(models, weights, folder):
