@@ -1,0 +1,385 @@
+"""The paper's subject-driven benchmark (Table 2 of the ETHER paper) on any DreamBooth-layout dataset:
+
+    ether-diffusion bench dreambooth --dataset dreambooth/dataset --model stable-diffusion-v1-5/stable-diffusion-v1-5
+    ether-diffusion bench export-world --output outputs/tiny-dreambooth      # the tiny world in that layout, then
+    ether-diffusion bench dreambooth --dataset outputs/tiny-dreambooth       # offline, scored by the world evaluator
+
+For every subject × method × learning-rate scale × seed it trains on the library's DreamBooth task and loop (what
+``ether-diffusion train`` runs; LoRA and OFT are PEFT peers on that same loop) with prior preservation on class
+images drawn once per class, reloads the saved file, samples K images per prompt from fixed seeds, and scores them
+(DINO, CLIP-I, CLIP-T; or the world evaluator's stand-ins). The base model is sampled and scored the same way, and
+the real images against each other give the ceiling. It writes ``dreambooth.json`` (every run), ``dreambooth.md``
+(mean ± sd over subjects) and ``dreambooth.png``, after every run; a rerun of the same command resumes (``runs``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..training.callbacks import Callback
+from ..training.checkpoints import latest_checkpoint
+from ..training.class_images import ensure_class_images
+from ..training.config import ConfigError, RunConfig, option
+from ..training.data import load_image_folder
+from ..training.dreambooth import DreamBoothConfig, DreamBoothTask
+from ..training.trainer import Trainer, TrainingDivergedError
+from .config import DREAMBOOTH_METHODS, BenchOptions, hidden, is_tiny_model
+from .dataset import DEFAULT_IDENTIFIER, LIVE_CLASSES, BenchSubject, SubjectDataset, load_subject_dataset
+from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DinoClipMetrics, SubjectMetrics, WorldMetrics
+from .report import machine, mean_sd, scores_line, summarise, write_result
+from .runs import BenchInterrupted, RunStore, read_json, write_json
+from .sampling import BasePipeline, adapted_modules, image_files, save_image, swapped
+
+__all__ = ["DreamBoothBenchConfig", "run_dreambooth_bench"]
+
+# (the paper's protocol on a real model, the tiny world's on the shipped one)
+DEFAULTS = {
+    "max_train_steps": (1400, 600),
+    "num_class_images": (200, 50),
+    "inference_steps": (50, 25),
+    "guidance_scale": (7.5, 5.0),
+    "images_per_prompt": (4, 2),
+    "metrics": ("dino-clip", "world"),
+    "scheduler": ("ddim", "ddim"),
+}
+QUICK = {"max_train_steps": 2, "num_class_images": 2, "inference_steps": 2, "images_per_prompt": 2, "num_prompts": 2}
+
+
+@dataclass(kw_only=True)
+class DreamBoothBenchConfig(BenchOptions, DreamBoothConfig):
+    task_name = "bench dreambooth"
+    description = (
+        "The DreamBooth benchmark (the ETHER paper's Table 2): train every subject × method × seed on a "
+        "DreamBooth-layout dataset, sample its prompts, score DINO / CLIP-I / CLIP-T (or the tiny world's "
+        "evaluator), resume where a previous run stopped. Every training flag applies to every run."
+    )
+
+    dataset: str = option(help="a DreamBooth-layout folder (google/dreambooth's dataset/, or `bench export-world`)",
+                          same_run=False)  # fmt: skip
+    subjects: list[str] | None = option(None, "subjects to run (default: all)", same_run=False)
+    live_classes: list[str] | None = option(None, "class nouns of live subjects (default: cat dog)")
+    identifier: str = option(DEFAULT_IDENTIFIER, "the subject's identifier token")
+    num_prompts: int | None = option(None, "evaluate the first N prompt templates (default: all 25)", minimum=1)
+    metrics: str | None = option(None, "dino-clip (the field's) or world (the tiny world's evaluator; default "
+                                 "for the shipped model)", choices=("dino-clip", "world"))  # fmt: skip
+    dino_model: str = option(DEFAULT_DINO_MODEL, "DINO ViT (hub id or local folder)")
+    clip_model: str = option(DEFAULT_CLIP_MODEL, "CLIP model (hub id or local folder)")
+    no_prior_preservation: bool = option(False, "train without class images (the paper uses them)")
+
+    # shared flags with the benchmark's defaults
+    pretrained_model_name_or_path: str | None = option(
+        None, "diffusers folder, hub id or single checkpoint file (default: the shipped tiny model)", flag="model"
+    )
+    output_dir: str = option("outputs/bench-dreambooth", "where runs, class images and the table go",
+                             same_run=False)  # fmt: skip
+    max_train_steps: int | None = option(None, "steps per run (default: 1400, the paper's; 600 on the tiny model)",
+                                         minimum=1)  # fmt: skip
+    num_class_images: int | None = option(None, "class images per class (default: 200, the paper's; 50 tiny)",
+                                          minimum=1)  # fmt: skip
+    report_to: str = option("none", "tensorboard, wandb, all or none (per run)", same_run=False)
+
+    # set per run by the benchmark
+    instance_data_dir: str = hidden("")
+    instance_prompt: str = hidden("")
+    class_data_dir: str | None = hidden()
+    class_prompt: str | None = hidden()
+    with_prior_preservation: bool = hidden(True)
+    prior_generation_precision: str | None = hidden()
+    ether_method: str = hidden("ether_plus")
+    learning_rate: float = hidden(6e-3)
+    seed: int = hidden(0)
+    resume_from_checkpoint: str | None = hidden()
+    validation_prompt: str | None = hidden()
+    validation_steps: int | None = hidden()
+    validation_epochs: int | None = hidden()
+    no_final_reload: bool = hidden(True)
+
+    def validate(self):
+        if self.quick:
+            for key, value in QUICK.items():
+                setattr(self, key, value)
+        RunConfig.validate(self)  # the shared checks (ranges, finiteness, model, adapter); per-run ones below
+        tiny = is_tiny_model(self.pretrained_model_name_or_path)
+        for key, (paper, world) in DEFAULTS.items():
+            if getattr(self, key) is None:
+                setattr(self, key, world if tiny else paper)
+        self.live_classes = list(self.live_classes or LIVE_CLASSES)
+        if not self.identifier.strip() or len(self.identifier.split()) != 1:
+            raise ConfigError(f"--identifier must be one word, not {self.identifier!r}")
+        self.check_grid(DREAMBOOTH_METHODS)
+        for method in self.methods:  # every training flag, checked once per method before anything runs
+            probe = BenchSubject("subject", "thing", False, Path("."), ())
+            self.run_config(probe, method, 1.0, 0, Path(".")).validate()
+        return self
+
+    def run_config(self, subject: BenchSubject, method: str, scale: float, seed: int, run_dir: Path,
+                   class_dir: Path | None = None) -> DreamBoothConfig:  # fmt: skip
+        """The DreamBooth configuration of one run: every shared flag, plus what the benchmark sets."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(DreamBoothConfig)}
+        rate = self.learning_rates(DREAMBOOTH_METHODS)[method] * scale
+        shared.update(
+            instance_data_dir=str(subject.folder),
+            instance_prompt=subject.instance_prompt(self.identifier),
+            class_prompt=subject.class_prompt,
+            class_data_dir=None if class_dir is None else str(class_dir),
+            with_prior_preservation=not self.no_prior_preservation,
+            seed=seed,
+            output_dir=str(run_dir / "train"),
+            resume_from_checkpoint="latest" if latest_checkpoint(run_dir / "train") else None,
+            checkpoints_total_limit=1,
+            validation_prompt=None,
+            validation_steps=None,
+            validation_epochs=None,
+            no_final_reload=True,
+            **DREAMBOOTH_METHODS[method].config_changes(rate),
+        )
+        return DreamBoothConfig(**shared)
+
+    def settings(self) -> dict:
+        """What every run shares (the benchmark's identity: a resume must match it)."""
+        identity = self.identity()
+        for name in ("instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt",
+                     "prior_generation_precision", "ether_method", "learning_rate", "seed"):  # fmt: skip
+            identity.pop(name, None)
+        if identity.get("metrics") != "dino-clip":
+            identity.pop("dino_model", None)
+            identity.pop("clip_model", None)
+        return identity
+
+
+class _RunWatch(Callback):
+    """Remembers where a run started (0, or the checkpoint it resumed from)."""
+
+    start_step = 0
+
+    def on_train_start(self, total_steps, start_step):
+        self.start_step = start_step
+
+
+def subject_metrics(config: DreamBoothBenchConfig, device) -> SubjectMetrics:
+    if config.metrics == "world":
+        return WorldMetrics()
+    return DinoClipMetrics(config.dino_model, config.clip_model, device)
+
+
+class _Bench:
+    """One invocation: the dataset, the metrics, the base pipeline and the output folder."""
+
+    def __init__(self, config: DreamBoothBenchConfig, callbacks, command: str | None, log):
+        self.config, self.callbacks, self.log = config, list(callbacks), log
+        self.command = command or "ether-diffusion bench dreambooth (called from Python)"
+        self.data: SubjectDataset = load_subject_dataset(config.dataset, config.live_classes)
+        self.subjects = self.data.select(config.subjects)
+        self.real = {s.name: load_image_folder(s.folder, f"subject '{s.name}'") for s in self.subjects}  # fail early
+        self.base = BasePipeline(config)
+        self.metrics = subject_metrics(config, self.base.device)
+        settings = {**config.settings(), "dataset": self.data.fingerprint(), **self.metrics.identity()}
+        self.store = RunStore(config.output_dir, "dreambooth", settings).open()
+        self.records: list[dict] = []
+
+    # --- one subject ------------------------------------------------------------------------------------------
+    def prompts(self, subject: BenchSubject):
+        return self.data.prompts(subject, self.config.identifier, self.config.num_prompts)
+
+    def seeds(self) -> list[int]:
+        return [self.config.eval_seed + k for k in range(self.config.images_per_prompt)]
+
+    def sample(self, pipe, subject: BenchSubject, folder: Path) -> list:
+        """K images per prompt into ``folder`` (only the missing ones are drawn), then all of them, read back."""
+        from ..sampling import sample_images
+
+        config = self.config
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for index, prompt in enumerate(self.prompts(subject)):
+            wanted = {seed: folder / f"{index:02d}-seed{seed}.png" for seed in self.seeds()}
+            missing = [seed for seed, path in wanted.items() if not path.is_file()]
+            for start in range(0, len(missing), config.sample_batch):
+                chunk = missing[start : start + config.sample_batch]
+                samples = sample_images(pipe, [prompt.text], chunk, num_inference_steps=config.inference_steps,
+                                        guidance_scale=config.guidance_scale, batch_size=len(chunk))  # fmt: skip
+                for sample in samples:
+                    save_image(sample.image, wanted[sample.seed])
+            paths += wanted.values()
+        return image_files(paths)
+
+    def texts(self, subject: BenchSubject) -> list[str]:
+        return [p.class_text for p in self.prompts(subject) for _ in self.seeds()]
+
+    def base_run(self, subject: BenchSubject) -> dict | None:
+        run_dir = self.store.run_dir(subject.name, "base")
+        done = self.store.finished(run_dir)
+        if done is not None or self.config.report_only:
+            return done
+        start = time.time()
+        images = self.sample(self.base.pipe, subject, run_dir / "samples")
+        real = self.real[subject.name]
+        record = dict(
+            subject=subject.name, class_noun=subject.class_noun, method="base", label="base model (no adapter)",
+            lr=None, lr_scale=None, seed=None, parameters=0, diverged=False, images=len(images),
+            metrics=self.metrics.score(images, self.texts(subject), real),
+            ceiling=self.metrics.real_ceiling(real), sample_seconds=time.time() - start,
+        )  # fmt: skip
+        self.log(f"{subject.name:<24} base model: {scores_line(record['metrics'])}")
+        return self.store.finish(run_dir, record)
+
+    def train(self, run_config: DreamBoothConfig, run_dir: Path) -> dict:
+        """Train (or finish training) one run; returns what the run record needs from it."""
+        watch = _RunWatch()
+        task = DreamBoothTask(run_config.validate())
+        try:
+            result = Trainer(task, [watch, *self.callbacks]).train()
+        except TrainingDivergedError as err:
+            return {"diverged": True, "error": str(err)}
+        finally:
+            del task
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        if result.stopped_early:  # the loop saved a checkpoint and an adapter of the unfinished run: drop the latter
+            if result.adapter_path is not None:
+                Path(result.adapter_path).unlink(missing_ok=True)
+            raise BenchInterrupted(
+                f"stopped at step {result.global_step} of {run_dir}; rerun the same command to resume from there"
+            )
+        info = dict(
+            train_seconds=result.train_seconds, timed=watch.start_step == 0, resumed_from_step=watch.start_step,
+            steps=result.global_step, final_loss=statistics.fmean(result.losses[-50:]) if result.losses else None,
+        )  # fmt: skip
+        write_json(run_dir / "train.json", info)
+        return info
+
+    def run(self, subject: BenchSubject, method: str, scale: float, seed: int) -> dict | None:
+        config = self.config
+        run_dir = self.store.run_dir(subject.name, config.run_name(method, scale, seed))
+        done = self.store.finished(run_dir)
+        if done is not None:
+            return done
+        if config.report_only:
+            return None
+        class_dir = None
+        if not config.no_prior_preservation:
+            class_dir = self.store.class_dir(subject.class_noun)
+            ensure_class_images(lambda: self.base.pipe, subject.class_prompt, class_dir, config.num_class_images,
+                                config.sample_batch_size, 0, config.inference_steps, config.guidance_scale,
+                                show_progress=not config.quiet)  # fmt: skip
+        run_config = config.run_config(subject, method, scale, seed, run_dir, class_dir)
+        adapter = run_dir / "train" / DreamBoothTask.weight_name
+        info = read_json(run_dir / "train.json") if adapter.is_file() else None
+        if info is None and not adapter.is_file():
+            info = self.train(run_config, run_dir)
+        info = info or {"train_seconds": None, "timed": False}  # trained, but its record was lost (killed)
+        record = dict(
+            subject=subject.name, class_noun=subject.class_noun, method=method,
+            label=DREAMBOOTH_METHODS[method].label, lr=run_config.learning_rate, lr_scale=scale, seed=seed,
+            parameters=None, metrics={}, **info,
+        )  # fmt: skip
+        record.setdefault("diverged", False)
+        if not record["diverged"]:
+            start = time.time()
+            task = DreamBoothTask(run_config)
+            modules, record["parameters"], _ = adapted_modules(self.base.pipe, task, adapter)
+            with swapped(self.base.pipe, modules) as pipe:
+                images = self.sample(pipe, subject, run_dir / "samples")
+            del modules
+            record.update(images=len(images), sample_seconds=time.time() - start,
+                          metrics=self.metrics.score(images, self.texts(subject), self.real[subject.name]))  # fmt: skip
+        self.log(
+            f"{subject.name:<24} {record['label']:<20} lr {record['lr']:.0e} seed {seed}: "
+            + ("diverged" if record["diverged"] else scores_line(record["metrics"]))
+            + ("" if record.get("train_seconds") is None else f" ({record['train_seconds']:.0f} s training)")
+        )
+        return self.store.finish(run_dir, record)
+
+    # --- the whole grid ---------------------------------------------------------------------------------------
+    def execute(self) -> dict:
+        config = self.config
+        missing = 0
+        for subject in self.subjects:
+            base = self.base_run(subject)
+            self.records += [base] if base else []
+            for method, scale, seed in config.grid():
+                record = self.run(subject, method, scale, seed)
+                if record is None:
+                    missing += 1
+                    continue
+                self.records.append(record)
+                self.write_report()
+        if missing:
+            self.log(f"{missing} run(s) of this grid are not finished yet; the table holds the finished ones")
+        return self.write_report()
+
+    def result(self) -> dict:
+        config = self.config
+        metrics = self.metrics.metrics
+        trained = [r for r in self.records if r["method"] != "base"]
+        bases = [r for r in self.records if r["method"] == "base"]
+        order = ["base", *config.methods]
+        summary = summarise(bases + trained, metrics, order, unit="subject")
+        ceilings = [r["ceiling"] for r in bases]
+        references = []
+        if ceilings:
+            real = {m.key: [c[m.key] for c in ceilings if m.key in c] for m in metrics}
+            references.append(dict(kind="ceiling", label="real images (to each other)", runs=len(ceilings),
+                                   metrics={k: mean_sd(v) for k, v in real.items() if v}))  # fmt: skip
+        about = [
+            f"Dataset: `{self.data.root}`, {len(self.subjects)} subjects "
+            f"({sum(s.live for s in self.subjects)} live); model `{config.pretrained_model_name_or_path}`",
+            f"Training: {config.max_train_steps} steps, batch {config.train_batch_size}, resolution "
+            f"{config.resolution or 'native'}, prior preservation "
+            + ("off" if config.no_prior_preservation else f"{config.num_class_images} class images × "
+               f"{config.prior_loss_weight:g}")
+            + f"; seeds {config.seeds}; lr scales {config.lr_scales}",
+            f"Evaluation: {len(self.prompts(self.subjects[0])) if self.subjects else 0} prompts × "
+            f"{config.images_per_prompt} images (seeds {self.seeds()}), {config.scheduler} {config.inference_steps} "
+            f"steps, guidance {config.guidance_scale:g}",
+        ]  # fmt: skip
+        return dict(
+            kind="dreambooth",
+            command=self.command,
+            date=time.strftime("%Y-%m-%d"),
+            machine=machine(),
+            about=about,
+            settings={
+                **config.settings(),
+                "methods": config.methods,
+                "seeds": config.seeds,
+                "lr_scales": config.lr_scales,
+                "subjects": [s.name for s in self.subjects],
+            },
+            dataset=dict(
+                root=str(self.data.root),
+                fingerprint=self.data.fingerprint(),
+                subjects={
+                    s.name: {"class": s.class_noun, "live": s.live, "images": len(s.image_paths)} for s in self.subjects
+                },
+            ),
+            metrics=[dataclasses.asdict(m) for m in metrics],
+            metrics_description=self.metrics.description,
+            rows=self.records,
+            summary=summary,
+            references=references,
+        )
+
+    def write_report(self) -> dict:
+        title = f"DreamBooth benchmark: {self.data.root.name}"
+        metrics = self.metrics.metrics
+        return write_result(self.config.output_dir, "dreambooth", self.result(), metrics, title, "subjects")
+
+
+def run_dreambooth_bench(config: DreamBoothBenchConfig, callbacks=(), command: str | None = None, log=print) -> dict:
+    """Validate ``config``, run (or resume) every run of its grid, and write the table; returns the result dict
+    (what ``dreambooth.json`` holds). ``callbacks`` go to every run's trainer (one asking to stop interrupts the
+    benchmark with ``BenchInterrupted``; rerunning resumes)."""
+    config.validate()
+    if command is None and sys.argv and sys.argv[0].endswith("ether-diffusion"):
+        command = " ".join(["ether-diffusion", *sys.argv[1:]])
+    return _Bench(config, callbacks, command, log).execute()
