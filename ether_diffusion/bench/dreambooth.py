@@ -15,27 +15,21 @@ the real images against each other give the ceiling. It writes ``dreambooth.json
 from __future__ import annotations
 
 import dataclasses
-import gc
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from ..training.callbacks import Callback
 from ..training.checkpoints import latest_checkpoint
 from ..training.class_images import ensure_class_images
 from ..training.config import ConfigError, RunConfig, option
 from ..training.data import load_image_folder
 from ..training.dreambooth import DreamBoothConfig, DreamBoothTask
-from ..training.trainer import Trainer, TrainingDivergedError
 from .config import DREAMBOOTH_METHODS, BenchOptions, hidden, is_tiny_model
 from .dataset import DEFAULT_IDENTIFIER, LIVE_CLASSES, BenchSubject, SubjectDataset, load_subject_dataset
 from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DinoClipMetrics, SubjectMetrics, WorldMetrics
 from .report import machine, mean_sd, scores_line, summarise, write_result
-from .runs import BenchInterrupted, RunStore, read_json, write_json
+from .runs import RunStore, read_json, train_run
 from .sampling import BasePipeline, adapted_modules, image_files, save_image, swapped
 
 __all__ = ["DreamBoothBenchConfig", "run_dreambooth_bench"]
@@ -155,15 +149,6 @@ class DreamBoothBenchConfig(BenchOptions, DreamBoothConfig):
         return identity
 
 
-class _RunWatch(Callback):
-    """Remembers where a run started (0, or the checkpoint it resumed from)."""
-
-    start_step = 0
-
-    def on_train_start(self, total_steps, start_step):
-        self.start_step = start_step
-
-
 def subject_metrics(config: DreamBoothBenchConfig, device) -> SubjectMetrics:
     if config.metrics == "world":
         return WorldMetrics()
@@ -231,32 +216,6 @@ class _Bench:
         self.log(f"{subject.name:<24} base model: {scores_line(record['metrics'])}")
         return self.store.finish(run_dir, record)
 
-    def train(self, run_config: DreamBoothConfig, run_dir: Path) -> dict:
-        """Train (or finish training) one run; returns what the run record needs from it."""
-        watch = _RunWatch()
-        task = DreamBoothTask(run_config.validate())
-        try:
-            result = Trainer(task, [watch, *self.callbacks]).train()
-        except TrainingDivergedError as err:
-            return {"diverged": True, "error": str(err)}
-        finally:
-            del task
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        if result.stopped_early:  # the loop saved a checkpoint and an adapter of the unfinished run: drop the latter
-            if result.adapter_path is not None:
-                Path(result.adapter_path).unlink(missing_ok=True)
-            raise BenchInterrupted(
-                f"stopped at step {result.global_step} of {run_dir}; rerun the same command to resume from there"
-            )
-        info = dict(
-            train_seconds=result.train_seconds, timed=watch.start_step == 0, resumed_from_step=watch.start_step,
-            steps=result.global_step, final_loss=statistics.fmean(result.losses[-50:]) if result.losses else None,
-        )  # fmt: skip
-        write_json(run_dir / "train.json", info)
-        return info
-
     def run(self, subject: BenchSubject, method: str, scale: float, seed: int) -> dict | None:
         config = self.config
         run_dir = self.store.run_dir(subject.name, config.run_name(method, scale, seed))
@@ -275,7 +234,7 @@ class _Bench:
         adapter = run_dir / "train" / DreamBoothTask.weight_name
         info = read_json(run_dir / "train.json") if adapter.is_file() else None
         if info is None and not adapter.is_file():
-            info = self.train(run_config, run_dir)
+            info = train_run(DreamBoothTask(run_config.validate()), run_dir, self.callbacks)
         info = info or {"train_seconds": None, "timed": False}  # trained, but its record was lost (killed)
         record = dict(
             subject=subject.name, class_noun=subject.class_noun, method=method,
@@ -347,6 +306,7 @@ class _Bench:
             command=self.command,
             date=time.strftime("%Y-%m-%d"),
             machine=machine(),
+            output_dir=str(config.output_dir),
             about=about,
             settings={
                 **config.settings(),
@@ -372,7 +332,8 @@ class _Bench:
     def write_report(self) -> dict:
         title = f"DreamBooth benchmark: {self.data.root.name}"
         metrics = self.metrics.metrics
-        return write_result(self.config.output_dir, "dreambooth", self.result(), metrics, title, "subjects")
+        return write_result(self.config.output_dir, "dreambooth", self.result(), metrics, title,
+                            "subjects (a subject's value is first averaged over its training seeds)")  # fmt: skip
 
 
 def run_dreambooth_bench(config: DreamBoothBenchConfig, callbacks=(), command: str | None = None, log=print) -> dict:

@@ -100,9 +100,8 @@ def markdown(result: dict, metrics: tuple[Metric, ...], title: str, unit_name: s
         *(f"{line}  " for line in result.get("about", [])),
         f"Metrics: {result['metrics_description']}",
         "",
-        f"Values are means ± standard deviation over {unit_name} (each {unit_name.rstrip('s')}'s value averaged over "
-        "its training seeds first); `runs` counts (unit, seed) runs, `diverged` the ones whose loss became "
-        "non-finite (left out of the means).",
+        f"Values are means ± standard deviation over {unit_name}; `runs` counts the runs of a row, `diverged` the "
+        "ones whose loss became non-finite (left out of the means).",
         "",
         "| method | lr (× paper) | trainable | runs | " + " | ".join(m.header for m in metrics) + " | train s |",
         "|---|---|---|---|" + "---|" * len(metrics) + "---|",

@@ -16,13 +16,27 @@ scored, an unfinished training continues from its last checkpoint (the trainer's
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
+import statistics
 from pathlib import Path
 
-from ..files import atomic_write
+import torch
 
-__all__ = ["BENCH_RECORD", "SCORES", "BenchInterrupted", "BenchMismatchError", "RunStore", "read_json", "write_json"]
+from ..files import atomic_write
+from ..training.callbacks import Callback
+
+__all__ = [
+    "BENCH_RECORD",
+    "SCORES",
+    "BenchInterrupted",
+    "BenchMismatchError",
+    "RunStore",
+    "read_json",
+    "train_run",
+    "write_json",
+]
 
 BENCH_RECORD = "bench.json"
 SCORES = "scores.json"
@@ -105,3 +119,47 @@ class RunStore:
         for checkpoint in (run_dir / "train").glob("checkpoint-*"):
             shutil.rmtree(checkpoint, ignore_errors=True)
         return record
+
+
+class _RunWatch(Callback):
+    """Remembers where a run started (0, or the step of the checkpoint it resumed from)."""
+
+    start_step = 0
+
+    def on_train_start(self, total_steps, start_step):
+        self.start_step = start_step
+
+
+def train_run(task, run_dir: Path, callbacks=()) -> dict:
+    """Train (or finish training) one run on the library's loop; returns what its record needs: train seconds
+    (``timed`` only when the run went from step 0 in this process), steps, final loss, or ``diverged``.
+
+    A run stopped by a callback keeps its checkpoint, loses the file the loop saves on stopping (so that it is not
+    taken for a finished run) and raises ``BenchInterrupted``."""
+    from ..training.trainer import Trainer, TrainingDivergedError
+
+    watch = _RunWatch()
+    try:
+        result = Trainer(task, [watch, *callbacks]).train()
+    except TrainingDivergedError as err:
+        return {"diverged": True, "error": str(err)}
+    finally:
+        del task
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if result.stopped_early:
+        if result.adapter_path is not None:
+            Path(result.adapter_path).unlink(missing_ok=True)
+        raise BenchInterrupted(
+            f"stopped at step {result.global_step} of {run_dir}; rerun the same command to resume from there"
+        )
+    info = dict(
+        train_seconds=result.train_seconds,
+        timed=watch.start_step == 0,
+        resumed_from_step=watch.start_step,
+        steps=result.global_step,
+        final_loss=statistics.fmean(result.losses[-50:]) if result.losses else None,
+    )
+    write_json(run_dir / "train.json", info)
+    return info
