@@ -216,7 +216,6 @@ class _ControlBench:
             self.reference = None  # the segmenter's reading of the real targets, made on first use
         settings = {**config.settings(), "eval_rows": len(self.rows), **self.segmenter.identity()}
         self.store = RunStore(config.output_dir, "control", settings).open()
-        self.records: list[dict] = []
 
     # --- pieces -----------------------------------------------------------------------------------------------
     def references(self) -> np.ndarray:
@@ -342,15 +341,12 @@ class _ControlBench:
         return self.store.finish(run_dir, record)
 
     def execute(self) -> dict:
-        base = self.base_run()
-        self.records += [base] if base else []
+        self.base_run()
         missing = 0
         for method, scale, seed in self.config.grid():
-            record = self.run(method, scale, seed)
-            if record is None:
+            if self.run(method, scale, seed) is None:
                 missing += 1
                 continue
-            self.records.append(record)
             self.write_report()
         if missing:
             self.log(f"{missing} run(s) of this grid are not finished yet; the table holds the finished ones")
@@ -358,9 +354,10 @@ class _ControlBench:
 
     def result(self) -> dict:
         config = self.config
-        records = [{**r, "seed": r["seed"] if r["seed"] is not None else 0} for r in self.records]
-        summary = summarise(records, self.metrics, ["base", *config.methods], unit="seed")
-        base = next((r for r in self.records if r["method"] == "base"), None)
+        records = self.store.collect()  # every finished run of this folder, also those of earlier invocations
+        units = [{**r, "seed": r["seed"] if r["seed"] is not None else 0} for r in records]
+        summary = summarise(units, self.metrics, ["base", *CONTROL_METHODS], unit="seed")
+        base = next((r for r in records if r["method"] == "base"), None)
         references = []
         if base is not None:
             references.append(dict(kind="ceiling", label=f"real targets ({base['reference']})", runs=len(self.rows),
@@ -370,8 +367,8 @@ class _ControlBench:
             f"model `{config.pretrained_model_name_or_path}`; segmenter `{config.segmenter}`",
             "Training: " + (f"{config.max_train_steps} steps" if config.max_train_steps else
                              f"{config.num_train_epochs} epochs") + f" × batch {config.train_batch_size}, encoder lr "
-            f"{config.encoder_learning_rate:g}, captions dropped with p={config.proportion_empty_prompts:g}; seeds "
-            f"{config.seeds}; lr scales {config.lr_scales}",
+            f"{config.encoder_learning_rate:g}, captions dropped with p={config.proportion_empty_prompts:g}; training "
+            f"seeds {sorted({r['seed'] for r in records if r['method'] != 'base'})}",
             f"Evaluation: {config.images_per_prompt} image(s) per row, {config.scheduler} {config.inference_steps} "
             f"steps, guidance {config.guidance_scale:g}",
         ]  # fmt: skip
@@ -404,7 +401,7 @@ class _ControlBench:
                     else ""
                 )
             ),  # fmt: skip
-            rows=self.records,
+            rows=records,
             summary=summary,
             references=references,
         )

@@ -168,7 +168,6 @@ class _Bench:
         self.metrics = subject_metrics(config, self.base.device)
         settings = {**config.settings(), "dataset": self.data.fingerprint(), **self.metrics.identity()}
         self.store = RunStore(config.output_dir, "dreambooth", settings).open()
-        self.records: list[dict] = []
 
     # --- one subject ------------------------------------------------------------------------------------------
     def prompts(self, subject: BenchSubject):
@@ -263,14 +262,11 @@ class _Bench:
         config = self.config
         missing = 0
         for subject in self.subjects:
-            base = self.base_run(subject)
-            self.records += [base] if base else []
+            self.base_run(subject)
             for method, scale, seed in config.grid():
-                record = self.run(subject, method, scale, seed)
-                if record is None:
+                if self.run(subject, method, scale, seed) is None:
                     missing += 1
                     continue
-                self.records.append(record)
                 self.write_report()
         if missing:
             self.log(f"{missing} run(s) of this grid are not finished yet; the table holds the finished ones")
@@ -279,9 +275,10 @@ class _Bench:
     def result(self) -> dict:
         config = self.config
         metrics = self.metrics.metrics
-        trained = [r for r in self.records if r["method"] != "base"]
-        bases = [r for r in self.records if r["method"] == "base"]
-        order = ["base", *config.methods]
+        records = self.store.collect()  # every finished run of this folder, also those of earlier invocations
+        trained = [r for r in records if r["method"] != "base"]
+        bases = [r for r in records if r["method"] == "base"]
+        order = ["base", *DREAMBOOTH_METHODS]
         summary = summarise(bases + trained, metrics, order, unit="subject")
         ceilings = [r["ceiling"] for r in bases]
         references = []
@@ -289,17 +286,20 @@ class _Bench:
             real = {m.key: [c[m.key] for c in ceilings if m.key in c] for m in metrics}
             references.append(dict(kind="ceiling", label="real images (to each other)", runs=len(ceilings),
                                    metrics={k: mean_sd(v) for k, v in real.items() if v}))  # fmt: skip
+        in_table = sorted({r["subject"] for r in records})
+        live = sum(self.data.subject(name).live for name in in_table)
         about = [
-            f"Dataset: `{self.data.root}`, {len(self.subjects)} subjects "
-            f"({sum(s.live for s in self.subjects)} live); model `{config.pretrained_model_name_or_path}`",
+            f"Dataset: `{self.data.root}`, {len(in_table)} of its {len(self.data.subjects)} subjects in the table "
+            f"({live} live); model `{config.pretrained_model_name_or_path}`",
             f"Training: {config.max_train_steps} steps, batch {config.train_batch_size}, resolution "
             f"{config.resolution or 'native'}, prior preservation "
             + ("off" if config.no_prior_preservation else f"{config.num_class_images} class images × "
                f"{config.prior_loss_weight:g}")
-            + f"; seeds {config.seeds}; lr scales {config.lr_scales}",
-            f"Evaluation: {len(self.prompts(self.subjects[0])) if self.subjects else 0} prompts × "
-            f"{config.images_per_prompt} images (seeds {self.seeds()}), {config.scheduler} {config.inference_steps} "
-            f"steps, guidance {config.guidance_scale:g}",
+            + f"; training seeds {sorted({r['seed'] for r in trained})}; lr scales "
+            f"{sorted({r['lr_scale'] for r in trained})}",
+            f"Evaluation: the first {config.num_prompts or 'all'} prompt templates × {config.images_per_prompt} images "
+            f"(seeds {self.seeds()}), {config.scheduler} {config.inference_steps} steps, guidance "
+            f"{config.guidance_scale:g}",
         ]  # fmt: skip
         return dict(
             kind="dreambooth",
@@ -308,23 +308,24 @@ class _Bench:
             machine=machine(),
             output_dir=str(config.output_dir),
             about=about,
-            settings={
-                **config.settings(),
-                "methods": config.methods,
-                "seeds": config.seeds,
-                "lr_scales": config.lr_scales,
-                "subjects": [s.name for s in self.subjects],
-            },
+            settings=config.settings(),
+            invocation=dict(
+                methods=config.methods,
+                seeds=config.seeds,
+                lr_scales=config.lr_scales,
+                subjects=[s.name for s in self.subjects],
+            ),  # fmt: skip
             dataset=dict(
                 root=str(self.data.root),
                 fingerprint=self.data.fingerprint(),
                 subjects={
-                    s.name: {"class": s.class_noun, "live": s.live, "images": len(s.image_paths)} for s in self.subjects
-                },
+                    s.name: {"class": s.class_noun, "live": s.live, "images": len(s.image_paths)}
+                    for s in self.data.subjects
+                },  # fmt: skip
             ),
             metrics=[dataclasses.asdict(m) for m in metrics],
             metrics_description=self.metrics.description,
-            rows=self.records,
+            rows=records,
             summary=summary,
             references=references,
         )

@@ -90,8 +90,9 @@ def preprocess(images, size: int, mean, std, resize_to: int | None = None) -> to
     batch = []
     for image in images:
         image = _as_rgb(image)
-        scale = resize_to / min(image.size)
-        width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        short, long = sorted(image.size)
+        new_long = max(size, int(resize_to * long / short))  # truncated, as torchvision's Resize(int) computes it
+        width, height = (resize_to, new_long) if image.width <= image.height else (new_long, resize_to)
         image = image.resize((width, height), Image.BICUBIC)
         left, top = (width - size) // 2, (height - size) // 2
         image = image.crop((left, top, left + size, top + size))

@@ -112,9 +112,22 @@ class RunStore:
         """The run's scores if it is finished, else None (a damaged scores.json counts as unfinished)."""
         return read_json(run_dir / SCORES)
 
+    def collect(self) -> list[dict]:
+        """Every finished run in the folder (this invocation's and earlier ones': the settings are the same), each
+        with ``run``, its folder relative to ``runs/``."""
+        records = []
+        for path in sorted((self.root / "runs").glob(f"*/*/{SCORES}")):
+            record = read_json(path)
+            if record is not None:
+                records.append({**record, "run": str(path.parent.relative_to(self.root / "runs"))})
+        return records
+
     @staticmethod
     def finish(run_dir: Path, record: dict) -> dict:
         """Mark the run finished with its scores, then drop its training checkpoints (the adapter file stays)."""
+        from .report import machine
+
+        record = {**record, "machine": record.get("machine") or machine()}
         write_json(run_dir / SCORES, record)
         for checkpoint in (run_dir / "train").glob("checkpoint-*"):
             shutil.rmtree(checkpoint, ignore_errors=True)
