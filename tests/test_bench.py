@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import build_char_tokenizer
+from conftest import build_metric_models
 from PIL import Image
 
 from ether_diffusion.bench.dataset import (
@@ -192,34 +192,7 @@ def test_world_export_is_a_dreambooth_dataset(tmp_path):
 
 @pytest.fixture(scope="module")
 def metric_models(tmp_path_factory):
-    """A tiny DINO ViT and a tiny CLIP (with a character tokenizer) saved as local folders, as --dino_model and
-    --clip_model would name them."""
-    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
-
-    root = tmp_path_factory.mktemp("metric-models")
-    torch.manual_seed(0)
-    dino = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                              image_size=32, patch_size=8), add_pooling_layer=False)  # fmt: skip
-    dino.save_pretrained(root / "dino")
-    (root / "tok").mkdir()
-    tokenizer = build_char_tokenizer(root / "tok")
-    text = dict(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        max_position_embeddings=16,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, image_size=32,
-                  patch_size=8)  # fmt: skip
-    clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
-    clip.save_pretrained(root / "clip")
-    tokenizer.save_pretrained(root / "clip")
-    return root / "dino", root / "clip"
+    return build_metric_models(tmp_path_factory.mktemp("metric-models"))
 
 
 def test_dino_and_clip_embeddings_have_the_models_shapes(metric_models):

@@ -93,7 +93,7 @@ class BenchOptions:
     scheduler: str | None = option(
         None, "sampler of evaluation (and class) images; model: the model's own", choices=("ddim", "dpm", "model")
     )
-    sample_batch: int = option(8, "images per sampling call", minimum=1, same_run=False)
+    sample_batch: int = option(8, "images per sampling call (evaluation and class images)", minimum=1, same_run=False)
     quick: bool = option(False, "a smoke test: 2 steps, 2 prompts, 2 images each, 2 sampling steps", same_run=False)
     report_only: bool = option(False, "train nothing: write the table from the runs already finished",
                                same_run=False)  # fmt: skip

@@ -38,7 +38,7 @@ from ..training.config import ConfigError, RunConfig, option
 from .config import CONTROL_METHODS, BenchOptions, hidden, is_tiny_model
 from .metrics import IGNORE_INDEX, Metric, Segmenter, TransformersSegmenter, WorldSegmenter, frechet_distance
 from .metrics import segmentation_scores as scores_of_masks
-from .report import machine, mean_sd, scores_line, summarise, write_result
+from .report import machine, mean_sd, sample_grid, scores_line, shown_runs, summarise, write_result
 from .runs import RunStore, read_json, train_run
 from .sampling import BasePipeline, adapted_modules, image_files, save_image, swapped
 
@@ -224,11 +224,12 @@ class _ControlBench:
             self.reference = self.segmenter.segment(self.real, size)
         return self.reference
 
-    def controls(self, resolution: int) -> list[Image.Image]:
+    def controls(self, resolution: int | None) -> list[Image.Image]:
+        """The rows' control images, resized to ``resolution`` (nearest: class colours stay exact) if given."""
         out = []
         for row in self.rows:
             control = open_control_image(row.control, "control image").convert("RGB")
-            if control.size != (resolution, resolution):
+            if resolution and control.size != (resolution, resolution):
                 control = control.resize((resolution, resolution), Image.NEAREST)  # class colours stay exact
             out.append(control)
         return out
@@ -406,8 +407,22 @@ class _ControlBench:
             references=references,
         )
 
+    def samples_figure(self, result: dict) -> None:
+        """``control_samples.png``: the first evaluation rows' controls and real targets, then the base model and
+        each method (lowest seed, ×1 or its first lr scale), image 0 of each."""
+        columns = min(6, len(self.rows))
+        rows = [("control", self.controls(None)[:columns]), ("real target", self.real[:columns])]
+        shown = [r for r in result["rows"] if r.get("images")]
+        for label, r in shown_runs(shown, ["base", *CONTROL_METHODS]):
+            folder = self.store.root / "runs" / r["run"] / "samples"
+            rows.append((label, [p for p in (folder / f"{i:05d}-0.png" for i in range(columns)) if p.is_file()]))
+        labels = sample_grid(rows, self.store.root / "control_samples.png")
+        result["samples_figure"] = {"file": "control_samples.png", "rows": labels}
+
     def write_report(self) -> dict:
-        return write_result(self.config.output_dir, "control", self.result(), self.metrics,
+        result = self.result()
+        self.samples_figure(result)
+        return write_result(self.config.output_dir, "control", result, self.metrics,
                             "Controllable synthesis benchmark", "training seeds")  # fmt: skip
 
 

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..training.checkpoints import latest_checkpoint
 from ..training.class_images import ensure_class_images
 from ..training.config import ConfigError, RunConfig, option
@@ -28,7 +30,7 @@ from ..training.dreambooth import DreamBoothConfig, DreamBoothTask
 from .config import DREAMBOOTH_METHODS, BenchOptions, hidden, is_tiny_model
 from .dataset import DEFAULT_IDENTIFIER, LIVE_CLASSES, BenchSubject, SubjectDataset, load_subject_dataset
 from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DinoClipMetrics, SubjectMetrics, WorldMetrics
-from .report import machine, mean_sd, scores_line, summarise, write_result
+from .report import machine, mean_sd, sample_grid, scores_line, shown_runs, summarise, write_result
 from .runs import RunStore, read_json, train_run
 from .sampling import BasePipeline, adapted_modules, image_files, save_image, swapped
 
@@ -87,6 +89,7 @@ class DreamBoothBenchConfig(BenchOptions, DreamBoothConfig):
     class_prompt: str | None = hidden()
     with_prior_preservation: bool = hidden(True)
     prior_generation_precision: str | None = hidden()
+    sample_batch_size: int = hidden(4)  # class images are drawn --sample_batch at a time
     ether_method: str = hidden("ether_plus")
     learning_rate: float = hidden(6e-3)
     seed: int = hidden(0)
@@ -177,23 +180,21 @@ class _Bench:
         return [self.config.eval_seed + k for k in range(self.config.images_per_prompt)]
 
     def sample(self, pipe, subject: BenchSubject, folder: Path) -> list:
-        """K images per prompt into ``folder`` (only the missing ones are drawn), then all of them, read back."""
-        from ..sampling import sample_images
-
+        """K images per prompt into ``folder`` (only the missing ones are drawn, ``sample_batch`` at a time; image k
+        of every prompt from seed ``eval_seed + k``), then all of them, read back."""
         config = self.config
         folder.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for index, prompt in enumerate(self.prompts(subject)):
-            wanted = {seed: folder / f"{index:02d}-seed{seed}.png" for seed in self.seeds()}
-            missing = [seed for seed, path in wanted.items() if not path.is_file()]
-            for start in range(0, len(missing), config.sample_batch):
-                chunk = missing[start : start + config.sample_batch]
-                samples = sample_images(pipe, [prompt.text], chunk, num_inference_steps=config.inference_steps,
-                                        guidance_scale=config.guidance_scale, batch_size=len(chunk))  # fmt: skip
-                for sample in samples:
-                    save_image(sample.image, wanted[sample.seed])
-            paths += wanted.values()
-        return image_files(paths)
+        wanted = [(prompt.text, seed, folder / f"{index:02d}-seed{seed}.png")
+                  for index, prompt in enumerate(self.prompts(subject)) for seed in self.seeds()]  # fmt: skip
+        missing = [item for item in wanted if not item[2].is_file()]
+        for start in range(0, len(missing), config.sample_batch):
+            chunk = missing[start : start + config.sample_batch]
+            images = pipe([text for text, _, _ in chunk], generator=[torch.Generator().manual_seed(seed)
+                          for _, seed, _ in chunk], num_inference_steps=config.inference_steps,
+                          guidance_scale=config.guidance_scale).images  # fmt: skip
+            for (_, _, path), image in zip(chunk, images):
+                save_image(image, path)
+        return image_files([path for _, _, path in wanted])
 
     def texts(self, subject: BenchSubject) -> list[str]:
         return [p.class_text for p in self.prompts(subject) for _ in self.seeds()]
@@ -227,7 +228,7 @@ class _Bench:
         if not config.no_prior_preservation:
             class_dir = self.store.class_dir(subject.class_noun)
             ensure_class_images(lambda: self.base.pipe, subject.class_prompt, class_dir, config.num_class_images,
-                                config.sample_batch_size, 0, config.inference_steps, config.guidance_scale,
+                                config.sample_batch, 0, config.inference_steps, config.guidance_scale,
                                 show_progress=not config.quiet)  # fmt: skip
         run_config = config.run_config(subject, method, scale, seed, run_dir, class_dir)
         adapter = run_dir / "train" / DreamBoothTask.weight_name
@@ -330,10 +331,28 @@ class _Bench:
             references=references,
         )
 
+    def samples_figure(self, result: dict) -> None:
+        """``dreambooth_samples.png``: for the first subject of the table, its real images, then the base model and
+        each method (lowest seed, ×1 or its first lr scale) on the first prompts, image 0 of each."""
+        records = [r for r in result["rows"] if r.get("images")]
+        if not records:
+            return
+        subject = sorted({r["subject"] for r in records})[0]
+        columns = 6
+        names = [f"{i:02d}-seed{self.config.eval_seed}.png" for i in range(columns)]
+        rows = [("real images", list(self.data.subject(subject).image_paths[:columns]))]
+        for label, r in shown_runs([r for r in records if r["subject"] == subject], ["base", *DREAMBOOTH_METHODS]):
+            samples = self.store.root / "runs" / r["run"] / "samples"
+            rows.append((label, [p for p in (samples / n for n in names) if p.is_file()]))
+        labels = sample_grid(rows, self.store.root / "dreambooth_samples.png")
+        result["samples_figure"] = {"file": "dreambooth_samples.png", "subject": subject, "rows": labels}
+
     def write_report(self) -> dict:
         title = f"DreamBooth benchmark: {self.data.root.name}"
         metrics = self.metrics.metrics
-        return write_result(self.config.output_dir, "dreambooth", self.result(), metrics, title,
+        result = self.result()
+        self.samples_figure(result)
+        return write_result(self.config.output_dir, "dreambooth", result, metrics, title,
                             "subjects (a subject's value is first averaged over its training seeds)")  # fmt: skip
 
 

@@ -17,7 +17,17 @@ from ..files import atomic_write
 from .metrics import Metric
 from .runs import write_json
 
-__all__ = ["format_value", "machine", "markdown", "mean_sd", "plot", "scores_line", "summarise", "write_result"]
+__all__ = [
+    "format_value",
+    "machine",
+    "markdown",
+    "mean_sd",
+    "plot",
+    "sample_grid",
+    "scores_line",
+    "summarise",
+    "write_result",
+]
 
 
 def mean_sd(values: list[float]) -> dict:
@@ -115,6 +125,10 @@ def markdown(result: dict, metrics: tuple[Metric, ...], title: str, unit_name: s
     for row in result.get("references", []):
         cells = " | ".join(format_value(row["metrics"].get(m.key)) for m in metrics)
         lines.append(f"| {row['label']} | — | — | {row.get('runs', '—')} | {cells} | — |")
+    figure = result.get("samples_figure")
+    if figure:
+        where = f" (subject {figure['subject']})" if figure.get("subject") else ""
+        lines += ["", f"Samples{where}: `{figure['file']}`, rows top to bottom: {', '.join(figure['rows'])}."]
     lines += ["", f"Settings: `{_compact(settings)}`", ""]
     return "\n".join(lines)
 
@@ -184,3 +198,38 @@ def write_result(folder: Path, stem: str, result: dict, metrics: tuple[Metric, .
         with atomic_write(folder / f"{stem}.png") as tmp:
             plot(result, metrics, tmp, title)
     return result
+
+
+def shown_runs(records: list[dict], order: list[str]) -> list[tuple[str, dict]]:
+    """One run per method for a samples figure, in ``order``: its lowest seed at ×1 (else its lowest scale)."""
+    chosen: dict = {}
+    for record in sorted(records, key=lambda r: (r["lr_scale"] not in (None, 1.0), r["lr_scale"] or 0, r["seed"] or 0)):
+        chosen.setdefault(record["method"], record)
+    return [
+        (r["label"] + ("" if r["lr_scale"] in (None, 1.0) else f" ×{r['lr_scale']:g}"), r)
+        for r in (chosen[m] for m in order if m in chosen)
+    ]
+
+
+def sample_grid(rows: list[tuple[str, list]], path: Path, cell: int = 128) -> list[str]:
+    """One row of images per ``(label, images)`` (PIL images or paths), every image fitted into ``cell`` pixels
+    (nearest-neighbour: a 64-pixel world image stays sharp), written atomically; returns the row labels."""
+    from PIL import Image
+
+    from ..images import open_image
+    from ..training.artifacts import make_grid
+
+    rows = [(label, images) for label, images in rows if images]
+    if not rows:
+        return []
+    columns = max(len(images) for _, images in rows)
+    blank = Image.new("RGB", (cell, cell), "white")
+    tiles = []
+    for _, images in rows:
+        for image in images:
+            image = open_image(image) if isinstance(image, (str, Path)) else image.convert("RGB")
+            tiles.append(image.resize((cell, cell), Image.NEAREST if image.width < cell else Image.BICUBIC))
+        tiles += [blank] * (columns - len(images))
+    with atomic_write(path) as tmp:
+        make_grid(tiles, columns).save(tmp, format="PNG")
+    return [label for label, _ in rows]
