@@ -139,7 +139,7 @@ class ControlBenchConfig(BenchOptions, ControlConfig):
         shared.update(
             seed=seed,
             output_dir=str(run_dir / "train"),
-            resume_from_checkpoint="latest" if latest_checkpoint(run_dir / "train") else None,
+            resume_from_checkpoint=None,  # the run sets "latest" when it has a checkpoint
             checkpoints_total_limit=1,
             validation_prompt=None,
             validation_image=None,
@@ -151,10 +151,8 @@ class ControlBenchConfig(BenchOptions, ControlConfig):
         return ControlConfig(**shared)
 
     def settings(self) -> dict:
-        identity = self.identity()
-        for name in ("no_adapters", "ether_method", "learning_rate", "seed"):
-            identity.pop(name, None)
-        return identity
+        """What every run shares (the benchmark's identity: a resume must match it)."""
+        return self.identity()
 
 
 @dataclass(frozen=True)
@@ -209,7 +207,7 @@ class _ControlBench:
         self.metrics = (Metric("miou", "mIoU"), Metric("pixel_accuracy", "pixel acc"))
         if self.world:
             self.metrics += (Metric("prompt_fidelity", "prompt fidelity", "CLIP-T"), Metric("fd", "FD", "FID", False))
-        self.real = image_files([r.image for r in self.rows])
+        self._real = None
         if self.rows[0].mask is not None:
             self.reference = np.stack([read_mask(r.mask) for r in self.rows])
         else:
@@ -218,16 +216,23 @@ class _ControlBench:
         self.store = RunStore(config.output_dir, "control", settings).open()
 
     # --- pieces -----------------------------------------------------------------------------------------------
+    @property
+    def real(self) -> list:
+        """The rows' target images (read on first use: a large evaluation set needs them only for some metrics)."""
+        if self._real is None:
+            self._real = image_files([r.image for r in self.rows])
+        return self._real
+
     def references(self) -> np.ndarray:
         if self.reference is None:
             size = self.real[0].size[::-1]
             self.reference = self.segmenter.segment(self.real, size)
         return self.reference
 
-    def controls(self, resolution: int | None) -> list[Image.Image]:
-        """The rows' control images, resized to ``resolution`` (nearest: class colours stay exact) if given."""
+    def controls(self, resolution: int | None, count: int | None = None) -> list[Image.Image]:
+        """The first ``count`` rows' control images, resized to ``resolution`` (nearest: class colours stay exact)."""
         out = []
-        for row in self.rows:
+        for row in self.rows[:count]:
             control = open_control_image(row.control, "control image").convert("RGB")
             if resolution and control.size != (resolution, resolution):
                 control = control.resize((resolution, resolution), Image.NEAREST)  # class colours stay exact
@@ -316,7 +321,9 @@ class _ControlBench:
         run_config = config.run_config(method, scale, seed, run_dir)
         path = run_dir / "train" / ControlTask.weight_name
         info = read_json(run_dir / "train.json") if path.is_file() else None
-        if info is None and not path.is_file():
+        if info is None and not path.is_file():  # not trained yet, or its training was interrupted
+            if latest_checkpoint(run_dir / "train"):  # continue the interrupted training exactly
+                run_config.resume_from_checkpoint = "latest"
             info = train_run(ControlTask(run_config.validate()), run_dir, self.callbacks)
         info = info or {"train_seconds": None, "timed": False}
         adapters = CONTROL_METHODS[method].adapters
@@ -411,7 +418,7 @@ class _ControlBench:
         """``control_samples.png``: the first evaluation rows' controls and real targets, then the base model and
         each method (lowest seed, ×1 or its first lr scale), image 0 of each."""
         columns = min(6, len(self.rows))
-        rows = [("control", self.controls(None)[:columns]), ("real target", self.real[:columns])]
+        rows = [("control", self.controls(None, columns)), ("real target", [r.image for r in self.rows[:columns]])]
         shown = [r for r in result["rows"] if r.get("images")]
         for label, r in shown_runs(shown, ["base", *CONTROL_METHODS]):
             folder = self.store.root / "runs" / r["run"] / "samples"

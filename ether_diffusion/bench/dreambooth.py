@@ -130,7 +130,7 @@ class DreamBoothBenchConfig(BenchOptions, DreamBoothConfig):
             with_prior_preservation=not self.no_prior_preservation,
             seed=seed,
             output_dir=str(run_dir / "train"),
-            resume_from_checkpoint="latest" if latest_checkpoint(run_dir / "train") else None,
+            resume_from_checkpoint=None,  # the run sets "latest" when it has a checkpoint
             checkpoints_total_limit=1,
             validation_prompt=None,
             validation_steps=None,
@@ -141,11 +141,9 @@ class DreamBoothBenchConfig(BenchOptions, DreamBoothConfig):
         return DreamBoothConfig(**shared)
 
     def settings(self) -> dict:
-        """What every run shares (the benchmark's identity: a resume must match it)."""
+        """What every run shares (the benchmark's identity: a resume must match it); the fields set per run and
+        the grid are not part of it."""
         identity = self.identity()
-        for name in ("instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt",
-                     "prior_generation_precision", "ether_method", "learning_rate", "seed"):  # fmt: skip
-            identity.pop(name, None)
         if identity.get("metrics") != "dino-clip":
             identity.pop("dino_model", None)
             identity.pop("clip_model", None)
@@ -224,16 +222,17 @@ class _Bench:
             return done
         if config.report_only:
             return None
-        class_dir = None
-        if not config.no_prior_preservation:
-            class_dir = self.store.class_dir(subject.class_noun)
-            ensure_class_images(lambda: self.base.pipe, subject.class_prompt, class_dir, config.num_class_images,
-                                config.sample_batch, 0, config.inference_steps, config.guidance_scale,
-                                show_progress=not config.quiet)  # fmt: skip
+        class_dir = None if config.no_prior_preservation else self.store.class_dir(subject.class_noun)
         run_config = config.run_config(subject, method, scale, seed, run_dir, class_dir)
         adapter = run_dir / "train" / DreamBoothTask.weight_name
         info = read_json(run_dir / "train.json") if adapter.is_file() else None
-        if info is None and not adapter.is_file():
+        if info is None and not adapter.is_file():  # not trained yet, or its training was interrupted
+            if class_dir is not None:  # drawn once per class by the base model, shared by subjects and methods
+                ensure_class_images(lambda: self.base.pipe, subject.class_prompt, class_dir, config.num_class_images,
+                                    config.sample_batch, 0, config.inference_steps, config.guidance_scale,
+                                    show_progress=not config.quiet)  # fmt: skip
+            if latest_checkpoint(run_dir / "train"):  # continue the interrupted training exactly
+                run_config.resume_from_checkpoint = "latest"
             info = train_run(DreamBoothTask(run_config.validate()), run_dir, self.callbacks)
         info = info or {"train_seconds": None, "timed": False}  # trained, but its record was lost (killed)
         record = dict(

@@ -99,9 +99,8 @@ class RunStore:
         return self
 
     def run_dir(self, group: str, name: str) -> Path:
-        folder = self.root / "runs" / group / name
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
+        """The folder of a run (made when the run first writes into it)."""
+        return self.root / "runs" / group / name
 
     def class_dir(self, class_noun: str) -> Path:
         slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in class_noun.strip()) or "class"
@@ -128,6 +127,7 @@ class RunStore:
         from .report import machine
 
         record = {**record, "machine": record.get("machine") or machine()}
+        run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / SCORES, record)
         for checkpoint in (run_dir / "train").glob("checkpoint-*"):
             shutil.rmtree(checkpoint, ignore_errors=True)
