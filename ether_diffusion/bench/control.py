@@ -101,7 +101,11 @@ class ControlBenchConfig(BenchOptions, ControlConfig):
     validation_image: list[str] | None = hidden()
     validation_steps: int | None = hidden()
     validation_epochs: int | None = hidden()
+    num_validation_images: int = hidden(2)
+    validation_inference_steps: int = hidden(25)  # evaluation uses --inference_steps
+    validation_guidance_scale: float = hidden(5.0)  # and --guidance_scale
     no_final_reload: bool = hidden(True)
+    local_rank: int = hidden(-1)  # one process
 
     def validate(self):
         if self.quick:
@@ -196,14 +200,18 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 class _ControlBench:
-    def __init__(self, config: ControlBenchConfig, callbacks, command: str | None, log):
+    def __init__(self, config: ControlBenchConfig, callbacks, command: str | None, log, segmenter=None):
         self.config, self.callbacks, self.log = config, list(callbacks), log
         self.command = command or "ether-diffusion bench control (called from Python)"
         self.rows = read_eval_rows(config)
         self.base = BasePipeline(config, _control_pipeline_class())
         self.world = config.segmenter == "world"
         device = self.base.device
-        self.segmenter: Segmenter = WorldSegmenter() if self.world else TransformersSegmenter(config.segmenter, device)
+        if segmenter is not None:
+            self.world = isinstance(segmenter, WorldSegmenter)
+        else:
+            segmenter = WorldSegmenter() if self.world else TransformersSegmenter(config.segmenter, device)
+        self.segmenter: Segmenter = segmenter
         self.metrics = (Metric("miou", "mIoU"), Metric("pixel_accuracy", "pixel acc"))
         if self.world:
             self.metrics += (Metric("prompt_fidelity", "prompt fidelity", "CLIP-T"), Metric("fd", "FD", "FID", False))
@@ -467,9 +475,11 @@ def _control_pipeline_class():
     return EtherControlPipeline
 
 
-def run_control_bench(config: ControlBenchConfig, callbacks=(), command: str | None = None, log=print) -> dict:
-    """Validate ``config``, run (or resume) every run of its grid and write the table; returns the result dict."""
+def run_control_bench(config: ControlBenchConfig, callbacks=(), command: str | None = None, log=print,
+                      segmenter: Segmenter | None = None) -> dict:  # fmt: skip
+    """Validate ``config``, run (or resume) every run of its grid and write the table; returns the result dict.
+    ``segmenter``: any ``Segmenter`` instead of the one ``config.segmenter`` names."""
     config.validate()
     if command is None and sys.argv and sys.argv[0].endswith("ether-diffusion"):
         command = " ".join(["ether-diffusion", *sys.argv[1:]])
-    return _ControlBench(config, callbacks, command, log).execute()
+    return _ControlBench(config, callbacks, command, log, segmenter).execute()

@@ -97,7 +97,12 @@ class DreamBoothBenchConfig(BenchOptions, DreamBoothConfig):
     validation_prompt: str | None = hidden()
     validation_steps: int | None = hidden()
     validation_epochs: int | None = hidden()
+    num_validation_images: int = hidden(4)
+    validation_inference_steps: int = hidden(25)  # evaluation uses --inference_steps
+    validation_guidance_scale: float = hidden(7.5)  # and --guidance_scale
     no_final_reload: bool = hidden(True)
+    num_train_epochs: int = hidden(1)  # runs are --max_train_steps long
+    local_rank: int = hidden(-1)  # one process (several: one per GPU on other --subjects, into one folder)
 
     def validate(self):
         if self.quick:
@@ -159,14 +164,14 @@ def subject_metrics(config: DreamBoothBenchConfig, device) -> SubjectMetrics:
 class _Bench:
     """One invocation: the dataset, the metrics, the base pipeline and the output folder."""
 
-    def __init__(self, config: DreamBoothBenchConfig, callbacks, command: str | None, log):
+    def __init__(self, config: DreamBoothBenchConfig, callbacks, command: str | None, log, metrics=None):
         self.config, self.callbacks, self.log = config, list(callbacks), log
         self.command = command or "ether-diffusion bench dreambooth (called from Python)"
         self.data: SubjectDataset = load_subject_dataset(config.dataset, config.live_classes)
         self.subjects = self.data.select(config.subjects)
         self.real = {s.name: load_image_folder(s.folder, f"subject '{s.name}'") for s in self.subjects}  # fail early
         self.base = BasePipeline(config)
-        self.metrics = subject_metrics(config, self.base.device)
+        self.metrics = metrics if metrics is not None else subject_metrics(config, self.base.device)
         settings = {**config.settings(), "dataset": self.data.fingerprint(), **self.metrics.identity()}
         self.store = RunStore(config.output_dir, "dreambooth", settings).open()
 
@@ -355,11 +360,13 @@ class _Bench:
                             "subjects (a subject's value is first averaged over its training seeds)")  # fmt: skip
 
 
-def run_dreambooth_bench(config: DreamBoothBenchConfig, callbacks=(), command: str | None = None, log=print) -> dict:
+def run_dreambooth_bench(config: DreamBoothBenchConfig, callbacks=(), command: str | None = None, log=print,
+                         metrics: SubjectMetrics | None = None) -> dict:  # fmt: skip
     """Validate ``config``, run (or resume) every run of its grid, and write the table; returns the result dict
     (what ``dreambooth.json`` holds). ``callbacks`` go to every run's trainer (one asking to stop interrupts the
-    benchmark with ``BenchInterrupted``; rerunning resumes)."""
+    benchmark with ``BenchInterrupted``; rerunning resumes). ``metrics``: any ``SubjectMetrics`` instead of the one
+    ``config.metrics`` names (its ``identity()`` is recorded with the folder's settings)."""
     config.validate()
     if command is None and sys.argv and sys.argv[0].endswith("ether-diffusion"):
         command = " ".join(["ether-diffusion", *sys.argv[1:]])
-    return _Bench(config, callbacks, command, log).execute()
+    return _Bench(config, callbacks, command, log, metrics).execute()
