@@ -16,7 +16,15 @@ from pathlib import Path
 from ..models import default_model
 from ..training.config import ConfigError, option
 
-__all__ = ["CONTROL_METHODS", "DREAMBOOTH_METHODS", "BenchOptions", "Method", "hidden", "is_tiny_model"]
+__all__ = [
+    "CONTROL_METHODS",
+    "DREAMBOOTH_METHODS",
+    "BenchOptions",
+    "Method",
+    "hidden",
+    "is_tiny_model",
+    "shipped_model_named",
+]
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,16 @@ def is_tiny_model(model: str | None) -> bool:
         return Path(model).resolve() == Path(default_model()).resolve()
     except OSError:
         return False
+
+
+SHIPPED_MODEL = "the shipped tiny model"
+
+
+def shipped_model_named(identity: dict) -> dict:
+    """The shipped model by name, not by its path in this checkout (another checkout resumes the same folder)."""
+    if is_tiny_model(identity.get("pretrained_model_name_or_path")):
+        identity["pretrained_model_name_or_path"] = SHIPPED_MODEL
+    return identity
 
 
 @dataclass(kw_only=True)

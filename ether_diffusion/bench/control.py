@@ -35,7 +35,7 @@ from ..control.data import ControlDataError, ControlDataset, open_control_image
 from ..control.train import ControlConfig, ControlTask
 from ..training.checkpoints import latest_checkpoint
 from ..training.config import ConfigError, RunConfig, option
-from .config import CONTROL_METHODS, BenchOptions, hidden, is_tiny_model
+from .config import CONTROL_METHODS, BenchOptions, hidden, is_tiny_model, shipped_model_named
 from .metrics import IGNORE_INDEX, Metric, Segmenter, TransformersSegmenter, WorldSegmenter, frechet_distance
 from .metrics import segmentation_scores as scores_of_masks
 from .report import machine, mean_sd, sample_grid, scores_line, shown_runs, summarise, write_result
@@ -156,7 +156,7 @@ class ControlBenchConfig(BenchOptions, ControlConfig):
 
     def settings(self) -> dict:
         """What every run shares (the benchmark's identity: a resume must match it)."""
-        return self.identity()
+        return shipped_model_named(self.identity())
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ class _ControlBench:
         else:
             self.reference = None  # the segmenter's reading of the real targets, made on first use
         settings = {**config.settings(), "eval_rows": len(self.rows), **self.segmenter.identity()}
-        self.store = RunStore(config.output_dir, "control", settings).open()
+        self.store = RunStore(config.output_dir, "control", settings, self.command).open()
 
     # --- pieces -----------------------------------------------------------------------------------------------
     @property
@@ -380,7 +380,7 @@ class _ControlBench:
                                    metrics={k: mean_sd([v]) for k, v in base["real"].items()}))  # fmt: skip
         about = [
             f"Data: train `{config.train_data_dir}`, evaluation `{config.eval_data_dir}` ({len(self.rows)} rows); "
-            f"model `{config.pretrained_model_name_or_path}`; segmenter `{config.segmenter}`",
+            f"model `{config.settings()['pretrained_model_name_or_path']}`; segmenter `{config.segmenter}`",
             "Training: " + (f"{config.max_train_steps} steps" if config.max_train_steps else
                              f"{config.num_train_epochs} epochs") + f" × batch {config.train_batch_size}, encoder lr "
             f"{config.encoder_learning_rate:g}, captions dropped with p={config.proportion_empty_prompts:g}; training "

@@ -27,7 +27,7 @@ from ..training.class_images import ensure_class_images
 from ..training.config import ConfigError, RunConfig, option
 from ..training.data import load_image_folder
 from ..training.dreambooth import DreamBoothConfig, DreamBoothTask
-from .config import DREAMBOOTH_METHODS, BenchOptions, hidden, is_tiny_model
+from .config import DREAMBOOTH_METHODS, BenchOptions, hidden, is_tiny_model, shipped_model_named
 from .dataset import DEFAULT_IDENTIFIER, LIVE_CLASSES, BenchSubject, SubjectDataset, load_subject_dataset
 from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DinoClipMetrics, SubjectMetrics, WorldMetrics
 from .report import machine, mean_sd, sample_grid, scores_line, shown_runs, summarise, write_result
@@ -148,7 +148,7 @@ class DreamBoothBenchConfig(BenchOptions, DreamBoothConfig):
     def settings(self) -> dict:
         """What every run shares (the benchmark's identity: a resume must match it); the fields set per run and
         the grid are not part of it."""
-        identity = self.identity()
+        identity = shipped_model_named(self.identity())
         if identity.get("metrics") != "dino-clip":
             identity.pop("dino_model", None)
             identity.pop("clip_model", None)
@@ -173,7 +173,7 @@ class _Bench:
         self.base = BasePipeline(config)
         self.metrics = metrics if metrics is not None else subject_metrics(config, self.base.device)
         settings = {**config.settings(), "dataset": self.data.fingerprint(), **self.metrics.identity()}
-        self.store = RunStore(config.output_dir, "dreambooth", settings).open()
+        self.store = RunStore(config.output_dir, "dreambooth", settings, self.command).open()
 
     # --- one subject ------------------------------------------------------------------------------------------
     def prompts(self, subject: BenchSubject):
@@ -295,7 +295,7 @@ class _Bench:
         live = sum(self.data.subject(name).live for name in in_table)
         about = [
             f"Dataset: `{self.data.root}`, {len(in_table)} of its {len(self.data.subjects)} subjects in the table "
-            f"({live} live); model `{config.pretrained_model_name_or_path}`",
+            f"({live} live); model `{config.settings()['pretrained_model_name_or_path']}`",
             f"Training: {config.max_train_steps} steps, batch {config.train_batch_size}, resolution "
             f"{config.resolution or 'native'}, prior preservation "
             + ("off" if config.no_prior_preservation else f"{config.num_class_images} class images × "

@@ -106,6 +106,11 @@ def markdown(result: dict, metrics: tuple[Metric, ...], title: str, unit_name: s
         f"# {title}",
         "",
         f"Command: `{result['command']}`  ",
+        *(
+            f"Runs made by: `{c}`  "
+            for c in sorted({r["command"] for r in result["rows"] if r.get("command")})
+            if c != result["command"]
+        ),  # fmt: skip
         f"Machine: {result['machine']}; {result['date']}  ",
         *(f"{line}  " for line in result.get("about", [])),
         f"Metrics: {result['metrics_description']}",
@@ -164,9 +169,12 @@ def plot(result: dict, metrics: tuple[Metric, ...], path: Path, title: str) -> P
         axis.set_xticks(range(len(trained)))
         axis.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
         axis.set_title(metric.header + (f"\n(for {metric.stands_for})" if metric.stands_for else ""), fontsize=9)
-        finite = [m - s for m, s in zip(means, sds) if math.isfinite(m)]
-        if finite:
-            axis.set_ylim(bottom=max(0.0, min(finite) - 0.1))
+        lows = [m - s for m, s in zip(means, sds) if math.isfinite(m)]
+        lows += [
+            r["metrics"][metric.key]["mean"] for r in (base, ceiling) if r and r["metrics"].get(metric.key, {}).get("n")
+        ]
+        if lows:  # bars start near the lowest value shown (the base model's line included), not at 0
+            axis.set_ylim(bottom=max(0.0, min(lows) - 0.1))
         axis.grid(axis="y", alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:

@@ -70,8 +70,8 @@ def _plain(value):
 
 
 class RunStore:
-    def __init__(self, root: str | Path, kind: str, identity: dict):
-        self.root, self.kind, self.identity = Path(root), kind, _plain(identity)
+    def __init__(self, root: str | Path, kind: str, identity: dict, command: str | None = None):
+        self.root, self.kind, self.identity, self.command = Path(root), kind, _plain(identity), command
 
     def open(self) -> RunStore:
         """Create the folder, or check that it holds a benchmark of these settings (``BenchMismatchError``)."""
@@ -121,12 +121,12 @@ class RunStore:
                 records.append({**record, "run": str(path.parent.relative_to(self.root / "runs"))})
         return records
 
-    @staticmethod
-    def finish(run_dir: Path, record: dict) -> dict:
-        """Mark the run finished with its scores, then drop its training checkpoints (the adapter file stays)."""
+    def finish(self, run_dir: Path, record: dict) -> dict:
+        """Mark the run finished with its scores (and the machine and command that made it), then drop its training
+        checkpoints (the adapter file stays)."""
         from .report import machine
 
-        record = {**record, "machine": record.get("machine") or machine()}
+        record = {**record, "machine": record.get("machine") or machine(), "command": self.command}
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / SCORES, record)
         for checkpoint in (run_dir / "train").glob("checkpoint-*"):
