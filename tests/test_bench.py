@@ -360,6 +360,9 @@ def test_dreambooth_bench_flags_defaults_and_per_run_configs(tmp_path):
     quick = DreamBoothBenchConfig.from_args(["--dataset", str(tmp_path), "--quick"])
     assert (quick.max_train_steps, quick.num_prompts, quick.inference_steps) == (2, 2, 2)
     assert "max_train_steps" in real.settings() and "learning_rate" not in real.settings()
+    # the shipped model is named, not located: a folder made in one checkout resumes from another
+    assert tiny.settings()["pretrained_model_name_or_path"] == "the shipped tiny model"
+    assert real.settings()["pretrained_model_name_or_path"] == "some/sd-1.5"
 
 
 @pytest.mark.parametrize(

@@ -302,7 +302,8 @@ class _Bench:
                f"{config.prior_loss_weight:g}")
             + f"; training seeds {sorted({r['seed'] for r in trained})}; lr scales "
             f"{sorted({r['lr_scale'] for r in trained})}",
-            f"Evaluation: the first {config.num_prompts or 'all'} prompt templates × {config.images_per_prompt} images "
+            f"Evaluation: {f'the first {config.num_prompts}' if config.num_prompts else 'all'} prompt templates × "
+            f"{config.images_per_prompt} images "
             f"(seeds {self.seeds()}), {config.scheduler} {config.inference_steps} steps, guidance "
             f"{config.guidance_scale:g}",
         ]  # fmt: skip
