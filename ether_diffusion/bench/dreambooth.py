@@ -169,13 +169,21 @@ class _Bench:
         self.command = command or "ether-diffusion bench dreambooth (called from Python)"
         self.data: SubjectDataset = load_subject_dataset(config.dataset, config.live_classes)
         self.subjects = self.data.select(config.subjects)
-        self.real = {s.name: load_image_folder(s.folder, f"subject '{s.name}'") for s in self.subjects}  # fail early
+        for subject in self.subjects:  # every image decodes, before any model loads (kept one subject at a time)
+            load_image_folder(subject.folder, f"subject '{subject.name}'")
+        self._real: tuple[str, list] | None = None
         self.base = BasePipeline(config)
         self.metrics = metrics if metrics is not None else subject_metrics(config, self.base.device)
         settings = {**config.settings(), "dataset": self.data.fingerprint(), **self.metrics.identity()}
         self.store = RunStore(config.output_dir, "dreambooth", settings, self.command).open()
 
     # --- one subject ------------------------------------------------------------------------------------------
+    def real(self, subject: BenchSubject) -> list:
+        """The subject's dataset images (the last subject's are kept: 30 subjects of photos would fill memory)."""
+        if self._real is None or self._real[0] != subject.name:
+            self._real = (subject.name, load_image_folder(subject.folder, f"subject '{subject.name}'"))
+        return self._real[1]
+
     def prompts(self, subject: BenchSubject):
         return self.data.prompts(subject, self.config.identifier, self.config.num_prompts)
 
@@ -209,7 +217,7 @@ class _Bench:
             return done
         start = time.time()
         images = self.sample(self.base.pipe, subject, run_dir / "samples")
-        real = self.real[subject.name]
+        real = self.real(subject)
         record = dict(
             subject=subject.name, class_noun=subject.class_noun, method="base", label="base model (no adapter)",
             lr=None, lr_scale=None, seed=None, parameters=0, diverged=False, images=len(images),
@@ -254,7 +262,7 @@ class _Bench:
                 images = self.sample(pipe, subject, run_dir / "samples")
             del modules
             record.update(images=len(images), sample_seconds=time.time() - start,
-                          metrics=self.metrics.score(images, self.texts(subject), self.real[subject.name]))  # fmt: skip
+                          metrics=self.metrics.score(images, self.texts(subject), self.real(subject)))  # fmt: skip
         self.log(
             f"{subject.name:<24} {record['label']:<20} lr {record['lr']:.0e} seed {seed}: "
             + ("diverged" if record["diverged"] else scores_line(record["metrics"]))
