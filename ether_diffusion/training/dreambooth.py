@@ -176,6 +176,11 @@ class DreamBoothConfig(RunConfig):
             raise ConfigError("--text_encoder_lr/--adam_weight_decay_text_encoder need --train_text_encoder")
         if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:
             raise ConfigError("--text_encoder_lr must be positive")
+        if self.optimizer == "prodigy" and self.text_encoder_lr not in (None, self.learning_rate):
+            raise ConfigError(
+                "Prodigy takes one learning rate for every parameter group (it scales its own step-size estimate): "
+                "drop --text_encoder_lr, or give it --learning_rate's value"
+            )
         if self.dataset_name:
             try:
                 import datasets  # noqa: F401
