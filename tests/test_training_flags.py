@@ -375,3 +375,20 @@ def test_sdxl_with_captions_repeats_and_both_caches(world, tmp_path):
     assert_close(task.text_table["encoder_hidden_states"][:1], embeds, rtol=1e-5, atol=1e-6)
     assert_close(task.text_table["text_embeds"][:1], pooled, rtol=1e-5, atol=1e-6)
     assert all(np.isfinite(result.losses)) and len(result.losses) == 6
+
+
+# --- checkpoints of an earlier version -------------------------------------------------------------------------------
+def test_a_checkpoint_without_the_new_fields_resumes_as_their_defaults(world, tmp_path):
+    from ether_diffusion.training import ResumeMismatchError
+
+    run(config_for(world, tmp_path, max_train_steps=2, checkpointing_steps=1))
+    record_file = tmp_path / "checkpoint-1" / "run.json"
+    record = json.loads(record_file.read_text())
+    for name in ("cache_latents", "optimizer", "repeats", "caption_extension"):  # written before these flags existed
+        del record["config"][name]
+    record_file.write_text(json.dumps(record))
+    resumed = dict(max_train_steps=2, checkpointing_steps=1, resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    with pytest.raises(ResumeMismatchError, match="--repeats: checkpoint 1, now 2"):
+        run(config_for(world, tmp_path, repeats=2, **resumed))
+    _, _, result = run(config_for(world, tmp_path, **resumed))
+    assert result.global_step == 2 and len(result.losses) == 1
