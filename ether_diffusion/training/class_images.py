@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..files import atomic_write
 from .data import IMAGE_EXTENSIONS
+from .progress import Progress
 
 __all__ = ["ensure_class_images"]
 
@@ -43,7 +43,7 @@ def ensure_class_images(
     if progress is not None:
         progress(0, missing)
     pipe = make_pipeline()
-    bar = tqdm(total=missing, desc="class images", disable=not show_progress)
+    bar = Progress(missing, "class images", every=batch_size, disable=not show_progress)
     for start in range(0, missing, batch_size):
         if progress is not None and start:
             progress(start, missing)
@@ -58,7 +58,7 @@ def ensure_class_images(
         for index, image in zip(chunk, images):
             with atomic_write(class_dir / f"class-{index:05d}.png") as tmp:
                 image.save(tmp, format="PNG")
-        bar.update(len(chunk))
+        bar.update(start + len(chunk))
     bar.close()
     if progress is not None:
         progress(missing, missing)

@@ -16,6 +16,7 @@ Run under ``accelerate launch`` (data parallel, mixed precision) or plain ``pyth
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -24,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import __version__
 from .artifacts import make_grid, save_samples, write_text
@@ -32,6 +32,8 @@ from .callbacks import Callback, CallbackList, Preparation, ValidationEvent
 from .checkpoints import checkpoint_step, latest_checkpoint, save_checkpoint
 from .config import ConfigError
 from .data import EpochShuffleSampler
+from .hub import create_repository, upload_output
+from .progress import Progress
 from .task import Run, Task
 
 __all__ = ["ResumeMismatchError", "TrainResult", "Trainer", "TrainingDivergedError", "TrainingStopped"]
@@ -135,6 +137,20 @@ class Trainer:
 
     def _optimizer(self, groups: list[dict]):
         config = self.config
+        if config.optimizer == "prodigy":  # diffusers' train_dreambooth_lora_sdxl.py choice; lr ~1.0 scales its step
+            import prodigyopt
+
+            return prodigyopt.Prodigy(
+                groups,
+                lr=config.learning_rate,
+                betas=(config.adam_beta1, config.adam_beta2),
+                beta3=config.prodigy_beta3,
+                weight_decay=config.adam_weight_decay,
+                eps=config.adam_epsilon,
+                decouple=config.prodigy_decouple,
+                use_bias_correction=config.prodigy_use_bias_correction,
+                safeguard_warmup=config.prodigy_safeguard_warmup,
+            )
         if config.use_8bit_adam:
             import bitsandbytes as bnb
 
@@ -182,6 +198,9 @@ class Trainer:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ResumeMismatchError(f"'{record_file}' is unreadable ({err}); cannot tell whose run it is") from err
         current = self._run_record()
+        # a field added to the configuration after the checkpoint was written: the run used its default
+        defaults = {f.name: f.default for f in dataclasses.fields(self.config) if f.default is not dataclasses.MISSING}
+        recorded = {**_json_ready({k: v for k, v in defaults.items() if k in current["config"]}), **recorded}
         if recorded_task != current["task"]:
             raise ResumeMismatchError(
                 f"'{checkpoint}' is a checkpoint of a {recorded_task} run, not of this {current['task']} run; "
@@ -215,6 +234,9 @@ class Trainer:
         check_output_dir(output_dir)
         self.task.check_inputs()  # fail before any model loads
         accelerator = self._accelerator(output_dir)
+        self.hub_repo = None
+        if self.config.push_to_hub and accelerator.is_main_process:  # a missing login fails now, not after the run
+            self.hub_repo = create_repository(self.config.hub_model_id, output_dir, self.config.hub_token)
         try:
             return self._train(accelerator, output_dir)
         finally:
@@ -296,7 +318,7 @@ class Trainer:
         accelerator.register_load_state_pre_hook(load_hook)
         accelerator.register_for_checkpointing(_GeneratorState(noise_generator))
         if accelerator.is_main_process and config.report_to not in (None, "none"):
-            tracked = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+            tracked = {k: v for k, v in config.public_dict().items() if isinstance(v, (int, float, str, bool))}
             project = getattr(config, "tracker_project_name", None) or f"ether-{task.name}"
             accelerator.init_trackers(project, config=tracked)
 
@@ -348,10 +370,11 @@ class Trainer:
             callbacks.on_prepare(Preparation("sampling the step-0 baseline (the base model)"))
             validate(0, "baseline")
         callbacks.on_train_start(max_train_steps, global_step)  # from here on, every second is a training step
-        progress = tqdm(
-            range(max_train_steps),
+        progress = Progress(
+            max_train_steps,
+            "step",
             initial=global_step,
-            desc="steps",
+            every=config.progress_steps,
             disable=config.quiet or not accelerator.is_local_main_process,
         )
         for model in models:
@@ -388,8 +411,7 @@ class Trainer:
                 logs["lr"] = lrs[-1]
                 for group, lr in zip(groups[:-1], lrs[:-1]):
                     logs[f"{group.get('name', 'group')}_lr"] = lr
-                progress.update(1)
-                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                progress.update(global_step, loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 result.losses.append(logs["loss"])
                 accelerator.log(logs, step=global_step)
                 callbacks.on_step(global_step, logs)
@@ -428,6 +450,10 @@ class Trainer:
             card = task.model_card(result, samples_file)
             if card:
                 write_text(output_dir / "README.md", card)
+            if self.hub_repo is not None:
+                upload_output(self.hub_repo, output_dir, task.weight_name, config.hub_token,
+                              f"ether-diffusion {task.name}: {global_step} steps")  # fmt: skip
+                accelerator.print(f"pushed to https://huggingface.co/{self.hub_repo}")
         if accelerator.num_processes > 1:
             del models
             run.prepared.clear()
