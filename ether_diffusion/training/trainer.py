@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from ..sampling import SamplingInterrupted, interruptible
 from .artifacts import make_grid, save_samples, write_text
 from .callbacks import Callback, CallbackList, Preparation, ValidationEvent
 from .checkpoints import checkpoint_step, latest_checkpoint, save_checkpoint
@@ -258,8 +259,9 @@ class Trainer:
             run = Run(accelerator, weight_dtype, noise_generator)
             task.setup(run)
             self._prepare("preparing the data")
-            dataset = task.dataset(run, self._prepare)
-        except TrainingStopped:
+            with interruptible(callbacks.should_stop):  # class images stop between denoising steps
+                dataset = task.dataset(run, self._prepare)
+        except (TrainingStopped, SamplingInterrupted):
             result.stopped_early = True
             callbacks.on_train_end(result)
             return result
@@ -336,7 +338,8 @@ class Trainer:
             for model in models:
                 model.eval()
             try:
-                samples = task.samples(run, kind, adapter_path)
+                with interruptible(callbacks.should_stop):  # a stop ends the sampling: SamplingInterrupted
+                    samples = task.samples(run, kind, adapter_path)
             finally:
                 for model in models:
                     model.train()
@@ -368,7 +371,12 @@ class Trainer:
 
         if global_step == 0 and task.wants_validation() and config.validation_steps:
             callbacks.on_prepare(Preparation("sampling the step-0 baseline (the base model)"))
-            validate(0, "baseline")
+            try:
+                validate(0, "baseline")
+            except SamplingInterrupted:  # stopped before the first step: nothing trained, nothing to save
+                result.stopped_early = True
+                callbacks.on_train_end(result)
+                return result
         callbacks.on_train_start(max_train_steps, global_step)  # from here on, every second is a training step
         progress = Progress(
             max_train_steps,
@@ -417,9 +425,13 @@ class Trainer:
                 callbacks.on_step(global_step, logs)
                 if global_step % config.checkpointing_steps == 0:
                     checkpoint(global_step)
+                interrupted = False
                 if validation_due(global_step):
-                    validate(global_step, "preview")
-                if callbacks.should_stop():
+                    try:
+                        validate(global_step, "preview")
+                    except SamplingInterrupted:
+                        interrupted = True
+                if interrupted or callbacks.should_stop():
                     stop = result.stopped_early = True
                     if global_step % config.checkpointing_steps:  # a checkpoint to resume from, unless just saved
                         checkpoint(global_step)
@@ -444,9 +456,12 @@ class Trainer:
             result.adapter_path = task.save(output_dir / task.weight_name, extra)
             callbacks.on_save(result.adapter_path)
             samples_file = None
-            if task.wants_validation() and not config.no_final_reload:
-                validate(global_step, "final", result.adapter_path)
-                samples_file = "samples.png"
+            if task.wants_validation() and not config.no_final_reload and not result.stopped_early:
+                try:
+                    validate(global_step, "final", result.adapter_path)
+                    samples_file = "samples.png"
+                except SamplingInterrupted:  # a stop during the final samples: the file is saved, skip them
+                    pass
             card = task.model_card(result, samples_file)
             if card:
                 write_text(output_dir / "README.md", card)
