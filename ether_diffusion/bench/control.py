@@ -96,6 +96,10 @@ class ControlBenchConfig(BenchOptions, ControlConfig):
     ether_method: str = hidden("ether_plus")
     learning_rate: float = hidden(1e-3)
     seed: int = hidden(0)
+    push_to_hub: bool = hidden(False)  # runs are measurements, not models to publish
+    hub_model_id: str | None = hidden()
+    hub_token: str | None = hidden()
+    validation_scheduler: str = hidden("DPMSolverMultistepScheduler")
     resume_from_checkpoint: str | None = hidden()
     validation_prompt: list[str] | None = hidden()
     validation_image: list[str] | None = hidden()

@@ -85,6 +85,16 @@ class DreamBoothBenchConfig(BenchOptions, DreamBoothConfig):
     # set per run by the benchmark
     instance_data_dir: str = hidden("")
     instance_prompt: str = hidden("")
+    caption_extension: str = hidden(".txt")  # the benchmark's subjects come from --dataset
+    dataset_name: str | None = hidden()
+    dataset_config_name: str | None = hidden()
+    cache_dir: str | None = hidden()
+    image_column: str = hidden("image")
+    caption_column: str | None = hidden()
+    push_to_hub: bool = hidden(False)  # runs are measurements, not models to publish
+    hub_model_id: str | None = hidden()
+    hub_token: str | None = hidden()
+    validation_scheduler: str = hidden("DPMSolverMultistepScheduler")
     class_data_dir: str | None = hidden()
     class_prompt: str | None = hidden()
     with_prior_preservation: bool = hidden(True)
