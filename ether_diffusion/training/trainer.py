@@ -389,7 +389,9 @@ class Trainer:
             model.train()
         start = time.time()
         stop = False
-        for epoch in range(first_epoch, num_epochs):
+        # a checkpoint of the last step (a run killed during its final save) leaves nothing to train
+        last_epoch = num_epochs if global_step < max_train_steps else first_epoch
+        for epoch in range(first_epoch, last_epoch):
             sampler.set_epoch(epoch)
             dataset.set_epoch(epoch)
             epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
