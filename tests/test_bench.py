@@ -290,6 +290,11 @@ def test_run_store_refuses_other_settings_and_collects_finished_runs(tmp_path):
         RunStore(tmp_path, "dreambooth", {"max_train_steps": 1400, "metrics": "world"}).open()
     with pytest.raises(BenchMismatchError, match="holds a dreambooth benchmark, not a control one"):
         RunStore(tmp_path, "control", {"max_train_steps": 600, "metrics": "world"}).open()
+    # a setting the library gained after the folder was made: its runs had the default, so they resume
+    grown = {"max_train_steps": 600, "metrics": "world", "cache_latents": False}
+    RunStore(tmp_path, "dreambooth", grown, defaults={"cache_latents": False}).open()
+    with pytest.raises(BenchMismatchError, match="cache_latents: False there, True now"):
+        RunStore(tmp_path, "dreambooth", {**grown, "cache_latents": True}, defaults={"cache_latents": False}).open()
     run = store.run_dir("dog", "ether-x1-seed0")
     (run / "train" / "checkpoint-5").mkdir(parents=True)
     assert store.finished(run) is None

@@ -225,7 +225,7 @@ class _ControlBench:
         else:
             self.reference = None  # the segmenter's reading of the real targets, made on first use
         settings = {**config.settings(), "eval_rows": len(self.rows), **self.segmenter.identity()}
-        self.store = RunStore(config.output_dir, "control", settings, self.command).open()
+        self.store = RunStore(config.output_dir, "control", settings, self.command, config.defaults()).open()
 
     # --- pieces -----------------------------------------------------------------------------------------------
     @property

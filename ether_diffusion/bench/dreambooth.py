@@ -185,7 +185,7 @@ class _Bench:
         self.base = BasePipeline(config)
         self.metrics = metrics if metrics is not None else subject_metrics(config, self.base.device)
         settings = {**config.settings(), "dataset": self.data.fingerprint(), **self.metrics.identity()}
-        self.store = RunStore(config.output_dir, "dreambooth", settings, self.command).open()
+        self.store = RunStore(config.output_dir, "dreambooth", settings, self.command, config.defaults()).open()
 
     # --- one subject ------------------------------------------------------------------------------------------
     def real(self, subject: BenchSubject) -> list:

@@ -70,8 +70,11 @@ def _plain(value):
 
 
 class RunStore:
-    def __init__(self, root: str | Path, kind: str, identity: dict, command: str | None = None):
+    def __init__(self, root: str | Path, kind: str, identity: dict, command: str | None = None,
+                 defaults: dict | None = None):  # fmt: skip
         self.root, self.kind, self.identity, self.command = Path(root), kind, _plain(identity), command
+        # settings added to the library after a folder was made: its runs had their defaults
+        self.defaults = _plain({k: v for k, v in (defaults or {}).items() if k in self.identity})
 
     def open(self) -> RunStore:
         """Create the folder, or check that it holds a benchmark of these settings (``BenchMismatchError``)."""
@@ -80,7 +83,7 @@ class RunStore:
         if record_file.is_file():
             try:
                 record = json.loads(record_file.read_text())
-                kind, identity = record["kind"], record["identity"]
+                kind, identity = record["kind"], {**self.defaults, **record["identity"]}
             except (ValueError, KeyError, TypeError) as err:
                 raise BenchMismatchError(f"'{record_file}' is unreadable ({err}); use another --output_dir") from err
             if kind != self.kind:

@@ -292,6 +292,10 @@ class RunConfig:
         """``to_dict`` without secrets (``--hub_token``): what trackers and records may hold."""
         return {k: v for k, v in self.to_dict().items() if not _field(type(self), k).metadata.get("secret")}
 
+    def defaults(self) -> dict:
+        """Every field's default value (of the fields that have one)."""
+        return {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+
     def identity(self) -> dict:
         """The fields that make two runs the same run (recorded in checkpoints; a resume must match them)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("same_run", True)}

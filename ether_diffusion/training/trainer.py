@@ -16,7 +16,6 @@ Run under ``accelerate launch`` (data parallel, mixed precision) or plain ``pyth
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import math
@@ -200,7 +199,7 @@ class Trainer:
             raise ResumeMismatchError(f"'{record_file}' is unreadable ({err}); cannot tell whose run it is") from err
         current = self._run_record()
         # a field added to the configuration after the checkpoint was written: the run used its default
-        defaults = {f.name: f.default for f in dataclasses.fields(self.config) if f.default is not dataclasses.MISSING}
+        defaults = self.config.defaults()
         recorded = {**_json_ready({k: v for k, v in defaults.items() if k in current["config"]}), **recorded}
         if recorded_task != current["task"]:
             raise ResumeMismatchError(
