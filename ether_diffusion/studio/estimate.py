@@ -162,9 +162,9 @@ class _Probe(Callback):
 
 def _task_for(config):
     from ..control.train import ControlConfig, ControlTask
-    from ..training.dreambooth import DreamBoothTask
+    from ..training.dreambooth import task_for
 
-    return ControlTask(config) if isinstance(config, ControlConfig) else DreamBoothTask(config)
+    return ControlTask(config) if isinstance(config, ControlConfig) else task_for(config)  # the model's family
 
 
 def measure(config, scratch: Path | None = None) -> Measurement:

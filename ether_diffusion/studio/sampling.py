@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import AdapterMismatchError
+from ..pipeline import delete_ether_adapters, enable_ether, load_ether_weights, set_ether_adapters
 from .adapters import AdapterStore
 from .workspace import StudioError, Workspace, check_name
 
@@ -134,10 +135,10 @@ class Sampler:
         return pipe
 
     def _pipeline(self):
+        """The text-to-image pipeline of the model's family (SD or SDXL: diffusers' own class, used through the
+        ``pipeline`` module's functions)."""
         if self._pipe is None:
-            from ..pipeline import EtherStableDiffusionPipeline
-
-            self._pipe = self._load(EtherStableDiffusionPipeline)
+            self._pipe = self._load(None)
         return self._pipe
 
     def _control_pipeline(self, name: str | None):
@@ -180,10 +181,10 @@ class Sampler:
         if self.store.info(name).task == "control":
             raise StudioError(f"{name!r} is a control adapter: sample it with a control map on the Control tab")
         if name in self._loaded:
-            pipe.delete_ether_adapters(name)
+            delete_ether_adapters(pipe, name)
             del self._loaded[name]
         try:
-            pipe.load_ether_weights(path, adapter_name=name)
+            load_ether_weights(pipe, path, name)
         except AdapterMismatchError as err:
             raise StudioError(f"adapter {name!r} does not fit the base model: {err}") from err
         self._loaded[name] = stamp
@@ -192,7 +193,7 @@ class Sampler:
         """Drop adapters whose files were renamed or deleted (the names could come back with other content)."""
         for name in list(self._loaded):
             if not self.store.exists(name):
-                pipe.delete_ether_adapters(name)
+                delete_ether_adapters(pipe, name)
                 del self._loaded[name]
 
     def check_fits(self, path: Path) -> None:
@@ -205,8 +206,8 @@ class Sampler:
         with self.lock:
             if read_adapter_file(path).extra.get("task") != "control":
                 pipe = self._pipeline()
-                pipe.load_ether_weights(path, adapter_name=name)
-                pipe.delete_ether_adapters(name)
+                load_ether_weights(pipe, path, name)
+                delete_ether_adapters(pipe, name)
                 return
             pipe = self._control_pipeline(None)
             if self._control_loaded is not None:
@@ -231,8 +232,8 @@ class Sampler:
             for name in names:
                 self._sync_adapter(pipe, name)
             if names:
-                pipe.enable_ether()
-                pipe.set_ether_adapters(names, [float(w) for _, w in request.adapters])
+                enable_ether(pipe)
+                set_ether_adapters(pipe, names, [float(w) for _, w in request.adapters])
             variants = ("adapted", "base") if names and request.compare else ("adapted" if names else "base",)
             samples = sample_images(
                 pipe,
