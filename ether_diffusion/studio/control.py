@@ -16,7 +16,6 @@ exact) and says what it changed.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -24,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .workspace import StudioError, Workspace, check_name
+from .workspace import StudioError, Workspace
 
 __all__ = [
     "CONTROL_SOURCES",
@@ -66,25 +65,12 @@ class ControlSpec:
     guidance_scale: float = 5.0
 
     def validated(self) -> ControlSpec:
-        from .jobs import METHODS, check_whole_numbers
+        from .jobs import COMMON_RANGES, check_whole_numbers, checked_copy
 
-        spec = copy.deepcopy(self)
-        spec.adapter_name = check_name(spec.adapter_name)
-        if spec.method not in METHODS:
-            raise StudioError(f"method {spec.method!r}: choose ETHER or ETHER+")
-        spec.method = METHODS[spec.method]
+        spec = checked_copy(self)
         if spec.source not in CONTROL_SOURCES:
             raise StudioError(f"training data {spec.source!r}: choose one of {', '.join(CONTROL_SOURCES)}")
-        check_whole_numbers(
-            spec,
-            max_train_steps=(1, 100_000),
-            n_blocks=(1, 64),
-            scenes=(8, 20_000),
-            train_batch_size=(1, 64),
-            preview_every=(1, 100_000),
-            preview_images=(1, 8),
-            preview_steps=(1, 200),
-        )
+        check_whole_numbers(spec, **COMMON_RANGES, scenes=(8, 20_000), train_batch_size=(1, 64))
         for name in ("learning_rate", "encoder_learning_rate"):
             if not 0 < float(getattr(spec, name)) <= 1:
                 raise StudioError(f"the {name.replace('_', ' ')} must be above 0 and at most 1")

@@ -59,6 +59,21 @@ def check_whole_numbers(spec, **ranges: tuple[int, int]) -> None:
         setattr(spec, name, int(value))
 
 
+#: the ranges of the settings every training form has (each form adds its own)
+COMMON_RANGES = dict(max_train_steps=(1, 100_000), n_blocks=(1, 64), preview_every=(1, 100_000), preview_images=(1, 8),
+                     preview_steps=(1, 200))  # fmt: skip
+
+
+def checked_copy(spec):
+    """A copy of a training form with its adapter name checked and its method resolved to the library's name."""
+    spec = copy.deepcopy(spec)
+    spec.adapter_name = check_name(spec.adapter_name)
+    if spec.method not in METHODS:
+        raise StudioError(f"method {spec.method!r}: choose ETHER or ETHER+")
+    spec.method = METHODS[spec.method]
+    return spec
+
+
 def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
@@ -102,24 +117,12 @@ class TrainSpec:
     checkpoint_every: int | None = None  # default: preview_every
 
     def validated(self) -> TrainSpec:
-        spec = copy.deepcopy(self)
-        spec.adapter_name = check_name(spec.adapter_name)
-        if spec.method not in METHODS:
-            raise StudioError(f"method {spec.method!r}: choose ETHER or ETHER+")
-        spec.method = METHODS[spec.method]
+        spec = checked_copy(self)
         if not isinstance(spec.instance_prompt, str) or not spec.instance_prompt.strip():
             raise StudioError("the instance prompt is empty: name the subject with an identifier, e.g. 'a sks dog'")
         if spec.prior_preservation and not (spec.class_prompt or "").strip():
             raise StudioError("prior preservation needs a class prompt without the identifier, e.g. 'a dog'")
-        check_whole_numbers(
-            spec,
-            max_train_steps=(1, 100_000),
-            n_blocks=(1, 64),
-            preview_every=(1, 100_000),
-            preview_images=(1, 8),
-            preview_steps=(1, 200),
-            num_class_images=(1, 1000),
-        )
+        check_whole_numbers(spec, **COMMON_RANGES, num_class_images=(1, 1000))
         if not 0 < float(spec.learning_rate) <= 1:
             raise StudioError("the learning rate must be above 0 and at most 1 (the paper uses 6e-3)")
         if spec.subject is None and not spec.uploads:
