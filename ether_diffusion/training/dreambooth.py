@@ -112,7 +112,7 @@ class DreamBoothTask(StableDiffusionTask):
         configs = super().adapter_configs()
         if self.config.train_text_encoder:
             for component in self.text_encoders():
-                configs[component] = self.text_encoder_adapter_config(component, configs["unet"])
+                configs[component] = self.text_encoder_adapter_config(component, configs[self.denoiser_component])
         return configs
 
     # --- data -------------------------------------------------------------------------------------------------
