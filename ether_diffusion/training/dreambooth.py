@@ -258,9 +258,16 @@ class DreamBoothTask(StableDiffusionTask):
 
 def _tasks() -> dict[str, tuple[type[DreamBoothConfig], type[DreamBoothTask]]]:
     """The DreamBooth configuration and task of each model family."""
-    from .sdxl import DreamBoothXLConfig, DreamBoothXLTask  # sdxl builds on this module
+    from .flux import DreamBoothFluxConfig, DreamBoothFluxTask  # sdxl, sd3 and flux build on this module
+    from .sd3 import DreamBoothSD3Config, DreamBoothSD3Task
+    from .sdxl import DreamBoothXLConfig, DreamBoothXLTask
 
-    return {"sd": (DreamBoothConfig, DreamBoothTask), "sdxl": (DreamBoothXLConfig, DreamBoothXLTask)}
+    return {
+        "sd": (DreamBoothConfig, DreamBoothTask),
+        "sdxl": (DreamBoothXLConfig, DreamBoothXLTask),
+        "sd3": (DreamBoothSD3Config, DreamBoothSD3Task),
+        "flux": (DreamBoothFluxConfig, DreamBoothFluxTask),
+    }
 
 
 def _classes_for(model: str | None, revision: str | None = None, model_config: str | None = None):
@@ -315,7 +322,9 @@ def task_for(config: DreamBoothConfig) -> DreamBoothTask:
             model = config.pretrained_model_name_or_path
             reason = _not_for_this_model(lost, model, config.revision, config.model_config)
             raise ConfigError(f"{reason}; use {config_class.__name__}")
-        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in names}
+        # a flag left at its default takes the model family's default (--target_modules: the family's attention)
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                  if f.name in names and getattr(config, f.name) != f.default}  # fmt: skip
         config = config_class(**fields).validate()
     return task_class(config)
 
