@@ -20,6 +20,7 @@ from torch.testing import assert_close
 from ether_diffusion import EtherConfig, inject
 from ether_diffusion.inject import adapter_layers
 from ether_diffusion.io import read_adapter_file
+from ether_diffusion.training import Callback
 from ether_diffusion.training.config import ConfigError
 from ether_diffusion.training.dreambooth import DreamBoothConfig, parse_args, task_for, train
 from ether_diffusion.training.flow import WEIGHTING_SCHEMES, flow_matching_loss, noisy_latents, sample_timesteps
@@ -169,6 +170,9 @@ def test_the_model_folder_picks_the_flow_task_and_its_defaults(world, tmp_path, 
         ("sd3", "--snr_gamma", "5", "--snr_gamma is min-SNR weighting for DDPM models"),
         ("flux", "--offset_noise", None, "--offset_noise is for DDPM models"),
         ("flux", "--weighting_scheme", "uniform", "invalid choice: 'uniform'"),
+        ("flux", "--lora_layers", "attn.to_q", "--lora_layers does not apply to ETHER"),
+        ("sd3", "--lora_blocks", "0", "--lora_blocks does not apply to ETHER"),
+        ("sd3", "--tokenizer_max_length", "8", "--max_sequence_length sets T5's"),
     ):
         with pytest.raises(SystemExit):
             parse_args(flags(world, family, tmp_path, flag, *([value] if value else [])))
@@ -498,6 +502,102 @@ def test_cli_train_sample_and_fuse_take_a_flux_model(world, trained, tmp_path, c
                    max_sequence_length=16, output_type="np").images for pipe in (fused, loaded)]  # fmt: skip
     np.testing.assert_allclose(images[0], images[1], atol=1e-4)
     assert json.loads((tmp_path / "fused" / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+
+
+# --- the shared training flags ----------------------------------------------------------------------------------------
+def captioned_folder(world, folder):
+    """The instance images with a kohya caption beside the first: its prompt replaces --instance_prompt."""
+    folder.mkdir(exist_ok=True)
+    for path in sorted((world / "instance").glob("*.png")):
+        shutil.copy(path, folder / path.name)
+    (folder / "0.txt").write_text("a sks star on grass")
+    return folder
+
+
+class Watch(Callback):
+    """Counts the VAE's encodes and the text encoders' calls (T5's too) from the first training step on."""
+
+    def __init__(self, task):
+        self.task, self.calls = task, {"vae": 0, "text": 0}
+
+    def on_train_start(self, total_steps, start_step):
+        encode = self.task.components.vae.encode
+
+        def counted(*args, **kwargs):
+            self.calls["vae"] += 1
+            return encode(*args, **kwargs)
+
+        self.task.components.vae.encode = counted
+        for encoder in self.task.all_text_encoders():
+            encoder.register_forward_pre_hook(self._text)
+
+    def _text(self, *args):
+        self.calls["text"] += 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captions_and_both_caches_train_as_without_them(world, tmp_path, family):
+    """--cache_latents encodes each (image, crop) once, --pre_compute_text_embeddings encodes each prompt once with
+    every text encoder (T5 too) and the training steps read the table: the losses and the adapter are those of a run
+    without either; the caption's row is what the pipeline's encode_prompt makes of the caption."""
+    from ether_diffusion.training.trainer import Trainer
+
+    config_class, _ = TASKS[family]
+    common = dict(pretrained_model_name_or_path=str(world / family), instance_prompt=PROMPT, report_to="none",
+                  quiet=True, resolution=16, max_sequence_length=16, center_crop=True, max_train_steps=4,
+                  no_final_reload=True,
+                  instance_data_dir=str(captioned_folder(world, tmp_path / "captioned")))  # fmt: skip
+    runs = {}
+    for name, extra in (("plain", {}), ("cached", dict(cache_latents=True, pre_compute_text_embeddings=True))):
+        task = task_for(config_class(output_dir=str(tmp_path / name), **common, **extra))
+        watch = Watch(task)
+        runs[name] = (task, watch.calls, Trainer(task, [watch]).train())
+    (_, plain_calls, plain), (task, calls, cached) = runs["plain"], runs["cached"]
+    encoders = 3 if family == "sd3" else 2
+    assert plain_calls == {"vae": 4, "text": 4 * encoders}
+    assert calls == {"vae": 3, "text": 0}  # 3 images with one crop each; prompts encoded before the first step
+    table = task.text_table
+    assert table["encoder_hidden_states"].shape[0] == 2 and table["pooled_projections"].shape[0] == 2
+    pipe = load(world, family)
+    if family == "sd3":
+        embeds, _, pooled, _ = pipe.encode_prompt("a sks star on grass", None, None, max_sequence_length=16,
+                                                  do_classifier_free_guidance=False)  # fmt: skip
+    else:
+        embeds, pooled, _ = pipe.encode_prompt("a sks star on grass", None, max_sequence_length=16)
+    assert_close(table["encoder_hidden_states"][:1], embeds, rtol=1e-5, atol=1e-6)
+    assert_close(table["pooled_projections"][:1], pooled, rtol=1e-5, atol=1e-6)
+    assert_close(torch.tensor(cached.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-7)
+    a, b = read_adapter_file(plain.adapter_path).tensors, read_adapter_file(cached.adapter_path).tensors
+    assert a.keys() == b.keys()
+    for key in a:
+        assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+def test_shared_flags_that_do_not_fit_flow_models_are_refused(world, tmp_path):
+    """The DreamBooth flags of the SD/SDXL scripts that would do something else on SD3/Flux name the reason."""
+    for family in FAMILIES:
+        config_class, _ = TASKS[family]
+        base = dict(pretrained_model_name_or_path=str(world / family), instance_data_dir="x", instance_prompt=PROMPT)
+        for field, value, message in (
+            ("tokenizer_max_length", 8, "--max_sequence_length sets T5's"),
+            ("text_encoder_use_attention_mask", True, "without a padding mask"),
+            ("validation_scheduler", "DDPMScheduler", "is not one of FlowMatchEulerDiscreteScheduler"),
+        ):
+            with pytest.raises(ConfigError, match=message):
+                config_class(**base, **{field: value}).validate()
+            with pytest.raises(ConfigError, match=message):  # also when it comes in a plain DreamBoothConfig
+                task_for(DreamBoothConfig(**base, **{field: value}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_encoder_lr_groups_the_clip_vectors_apart_from_the_transformer(world, tmp_path, family):
+    task, _ = make_task(world, family, tmp_path, train_text_encoder=True, text_encoder_lr=1e-4)
+    groups = task.parameter_groups()
+    assert [(g["name"], g["lr"]) for g in groups] == [("text_encoder", 1e-4), ("adapter", task.config.learning_rate)]
+    by_component = {c: {id(p) for p in task.adapters.parameters([c])} for c in task.adapters.models}
+    clip = {"sd3": ("text_encoder", "text_encoder_2"), "flux": ("text_encoder",)}[family]
+    assert {id(p) for p in groups[0]["params"]} == set().union(*(by_component[c] for c in clip))
+    assert {id(p) for p in groups[1]["params"]} == by_component["transformer"] and by_component["transformer"]
 
 
 @pytest.mark.slow

@@ -128,7 +128,7 @@ def test_conditioning_matches_stable_diffusion_xl_pipeline(world, tmp_path):
     task, run = make_task(world, tmp_path, center_crop=True, resolution=16)
     dataset = task.dataset(run, lambda *args: None)
     batch = dataset.collate([dataset[0], dataset[1]])
-    assert set(batch) == {"pixel_values", "input_ids", "input_ids_2", "add_time_ids"}
+    assert set(batch) == {"pixel_values", "input_ids", "input_ids_2", "add_time_ids", "latent_key", "prompt_index"}
     with torch.no_grad():
         condition = task.condition(batch, run)
     pipe = StableDiffusionXLPipeline.from_pretrained(world / "sdxl")

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from ..models import load_pipeline
-from .config import ConfigError, option
+from .config import ConfigError, ForeignFlag, option
 from .diffusion import combine_prior, sample_noise
-from .dreambooth import DreamBoothConfig
+from .dreambooth import DREAMBOOTH_FOREIGN_FLAGS, DreamBoothConfig
 from .sd import StableDiffusionTask
 from .task import Run
 
@@ -123,6 +123,19 @@ class DreamBoothFlowConfig(DreamBoothConfig):
     """DreamBooth's flags plus those of flow matching (diffusers' names); SD3's and Flux's configs set the defaults."""
 
     task_name = "dreambooth-flow"
+    foreign_flags = {
+        **DREAMBOOTH_FOREIGN_FLAGS,
+        "lora_layers": ForeignFlag(
+            "it names the layers LoRA adapts; ETHER's are named by --target_modules (a preset such as sd3-attention, "
+            "flux-attention, flux-attention-ff, or comma-separated module-path suffixes)",
+            takes_value=True,
+        ),
+        "lora_blocks": ForeignFlag(
+            "it picks the transformer blocks LoRA adapts; with ETHER give --target_modules the module-path suffixes "
+            "of the blocks' layers to adapt (e.g. transformer_blocks.0.attn.to_q,transformer_blocks.0.attn.to_k)",
+            takes_value=True,
+        ),
+    }
 
     weighting_scheme: str = option(
         "none",
@@ -136,6 +149,11 @@ class DreamBoothFlowConfig(DreamBoothConfig):
         0, "1: score the clean-latent estimate x_σ − σ·v (EDM preconditioning), 0: the velocity", choices=(0, 1)
     )
     max_sequence_length: int = option(512, "T5 tokens per prompt in training and validation", minimum=1)
+    validation_scheduler: str = option(
+        "FlowMatchEulerDiscreteScheduler", "sampler of validation images and the final reload (the model's own: "
+        "a flow-matching model samples with flow-matching Euler steps)", choices=("FlowMatchEulerDiscreteScheduler",),
+        same_run=False,
+    )  # fmt: skip
 
     def validate(self):
         super().validate()
@@ -148,6 +166,22 @@ class DreamBoothFlowConfig(DreamBoothConfig):
             raise ConfigError("--offset_noise is for DDPM models (SD 1.x/2.x, SDXL); flow-matching training has none")
         if self.tokenizer_name:
             raise ConfigError("--tokenizer_name replaces the one tokenizer of an SD 1.x/2.x model; drop the flag")
+        if self.tokenizer_max_length is not None:
+            raise ConfigError(
+                "--tokenizer_max_length sets the CLIP length of SD 1.x/2.x and SDXL; SD3 and Flux read 77 CLIP tokens "
+                "as their pipelines do, and --max_sequence_length sets T5's: use that"
+            )
+        if self.text_encoder_use_attention_mask:
+            raise ConfigError(
+                "--text_encoder_use_attention_mask: the SD3 and Flux pipelines read their text encoders without a "
+                "padding mask, so an adapter trained with one would be sampled differently from how it was trained; "
+                "drop the flag"
+            )
+        if self.enable_xformers_memory_efficient_attention:
+            raise ConfigError(
+                "--enable_xformers_memory_efficient_attention: the SD3 and Flux transformers' joint attention runs "
+                "on torch's scaled-dot-product attention (as memory-efficient on torch 2); drop the flag"
+            )
         return self
 
 
@@ -237,9 +271,7 @@ class FlowMatchingTask(StableDiffusionTask):
         transformer's velocity (see the module docstring); ``offset_noise`` is refused by the config."""
         config, parts, generator = self.config, self.components, run.noise_generator
         vae = parts.vae
-        pixels = batch["pixel_values"].to(run.device, dtype=vae.dtype)
-        with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample(generator=generator)
+        latents = self.latent_distribution(batch, run).sample(generator=generator)  # --cache_latents: cached
         latents = ((latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).to(run.weight_dtype)
         noise = sample_noise(latents, generator, offset_noise)
         timesteps, sigmas = sample_timesteps(
@@ -266,6 +298,12 @@ class FlowMatchingTask(StableDiffusionTask):
         )
 
     # --- sampling -----------------------------------------------------------------------------------------------
+    def validation_scheduler(self, scheduler_config):
+        """The model's own flow-matching sampler (the only ``--validation_scheduler`` these models take)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+
     def _at_training_size(self, pipe):
         """Validation samples and class images are drawn at ``--resolution`` (the pipeline's own default is 1024)."""
         pipe.default_sample_size = self.config.resolution // pipe.vae_scale_factor
@@ -275,10 +313,8 @@ class FlowMatchingTask(StableDiffusionTask):
     def pipeline(self, pipeline_class=None, device=None):
         """A pipeline over the training modules (adapters as they are now) with a fresh copy of the model's own
         flow-matching scheduler (sampling sets its timesteps; the training schedule must not change)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
         parts = self.components
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(parts.noise_scheduler.config)
+        scheduler = self.validation_scheduler(parts.noise_scheduler.config)
         return self._at_training_size(
             (pipeline_class or self.pipeline_class())(**{**parts.modules, "scheduler": scheduler})
         )

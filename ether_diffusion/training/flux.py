@@ -54,15 +54,21 @@ class FluxTask(FlowMatchingTask):
     def latent_multiple(self) -> int:
         return 2  # 2 x 2 latent patches per token
 
-    def condition(self, batch: dict, run: Run) -> dict:
-        """T5's states as the text tokens, with their (zero) positions, and CLIP's pooled output: what
-        ``FluxPipeline.encode_prompt`` computes."""
+    def encode_text(self, tokens: dict, run: Run) -> dict[str, torch.Tensor]:
+        """T5's states as the text tokens and CLIP's pooled output: what ``FluxPipeline.encode_prompt`` computes."""
         clip = run.module("text_encoder", self.components.modules["text_encoder"])
-        pooled = clip(batch["input_ids"].to(run.device), output_hidden_states=False).pooler_output  # (B, 768)
+        pooled = clip(tokens["input_ids"].to(run.device), output_hidden_states=False).pooler_output  # (B, 768)
         with torch.no_grad():  # T5 never trains
-            states = self.components.modules["text_encoder_2"](batch["input_ids_2"].to(run.device))[0]  # (B, L, 4096)
+            states = self.components.modules["text_encoder_2"](tokens["input_ids_2"].to(run.device))[0]  # (B, L, 4096)
+        return {"encoder_hidden_states": states, "pooled_projections": pooled}
+
+    def condition(self, batch: dict, run: Run) -> dict:
+        """``encode_text`` of the batch's prompts (or their pre-computed rows), with the text tokens' (zero)
+        positions."""
+        text = self.text_condition(batch, run)
+        states = text["encoder_hidden_states"]
         text_ids = torch.zeros(states.shape[1], 3, device=states.device, dtype=states.dtype)
-        return {"encoder_hidden_states": states, "pooled_projections": pooled, "txt_ids": text_ids}
+        return {**text, "txt_ids": text_ids}
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: dict, run: Run) -> torch.Tensor:
         """Pack ``noisy`` (B, C, H, W) into 2×2-patch tokens, run the transformer at σ = t / 1000 (with the guidance

@@ -68,24 +68,28 @@ class StableDiffusion3Task(FlowMatchingTask):
             configs["transformer"] = dataclasses.replace(config, exclude_modules=[*config.exclude_modules, *unread])
         return configs
 
-    def condition(self, batch: dict, run: Run) -> dict:
+    def encode_text(self, tokens: dict, run: Run) -> dict[str, torch.Tensor]:
         """The transformer's text input (the two CLIPs' penultimate states, padded, then T5's) and pooled input (the
         CLIP projections): what ``StableDiffusion3Pipeline.encode_prompt`` computes."""
         states, pooled = [], []
         for key, (component, encoder) in zip(("input_ids", "input_ids_2"), self.text_encoders().items()):
-            output = run.module(component, encoder)(batch[key].to(run.device), output_hidden_states=True)
+            output = run.module(component, encoder)(tokens[key].to(run.device), output_hidden_states=True)
             states.append(output.hidden_states[-2])  # (B, 77, width of this encoder)
             pooled.append(output.text_embeds)  # (B, projection_dim)
         clip = torch.cat(states, dim=-1)  # (B, 77, 768 + 1280 on SD3)
         transformer = self.components.transformer
-        if "input_ids_3" in batch:
+        if "input_ids_3" in tokens:
             with torch.no_grad():  # T5 never trains
-                t5 = self.components.modules["text_encoder_3"](batch["input_ids_3"].to(run.device))[0]
+                t5 = self.components.modules["text_encoder_3"](tokens["input_ids_3"].to(run.device))[0]
         else:  # no T5 in this model: zeros, as the pipeline uses
             shape = (clip.shape[0], self.config.max_sequence_length, transformer.config.joint_attention_dim)
             t5 = torch.zeros(shape, device=clip.device, dtype=clip.dtype)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # (B, 77, T5 width)
         return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2), "pooled_projections": torch.cat(pooled, -1)}
+
+    def condition(self, batch: dict, run: Run) -> dict:
+        """``encode_text`` of the batch's prompts (or their pre-computed rows)."""
+        return self.text_condition(batch, run)
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: dict, run: Run) -> torch.Tensor:
         transformer = run.module("transformer", self.components.transformer)
