@@ -18,6 +18,7 @@ def _inspect(args) -> int:
     summary = {
         "adapter_name": source.adapter_name,
         "base_model": source.base_model,
+        "model_family": source.model_family,
         "library_version": source.library_version,
         "parameters": source.num_parameters(),
         "components": {
@@ -39,6 +40,11 @@ def _inspect(args) -> int:
         return 0
     print(f"adapter      {summary['adapter_name']}  ({summary['parameters']:,} parameters)")
     print(f"base model   {summary['base_model'] or 'unknown'}")
+    if source.model_family:
+        from .families import FAMILIES
+
+        family = FAMILIES.get(source.model_family)
+        print(f"made for     {family.label} ({family.pipeline})" if family else f"made for     {source.model_family}")
     for component, info in summary["components"].items():
         config = info["config"]
         print(

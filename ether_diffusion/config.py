@@ -12,6 +12,7 @@ from .reflection import METHODS
 
 __all__ = [
     "ADAPTABLE_COMPONENTS",
+    "DENOISER_COMPONENTS",
     "ADAPTER_NAME_PATTERN",
     "CONFIG_FORMAT_VERSION",
     "METHOD_LABELS",
@@ -27,11 +28,22 @@ CONFIG_FORMAT_VERSION = 1
 SIDES = ("input", "output")
 
 #: The pipeline components adapters can live on, declared once (as diffusers' ``_lora_loadable_modules``): pipelines
-#: expose them as attributes, adapter files key their tensors by them.
-ADAPTABLE_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+#: expose them as attributes, adapter files key their tensors by them. The denoiser is a ``unet`` (SD 1.x/2.x, SDXL) or
+#: a ``transformer`` (SD3, Flux); SD3 has three text encoders (two CLIP, T5), Flux two (CLIP, T5).
+ADAPTABLE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+#: The components that denoise latents: they see one row per image (times two under classifier-free guidance), where
+#: text encoders see one row per prompt.
+DENOISER_COMPONENTS = ("unet", "transformer")
 
 #: How methods are named on pages, grids, tables and model cards (ETHER's and the PEFT peers benchmarks train).
 METHOD_LABELS = {"ether": "ETHER", "ether_plus": "ETHER+", "lora": "LoRA r=4", "oft": "OFT"}
+
+# The attention projections of an MMDiT block (SD3's JointTransformerBlock, Flux's double-stream block): the image
+# stream's q/k/v/out and the text (context) stream's add_q/k/v_proj and to_add_out. Flux's single-stream blocks have
+# q/k/v only: their attention output goes through proj_out together with the MLP (a name the model's final output layer
+# shares, so a suffix cannot pick it alone).
+_MMDIT_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 #: Named target lists. Entries are dotted module-path suffixes ("to_out.0" matches "...attn1.to_out.0").
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
@@ -41,6 +53,22 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "unet-attention-ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"),
     # CLIP text encoder attention.
     "text-encoder-attention": ("q_proj", "k_proj", "v_proj", "out_proj"),
+    # SD3 (SD3Transformer2DModel): every joint block's image and context attention projections (and SD3.5's second,
+    # image-only attention, attn2, where a block has one).
+    "sd3-attention": _MMDIT_ATTENTION,
+    # Flux (FluxTransformer2DModel): the double-stream blocks' image and context projections, the single-stream
+    # blocks' q/k/v.
+    "flux-attention": _MMDIT_ATTENTION,
+    # diffusers' Flux LoRA default (train_dreambooth_lora_flux.py): attention plus both streams' feed-forwards and the
+    # single-stream blocks' MLP input.
+    "flux-attention-ff": (
+        *_MMDIT_ATTENTION,
+        "ff.net.0.proj",
+        "ff.net.2",
+        "ff_context.net.0.proj",
+        "ff_context.net.2",
+        "proj_mlp",
+    ),
 }
 
 #: The one rule for adapter names (modules, files, the studio): safe as a module key and as a file name.

@@ -5,9 +5,10 @@ command line and sampling pick the pipeline and the training task without a flag
 
     family = model_family("path/to/sdxl-base")      # FAMILIES["sdxl"]
     family.pipeline_class()                          # diffusers.StableDiffusionXLPipeline
-    model_family("path/to/sd3")                      # UnsupportedModelError: names the family and what is supported
+    model_family("path/to/pixart")                   # UnsupportedModelError: names the family and what is supported
+    pipeline_family(pipe)                            # the family of a pipeline object (its class, else its denoiser)
 
-A new family (SD3, Flux, ...) is one entry of ``FAMILIES`` plus its training task.
+A new family is one entry of ``FAMILIES`` plus its training task (``training/dreambooth.py``'s ``_tasks``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,17 @@ from pathlib import Path
 
 from .models import ModelLoadError, default_model, is_single_file
 
-__all__ = ["FAMILIES", "ModelFamily", "UnsupportedModelError", "model_class_name", "model_family", "require_family"]
+__all__ = [
+    "FAMILIES",
+    "ModelFamily",
+    "UnsupportedModelError",
+    "check_supported_pipeline",
+    "model_class_name",
+    "model_family",
+    "pipeline_family",
+    "require_family",
+    "supported_families",
+]
 
 
 class UnsupportedModelError(ModelLoadError):
@@ -27,10 +38,13 @@ class UnsupportedModelError(ModelLoadError):
 
 @dataclass(frozen=True)
 class ModelFamily:
-    name: str  # "sd", "sdxl"
+    name: str  # "sd", "sdxl", "sd3", "flux"
     label: str  # how people call it
     pipeline: str  # the diffusers pipeline class that loads and samples it
     class_names: tuple[str, ...]  # model_index.json ``_class_name`` values of this family
+    denoiser: str = "unet"  # the pipeline attribute holding the denoiser ("unet" or "transformer")
+    denoiser_class: str = "UNet2DConditionModel"  # the diffusers class of that denoiser
+    target_preset: str = "unet-attention"  # config.TARGET_PRESETS entry: the denoiser's attention projections
 
     def pipeline_class(self):
         import diffusers
@@ -46,20 +60,44 @@ FAMILIES: dict[str, ModelFamily] = {
         ("StableDiffusionPipeline", "EtherStableDiffusionPipeline", "EtherControlPipeline"),
     ),
     "sdxl": ModelFamily("sdxl", "Stable Diffusion XL", "StableDiffusionXLPipeline", ("StableDiffusionXLPipeline",)),
+    "sd3": ModelFamily(
+        "sd3",
+        "Stable Diffusion 3",
+        "StableDiffusion3Pipeline",
+        ("StableDiffusion3Pipeline",),
+        "transformer",
+        "SD3Transformer2DModel",
+        "sd3-attention",
+    ),
+    "flux": ModelFamily(
+        "flux", "Flux", "FluxPipeline", ("FluxPipeline",), "transformer", "FluxTransformer2DModel", "flux-attention"
+    ),
 }
 
 # Families people ask for that are not handled here: named in the error instead of a crash deep inside diffusers.
 _KNOWN_OTHERS = {
     "StableDiffusionXLImg2ImgPipeline": "the Stable Diffusion XL refiner",
-    "StableDiffusion3Pipeline": "Stable Diffusion 3",
-    "FluxPipeline": "Flux",
     "PixArtAlphaPipeline": "PixArt-α",
     "PixArtSigmaPipeline": "PixArt-Σ",
     "SanaPipeline": "Sana",
     "KandinskyV22Pipeline": "Kandinsky 2.2",
     "StableDiffusionInpaintPipeline": "a Stable Diffusion inpainting model",
     "StableDiffusionXLInpaintPipeline": "a Stable Diffusion XL inpainting model",
+    "FluxFillPipeline": "Flux Fill (inpainting)",
+    "FluxKontextPipeline": "Flux Kontext",
+    "Flux2Pipeline": "Flux 2",
+    "AuraFlowPipeline": "AuraFlow",
+    "CogView4Pipeline": "CogView4",
+    "HiDreamImagePipeline": "HiDream",
+    "Lumina2Pipeline": "Lumina 2",
+    "QwenImagePipeline": "Qwen-Image",
+    "HunyuanDiTPipeline": "Hunyuan-DiT",
 }
+
+
+def supported_families() -> str:
+    """``"Stable Diffusion 1.x/2.x (StableDiffusionPipeline); ..."``: what error messages list as supported."""
+    return "; ".join(f"{f.label} ({f.pipeline})" for f in FAMILIES.values())
 
 
 def model_class_name(
@@ -98,11 +136,10 @@ def model_family(
     for family in FAMILIES.values():
         if class_name in family.class_names:
             return family
-    supported = "; ".join(f"{f.label} ({f.pipeline})" for f in FAMILIES.values())
     what = _KNOWN_OTHERS.get(class_name, "a model family")
     raise UnsupportedModelError(
         f"'{model}' is {what} ({class_name} in its model_index.json), which ether-diffusion does not support; "
-        f"supported: {supported}"
+        f"supported: {supported_families()}"
     )
 
 
@@ -117,4 +154,53 @@ def require_family(model: str | Path | None, supported: tuple[str, ...], what: s
     raise UnsupportedModelError(
         f"'{model}' is a {family.label} model ({family.pipeline}); {what} supports {labels} models"
         + (f". {hint}" if hint else "")
+    )
+
+
+# --- pipeline objects ------------------------------------------------------------------------------------------------
+def _class_names(obj) -> list[str]:
+    return [cls.__name__ for cls in type(obj).__mro__]
+
+
+def _denoiser(pipe):
+    """The pipeline's ``unet`` or ``transformer`` (unwrapped from ``torch.compile``), or ``None``."""
+    from torch import nn
+
+    for attribute in ("unet", "transformer"):
+        module = getattr(pipe, attribute, None)
+        if isinstance(module, nn.Module):
+            return getattr(module, "_orig_mod", module)
+    return None
+
+
+def pipeline_family(pipe) -> ModelFamily | None:
+    """The family of a pipeline object: by its class (or a base class: ``EtherStableDiffusionPipeline`` is SD), else by
+    its denoiser's class (an SD inpainting or image-to-image pipeline holds an SD UNet; SDXL's UNet is told from SD's
+    by its ``text_time`` added conditioning). ``None`` when neither says."""
+    names = _class_names(pipe)
+    for family in FAMILIES.values():
+        if any(name == family.pipeline or name in family.class_names for name in names):
+            return family
+    denoiser = _denoiser(pipe)
+    if denoiser is None:
+        return None
+    classes = _class_names(denoiser)
+    found = [family for family in FAMILIES.values() if family.denoiser_class in classes]
+    if len(found) > 1:  # SD and SDXL share UNet2DConditionModel
+        xl = getattr(getattr(denoiser, "config", None), "addition_embed_type", None) == "text_time"
+        found = [FAMILIES["sdxl" if xl else "sd"]]
+    return found[0] if found else None
+
+
+def check_supported_pipeline(pipe) -> None:
+    """``UnsupportedModelError`` naming the pipeline's family and what is supported when its denoiser is of a model
+    family ether-diffusion does not handle (PixArt's or Sana's transformer, ...); pipelines of a supported family, and
+    objects without a denoiser (a text encoder alone), pass."""
+    denoiser = _denoiser(pipe)
+    if denoiser is None or pipeline_family(pipe) is not None:
+        return
+    name = type(pipe).__name__
+    what = _KNOWN_OTHERS.get(name, f"a pipeline whose denoiser is a {type(denoiser).__name__}")
+    raise UnsupportedModelError(
+        f"this {name} is {what}, which ether-diffusion does not support; supported: {supported_families()}"
     )

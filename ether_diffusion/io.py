@@ -9,6 +9,8 @@ transformer_blocks.0.attn1.to_q.ether_u``; vectors are ``ether_u``/``ether_v`` (
 - ``fingerprint``: JSON ``{component: {module path: [in_features, out_features]}}``, the adapted layers of the
   base model, so a file loaded into another architecture fails with the layers that differ;
 - ``adapter_name``, ``base_model`` (informational), ``library_version``, and any ``extra`` string pairs;
+- optionally ``model_family``: the model family the adapter was made for (``"sd"``, ``"sdxl"``, ``"sd3"``, ``"flux"``;
+  see ``families.py``), so loading it into another family's pipeline says so instead of listing mismatched layers;
 - optionally ``modules``: JSON ``{name: config}`` for small trained modules stored beside the vectors (the condition
   encoder of controllable synthesis), their tensors keyed ``<name>.<parameter>``. Their owner validates them; a
   plain adapter load refuses such a file rather than drop a part of it.
@@ -22,6 +24,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +67,8 @@ __all__ = [
 ]
 
 FORMAT_NAME = "ether-diffusion"
+#: what a recorded ``model_family`` may look like (the names themselves are ``families.FAMILIES``', above this module)
+FAMILY_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,31}")
 FORMAT_VERSION = 1
 DEFAULT_WEIGHT_NAME = "ether_adapter.safetensors"
 
@@ -88,6 +93,8 @@ class AdapterFile:
     library_version: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
     modules: dict[str, dict] = field(default_factory=dict)  # {name: {"config": dict, "state": {key: tensor}}}
+    model_family: str | None = None  # the model family it was made for, when recorded
+    path: Path | None = None  # the file it was read from
 
     def component_state(self, component: str) -> dict[str, torch.Tensor]:
         prefix = component + "."
@@ -271,6 +278,12 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
         modules[name] = {"config": config, "state": state}
     if not configs and not modules:
         raise AdapterFileError(f"'{path}' holds neither adapter vectors nor modules")
+    model_family = metadata.get("model_family") or None
+    if model_family is not None and not FAMILY_NAME_PATTERN.fullmatch(model_family):
+        raise AdapterFileError(
+            f"'{path}' has invalid 'model_family' metadata {model_family[:40]!r}: a short name such as 'sdxl' or "
+            "'flux' was expected; the file is damaged or hand-edited"
+        )
     adapter_name = metadata.get("adapter_name") or None
     if adapter_name is not None:
         try:
@@ -322,6 +335,7 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
         "base_model",
         "library_version",
         "modules",
+        "model_family",
     }
     return AdapterFile(
         tensors=tensors,
@@ -332,6 +346,8 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
         library_version=metadata.get("library_version"),
         extra={k: v for k, v in metadata.items() if k not in reserved},
         modules=modules,
+        model_family=model_family,
+        path=path,
     )
 
 
@@ -351,12 +367,16 @@ def save_adapter(
     base_model: str | None = None,
     extra: dict[str, str] | None = None,
     modules: dict[str, tuple[dict, dict[str, torch.Tensor]]] | None = None,
+    model_family: str | None = None,
 ) -> Path:
     """Write adapter ``adapter_name`` of each component (e.g. ``{"unet": unet}``) to one file, atomically.
 
     ``path`` may be a folder (the file is then ``<folder>/ether_adapter.safetensors``). ``modules`` adds trained
-    modules as ``{name: (config dict, state dict)}`` (see the module docstring).
+    modules as ``{name: (config dict, state dict)}`` (see the module docstring); ``model_family`` records the model
+    family the components belong to (``families.FAMILIES``: "sd", "sdxl", "sd3", "flux").
     """
+    if model_family is not None and not FAMILY_NAME_PATTERN.fullmatch(str(model_family)):
+        raise ValueError(f"model_family must be a short name such as 'sdxl' or 'flux', not {model_family!r}")
     path = Path(path)
     if path.is_dir():
         path = path / DEFAULT_WEIGHT_NAME
@@ -385,6 +405,8 @@ def save_adapter(
         "library_version": __version__,
         **{str(k): str(v) for k, v in (extra or {}).items()},
     }
+    if model_family is not None:
+        metadata["model_family"] = str(model_family)
     if modules:
         metadata["modules"] = json.dumps({name: config for name, (config, _) in modules.items()}, sort_keys=True)
     try:
@@ -502,7 +524,7 @@ def load_adapter(
     (default: the name stored in the file) and activated. Returns the name used.
     """
     source = path if isinstance(path, AdapterFile) else read_adapter_file(path, weight_name)
-    where = Path(str(path)) if not isinstance(path, AdapterFile) else Path("<adapter>")
+    where = source.path or Path("<adapter>")
     if source.modules and not accept_modules:
         raise AdapterMismatchError(
             f"'{where}' also holds trained modules ({', '.join(sorted(source.modules))}) that a plain adapter load "

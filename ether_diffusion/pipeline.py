@@ -1,10 +1,14 @@
 """ETHER adapters in diffusers pipelines, with the verbs of diffusers' LoRA loaders.
 
-Works on any pipeline object with a ``unet`` (and optionally ``text_encoder`` / ``text_encoder_2``)::
+Works on any pipeline object with a denoiser (a ``unet``: SD 1.x/2.x, SDXL; or a ``transformer``: SD3, Flux) and its
+text encoders (``text_encoder``, ``text_encoder_2``, ``text_encoder_3``), as ``config.ADAPTABLE_COMPONENTS`` lists::
 
-    pipe = StableDiffusionPipeline.from_pretrained("assets/tiny-sd")
+    pipe = StableDiffusionPipeline.from_pretrained("assets/tiny-sd")        # or FluxPipeline, StableDiffusion3Pipeline
     load_ether_weights(pipe, "my-subject/ether_adapter.safetensors", adapter_name="subject")
     image = pipe("a photo of sks star").images[0]
+
+A file records the model family it was made for (``families.py``); loading it into another family's pipeline, or into
+a pipeline of a family this library does not support, fails with one message that names both.
 
 ``EtherStableDiffusionPipeline`` offers the same functions as methods (``pipe.load_ether_weights(...)``) and
 mixed batches: ``pipe(prompts, ether_adapters=["a", "b", None])`` runs each prompt with its own adapter.
@@ -20,7 +24,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch import nn
 
-from .config import ADAPTABLE_COMPONENTS
+from .config import ADAPTABLE_COMPONENTS, DENOISER_COMPONENTS
+from .families import FAMILIES, check_supported_pipeline, pipeline_family
 from .inject import (
     active_adapters,
     adapter_names,
@@ -32,7 +37,7 @@ from .inject import (
     set_active_adapters,
     unmerge_adapters,
 )
-from .io import load_adapter, save_adapter
+from .io import AdapterFile, AdapterMismatchError, load_adapter, read_adapter_file, save_adapter
 
 __all__ = [
     "ADAPTABLE_COMPONENTS",
@@ -58,11 +63,55 @@ def _components(pipe) -> dict[str, nn.Module]:
     return {c: m for c, m in found.items() if isinstance(m, nn.Module)}
 
 
+def _made_for(source: AdapterFile) -> str:
+    """What the file was made for, in words: its recorded family, else what its components say."""
+    family = FAMILIES.get(source.model_family or "")
+    if family is not None:
+        return f"{family.label} ({family.pipeline})"
+    if "transformer" in source.configs:
+        return "a transformer model (SD3 or Flux)"
+    if "unet" in source.configs:
+        return "a UNet model (Stable Diffusion 1.x/2.x or XL)"
+    return "a model with other components"
+
+
+def _check_family(pipe, source: AdapterFile) -> None:
+    """Refuse, with one message naming both, a pipeline of an unsupported family and a file made for another family
+    than the pipeline's (before any layer is compared: "layers this model lacks" is not the cause then)."""
+    check_supported_pipeline(pipe)
+    where = source.path or "<adapter>"
+    family, made = pipeline_family(pipe), FAMILIES.get(source.model_family or "")
+    if family is not None and made is not None and family is not made:
+        raise AdapterMismatchError(
+            f"'{where}' is an adapter for {made.label} models ({made.pipeline}), and this {type(pipe).__name__} is a "
+            f"{family.label} pipeline: load it into a {made.pipeline} of the model it was trained on"
+            + (f" ({source.base_model})" if source.base_model else "")
+        )
+    absent = sorted(c for c in source.configs if not isinstance(getattr(pipe, c, None), nn.Module))
+    if absent:
+        what = f"a {family.label} pipeline" if family is not None else "pipeline"
+        raise AdapterMismatchError(
+            f"'{where}' is an adapter for {_made_for(source)} and adapts {absent}, which this {type(pipe).__name__} "
+            f"({what}) does not have; load it into a pipeline of the model it was trained on"
+        )
+
+
 def load_ether_weights(
-    pipe, pretrained_path: str | os.PathLike, adapter_name: str | None = None, weight_name: str | None = None
+    pipe,
+    pretrained_path: str | os.PathLike | AdapterFile,
+    adapter_name: str | None = None,
+    weight_name: str | None = None,
 ) -> str:
-    """Load an adapter file (or a folder holding one) under ``adapter_name`` and make it the active adapter."""
-    name = load_adapter(pretrained_path, _components(pipe), adapter_name, weight_name)
+    """Load an adapter file (or a folder holding one, or an ``AdapterFile`` already read) under ``adapter_name`` and
+    make it the active adapter. A file made for another model family than the pipeline's is refused with both named
+    (``AdapterMismatchError``), as is a pipeline of a family ether-diffusion does not support
+    (``families.UnsupportedModelError``); nothing is changed then."""
+    if isinstance(pretrained_path, AdapterFile):
+        source = pretrained_path
+    else:
+        source = read_adapter_file(pretrained_path, weight_name)
+    _check_family(pipe, source)
+    name = load_adapter(source, _components(pipe), adapter_name)
     set_ether_adapters(pipe, [name])
     return name
 
@@ -159,20 +208,24 @@ def save_ether_weights(
     extra: dict[str, str] | None = None,
     **components,
 ) -> Path:
-    """Save one adapter of a pipeline (or of components passed as ``unet=…, text_encoder=…``) to one file."""
+    """Save one adapter of a pipeline (or of components passed as ``unet=…, text_encoder=…``) to one file; a pipeline's
+    model family is recorded in it."""
     parts = dict(_components(pipe)) if pipe is not None else {}
     parts.update({c: m for c, m in components.items() if m is not None})
     if base_model is None and pipe is not None:
         base_model = getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    return save_adapter(save_directory, parts, adapter_name, base_model=base_model, extra=extra)
+    family = pipeline_family(pipe) if pipe is not None else None
+    return save_adapter(save_directory, parts, adapter_name, base_model=base_model, extra=extra,
+                        model_family=None if family is None else family.name)  # fmt: skip
 
 
 @contextlib.contextmanager
 def ether_mixed_batch(pipe, adapter_per_prompt: list[str | None], num_images_per_prompt: int = 1):
     """Within the block, prompt ``i`` of a pipeline call is generated with adapter ``adapter_per_prompt[i]``.
 
-    The text encoder sees one row per prompt; the UNet sees ``num_images_per_prompt`` rows per prompt, doubled
-    by classifier-free guidance (handled by the layers). ``None`` generates that prompt with the base model.
+    The text encoders see one row per prompt; the denoiser (UNet or transformer) sees ``num_images_per_prompt`` rows
+    per prompt, doubled by classifier-free guidance (handled by the layers). ``None`` generates that prompt with the
+    base model.
     """
     listed = {n for names in get_list_ether_adapters(pipe).values() for n in names}
     unknown = sorted({n for n in adapter_per_prompt if n is not None and n not in listed})
@@ -185,7 +238,7 @@ def ether_mixed_batch(pipe, adapter_per_prompt: list[str | None], num_images_per
                 continue
             known = set(adapter_names(model))
             # An adapter without this component runs the base component for its prompts.
-            rows = per_latent if component == "unet" else list(adapter_per_prompt)
+            rows = per_latent if component in DENOISER_COMPONENTS else list(adapter_per_prompt)
             stack.enter_context(mixed_batch(model, [n if n in known else None for n in rows]))
         yield pipe
 

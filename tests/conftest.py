@@ -148,6 +148,92 @@ def build_tiny_sdxl_components(tmp_path, seed: int = 0) -> dict:
     )
 
 
+def build_t5_tokenizer(max_length: int = 16):
+    """A T5 tokenizer (Unigram, as T5's) whose pieces are single characters: built from a vocabulary in memory, so no
+    sentencepiece model and no download. Ids: <pad> 0, </s> 1, <unk> 2, as T5's."""
+    from transformers import T5Tokenizer
+
+    chars = string.ascii_lowercase + string.digits + ",.!?'-"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]  # "▁a" starts a word
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def _tiny_text_config(vocab_size: int, **extra):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                          vocab_size=vocab_size, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=1, **extra)  # fmt: skip
+
+
+def _tiny_t5(vocab_size: int, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0,
+                                   eos_token_id=1))  # fmt: skip
+
+
+def _tiny_flow_vae(shift_factor: float, scaling_factor: float):
+    """SD3/Flux-style VAE (shift and scale, no quant convs), 16-pixel images to 8 x 8 x 4 latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16, 32), latent_channels=4,
+                         norm_num_groups=16, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16, shift_factor=shift_factor,
+                         scaling_factor=scaling_factor, use_quant_conv=False, use_post_quant_conv=False)  # fmt: skip
+
+
+def build_tiny_sd3_components(tmp_path, seed: int = 0) -> dict:
+    """A tiny StableDiffusion3Pipeline's components, as diffusers' SD3 tests build them: a 2-block MMDiT (patch 2, the
+    last block context_pre_only), two 32-wide CLIP encoders with projections (pooled 64), a 64-wide T5 (the joint
+    attention width, so the CLIP states are padded to it as on SD3) and a shift-3 flow-matching scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+                                        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
+                                        pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16)  # fmt: skip
+    tokenizer, t5_tokenizer = build_char_tokenizer(tmp_path), build_t5_tokenizer()
+    return dict(
+        transformer=transformer.eval(),
+        vae=_tiny_flow_vae(0.0609, 1.5035).eval(),
+        text_encoder=CLIPTextModelWithProjection(_tiny_text_config(tokenizer.vocab_size, projection_dim=32)).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(_tiny_text_config(tokenizer.vocab_size, projection_dim=32)).eval(),
+        text_encoder_3=_tiny_t5(len(t5_tokenizer), 64).eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        tokenizer_3=t5_tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+def build_tiny_flux_components(tmp_path, seed: int = 0) -> dict:
+    """A tiny FluxPipeline's components, as diffusers' Flux tests build them: one double- and one single-stream block
+    with guidance embedding (as Flux-dev), a 32-wide CLIP encoder (pooled 32) and a 32-wide T5 (the joint attention
+    width)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
+                                         guidance_embeds=True)  # fmt: skip
+    tokenizer, t5_tokenizer = build_char_tokenizer(tmp_path), build_t5_tokenizer()
+    return dict(
+        transformer=transformer.eval(),
+        vae=_tiny_flow_vae(0.1159, 0.3611).eval(),
+        text_encoder=CLIPTextModel(_tiny_text_config(tokenizer.vocab_size)).eval(),
+        text_encoder_2=_tiny_t5(len(t5_tokenizer), 32).eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=t5_tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+
+
 def build_training_world(root, image_size=(24, 20)):
     """A tiny SD pipeline saved to ``root/model`` and three random instance images (plus a caption file that
     must be ignored) in ``root/instance``: what the training tests train on."""

@@ -210,7 +210,8 @@ def test_targeting_resnet_convolutions_is_a_clear_value_error(tiny_unet):
         inject(tiny_unet, EtherConfig(method="ether", target_modules=["conv1"]))
     message = str(info.value)
     assert "matches 8 layer(s) ETHER cannot adapt: 'down_blocks.0.resnets.0.conv1' (a 3×3 convolution" in message
-    assert "Narrow target_modules (presets: text-encoder-attention, unet-attention" in message
+    presets = message.split("Narrow target_modules (presets: ")[1].split(")")[0].split(", ")
+    assert {"unet-attention", "text-encoder-attention", "sd3-attention", "flux-attention"} <= set(presets)
     assert "or add those layers to exclude_modules" in message
     assert_model_unchanged(tiny_unet, before)
     with pytest.raises(ValueError, match=r"'mid_block.attentions.0.transformer_blocks.0.attn1' \(a module of type Att"):

@@ -99,14 +99,14 @@ def test_the_model_folder_says_which_task_trains_it(world, tmp_path, capsys):
 
 
 def test_other_families_fail_with_one_message(world, tmp_path, capsys):
-    sd3 = tmp_path / "sd3"
-    sd3.mkdir()
-    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    with pytest.raises(UnsupportedModelError, match=r"Stable Diffusion 3 .*supported: Stable Diffusion 1.x/2.x"):
-        model_family(sd3)
+    px = tmp_path / "pixart"
+    px.mkdir()
+    (px / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
+    with pytest.raises(UnsupportedModelError, match=r"PixArt-Σ .*supported: Stable Diffusion 1.x/2.x"):
+        model_family(px)
     with pytest.raises(SystemExit):
-        parse_args(["--pretrained_model_name_or_path", str(sd3), "--instance_data_dir", "x", "--instance_prompt", "y"])
-    assert "Stable Diffusion 3 (StableDiffusion3Pipeline in its model_index.json)" in capsys.readouterr().err
+        parse_args(["--pretrained_model_name_or_path", str(px), "--instance_data_dir", "x", "--instance_prompt", "y"])
+    assert "PixArt-Σ (PixArtSigmaPipeline in its model_index.json)" in capsys.readouterr().err
     # a task given a model of the family it does not train says so before loading anything
     config = DreamBoothConfig(pretrained_model_name_or_path=str(world / "sdxl"), instance_data_dir="x",
                               instance_prompt=PROMPT).validate()  # fmt: skip

@@ -205,7 +205,8 @@ def measure(config, scratch: Path | None = None) -> Measurement:
         fixed = max(samples[0] - per_step, 0.0)
 
         parts = task.components
-        models = [parts.unet, parts.text_encoder, parts.vae, *([task.encoder] if hasattr(task, "encoder") else [])]
+        models = [task.denoiser(), *task.all_text_encoders(), parts.vae,
+                  *([task.encoder] if hasattr(task, "encoder") else [])]  # fmt: skip
         weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters() if not p.requires_grad)
         trainable = result.trainable_parameters * 16
         # the peak over the steps holds the optimizer state (counted exactly apart) and a step's activations

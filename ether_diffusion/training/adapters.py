@@ -32,8 +32,9 @@ class EtherAdapters:
 
     kind = "ether"
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, model_family: str | None = None):
         self.name = name
+        self.model_family = model_family  # recorded in the file (families.FAMILIES)
         self.models: dict[str, nn.Module] = {}
         self.configs: dict[str, EtherConfig] = {}
 
@@ -64,7 +65,8 @@ class EtherAdapters:
 
     def save(self, path: Path, base_model: str | None = None, extra: dict | None = None, modules=None) -> Path:
         """The adapter file (``io.save_adapter``); ``modules``: ``{name: (config dict, state dict)}`` beside it."""
-        return save_adapter(path, self.models, self.name, base_model=base_model, extra=extra, modules=modules)
+        return save_adapter(path, self.models, self.name, base_model=base_model, extra=extra, modules=modules,
+                            model_family=self.model_family)  # fmt: skip
 
     def load(self, path: Path) -> dict[str, dict[str, torch.Tensor]]:
         source = read_adapter_file(path)
@@ -158,8 +160,9 @@ class PeftPeer:
         }
 
 
-def adapters_for(config) -> EtherAdapters | PeftPeer:
-    """The adapters a run configuration asks for (``config.peer`` selects a PEFT peer, else ETHER)."""
+def adapters_for(config, model_family: str | None = None) -> EtherAdapters | PeftPeer:
+    """The adapters a run configuration asks for (``config.peer`` selects a PEFT peer, else ETHER); an ETHER file
+    records ``model_family``."""
     if config.peer:
         return PeftPeer(config.peer, config.adapter_name, config.seed)
-    return EtherAdapters(config.adapter_name)
+    return EtherAdapters(config.adapter_name, model_family)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["compute_snr", "dreambooth_loss", "prediction_target", "sample_noise"]
+__all__ = ["combine_prior", "compute_snr", "dreambooth_loss", "prediction_target", "sample_noise"]
 
 
 def compute_snr(noise_scheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -58,6 +58,12 @@ def dreambooth_loss(
         clipped = torch.clamp(snr, max=snr_gamma)
         v_target = noise_scheduler.config.prediction_type == "v_prediction"
         per_sample = per_sample * (clipped / (snr + 1) if v_target else clipped / snr)
+    return combine_prior(per_sample, with_prior_preservation, prior_loss_weight)
+
+
+def combine_prior(per_sample: torch.Tensor, with_prior_preservation: bool = False, prior_loss_weight: float = 1.0):
+    """The batch loss from per-sample losses (B,): their mean, or with prior preservation (the batch is ``[instance;
+    class]``) the instance half's mean plus ``prior_loss_weight`` times the class half's. Returns (loss, parts)."""
     if not with_prior_preservation:
         loss = per_sample.mean()
         return loss, {"loss": loss.detach()}

@@ -7,7 +7,8 @@ preservation), its configuration with the flags of diffusers' ``train_dreambooth
 
 Used by ``scripts/train_dreambooth_ether.py``, ``ether-diffusion train``, the demo, the studio and the benchmarks.
 ``train`` and ``parse_args`` pick the task from the model: an SDXL model trains ``sdxl.DreamBoothXLTask`` (with
-``sdxl.DreamBoothXLConfig``'s extra flags), the same data, prior preservation, loop and file.
+``sdxl.DreamBoothXLConfig``'s extra flags), an SD3 or Flux model ``sd3.DreamBoothSD3Task`` / ``flux.DreamBoothFluxTask``
+(flow matching, with the flags of diffusers' SD3/Flux scripts), the same data, prior preservation, loop and file.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ DREAMBOOTH_FOREIGN_FLAGS = {
 class DreamBoothConfig(RunConfig):
     task_name = "dreambooth"
     description = (
-        "DreamBooth with ETHER adapters (flags as diffusers' train_dreambooth_lora and train_dreambooth). An SDXL "
-        "model (--pretrained_model_name_or_path) is detected and adds its flags: see --help with that model"
+        "DreamBooth with ETHER adapters (flags as diffusers' train_dreambooth_lora and train_dreambooth). An SDXL, "
+        "SD3 or Flux model (--pretrained_model_name_or_path) is detected and adds its flags: see --help with that model"
     )
     foreign_flags = DREAMBOOTH_FOREIGN_FLAGS
 
@@ -228,7 +229,7 @@ class DreamBoothTask(StableDiffusionTask):
         configs = super().adapter_configs()
         if self.config.train_text_encoder:
             for component in self.text_encoders():
-                configs[component] = self.text_encoder_adapter_config(component, configs["unet"])
+                configs[component] = self.text_encoder_adapter_config(component, configs[self.denoiser_component])
         return configs
 
     def parameter_groups(self) -> list[dict]:
@@ -245,8 +246,9 @@ class DreamBoothTask(StableDiffusionTask):
         }
         if config.adam_weight_decay_text_encoder is not None:
             encoder_group["weight_decay"] = config.adam_weight_decay_text_encoder
-        unet_group = {"params": self.adapters.parameters(["unet"]), "lr": config.learning_rate, "name": "adapter"}
-        return [encoder_group, unet_group]
+        denoiser = [self.denoiser_component]
+        denoiser_group = {"params": self.adapters.parameters(denoiser), "lr": config.learning_rate, "name": "adapter"}
+        return [encoder_group, denoiser_group]
 
     # --- data -------------------------------------------------------------------------------------------------
     def dataset(self, run: Run, prepare) -> DreamBoothDataset:
@@ -415,15 +417,22 @@ class DreamBoothTask(StableDiffusionTask):
 
 def _tasks() -> dict[str, tuple[type[DreamBoothConfig], type[DreamBoothTask]]]:
     """The DreamBooth configuration and task of each model family."""
-    from .sdxl import DreamBoothXLConfig, DreamBoothXLTask  # sdxl builds on this module
+    from .flux import DreamBoothFluxConfig, DreamBoothFluxTask  # sdxl, sd3 and flux build on this module
+    from .sd3 import DreamBoothSD3Config, DreamBoothSD3Task
+    from .sdxl import DreamBoothXLConfig, DreamBoothXLTask
 
-    return {"sd": (DreamBoothConfig, DreamBoothTask), "sdxl": (DreamBoothXLConfig, DreamBoothXLTask)}
+    return {
+        "sd": (DreamBoothConfig, DreamBoothTask),
+        "sdxl": (DreamBoothXLConfig, DreamBoothXLTask),
+        "sd3": (DreamBoothSD3Config, DreamBoothSD3Task),
+        "flux": (DreamBoothFluxConfig, DreamBoothFluxTask),
+    }
 
 
 def _classes_for(model: str | None, revision: str | None = None, model_config: str | None = None):
     family = model_family(model, revision, model_config)  # UnsupportedModelError for other families
     if family.name not in _tasks():
-        supported = " and ".join(FAMILIES[name].label for name in _tasks())
+        supported = ", ".join(FAMILIES[name].label for name in _tasks())
         raise UnsupportedModelError(f"'{model}' is a {family.label} model; DreamBooth supports {supported} models")
     return _tasks()[family.name]
 
@@ -472,7 +481,9 @@ def task_for(config: DreamBoothConfig) -> DreamBoothTask:
             model = config.pretrained_model_name_or_path
             reason = _not_for_this_model(lost, model, config.revision, config.model_config)
             raise ConfigError(f"{reason}; use {config_class.__name__}")
-        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in names}
+        # a flag left at its default takes the model family's default (--target_modules: the family's attention)
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                  if f.name in names and getattr(config, f.name) != f.default}  # fmt: skip
         config = config_class(**fields).validate()
     return task_class(config)
 

@@ -1,15 +1,19 @@
 """What every Stable Diffusion task shares: the frozen components on the run's device and dtype, the adapters, the
 denoising loss, and pipelines over the training modules for validation.
 
-``StableDiffusionTask`` is SD 1.x/2.x; ``training/sdxl.py`` overrides the few hooks where SDXL differs:
+``StableDiffusionTask`` is SD 1.x/2.x; ``training/sdxl.py`` overrides the few hooks where SDXL differs, and
+``training/flow.py`` (with ``sd3.py``, ``flux.py``) those where the transformer models trained on flow matching do:
 
     family                      the model family the task trains (``families.FAMILIES``), checked before loading
-    load_components()           tokenizers, text encoders, VAE, UNet, noise scheduler
-    text_encoders()             ``{component: text encoder}`` (one for SD, two for SDXL)
+    denoiser_component          the component that denoises: "unet", or "transformer" (SD3, Flux)
+    load_components()           tokenizers, text encoders, VAE, denoiser, noise scheduler
+    text_encoders()             ``{component: text encoder}`` that ``--train_text_encoder`` adapts (one for SD, two
+                                for SDXL)
+    frozen_encoders()           ``{component: encoder}`` the condition also needs but that never train (T5)
     text_encoder_adapter_config(component, unet_config)   what ``--train_text_encoder`` adapts in each
-    encode_text(tokens, run)    the text encoders' outputs the UNet reads, per prompt (``--pre_compute_text_embeddings``
-                                keeps them per distinct prompt)
-    condition(batch, run)       the UNet's keyword arguments for a batch (text embeddings, SDXL's added conditions)
+    encode_text(tokens, run)    the text encoders' outputs the denoiser reads, per prompt
+                                (``--pre_compute_text_embeddings`` keeps them per distinct prompt)
+    condition(batch, run)       the denoiser's keyword arguments for a batch (text embeddings, added conditions)
     pipeline() / fresh_pipeline()   a pipeline over the training modules / a fresh one from disk
 
 Two caches make a step cheaper without changing what it computes: ``enable_latent_cache()`` keeps the VAE's latent
@@ -43,14 +47,19 @@ class StableDiffusionTask(Task):
     family = "sd"
     #: said when a model of another family is refused (where the right task is)
     family_hint = ""
+    #: the component that denoises (a pipeline attribute and the adapter file's key)
+    denoiser_component = "unet"
     #: ``{(stream, image, top, left, flipped): VAE distribution parameters (2C, h, w)}`` once enabled
     latent_cache: dict | None = None
     #: ``{output name: (prompts, ...) tensor}``: the text conditioning of each distinct prompt, once pre-computed
     text_table: dict | None = None
 
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.components, self.denoiser_component)
+
     def adapter_configs(self) -> dict:
-        """``{component: EtherConfig}`` of what to adapt; the UNet with the flags' targets by default."""
-        return {"unet": self.config.adapter_config()}
+        """``{component: EtherConfig}`` of what to adapt; the denoiser with the flags' targets by default."""
+        return {self.denoiser_component: self.config.adapter_config()}
 
     def text_encoder_adapter_config(self, component: str, unet_config):
         """The adapter of text encoder ``component`` when the task trains it: its attention, else as the UNet's."""
@@ -77,9 +86,17 @@ class StableDiffusionTask(Task):
     def text_encoders(self) -> dict[str, torch.nn.Module]:
         return {"text_encoder": self.components.text_encoder}
 
+    def frozen_encoders(self) -> dict[str, torch.nn.Module]:
+        """Encoders the condition needs that never carry adapters (none for SD)."""
+        return {}
+
     def tokenizers(self) -> list:
         """Tokenizers in the order of ``input_ids``, ``input_ids_2``, ..."""
         return [self.components.tokenizer]
+
+    def check_components(self) -> None:
+        """Refuse settings the loaded model cannot train with (a resolution its latent grid cannot take, ...)."""
+        return None
 
     def setup(self, run: Run) -> None:
         config = self.config
@@ -87,22 +104,23 @@ class StableDiffusionTask(Task):
         parts = self.components = self.load_components()
         if config.resolution is None:
             config.resolution = parts.native_resolution
-        text_encoders = self.text_encoders()
-        for model in (parts.vae, parts.unet, *text_encoders.values()):
+        self.check_components()
+        text_encoders, frozen, denoiser = self.text_encoders(), self.frozen_encoders(), self.denoiser()
+        for model in (parts.vae, denoiser, *text_encoders.values(), *frozen.values()):
             model.requires_grad_(False)
         weight_dtype = run.weight_dtype
         parts.vae.to(run.device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
-        self.adapters = adapters_for(config)
+        self.adapters = adapters_for(config, self.family)
         configs = self.adapter_configs()
-        models = {"unet": parts.unet, **text_encoders}
+        models = {self.denoiser_component: denoiser, **text_encoders}
         self.adapters.add({c: models[c] for c in configs}, configs)
-        for model in models.values():
+        for model in (*models.values(), *frozen.values()):
             model.to(run.device, dtype=weight_dtype)
         self.params = self.adapters.parameters()
         if config.enable_xformers_memory_efficient_attention:
-            parts.unet.enable_xformers_memory_efficient_attention()
+            denoiser.enable_xformers_memory_efficient_attention()
         if config.gradient_checkpointing:
-            parts.unet.enable_gradient_checkpointing()
+            denoiser.enable_gradient_checkpointing()
             for component, model in text_encoders.items():
                 if component in configs:
                     model.gradient_checkpointing_enable()
@@ -140,8 +158,12 @@ class StableDiffusionTask(Task):
         with torch.no_grad():
             self.text_table = {name: value.detach() for name, value in self.encode_text(stacked, run).items()}
         self._text_device = run.device
-        for encoder in self.text_encoders().values():
+        for encoder in self.all_text_encoders():
             encoder.to("cpu")
+
+    def all_text_encoders(self) -> list[torch.nn.Module]:
+        """Every text encoder the conditioning reads: the trainable ones and the frozen ones (T5)."""
+        return [*self.text_encoders().values(), *self.frozen_encoders().values()]
 
     @contextlib.contextmanager
     def text_encoders_ready(self):
@@ -151,12 +173,12 @@ class StableDiffusionTask(Task):
         if self.text_table is None or device is None or device.type == "cpu":
             yield
             return
-        for encoder in self.text_encoders().values():
+        for encoder in self.all_text_encoders():
             encoder.to(device)
         try:
             yield
         finally:
-            for encoder in self.text_encoders().values():
+            for encoder in self.all_text_encoders():
                 encoder.to("cpu")
 
     def enable_latent_cache(self) -> None:

@@ -1,0 +1,431 @@
+"""Pipelines whose denoiser is a transformer (SD3, Flux), built tiny from configs as diffusers' own tests build them:
+the target presets name their real projections, the pipeline verbs (load, set, fuse/unfuse, mixed batches, save,
+disable, unload) work on them, errors name the model family, and the adapter sizes on the real SD3-medium and Flux-dev
+architectures (meta device) are the ones in the docs."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    assert_model_unchanged,
+    build_t5_tokenizer,
+    build_tiny_components,
+    build_tiny_flux_components,
+    build_tiny_sd3_components,
+    model_record,
+    randomize_adapters,
+)
+
+from ether_diffusion import EtherConfig, inject
+from ether_diffusion.families import UnsupportedModelError, model_family, pipeline_family
+from ether_diffusion.inject import adapter_layers, count_parameters, eject, find_targets
+from ether_diffusion.io import AdapterFileError, AdapterMismatchError, read_adapter_file, save_adapter
+from ether_diffusion.pipeline import (
+    delete_ether_adapters,
+    disable_ether,
+    enable_ether,
+    ether_mixed_batch,
+    fuse_ether,
+    get_list_ether_adapters,
+    load_ether_weights,
+    save_ether_weights,
+    set_ether_adapters,
+    unfuse_ether,
+    unload_ether_weights,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+T5_ATTENTION = ["q", "k", "v", "o"]  # T5's attention projections (T5Attention.q/k/v/o)
+
+
+def tiny_pipe(family, tmp_path):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    if family == "sd3":
+        pipe = StableDiffusion3Pipeline(**build_tiny_sd3_components(tmp_path))
+    else:
+        pipe = FluxPipeline(**build_tiny_flux_components(tmp_path))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def t5_component(family):
+    return "text_encoder_3" if family == "sd3" else "text_encoder_2"
+
+
+def generate(pipe, prompts, per_prompt=1, **kwargs):
+    """Image k of a call comes from seed k, so rows of different calls with the same index share their noise."""
+    guidance = 3.0 if type(pipe).__name__ == "StableDiffusion3Pipeline" else 3.5  # SD3: CFG (batch doubled)
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts) * per_prompt)]
+    return pipe(
+        prompts,
+        generator=generators,
+        num_images_per_prompt=per_prompt,
+        num_inference_steps=2,
+        height=16,
+        width=16,
+        max_sequence_length=16,
+        guidance_scale=guidance,
+        output_type="np",
+        **kwargs,
+    ).images
+
+
+def make_adapter(pipe, family, path, seed):
+    """Inject into the transformer (the family's preset), CLIP and T5, move the vectors, save, remove."""
+    inject(pipe.transformer, EtherConfig(method="ether_plus", n_blocks=2, target_modules=f"{family}-attention"), "tmp")
+    inject(pipe.text_encoder, EtherConfig(method="ether", target_modules="text-encoder-attention"), "tmp")
+    inject(getattr(pipe, t5_component(family)), EtherConfig(method="ether_plus", target_modules=T5_ATTENTION), "tmp")
+    for i, component in enumerate(("transformer", "text_encoder", t5_component(family))):
+        randomize_adapters(getattr(pipe, component), seed=seed + i)
+    written = save_ether_weights(path, pipe, adapter_name="tmp")
+    delete_ether_adapters(pipe, "tmp")
+    return written
+
+
+def plain_weights(model):
+    return {k.replace(".base_layer", ""): v.clone() for k, v in model.state_dict().items() if "ether_" not in k}
+
+
+# --- presets name the real projections ------------------------------------------------------------------------------
+def test_presets_cover_the_attention_projections_of_sd3_and_flux(tmp_path):
+    sd3 = tiny_pipe("sd3", tmp_path).transformer
+    found = {t.path for t in find_targets(sd3, EtherConfig(target_modules="sd3-attention"))}
+    expected = {
+        f"transformer_blocks.{i}.attn.{name}"
+        for i in (0, 1)
+        for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    }
+    expected.discard("transformer_blocks.1.attn.to_add_out")  # the last block is context_pre_only: no text output
+    assert found == expected
+    flux = tiny_pipe("flux", tmp_path).transformer
+    double = {
+        f"transformer_blocks.0.attn.{name}"
+        for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    }
+    single = {f"single_transformer_blocks.0.attn.{name}" for name in ("to_q", "to_k", "to_v")}
+    assert {t.path for t in find_targets(flux, EtherConfig(target_modules="flux-attention"))} == double | single
+    with_ff = {t.path for t in find_targets(flux, EtherConfig(target_modules="flux-attention-ff"))}
+    feed_forward = {
+        "transformer_blocks.0.ff.net.0.proj",
+        "transformer_blocks.0.ff.net.2",
+        "transformer_blocks.0.ff_context.net.0.proj",
+        "transformer_blocks.0.ff_context.net.2",
+        "single_transformer_blocks.0.proj_mlp",
+    }
+    assert with_ff == double | single | feed_forward
+    assert "proj_out" not in with_ff  # the model's output layer is no attention projection
+
+
+# --- the verbs --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_verbs_on_a_transformer_pipeline(family, tmp_path):
+    """load (transformer, CLIP, T5) / fuse / unfuse (bit exact) / strength / mixed batch / disable / unload."""
+    pipe = tiny_pipe(family, tmp_path)
+    t5 = t5_component(family)
+    path = make_adapter(pipe, family, tmp_path / "a.safetensors", seed=1)
+    assert read_adapter_file(path).model_family == family
+    prompts = ["a red star", "two dots"]
+    base = generate(pipe, prompts)
+    weights = {c: plain_weights(getattr(pipe, c)) for c in ("transformer", "text_encoder", t5)}
+
+    assert load_ether_weights(pipe, path, adapter_name="subject") == "subject"
+    assert get_list_ether_adapters(pipe) == {"transformer": ["subject"], "text_encoder": ["subject"], t5: ["subject"]}
+    adapted = generate(pipe, prompts)
+    assert np.abs(adapted - base).max() > 1e-3
+
+    fuse_ether(pipe, safe_fusing=True)
+    np.testing.assert_allclose(generate(pipe, prompts), adapted, atol=1e-4)
+    unfuse_ether(pipe)
+    for component, before in weights.items():
+        after = plain_weights(getattr(pipe, component))
+        assert all(torch.equal(after[k], before[k]) for k in before), component  # bit for bit
+    np.testing.assert_allclose(generate(pipe, prompts), adapted, atol=1e-5)
+
+    set_ether_adapters(pipe, "subject", 0.0)  # ETHER+ at strength 0 is the identity; ETHER (CLIP) has no dial
+    set_ether_adapters(pipe, "subject", 1.0)
+    np.testing.assert_allclose(generate(pipe, prompts), adapted, atol=1e-5)
+
+    # one batch, each prompt with its adapter (SD3 doubles the transformer's batch for CFG; two images per prompt)
+    with ether_mixed_batch(pipe, ["subject", None], num_images_per_prompt=2):
+        mixed = generate(pipe, prompts, per_prompt=2)
+    separate_adapted = generate(pipe, prompts, per_prompt=2)
+    disable_ether(pipe)
+    separate_base = generate(pipe, prompts, per_prompt=2)
+    np.testing.assert_allclose(generate(pipe, prompts), base, atol=1e-5)
+    enable_ether(pipe)
+    np.testing.assert_allclose(mixed[:2], separate_adapted[:2], atol=1e-4)
+    np.testing.assert_allclose(mixed[2:], separate_base[2:], atol=1e-4)
+    assert np.abs(mixed[:2] - separate_base[:2]).max() > 1e-3  # the rows differ: the mixing does something
+
+    unload_ether_weights(pipe)
+    assert get_list_ether_adapters(pipe) == {}
+    np.testing.assert_allclose(generate(pipe, prompts), base, atol=1e-5)
+
+
+def test_a_flux_adapter_round_trips_through_a_saved_pipeline(tmp_path):
+    """save_pretrained / from_pretrained of the model, then the file: the same images (the T5 tokenizer built in the
+    test saves and loads offline)."""
+    from diffusers import FluxPipeline
+
+    pipe = tiny_pipe("flux", tmp_path)
+    pipe.save_pretrained(tmp_path / "flux")
+    path = make_adapter(pipe, "flux", tmp_path / "a.safetensors", seed=3)
+    load_ether_weights(pipe, path)
+    fresh = FluxPipeline.from_pretrained(tmp_path / "flux")
+    fresh.set_progress_bar_config(disable=True)
+    assert type(fresh.tokenizer_2).__name__.startswith("T5Tokenizer")
+    load_ether_weights(fresh, path)
+    np.testing.assert_allclose(generate(fresh, ["a sks star"]), generate(pipe, ["a sks star"]), atol=1e-6)
+
+
+# --- the family decides, and the errors say so ------------------------------------------------------------------------
+def test_family_detection_of_folders_and_pipelines(tmp_path):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+
+    for family, pipeline_class in (("sd3", StableDiffusion3Pipeline), ("flux", FluxPipeline)):
+        folder = tmp_path / family
+        folder.mkdir()
+        (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline_class.__name__}))
+        assert model_family(folder).name == family
+    sd3, flux = tiny_pipe("sd3", tmp_path), tiny_pipe("flux", tmp_path)
+    assert pipeline_family(sd3).name == "sd3" and pipeline_family(flux).name == "flux"
+    # by the denoiser when the pipeline class says nothing (a bare object holding the parts)
+    assert pipeline_family(SimpleNamespace(transformer=flux.transformer)).name == "flux"
+    assert pipeline_family(SimpleNamespace(transformer=torch.compile(sd3.transformer))).name == "sd3"
+    assert pipeline_family(StableDiffusionPipeline(**build_tiny_components(tmp_path))).name == "sd"
+    assert pipeline_family(SimpleNamespace(text_encoder=flux.text_encoder)) is None
+
+
+def test_a_file_of_another_family_is_refused_naming_both(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    sd3, flux = tiny_pipe("sd3", tmp_path), tiny_pipe("flux", tmp_path)
+    sd = StableDiffusionPipeline(**build_tiny_components(tmp_path))
+    flux_file = make_adapter(flux, "flux", tmp_path / "flux.safetensors", seed=1)
+    inject(sd.unet, EtherConfig(), "tmp")
+    sd_file = save_ether_weights(tmp_path / "sd.safetensors", sd, adapter_name="tmp")
+    delete_ether_adapters(sd, "tmp")
+    assert read_adapter_file(sd_file).model_family == "sd"
+
+    cases = [
+        (
+            sd3,
+            flux_file,
+            "is an adapter for Flux models (FluxPipeline), and this StableDiffusion3Pipeline is a Stable "
+            "Diffusion 3 pipeline: load it into a FluxPipeline",
+        ),
+        (
+            flux,
+            sd_file,
+            "is an adapter for Stable Diffusion 1.x/2.x models (StableDiffusionPipeline), and this "
+            "FluxPipeline is a Flux pipeline",
+        ),
+        (
+            sd,
+            flux_file,
+            "is an adapter for Flux models (FluxPipeline), and this StableDiffusionPipeline is a Stable "
+            "Diffusion 1.x/2.x pipeline",
+        ),
+    ]
+    for pipe, file, message in cases:
+        records = {c: model_record(m) for c, m in get_components(pipe).items()}
+        with pytest.raises(AdapterMismatchError) as caught:
+            load_ether_weights(pipe, file)
+        assert message in str(caught.value) and "lacks" not in str(caught.value)
+        for component, record in records.items():  # nothing changed
+            assert_model_unchanged(getattr(pipe, component), record)
+
+    # a file that records no family (components saved directly): named by what it adapts
+    inject(flux.transformer, EtherConfig(target_modules="flux-attention"), "raw")
+    raw = save_adapter(tmp_path / "raw.safetensors", {"transformer": flux.transformer}, "raw")
+    assert read_adapter_file(raw).model_family is None
+    with pytest.raises(
+        AdapterMismatchError,
+        match=r"adapter for a transformer model \(SD3 or Flux\) and adapts "
+        r"\['transformer'\], which this StableDiffusionPipeline \(a Stable "
+        r"Diffusion 1.x/2.x pipeline\) does not have",
+    ):
+        load_ether_weights(sd, raw)
+    # ...and into a pipeline of its own family it loads
+    assert load_ether_weights(tiny_pipe("flux", tmp_path), raw) == "raw"
+
+
+def get_components(pipe):
+    from ether_diffusion.pipeline import _components
+
+    return _components(pipe)
+
+
+def test_a_pipeline_of_an_unsupported_family_is_refused_with_one_message(tmp_path):
+    from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=1,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_channels=32,
+        in_channels=4,
+        cross_attention_dim=16,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+    tokenizer = build_t5_tokenizer()
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4, decoder_start_token_id=0
+        )
+    )
+    vae = AutoencoderKL(block_out_channels=(16,), norm_num_groups=16, latent_channels=4)
+    pixart = PixArtAlphaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=DDIMScheduler()
+    )
+    flux_file = make_adapter(tiny_pipe("flux", tmp_path), "flux", tmp_path / "flux.safetensors", seed=1)
+    record = model_record(pixart.transformer)
+    with pytest.raises(UnsupportedModelError) as caught:
+        load_ether_weights(pixart, flux_file)
+    message = str(caught.value)
+    assert message.startswith(
+        "this PixArtAlphaPipeline is PixArt-α, which ether-diffusion does not support; supported:"
+    )
+    for label in (
+        "Stable Diffusion 1.x/2.x",
+        "Stable Diffusion XL",
+        "Stable Diffusion 3 (StableDiffusion3Pipeline)",
+        "Flux (FluxPipeline)",
+    ):
+        assert label in message
+    assert_model_unchanged(pixart.transformer, record)
+    folder = tmp_path / "pixart"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
+    with pytest.raises(UnsupportedModelError, match=r"is PixArt-α .*supported: .*Stable Diffusion 3 .*Flux"):
+        model_family(folder)
+
+
+def test_model_family_metadata_is_validated(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    pipe = tiny_pipe("flux", tmp_path)
+    path = make_adapter(pipe, "flux", tmp_path / "a.safetensors", seed=1)
+    with safe_open(str(path), "pt") as handle:
+        tensors, metadata = {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()
+    assert metadata["model_family"] == "flux"
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={**metadata, "model_family": "Flux; rm -rf"})
+    with pytest.raises(AdapterFileError, match="invalid 'model_family' metadata"):
+        read_adapter_file(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="model_family must be a short name"):
+        save_adapter(tmp_path / "c.safetensors", {"transformer": pipe.transformer}, "x", model_family="No Such")
+
+
+# --- sizes on the real architectures --------------------------------------------------------------------------------
+# stabilityai/stable-diffusion-3-medium-diffusers' transformer/config.json, written out: 24 joint blocks of width 1536
+# (24 heads x 64), patch 2, 16 latent channels, T5's 4096-wide states, 2048-wide pooled CLIP embeddings
+SD3_MEDIUM = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=192,
+)
+# black-forest-labs/FLUX.1-dev's transformer/config.json: 19 double + 38 single blocks of width 3072 (24 heads x 128),
+# 64 packed input channels (16 latent x 2 x 2), guidance embedding
+FLUX_DEV = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+# (method, sides) -> (adapted layers, trained parameters) with the family's preset; "training" excludes what the
+# DreamBooth task leaves out (SD3's last block's unread add_q_proj)
+TRANSFORMER_COUNTS = {
+    "sd3": {
+        ("ether", None): 293_376,
+        ("ether_plus", None): 1_173_504,
+        ("ether_plus", ("input",)): 586_752,
+        ("lora", None): 2_347_008,
+    },
+    "flux": {
+        ("ether", None): 817_152,
+        ("ether_plus", None): 3_268_608,
+        ("ether_plus", ("input",)): 1_634_304,
+        ("lora", None): 6_537_216,
+    },
+}
+TRANSFORMER_LAYERS = {"sd3": 191, "flux": 266}
+TRAINED_SD3 = {"ether": 291_840, "ether_plus": 1_167_360}  # 190 layers: without the last block's add_q_proj
+
+
+def test_parameter_counts_on_the_real_sd3_medium_and_flux_dev_architectures():
+    """ETHER / ETHER+ / LoRA r=4 sizes on SD3-medium's and Flux-dev's transformers built on the meta device (no
+    weights), pinned here and in docs/transformers.md."""
+    import peft
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    docs = (ROOT / "docs" / "transformers.md").read_text()
+    with torch.device("meta"):
+        models = {"sd3": SD3Transformer2DModel(**SD3_MEDIUM), "flux": FluxTransformer2DModel(**FLUX_DEV)}
+    # the published sizes: SD3-medium's MMDiT has 2B parameters, Flux-dev's transformer 12B
+    assert sum(p.numel() for p in models["sd3"].parameters()) == 2_028_328_000
+    assert sum(p.numel() for p in models["flux"].parameters()) == 11_901_408_320
+    for family, model in models.items():
+        preset = f"{family}-attention"
+        for (method, sides), expected in TRANSFORMER_COUNTS[family].items():
+            if method == "lora":
+                targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+                peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets), model)
+                count = sum(p.numel() for name, p in model.named_parameters() if ".lora_" in name)
+            else:
+                layers = inject(model, EtherConfig(method=method, sides=sides, target_modules=preset))
+                assert len(layers) == TRANSFORMER_LAYERS[family]
+                count = count_parameters(model)
+                eject(model)
+            assert count == expected, (family, method, sides)
+            assert f"{expected:,}" in docs, f"{expected:,} missing from docs/transformers.md"
+    with torch.device("meta"):  # a fresh one: PEFT's LoRA stays in the first
+        sd3 = SD3Transformer2DModel(**SD3_MEDIUM)
+    for method, expected in TRAINED_SD3.items():
+        unread = ["transformer_blocks.23.attn.add_q_proj"]  # what DreamBoothSD3Task leaves out (tested in test_flow)
+        assert (
+            len(inject(sd3, EtherConfig(method=method, target_modules="sd3-attention", exclude_modules=unread))) == 190
+        )
+        assert count_parameters(sd3) == expected and f"{expected:,}" in docs
+        eject(sd3)
+    assert len(dict(adapter_layers(sd3))) == 0
+    # --train_text_encoder: all of CLIP-L's attention (SD3 and Flux read its last layer through the pooled output)
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        clip_l = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                              num_hidden_layers=12, max_position_embeddings=77))  # fmt: skip
+    for method, expected in {"ether": 36_864, "ether_plus": 147_456}.items():
+        assert len(inject(clip_l, EtherConfig(method=method, target_modules="text-encoder-attention"))) == 48
+        assert count_parameters(clip_l) == expected and f"{expected:,}" in docs
+        eject(clip_l)
