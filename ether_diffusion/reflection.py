@@ -70,7 +70,8 @@ def block_rows(directions: torch.Tensor) -> torch.Tensor:
     if n == 1:
         return directions.reshape(k, b)
     block_mask = torch.eye(n, dtype=directions.dtype, device=directions.device)
-    return torch.einsum("kij,im->kmij", directions, block_mask).reshape(k * n, n * b)  # R[k·n+m, i·b+j] = ŵ[k,i,j]·[i == m]
+    # R[k·n + m, i·b + j] = ŵ[k, i, j] · [i == m]
+    return torch.einsum("kij,im->kmij", directions, block_mask).reshape(k * n, n * b)
 
 
 def low_rank_factors(directions: torch.Tensor, coefficients: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
