@@ -224,6 +224,45 @@ def _demo(args) -> int:
     return 0
 
 
+def _export_world(args) -> int:
+    if args.control:
+        from .bench.control import export_world_control
+
+        train, held_out = export_world_control(
+            args.output, args.control, args.train_scenes, args.eval_scenes, overwrite=args.overwrite
+        )
+        print(f"tiny-world {args.control} data written: {train} ({args.train_scenes} rows), {held_out} "
+              f"({args.eval_scenes} held-out rows with masks). Benchmark it with\n  ether-diffusion bench control "
+              f"--train_data_dir {train} --eval_data_dir {held_out}")  # fmt: skip
+        return 0
+    from .bench.dataset import export_world_dataset
+
+    folder = export_world_dataset(args.output, overwrite=args.overwrite)
+    print(f"the tiny world's subjects written in the DreamBooth layout to {folder}. Benchmark them with\n"
+          f"  ether-diffusion bench dreambooth --dataset {folder}")  # fmt: skip
+    return 0
+
+
+def _bench(argv: list[str]) -> int:
+    """``bench dreambooth`` / ``bench control``: flags derived from their configurations (``--help`` lists them)."""
+    kind, rest = argv[0], argv[1:]
+    prog = f"ether-diffusion bench {kind}"
+    command = " ".join(["ether-diffusion", "bench", *argv])
+    if kind == "dreambooth":
+        from .bench.dreambooth import DreamBoothBenchConfig, run_dreambooth_bench
+
+        result = run_dreambooth_bench(DreamBoothBenchConfig.from_args(rest, prog=prog), command=command)
+        stem = "dreambooth"
+    else:
+        from .bench.control import ControlBenchConfig, run_control_bench
+
+        result = run_control_bench(ControlBenchConfig.from_args(rest, prog=prog), command=command)
+        stem = "control"
+    folder = Path(result["output_dir"])
+    print(f"table: {folder / (stem + '.md')} (every run: {stem}.json, plot: {stem}.png)")
+    return 0
+
+
 def _studio(argv: list[str]) -> int:
     """Run ``app/app.py`` (the Gradio studio, beside the package like ``assets/``) with ``argv``."""
     import importlib.util
@@ -344,6 +383,31 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("adapter", help="an adapter .safetensors file or a folder holding one")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(run=_inspect)
+    bench = commands.add_parser(
+        "bench", help="the paper's benchmarks: dreambooth (DINO, CLIP-I, CLIP-T), control (mIoU); export-world"
+    )
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    bench_commands.add_parser(
+        "dreambooth",
+        help="train, sample and score every subject × method × seed of a DreamBooth-layout dataset (see --help)",
+        add_help=False,
+    )
+    bench_commands.add_parser(
+        "control", help="train, sample and score every method × seed of a control dataset folder (see --help)",
+        add_help=False,
+    )  # fmt: skip
+    export_world = bench_commands.add_parser(
+        "export-world", help="write the tiny world as benchmark data: DreamBooth layout, or --control folders"
+    )
+    export_world.add_argument("--output", required=True, help="the folder to write")
+    export_world.add_argument(
+        "--control", choices=["segmentation", "edges"], default=None,
+        help="write control training and held-out folders (train/, eval/) instead of the DreamBooth subjects",
+    )  # fmt: skip
+    export_world.add_argument("--train_scenes", type=int, default=2000, help="--control: training rows")
+    export_world.add_argument("--eval_scenes", type=int, default=64, help="--control: held-out rows (with masks)")
+    export_world.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    export_world.set_defaults(run=_export_world)
     commands.add_parser(
         "studio",
         help="the Gradio app: train, sample, manage adapters (--host 127.0.0.1, --port, --model, --workdir)",
@@ -370,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if argv[:1] == ["studio"]:
             return _studio(argv[1:])
+        if argv[:1] == ["bench"] and argv[1:2] in (["dreambooth"], ["control"]):
+            return _bench(argv[1:])
         args = build_parser().parse_args(argv)
         return args.run(args)
     # ValueError covers AdapterFileError and AdapterMismatchError; OSError a missing file, a full disk, a permission

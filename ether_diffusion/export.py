@@ -11,7 +11,7 @@ Two formats:
   ``text_encoder.…``) and its ``lora_adapter_metadata`` (rank and alpha per layer, so every layer has scale 1);
   ``pipe.load_lora_weights(file)`` reads it. 1×1 convolutions (``proj_in``/``proj_out`` of SD 1.x) get 4-D
   ``(r, in, 1, 1)`` / ``(out, r, 1, 1)`` tensors, as PEFT's LoRA ``Conv2d`` holds them.
-- ``"kohya"``: ``lora_unet_<path>`` / ``lora_te_<path>`` (``lora_te2_`` for SDXL's second encoder) with
+- ``"kohya"``: ``lora_unet_<path>`` / ``lora_te_<path>`` (SDXL: ``lora_te1_`` and ``lora_te2_``) with
   ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``: the format A1111, Forge and ComfyUI read. Every layer
   gets the same rank (smaller factors are zero-padded) and ``alpha = rank``: diffusers' kohya converter keeps
   per-layer alphas under stale names, so a file whose layers have different ranks loads there with wrong scales.
@@ -95,11 +95,14 @@ def lora_factors(model: nn.Module) -> dict[str, LoraFactors]:
     return found
 
 
-def kohya_name(component: str, path: str) -> str:
-    """``lora_unet_down_blocks_0_…_to_q`` for ``("unet", "down_blocks.0.….to_q")``: the name A1111/ComfyUI use."""
+def kohya_name(component: str, path: str, two_encoders: bool = False) -> str:
+    """``lora_unet_down_blocks_0_…_to_q`` for ``("unet", "down_blocks.0.….to_q")``: the name A1111/ComfyUI use.
+
+    With ``two_encoders`` (SDXL) the first text encoder is ``lora_te1_``, as kohya's SDXL files name it."""
     if component not in KOHYA_PREFIXES:
         raise ValueError(f"the kohya format names only {sorted(KOHYA_PREFIXES)}; got a component {component!r}")
-    return KOHYA_PREFIXES[component] + path.replace(".", "_")
+    prefix = "lora_te1_" if two_encoders and component == "text_encoder" else KOHYA_PREFIXES[component]
+    return prefix + path.replace(".", "_")
 
 
 def _shaped(factors: LoraFactors, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,9 +160,10 @@ def lora_state_dict(
         metadata["lora_adapter_metadata"] = json.dumps(peft_metadata, indent=2, sort_keys=True)
     else:
         rank = max(layer.rank for layers in factors.values() for layer in layers.values())
+        two_encoders = components.get("text_encoder_2") is not None  # SDXL: lora_te1_ / lora_te2_
         for component, layers in factors.items():
             for path, layer in layers.items():
-                name = kohya_name(component, path)
+                name = kohya_name(component, path, two_encoders)
                 down, up = _shaped(layer, rank, dtype)
                 tensors[f"{name}.lora_down.weight"] = down
                 tensors[f"{name}.lora_up.weight"] = up

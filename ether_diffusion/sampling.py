@@ -8,17 +8,61 @@ training previews and the benchmarks.
 Image ``k`` of a prompt is always drawn from ``torch.Generator().manual_seed(seeds[k])``, so the adapted and base
 images of one seed differ only by the adapter. With ``batch_size=1`` (the default) an image is bit-for-bit the same
 whatever else is asked for in the same call; larger batches are faster and equal up to float rounding.
+
+Sampling can be stopped between denoising steps: inside ``with interruptible(should_stop):`` every call checks
+``should_stop()`` after each step (diffusers' ``callback_on_step_end``) and raises ``SamplingInterrupted`` when it
+says so. The training loop wraps its validation and preparation this way, so a stop never waits for a preview.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Sample", "ether_switch", "sample_images"]
+__all__ = ["Sample", "SamplingInterrupted", "ether_switch", "interruptible", "sample_images"]
 
 VARIANTS = ("adapted", "base")
+_should_stop: ContextVar[Callable[[], bool] | None] = ContextVar("ether_should_stop_sampling", default=None)
+
+
+class SamplingInterrupted(Exception):
+    """Sampling stopped between two denoising steps because the ``interruptible`` check asked it to."""
+
+
+@contextmanager
+def interruptible(should_stop: Callable[[], bool]):
+    """Within this block (this thread), ``sample_images`` stops after the current denoising step once
+    ``should_stop()`` is true, raising ``SamplingInterrupted``."""
+    token = _should_stop.set(should_stop)
+    try:
+        yield
+    finally:
+        _should_stop.reset(token)
+
+
+def _stop_if_asked() -> None:
+    check = _should_stop.get()
+    if check is not None and check():
+        raise SamplingInterrupted("sampling was stopped")
+
+
+def _with_stop_check(pipe_kwargs: dict) -> dict:
+    """``pipe_kwargs`` with a step-end callback that checks for a stop (after the caller's own, if any)."""
+    if _should_stop.get() is None:
+        return pipe_kwargs
+    theirs = pipe_kwargs.get("callback_on_step_end")
+
+    def on_step_end(pipe, step, timestep, tensors):
+        if theirs is not None:
+            tensors = theirs(pipe, step, timestep, tensors)
+        _stop_if_asked()
+        return tensors
+
+    return {**pipe_kwargs, "callback_on_step_end": on_step_end}
 
 
 @dataclass(frozen=True)
@@ -54,12 +98,14 @@ def sample_images(
 
     ``variants``: ``"adapted"`` samples with the pipeline's adapters as they are set, ``"base"`` with them switched
     off by ``switch(pipe, False)`` (and back on afterwards). Extra keyword arguments go to every pipeline call
-    (``image=`` for a control pipeline, ``height``/``width``).
+    (``image=`` for a control pipeline, ``height``/``width``). Inside ``interruptible(...)`` it may raise
+    ``SamplingInterrupted`` between denoising steps.
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {VARIANTS}")
     rows = [(p, s) for p in prompts for s in seeds]
+    pipe_kwargs = _with_stop_check(pipe_kwargs)
     drawn: dict[str, list] = {}
     for variant in variants:
         if variant == "base":
@@ -68,6 +114,7 @@ def sample_images(
             images = []
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start : start + batch_size]
+                _stop_if_asked()
                 images += pipe(
                     [p for p, _ in chunk],
                     negative_prompt=None if negative_prompt is None else [negative_prompt] * len(chunk),

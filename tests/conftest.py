@@ -217,6 +217,35 @@ def randomize_adapters(model, adapter_name=None, seed: int = 1):
             param.copy_(torch.randn(param.shape, generator=generator).to(param.dtype))
 
 
+def build_metric_models(root):
+    """A tiny DINO ViT and a tiny CLIP (character tokenizer) with random weights, saved as local folders as
+    ``--dino_model`` / ``--clip_model`` name them; returns their two paths."""
+    from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    dino = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                              image_size=32, patch_size=8), add_pooling_layer=False)  # fmt: skip
+    dino.save_pretrained(root / "dino")
+    (root / "tokenizer").mkdir()
+    tokenizer = build_char_tokenizer(root / "tokenizer")
+    text = dict(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, image_size=32,
+                  patch_size=8)  # fmt: skip
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(root / "clip")
+    tokenizer.save_pretrained(root / "clip")
+    return root / "dino", root / "clip"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -17,3 +17,36 @@ def test_referenced_files_exist():
     )
     assert len(sources) > 20
     assert not missing, missing
+
+
+def test_the_quality_plot_spreads_are_the_tables(tmp_path):
+    """docs/quality.md's plot draws mean ± sd per row from the same JSON as its table: they agree."""
+    import json
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from plot_quality_sweep import LABELS, sweep
+
+    results = ROOT / "docs/benchmarks/dreambooth_quality.json"
+    curves = sweep(json.loads(results.read_text())["rows"])
+    rows = {}  # (label, scale) -> (runs, subject fidelity cell, prompt fidelity cell), from the page's table
+    for line in (ROOT / "docs/quality.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 8 and (scale := re.search(r"\(×([\d.]+)\)", cells[1])):
+            rows[(cells[0], float(scale.group(1)))] = (int(cells[2]), cells[4], cells[5])
+    compared = 0
+    for method, points in curves["subject_fidelity"].items():
+        for (scale, subject, subject_sd, runs), (_, prompt, prompt_sd, _) in zip(
+            points, curves["prompt_fidelity"][method]
+        ):
+            assert rows[(LABELS[method], scale)] == (
+                runs,
+                f"{subject:.3f} ± {subject_sd:.3f}",
+                f"{prompt:.3f} ± {prompt_sd:.3f}",
+            )
+            compared += 1
+    assert compared == 16
+    out = tmp_path / "plot.png"
+    subprocess.run([sys.executable, str(ROOT / "scripts/plot_quality_sweep.py"), str(results), str(out)], check=True)
+    assert out.stat().st_size > 10_000

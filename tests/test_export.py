@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TinyMLP, randomize_adapters
+from conftest import TinyMLP, build_tiny_sdxl_components, randomize_adapters
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -249,6 +249,60 @@ def strip_padding(path, target):
             out[f"{name}.alpha"] = torch.tensor(float(keep.sum()))
     save_file(out, str(target))
     return {int(v.item()) for k, v in out.items() if k.endswith(".alpha")}
+
+
+@pytest.mark.parametrize("format", ["diffusers", "kohya"])
+def test_stock_sdxl_pipeline_reproduces_an_sdxl_adapter(format, tmp_path):
+    """An adapter on the UNet and both text encoders of an SDXL pipeline: stock StableDiffusionXLPipeline +
+    load_lora_weights(exported) gives the ETHER images (kohya files: lora_te1_/lora_te2_, as kohya's SDXL files)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from ether_diffusion.pipeline import load_ether_weights
+
+    def sdxl():
+        pipe = StableDiffusionXLPipeline(**build_tiny_sdxl_components(tmp_path, seed=0))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def images(pipe):
+        generator = torch.Generator().manual_seed(0)
+        return pipe(["a red star"], num_inference_steps=3, generator=generator, output_type="np").images
+
+    pipe = sdxl()
+    base = images(pipe)
+    components = {}
+    for i, (component, config) in enumerate(
+        (
+            ("unet", EtherConfig(method="ether_plus", target_modules="unet-attention")),
+            ("text_encoder", EtherConfig(method="ether", n_blocks=2, target_modules="text-encoder-attention")),
+            ("text_encoder_2", EtherConfig(method="ether_plus", target_modules=["q_proj", "out_proj", "fc1"])),
+        )
+    ):
+        model = getattr(pipe, component)
+        inject(model, config, "tmp")
+        randomize_adapters(model, "tmp", seed=i + 1)
+        components[component] = model
+    adapter = save_adapter(tmp_path / "sdxl.safetensors", components, "tmp", base_model="tiny-sdxl")
+    for model in components.values():
+        delete_adapter(model, "tmp")
+
+    load_ether_weights(pipe, adapter, "subject")
+    reference = images(pipe)
+    assert np.abs(reference - base).max() > 0.1  # the adapter changes the images
+
+    fresh = sdxl()
+    output = tmp_path / "lora.safetensors"
+    summary = export_adapters([adapter], output, fresh, format=format, dtype="fp32")
+    assert set(summary.layers) == {"unet", "text_encoder", "text_encoder_2"}
+    fresh.load_lora_weights(str(output))
+    assert np.abs(images(fresh) - reference).max() <= 1e-4
+
+    keys = list(load_file(output))
+    prefixes = ("lora_unet_", "lora_te1_", "lora_te2_") if format == "kohya" else ("unet.", "text_encoder.",
+                                                                                     "text_encoder_2.")  # fmt: skip
+    for prefix in prefixes:
+        assert any(k.startswith(prefix) for k in keys), prefix
+    assert all(k.startswith(prefixes) for k in keys)
 
 
 def test_kohya_mixed_ranks_need_the_padding(case_files, source_pipe, tmp_path):

@@ -128,7 +128,7 @@ def test_conditioning_matches_stable_diffusion_xl_pipeline(world, tmp_path):
     task, run = make_task(world, tmp_path, center_crop=True, resolution=16)
     dataset = task.dataset(run, lambda *args: None)
     batch = dataset.collate([dataset[0], dataset[1]])
-    assert set(batch) == {"pixel_values", "input_ids", "input_ids_2", "add_time_ids"}
+    assert set(batch) == {"pixel_values", "input_ids", "input_ids_2", "add_time_ids", "latent_key", "prompt_index"}
     with torch.no_grad():
         condition = task.condition(batch, run)
     pipe = StableDiffusionXLPipeline.from_pretrained(world / "sdxl")
@@ -413,3 +413,32 @@ def test_parameter_counts_on_the_real_sdxl_architecture():
         eject(text_encoder)
         eject(text_encoder_2)
         assert f"{first:,}" in docs and f"{second:,}" in docs
+
+
+def test_the_studio_trains_and_samples_an_sdxl_model(world, tmp_path):
+    """The studio started on an SDXL folder: a job trains the SDXL task and publishes its adapter; the sampler loads
+    it into the model's own pipeline and draws it beside the base model."""
+    from ether_diffusion.studio import AdapterStore, JobManager, Sampler, TrainSpec, Workspace
+    from ether_diffusion.studio.sampling import SampleRequest
+
+    model = str(world / "sdxl")
+    workspace = Workspace(tmp_path / "studio")
+    store = AdapterStore(workspace)
+    manager = JobManager(workspace, model, store)
+    uploads = [str(p) for p in sorted((world / "instance").iterdir())]
+    manager.start(TrainSpec(adapter_name="xl-star", instance_prompt=PROMPT, uploads=uploads, class_prompt="a star",
+                            max_train_steps=2, num_class_images=1, preview_every=2, preview_images=1,
+                            preview_steps=2))  # fmt: skip
+    state = manager.wait(300)
+    assert state["phase"] == "done", state.get("traceback") or state.get("error")
+    assert state["step"] == 2 and all(np.isfinite(state["losses"]))
+    adapter = read_adapter_file(store.require("xl-star"))
+    assert set(adapter.configs) == {"unet"}
+
+    sampler = Sampler(model, workspace, store)
+    result = sampler.sample(SampleRequest(prompt=PROMPT, adapters=[("xl-star", 1.0)], seeds=[3], steps=2,
+                                          compare=True), save=False)  # fmt: skip
+    assert type(sampler._pipe).__name__ == "StableDiffusionXLPipeline"
+    adapted, base = (np.asarray(image, dtype=np.float64) for image in result.images)
+    assert result.captions == ["seed 3 · xl-star×1", "seed 3 · base model"]
+    assert np.abs(adapted - base).max() > 0  # the adapter acts on the SDXL pipeline

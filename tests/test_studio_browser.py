@@ -1,13 +1,21 @@
 """The studio in a real browser: Debian's Chromium, headless, driven by Playwright, against the app as users start it.
 
-It trains a few steps on a shipped subject, watches progress and previews, reloads the page, samples with the new
-adapter, lists it, and saves a screenshot of each tab. Chromium missing is a failure, not a skip (CI installs it):
-only ``ETHER_STUDIO_SKIP_BROWSER=1`` skips, deliberately. ``STUDIO_SCREENSHOTS=docs/images`` also writes the
-screenshots there, ``STUDIO_TRAIN_STEPS`` and ``STUDIO_SAMPLING_STEPS`` train and sample longer (how the docs'
-pictures are made).
+DreamBooth: a bad upload refused beside the button (no pop-up); Stop pressed while class images are drawn (their
+progress on the page) and while the step-0 baseline is sampled, each acting within seconds and never flipping the
+label back; a preset saved and loaded; an estimate before Start; a job with live loss curve, ETA from training steps
+only, previews and its TensorBoard folder; a reload that shows the job's settings; sampling with the new adapter;
+the Adapters tab, where a broken import names the file and leaves the table as it was. Control: a control adapter
+trained on the tiny world's segmentation set, then sampled from an example map and from a map drawn on the
+canvas, beside the same prompt without control. A screenshot of each tab is saved.
+
+Chromium missing is a failure, not a skip (CI installs it): only ``ETHER_STUDIO_SKIP_BROWSER=1`` skips,
+deliberately. ``STUDIO_SCREENSHOTS=docs/images`` also writes the screenshots there, ``STUDIO_TRAIN_STEPS`` and
+``STUDIO_SAMPLING_STEPS`` train and sample longer (how the docs' pictures are made).
 """
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import free_port
 from PIL import Image
@@ -36,6 +45,9 @@ CHROMIUM_ARGS = [
 ]
 TRAIN_STEPS = int(os.environ.get("STUDIO_TRAIN_STEPS", "6"))
 SAMPLING_STEPS = int(os.environ.get("STUDIO_SAMPLING_STEPS", "4"))
+CONTROL_STEPS = int(os.environ.get("STUDIO_CONTROL_STEPS", "4"))
+STOP_SECONDS = 6.0  # Stop to "stopped" on the page: one denoising step plus the page's 1 s poll, on a shared machine
+TOAST = '[data-testid="toast-body"]'  # a Gradio pop-up: the studio shows none
 
 skip_on_request = pytest.mark.skipif(
     os.environ.get("ETHER_STUDIO_SKIP_BROWSER") == "1", reason="ETHER_STUDIO_SKIP_BROWSER=1 asked to skip"
@@ -105,23 +117,70 @@ def test_cli_starts_the_studio_on_localhost(tmp_path):
         stop_studio(process)
 
 
+def fill(page, elem_id: str, value) -> None:
+    page.locator(f"#{elem_id} input, #{elem_id} textarea").first.fill(str(value))
+
+
+def phase_of(status_text: str) -> str:
+    lines = [line.strip() for line in status_text.splitlines() if line.strip()]
+    return lines[1] if len(lines) > 1 else ""
+
+
+def stop_and_watch(page, prefix: str = "") -> tuple[float, list[str]]:
+    """Press Stop; return the seconds until the page says "stopped" and the phases it showed from "stopping" on."""
+    status = page.locator(f"#{prefix or 'train-'}status")
+    seen = []
+    started = time.monotonic()
+    page.locator(f"#{prefix}stop").click()
+    while time.monotonic() - started < 60:
+        seen.append(phase_of(status.inner_text()))
+        if seen[-1] == "stopped":
+            return time.monotonic() - started, seen[seen.index("stopping") if "stopping" in seen else 0 :]
+        page.wait_for_timeout(50)
+    raise AssertionError(f"the page did not show 'stopped' within 60 s; phases seen: {sorted(set(seen))}")
+
+
+def eta_seconds(status_text: str) -> int | None:
+    found = re.search(r"ETA (\d+):(\d\d)", status_text)
+    return int(found[1]) * 60 + int(found[2]) if found else None
+
+
+def curve_points(page, elem_id: str) -> list[int]:
+    """How many points each visible line of a Gradio line plot draws (its SVG paths, with a stroke colour)."""
+    paths = page.locator(f"#{elem_id} g.mark-line path")
+    visible = [paths.nth(i) for i in range(paths.count()) if paths.nth(i).evaluate("e => getComputedStyle(e).stroke")
+               not in ("none", "")]  # fmt: skip
+    return sorted(len(re.findall(r"[ML]", path.get_attribute("d") or "")) for path in visible)
+
+
+def save_shots(shots: Path) -> None:
+    for shot in shots.iterdir():
+        assert shot.stat().st_size > 10_000, shot
+    if os.environ.get("STUDIO_SCREENSHOTS"):
+        target = ROOT / os.environ["STUDIO_SCREENSHOTS"]
+        target.mkdir(parents=True, exist_ok=True)
+        for shot in shots.iterdir():
+            shutil.copyfile(shot, target / shot.name)
+
+
 @skip_on_request
-def test_train_preview_sample_in_a_browser(browser, tmp_path):
+def test_train_preview_sample_in_a_browser(browser, tmp_path):  # noqa: C901  (one user's session, in order)
     from playwright.sync_api import expect
 
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    process, url = start_studio([sys.executable, "app/app.py"], tmp_path / "ws", tmp_path / "log.txt")
+    workspace = tmp_path / "ws"
+    process, url = start_studio([sys.executable, "app/app.py"], workspace, tmp_path / "log.txt")
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         errors = []
         page.on("pageerror", lambda err: errors.append(str(err)))
         page.goto(url)
-        status = page.locator("#train-status")
+        status, note = page.locator("#train-status"), page.locator("#note")
         expect(status).to_contain_text("No training job yet", timeout=30_000)
         assert "a sks star" in page.locator("#instance-prompt textarea, #instance-prompt input").input_value()
 
-        # a bad upload is refused on the page with the file's name, and nothing starts
+        # a bad upload is refused beside the button with the file's name, and nothing starts; no pop-up
         pictures = []
         for i in range(2):
             pictures.append(tmp_path / f"photo{i}.png")
@@ -131,35 +190,105 @@ def test_train_preview_sample_in_a_browser(browser, tmp_path):
         page.locator("#uploads input[type=file]").set_input_files([*map(str, pictures), str(tmp_path / "fake.png")])
         expect(page.locator("#uploads")).to_contain_text("fake", timeout=15_000)
         page.locator("#start").click()
-        expect(page.get_by_text("fake.png: not an image").first).to_be_visible(timeout=15_000)
+        expect(note).to_contain_text("fake.png: not an image", timeout=15_000)
         expect(status).to_contain_text("No training job yet")
+        assert page.locator(TOAST).count() == 0
         page.get_by_text("Shipped subject").first.click()
-
-        page.locator("#adapter-name input, #adapter-name textarea").fill("browser-star")
-        page.locator("#train-steps input").fill(str(TRAIN_STEPS))
-        page.locator("#class-images input").fill("2")
         page.locator("#preview-settings").get_by_text("Previews").click()
-        page.locator("#preview-every input").fill(str(max(TRAIN_STEPS // 2, 1)))
-        page.locator("#preview-steps input").fill(str(SAMPLING_STEPS))
+
+        # Stop while class images are drawn (their progress shows): it acts within seconds, never flips back
+        fill(page, "adapter-name", "stopped-early")
+        fill(page, "class-images", 40)
+        fill(page, "preview-steps", 200)  # a batch of class images alone takes minutes
+        page.locator("#start").click()
+        expect(status).to_contain_text("drawing 40 class images (0/40)", timeout=120_000)
+        page.wait_for_timeout(1500)
+        seconds, seen = stop_and_watch(page)
+        assert seconds < STOP_SECONDS, (seconds, seen)
+        assert not {"preparing", "training"} & set(seen), seen
+        expect(status).to_contain_text("stopped before training began")
+
+        # Stop while the step-0 baseline is sampled: the same
+        fill(page, "adapter-name", "stopped-baseline")
+        page.get_by_text("Prior preservation").click()  # off: straight to the baseline
+        page.locator("#start").click()
+        expect(status).to_contain_text("sampling the step-0 baseline", timeout=120_000)
+        page.wait_for_timeout(1500)
+        seconds, seen = stop_and_watch(page)
+        assert seconds < STOP_SECONDS, (seconds, seen)
+        assert not {"preparing", "training"} & set(seen), seen
+        page.get_by_text("Prior preservation").click()  # on again
+
+        # a preset: save the form by name, change it, load it back
+        fill(page, "adapter-name", "browser-star")
+        fill(page, "train-steps", TRAIN_STEPS)
+        fill(page, "class-images", 2)
+        fill(page, "preview-every", max(TRAIN_STEPS // 2, 1))
+        fill(page, "preview-steps", 25)  # the baseline takes longer than the first steps: the ETA must not count it
+        page.locator("#presets").get_by_text("Presets").click()
+        fill(page, "preset-name", "quick-star")
+        page.locator("#preset-save").click()
+        expect(note).to_contain_text("preset 'quick-star' saved", timeout=15_000)
+        saved = json.loads((workspace / "presets" / "quick-star.json").read_text())
+        assert saved["settings"]["max_train_steps"] == TRAIN_STEPS and "adapter_name" not in saved["settings"]
+        fill(page, "train-steps", 999)
+        fill(page, "preset-name", "../escape")
+        page.locator("#preset-save").click()
+        expect(note).to_contain_text("is not allowed", timeout=15_000)  # preset names follow adapter names
+        page.locator("#preset-list input").click()
+        page.get_by_role("option", name="quick-star").click()
+        page.locator("#preset-load").click()
+        expect(note).to_contain_text("loaded preset 'quick-star'", timeout=15_000)
+        expect(page.locator("#train-steps input")).to_have_value(str(TRAIN_STEPS))
+        assert page.locator(TOAST).count() == 0
+
+        # the estimate before Start: measured on the loaded model, and says on what it is based
+        page.locator("#estimate").click()
+        estimate = page.locator("#estimate-text")
+        expect(estimate).to_contain_text("Estimate: about", timeout=240_000)
+        expect(estimate).to_contain_text("4 real training steps")
+        expect(estimate).to_contain_text("MB of CPU memory")
+        expect(estimate).to_contain_text("Accuracy")
+
         page.locator("#start").click()
         expect(status).to_contain_text("browser-star", timeout=30_000)  # the job started and the page knows
-        expect(status).to_contain_text("loss", timeout=120_000)  # live step / loss / lr
-        expect(page.locator("#previews img").first).to_be_visible(timeout=60_000)  # a preview, step 0 onwards
-        expect(status).to_contain_text("done", timeout=300_000)
+        etas = []  # (ETA shown, when)
+        deadline = time.monotonic() + 300
+        while "done" != phase_of(status.inner_text()) and time.monotonic() < deadline:
+            text = status.inner_text()
+            assert phase_of(text) != "failed", text
+            if phase_of(text) == "training" and eta_seconds(text) is not None:
+                etas.append((eta_seconds(text), time.monotonic()))
+            page.wait_for_timeout(100)
+        finished = time.monotonic()
         expect(status).to_contain_text(f"step {TRAIN_STEPS} / {TRAIN_STEPS}")
-        expect(page.locator("#previews")).to_contain_text("step 0 · base model (baseline)")
+        assert etas, "no ETA was shown while training"
+        # from training steps only: never more than the time that was really left (a step-0 baseline counted in
+        # would make the first ETAs several times too long)
+        assert all(eta <= finished - when + 2 for eta, when in etas), (etas, finished)
+        expect(status).to_contain_text("TensorBoard: tensorboard --logdir")
+        assert list((workspace / "jobs").glob("*-browser-star/output/logs/**/events.out.tfevents.*"))
+        expect(page.locator("#train-previews")).to_contain_text("step 0 · base model (baseline)")
+        page.wait_for_timeout(1500)  # the last poll draws the whole curve
+        assert curve_points(page, "train-loss-curve") == [TRAIN_STEPS, TRAIN_STEPS]  # loss and its running mean
         page.screenshot(path=str(shots / "studio_train.png"), full_page=True)
 
-        # a second start with the same name: the reason reaches the page
+        # a second start with the same name: the reason shows beside the button, no pop-up
         page.locator("#start").click()
-        expect(page.get_by_text("already exists").first).to_be_visible(timeout=15_000)
+        expect(note).to_contain_text("already exists", timeout=15_000)
+        assert page.locator(TOAST).count() == 0
+        expect(page.locator("#train-previews img").first).to_be_visible()  # nothing covers the previews
 
-        # reloading the page shows the job as it is on the server
+        # reloading the page shows the job as it is on the server, and the form shows its settings
         page.reload()
         expect(status).to_contain_text(f"step {TRAIN_STEPS} / {TRAIN_STEPS}", timeout=30_000)
-        expect(page.locator("#previews img").first).to_be_visible(timeout=30_000)
+        expect(page.locator("#adapter-name input, #adapter-name textarea")).to_have_value("browser-star")
+        expect(page.locator("#train-steps input")).to_have_value(str(TRAIN_STEPS))  # not the default 400
+        expect(page.locator("#class-images input")).to_have_value("2")  # not the default 50
+        expect(page.locator("#train-previews img").first).to_be_visible(timeout=30_000)
+        expect(page.locator("#train-loss-curve g.mark-line path")).to_have_count(2, timeout=30_000)
 
-        page.get_by_role("tab", name="Sample").click()
+        page.get_by_role("tab", name="Sample", exact=True).click()
         page.locator("#adapter-slot-0 input").click()
         page.get_by_role("option", name="browser-star").click()
         page.locator("#seeds input, #seeds textarea").fill("0")
@@ -175,6 +304,18 @@ def test_train_preview_sample_in_a_browser(browser, tmp_path):
         table = page.locator("#adapter-table")
         expect(table).to_contain_text("browser-star", timeout=15_000)
         expect(table).to_contain_text("ETHER+")
+        # a broken file: the reason names the file (not the upload folder); the table stays as it was
+        broken = tmp_path / "upload" / "broken-adapter.safetensors"
+        broken.parent.mkdir()
+        broken.write_bytes(b"\x13\x00\x00\x00\x00\x00\x00\x00{garbage" + bytes(range(200)))
+        page.locator("#import-file input[type=file]").set_input_files(str(broken))
+        expect(page.locator("#import-file")).to_contain_text("broken-adapter", timeout=15_000)
+        page.locator("#import").click()
+        adapters_note = page.locator("#adapters-note")
+        expect(adapters_note).to_contain_text("broken-adapter.safetensors was not imported", timeout=30_000)
+        assert "/tmp" not in adapters_note.inner_text() and "gradio" not in adapters_note.inner_text()
+        expect(table).to_contain_text("browser-star")
+        assert "Error" not in table.inner_text() and page.locator(TOAST).count() == 0
         page.screenshot(path=str(shots / "studio_adapters.png"), full_page=True)
         with page.expect_download(timeout=15_000) as download:
             page.locator("#export").click()
@@ -184,11 +325,78 @@ def test_train_preview_sample_in_a_browser(browser, tmp_path):
         assert errors == [], errors
     finally:
         stop_studio(process)
+    save_shots(shots)
 
-    for shot in shots.iterdir():
-        assert shot.stat().st_size > 10_000, shot
-    if os.environ.get("STUDIO_SCREENSHOTS"):
-        target = ROOT / os.environ["STUDIO_SCREENSHOTS"]
-        target.mkdir(parents=True, exist_ok=True)
-        for shot in shots.iterdir():
-            shutil.copyfile(shot, target / shot.name)
+
+@skip_on_request
+def test_control_train_and_sample_with_a_drawn_map_in_a_browser(browser, tmp_path):
+    from playwright.sync_api import expect
+
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    workspace = tmp_path / "ws"
+    process, url = start_studio([sys.executable, "app/app.py"], workspace, tmp_path / "log.txt")
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(url)
+        expect(page.locator("#train-status")).to_contain_text("No training job yet", timeout=30_000)
+        page.get_by_role("tab", name="Control").click()
+        status = page.locator("#control-status")
+        fill(page, "control-name", "shapes")
+        fill(page, "control-scenes", 16)
+        fill(page, "control-steps", CONTROL_STEPS)
+        fill(page, "control-batch", 2)
+        page.locator("#control-preview-settings").get_by_text("Previews").click()
+        fill(page, "control-preview-every", max(CONTROL_STEPS // 2, 1))
+        fill(page, "control-preview-steps", SAMPLING_STEPS)
+        page.locator("#control-start").click()
+        expect(status).to_contain_text("shapes · control", timeout=30_000)
+        expect(status).to_contain_text("done", timeout=300_000)
+        expect(page.locator("#control-previews")).to_contain_text("step 0 · untrained · control map | samples")
+        expect(page.locator("#control-loss-curve g.mark-line path")).to_have_count(2, timeout=30_000)
+        assert (workspace / "control_data" / "segmentation-16" / "metadata.jsonl").is_file()  # rendered on demand
+        page.screenshot(path=str(shots / "studio_control_train.png"), full_page=True)
+
+        page.get_by_role("tab", name="Sample with a control map").click()
+        page.locator("#control-adapter input").click()
+        page.get_by_role("option", name="shapes").click()
+        page.locator("#example-seg").click()  # a held-out world scene's map, and its caption as the prompt
+        expect(page.locator("#control-prompt textarea")).not_to_have_value("", timeout=30_000)
+        page.locator("#control-sample-steps input[type=number]").fill(str(SAMPLING_STEPS))
+        fill(page, "control-seeds", "0")
+        page.locator("#control-generate").click()
+        samples, sample_note = page.locator("#control-samples"), page.locator("#control-sample-note")
+        expect(sample_note).to_contain_text("2 images in", timeout=120_000)
+        expect(samples).to_contain_text("seed 0 · with control (shapes)")
+        expect(samples).to_contain_text("seed 0 · without control (base model)")
+        expect(samples.locator("img")).to_have_count(3)  # the map, with control, without
+
+        # a map drawn on a blank canvas with the brush (the first class colour)
+        page.get_by_role("button", name="Blank canvas").click()
+        page.wait_for_timeout(1000)
+        canvas = page.locator("#control-canvas canvas").first
+        box = canvas.bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.35, box["y"] + box["height"] * 0.35)
+        page.mouse.down()
+        for k in range(15):
+            page.mouse.move(box["x"] + box["width"] * (0.35 + 0.02 * k), box["y"] + box["height"] * (0.35 + 0.015 * k))
+        page.mouse.up()
+        page.wait_for_timeout(500)
+        page.locator("#control-generate").click()
+        deadline = time.monotonic() + 120
+        while len(maps := sorted((workspace / "samples").glob("*/02_seed0_base.png"))) < 2:
+            assert time.monotonic() < deadline, f"no second sample; the page says: {sample_note.inner_text()}"
+            page.wait_for_timeout(200)
+        expect(sample_note).to_contain_text(maps[-1].parent.name, timeout=30_000)  # the page shows the new ones
+        expect(sample_note).to_contain_text("resized from 256×256 to 64×64")
+        maps = [m.parent / "00_control-map.png" for m in maps]
+        with Image.open(maps[-1]) as drawn:
+            colours = {tuple(c) for c in np.asarray(drawn.convert("RGB")).reshape(-1, 3)}
+        assert colours == {(0, 0, 0), (230, 25, 75)}, colours  # black, and the stroke in the exact class colour
+        page.screenshot(path=str(shots / "studio_control.png"), full_page=True)
+        assert errors == [], errors
+    finally:
+        stop_studio(process)
+    save_shots(shots)

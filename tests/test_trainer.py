@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import build_training_world
 from PIL import Image
+from safetensors.torch import load_file
 
 from ether_diffusion.training import Callback, ConfigError, ResumeMismatchError, TrainingDivergedError
 from ether_diffusion.training.checkpoints import CheckpointError, list_checkpoints
@@ -48,7 +49,8 @@ def test_the_parser_is_derived_from_the_fields():
     parser = DreamBoothConfig.build_parser()
     flags = {a.dest for a in parser._actions} - {"help"}
     cli_fields = {f.name for f in dataclasses.fields(DreamBoothConfig) if f.metadata.get("cli", True)}
-    assert flags == cli_fields
+    assert flags == cli_fields | set(DreamBoothConfig.foreign_flags)  # diffusers' flags without a field
+    assert not cli_fields & set(DreamBoothConfig.foreign_flags)
     assert "peer" not in flags  # library-only (benchmarks)
     help_text = parser.format_help()
     assert help_text.index("--instance_data_dir") < help_text.index("--learning_rate")  # the task's own flags first
@@ -193,6 +195,20 @@ def test_resume_refuses_a_checkpoint_of_another_run(world, tmp_path):
     same = config_for(world, tmp_path, max_train_steps=3, resume_from_checkpoint="latest", quiet=False)
     result = train(same)
     assert result.global_step == 3 and len(result.losses) == 1
+
+
+def test_resuming_from_the_last_steps_checkpoint_trains_no_further(world, tmp_path):
+    # 2 steps of batch 1 end inside the first epoch (the world has 3 instance images), where a resume used to run
+    # the epoch's next batch: one step past --max_train_steps
+    config = config_for(world, tmp_path, max_train_steps=2, checkpointing_steps=2, no_final_reload=True)
+    first = train(config)
+    trained = load_file(first.adapter_path)
+    again = train(config.replace(resume_from_checkpoint="latest"))
+    assert again.global_step == 2 and again.losses == []
+    resumed = load_file(again.adapter_path)
+    assert resumed.keys() == trained.keys()
+    for key in trained:
+        torch.testing.assert_close(resumed[key], trained[key], rtol=0, atol=0)
 
 
 def test_fp16_on_a_cpu_is_refused_whoever_asks(world, tmp_path):

@@ -229,8 +229,8 @@ def write_world_control_dataset(folder: str | Path, task: str, count: int, start
     """Render ``count`` tiny-world scenes (numbers ``start ..``) as a dataset folder for ``task``, captioned with
     ``layout_free_caption``.
 
-    Besides the three columns it stores each scene's class mask (``masks/``, values 0..6) for the mIoU of the
-    benchmark. The same numbers give the same pixels on any machine.
+    Besides the three columns it stores each scene's class mask (``masks/``, values 0..6, column ``mask``) for the
+    mIoU of the benchmark (``ether-diffusion bench control``). The same numbers give the same pixels on any machine.
     """
     from ..world.dataset import render_arrays
 
@@ -251,6 +251,7 @@ def write_world_control_dataset(folder: str | Path, task: str, count: int, start
             "image": f"images/{name}",
             "conditioning_image": f"conditions/{name}",
             "text": layout_free_caption(arrays.scenes[i]),
+            "mask": f"masks/{name}",
         }
         lines.append(json.dumps(row))
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")

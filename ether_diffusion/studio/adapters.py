@@ -34,11 +34,13 @@ class AdapterInfo:
     steps: str | None
     instance_prompt: str | None
     error: str | None = None  # why a file in the folder cannot be used (it is still listed, so it can be deleted)
+    task: str = "dreambooth"  # "control": a condition encoder with its adapter (the Control tab samples it)
 
     def row(self) -> list:
         """The row shown in the Adapters table."""
         return [
             self.name,
+            self.task if self.error is None else "",
             self.method,
             self.n_blocks if self.n_blocks is not None else "",
             self.parameters,
@@ -49,7 +51,7 @@ class AdapterInfo:
         ]
 
 
-TABLE_HEADERS = ["name", "method", "blocks", "parameters", "steps", "instance prompt", "base model", "problem"]
+TABLE_HEADERS = ["name", "task", "method", "blocks", "parameters", "steps", "instance prompt", "base model", "problem"]
 
 
 def describe(name: str, path: Path, thumbnail: Path | None) -> AdapterInfo:
@@ -59,6 +61,7 @@ def describe(name: str, path: Path, thumbnail: Path | None) -> AdapterInfo:
         return AdapterInfo(name, path, thumbnail, "unreadable", None, 0, None, None, None, str(err))
     configs = list(source.configs.values())
     methods = sorted({METHOD_LABELS.get(c.method, c.method) for c in configs})
+    task = "control" if source.extra.get("task") == "control" else "dreambooth"
     return AdapterInfo(
         name,
         path,
@@ -69,6 +72,7 @@ def describe(name: str, path: Path, thumbnail: Path | None) -> AdapterInfo:
         source.base_model,
         source.extra.get("steps"),
         source.extra.get("instance_prompt"),
+        task=task,
     )
 
 
@@ -129,6 +133,10 @@ class AdapterStore:
             infos.append(describe(name, self.path(name), thumb if thumb.is_file() else None))
         return infos
 
+    def names_for(self, task: str) -> list[str]:
+        """The usable adapters of ``task`` ("dreambooth" or "control"): what each tab's pickers offer."""
+        return [i.name for i in self.list() if i.error is None and i.task == task]
+
     def info(self, name: str) -> AdapterInfo:
         path = self.require(name)
         thumb = self.thumbnail_path(name)
@@ -177,20 +185,24 @@ class AdapterStore:
         upload: str | os.PathLike | None,
         name: str | None = None,
         check_fits: Callable[[Path], None] | None = None,
+        display_name: str | None = None,
     ) -> str:
         """Validate ``upload`` strictly and copy it in; returns the name. ``check_fits(path)`` may load it into the
-        base model to refuse files made for another architecture. A rejected file changes nothing."""
+        base model to refuse files made for another architecture. A rejected file changes nothing. Messages name the
+        file by ``display_name`` (what the user chose; default the upload's own file name), never by the temporary
+        folder a browser upload lands in."""
         if upload is None or not str(upload):
             raise StudioError("no file: choose an adapter .safetensors file to import")
         upload = Path(upload)
+        shown = Path(display_name or upload.name).name  # the file's own name, not where the browser parked it
         if not upload.is_file():
-            raise StudioError(f"{upload.name}: file not found")
+            raise StudioError(f"{shown}: file not found")
         if upload.stat().st_size > MAX_ADAPTER_BYTES:
             raise StudioError(
-                f"{upload.name} is {upload.stat().st_size / 2**20:.0f} MB; ETHER adapters are far smaller "
+                f"{shown} is {upload.stat().st_size / 2**20:.0f} MB; ETHER adapters are far smaller "
                 f"(limit {MAX_ADAPTER_BYTES // 2**20} MB). Is it a whole model?"
             )
-        name = check_name(name) if name and name.strip() else self.free_name(Path(upload.name).stem)
+        name = check_name(name) if name and name.strip() else self.free_name(Path(shown).stem)
         if self.exists(name):
             raise StudioError(f"an adapter named {name!r} already exists; choose another name")
         try:
@@ -198,7 +210,10 @@ class AdapterStore:
             if check_fits is not None:
                 check_fits(upload)
         except (AdapterFileError, AdapterMismatchError) as err:
-            raise StudioError(f"{upload.name} was not imported: {err}") from err
+            reason = str(err)
+            for where in {str(upload), str(upload.resolve())}:
+                reason = reason.replace(where, shown)
+            raise StudioError(f"{shown} was not imported: {reason}") from err
         self.publish(upload, name)
         return name
 

@@ -1,13 +1,16 @@
-"""Background training for the studio: one job at a time on the library's DreamBooth loop.
+"""Background training for the studio: one job at a time on the library's training loop.
 
 A job is a folder ``<workspace>/jobs/<id>/`` holding ``state.json`` (what the page shows), the instance images
-when they were uploaded, and ``output/``, the loop's output folder (checkpoints, previews, the adapter). A job is a
-``DreamBoothConfig`` built from the form (no command line in between) run in a thread with a ``Callback``: each
-preparation phase and step updates the state (message, step, loss, lr, ETA), each preview adds to the gallery,
-``stop`` asks the loop to stop (before the first step, or after the current one with the adapter and a checkpoint
-saved), and ``resume`` runs the loop again from the latest checkpoint. Every exception ends the job as
-``failed`` with its message on the page; a studio that dies mid-job finds the job ``interrupted`` on restart,
-resumable from its last checkpoint.
+when they were uploaded, and ``output/``, the loop's output folder (checkpoints, previews, TensorBoard logs in
+``output/logs``, the adapter). A job is a run configuration built from the form (no command line in between):
+``TrainSpec`` makes a ``DreamBoothConfig``, ``ControlSpec`` (``studio/control.py``) a ``ControlConfig``. It runs in a
+thread with a ``Callback``: each preparation phase (with its progress) and step updates the state (message, step,
+loss, the losses so far, lr, ETA from training steps only), each preview adds to the gallery. ``stop`` acts at once
+in every phase: between preparation phases, between the denoising steps of class images and previews
+(``sampling.interruptible``), or after the current training step; a job stopped after its first step keeps the
+adapter so far and a checkpoint to resume from. ``resume`` runs the loop again from the latest checkpoint. Every
+exception ends the job as ``failed`` with its message on the page; a studio that dies mid-job finds the job
+``interrupted`` on restart, resumable from its last checkpoint.
 
     preparing ─► training ─► saving ─► done
         │            │ stop ─► stopping ─► stopped ─┐
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import shutil
 import threading
@@ -34,15 +38,44 @@ from ..training.checkpoints import checkpoint_step, latest_checkpoint
 from ..training.config import ETHER_METHODS
 from ..training.dreambooth import PAPER_LEARNING_RATE
 from .adapters import AdapterStore
+from .control import ControlSpec
 from .uploads import save_uploads
 from .workspace import StudioError, Workspace, check_name, inside, slug
 
-__all__ = ["ACTIVE_PHASES", "JobManager", "TrainSpec", "shipped_subjects"]
+__all__ = ["ACTIVE_PHASES", "SPECS", "JobManager", "TrainSpec", "check_whole_numbers", "shipped_subjects"]
 
 ACTIVE_PHASES = ("preparing", "training", "stopping", "saving")
 METHODS = {**{label: method for method, label in METHOD_LABELS.items() if method in ETHER_METHODS},
            **{method: method for method in ETHER_METHODS}}  # fmt: skip  # "ETHER+" or "ether_plus" -> "ether_plus"
 STATE_FILE = "state.json"
+
+
+def check_whole_numbers(spec, **ranges: tuple[int, int]) -> None:
+    """Each named field of ``spec`` a whole number within its ``(low, high)``, made an int; StudioError if not."""
+    for name, (low, high) in ranges.items():
+        value = getattr(spec, name)
+        if value is None or isinstance(value, bool) or int(value) != value or not low <= int(value) <= high:
+            raise StudioError(f"{name.replace('_', ' ')} must be a whole number from {low} to {high}")
+        setattr(spec, name, int(value))
+
+
+#: the ranges of the settings every training form has (each form adds its own)
+COMMON_RANGES = dict(max_train_steps=(1, 100_000), n_blocks=(1, 64), preview_every=(1, 100_000), preview_images=(1, 8),
+                     preview_steps=(1, 200))  # fmt: skip
+
+
+def checked_copy(spec):
+    """A copy of a training form with its adapter name checked and its method resolved to the library's name."""
+    spec = copy.deepcopy(spec)
+    spec.adapter_name = check_name(spec.adapter_name)
+    if spec.method not in METHODS:
+        raise StudioError(f"method {spec.method!r}: choose ETHER or ETHER+")
+    spec.method = METHODS[spec.method]
+    return spec
+
+
+def tensorboard_available() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None
 
 
 def shipped_subjects() -> dict[str, dict]:
@@ -61,6 +94,8 @@ def shipped_subjects() -> dict[str, dict]:
 @dataclass
 class TrainSpec:
     """What the Train tab asks for. ``subject`` (a shipped one) or ``uploads`` (3-10 image files)."""
+
+    kind = "dreambooth"
 
     adapter_name: str
     instance_prompt: str
@@ -82,27 +117,12 @@ class TrainSpec:
     checkpoint_every: int | None = None  # default: preview_every
 
     def validated(self) -> TrainSpec:
-        spec = copy.deepcopy(self)
-        spec.adapter_name = check_name(spec.adapter_name)
-        if spec.method not in METHODS:
-            raise StudioError(f"method {spec.method!r}: choose ETHER or ETHER+")
-        spec.method = METHODS[spec.method]
+        spec = checked_copy(self)
         if not isinstance(spec.instance_prompt, str) or not spec.instance_prompt.strip():
             raise StudioError("the instance prompt is empty: name the subject with an identifier, e.g. 'a sks dog'")
         if spec.prior_preservation and not (spec.class_prompt or "").strip():
             raise StudioError("prior preservation needs a class prompt without the identifier, e.g. 'a dog'")
-        for name, low, high in (
-            ("max_train_steps", 1, 100_000),
-            ("n_blocks", 1, 64),
-            ("preview_every", 1, 100_000),
-            ("preview_images", 1, 8),
-            ("preview_steps", 1, 200),
-            ("num_class_images", 1, 1000),
-        ):
-            value = getattr(spec, name)
-            if value is None or int(value) != value or not low <= int(value) <= high:
-                raise StudioError(f"{name.replace('_', ' ')} must be a whole number from {low} to {high}")
-            setattr(spec, name, int(value))
+        check_whole_numbers(spec, **COMMON_RANGES, num_class_images=(1, 1000))
         if not 0 < float(spec.learning_rate) <= 1:
             raise StudioError("the learning rate must be above 0 and at most 1 (the paper uses 6e-3)")
         if spec.subject is None and not spec.uploads:
@@ -112,7 +132,7 @@ class TrainSpec:
         return spec
 
     def config(self, model: str, instance_dir: Path, output_dir: Path, class_dir: Path, resume: bool,
-               model_config: str | None = None):  # fmt: skip
+               model_config: str | None = None, report_to: str = "none"):  # fmt: skip
         """The library's DreamBooth configuration for this job (no command line in between)."""
         from ..training.dreambooth import DreamBoothConfig
 
@@ -137,7 +157,7 @@ class TrainSpec:
             adapter_name=self.adapter_name,
             output_dir=str(output_dir),
             random_flip=True,
-            report_to="none",
+            report_to=report_to,
             quiet=True,
             with_prior_preservation=bool(self.prior_preservation),
             class_prompt=self.class_prompt.strip() or None,
@@ -145,6 +165,15 @@ class TrainSpec:
             class_data_dir=str(class_dir),
             resume_from_checkpoint="latest" if resume else None,
         )
+
+    @staticmethod
+    def train(config, callbacks):
+        from ..training.dreambooth import train
+
+        return train(config, callbacks)
+
+
+SPECS = {spec.kind: spec for spec in (TrainSpec, ControlSpec)}  # a job's "kind" -> its spec class
 
 
 class JobManager:
@@ -191,6 +220,10 @@ class JobManager:
 
     def _update(self, force: bool = False, **changes) -> None:
         with self._lock:
+            if changes.get("phase") in ("preparing", "training") and self._stop.is_set():
+                changes["phase"] = "stopping"  # a stop was asked: the label never goes back
+            if changes.get("phase") == "stopping" and self._state["phase"] not in ACTIVE_PHASES:
+                return  # the job ended while Stop was pressed: its end stands
             self._state.update(changes)
             self._state["updated"] = time.time()
             now = time.monotonic()
@@ -208,6 +241,7 @@ class JobManager:
         with self._lock:
             state = copy.deepcopy(self._state) if self._state else {}
         if state:
+            state.setdefault("kind", TrainSpec.kind)  # jobs from before control jobs existed
             state["running"] = self.running()
             state["resumable"] = not state["running"] and state["phase"] in ("stopped", "failed", "interrupted")
         return state
@@ -218,6 +252,11 @@ class JobManager:
             self._thread.join(timeout)
         return self.status()
 
+    def spec(self) -> TrainSpec | ControlSpec | None:
+        """The current (or last) job's settings, as its spec: what the page fills its form with after a reload."""
+        state = self.status()
+        return SPECS[state["kind"]](**state["spec"]) if state else None
+
     def _busy_message(self) -> str:
         s = self.status()
         where = f"step {s.get('step', 0)}/{s.get('total') or '?'}" if s.get("phase") == "training" else s.get("phase")
@@ -227,7 +266,7 @@ class JobManager:
         )
 
     # --- actions -----------------------------------------------------------------------------------------------
-    def start(self, spec: TrainSpec) -> dict:
+    def start(self, spec: TrainSpec | ControlSpec) -> dict:
         """Check ``spec`` and start it in the background; StudioError if busy or the input is bad."""
         with self._launching:
             return self._start(spec)
@@ -254,26 +293,21 @@ class JobManager:
             job_id = f"{time.strftime('%Y%m%d-%H%M%S-')}{spec.adapter_name}-{n}"
         job_dir = inside(self.workspace.jobs, job_id)
         job_dir.mkdir()
-        if spec.subject is not None:
-            instance_dir = Path(shipped_subjects()[spec.subject]["folder"])
-        else:
-            try:
-                save_uploads(spec.uploads, job_dir / "instance")
-            except StudioError:
-                _remove_tree(job_dir)
-                raise
-            instance_dir = job_dir / "instance"
-        spec.uploads = []
-        try:  # the loop's own checks, before anything runs in the background
-            self._config(spec, instance_dir, job_dir, resume=False).validate()
-        except ConfigError as err:
+        try:
+            inputs = self._inputs(spec, job_dir)
+            self._config(spec, inputs, job_dir, resume=False).validate()  # the loop's own checks, before it runs
+        except (StudioError, ConfigError) as err:
             _remove_tree(job_dir)
             raise StudioError(str(err)) from err
+        if isinstance(spec, TrainSpec):
+            spec.uploads = []  # temporary files of the page; the job has its copies
         self._state = {
             "id": job_id,
+            "kind": spec.kind,
             "created": time.time(),
             "spec": asdict(spec),
-            "instance_dir": str(instance_dir),
+            **inputs,
+            "logs": str(job_dir / "output" / "logs") if self._report_to() != "none" else None,
             "phase": "preparing",
             "step": 0,
             "start_step": 0,
@@ -290,11 +324,45 @@ class JobManager:
         self._launch(resume=False)
         return self.status()
 
+    def estimate(self, spec: TrainSpec | ControlSpec):
+        """Time and memory ``spec`` will need, measured by running a few of its steps on the loaded model
+        (``studio/estimate.py``); refused while a job runs (each would slow the other and the figure)."""
+        import tempfile
+
+        from .estimate import measure, project
+
+        with self._launching:
+            if self.running():
+                raise StudioError(
+                    "a training job is running: its ETA is on the page. Estimate when it has ended (measuring now "
+                    "would slow it down and be slowed down by it)"
+                )
+            spec = spec.validated()
+            with tempfile.TemporaryDirectory(prefix=".estimate-", dir=self.workspace.root) as scratch:
+                inputs = self._inputs(spec, Path(scratch))
+                config = self._config(spec, inputs, Path(scratch), resume=False)
+                try:
+                    config.validate()
+                except ValueError as err:
+                    raise StudioError(str(err)) from err
+                measured = _in_a_thread(measure, config, Path(scratch))  # as the job will run: not the main thread
+        missing = 0
+        if isinstance(spec, TrainSpec) and spec.prior_preservation:
+            from ..training.data import IMAGE_EXTENSIONS
+
+            folder = self._class_dir(spec)
+            drawn = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS] if folder.is_dir() else []
+            missing = max(spec.num_class_images - len(drawn), 0)
+        return project(spec, measured, missing)
+
     def stop(self) -> dict:
+        """Ask the job to stop: it does within the current training or denoising step, in every phase."""
         if not self.running():
             raise StudioError("no training job is running")
         self._stop.set()
-        self._update(phase="stopping", message="stopping after the current step; the adapter so far will be saved")
+        trained = self.status().get("step", 0) > self.status().get("start_step", 0)
+        message = "stopping now; the adapter so far will be saved" if trained else "stopping now"
+        self._update(phase="stopping", message=message, eta_seconds=None)
         return self.status()
 
     def _resume(self) -> dict:
@@ -318,9 +386,24 @@ class JobManager:
         digest = hashlib.sha256(key.encode()).hexdigest()[:10]
         return inside(self.workspace.class_images, f"{slug(spec.class_prompt.strip(), 'class')[:40]}-{digest}")
 
-    def _config(self, spec: TrainSpec, instance_dir: Path, job_dir: Path, resume: bool):
-        return spec.config(self.model, instance_dir, job_dir / "output", self._class_dir(spec), resume,
-                           self.model_config)  # fmt: skip
+    def _inputs(self, spec: TrainSpec | ControlSpec, job_dir: Path) -> dict:
+        """Where the job's data is (saved uploads, a shipped subject, a rendered world set), kept in its state."""
+        if isinstance(spec, ControlSpec):
+            return spec.inputs(self.workspace)
+        if spec.subject is not None:
+            return {"instance_dir": shipped_subjects()[spec.subject]["folder"]}
+        save_uploads(spec.uploads, job_dir / "instance")
+        return {"instance_dir": str(job_dir / "instance")}
+
+    def _report_to(self) -> str:
+        return "tensorboard" if tensorboard_available() else "none"
+
+    def _config(self, spec: TrainSpec | ControlSpec, inputs: dict, job_dir: Path, resume: bool):
+        output = job_dir / "output"
+        if isinstance(spec, ControlSpec):
+            return spec.config(self.model, inputs, output, resume, self.model_config, self._report_to())
+        return spec.config(self.model, Path(inputs["instance_dir"]), output, self._class_dir(spec), resume,
+                           self.model_config, self._report_to())  # fmt: skip
 
     def _launch(self, resume: bool) -> None:
         self._stop.clear()
@@ -330,13 +413,11 @@ class JobManager:
         self._thread.start()
 
     def _run(self, resume: bool) -> None:
-        from ..training.dreambooth import train
-
-        spec = TrainSpec(**self._state["spec"])
+        spec = self.spec()
         callback = _JobCallback(self)
         try:
-            config = self._config(spec, Path(self._state["instance_dir"]), self._job_dir(), resume)
-            result = train(config, [callback])
+            config = self._config(spec, self._state, self._job_dir(), resume)
+            result = spec.train(config, [callback])
             if result.adapter_path is None:  # stopped before the first step: nothing trained, nothing to publish
                 self._update(phase="stopped", eta_seconds=None,
                              message="stopped before training began; Resume starts it")  # fmt: skip
@@ -406,28 +487,61 @@ class _JobCallback(Callback):
         state = self.manager._state
         started, first = self.clock or (time.monotonic(), step - 1)
         per_step = (time.monotonic() - started) / max(step - first, 1)  # training steps only: no step-0 preview
+        previewing = step % state["spec"]["preview_every"] == 0
         self.manager._update(step=step, loss=logs["loss"], lr=logs["lr"],
                              losses=state["losses"] + [round(logs["loss"], 6)],
-                             eta_seconds=per_step * (state["total"] - step))  # fmt: skip
+                             eta_seconds=per_step * (state["total"] - step),
+                             message=f"sampling the step-{step} preview" if previewing else "training")  # fmt: skip
 
     def on_validation(self, event) -> None:
         manager = self.manager
         paths = list(event.paths)
-        caption = {"baseline": "step 0 · base model (baseline)", "final": f"step {event.step} · saved adapter, "
-                   "reloaded"}.get(event.kind, f"step {event.step}")  # fmt: skip
+        control = manager._state.get("kind") == ControlSpec.kind
+        baseline = "step 0 · untrained" if control else "step 0 · base model (baseline)"
+        caption = {"baseline": baseline, "final": f"step {event.step} · saved adapter, reloaded"}.get(
+            event.kind, f"step {event.step}"
+        )
+        if control:
+            caption += " · control map | samples"
         if event.kind == "final":  # a resumed run writes samples.png again: keep this one under its own name
             kept = manager._job_dir() / "previews" / f"step-{event.step:06d}-saved.png"
             kept.parent.mkdir(exist_ok=True)
             shutil.copyfile(paths[0], kept)
             paths = [kept]
-        self.last_images = list(event.images)
+        self.last_images = list(event.images)[1:] if control else list(event.images)  # a control row: map first
         added = [{"path": str(p), "caption": caption, "step": event.step} for p in paths]
         previews = manager._state["previews"] + added
         phase = "saving" if event.kind == "final" else manager._state["phase"]
-        manager._update(previews=previews, phase=phase, force=True)
+        message = "publishing the adapter" if event.kind == "final" else "training"
+        manager._update(previews=previews, phase=phase, message=message, force=True)
+
+    def on_save(self, path) -> None:
+        stopping = self.manager._stop.is_set()  # a stopped run skips the reload check
+        self.manager._update(phase="saving", message="adapter written" + ("" if stopping else "; sampling it reloaded "
+                                                                          "into a fresh pipeline"))  # fmt: skip
 
     def should_stop(self) -> bool:
         return self.manager._stop.is_set()
+
+
+def _in_a_thread(function, *args):
+    """``function(*args)`` run in a new thread, as a job runs. It matters for timing: on the shared 2-core machine,
+    torch ran the same training steps up to 8× faster or slower in another thread than in the main thread (its
+    intra-op threads spin differently under contention), so a measurement is only as good as its likeness."""
+    box = {}
+
+    def work():
+        try:
+            box["value"] = function(*args)
+        except BaseException as err:  # noqa: BLE001  (re-raised in the caller)
+            box["error"] = err
+
+    thread = threading.Thread(target=work, name="studio-estimate", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _remove_tree(path: Path) -> None:

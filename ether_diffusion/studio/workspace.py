@@ -6,6 +6,8 @@ A workspace is one folder::
     <root>/jobs/<job id>/                one training job: state.json, instance/ images, output/ (the loop's)
     <root>/samples/<time>/               images from the Sample tab
     <root>/class_images/<prompt>-<key>/  prior-preservation images, shared by jobs with the same class and model
+    <root>/control_data/<task>-<count>/  the tiny world's control sets, rendered once, shared by control jobs
+    <root>/presets/<name>.json           saved training configurations
 
 Names typed by users become file names, so they follow the adapter-name rule of the library (letters, digits,
 '_' and '-', starting with a letter or digit, at most 64): ``../x``, ``a/b``, ``.hidden`` or ``C:\\x`` are refused,
@@ -62,7 +64,7 @@ class Workspace:
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
-        for folder in (self.adapters, self.jobs, self.samples, self.class_images):
+        for folder in (self.adapters, self.jobs, self.samples, self.class_images, self.control_data, self.presets):
             folder.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -80,3 +82,11 @@ class Workspace:
     @property
     def class_images(self) -> Path:
         return self.root / "class_images"
+
+    @property
+    def control_data(self) -> Path:
+        return self.root / "control_data"
+
+    @property
+    def presets(self) -> Path:
+        return self.root / "presets"

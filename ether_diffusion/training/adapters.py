@@ -43,8 +43,10 @@ class EtherAdapters:
             self.models[component] = models[component]
             self.configs[component] = config
 
-    def parameters(self) -> list[nn.Parameter]:
-        params = [p for model in self.models.values() for p in adapter_parameters(model, self.name)]
+    def parameters(self, components=None) -> list[nn.Parameter]:
+        """The trained vectors (of ``components`` only, when given), in fp32 and requiring grad."""
+        models = [m for c, m in self.models.items() if components is None or c in components]
+        params = [p for model in models for p in adapter_parameters(model, self.name)]
         for p in params:  # the frozen model may run in half precision; the vectors train in fp32
             p.data = p.data.float()
             p.requires_grad_(True)
@@ -100,9 +102,10 @@ class PeftPeer:
                 if isinstance(module, BaseTunerLayer):
                     yield module
 
-    def parameters(self) -> list[nn.Parameter]:
+    def parameters(self, components=None) -> list[nn.Parameter]:
         # the models are frozen before ``add``, so what requires grad now is exactly what PEFT added
-        params = [p for model in self.models.values() for p in model.parameters() if p.requires_grad]
+        models = [m for c, m in self.models.items() if components is None or c in components]
+        params = [p for model in models for p in model.parameters() if p.requires_grad]
         for p in params:
             p.data = p.data.float()
             p.requires_grad_(True)

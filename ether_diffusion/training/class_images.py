@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from tqdm.auto import tqdm
-
 from ..files import atomic_write
+from ..sampling import sample_images
 from .data import IMAGE_EXTENSIONS
+from .progress import Progress
 
 __all__ = ["ensure_class_images"]
 
@@ -29,7 +28,8 @@ def ensure_class_images(
 
     ``make_pipeline()`` is only called when images are missing. Image ``i`` comes from seed ``seed + i``, so the set
     is the same however often it is interrupted; each file is written atomically. ``progress(done, total)`` is called
-    before each batch and at the end (the studio shows it; it may raise to stop).
+    before each batch and at the end (the studio shows it; it may raise to stop); inside
+    ``sampling.interruptible`` a stop also ends a batch between denoising steps.
     """
     class_dir = Path(class_dir)
     class_dir.mkdir(parents=True, exist_ok=True)
@@ -43,22 +43,23 @@ def ensure_class_images(
     if progress is not None:
         progress(0, missing)
     pipe = make_pipeline()
-    bar = tqdm(total=missing, desc="class images", disable=not show_progress)
+    bar = Progress(missing, "class images", every=batch_size, disable=not show_progress)
     for start in range(0, missing, batch_size):
         if progress is not None and start:
             progress(start, missing)
         chunk = indices[start : start + batch_size]
-        generators = [torch.Generator().manual_seed(seed + i) for i in chunk]
-        images = pipe(
-            [class_prompt] * len(chunk),
-            generator=generators,
+        samples = sample_images(
+            pipe,
+            [class_prompt],
+            [seed + i for i in chunk],
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
-        ).images
-        for index, image in zip(chunk, images):
+            batch_size=len(chunk),
+        )
+        for index, sample in zip(chunk, samples):
             with atomic_write(class_dir / f"class-{index:05d}.png") as tmp:
-                image.save(tmp, format="PNG")
-        bar.update(len(chunk))
+                sample.image.save(tmp, format="PNG")
+        bar.update(start + len(chunk))
     bar.close()
     if progress is not None:
         progress(missing, missing)

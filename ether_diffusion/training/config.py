@@ -25,10 +25,12 @@ import torch
 from ..config import SIDES, TARGET_PRESETS, EtherConfig, check_adapter_name
 from ..models import default_model
 
-__all__ = ["ConfigError", "RunConfig", "option"]
+__all__ = ["ConfigError", "ForeignFlag", "RunConfig", "option"]
 
 ETHER_METHODS = ("ether", "ether_plus")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+OPTIMIZERS = ("adamw", "prodigy")  # given in any case, as diffusers' scripts take them ("AdamW", "prodigy")
+VALIDATION_SCHEDULERS = ("DPMSolverMultistepScheduler", "DDPMScheduler")
 
 
 class ConfigError(ValueError):
@@ -45,18 +47,53 @@ def option(
     cli: bool = True,
     factory=None,
     flag: str | None = None,
+    secret: bool = False,
 ):
     """A config field and its flag.
 
     ``minimum``: the smallest allowed value (checked by ``validate``). ``same_run=False``: a field a resumed run may
     change (output, logging, validation, length) without becoming a different run; every other field is part of
     the run's identity recorded in its checkpoints. ``cli=False``: library-only (benchmarks), no flag. ``flag``: the
-    flag's name when it is not the field's (``--config`` for ``model_config``).
+    flag's name when it is not the field's (``--config`` for ``model_config``). ``secret``: never written anywhere
+    (checkpoints, trackers, model cards): a token.
+
+    A ``bool`` field defaulting to False is a switch (``--flag``); one defaulting to True takes a value
+    (``--flag false``), as diffusers' ``--prodigy_decouple`` does.
     """
-    metadata = dict(help=help, choices=choices, minimum=minimum, same_run=same_run, cli=cli, flag=flag)
+    metadata = dict(help=help, choices=choices, minimum=minimum, same_run=same_run, cli=cli, flag=flag, secret=secret)
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class ForeignFlag:
+    """A flag of diffusers' training scripts that has no field here: ``accepted`` (what it asks for is always so, and
+    ``reason`` says why) or refused with ``reason`` (why it does not apply to ETHER, and what to use instead)."""
+
+    reason: str
+    takes_value: bool = False
+    accepted: bool = False
+
+
+#: flags of diffusers' scripts every task answers without a field (``DreamBoothConfig`` adds its own)
+FOREIGN_FLAGS = {
+    "rank": ForeignFlag(
+        "ETHER has no rank: each adapted layer learns one unit vector per diagonal block (two per side for ETHER+), a "
+        "transform of fixed strength. Its knobs are --n_blocks (more, smaller blocks), --ether_method (ether_plus "
+        "relaxes the reflection), --ether_sides and --target_modules (which layers adapt); drop --rank",
+        takes_value=True,
+    ),
+    "lora_dropout": ForeignFlag(
+        "ETHER has no low-rank update to drop out: its transforms stay within a fixed distance of the identity by "
+        "construction, which is why it needs no dropout. Drop the flag (DreamBooth's regulariser is "
+        "--with_prior_preservation)",
+        takes_value=True,
+    ),
+    "set_grads_to_none": ForeignFlag(
+        "the loop always frees the gradients (sets them to None) after every optimizer step", accepted=True
+    ),
+}
 
 
 @dataclass(kw_only=True)
@@ -65,6 +102,8 @@ class RunConfig:
 
     task_name: ClassVar[str] = "run"
     description: ClassVar[str] = ""
+    #: flags of diffusers' scripts answered without a field: accepted as always so, or refused with the reason
+    foreign_flags: ClassVar[dict[str, ForeignFlag]] = FOREIGN_FLAGS
 
     # --- the base model ------------------------------------------------------------------------------------------
     pretrained_model_name_or_path: str | None = option(
@@ -117,17 +156,33 @@ class RunConfig:
     lr_warmup_steps: int = option(0, "warm-up steps", minimum=0)
     lr_num_cycles: int = option(1, "cycles of cosine_with_restarts", minimum=1)
     lr_power: float = option(1.0, "power of the polynomial schedule")
+    optimizer: str = option(
+        "adamw",
+        "adamw (torch's; bitsandbytes' with --use_8bit_adam) or prodigy (the prodigyopt package; it finds "
+        "its own step size: give --learning_rate 1.0)",
+    )
     use_8bit_adam: bool = option(False, "bitsandbytes' 8-bit AdamW (CUDA only)")
     adam_beta1: float = option(0.9, "AdamW beta1", minimum=0.0)
     adam_beta2: float = option(0.999, "AdamW beta2", minimum=0.0)
     adam_weight_decay: float = option(0.0, "0 by default: decay would shrink û, v̂ for nothing", minimum=0.0)
     adam_epsilon: float = option(1e-8, "AdamW epsilon", minimum=0.0)
+    prodigy_beta3: float | None = option(
+        None, "Prodigy's coefficient for its step-size estimate (default: the square root of --adam_beta2)",
+        minimum=0.0,
+    )  # fmt: skip
+    prodigy_decouple: bool = option(True, "Prodigy: AdamW-style decoupled weight decay (true/false)")
+    prodigy_use_bias_correction: bool = option(True, "Prodigy: Adam's bias correction (true/false)")
+    prodigy_safeguard_warmup: bool = option(True, "Prodigy: no step-size growth while warming up (true/false)")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: no clipping)", minimum=0.0)
     snr_gamma: float | None = option(None, "min-SNR weighting gamma (5.0 is the usual choice)", minimum=0.0)
     mixed_precision: str | None = option(
         None, "default: accelerate's configuration, else no", choices=("no", "fp16", "bf16")
     )
     allow_tf32: bool = option(False, "TF32 matmuls on Ampere GPUs")
+    enable_xformers_memory_efficient_attention: bool = option(
+        False, "xformers' attention kernels in the UNet (needs xformers; torch's own scaled-dot-product attention is "
+        "used otherwise, which is as memory-efficient on torch 2)", same_run=False,
+    )  # fmt: skip
     compile: bool = option(False, "torch.compile the trained models (the first steps are slower while it compiles)")
     dynamo_backend: str = option(
         "inductor", "torch.compile backend with --compile", choices=("inductor", "aot_eager", "eager", "cudagraphs")
@@ -136,7 +191,22 @@ class RunConfig:
     logging_dir: str = option("logs", "TensorBoard folder inside --output_dir", same_run=False)
     dataloader_num_workers: int = option(0, "data loading processes", minimum=0, same_run=False)
     local_rank: int = option(-1, "set by the launcher", same_run=False)
-    quiet: bool = option(False, "no progress bars", same_run=False)
+    quiet: bool = option(False, "no progress output", same_run=False)
+    progress_steps: int | None = option(
+        None, "when the output is not a terminal (a log file, a pipe): one progress line every N steps instead of a "
+        "progress bar (default: about 50 lines a run)", minimum=1, same_run=False,
+    )  # fmt: skip
+    push_to_hub: bool = option(
+        False, "upload the adapter, its model card and the sample images to the Hugging Face Hub at the end (needs "
+        "huggingface_hub)", same_run=False,
+    )  # fmt: skip
+    hub_model_id: str | None = option(
+        None, "the Hub repository to push to, 'name' or 'user/name' (default: the name of --output_dir)", same_run=False
+    )
+    hub_token: str | None = option(
+        None, "Hub token for --push_to_hub (default: the login of `hf auth login` or HF_TOKEN); never written to "
+        "checkpoints, logs or the model card", same_run=False, secret=True,
+    )  # fmt: skip
 
     # --- validation ----------------------------------------------------------------------------------------------
     validation_prompt: str | None = option(None, "prompt sampled during training and after it", same_run=False)
@@ -146,6 +216,10 @@ class RunConfig:
     )
     validation_inference_steps: int = option(25, "sampling steps of validation images", minimum=1, same_run=False)
     validation_guidance_scale: float = option(7.5, "guidance of validation images", minimum=0.0, same_run=False)
+    validation_scheduler: str = option(
+        "DPMSolverMultistepScheduler", "sampler of validation images and the final reload",
+        choices=VALIDATION_SCHEDULERS, same_run=False,
+    )  # fmt: skip
     validation_epochs: int | None = option(None, "validate every N epochs", minimum=1, same_run=False)
     no_final_reload: bool = option(
         False, "skip reloading the saved file into a fresh pipeline to sample it", same_run=False
@@ -166,8 +240,10 @@ class RunConfig:
                 continue
             kind, many = _flag_type(hints[f.name])
             kwargs: dict[str, Any] = {"help": f.metadata.get("help") or None}
-            if kind is bool:
+            if kind is bool and f.default is not True:
                 kwargs["action"] = "store_true"
+            elif kind is bool:
+                kwargs.update(type=_boolean, metavar="{true,false}")
             else:
                 kwargs["type"] = kind
                 if many:
@@ -180,6 +256,19 @@ class RunConfig:
                 kwargs["default"] = f.default if f.default is not MISSING else f.default_factory()
             flag = f.metadata.get("flag") or f.name
             (own if f.name in declared_here else shared).add_argument(f"--{flag}", dest=f.name, **kwargs)
+        foreign = parser.add_argument_group(
+            "flags of diffusers' scripts with no ETHER counterpart (accepted as always so, or refused with the reason)"
+        )
+        for name, answer in sorted(cls.foreign_flags.items()):
+            foreign.add_argument(
+                f"--{name}",
+                action=_ForeignFlagAction,
+                answer=answer,
+                nargs="*" if answer.takes_value else 0,
+                metavar="VALUE" if answer.takes_value else None,
+                default=argparse.SUPPRESS,
+                help=("accepted: " if answer.accepted else "refused: ") + answer.reason.replace("%", "%%"),
+            )
         return parser
 
     @classmethod
@@ -198,6 +287,14 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def public_dict(self) -> dict:
+        """``to_dict`` without secrets (``--hub_token``): what trackers and records may hold."""
+        return {k: v for k, v in self.to_dict().items() if not _field(type(self), k).metadata.get("secret")}
+
+    def defaults(self) -> dict:
+        """Every field's default value (of the fields that have one)."""
+        return {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
 
     def identity(self) -> dict:
         """The fields that make two runs the same run (recorded in checkpoints; a resume must match them)."""
@@ -231,6 +328,39 @@ class RunConfig:
             raise ConfigError("--resolution must be a positive multiple of 8")
         if (self.validation_steps or self.validation_epochs) and not self.validation_prompt:
             raise ConfigError("--validation_steps/--validation_epochs need --validation_prompt")
+        optimizer = str(self.optimizer).lower()
+        if optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer {self.optimizer!r} is not one of AdamW, prodigy")
+        self.optimizer = optimizer
+        if optimizer == "prodigy":
+            if self.use_8bit_adam:
+                raise ConfigError("--use_8bit_adam is an AdamW; with --optimizer prodigy drop it")
+            try:
+                import prodigyopt  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "--optimizer prodigy needs the prodigyopt package (pip install prodigyopt, or "
+                    "pip install 'ether-diffusion[prodigy]'); or use --optimizer adamw"
+                ) from None
+        if self.enable_xformers_memory_efficient_attention:
+            try:
+                import xformers  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "--enable_xformers_memory_efficient_attention needs xformers (pip install xformers, on a CUDA "
+                    "machine); without the flag the UNet uses torch's scaled-dot-product attention, which is as "
+                    "memory-efficient on torch 2: drop the flag"
+                ) from None
+        if self.push_to_hub:
+            try:
+                import huggingface_hub  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "--push_to_hub needs huggingface_hub (pip install huggingface_hub, or "
+                    "pip install 'ether-diffusion[hub]'); or drop the flag and upload the output folder yourself"
+                ) from None
+        elif self.hub_model_id or self.hub_token:
+            raise ConfigError("--hub_model_id/--hub_token are for --push_to_hub: add it, or drop them")
         if self.use_8bit_adam:
             try:
                 import bitsandbytes  # noqa: F401
@@ -281,6 +411,30 @@ class RunConfig:
             )
         except ValueError as err:
             raise ConfigError(str(err)) from err
+
+
+def _field(cls, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _boolean(text: str) -> bool:
+    """``true``/``false`` (also 1/0, yes/no) for switches that are on by default."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.strip().lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+    return value
+
+
+class _ForeignFlagAction(argparse.Action):
+    """A diffusers flag without a field: nothing to store when accepted, a usage error with the reason if refused."""
+
+    def __init__(self, option_strings, dest, answer: ForeignFlag, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.answer = answer
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not self.answer.accepted:
+            parser.error(f"{option_string} does not apply to ETHER: {self.answer.reason}")
 
 
 def _flag_type(annotation) -> tuple[type, bool]:

@@ -1,4 +1,5 @@
-"""Image folders and the DreamBooth dataset, with errors that say which file is wrong and what to do."""
+"""Image folders (with kohya-style caption files), ``datasets`` datasets and the DreamBooth dataset, with errors that
+say which file is wrong and what to do."""
 
 from __future__ import annotations
 
@@ -9,17 +10,24 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..images import IMAGE_EXTENSIONS, ImageReadError, open_image
+from ..images import IMAGE_EXTENSIONS, ImageReadError, open_image, to_rgb
 
-__all__ = ["IMAGE_EXTENSIONS", "DreamBoothDataset", "EpochShuffleSampler", "collate", "load_image_folder"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "INTERPOLATION_MODES",
+    "DreamBoothDataset",
+    "EpochShuffleSampler",
+    "augmentations",
+    "collate",
+    "image_files",
+    "load_captioned_folder",
+    "load_dataset_images",
+    "load_image_folder",
+]
 
 
-def load_image_folder(folder: str | Path, what: str = "instance") -> list[Image.Image]:
-    """Every image in ``folder`` (sorted by name) as upright RGB; files of other types (captions, JSON) are ignored.
-
-    Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` naming the files when the folder holds no
-    images or any image cannot be decoded.
-    """
+def image_files(folder: str | Path, what: str = "instance") -> list[Path]:
+    """The image files in ``folder``, sorted by name; ``FileNotFoundError``/``ValueError`` when there are none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"the {what} folder '{folder}' does not exist; pass a folder of images")
@@ -31,8 +39,12 @@ def load_image_folder(folder: str | Path, what: str = "instance") -> list[Image.
             f"the {what} folder '{folder}' holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}; found "
             f"{others}); put 3-10 images of the subject there"
         )
+    return candidates
+
+
+def _open_all(paths: list[Path], folder: Path, what: str) -> list[Image.Image]:
     images, bad = [], []
-    for path in candidates:
+    for path in paths:
         try:
             images.append(open_image(path, f"{what} image"))
         except ImageReadError as err:
@@ -45,19 +57,119 @@ def load_image_folder(folder: str | Path, what: str = "instance") -> list[Image.
     return images
 
 
+def load_image_folder(folder: str | Path, what: str = "instance") -> list[Image.Image]:
+    """Every image in ``folder`` (sorted by name) as upright RGB; files of other types (captions, JSON) are ignored.
+
+    Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` naming the files when the folder holds no
+    images or any image cannot be decoded.
+    """
+    return _open_all(image_files(folder, what), Path(folder), what)
+
+
+def load_captioned_folder(
+    folder: str | Path, fallback_prompt: str, caption_extension: str = ".txt"
+) -> tuple[list[Image.Image], list[str]]:
+    """The images of ``folder`` and a caption each, kohya's layout: ``dog1.txt`` beside ``dog1.png`` is that image's
+    caption (stripped); an image without one, or with an empty one, gets ``fallback_prompt``."""
+    paths = image_files(folder, "instance")
+    prompts = []
+    for path in paths:
+        caption_file = path.with_suffix(caption_extension)
+        caption = ""
+        if caption_file.is_file():
+            try:
+                caption = caption_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as err:
+                raise ValueError(
+                    f"the caption file '{caption_file}' cannot be read as UTF-8 text ({err}); fix or remove it"
+                ) from err
+        prompts.append(caption or fallback_prompt)
+    return _open_all(paths, Path(folder), "instance"), prompts
+
+
+def load_dataset_images(
+    name: str,
+    fallback_prompt: str,
+    image_column: str = "image",
+    caption_column: str | None = None,
+    config_name: str | None = None,
+    cache_dir: str | None = None,
+) -> tuple[list[Image.Image], list[str]]:
+    """Images and captions of a ``datasets`` dataset: a folder written by ``save_to_disk``, an image folder with
+    ``metadata.jsonl`` (or any folder ``load_dataset`` reads), or a Hub id; its ``train`` split when it has several.
+    Without ``caption_column``, or where a caption is empty, an image gets ``fallback_prompt``."""
+    import datasets
+
+    path = Path(name).expanduser()
+    saved = any((path / marker).is_file() for marker in ("dataset_info.json", "state.json", "dataset_dict.json"))
+    try:
+        if path.is_dir() and saved:
+            data = datasets.load_from_disk(str(path))
+        else:
+            data = datasets.load_dataset(str(path) if path.is_dir() else name, config_name, cache_dir=cache_dir)
+    except Exception as err:  # datasets raises many kinds (offline, not found, bad metadata)
+        raise ValueError(
+            f"--dataset_name '{name}' could not be loaded ({type(err).__name__}: {err}); pass a folder saved with "
+            "Dataset.save_to_disk, an image folder with metadata.jsonl, or a Hub dataset id (with network access)"
+        ) from err
+    if isinstance(data, datasets.DatasetDict):
+        if "train" not in data:
+            raise ValueError(f"--dataset_name '{name}' has no train split (it has {', '.join(data)})")
+        data = data["train"]
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column is not None and column not in data.column_names:
+            raise ValueError(
+                f"{flag} '{column}' is not a column of '{name}' (its columns: {', '.join(data.column_names)})"
+            )
+    if len(data) == 0:
+        raise ValueError(f"--dataset_name '{name}' holds no rows; give it the subject's images")
+    images = []
+    for row, value in enumerate(data[image_column]):
+        if not isinstance(value, Image.Image):
+            raise ValueError(
+                f"row {row} of --image_column '{image_column}' is a {type(value).__name__}, not an image; give the "
+                "column the datasets Image feature (cast_column(column, datasets.Image()))"
+            )
+        images.append(to_rgb(value))
+    captions = data[caption_column] if caption_column else [None] * len(images)
+    prompts = [str(c).strip() if c is not None and str(c).strip() else fallback_prompt for c in captions]
+    return images, prompts
+
+
+#: --image_interpolation_mode: diffusers' names (torchvision's), as PIL filters
+INTERPOLATION_MODES = ("bilinear", "bicubic", "box", "nearest", "nearest_exact", "hamming", "lanczos")
+_RESAMPLE = {
+    "bilinear": Image.BILINEAR,
+    "bicubic": Image.BICUBIC,
+    "box": Image.BOX,
+    "nearest": Image.NEAREST,  # PIL's nearest already samples pixel centres, which is what nearest_exact fixes
+    "nearest_exact": Image.NEAREST,
+    "hamming": Image.HAMMING,
+    "lanczos": Image.LANCZOS,
+}
+
+
 def _resize_and_crop(
-    image: Image.Image, size: int, center_crop: bool, rng: np.random.Generator
+    image: Image.Image, size: int, center_crop: bool, rng: np.random.Generator, resample=Image.BICUBIC
 ) -> tuple[Image.Image, int, int, int]:
     """Resize the short side to ``size`` and crop a square; returns the crop, its top-left corner (top, left) in the
     resized image, and the resized width."""
     scale = size / min(image.size)
     width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    image = image.resize((width, height), Image.BICUBIC)
+    image = image.resize((width, height), resample)
     if center_crop:
         left, top = (width - size) // 2, (height - size) // 2
     else:
         left, top = int(rng.integers(0, width - size + 1)), int(rng.integers(0, height - size + 1))
     return image.crop((left, top, left + size, top + size)), top, left, width
+
+
+def augmentations(image: Image.Image, size: int, center_crop: bool, random_flip: bool) -> int:
+    """How many different training inputs (crop corner × flip) ``image`` can become."""
+    scale = size / min(image.size)
+    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    crops = 1 if center_crop else (width - size + 1) * (height - size + 1)
+    return crops * (2 if random_flip else 1)
 
 
 def to_pixels(image: Image.Image) -> torch.Tensor:
@@ -67,12 +179,19 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
-    """Instance images with their prompt, plus class images with theirs when prior preservation is on.
+    """Instance images with their prompts, plus class images with theirs when prior preservation is on.
 
-    ``tokenizer`` may be a list (SDXL's two): the prompt's ids are ``input_ids``, ``input_ids_2``, ... in the batch.
-    Each example also carries SDXL's size conditioning, ``add_time_ids`` = (original height, original width, crop
-    top, crop left, target height, target width), the crop corner measured in the image as it was flipped (as
-    diffusers' ``train_dreambooth_lora_sdxl.py`` records it); tasks of other models ignore it.
+    ``instance_prompt`` is one prompt for every image or a list, one per image (captions). ``tokenizer`` may be a
+    list (SDXL's two): a prompt's ids are ``input_ids``, ``input_ids_2``, ... in the batch (with ``attention_mask``,
+    ``attention_mask_2``, ... when ``attention_mask``). ``repeats`` lists every instance image that many times per
+    epoch. Each example also carries:
+
+    - ``add_time_ids``: SDXL's size conditioning, (original height, original width, crop top, crop left, target
+      height, target width), the crop corner measured in the image as it was flipped (as diffusers'
+      ``train_dreambooth_lora_sdxl.py`` records it); tasks of other models ignore it;
+    - ``latent_key``: (stream, image, crop top, crop left, flipped): which image and augmentation the pixels are, the
+      key of the latent cache (stream 0: instance, 1: class);
+    - ``prompt_index``: the prompt's place in ``prompts`` (the key of pre-computed text embeddings).
 
     Augmentation (random crop, flip) is a pure function of ``(seed, epoch, index)``, so a resumed run sees the
     same images as an uninterrupted one. Call ``set_epoch`` at the start of each epoch.
@@ -81,7 +200,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         instance_images,
-        instance_prompt: str,
+        instance_prompt: str | list[str],
         tokenizer,
         size: int,
         center_crop: bool = False,
@@ -89,47 +208,81 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         class_images=None,
         class_prompt: str | None = None,
         seed: int = 0,
+        *,
+        repeats: int = 1,
+        interpolation: str = "bicubic",
+        max_length: int | None = None,
+        attention_mask: bool = False,
     ):
         self.instance_images = list(instance_images)
         self.class_images = list(class_images or [])
         self.size, self.center_crop, self.random_flip, self.seed = size, center_crop, random_flip, seed
+        self.repeats, self.resample = repeats, _RESAMPLE[interpolation]
         self.epoch = 0
+        prompts = [instance_prompt] * len(self.instance_images) if isinstance(instance_prompt, str) else instance_prompt
+        if len(prompts) != len(self.instance_images):
+            raise ValueError(f"{len(prompts)} prompts for {len(self.instance_images)} instance images")
+        if self.class_images:
+            prompts = [*prompts, class_prompt]
+        self.prompts = list(dict.fromkeys(prompts))  # distinct, in order of first use
+        self.instance_prompt_index = [self.prompts.index(p) for p in prompts[: len(self.instance_images)]]
+        self.class_prompt_index = self.prompts.index(class_prompt) if self.class_images else None
         tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
-        self.instance_ids = [self._tokenize(t, instance_prompt) for t in tokenizers]
-        self.class_ids = [self._tokenize(t, class_prompt) for t in tokenizers] if self.class_images else None
+        self.tokens = [self._tokenize(tokenizers, p, max_length, attention_mask) for p in self.prompts]
 
     @staticmethod
-    def _tokenize(tokenizer, prompt: str) -> torch.Tensor:
-        return tokenizer(
-            prompt, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
-        ).input_ids[0]
+    def _tokenize(tokenizers, prompt: str, max_length: int | None, attention_mask: bool) -> dict[str, torch.Tensor]:
+        tokens = {}
+        for i, tokenizer in enumerate(tokenizers):
+            length = max_length or tokenizer.model_max_length
+            if length > tokenizer.model_max_length:
+                raise ValueError(
+                    f"--tokenizer_max_length {length} is longer than the tokenizer's {tokenizer.model_max_length} "
+                    "(the text encoder has no positions beyond it); give at most that"
+                )
+            encoded = tokenizer(prompt, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+            tokens[_ids_key(i)] = encoded.input_ids[0]
+            if attention_mask:
+                tokens[_ids_key(i).replace("input_ids", "attention_mask")] = encoded.attention_mask[0]
+        return tokens
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return max(len(self.instance_images), len(self.class_images))
+        return max(len(self.instance_images) * self.repeats, len(self.class_images))
 
-    def _augment(self, image: Image.Image, index: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pixels, add_time_ids) of one image."""
+    def _augment(self, image: Image.Image, index: int, stream: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(pixels, add_time_ids, flipped) of one image."""
         rng = np.random.default_rng([self.seed, self.epoch, index, stream])
         original = (image.height, image.width)
-        image, top, left, width = _resize_and_crop(image, self.size, self.center_crop, rng)
-        if self.random_flip and rng.random() < 0.5:
+        image, top, left, width = _resize_and_crop(image, self.size, self.center_crop, rng, self.resample)
+        flipped = bool(self.random_flip and rng.random() < 0.5)
+        if flipped:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
             left = width - self.size - left  # the same crop, measured in the flipped image
-        return to_pixels(image), torch.tensor([*original, top, left, self.size, self.size])
+        return to_pixels(image), torch.tensor([*original, top, left, self.size, self.size]), flipped
 
-    def _example(self, image: Image.Image, ids: list[torch.Tensor], index: int, stream: int) -> dict:
-        pixels, time_ids = self._augment(image, index, stream)
-        return {"pixel_values": pixels, "add_time_ids": time_ids, **{_ids_key(i): t for i, t in enumerate(ids)}}
+    def _example(self, image: Image.Image, prompt_index: int, index: int, stream: int, image_index: int) -> dict:
+        pixels, time_ids, flipped = self._augment(image, index, stream)
+        key = torch.tensor([stream, image_index, int(time_ids[2]), int(time_ids[3]), int(flipped)])
+        return {
+            "pixel_values": pixels,
+            "add_time_ids": time_ids,
+            "latent_key": key,
+            "prompt_index": torch.tensor(prompt_index),
+            **self.tokens[prompt_index],
+        }
 
     def __getitem__(self, index: int) -> dict:
-        instance = self.instance_images[index % len(self.instance_images)]
-        example = {"instance": self._example(instance, self.instance_ids, index, 0)}
+        position = index % (len(self.instance_images) * self.repeats)
+        image_index = position // self.repeats  # diffusers' --repeats: each image repeated in place
+        instance = self.instance_images[image_index]
+        example = {"instance": self._example(instance, self.instance_prompt_index[image_index], index, 0, image_index)}
         if self.class_images:
-            image = self.class_images[index % len(self.class_images)]
-            example["class"] = self._example(image, self.class_ids, index, 1)
+            class_index = index % len(self.class_images)
+            image = self.class_images[class_index]
+            example["class"] = self._example(image, self.class_prompt_index, index, 1, class_index)
         return example
 
 

@@ -24,8 +24,16 @@ from ..config import METHOD_LABELS
 from ..families import FAMILIES, UnsupportedModelError, model_family
 from ..io import DEFAULT_WEIGHT_NAME
 from .class_images import ensure_class_images
-from .config import ConfigError, RunConfig, option
-from .data import DreamBoothDataset, collate, load_image_folder
+from .config import FOREIGN_FLAGS, ConfigError, ForeignFlag, RunConfig, option
+from .data import (
+    INTERPOLATION_MODES,
+    DreamBoothDataset,
+    augmentations,
+    collate,
+    load_captioned_folder,
+    load_dataset_images,
+    load_image_folder,
+)
 from .sd import StableDiffusionTask
 from .task import Run, Samples
 from .trainer import Trainer, TrainResult
@@ -35,16 +43,56 @@ __all__ = ["PAPER_LEARNING_RATE", "DreamBoothConfig", "DreamBoothTask", "parse_a
 PAPER_LEARNING_RATE = 6e-3  # ETHER / ETHER+ DreamBooth (Bini et al. 2024, Tab. 2 setup)
 
 
+#: flags of diffusers' DreamBooth scripts DreamBooth answers without a field (besides every task's)
+DREAMBOOTH_FOREIGN_FLAGS = {
+    **FOREIGN_FLAGS,
+    "class_labels_conditioning": ForeignFlag(
+        "it feeds the timestep as a class label to UNets that have a class embedding (DeepFloyd IF's upscaler); the "
+        "SD 1.x/2.x and SDXL UNets trained here have none. Drop the flag",
+        takes_value=True,
+    ),
+    "validation_images": ForeignFlag(
+        "they are input images of image-conditioned pipelines (DeepFloyd IF's upscaler, image variation); DreamBooth "
+        "here is text-to-image and validates from --validation_prompt. Drop the flag (for control maps: "
+        "`ether-diffusion train-control --validation_image`)",
+        takes_value=True,
+    ),
+    "skip_save_text_encoder": ForeignFlag(
+        "the output never holds a text encoder's weights, only the adapter's vectors (with --train_text_encoder, the "
+        "text encoder's ETHER vectors are in the adapter file)",
+        accepted=True,
+    ),
+}
+
+
 @dataclass(kw_only=True)
 class DreamBoothConfig(RunConfig):
     task_name = "dreambooth"
     description = (
-        "DreamBooth with ETHER adapters (flags as diffusers' train_dreambooth_lora). An SDXL model "
-        "(--pretrained_model_name_or_path) is detected and adds its flags: see --help with that model"
+        "DreamBooth with ETHER adapters (flags as diffusers' train_dreambooth_lora and train_dreambooth). An SDXL "
+        "model (--pretrained_model_name_or_path) is detected and adds its flags: see --help with that model"
     )
+    foreign_flags = DREAMBOOTH_FOREIGN_FLAGS
 
-    instance_data_dir: str = option(help="folder with 3-10 images of the subject")
-    instance_prompt: str = option(help="prompt with the identifier, e.g. 'a sks dog'")
+    instance_data_dir: str | None = option(
+        None, "folder with 3-10 images of the subject; a caption file beside an image (dog1.png, dog1.txt: kohya's "
+        "layout) replaces --instance_prompt for that image",
+    )  # fmt: skip
+    instance_prompt: str = option(help="prompt with the identifier, e.g. 'a sks dog'; the caption of every image "
+                                  "without one")  # fmt: skip
+    caption_extension: str = option(".txt", "extension of the caption files beside the instance images")
+    dataset_name: str | None = option(
+        None, "instead of --instance_data_dir: a `datasets` folder (save_to_disk), an image folder with "
+        "metadata.jsonl, or a Hub dataset id (needs the datasets package)",
+    )  # fmt: skip
+    dataset_config_name: str | None = option(None, "the dataset's configuration, if it has several")
+    cache_dir: str | None = option(None, "where the datasets package caches what it loads", same_run=False)
+    image_column: str = option("image", "the dataset's image column")
+    caption_column: str | None = option(
+        None, "the dataset's caption column (default: --instance_prompt for every image; an empty caption also "
+        "gets it)",
+    )  # fmt: skip
+    repeats: int = option(1, "times each instance image appears in an epoch", minimum=1)
     class_data_dir: str | None = option(None, "class images (default <output_dir>/class_images)")
     class_prompt: str | None = option(None, "prompt for the class, e.g. 'a dog'")
     with_prior_preservation: bool = option(False, "also train on class images, to keep the class as it was")
@@ -57,7 +105,28 @@ class DreamBoothConfig(RunConfig):
     )  # fmt: skip
     center_crop: bool = option(False, "crop the centre instead of a random square")
     random_flip: bool = option(False, "flip images horizontally at random")
+    image_interpolation_mode: str = option(
+        "bicubic", "resampling filter of the resize to --resolution", choices=INTERPOLATION_MODES
+    )
+    cache_latents: bool = option(
+        False, "encode each image once: the VAE's latent distribution is kept per image and augmentation (crop, "
+        "flip), so training sees exactly what it would without the cache",
+    )  # fmt: skip
     train_text_encoder: bool = option(False, "also adapt the text encoder's attention (SDXL: both encoders)")
+    text_encoder_lr: float | None = option(
+        None, "learning rate of the text encoders' vectors (default: --learning_rate)", minimum=0.0
+    )
+    adam_weight_decay_text_encoder: float | None = option(
+        None, "weight decay of the text encoders' vectors (default: --adam_weight_decay)", minimum=0.0
+    )
+    pre_compute_text_embeddings: bool = option(
+        False, "encode every prompt once before training and keep the text encoders off the accelerator while "
+        "training (not with --train_text_encoder)",
+    )  # fmt: skip
+    tokenizer_max_length: int | None = option(
+        None, "tokens per prompt (default: the tokenizer's own, 77 for CLIP)", minimum=1
+    )
+    text_encoder_use_attention_mask: bool = option(False, "pass the padding mask to the text encoders")
     offset_noise: bool = option(False, "add per-channel offset noise (0.1), as diffusers does")
     output_dir: str = option("ether-dreambooth", "where checkpoints, validation images and the adapter go",
                              same_run=False)  # fmt: skip
@@ -83,6 +152,44 @@ class DreamBoothConfig(RunConfig):
         super().validate()
         if not self.instance_prompt or not self.instance_prompt.strip():
             raise ConfigError("--instance_prompt is empty: name the subject with an identifier, e.g. 'a sks dog'")
+        if bool(self.instance_data_dir) == bool(self.dataset_name):
+            raise ConfigError(
+                "give the subject's images as one of --instance_data_dir (a folder of images) or --dataset_name (a "
+                "datasets folder or an image folder with metadata.jsonl)"
+                + (", not both" if self.instance_data_dir else "")
+            )
+        if self.caption_column and not self.dataset_name:
+            raise ConfigError(
+                "--caption_column names a column of --dataset_name; in --instance_data_dir put a caption file "
+                f"beside each image instead (dog1.png, dog1{self.caption_extension})"
+            )
+        if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
+            raise ConfigError(f"--caption_extension must look like .txt, not {self.caption_extension!r}")
+        if self.pre_compute_text_embeddings and self.train_text_encoder:
+            raise ConfigError(
+                "--pre_compute_text_embeddings encodes the prompts once with the frozen text encoder; with "
+                "--train_text_encoder the encoder changes every step: use one of them"
+            )
+        if (self.text_encoder_lr is not None or self.adam_weight_decay_text_encoder is not None) and not (
+            self.train_text_encoder
+        ):
+            raise ConfigError("--text_encoder_lr/--adam_weight_decay_text_encoder need --train_text_encoder")
+        if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:
+            raise ConfigError("--text_encoder_lr must be positive")
+        if self.optimizer == "prodigy" and self.text_encoder_lr not in (None, self.learning_rate):
+            raise ConfigError(
+                "Prodigy takes one learning rate for every parameter group (it scales its own step-size estimate): "
+                "drop --text_encoder_lr, or give it --learning_rate's value"
+            )
+        if self.dataset_name:
+            try:
+                import datasets  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "--dataset_name needs the datasets package (pip install datasets, or pip install "
+                    "'ether-diffusion[datasets]'); or put the images in a folder for --instance_data_dir, with a "
+                    f"caption file beside each (dog1.png, dog1{self.caption_extension})"
+                ) from None
         if self.with_prior_preservation and not (self.class_prompt and self.class_prompt.strip()):
             raise ConfigError(
                 "--with_prior_preservation needs --class_prompt (e.g. 'a dog'): the prior is the class without the "
@@ -106,7 +213,16 @@ class DreamBoothTask(StableDiffusionTask):
         super().__init__(config)
 
     def check_inputs(self) -> None:
-        self.instance_images = load_image_folder(self.config.instance_data_dir, "instance")
+        config = self.config
+        if config.dataset_name:
+            self.instance_images, self.instance_prompts = load_dataset_images(
+                config.dataset_name, config.instance_prompt, config.image_column, config.caption_column,
+                config.dataset_config_name, config.cache_dir,
+            )  # fmt: skip
+        else:
+            self.instance_images, self.instance_prompts = load_captioned_folder(
+                config.instance_data_dir, config.instance_prompt, config.caption_extension
+            )
 
     def adapter_configs(self) -> dict:
         configs = super().adapter_configs()
@@ -114,6 +230,23 @@ class DreamBoothTask(StableDiffusionTask):
             for component in self.text_encoders():
                 configs[component] = self.text_encoder_adapter_config(component, configs["unet"])
         return configs
+
+    def parameter_groups(self) -> list[dict]:
+        """One group; with --text_encoder_lr or --adam_weight_decay_text_encoder, the text encoders' vectors in a
+        group of their own (first, so the logged ``lr`` stays the UNet's)."""
+        config = self.config
+        if config.text_encoder_lr is None and config.adam_weight_decay_text_encoder is None:
+            return super().parameter_groups()
+        encoders = [c for c in self.text_encoders() if c in self.adapters.models]
+        encoder_group = {
+            "params": self.adapters.parameters(encoders),
+            "name": "text_encoder",
+            "lr": config.text_encoder_lr if config.text_encoder_lr is not None else config.learning_rate,
+        }
+        if config.adam_weight_decay_text_encoder is not None:
+            encoder_group["weight_decay"] = config.adam_weight_decay_text_encoder
+        unet_group = {"params": self.adapters.parameters(["unet"]), "lr": config.learning_rate, "name": "adapter"}
+        return [encoder_group, unet_group]
 
     # --- data -------------------------------------------------------------------------------------------------
     def dataset(self, run: Run, prepare) -> DreamBoothDataset:
@@ -127,7 +260,7 @@ class DreamBoothTask(StableDiffusionTask):
             class_images = load_image_folder(class_dir, "class")[: max(config.num_class_images, 1)]
         dataset = DreamBoothDataset(
             self.instance_images,
-            config.instance_prompt,
+            self.instance_prompts,
             self.tokenizers(),
             config.resolution,
             config.center_crop,
@@ -135,8 +268,25 @@ class DreamBoothTask(StableDiffusionTask):
             class_images,
             config.class_prompt,
             seed=config.seed,
+            repeats=config.repeats,
+            interpolation=config.image_interpolation_mode,
+            max_length=config.tokenizer_max_length,
+            attention_mask=config.text_encoder_use_attention_mask,
         )
         dataset.collate = collate
+        if config.cache_latents:
+            self.enable_latent_cache()
+            variants = max(augmentations(i, config.resolution, config.center_crop, config.random_flip)
+                           for i in [*self.instance_images, *(class_images or [])])  # fmt: skip
+            if variants > 8 and not config.quiet and run.accelerator.is_main_process:
+                print(
+                    f"--cache_latents: random crops give an image up to {variants} different inputs, which rarely "
+                    "repeat, so the cache saves little; --center_crop or square images make every epoch after the "
+                    "first free of VAE work"
+                )
+        if config.pre_compute_text_embeddings:
+            prepare(f"encoding {len(dataset.prompts)} prompts")
+            self.precompute_text(dataset.tokens, run)
         return dataset
 
     def _draw_class_images(self, class_dir: Path, run: Run, prepare) -> None:
@@ -189,7 +339,8 @@ class DreamBoothTask(StableDiffusionTask):
             load_ether_weights(pipe, adapter_path)
             images = self.validation_images(pipe, prompt, None)
         else:  # the baseline is the base model: a fresh ETHER reflection is not the identity
-            with self.adapters.disabled() if kind == "baseline" else contextlib.nullcontext():
+            base = self.adapters.disabled() if kind == "baseline" else contextlib.nullcontext()
+            with base, self.text_encoders_ready():
                 images = self.validation_images(self.pipeline(), prompt, run)
         return Samples(images, [prompt] * len(images))
 
@@ -220,6 +371,9 @@ class DreamBoothTask(StableDiffusionTask):
             if config.with_prior_preservation
             else "no"
         )
+        captioned = sum(p != config.instance_prompt for p in self.instance_prompts)
+        data = config.dataset_name or config.instance_data_dir
+        captions = f"{captioned} of {len(self.instance_prompts)} images with their own caption" if captioned else ""
         lines = [
             "---",
             f"base_model: {config.pretrained_model_name_or_path}",
@@ -242,7 +396,10 @@ class DreamBoothTask(StableDiffusionTask):
             "",
             "## Settings",
             "",
-            f"- instance prompt: `{config.instance_prompt}`; prior preservation: {prior}",
+            f"- data: `{data}`{', ' + captions if captions else ''}, repeats {config.repeats}; instance prompt: "
+            f"`{config.instance_prompt}`; prior preservation: {prior}",
+            f"- optimizer {config.optimizer}, cached latents {config.cache_latents}, pre-computed text embeddings "
+            f"{config.pre_compute_text_embeddings}",
             f"- learning rate {config.learning_rate} ({config.lr_scheduler}), batch {config.train_batch_size} × "
             f"{config.gradient_accumulation_steps} accumulation × {result.num_processes} processes, resolution "
             f"{config.resolution}, seed {config.seed}",

@@ -116,21 +116,32 @@ class StableDiffusionXLTask(StableDiffusionTask):
             config = dataclasses.replace(config, exclude_modules=[*config.exclude_modules, f"encoder.layers.{last}"])
         return config
 
-    def condition(self, batch: dict, run: Run) -> dict:
-        """Both encoders' penultimate hidden states side by side, the second's pooled projection and the size/crop
-        ids (the inputs of ``StableDiffusionXLPipeline.encode_prompt`` and ``_get_add_time_ids``)."""
+    def encode_text(self, tokens: dict, run: Run) -> dict[str, torch.Tensor]:
+        """Both encoders' penultimate hidden states side by side and the second's pooled projection (what
+        ``StableDiffusionXLPipeline.encode_prompt`` computes)."""
         states = []
-        for key, (component, encoder) in zip(("input_ids", "input_ids_2"), self.text_encoders().items()):
-            output = run.module(component, encoder)(batch[key].to(run.device), output_hidden_states=True)
+        for i, (component, encoder) in enumerate(self.text_encoders().items()):
+            suffix = "" if i == 0 else f"_{i + 1}"
+            mask = tokens.get(f"attention_mask{suffix}")
+            output = run.module(component, encoder)(
+                tokens[f"input_ids{suffix}"].to(run.device),
+                attention_mask=None if mask is None else mask.to(run.device),
+                output_hidden_states=True,
+            )
             states.append(output.hidden_states[-2])  # (B, T, width of this encoder)
         hidden = torch.cat(states, dim=-1)  # (B, T, cross_attention_dim)
-        pooled = output.text_embeds  # text_encoder_2's projection of its final state, (B, projection_dim)
+        return {"encoder_hidden_states": hidden, "text_embeds": output.text_embeds}  # pooled: (B, projection_dim)
+
+    def condition(self, batch: dict, run: Run) -> dict:
+        """The text conditioning, the pooled projection and the size/crop ids (the inputs of
+        ``StableDiffusionXLPipeline.encode_prompt`` and ``_get_add_time_ids``)."""
+        text = self.text_condition(batch, run)
+        hidden = text["encoder_hidden_states"]
         time_ids = batch["add_time_ids"].to(run.device, dtype=hidden.dtype)  # (B, 6)
-        return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+        return {"encoder_hidden_states": hidden, "added_cond_kwargs": {"text_embeds": text["text_embeds"],
+                                                                       "time_ids": time_ids}}  # fmt: skip
 
     def pipeline(self, pipeline_class=None, device=None):
-        from diffusers import DPMSolverMultistepScheduler
-
         parts = self.components
         pipe = (pipeline_class or self.pipeline_class())(
             vae=parts.vae,
@@ -139,7 +150,7 @@ class StableDiffusionXLTask(StableDiffusionTask):
             tokenizer=parts.tokenizer,
             tokenizer_2=parts.tokenizer_2,
             unet=parts.unet,
-            scheduler=DPMSolverMultistepScheduler.from_config(parts.noise_scheduler.config),
+            scheduler=self.validation_scheduler(parts.noise_scheduler.config),
             force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
         )
         pipe.set_progress_bar_config(disable=True)

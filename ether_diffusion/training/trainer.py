@@ -24,14 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import __version__
+from ..sampling import SamplingInterrupted, interruptible
 from .artifacts import make_grid, save_samples, write_text
 from .callbacks import Callback, CallbackList, Preparation, ValidationEvent
 from .checkpoints import checkpoint_step, latest_checkpoint, save_checkpoint
 from .config import ConfigError
 from .data import EpochShuffleSampler
+from .hub import create_repository, upload_output
+from .progress import Progress
 from .task import Run, Task
 
 __all__ = ["ResumeMismatchError", "TrainResult", "Trainer", "TrainingDivergedError", "TrainingStopped"]
@@ -135,6 +137,20 @@ class Trainer:
 
     def _optimizer(self, groups: list[dict]):
         config = self.config
+        if config.optimizer == "prodigy":  # diffusers' train_dreambooth_lora_sdxl.py choice; lr ~1.0 scales its step
+            import prodigyopt
+
+            return prodigyopt.Prodigy(
+                groups,
+                lr=config.learning_rate,
+                betas=(config.adam_beta1, config.adam_beta2),
+                beta3=config.prodigy_beta3,
+                weight_decay=config.adam_weight_decay,
+                eps=config.adam_epsilon,
+                decouple=config.prodigy_decouple,
+                use_bias_correction=config.prodigy_use_bias_correction,
+                safeguard_warmup=config.prodigy_safeguard_warmup,
+            )
         if config.use_8bit_adam:
             import bitsandbytes as bnb
 
@@ -182,6 +198,9 @@ class Trainer:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ResumeMismatchError(f"'{record_file}' is unreadable ({err}); cannot tell whose run it is") from err
         current = self._run_record()
+        # a field added to the configuration after the checkpoint was written: the run used its default
+        defaults = self.config.defaults()
+        recorded = {**_json_ready({k: v for k, v in defaults.items() if k in current["config"]}), **recorded}
         if recorded_task != current["task"]:
             raise ResumeMismatchError(
                 f"'{checkpoint}' is a checkpoint of a {recorded_task} run, not of this {current['task']} run; "
@@ -215,6 +234,9 @@ class Trainer:
         check_output_dir(output_dir)
         self.task.check_inputs()  # fail before any model loads
         accelerator = self._accelerator(output_dir)
+        self.hub_repo = None
+        if self.config.push_to_hub and accelerator.is_main_process:  # a missing login fails now, not after the run
+            self.hub_repo = create_repository(self.config.hub_model_id, output_dir, self.config.hub_token)
         try:
             return self._train(accelerator, output_dir)
         finally:
@@ -236,8 +258,9 @@ class Trainer:
             run = Run(accelerator, weight_dtype, noise_generator)
             task.setup(run)
             self._prepare("preparing the data")
-            dataset = task.dataset(run, self._prepare)
-        except TrainingStopped:
+            with interruptible(callbacks.should_stop):  # class images stop between denoising steps
+                dataset = task.dataset(run, self._prepare)
+        except (TrainingStopped, SamplingInterrupted):
             result.stopped_early = True
             callbacks.on_train_end(result)
             return result
@@ -296,7 +319,7 @@ class Trainer:
         accelerator.register_load_state_pre_hook(load_hook)
         accelerator.register_for_checkpointing(_GeneratorState(noise_generator))
         if accelerator.is_main_process and config.report_to not in (None, "none"):
-            tracked = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+            tracked = {k: v for k, v in config.public_dict().items() if isinstance(v, (int, float, str, bool))}
             project = getattr(config, "tracker_project_name", None) or f"ether-{task.name}"
             accelerator.init_trackers(project, config=tracked)
 
@@ -314,7 +337,8 @@ class Trainer:
             for model in models:
                 model.eval()
             try:
-                samples = task.samples(run, kind, adapter_path)
+                with interruptible(callbacks.should_stop):  # a stop ends the sampling: SamplingInterrupted
+                    samples = task.samples(run, kind, adapter_path)
             finally:
                 for model in models:
                     model.train()
@@ -346,19 +370,27 @@ class Trainer:
 
         if global_step == 0 and task.wants_validation() and config.validation_steps:
             callbacks.on_prepare(Preparation("sampling the step-0 baseline (the base model)"))
-            validate(0, "baseline")
+            try:
+                validate(0, "baseline")
+            except SamplingInterrupted:  # stopped before the first step: nothing trained, nothing to save
+                result.stopped_early = True
+                callbacks.on_train_end(result)
+                return result
         callbacks.on_train_start(max_train_steps, global_step)  # from here on, every second is a training step
-        progress = tqdm(
-            range(max_train_steps),
+        progress = Progress(
+            max_train_steps,
+            "step",
             initial=global_step,
-            desc="steps",
+            every=config.progress_steps,
             disable=config.quiet or not accelerator.is_local_main_process,
         )
         for model in models:
             model.train()
         start = time.time()
         stop = False
-        for epoch in range(first_epoch, num_epochs):
+        # a checkpoint of the last step (a run killed during its final save) leaves nothing to train
+        last_epoch = num_epochs if global_step < max_train_steps else first_epoch
+        for epoch in range(first_epoch, last_epoch):
             sampler.set_epoch(epoch)
             dataset.set_epoch(epoch)
             epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
@@ -388,16 +420,19 @@ class Trainer:
                 logs["lr"] = lrs[-1]
                 for group, lr in zip(groups[:-1], lrs[:-1]):
                     logs[f"{group.get('name', 'group')}_lr"] = lr
-                progress.update(1)
-                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                progress.update(global_step, loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 result.losses.append(logs["loss"])
                 accelerator.log(logs, step=global_step)
                 callbacks.on_step(global_step, logs)
                 if global_step % config.checkpointing_steps == 0:
                     checkpoint(global_step)
+                interrupted = False
                 if validation_due(global_step):
-                    validate(global_step, "preview")
-                if callbacks.should_stop():
+                    try:
+                        validate(global_step, "preview")
+                    except SamplingInterrupted:
+                        interrupted = True
+                if interrupted or callbacks.should_stop():
                     stop = result.stopped_early = True
                     if global_step % config.checkpointing_steps:  # a checkpoint to resume from, unless just saved
                         checkpoint(global_step)
@@ -422,12 +457,19 @@ class Trainer:
             result.adapter_path = task.save(output_dir / task.weight_name, extra)
             callbacks.on_save(result.adapter_path)
             samples_file = None
-            if task.wants_validation() and not config.no_final_reload:
-                validate(global_step, "final", result.adapter_path)
-                samples_file = "samples.png"
+            if task.wants_validation() and not config.no_final_reload and not result.stopped_early:
+                try:
+                    validate(global_step, "final", result.adapter_path)
+                    samples_file = "samples.png"
+                except SamplingInterrupted:  # a stop during the final samples: the file is saved, skip them
+                    pass
             card = task.model_card(result, samples_file)
             if card:
                 write_text(output_dir / "README.md", card)
+            if self.hub_repo is not None:
+                upload_output(self.hub_repo, output_dir, task.weight_name, config.hub_token,
+                              f"ether-diffusion {task.name}: {global_step} steps")  # fmt: skip
+                accelerator.print(f"pushed to https://huggingface.co/{self.hub_repo}")
         if accelerator.num_processes > 1:
             del models
             run.prepared.clear()

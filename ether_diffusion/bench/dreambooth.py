@@ -1,0 +1,391 @@
+"""The paper's subject-driven benchmark (Table 2 of the ETHER paper) on any DreamBooth-layout dataset:
+
+    ether-diffusion bench dreambooth --dataset dreambooth/dataset --model stable-diffusion-v1-5/stable-diffusion-v1-5
+    ether-diffusion bench export-world --output outputs/tiny-dreambooth      # the tiny world in that layout, then
+    ether-diffusion bench dreambooth --dataset outputs/tiny-dreambooth       # offline, scored by the world evaluator
+
+For every subject × method × learning-rate scale × seed it trains on the library's DreamBooth task and loop (what
+``ether-diffusion train`` runs; LoRA and OFT are PEFT peers on that same loop) with prior preservation on class
+images drawn once per class, reloads the saved file, samples K images per prompt from fixed seeds, and scores them
+(DINO, CLIP-I, CLIP-T; or the world evaluator's stand-ins). The base model is sampled and scored the same way, and
+the real images against each other give the ceiling. It writes ``dreambooth.json`` (every run), ``dreambooth.md``
+(mean ± sd over subjects) and ``dreambooth.png``, after every run; a rerun of the same command resumes (``runs``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..training.checkpoints import latest_checkpoint
+from ..training.class_images import ensure_class_images
+from ..training.config import ConfigError, RunConfig, option
+from ..training.data import load_image_folder
+from ..training.dreambooth import DreamBoothConfig, DreamBoothTask
+from .config import DREAMBOOTH_METHODS, BenchOptions, hidden, is_tiny_model, shipped_model_named
+from .dataset import DEFAULT_IDENTIFIER, LIVE_CLASSES, BenchSubject, SubjectDataset, load_subject_dataset
+from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DinoClipMetrics, SubjectMetrics, WorldMetrics
+from .report import machine, mean_sd, sample_grid, scores_line, shown_runs, summarise, write_result
+from .runs import RunStore, read_json, train_run
+from .sampling import BasePipeline, adapted_modules, image_files, save_image, swapped
+
+__all__ = ["DreamBoothBenchConfig", "run_dreambooth_bench"]
+
+# (the paper's protocol on a real model, the tiny world's on the shipped one)
+DEFAULTS = {
+    "max_train_steps": (1400, 600),
+    "num_class_images": (200, 50),
+    "inference_steps": (50, 25),
+    "guidance_scale": (7.5, 5.0),
+    "images_per_prompt": (4, 2),
+    "metrics": ("dino-clip", "world"),
+    "scheduler": ("ddim", "ddim"),
+}
+QUICK = {"max_train_steps": 2, "num_class_images": 2, "inference_steps": 2, "images_per_prompt": 2, "num_prompts": 2}
+
+
+@dataclass(kw_only=True)
+class DreamBoothBenchConfig(BenchOptions, DreamBoothConfig):
+    task_name = "bench dreambooth"
+    description = (
+        "The DreamBooth benchmark (the ETHER paper's Table 2): train every subject × method × seed on a "
+        "DreamBooth-layout dataset, sample its prompts, score DINO / CLIP-I / CLIP-T (or the tiny world's "
+        "evaluator), resume where a previous run stopped. Every training flag applies to every run."
+    )
+
+    dataset: str = option(help="a DreamBooth-layout folder (google/dreambooth's dataset/, or `bench export-world`)",
+                          same_run=False)  # fmt: skip
+    subjects: list[str] | None = option(None, "subjects to run (default: all)", same_run=False)
+    live_classes: list[str] | None = option(None, "class nouns of live subjects (default: cat dog)")
+    identifier: str = option(DEFAULT_IDENTIFIER, "the subject's identifier token")
+    num_prompts: int | None = option(None, "evaluate the first N prompt templates (default: all 25)", minimum=1)
+    metrics: str | None = option(None, "dino-clip (the field's) or world (the tiny world's evaluator; default "
+                                 "for the shipped model)", choices=("dino-clip", "world"))  # fmt: skip
+    dino_model: str = option(DEFAULT_DINO_MODEL, "DINO ViT (hub id or local folder)")
+    clip_model: str = option(DEFAULT_CLIP_MODEL, "CLIP model (hub id or local folder)")
+    no_prior_preservation: bool = option(False, "train without class images (the paper uses them)")
+
+    # shared flags with the benchmark's defaults
+    pretrained_model_name_or_path: str | None = option(
+        None, "diffusers folder, hub id or single checkpoint file (default: the shipped tiny model)", flag="model"
+    )
+    output_dir: str = option("outputs/bench-dreambooth", "where runs, class images and the table go",
+                             same_run=False)  # fmt: skip
+    max_train_steps: int | None = option(None, "steps per run (default: 1400, the paper's; 600 on the tiny model)",
+                                         minimum=1)  # fmt: skip
+    num_class_images: int | None = option(None, "class images per class (default: 200, the paper's; 50 tiny)",
+                                          minimum=1)  # fmt: skip
+    report_to: str = option("none", "tensorboard, wandb, all or none (per run)", same_run=False)
+
+    # set per run by the benchmark
+    instance_data_dir: str = hidden("")
+    instance_prompt: str = hidden("")
+    caption_extension: str = hidden(".txt")  # the benchmark's subjects come from --dataset
+    dataset_name: str | None = hidden()
+    dataset_config_name: str | None = hidden()
+    cache_dir: str | None = hidden()
+    image_column: str = hidden("image")
+    caption_column: str | None = hidden()
+    push_to_hub: bool = hidden(False)  # runs are measurements, not models to publish
+    hub_model_id: str | None = hidden()
+    hub_token: str | None = hidden()
+    validation_scheduler: str = hidden("DPMSolverMultistepScheduler")
+    class_data_dir: str | None = hidden()
+    class_prompt: str | None = hidden()
+    with_prior_preservation: bool = hidden(True)
+    prior_generation_precision: str | None = hidden()
+    sample_batch_size: int = hidden(4)  # class images are drawn --sample_batch at a time
+    ether_method: str = hidden("ether_plus")
+    learning_rate: float = hidden(6e-3)
+    seed: int = hidden(0)
+    resume_from_checkpoint: str | None = hidden()
+    validation_prompt: str | None = hidden()
+    validation_steps: int | None = hidden()
+    validation_epochs: int | None = hidden()
+    num_validation_images: int = hidden(4)
+    validation_inference_steps: int = hidden(25)  # evaluation uses --inference_steps
+    validation_guidance_scale: float = hidden(7.5)  # and --guidance_scale
+    no_final_reload: bool = hidden(True)
+    num_train_epochs: int = hidden(1)  # runs are --max_train_steps long
+    local_rank: int = hidden(-1)  # one process (several: one per GPU on other --subjects, into one folder)
+
+    def validate(self):
+        if self.quick:
+            for key, value in QUICK.items():
+                setattr(self, key, value)
+        RunConfig.validate(self)  # the shared checks (ranges, finiteness, model, adapter); per-run ones below
+        tiny = is_tiny_model(self.pretrained_model_name_or_path)
+        for key, (paper, world) in DEFAULTS.items():
+            if getattr(self, key) is None:
+                setattr(self, key, world if tiny else paper)
+        self.live_classes = list(self.live_classes or LIVE_CLASSES)
+        if not self.identifier.strip() or len(self.identifier.split()) != 1:
+            raise ConfigError(f"--identifier must be one word, not {self.identifier!r}")
+        self.check_grid(DREAMBOOTH_METHODS)
+        for method in self.methods:  # every training flag, checked once per method before anything runs
+            probe = BenchSubject("subject", "thing", False, Path("."), ())
+            self.run_config(probe, method, 1.0, 0, Path(".")).validate()
+        return self
+
+    def run_config(self, subject: BenchSubject, method: str, scale: float, seed: int, run_dir: Path,
+                   class_dir: Path | None = None) -> DreamBoothConfig:  # fmt: skip
+        """The DreamBooth configuration of one run: every shared flag, plus what the benchmark sets."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(DreamBoothConfig)}
+        rate = self.learning_rates(DREAMBOOTH_METHODS)[method] * scale
+        shared.update(
+            instance_data_dir=str(subject.folder),
+            instance_prompt=subject.instance_prompt(self.identifier),
+            class_prompt=subject.class_prompt,
+            class_data_dir=None if class_dir is None else str(class_dir),
+            with_prior_preservation=not self.no_prior_preservation,
+            seed=seed,
+            output_dir=str(run_dir / "train"),
+            resume_from_checkpoint=None,  # the run sets "latest" when it has a checkpoint
+            checkpoints_total_limit=1,
+            validation_prompt=None,
+            validation_steps=None,
+            validation_epochs=None,
+            no_final_reload=True,
+            **DREAMBOOTH_METHODS[method].config_changes(rate),
+        )
+        return DreamBoothConfig(**shared)
+
+    def settings(self) -> dict:
+        """What every run shares (the benchmark's identity: a resume must match it); the fields set per run and
+        the grid are not part of it."""
+        identity = shipped_model_named(self.identity())
+        if identity.get("metrics") != "dino-clip":
+            identity.pop("dino_model", None)
+            identity.pop("clip_model", None)
+        return identity
+
+
+def subject_metrics(config: DreamBoothBenchConfig, device) -> SubjectMetrics:
+    if config.metrics == "world":
+        return WorldMetrics()
+    return DinoClipMetrics(config.dino_model, config.clip_model, device)
+
+
+class _Bench:
+    """One invocation: the dataset, the metrics, the base pipeline and the output folder."""
+
+    def __init__(self, config: DreamBoothBenchConfig, callbacks, command: str | None, log, metrics=None):
+        self.config, self.callbacks, self.log = config, list(callbacks), log
+        self.command = command or "ether-diffusion bench dreambooth (called from Python)"
+        self.data: SubjectDataset = load_subject_dataset(config.dataset, config.live_classes)
+        self.subjects = self.data.select(config.subjects)
+        for subject in self.subjects:  # every image decodes, before any model loads (kept one subject at a time)
+            load_image_folder(subject.folder, f"subject '{subject.name}'")
+        self._real: tuple[str, list] | None = None
+        self.base = BasePipeline(config)
+        self.metrics = metrics if metrics is not None else subject_metrics(config, self.base.device)
+        settings = {**config.settings(), "dataset": self.data.fingerprint(), **self.metrics.identity()}
+        self.store = RunStore(config.output_dir, "dreambooth", settings, self.command, config.defaults()).open()
+
+    # --- one subject ------------------------------------------------------------------------------------------
+    def real(self, subject: BenchSubject) -> list:
+        """The subject's dataset images (the last subject's are kept: 30 subjects of photos would fill memory)."""
+        if self._real is None or self._real[0] != subject.name:
+            self._real = (subject.name, load_image_folder(subject.folder, f"subject '{subject.name}'"))
+        return self._real[1]
+
+    def prompts(self, subject: BenchSubject):
+        return self.data.prompts(subject, self.config.identifier, self.config.num_prompts)
+
+    def seeds(self) -> list[int]:
+        return [self.config.eval_seed + k for k in range(self.config.images_per_prompt)]
+
+    def sample(self, pipe, subject: BenchSubject, folder: Path) -> list:
+        """K images per prompt into ``folder`` (only the missing ones are drawn, ``sample_batch`` at a time; image k
+        of every prompt from seed ``eval_seed + k``), then all of them, read back."""
+        config = self.config
+        folder.mkdir(parents=True, exist_ok=True)
+        wanted = [(prompt.text, seed, folder / f"{index:02d}-seed{seed}.png")
+                  for index, prompt in enumerate(self.prompts(subject)) for seed in self.seeds()]  # fmt: skip
+        missing = [item for item in wanted if not item[2].is_file()]
+        for start in range(0, len(missing), config.sample_batch):
+            chunk = missing[start : start + config.sample_batch]
+            images = pipe([text for text, _, _ in chunk], generator=[torch.Generator().manual_seed(seed)
+                          for _, seed, _ in chunk], num_inference_steps=config.inference_steps,
+                          guidance_scale=config.guidance_scale).images  # fmt: skip
+            for (_, _, path), image in zip(chunk, images):
+                save_image(image, path)
+        return image_files([path for _, _, path in wanted])
+
+    def texts(self, subject: BenchSubject) -> list[str]:
+        return [p.class_text for p in self.prompts(subject) for _ in self.seeds()]
+
+    def base_run(self, subject: BenchSubject) -> dict | None:
+        run_dir = self.store.run_dir(subject.name, "base")
+        done = self.store.finished(run_dir)
+        if done is not None or self.config.report_only:
+            return done
+        start = time.time()
+        images = self.sample(self.base.pipe, subject, run_dir / "samples")
+        real = self.real(subject)
+        record = dict(
+            subject=subject.name, class_noun=subject.class_noun, method="base", label="base model (no adapter)",
+            lr=None, lr_scale=None, seed=None, parameters=0, diverged=False, images=len(images),
+            metrics=self.metrics.score(images, self.texts(subject), real),
+            ceiling=self.metrics.real_ceiling(real), sample_seconds=time.time() - start,
+        )  # fmt: skip
+        self.log(f"{subject.name:<24} base model: {scores_line(record['metrics'])}")
+        return self.store.finish(run_dir, record)
+
+    def run(self, subject: BenchSubject, method: str, scale: float, seed: int) -> dict | None:
+        config = self.config
+        run_dir = self.store.run_dir(subject.name, config.run_name(method, scale, seed))
+        done = self.store.finished(run_dir)
+        if done is not None:
+            return done
+        if config.report_only:
+            return None
+        class_dir = None if config.no_prior_preservation else self.store.class_dir(subject.class_noun)
+        run_config = config.run_config(subject, method, scale, seed, run_dir, class_dir)
+        adapter = run_dir / "train" / DreamBoothTask.weight_name
+        info = read_json(run_dir / "train.json") if adapter.is_file() else None
+        if info is None and not adapter.is_file():  # not trained yet, or its training was interrupted
+            if class_dir is not None:  # drawn once per class by the base model, shared by subjects and methods
+                ensure_class_images(lambda: self.base.pipe, subject.class_prompt, class_dir, config.num_class_images,
+                                    config.sample_batch, 0, config.inference_steps, config.guidance_scale,
+                                    show_progress=not config.quiet)  # fmt: skip
+            if latest_checkpoint(run_dir / "train"):  # continue the interrupted training exactly
+                run_config.resume_from_checkpoint = "latest"
+            info = train_run(DreamBoothTask(run_config.validate()), run_dir, self.callbacks)
+        info = info or {"train_seconds": None, "timed": False}  # trained, but its record was lost (killed)
+        record = dict(
+            subject=subject.name, class_noun=subject.class_noun, method=method,
+            label=DREAMBOOTH_METHODS[method].label, lr=run_config.learning_rate, lr_scale=scale, seed=seed,
+            parameters=None, metrics={}, **info,
+        )  # fmt: skip
+        record.setdefault("diverged", False)
+        if not record["diverged"]:
+            start = time.time()
+            task = DreamBoothTask(run_config)
+            modules, record["parameters"], _ = adapted_modules(self.base.pipe, task, adapter)
+            with swapped(self.base.pipe, modules) as pipe:
+                images = self.sample(pipe, subject, run_dir / "samples")
+            del modules
+            record.update(images=len(images), sample_seconds=time.time() - start,
+                          metrics=self.metrics.score(images, self.texts(subject), self.real(subject)))  # fmt: skip
+        self.log(
+            f"{subject.name:<24} {record['label']:<20} lr {record['lr']:.0e} seed {seed}: "
+            + ("diverged" if record["diverged"] else scores_line(record["metrics"]))
+            + ("" if record.get("train_seconds") is None else f" ({record['train_seconds']:.0f} s training)")
+        )
+        return self.store.finish(run_dir, record)
+
+    # --- the whole grid ---------------------------------------------------------------------------------------
+    def execute(self) -> dict:
+        config = self.config
+        missing = 0
+        for subject in self.subjects:
+            self.base_run(subject)
+            for method, scale, seed in config.grid():
+                if self.run(subject, method, scale, seed) is None:
+                    missing += 1
+                    continue
+                self.write_report()
+        if missing:
+            self.log(f"{missing} run(s) of this grid are not finished yet; the table holds the finished ones")
+        return self.write_report()
+
+    def result(self) -> dict:
+        config = self.config
+        metrics = self.metrics.metrics
+        records = self.store.collect()  # every finished run of this folder, also those of earlier invocations
+        trained = [r for r in records if r["method"] != "base"]
+        bases = [r for r in records if r["method"] == "base"]
+        order = ["base", *DREAMBOOTH_METHODS]
+        summary = summarise(bases + trained, metrics, order, unit="subject")
+        ceilings = [r["ceiling"] for r in bases]
+        references = []
+        if ceilings:
+            real = {m.key: [c[m.key] for c in ceilings if m.key in c] for m in metrics}
+            references.append(dict(kind="ceiling", label="real images (to each other)", runs=len(ceilings),
+                                   metrics={k: mean_sd(v) for k, v in real.items() if v}))  # fmt: skip
+        in_table = sorted({r["subject"] for r in records})
+        live = sum(self.data.subject(name).live for name in in_table)
+        about = [
+            f"Dataset: `{self.data.root}`, {len(in_table)} of its {len(self.data.subjects)} subjects in the table "
+            f"({live} live); model `{config.settings()['pretrained_model_name_or_path']}`",
+            f"Training: {config.max_train_steps} steps, batch {config.train_batch_size}, resolution "
+            f"{config.resolution or 'native'}, prior preservation "
+            + ("off" if config.no_prior_preservation else f"{config.num_class_images} class images × "
+               f"{config.prior_loss_weight:g}")
+            + f"; training seeds {sorted({r['seed'] for r in trained})}; lr scales "
+            f"{sorted({r['lr_scale'] for r in trained})}",
+            f"Evaluation: {f'the first {config.num_prompts}' if config.num_prompts else 'all'} prompt templates × "
+            f"{config.images_per_prompt} images "
+            f"(seeds {self.seeds()}), {config.scheduler} {config.inference_steps} steps, guidance "
+            f"{config.guidance_scale:g}",
+        ]  # fmt: skip
+        return dict(
+            kind="dreambooth",
+            command=self.command,
+            date=time.strftime("%Y-%m-%d"),
+            machine=machine(),
+            output_dir=str(config.output_dir),
+            about=about,
+            settings=config.settings(),
+            invocation=dict(
+                methods=config.methods,
+                seeds=config.seeds,
+                lr_scales=config.lr_scales,
+                subjects=[s.name for s in self.subjects],
+            ),  # fmt: skip
+            dataset=dict(
+                root=str(self.data.root),
+                fingerprint=self.data.fingerprint(),
+                subjects={
+                    s.name: {"class": s.class_noun, "live": s.live, "images": len(s.image_paths)}
+                    for s in self.data.subjects
+                },  # fmt: skip
+            ),
+            metrics=[dataclasses.asdict(m) for m in metrics],
+            metrics_description=self.metrics.description,
+            rows=records,
+            summary=summary,
+            references=references,
+        )
+
+    def samples_figure(self, result: dict) -> None:
+        """``dreambooth_samples.png``: for the first subject of the table, its real images, then the base model and
+        each method (lowest seed, ×1 or its first lr scale) on the first prompts, image 0 of each."""
+        records = [r for r in result["rows"] if r.get("images")]
+        if not records:
+            return
+        subject = sorted({r["subject"] for r in records})[0]
+        columns = 6
+        names = [f"{i:02d}-seed{self.config.eval_seed}.png" for i in range(columns)]
+        rows = [("real images", list(self.data.subject(subject).image_paths[:columns]))]
+        for label, r in shown_runs([r for r in records if r["subject"] == subject], ["base", *DREAMBOOTH_METHODS]):
+            samples = self.store.root / "runs" / r["run"] / "samples"
+            rows.append((label, [p for p in (samples / n for n in names) if p.is_file()]))
+        labels = sample_grid(rows, self.store.root / "dreambooth_samples.png")
+        result["samples_figure"] = {"file": "dreambooth_samples.png", "subject": subject, "rows": labels}
+
+    def write_report(self) -> dict:
+        title = f"DreamBooth benchmark: {self.data.root.name}"
+        metrics = self.metrics.metrics
+        result = self.result()
+        self.samples_figure(result)
+        return write_result(self.config.output_dir, "dreambooth", result, metrics, title,
+                            "subjects (a subject's value is first averaged over its training seeds)")  # fmt: skip
+
+
+def run_dreambooth_bench(config: DreamBoothBenchConfig, callbacks=(), command: str | None = None, log=print,
+                         metrics: SubjectMetrics | None = None) -> dict:  # fmt: skip
+    """Validate ``config``, run (or resume) every run of its grid, and write the table; returns the result dict
+    (what ``dreambooth.json`` holds). ``callbacks`` go to every run's trainer (one asking to stop interrupts the
+    benchmark with ``BenchInterrupted``; rerunning resumes). ``metrics``: any ``SubjectMetrics`` instead of the one
+    ``config.metrics`` names (its ``identity()`` is recorded with the folder's settings)."""
+    config.validate()
+    if command is None and sys.argv and sys.argv[0].endswith("ether-diffusion"):
+        command = " ".join(["ether-diffusion", *sys.argv[1:]])
+    return _Bench(config, callbacks, command, log, metrics).execute()

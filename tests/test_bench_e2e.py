@@ -1,0 +1,148 @@
+"""The benchmark commands end to end on the tiny world, in their short mode (``--quick``): the DreamBooth benchmark
+interrupted mid-run and resumed, the control benchmark, and the DINO / CLIP code path through the driver."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import build_metric_models
+
+from ether_diffusion.bench.dataset import WORLD_TEMPLATES
+from ether_diffusion.cli import main
+from ether_diffusion.training.callbacks import Callback
+
+pytest.importorskip("peft", reason="the benchmarks compare against PEFT: pip install -e .[dev]")
+pytest.importorskip("matplotlib", reason="the benchmarks plot with matplotlib: pip install -e .[dev]")
+pytestmark = pytest.mark.slow
+SUBJECT = "orange_checkered_star"
+
+
+class StopSecondRun(Callback):
+    """Asks the loop to stop after the first step of the second run it sees (a Ctrl-C between checkpoints)."""
+
+    def __init__(self):
+        self.starts, self.step = [], 0
+
+    def on_train_start(self, total_steps, start_step):
+        self.starts.append(start_step)
+        self.step = 0
+
+    def on_step(self, step, logs):
+        self.step = step
+
+    def should_stop(self):
+        return len(self.starts) == 2 and self.step >= 1
+
+
+def test_dreambooth_bench_runs_end_to_end_and_resumes_where_it_stopped(tmp_path, capsys):
+    from ether_diffusion.bench.dreambooth import DreamBoothBenchConfig, run_dreambooth_bench
+    from ether_diffusion.bench.runs import BenchInterrupted
+
+    data, out = tmp_path / "tiny-dreambooth", tmp_path / "bench"
+    assert main(["bench", "export-world", "--output", str(data)]) == 0
+    args = ["--dataset", str(data), "--subjects", SUBJECT, "--methods", "ether_plus", "lora", "--quick",
+            "--checkpointing_steps", "1", "--output_dir", str(out), "--quiet"]  # fmt: skip
+    stop = StopSecondRun()
+    with pytest.raises(BenchInterrupted, match="stopped at step 1 .*rerun the same command"):
+        run_dreambooth_bench(DreamBoothBenchConfig.from_args(args), callbacks=[stop])
+    runs = out / "runs" / SUBJECT
+    ether, lora = runs / "ether_plus-x1-seed0", runs / "lora-x1-seed0"
+    assert (runs / "base" / "scores.json").is_file() and (ether / "scores.json").is_file()
+    assert sorted(p.name for p in (ether / "samples").iterdir()) == [
+        "00-seed1000.png", "00-seed1001.png", "01-seed1000.png", "01-seed1001.png"]  # fmt: skip
+    assert not (ether / "train" / "checkpoint-1").exists()  # a finished run keeps its adapter, not its checkpoints
+    assert not (lora / "scores.json").exists() and (lora / "train" / "checkpoint-1").is_dir()
+    assert not (lora / "train" / "adapter.safetensors").exists()  # the stopped run is not taken for a finished one
+    class_images = sorted((out / "class_images" / "star").iterdir())
+    assert len(class_images) == 2
+    done = {p: p.stat().st_mtime_ns for p in [ether / "scores.json", ether / "train.json", *class_images]}
+
+    # the same command, from the command line: the finished runs are read back, the stopped one resumes
+    assert main(["bench", "dreambooth", *args]) == 0
+    assert {p: p.stat().st_mtime_ns for p in done} == done
+    resumed = json.loads((lora / "train.json").read_text())
+    assert (resumed["resumed_from_step"], resumed["steps"], resumed["timed"]) == (1, 2, False)
+    result = json.loads((out / "dreambooth.json").read_text())
+    assert result["command"].startswith("ether-diffusion bench dreambooth --dataset")
+    assert [(r["method"], r["units"], r["runs"]) for r in result["summary"]] == [
+        ("base", 1, 1), ("ether_plus", 1, 1), ("lora", 1, 1)]  # fmt: skip
+    params = {r["method"]: r["parameters"] for r in result["summary"]}
+    assert 0 == params["base"] < params["ether_plus"] < params["lora"]
+    for row in result["summary"]:
+        assert set(row["metrics"]) == {"subject_fidelity", "prompt_fidelity", "diversity"}
+        assert (
+            0 <= row["metrics"]["prompt_fidelity"]["mean"] <= 1
+            and -1 <= row["metrics"]["subject_fidelity"]["mean"] <= 1
+        )
+    assert result["references"][0]["metrics"]["subject_fidelity"]["mean"] > 0.9  # the instance images to each other
+    table = (out / "dreambooth.md").read_text()
+    assert "| subject fidelity ↑ | prompt fidelity ↑ | diversity |" in table and "real images (to each other)" in table
+    assert (out / "dreambooth.png").stat().st_size > 5000
+    assert result["samples_figure"]["rows"] == ["real images", "base model (no adapter)", "ETHER+ (two-sided)",
+                                                "LoRA r=4 (PEFT)"]  # fmt: skip
+    assert "Samples (subject orange_checkered_star): `dreambooth_samples.png`" in table
+    from PIL import Image
+
+    assert Image.open(out / "dreambooth_samples.png").size == (5 * 128, 4 * 128)  # 5 real images wide, 4 rows
+    assert "table:" in capsys.readouterr().out
+
+    # other settings in the same folder would mix incomparable runs: refused, naming the setting
+    assert main(["bench", "dreambooth", *args, "--eval_seed", "7"]) == 2
+    assert "eval_seed: 1000 there, 7 now" in capsys.readouterr().err
+
+
+def test_control_bench_runs_end_to_end(tmp_path, capsys):
+    data, out = tmp_path / "tiny-control", tmp_path / "bench"
+    assert main(["bench", "export-world", "--control", "segmentation", "--output", str(data), "--train_scenes",
+                 "8", "--eval_scenes", "4"]) == 0  # fmt: skip
+    assert json.loads((data / "eval" / "metadata.jsonl").read_text().splitlines()[0])["mask"].startswith("masks/")
+    args = ["bench", "control", "--train_data_dir", str(data / "train"), "--eval_data_dir", str(data / "eval"),
+            "--methods", "encoder", "ether_plus", "--quick", "--output_dir", str(out), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    result = json.loads((out / "control.json").read_text())
+    assert [r["method"] for r in result["summary"]] == ["base", "encoder", "ether_plus"]
+    params = {r["method"]: r["parameters"] for r in result["summary"]}
+    assert params["encoder"] == 99_760 and params["ether_plus"] == 99_760 + 25_664  # encoder + adapter (tiny model)
+    for row in result["summary"]:
+        assert set(row["metrics"]) == {"miou", "pixel_accuracy", "prompt_fidelity", "fd"}
+        assert 0 <= row["metrics"]["miou"]["mean"] <= 1
+    real = result["references"][0]
+    assert real["label"] == "real targets (mask column)" and real["metrics"]["miou"]["mean"] > 0.9
+    rows = {r["method"]: r for r in result["rows"]}
+    assert len(list((out / "runs" / "all" / "ether_plus-x1-seed0" / "samples").iterdir())) == rows["ether_plus"][
+        "images"] == 4  # fmt: skip
+    assert "| mIoU ↑ | pixel acc ↑ | prompt fidelity ↑ | FD ↓ |" in (out / "control.md").read_text()
+    assert result["samples_figure"]["rows"] == ["control", "real target", "base model (no control)", "encoder only",
+                                                "ETHER+ (two-sided)"]  # fmt: skip
+    assert main(args) == 0  # everything finished: nothing trains again
+    assert json.loads((out / "control.json").read_text())["rows"] == result["rows"]
+
+
+def test_dino_clip_metrics_through_the_driver_score_the_class_noun_prompts(tmp_path):
+    """The real DINO / CLIP path of the benchmark (tiny random-weight models from configs): the scores written for a
+    run are those of its saved samples, and CLIP-T compares them with the prompts without the identifier."""
+    from ether_diffusion.bench.metrics import ClipEncoder, DinoEncoder
+    from ether_diffusion.images import open_image
+
+    dino_dir, clip_dir = build_metric_models(tmp_path)
+    data, out = tmp_path / "tiny-dreambooth", tmp_path / "bench"
+    assert main(["bench", "export-world", "--output", str(data)]) == 0
+    assert main(["bench", "dreambooth", "--dataset", str(data), "--subjects", SUBJECT, "--methods", "ether",
+                 "--quick", "--metrics", "dino-clip", "--dino_model", str(dino_dir), "--clip_model", str(clip_dir),
+                 "--output_dir", str(out), "--quiet"]) == 0  # fmt: skip
+    run = out / "runs" / SUBJECT / "ether-x1-seed0"
+    scores = json.loads((run / "scores.json").read_text())["metrics"]
+    samples = [open_image(p) for p in sorted((run / "samples").iterdir())]  # 00-seed1000, 00-seed1001, 01-...
+    texts = [t.format("", "star").replace("  ", " ") for t in WORLD_TEMPLATES[:2] for _ in range(2)]
+    assert texts[0] == "a star on a white background"
+    clip, dino = ClipEncoder(str(clip_dir)), DinoEncoder(str(dino_dir))
+    real = [open_image(p) for p in sorted((data / SUBJECT).iterdir())]
+    assert scores["clip_t"] == pytest.approx(float((clip.embed_images(samples) * clip.embed_texts(texts)).sum(-1)
+                                                   .mean()), abs=1e-5)  # fmt: skip
+    assert scores["dino"] == pytest.approx(float((dino.embed(samples) @ dino.embed(real).T).mean()), abs=1e-5)
+    with_identifier = [t.format("sks", "star") for t in WORLD_TEMPLATES[:2] for _ in range(2)]
+    assert scores["clip_t"] != pytest.approx(
+        float((clip.embed_images(samples) * clip.embed_texts(with_identifier)).sum(-1).mean()), abs=1e-5)  # fmt: skip
+    table = (out / "dreambooth.md").read_text()
+    assert "| DINO ↑ | CLIP-I ↑ | CLIP-T ↑ |" in table

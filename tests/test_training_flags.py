@@ -1,0 +1,394 @@
+"""What the training flags added for diffusers/kohya parity do, on a tiny pipeline built from configs: captions
+(kohya files, datasets) reaching the text encoder, --repeats, --push_to_hub against a local stand-in of
+huggingface_hub's upload, --optimizer prodigy, --text_encoder_lr, --cache_latents (same adapter, fewer VAE calls,
+exact resume), --pre_compute_text_embeddings, tokenizer length and attention mask, resampling, the validation sampler,
+progress lines in logs, and an SDXL run with captions and both caches."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import build_char_tokenizer, build_tiny_sdxl_components, build_training_world
+from PIL import Image
+from torch.testing import assert_close
+
+from ether_diffusion.io import read_adapter_file
+from ether_diffusion.training import Callback, ConfigError
+from ether_diffusion.training.data import DreamBoothDataset, load_captioned_folder, to_pixels
+from ether_diffusion.training.dreambooth import DreamBoothConfig, task_for
+from ether_diffusion.training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a sks star"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The tiny SD world (square 16-pixel images at the model's 16-pixel resolution: one crop each), with captions
+    beside two of its three images: 0.txt a caption, 1.txt empty (falls back), 2.png none."""
+    root = build_training_world(tmp_path_factory.mktemp("flags"), (16, 16))
+    captioned = root / "captioned"
+    captioned.mkdir()
+    for path in sorted((root / "instance").glob("*.png")):
+        (captioned / path.name).write_bytes(path.read_bytes())
+    (captioned / "0.txt").write_text("  a sks star on grass\n")
+    (captioned / "1.txt").write_text("")
+    return root
+
+
+def config_for(world, output_dir, **changes) -> DreamBoothConfig:
+    fields = dict(
+        pretrained_model_name_or_path=str(world / "model"),
+        instance_data_dir=str(world / "instance"),
+        instance_prompt=PROMPT,
+        output_dir=str(output_dir),
+        report_to="none",
+        quiet=True,
+        max_train_steps=2,
+        no_final_reload=True,
+        validation_inference_steps=2,
+        num_validation_images=1,
+    )
+    fields.update(changes)
+    return DreamBoothConfig(**fields)
+
+
+def tokens(world, prompt: str, length: int = 16):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(world / "model" / "tokenizer")
+    return tokenizer(prompt, padding="max_length", max_length=length, truncation=True)
+
+
+def token_ids(world, prompt: str, length: int = 16) -> tuple:
+    return tuple(tokens(world, prompt, length).input_ids)
+
+
+class Watch(Callback):
+    """Counts calls of the VAE encoder and records what the text encoders receive, from the first step on."""
+
+    def __init__(self, task):
+        self.task, self.encodes, self.text_calls = task, 0, []
+
+    def on_train_start(self, total_steps, start_step):
+        vae = self.task.components.vae
+        encode = vae.encode
+
+        def counted(*args, **kwargs):
+            self.encodes += 1
+            return encode(*args, **kwargs)
+
+        vae.encode = counted
+        for encoder in self.task.text_encoders().values():
+            encoder.register_forward_pre_hook(self._text, with_kwargs=True)
+
+    def _text(self, module, args, kwargs):
+        ids = args[0] if args else kwargs["input_ids"]
+        self.text_calls.append((ids.tolist(), kwargs.get("attention_mask")))
+
+
+def run(config, *callbacks):
+    task = task_for(config)
+    watch = Watch(task)
+    result = Trainer(task, [watch, *callbacks]).train()
+    return task, watch, result
+
+
+def tensors(path):
+    return read_adapter_file(path).tensors
+
+
+def assert_same_adapter(a, b):
+    a, b = tensors(a), tensors(b)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- captions and datasets -------------------------------------------------------------------------------------------
+def test_kohya_caption_files_reach_the_text_encoder(world, tmp_path):
+    images, prompts = load_captioned_folder(world / "captioned", PROMPT)
+    assert prompts == ["a sks star on grass", PROMPT, PROMPT] and len(images) == 3  # stripped; empty/none: fallback
+    config = config_for(world, tmp_path, instance_data_dir=str(world / "captioned"), max_train_steps=3)
+    task, watch, result = run(config)
+    seen = {tuple(row) for ids, _ in watch.text_calls for row in ids}
+    assert seen == {token_ids(world, "a sks star on grass"), token_ids(world, PROMPT)}
+    assert "1 of 3 images with their own caption" in (tmp_path / "README.md").read_text()
+
+
+def test_a_saved_dataset_and_an_image_folder_with_metadata(world, tmp_path):
+    import datasets
+
+    files = sorted((world / "instance").glob("*.png"))
+    captions = ["a sks star at night", "", "a sks star in snow"]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as handle:
+        for f, caption in zip(files, captions):
+            (folder / f.name).write_bytes(f.read_bytes())
+            handle.write(json.dumps({"file_name": f.name, "text": caption}) + "\n")
+    # a dataset saved with save_to_disk, its columns named otherwise (built from the folder: datasets' in-memory
+    # tables cannot be fingerprinted with every pyarrow release)
+    saved = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=str(tmp_path / "c"))
+    saved.rename_columns({"image": "picture", "text": "prompt"}).save_to_disk(str(tmp_path / "saved"))
+    expected = ["a sks star at night", PROMPT, "a sks star in snow"]
+    for name, image_column, caption_column in [("saved", "picture", "prompt"), ("folder", "image", "text")]:
+        config = config_for(world, tmp_path / f"out-{name}", instance_data_dir=None, dataset_name=str(tmp_path / name),
+                            image_column=image_column, caption_column=caption_column, max_train_steps=3,
+                            cache_dir=str(tmp_path / "cache")).validate()  # fmt: skip
+        task, watch, _ = run(config)
+        assert task.instance_prompts == expected
+        for image, file in zip(task.instance_images, files):
+            assert np.array_equal(np.asarray(image), np.asarray(Image.open(file).convert("RGB")))
+        seen = {tuple(row) for ids, _ in watch.text_calls for row in ids}
+        assert seen == {token_ids(world, p) for p in expected}
+    # without --caption_column every image gets the instance prompt; a wrong column lists the real ones
+    config = config_for(world, tmp_path / "x", instance_data_dir=None, dataset_name=str(tmp_path / "saved"),
+                        image_column="picture").validate()  # fmt: skip
+    task = task_for(config)
+    task.check_inputs()
+    assert task.instance_prompts == [PROMPT] * 3
+    config.image_column = "image"
+    with pytest.raises(ValueError, match=r"--image_column 'image' is not a column .* picture, prompt"):
+        task_for(config).check_inputs()
+
+
+def test_repeats_list_each_image_in_place(world, tmp_path):
+    tokenizer = build_char_tokenizer(tmp_path)
+    images = [Image.new("RGB", (16, 16), c) for c in ("red", "green", "blue")]
+    dataset = DreamBoothDataset(images, ["r", "g", "b"], tokenizer, 16, center_crop=True, repeats=3)
+    assert len(dataset) == 9
+    keys = [dataset[i]["instance"]["latent_key"][1].item() for i in range(9)]
+    assert keys == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [dataset[i]["instance"]["prompt_index"].item() for i in (0, 3, 6)] == [0, 1, 2]
+
+
+def test_resampling_filter_is_the_one_asked_for(tmp_path):
+    tokenizer = build_char_tokenizer(tmp_path)
+    image = Image.fromarray((np.random.default_rng(0).random((20, 24, 3)) * 255).astype("uint8"))
+    pixels = {}
+    for mode, pil in (("lanczos", Image.LANCZOS), ("bicubic", Image.BICUBIC), ("nearest", Image.NEAREST)):
+        dataset = DreamBoothDataset([image], PROMPT, tokenizer, 16, center_crop=True, interpolation=mode)
+        pixels[mode] = dataset[0]["instance"]["pixel_values"]
+        expected = image.resize((19, 16), pil).crop((1, 0, 17, 16))
+        assert torch.equal(pixels[mode], to_pixels(expected))
+    assert not torch.equal(pixels["lanczos"], pixels["bicubic"])
+
+
+# --- the hub ---------------------------------------------------------------------------------------------------------
+def test_push_to_hub_uploads_the_adapter_card_and_images(world, tmp_path, monkeypatch):
+    """huggingface_hub's create_repo and upload_folder replaced by local stand-ins: the repository is created before
+    training, and the upload copies what upload_folder's own filter selects into a local 'hub' folder."""
+    import shutil
+    import types
+
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    calls = []
+    hub = tmp_path / "hub"
+
+    def create_repo(repo_id, *, token=None, exist_ok=False, **kwargs):
+        calls.append(("create", repo_id, token, exist_ok))
+        return types.SimpleNamespace(repo_id=f"someone/{repo_id}" if "/" not in repo_id else repo_id)
+
+    def upload_folder(*, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, token=None,
+                      commit_message=None, **kwargs):  # fmt: skip
+        assert calls and calls[-1][0] == "create"
+        root = Path(folder_path)
+        files = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
+        chosen = list(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        for name in chosen:
+            (hub / repo_id / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / name, hub / repo_id / name)
+        calls.append(("upload", repo_id, token, commit_message))
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    out = tmp_path / "sks-star"
+    config = config_for(world, out, push_to_hub=True, hub_token="hf_secret", validation_prompt=PROMPT,
+                        validation_steps=2, checkpointing_steps=1, no_final_reload=False)  # fmt: skip
+    run(config)
+    assert calls[0] == ("create", "sks-star", "hf_secret", True)  # default id: the output folder's name
+    assert calls[1] == ("upload", "someone/sks-star", "hf_secret", "ether-diffusion dreambooth: 2 steps")
+    uploaded = sorted(str(p.relative_to(hub / "someone" / "sks-star")) for p in hub.rglob("*") if p.is_file())
+    assert uploaded == ["README.md", "ether_adapter.safetensors", "samples.png", "validation/step-000000_0.png",
+                        "validation/step-000002_0.png"]  # fmt: skip
+    assert (out / "checkpoint-1").is_dir()  # stays local
+    assert "hf_secret" not in (out / "checkpoint-2" / "run.json").read_text()
+    assert "hf_secret" not in (out / "README.md").read_text()
+
+
+def test_a_hub_that_cannot_be_reached_fails_before_training(world, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", offline)
+    with pytest.raises(RuntimeError, match="could not be created or reached .* nothing has been trained yet"):
+        run(config_for(world, tmp_path, push_to_hub=True, hub_model_id="me/x"))
+    assert not (tmp_path / "ether_adapter.safetensors").exists()
+
+
+# --- optimizers ------------------------------------------------------------------------------------------------------
+class Logs(Callback):
+    def __init__(self):
+        self.logs = []
+
+    def on_step(self, step, logs):
+        self.logs.append(logs)
+
+
+def test_prodigy_trains_every_group(world, tmp_path):
+    import prodigyopt
+
+    config = config_for(world, tmp_path / "prodigy", optimizer="Prodigy", learning_rate=1.0, max_train_steps=3,
+                        train_text_encoder=True, adam_weight_decay_text_encoder=0.01).validate()  # fmt: skip
+    task, _, result = run(config)
+    assert all(np.isfinite(result.losses))
+    assert [(g["name"], g["lr"], g.get("weight_decay")) for g in task.parameter_groups()] == [
+        ("text_encoder", 1.0, 0.01), ("adapter", 1.0, None)]  # fmt: skip
+    assert isinstance(Trainer(task)._optimizer(task.parameter_groups()), prodigyopt.Prodigy)
+    trained = tensors(result.adapter_path)
+    initial = _initial_vectors(task_for(config_for(world, tmp_path / "init", train_text_encoder=True)))
+    moved = {k.split(".")[0] for k in trained if not torch.equal(trained[k], initial[k])}
+    assert moved == {"unet", "text_encoder"}  # both groups stepped
+    with pytest.raises(ConfigError, match="one learning rate for every parameter group"):
+        config.replace(text_encoder_lr=0.5).validate()
+
+
+def test_text_encoder_lr_is_the_text_encoders_own(world, tmp_path):
+    logs = Logs()
+    config = config_for(world, tmp_path, train_text_encoder=True, text_encoder_lr=5e-4, lr_scheduler="linear",
+                        max_train_steps=2)  # fmt: skip
+    task, _, _ = run(config, logs)
+    assert [(g["name"], g["lr"]) for g in task.parameter_groups()] == [("text_encoder", 5e-4), ("adapter", 6e-3)]
+    assert [round(entry["text_encoder_lr"], 10) for entry in logs.logs] == [2.5e-4, 0.0]  # linear decay of its own
+    assert [round(entry["lr"], 10) for entry in logs.logs] == [3e-3, 0.0]
+    assert set(Trainer(task)._optimizer(task.parameter_groups()).param_groups[0]) >= {"lr", "weight_decay"}
+
+
+def _initial_vectors(task):
+    from accelerate import Accelerator
+
+    from ether_diffusion.training.task import Run
+
+    task.setup(Run(Accelerator(cpu=True), torch.float32, torch.Generator()))
+    path = Path(task.config.output_dir) / "init.safetensors"
+    Path(task.config.output_dir).mkdir(parents=True, exist_ok=True)
+    return tensors(task.save(path))
+
+
+# --- latent cache ----------------------------------------------------------------------------------------------------
+def test_cached_latents_train_the_same_adapter_with_one_encode_per_image(world, tmp_path):
+    common = dict(center_crop=True, max_train_steps=6, lr_scheduler="cosine")
+    _, plain_watch, plain = run(config_for(world, tmp_path / "plain", **common))
+    task, cached_watch, cached = run(config_for(world, tmp_path / "cached", cache_latents=True, **common))
+    assert plain_watch.encodes == 6 and cached_watch.encodes == 3  # 3 images, one crop each: encoded once
+    assert len(task.latent_cache) == 3
+    assert cached.losses == plain.losses
+    assert_same_adapter(plain.adapter_path, cached.adapter_path)
+
+
+def test_cached_latents_follow_flips_and_resume_exactly(world, tmp_path):
+    common = dict(random_flip=True, cache_latents=True, max_train_steps=8, checkpointing_steps=4,
+                  with_prior_preservation=True, class_prompt="a star", num_class_images=2,
+                  class_data_dir=str(tmp_path / "class"))  # fmt: skip
+    task, watch, straight = run(config_for(world, tmp_path / "straight", **common))
+    keys = set(task.latent_cache)
+    assert {k[4] for k in keys} == {0, 1}  # flipped and unflipped inputs are different entries
+    assert len(keys) == watch.encodes <= 2 * (3 + 2)  # at most two inputs per instance and class image
+    (tmp_path / "resumed").mkdir()
+    os.system(f"cp -r {tmp_path / 'straight' / 'checkpoint-4'} {tmp_path / 'resumed'}")
+    _, _, resumed = run(config_for(world, tmp_path / "resumed", resume_from_checkpoint="latest", **common))
+    assert resumed.losses == straight.losses[4:]
+    assert_same_adapter(straight.adapter_path, resumed.adapter_path)
+
+
+# --- text: pre-computed, length, mask ---------------------------------------------------------------------------------
+def test_pre_computed_text_embeddings_skip_the_encoder_and_match(world, tmp_path):
+    common = dict(instance_data_dir=str(world / "captioned"), max_train_steps=3, validation_prompt=PROMPT,
+                  validation_steps=3)  # fmt: skip
+    _, plain_watch, plain = run(config_for(world, tmp_path / "plain", **common))
+    task, watch, pre = run(config_for(world, tmp_path / "pre", pre_compute_text_embeddings=True, **common))
+    assert len(watch.text_calls) == len(plain_watch.text_calls) - 3  # the preview's only: training read the table
+    assert watch.text_calls  # the preview sampled with the text encoders back on the device
+    assert task.text_table["encoder_hidden_states"].shape[0] == 2  # two distinct prompts
+    assert_close(torch.tensor(pre.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-7)
+
+
+def test_tokenizer_length_and_attention_mask_reach_the_text_encoder(world, tmp_path):
+    _, watch, result = run(config_for(world, tmp_path, tokenizer_max_length=8, text_encoder_use_attention_mask=True))
+    ids, mask = watch.text_calls[0]
+    assert len(ids[0]) == 8 and mask is not None and mask.shape == (1, 8)
+    expected = tokens(world, PROMPT, 8)
+    assert ids[0] == expected.input_ids and mask[0].tolist() == expected.attention_mask
+    assert 0 in mask[0].tolist() or len(PROMPT) + 2 >= 8  # padding is masked when the prompt is short enough
+
+
+def test_validation_scheduler_is_the_one_asked_for(world, tmp_path):
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+    for name, kind in (("DDPMScheduler", DDPMScheduler), ("DPMSolverMultistepScheduler", DPMSolverMultistepScheduler)):
+        task = task_for(config_for(world, tmp_path, validation_scheduler=name))
+        task.check_inputs()
+        _initial_vectors(task)
+        assert type(task.pipeline().scheduler) is kind and type(task.fresh_pipeline().scheduler) is kind
+
+
+# --- progress in logs ------------------------------------------------------------------------------------------------
+def test_progress_is_one_line_every_n_steps_when_piped(world, tmp_path):
+    command = [sys.executable, "-m", "ether_diffusion.cli", "train", "--pretrained_model_name_or_path",
+               str(world / "model"), "--instance_data_dir", str(world / "instance"), "--instance_prompt", PROMPT,
+               "--output_dir", str(tmp_path), "--report_to", "none", "--max_train_steps", "6",
+               "--progress_steps", "2", "--no_final_reload"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"]
+    assert all(" loss " in line and " lr " in line and "left" in line for line in lines), lines
+    assert "\r" not in done.stdout + done.stderr  # no bar redraws in a log
+
+
+# --- SDXL ------------------------------------------------------------------------------------------------------------
+def test_sdxl_with_captions_repeats_and_both_caches(world, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    (tmp_path / "tokenizer").mkdir()
+    StableDiffusionXLPipeline(**build_tiny_sdxl_components(tmp_path / "tokenizer")).save_pretrained(tmp_path / "sdxl")
+    config = config_for(world, tmp_path / "out", pretrained_model_name_or_path=str(tmp_path / "sdxl"),
+                        instance_data_dir=str(world / "captioned"), repeats=2, cache_latents=True,
+                        pre_compute_text_embeddings=True, center_crop=True, max_train_steps=6)  # fmt: skip
+    task, watch, result = run(config)
+    assert type(task).__name__ == "DreamBoothXLTask"
+    assert watch.text_calls == [] and watch.encodes == 3  # text from the table; each image encoded once
+    assert task.text_table["encoder_hidden_states"].shape[0] == 2 and task.text_table["text_embeds"].shape[0] == 2
+    # the caption's row of the table is what both encoders make of the caption
+    dataset_prompts = ["a sks star on grass", PROMPT]
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "sdxl")
+    embeds, _, pooled, _ = pipe.encode_prompt(dataset_prompts[0], device="cpu", do_classifier_free_guidance=False)
+    assert_close(task.text_table["encoder_hidden_states"][:1], embeds, rtol=1e-5, atol=1e-6)
+    assert_close(task.text_table["text_embeds"][:1], pooled, rtol=1e-5, atol=1e-6)
+    assert all(np.isfinite(result.losses)) and len(result.losses) == 6
+
+
+# --- checkpoints of an earlier version -------------------------------------------------------------------------------
+def test_a_checkpoint_without_the_new_fields_resumes_as_their_defaults(world, tmp_path):
+    from ether_diffusion.training import ResumeMismatchError
+
+    run(config_for(world, tmp_path, max_train_steps=2, checkpointing_steps=1))
+    record_file = tmp_path / "checkpoint-1" / "run.json"
+    record = json.loads(record_file.read_text())
+    for name in ("cache_latents", "optimizer", "repeats", "caption_extension"):  # written before these flags existed
+        del record["config"][name]
+    record_file.write_text(json.dumps(record))
+    resumed = dict(max_train_steps=2, checkpointing_steps=1, resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    with pytest.raises(ResumeMismatchError, match="--repeats: checkpoint 1, now 2"):
+        run(config_for(world, tmp_path, repeats=2, **resumed))
+    _, _, result = run(config_for(world, tmp_path, **resumed))
+    assert result.global_step == 2 and len(result.losses) == 1
