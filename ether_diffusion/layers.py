@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import EtherConfig
 from .mixed import MixedBatch
-from .reflection import METHODS, apply_low_rank
+from .reflection import METHODS, Terms, apply_low_rank, reflected_linear
 
 __all__ = [
     "LAYER_TYPES",
@@ -25,6 +25,7 @@ __all__ = [
     "EtherLayer",
     "EtherLinear",
     "Factors",
+    "SideTerms",
     "parameter_name",
     "plain_layer",
 ]
@@ -53,6 +54,13 @@ class Factors(NamedTuple):
 
     input: tuple[torch.Tensor, torch.Tensor] | None
     output: tuple[torch.Tensor, torch.Tensor] | None
+
+
+class SideTerms(NamedTuple):
+    """An adapter's rank-1 terms per side (``reflection.Terms``); ``None`` if not adapted."""
+
+    input: Terms | None
+    output: Terms | None
 
 
 class _CachedFactors(NamedTuple):
@@ -94,6 +102,19 @@ class EtherAdapter(nn.Module):
     def vectors(self, side: str) -> dict[str, torch.Tensor]:
         return {v: getattr(self, parameter_name(v, side)) for v in self.method.vector_names}
 
+    def terms(self, strength: float) -> SideTerms:
+        """Both sides' vectors and coefficients at ``strength``, for ``reflected_linear``."""
+        found = {side: self.method.rank_one_terms(self.vectors(side), strength) for side in self.sides}
+        return SideTerms(found.get("input"), found.get("output"))
+
+    def caches_factors(self) -> bool:
+        """Whether ``factors`` keeps its result: sampling on the CPU only (see there)."""
+        return not (
+            torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or any(v.device.type != "cpu" for v in self._parameters.values())
+        )
+
     def factors(self, strength: float, dtype: torch.dtype) -> Factors:
         """Both sides' ``(D, E)`` in ``dtype`` at ``strength``.
 
@@ -104,9 +125,9 @@ class EtherAdapter(nn.Module):
         there the factors are recomputed instead (a few small kernels on the vectors, queued without waiting);
         meta tensors (parameter counting) and ``torch.compile`` graphs (which fuse the few small ops) never cache.
         """
-        vectors = tuple(self._parameters.values())
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or any(v.device.type != "cpu" for v in vectors):
+        if not self.caches_factors():
             return self._compute_factors(strength, dtype)  # traced into a compiled graph, no data-dependent check
+        vectors = tuple(self._parameters.values())
         cached = self._cache
         if (
             cached is None
@@ -253,15 +274,19 @@ class EtherLayer(nn.Module):
             raise RuntimeError(f"'{self.layer_name}' has merged adapters; unmerge before a mixed batch")
         self._mixed = MixedBatch(list(slot_names), slot_ids.to(self.plain.weight.device))
 
-    # --- forward ----------------------------------------------------------------------------------------------
+    # --- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not self.adapters_enabled or self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
         if self._mixed is not None:
             return self._mixed.forward(self, x)
-        factors = [self.ether_adapters[n].factors(self.strengths[n], x.dtype) for n in self.active_adapters]
-        if not factors:
+        if not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
+        if len(self.active_adapters) == 1 and not self.stacked:
+            adapter = self.ether_adapters[self.active_adapters[0]]
+            if not adapter.caches_factors():  # training, GPUs, compiled graphs: the whole layer as one node
+                return self._reflected(x, adapter.terms(self.strengths[self.active_adapters[0]]))
+        factors = [self.ether_adapters[n].factors(self.strengths[n], x.dtype) for n in self.active_adapters]
         h = x
         for found in factors:  # y = W · H_k ⋯ H_1 x: the first active adapter acts first
             if found.input is not None:
@@ -273,6 +298,20 @@ class EtherLayer(nn.Module):
         for output in outputs:
             y = apply_low_rank(y, *output)
         return self._add_bias(self._features_back(y))
+
+    def _reflected(self, x: torch.Tensor, terms: SideTerms) -> torch.Tensor:
+        """``H̃ (W (H x)) + b`` through ``reflected_linear``, in the dtype the base layer would compute in."""
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        bias = self.plain.bias
+        y = reflected_linear(
+            self._features_last(x).to(dtype),
+            self._weight_matrix().to(dtype),
+            None if bias is None else bias.to(dtype),
+            terms.input,
+            terms.output,
+        )
+        return self._features_back(y)
 
     # --- merge ------------------------------------------------------------------------------------------------
     def _transform_matrix(self, matrix: torch.Tensor, names: list[str]) -> torch.Tensor:

@@ -1,13 +1,22 @@
 """Speed and memory of ETHER against the frozen-model floor and its peers, measured side by side in one process.
 
-    python scripts/bench_speed.py                 # SD-1.5 UNet, fp32 CPU, latents 16² and 32², batch 1 and 4
+    python scripts/bench_speed.py                 # CPU, fp32: SD-1.5 UNet, latents 16² and 32², batch 1 and 4
     python scripts/bench_speed.py --full          # adds 64² latents
-    python scripts/bench_speed.py --quick         # tiny UNet, one repeat: a smoke test (CI), not a measurement
-    python scripts/bench_speed.py --device cuda   # bf16 autocast on a GPU
+    python scripts/bench_speed.py --device cuda   # every row of issue 18, bf16 autocast (scripts/gpu_speed.sh)
+    python scripts/bench_speed.py --quick         # tiny UNets, the same rows: a smoke test (CI), not a measurement
 
-Every number is a median over ``--repeats`` timed runs after a warm-up; ratios divide medians taken in this run.
-Peak memory is what a training step adds on top of the loaded model (CPU: peak resident set after resetting the
-kernel's high-water mark; GPU: ``max_memory_allocated``). Writes a markdown report and a JSON file.
+Variants are interleaved: every round visits every variant once (set it up, warm up, time, take it down), the order
+rotated by one each round, so that the machine's drift over minutes falls on all of them alike. A time is the median
+over rounds with its range; a ratio is taken within each round (variant / floor of the same round) and reported as
+the median and range of those per-round ratios. Peak memory is what a training step adds on top of the loaded model
+(CPU: peak resident set after resetting the kernel's high-water mark; GPU: ``max_memory_allocated``).
+
+``--profile cuda`` (the default on a GPU) measures issue 18's table: the SD-1.5 UNet at 64² latents, batch 1 and 4
+(floor, ETHER n=1, ETHER+ two-sided n=1, PEFT LoRA r=4), the SDXL UNet at 128² with gradient checkpointing, 25-step
+sampling unfused and fused against the base model, and a host-sync check of every adapted layer's forward and
+backward under ``torch.cuda.set_sync_debug_mode("error")``. The models are the real architectures built from their
+configs (below) with random weights: nothing is downloaded. Writes a markdown report and a JSON file after each
+section, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +41,7 @@ from torch import nn
 
 from ether_diffusion import (
     EtherConfig,
+    adapter_parameters,
     count_parameters,
     eject,
     inject,
@@ -42,16 +54,108 @@ from ether_diffusion import (
     unmerge_adapters,
 )
 from ether_diffusion.config import TARGET_PRESETS
+from ether_diffusion.layers import EtherLayer
 
 TARGETS = list(TARGET_PRESETS["unet-attention"])
+
+# --- the models: configs of the published UNets (random weights), and tiny ones for --quick ---------------------
+
+SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5, unet/config.json
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    norm_num_groups=32,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+)
+SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+)
+TINY_SD15_UNET = dict(
+    sample_size=8,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=64,
+    attention_head_dim=8,
+    norm_num_groups=16,
+)
+TINY_SDXL_UNET = dict(  # SDXL's structure (text_time conditioning, linear projections) at toy widths
+    sample_size=8,
+    layers_per_block=2,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2),
+    attention_head_dim=(2, 4),
+    cross_attention_dim=64,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=80,
+    norm_num_groups=1,
+)
+
+
+def build_unet(config: dict, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    with device:  # initialised where it runs: SDXL's 2.6 B weights are drawn on the GPU, not copied there
+        unet = UNet2DConditionModel(**config)
+    return unet.to(dtype=dtype)
+
+
+def conditioning(unet, batch: int, generator: torch.Generator, device, dtype) -> tuple[torch.Tensor, dict]:
+    """Text context (B, 77, C), and for SDXL's text_time UNet the pooled text embedding and the six size/crop ids."""
+    config = unet.config
+    context = torch.randn(batch, 77, config.cross_attention_dim, generator=generator).to(device, dtype)
+    if config.addition_embed_type != "text_time":
+        return context, {}
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]).repeat(batch, 1)
+    added = {"text_embeds": torch.randn(batch, pooled, generator=generator), "time_ids": ids}
+    return context, {"added_cond_kwargs": {k: v.to(device, dtype) for k, v in added.items()}}
+
+
+def autocast(device, dtype):
+    if device.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
 
 
 # --- measuring ------------------------------------------------------------------------------------------------
 
 
 class Meter:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, clock: str = "wall"):
         self.device = device
+        # "cpu" counts the process's CPU time: on a machine shared with other work, time spent waiting for a core
+        # is not counted (use with --threads 1, where it equals the work done)
+        self.clock = time.process_time if clock == "cpu" else time.perf_counter
 
     def sync(self):
         if self.device.type == "cuda":
@@ -81,17 +185,46 @@ class Meter:
                 return int(line.split()[1]) * 1024
         return 0
 
-    def time(self, fn, repeats: int, warmup: int = 1) -> list[float]:
-        for _ in range(warmup):
+    def seconds_per_call(self, fn, calls: int) -> float:
+        self.sync()
+        start = self.clock()
+        for _ in range(calls):
             fn()
         self.sync()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            self.sync()
-            times.append(time.perf_counter() - start)
-        return times
+        return (self.clock() - start) / calls
+
+
+def interleaved(names: list[str], rounds: int, visit: Callable[[str], object]) -> dict[str, list]:
+    """``visit(name)`` for every name once per round, the order rotated by one each round; results per name, in
+    round order (so that index r of two names pairs results of the same round)."""
+    results = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            results[name].append(visit(name))
+    return results
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min, max and quartiles of ``values`` (quartiles equal the median for fewer than two values)."""
+    ordered = sorted(values)
+    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else ordered * 3
+    return dict(median=statistics.median(ordered), min=ordered[0], max=ordered[-1], q1=q1, q3=q3)
+
+
+@contextlib.contextmanager
+def no_host_sync(device: torch.device):
+    """On CUDA every operation that makes the host wait for the device raises inside this block
+    (``torch.cuda.set_sync_debug_mode("error")``); yields whether anything is checked (nothing on a CPU)."""
+    if device.type != "cuda":
+        yield False
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield True
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 # --- the variants -------------------------------------------------------------------------------------------
@@ -191,100 +324,147 @@ def peft_variant(unet, kind: str):
             _set(unet, path, module)
 
 
-def training_variants(skip_peers: bool):
-    variants = {
-        "floor (frozen + 1 scalar/layer)": lambda u: floor_variant(u),
-        "ETHER n=1": lambda u: ether_variant(u, "ether", 1),
-        "ETHER n=4": lambda u: ether_variant(u, "ether", 4),
-        "ETHER n=16": lambda u: ether_variant(u, "ether", 16),
-        "ETHER+ two-sided n=1": lambda u: ether_variant(u, "ether_plus", 1),
-        "ETHER+ two-sided n=4": lambda u: ether_variant(u, "ether_plus", 4),
-        "official-style dense ETHER n=1": lambda u: dense_ether_variant(u, 1),
-    }
-    if not skip_peers:
-        variants.update(
-            {
-                "PEFT HRA r=1": lambda u: peft_variant(u, "hra"),
-                "PEFT LoRA r=4": lambda u: peft_variant(u, "lora"),
-                "PEFT OFT (default)": lambda u: peft_variant(u, "oft"),
-                "PEFT BOFT (default)": lambda u: peft_variant(u, "boft"),
-            }
-        )
-    return variants
+class Variant(NamedTuple):
+    label: str
+    make: Callable  # unet -> a context manager that yields the trainable parameters
+    peer: bool = False  # another library's method
+
+
+VARIANTS: dict[str, Variant] = {
+    "floor": Variant("floor (frozen + 1 scalar/layer)", floor_variant),
+    "ether1": Variant("ETHER n=1", lambda u: ether_variant(u, "ether", 1)),
+    "ether4": Variant("ETHER n=4", lambda u: ether_variant(u, "ether", 4)),
+    "ether16": Variant("ETHER n=16", lambda u: ether_variant(u, "ether", 16)),
+    "etherplus1": Variant("ETHER+ two-sided n=1", lambda u: ether_variant(u, "ether_plus", 1)),
+    "etherplus4": Variant("ETHER+ two-sided n=4", lambda u: ether_variant(u, "ether_plus", 4)),
+    "dense": Variant("official-style dense ETHER n=1", lambda u: dense_ether_variant(u, 1)),
+    "hra": Variant("PEFT HRA r=1", lambda u: peft_variant(u, "hra"), peer=True),
+    "lora": Variant("PEFT LoRA r=4", lambda u: peft_variant(u, "lora"), peer=True),
+    "oft": Variant("PEFT OFT (default)", lambda u: peft_variant(u, "oft"), peer=True),
+    "boft": Variant("PEFT BOFT (default)", lambda u: peft_variant(u, "boft"), peer=True),
+}
+#: issue 18's rows: the floor, ETHER, ETHER+ two-sided and the LoRA they are held against
+ISSUE_VARIANTS = ["floor", "ether1", "etherplus1", "lora"]
 
 
 # --- the measurements ---------------------------------------------------------------------------------------
 
 
-def build_unet(quick: bool, device, dtype):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    if quick:
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            layers_per_block=1,
-            block_out_channels=(32, 64),
-            cross_attention_dim=64,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            attention_head_dim=8,
-            norm_num_groups=16,
-        )
-    else:
-        unet = UNet2DConditionModel(cross_attention_dim=768)  # the SD-1.5 architecture, random weights
-    return unet.to(device=device, dtype=dtype)
+def training_inputs(unet, size: int, batch: int, device, dtype):
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(batch, 4, size, size, generator=generator).to(device)
+    timesteps = torch.randint(0, 1000, (batch,), generator=generator).to(device)
+    target = torch.randn(batch, 4, size, size, generator=generator).to(device)
+    context, extra = conditioning(unet, batch, generator, device, dtype)
+    return latents, timesteps, context, extra, target
 
 
-def autocast(device, dtype):
-    if device.type == "cuda" and dtype != torch.float32:
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+def training_step(unet, inputs, optimizer, device, dtype):
+    latents, timesteps, context, extra, target = inputs
+
+    def step():
+        with autocast(device, dtype):
+            prediction = unet(latents, timesteps, context, **extra).sample
+        F.mse_loss(prediction.float(), target).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
 
 
-def bench_training(unet, args, meter, device, dtype):
+def bench_training(unet, model: str, sizes, batches, keys, args, meter, device, dtype, checkpointing=False):
+    """Training step (forward, backward, AdamW step) of every variant in ``keys``, interleaved per size and batch."""
     rows = []
-    context_dim = unet.config.cross_attention_dim
-    for size in args.sizes:
-        for batch in args.batches:
-            generator = torch.Generator().manual_seed(0)
-            latents = torch.randn(batch, 4, size, size, generator=generator).to(device)
-            context = torch.randn(batch, 77, context_dim, generator=generator).to(device)
-            timesteps = torch.randint(0, 1000, (batch,), generator=generator).to(device)
-            target = torch.randn(batch, 4, size, size, generator=generator).to(device)
-            for name, make in training_variants(args.skip_peers).items():
-                with make(unet) as params:
-                    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    for size in sizes:
+        for batch in batches:
+            inputs = training_inputs(unet, size, batch, device, dtype)
 
-                    def step(latents=latents, timesteps=timesteps, context=context, target=target, opt=optimizer):
-                        with autocast(device, dtype):
-                            prediction = unet(latents, timesteps, context).sample
-                        loss = F.mse_loss(prediction.float(), target)
-                        loss.backward()
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-
-                    step()  # warm-up (also creates the optimizer state)
+            def visit(key, inputs=inputs):
+                with VARIANTS[key].make(unet) as params:
+                    step = training_step(unet, inputs, torch.optim.AdamW(params, lr=1e-4), device, dtype)
+                    for _ in range(args.warmup):  # also creates the optimizer state
+                        step()
                     base_memory = meter.reset_peak()
-                    times = meter.time(step, args.repeats, warmup=0)
-                    peak = meter.peak() - base_memory
-                    trainable = sum(p.numel() for p in params)
-                rows.append(
-                    dict(
-                        size=size,
-                        batch=batch,
-                        variant=name,
-                        median_s=statistics.median(times),
-                        times=times,
-                        peak_extra_mb=peak / 2**20,
-                        trainable=trainable,
-                    )
+                    seconds = meter.seconds_per_call(step, args.steps_per_visit)
+                    peak = (meter.peak() - base_memory) / 2**20
+                    return seconds, peak, sum(p.numel() for p in params)
+
+            visits = interleaved(keys, args.rounds, visit)
+            floor = [seconds for seconds, _, _ in visits["floor"]]
+            for key in keys:
+                times = [seconds for seconds, _, _ in visits[key]]
+                row = dict(
+                    model=model,
+                    size=size,
+                    batch=batch,
+                    checkpointing=checkpointing,
+                    variant=VARIANTS[key].label,
+                    key=key,
+                    times=times,
+                    time=spread(times),
+                    ratio=spread([t / f for t, f in zip(times, floor)]),
+                    peak_extra_mb=spread([peak for _, peak, _ in visits[key]]),
+                    trainable=visits[key][0][2],
                 )
+                rows.append(row)
                 print(
-                    f"  train {size}² b{batch} {name:<32} {statistics.median(times) * 1e3:9.1f} ms  "
-                    f"+{peak / 2**20:8.0f} MB  {trainable:>10,} params",
+                    f"  train {model} {size}² b{batch} {row['variant']:<32} {row['time']['median'] * 1e3:9.1f} ms "
+                    f"({row['time']['min'] * 1e3:.1f}-{row['time']['max'] * 1e3:.1f})  ×floor "
+                    f"{row['ratio']['median']:.3f} ({row['ratio']['min']:.3f}-{row['ratio']['max']:.3f})  "
+                    f"+{row['peak_extra_mb']['median']:7.0f} MB  {row['trainable']:>10,} params",
                     flush=True,
                 )
+    if checkpointing:
+        unet.disable_gradient_checkpointing()
+    return rows
+
+
+def bench_sync(unet, model: str, args, device, dtype):
+    """Every adapted layer's training forward + backward and its sampling forward under ``no_host_sync``, fed the
+    activations it sees in the UNet; then the whole training step (UNet, loss, AdamW), which tells whether the model
+    and optimizer around the adapters are sync-free too (the floor's row)."""
+    rows = []
+    inputs = training_inputs(unet, args.sizes[0], 1, device, dtype)
+    latents, timesteps, context, extra, _ = inputs
+    for key in ("ether1", "etherplus1"):
+        with VARIANTS[key].make(unet):
+            layers = [m for m in unet.modules() if isinstance(m, EtherLayer)]
+            seen = {}
+            hooks = [
+                m.register_forward_pre_hook(lambda m, a, seen=seen: seen.setdefault(m, a[0].detach())) for m in layers
+            ]
+            with torch.no_grad(), autocast(device, dtype):
+                unet(latents, timesteps, context, **extra)
+            for hook in hooks:
+                hook.remove()
+            for check, training in (("training forward + backward", True), ("sampling forward", False)):
+                rows.append(dict(variant=VARIANTS[key].label, check=f"{len(layers)} layers, {check}"))
+                try:
+                    with no_host_sync(device) as checked:
+                        for layer in layers:
+                            x = seen[layer].clone().requires_grad_(training)
+                            with torch.set_grad_enabled(training), autocast(device, dtype):
+                                y = layer(x)
+                            if training:
+                                y.backward(torch.ones_like(y))
+                    rows[-1]["result"] = "no host sync" if checked else f"not checkable on {device.type}"
+                except RuntimeError as error:
+                    rows[-1]["result"] = "SYNC: " + str(error).strip().splitlines()[0]
+                print(f"  sync {model} {rows[-1]['variant']:<24} {rows[-1]['check']:<40} {rows[-1]['result']}")
+    for key in ("floor", "ether1", "etherplus1"):
+        with VARIANTS[key].make(unet) as params:
+            step = training_step(unet, inputs, torch.optim.AdamW(params, lr=1e-4), device, dtype)
+            step()
+            rows.append(dict(variant=VARIANTS[key].label, check="whole training step (UNet, loss, AdamW)"))
+            try:
+                with no_host_sync(device) as checked:
+                    step()
+                rows[-1]["result"] = "no host sync" if checked else f"not checkable on {device.type}"
+            except RuntimeError as error:
+                rows[-1]["result"] = "SYNC: " + str(error).strip().splitlines()[0]
+            print(f"  sync {model} {rows[-1]['variant']:<24} {rows[-1]['check']:<40} {rows[-1]['result']}")
     return rows
 
 
@@ -307,60 +487,84 @@ def randomized(unet, name, method, seed):
     inject(unet, EtherConfig(method=method, target_modules=TARGETS), name, activate=False)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        from ether_diffusion import adapter_parameters
-
         for p in adapter_parameters(unet, name):
             p.copy_(torch.randn(p.shape, generator=generator).to(p))
 
 
-def bench_inference(unet, args, meter, device, dtype):
-    unet.requires_grad_(False)
-    size = args.sizes[0]
-    context_dim = unet.config.cross_attention_dim
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, size, size, generator=generator).to(device, dtype)
-    context = torch.randn(1, 77, context_dim, generator=generator).to(device, dtype)
-    rows = []
-
-    def record(name, steps, batch, fn):
-        times = meter.time(fn, args.repeats)
-        rows.append(
-            dict(variant=name, steps=steps, batch=batch, size=size, median_s=statistics.median(times), times=times)
-        )
-        print(f"  sample {name:<40} {statistics.median(times):8.3f} s", flush=True)
-
-    steps = args.steps
-    record("base", steps, 1, lambda: sample_loop(unet, latents, context, steps, device, dtype))
-    for method, label in (("ether", "ETHER"), ("ether_plus", "ETHER+ two-sided")):
-        randomized(unet, "one", method, 1)
-        set_active_adapters(unet, ["one"])
-        record(f"{label} unfused", steps, 1, lambda: sample_loop(unet, latents, context, steps, device, dtype))
+@contextlib.contextmanager
+def sampling_state(unet, method: str | None, fused: bool):
+    """The base UNet (``method=None``), or one random adapter of ``method``, unfused or merged into the weights."""
+    if method is None:
+        yield
+        return
+    randomized(unet, "one", method, 1)
+    set_active_adapters(unet, ["one"])
+    if fused:
         merge_adapters(unet)
-        record(f"{label} fused", steps, 1, lambda: sample_loop(unet, latents, context, steps, device, dtype))
-        unmerge_adapters(unet)
+    try:
+        yield
+    finally:
+        if fused:
+            unmerge_adapters(unet)
         eject(unet)
 
-    # 8 prompts, 8 adapters in one batch vs the same batch with one adapter
+
+def sampling_rows(name_of, visits, reference, label, **fields):
+    rows = []
+    for key, times in visits.items():
+        ratio = spread([t / r for t, r in zip(times, visits[reference])])
+        rows.append(dict(variant=name_of[key], times=times, time=spread(times), ratio=ratio, ratio_to=label, **fields))
+        print(
+            f"  sample {name_of[key]:<40} {rows[-1]['time']['median']:8.3f} s "
+            f"({rows[-1]['time']['min']:.3f}-{rows[-1]['time']['max']:.3f})  {ratio['median']:.3f} {label} "
+            f"({ratio['min']:.3f}-{ratio['max']:.3f})",
+            flush=True,
+        )
+    return rows
+
+
+def bench_inference(unet, args, meter, device, dtype):
+    """``--steps`` DDIM steps with classifier-free guidance: base, ETHER and ETHER+ unfused and fused, interleaved;
+    then a batch of 8 prompts with 8 different ETHER+ adapters against the same batch with one."""
+    unet.requires_grad_(False)
+    size = args.sizes[0]
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, size, size, generator=generator).to(device, dtype)
+    context, _ = conditioning(unet, 1, generator, device, dtype)
+    states = {
+        "base": (None, False),
+        "ETHER unfused": ("ether", False),
+        "ETHER fused": ("ether", True),
+        "ETHER+ two-sided unfused": ("ether_plus", False),
+        "ETHER+ two-sided fused": ("ether_plus", True),
+    }
+
+    def visit(name):
+        with sampling_state(unet, *states[name]):
+            sample_loop(unet, latents, context, 1, device, dtype)  # warm-up: factors, kernels, allocator
+            return meter.seconds_per_call(lambda: sample_loop(unet, latents, context, args.steps, device, dtype), 1)
+
+    visits = interleaved(list(states), args.rounds, visit)
+    rows = sampling_rows({n: n for n in states}, visits, "base", "× base", steps=args.steps, batch=1, size=size)
+
     batch = 8
     names = [f"user{i}" for i in range(batch)]
     for i, name in enumerate(names):
         randomized(unet, name, "ether_plus", 10 + i)
     latents8 = torch.randn(batch, 4, size, size, generator=generator).to(device, dtype)
-    context8 = torch.randn(batch, 77, context_dim, generator=generator).to(device, dtype)
-    mixed_steps = args.mixed_steps
+    context8, _ = conditioning(unet, batch, generator, device, dtype)
     set_active_adapters(unet, [names[0]])
-    record(
-        f"batch {batch}, one adapter",
-        mixed_steps,
-        batch,
-        lambda: sample_loop(unet, latents8, context8, mixed_steps, device, dtype),
-    )
 
-    def mixed():
-        with mixed_batch(unet, names):
-            sample_loop(unet, latents8, context8, mixed_steps, device, dtype)
+    def visit_mixed(name):
+        with mixed_batch(unet, names) if name == "mixed" else contextlib.nullcontext():
+            sample_loop(unet, latents8, context8, 1, device, dtype)
+            return meter.seconds_per_call(
+                lambda: sample_loop(unet, latents8, context8, args.mixed_steps, device, dtype), 1
+            )
 
-    record(f"batch {batch}, {batch} different adapters", mixed_steps, batch, mixed)
+    visits = interleaved(["one", "mixed"], args.rounds, visit_mixed)
+    labels = {"one": f"batch {batch}, one adapter", "mixed": f"batch {batch}, {batch} different adapters"}
+    rows += sampling_rows(labels, visits, "one", "× one adapter", steps=args.mixed_steps, batch=batch, size=size)
     eject(unet)
     return rows
 
@@ -374,7 +578,7 @@ def bench_adapters(unet, args, meter):
             params = count_parameters(unet, "a")
             eject(unet)
             load_times = []
-            for _ in range(args.repeats * 2):
+            for _ in range(args.rounds * 2):
                 start = time.perf_counter()
                 load_adapter(path, {"unet": unet}, "loaded")  # read, validate, inject, copy, activate
                 load_times.append(time.perf_counter() - start)
@@ -382,7 +586,7 @@ def bench_adapters(unet, args, meter):
             load_adapter(path, {"unet": unet}, "x")
             load_adapter(path, {"unet": unet}, "y")
             switch_times = []
-            for i in range(args.repeats * 2):
+            for i in range(args.rounds * 2):
                 start = time.perf_counter()
                 set_active_adapters(unet, ["x" if i % 2 else "y"])
                 switch_times.append(time.perf_counter() - start)
@@ -407,6 +611,9 @@ def bench_adapters(unet, args, meter):
 # --- report -------------------------------------------------------------------------------------------------
 
 
+# --- report -------------------------------------------------------------------------------------------------
+
+
 def machine_description(device) -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -420,51 +627,63 @@ def machine_description(device) -> str:
     return text
 
 
+def _range(stats: dict, scale: float = 1.0, digits: int = 1) -> str:
+    return f"{stats['min'] * scale:.{digits}f}–{stats['max'] * scale:.{digits}f}"
+
+
 def markdown(result) -> str:
     lines = [
         f"# Speed benchmark ({result['device']}, {result['dtype']})",
         "",
         f"Machine: {result['machine']}  ",
         f"Command: `{result['command']}`  ",
-        f"Model: {result['model']}; medians of {result['repeats']} runs after a warm-up; {result['date']}",
+        f"{result['date']}; {result['rounds']} interleaved rounds (every round runs every variant once, the order "
+        f"rotated), {result['steps_per_visit']} timed step(s) per visit after {result['warmup']} warm-up step(s); "
+        f"clock: {result['clock']}; medians with min–max over rounds; a ratio is taken within each round. "
+        f"Total {result.get('elapsed_s', 0):.0f} s.",
         "",
     ]
-    train = result.get("training", [])
+    train = [row for section in ("training", "sdxl") for row in result.get(section, [])]
     if train:
         lines += [
             "## Training step (forward, backward, AdamW step)",
             "",
-            "| latents | batch | variant | trainable | median ms | × floor | peak extra MB | × floor mem |",
-            "|---|---|---|---|---|---|---|---|",
+            "| model | latents | batch | variant | trainable | median ms | min–max ms | × floor | × floor min–max "
+            "| peak extra MB | × floor mem |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in train:
             floor = next(
                 r
                 for r in train
-                if r["size"] == row["size"] and r["batch"] == row["batch"] and r["variant"].startswith("floor")
+                if (r["model"], r["size"], r["batch"], r["key"]) == (row["model"], row["size"], row["batch"], "floor")
             )
-            mem_ratio = row["peak_extra_mb"] / floor["peak_extra_mb"] if floor["peak_extra_mb"] > 0 else float("nan")
+            floor_mb = floor["peak_extra_mb"]["median"]
+            mem = row["peak_extra_mb"]["median"] / floor_mb if floor_mb > 0 else float("nan")
+            model = row["model"] + (" (gradient checkpointing)" if row["checkpointing"] else "")
             lines.append(
-                f"| {row['size']}² | {row['batch']} | {row['variant']} | {row['trainable']:,} | "
-                f"{row['median_s'] * 1e3:.1f} | {row['median_s'] / floor['median_s']:.3f} | "
-                f"{row['peak_extra_mb']:.0f} | {mem_ratio:.2f} |"
+                f"| {model} | {row['size']}² | {row['batch']} | {row['variant']} | {row['trainable']:,} | "
+                f"{row['time']['median'] * 1e3:.1f} | {_range(row['time'], 1e3)} | {row['ratio']['median']:.3f} | "
+                f"{_range(row['ratio'], digits=3)} | {row['peak_extra_mb']['median']:.0f} | {mem:.2f} |"
             )
+    sync = result.get("sync", [])
+    if sync:
+        lines += ["", "## Host-device synchronisation", "", "| variant | what ran | result |", "|---|---|---|"]
+        lines += [f"| {row['variant']} | {row['check']} | {row['result']} |" for row in sync]
     infer = result.get("inference", [])
     if infer:
-        base = next(r for r in infer if r["variant"] == "base")
-        one = next((r for r in infer if "one adapter" in r["variant"]), None)
         lines += [
             "",
             "## Sampling (DDIM, classifier-free guidance)",
             "",
-            "| variant | latents | prompts | steps | median s | ratio |",
-            "|---|---|---|---|---|---|",
+            "| variant | latents | prompts | steps | median s | min–max s | ratio | ratio min–max |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for row in infer:
-            ref, label = (base, "× base") if row["batch"] == 1 else (one, "× one adapter")
             lines.append(
-                f"| {row['variant']} | {row['size']}² | {row['batch']} | {row['steps']} | "
-                f"{row['median_s']:.3f} | {row['median_s'] / ref['median_s']:.3f} {label} |"
+                f"| {row['variant']} | {row['size']}² | {row['batch']} | {row['steps']} | {row['time']['median']:.3f} "
+                f"| {_range(row['time'], digits=3)} | {row['ratio']['median']:.3f} {row['ratio_to']} | "
+                f"{_range(row['ratio'], digits=3)} |"
             )
     adapters = result.get("adapters", [])
     if adapters:
@@ -483,68 +702,124 @@ def markdown(result) -> str:
     return "\n".join(lines) + "\n"
 
 
+SECTIONS = ("training", "sync", "sdxl", "inference", "adapters")
+PROFILES = {  # what a plain run measures, per device kind
+    "cpu": dict(sections=["training", "inference", "adapters"], variants=list(VARIANTS), sizes=[16, 32]),
+    "cuda": dict(sections=["training", "sync", "sdxl", "inference"], variants=ISSUE_VARIANTS, sizes=[64]),
+}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny UNet, one repeat, small sizes: a smoke test")
-    parser.add_argument("--full", action="store_true", help="also measure 64×64 latents")
+    parser.add_argument("--quick", action="store_true", help="tiny UNets, two rounds, small sizes: a smoke test")
+    parser.add_argument("--full", action="store_true", help="also measure 64×64 latents (CPU profile)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--profile", choices=sorted(PROFILES), default=None, help="which rows (default: the device's kind)"
+    )
     parser.add_argument(
         "--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: fp32 on CPU, bf16 autocast on GPU"
     )
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="latent sizes (default 16 32)")
+    parser.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=None, help="default 5 (CPU 3)")
+    parser.add_argument("--steps_per_visit", type=int, default=None, help="timed steps per visit (CPU 1, GPU 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps per visit (CPU 1, GPU 2)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process CPU time")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="SD-1.5 latent sizes")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--sdxl_size", type=int, default=128, help="SDXL latent size (batch 1)")
     parser.add_argument("--steps", type=int, default=25, help="sampling steps for base/unfused/fused")
     parser.add_argument("--mixed_steps", type=int, default=5, help="sampling steps for the batch-of-8 comparison")
-    parser.add_argument(
-        "--sections",
-        nargs="+",
-        default=["training", "inference", "adapters"],
-        choices=["training", "inference", "adapters"],
-    )
+    parser.add_argument("--sections", nargs="+", default=None, choices=SECTIONS, help="default: the profile's")
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: the profile's")
     parser.add_argument("--skip_peers", action="store_true", help="skip the PEFT variants")
     parser.add_argument("--output_dir", default="docs/benchmarks", help="where speed_<device>.md/.json go")
     args = parser.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    args.profile = args.profile or ("cuda" if gpu else "cpu")
+    profile = PROFILES[args.profile]
     if args.dtype is None:
-        args.dtype = "fp32" if args.device == "cpu" else "bf16"
+        args.dtype = "bf16" if gpu else "fp32"
     if args.sizes is None:
-        args.sizes = [8] if args.quick else [16, 32] + ([64] if args.full else [])
+        args.sizes = profile["sizes"] + ([64] if args.full and 64 not in profile["sizes"] else [])
+    args.sections = args.sections or (list(SECTIONS) if args.quick else profile["sections"])
+    args.variants = args.variants or profile["variants"]
+    if args.skip_peers:
+        args.variants = [key for key in args.variants if not VARIANTS[key].peer]
+    args.variants = ["floor"] + [key for key in args.variants if key != "floor"]  # every ratio needs the floor
+    args.rounds = args.rounds or (3 if not gpu else 5)
+    args.steps_per_visit = args.steps_per_visit or (5 if gpu else 1)
+    args.warmup = args.warmup if args.warmup is not None else (2 if gpu else 1)
     if args.quick:
-        args.repeats, args.batches, args.steps, args.mixed_steps = 1, [1], 2, 2
-    if args.repeats < 1:
-        parser.error("--repeats must be at least 1")
+        args.rounds, args.steps_per_visit, args.warmup = 2, 1, 1
+        args.sizes, args.batches, args.sdxl_size, args.steps, args.mixed_steps = [8], [1], 8, 2, 2
+    for name in ("rounds", "steps_per_visit"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be 0 or more")
     return args
 
 
 def main(args) -> dict:
+    started = time.perf_counter()
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    # on GPU the frozen weights are cast to the low-precision dtype and trainables kept in fp32 (diffusers' way)
-    unet = build_unet(args.quick, device, torch.float32 if device.type == "cpu" else dtype)
-    meter = Meter(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # on a GPU the frozen weights are cast to the low-precision dtype, the trainables kept in fp32 (diffusers' way)
+    weights = torch.float32 if device.type == "cpu" else dtype
+    meter = Meter(device, args.clock)
     result = dict(
         device=str(device),
         dtype=args.dtype,
+        profile=args.profile,
         machine=machine_description(device),
         command="python " + " ".join([sys.argv[0], *sys.argv[1:]]) if sys.argv else "",
-        model="tiny UNet (smoke test)" if args.quick else "SD-1.5 UNet2DConditionModel(cross_attention_dim=768)",
-        repeats=args.repeats,
-        date=time.strftime("%Y-%m-%d"),
+        rounds=args.rounds,
+        steps_per_visit=args.steps_per_visit,
+        warmup=args.warmup,
+        clock=args.clock,
+        date=time.strftime("%Y-%m-%d %H:%M"),
+        variants=[VARIANTS[key].label for key in args.variants],
     )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"speed_{device.type}" + ("_quick" if args.quick else "")
+    sd15 = build_unet(TINY_SD15_UNET if args.quick else SD15_UNET, device, weights)
+    sd15_name = "SD-1.5 UNet" + (" (tiny)" if args.quick else "")
     sections = {
-        "training": lambda: bench_training(unet, args, meter, device, dtype),
-        "inference": lambda: bench_inference(unet, args, meter, device, dtype),
-        "adapters": lambda: bench_adapters(unet, args, meter),
+        "training": lambda: bench_training(
+            sd15, sd15_name, args.sizes, args.batches, args.variants, args, meter, device, dtype
+        ),
+        "sync": lambda: bench_sync(sd15, sd15_name, args, device, dtype),
+        "sdxl": lambda: bench_sdxl(args, meter, device, dtype, weights),
+        "inference": lambda: bench_inference(sd15, args, meter, device, dtype),
+        "adapters": lambda: bench_adapters(sd15, args, meter),
     }
-    for name in args.sections:  # the report is rewritten after each section: a cut-short run keeps what it measured
+    for name in [s for s in SECTIONS if s in args.sections]:
+        section_start = time.perf_counter()
+        print(f"{name} ({time.perf_counter() - started:.0f} s so far)", flush=True)
         result[name] = sections[name]()
+        result.setdefault("section_s", {})[name] = time.perf_counter() - section_start
+        result["elapsed_s"] = time.perf_counter() - started
+        # the report is rewritten after each section: a run cut short keeps what it measured
         (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
         (out / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
     return result
+
+
+def bench_sdxl(args, meter, device, dtype, weights):
+    """The SDXL UNet's training step at ``--sdxl_size``, batch 1, gradient checkpointing on (issue 18's rows)."""
+    unet = build_unet(TINY_SDXL_UNET if args.quick else SDXL_UNET, device, weights)
+    keys = [key for key in ISSUE_VARIANTS if key in args.variants]
+    name = "SDXL UNet" + (" (tiny)" if args.quick else "")
+    rows = bench_training(unet, name, [args.sdxl_size], [1], keys, args, meter, device, dtype, checkpointing=True)
+    del unet
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The speed benchmark's --quick mode runs end to end (a smoke test: it measures nothing worth keeping)."""
+"""The speed benchmark's --quick mode runs end to end (a smoke test: it measures nothing worth keeping), and its
+interleaving and summaries are what the report says they are."""
 
 import importlib.util
 from pathlib import Path
@@ -9,18 +10,73 @@ pytest.importorskip("peft", reason="the benchmark compares against PEFT: pip ins
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_speed.py"
 
 
-@pytest.mark.slow
-def test_quick_benchmark_writes_every_section(tmp_path):
+@pytest.fixture(scope="module")
+def bench():
     spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.main(bench.parse_args(["--quick", "--output_dir", str(tmp_path)]))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_round_visits_every_variant_once_in_rotated_order(bench):
+    order = []
+    results = bench.interleaved(["a", "b", "c"], 4, lambda name: order.append(name) or len(order))
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    # results stay in round order per variant, so index r pairs visits of the same round
+    assert results == {"a": [1, 6, 8, 10], "b": [2, 4, 9, 11], "c": [3, 5, 7, 12]}
+
+
+def test_spread_reports_median_range_and_quartiles(bench):
+    assert bench.spread([3.0, 1.0, 2.0, 10.0, 4.0]) == dict(median=3.0, min=1.0, max=10.0, q1=2.0, q3=4.0)
+    assert bench.spread([2.0]) == dict(median=2.0, min=2.0, max=2.0, q1=2.0, q3=2.0)
+
+
+def test_the_cuda_profile_covers_issue_18s_rows(bench):
+    args = bench.parse_args(["--device", "cuda"])
+    assert args.dtype == "bf16" and args.sizes == [64] and args.batches == [1, 4] and args.sdxl_size == 128
+    assert args.sections == ["training", "sync", "sdxl", "inference"] and args.steps == 25
+    assert [bench.VARIANTS[key].label for key in args.variants] == [
+        "floor (frozen + 1 scalar/layer)",
+        "ETHER n=1",
+        "ETHER+ two-sided n=1",
+        "PEFT LoRA r=4",
+    ]
+    assert bench.parse_args(["--device", "cpu", "--variants", "lora", "ether1"]).variants == ["floor", "lora", "ether1"]
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_every_section(bench, tmp_path):
+    result = bench.main(
+        bench.parse_args(["--quick", "--sections", "training", "inference", "adapters", "--output_dir", str(tmp_path)])
+    )
     variants = {row["variant"] for row in result["training"]}
     assert {"floor (frozen + 1 scalar/layer)", "ETHER n=1", "PEFT LoRA r=4", "PEFT OFT (default)"} <= variants
+    assert all(len(row["times"]) == 2 for row in result["training"])  # two rounds
+    floor = next(r for r in result["training"] if r["key"] == "floor")
+    assert floor["ratio"] == dict(median=1.0, min=1.0, max=1.0, q1=1.0, q3=1.0)
     ether = next(r for r in result["training"] if r["variant"] == "ETHER n=1")
     hra = next(r for r in result["training"] if r["variant"] == "PEFT HRA r=1")
     assert ether["trainable"] == hra["trainable"] > 0  # the same function, the same parameter count
-    assert len(result["inference"]) == 7 and all(r["median_s"] > 0 for r in result["inference"])
+    assert len(result["inference"]) == 7 and all(r["time"]["median"] > 0 for r in result["inference"])
     assert [r["method"] for r in result["adapters"]] == ["ETHER", "ETHER+ two-sided"]
     report = (tmp_path / "speed_cpu_quick.md").read_text()
-    assert "× floor" in report and "load + activate ms" in report
+    assert "× floor" in report and "load + activate ms" in report and "interleaved rounds" in report
+
+
+@pytest.mark.slow
+def test_quick_run_of_the_cuda_rows_on_the_cpu(bench, tmp_path):
+    """The GPU script's rows (SD-1.5 and SDXL with gradient checkpointing, the sync check, sampling) on tiny UNets."""
+    args = bench.parse_args(["--quick", "--device", "cpu", "--profile", "cuda", "--output_dir", str(tmp_path)])
+    assert args.sections == list(bench.SECTIONS)
+    args.sections = ["training", "sync", "sdxl", "inference"]
+    result = bench.main(args)
+    sdxl = result["sdxl"]
+    assert [r["key"] for r in sdxl] == bench.ISSUE_VARIANTS and all(r["checkpointing"] for r in sdxl)
+    assert all(r["model"] == "SDXL UNet (tiny)" and r["peak_extra_mb"]["median"] >= 0 for r in sdxl)
+    assert [r["key"] for r in result["training"]] == bench.ISSUE_VARIANTS
+    checks = {(r["variant"], r["check"].split(", ")[-1]) for r in result["sync"]}
+    assert ("ETHER+ two-sided n=1", "training forward + backward") in checks
+    assert all(r["result"] == "not checkable on cpu" for r in result["sync"])  # CUDA's sync debug mode only
+    assert {r["variant"] for r in result["inference"]} >= {"base", "ETHER fused", "ETHER+ two-sided unfused"}
+    report = (tmp_path / "speed_cpu_quick.md").read_text()
+    assert "SDXL UNet (tiny) (gradient checkpointing)" in report and "Host-device synchronisation" in report
