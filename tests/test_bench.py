@@ -600,3 +600,59 @@ def test_curve_points_average_seeds_then_subjects_and_are_written_as_plot_and_ta
     image = Image.open(tmp_path / "t.png")
     assert image.size[0] > 600 and image.size[1] > 400
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.md", "t.png"]  # written atomically, nothing else left
+
+
+# --- issue 17's ablation knobs through the benchmark's flags ----------------------------------------------------
+
+
+def test_ablation_presets_split_the_attention_as_named_for_ether_and_the_peers(tiny_unet):
+    import copy
+
+    import peft
+
+    from ether_diffusion.config import EtherConfig
+    from ether_diffusion.inject import find_targets
+
+    def adapted(preset):
+        return sorted(t.path for t in find_targets(tiny_unet, EtherConfig(target_modules=preset)))
+
+    every = adapted("unet-attention")
+    self_attention, q_out, kv = (adapted(p) for p in ("unet-self-attention", "unet-cross-attention-q-out",
+                                                      "unet-cross-attention-kv"))  # fmt: skip
+    assert self_attention and q_out and kv
+    assert sorted(self_attention + q_out + kv) == every  # a partition of the paper's targets
+    assert all(".attn1." in p for p in self_attention)
+    assert {p.rpartition(".attn2.")[2] for p in q_out} == {"to_q", "to_out.0"}
+    assert {p.rpartition(".attn2.")[2] for p in kv} == {"to_k", "to_v"}
+    # keys and values of cross-attention read the text tokens: their input width is the text encoder's
+    widths = {t.widths[0] for t in find_targets(tiny_unet, EtherConfig(target_modules="unet-cross-attention-kv"))}
+    assert widths == {tiny_unet.config.cross_attention_dim}
+    # a PEFT peer given the same suffixes (as the benchmark gives them) adapts the same modules
+    unet = copy.deepcopy(tiny_unet)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=4, target_modules=list(
+        EtherConfig(target_modules="unet-cross-attention-kv").target_suffixes)), unet)  # fmt: skip
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    assert sorted(n for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)) == kv
+
+
+def test_issue_17_ablation_knobs_are_benchmark_flags_that_reach_every_run(tmp_path):
+    from ether_diffusion.bench.dataset import BenchSubject
+    from ether_diffusion.bench.dreambooth import DreamBoothBenchConfig
+
+    config = DreamBoothBenchConfig.from_args(
+        ["--dataset", str(tmp_path), "--target_modules", "unet-cross-attention-kv", "--ether_sides", "input",
+         "--n_blocks", "4", "--prior_loss_weight", "0.5", "--num_class_images", "20", "--lr_scheduler", "cosine",
+         "--max_train_steps", "300", "--eval_steps", "100", "200"])  # fmt: skip
+    subject = BenchSubject("dog", "dog", True, tmp_path / "dog", ())
+    for method in ("ether", "ether_plus", "lora"):
+        run = config.run_config(subject, method, 1.0, 2, tmp_path / "run", tmp_path / "class")
+        assert (run.target_modules, run.ether_sides, run.n_blocks, run.prior_loss_weight, run.num_class_images,
+                run.lr_scheduler, run.max_train_steps) == ("unet-cross-attention-kv", "input", 4, 0.5, 20, "cosine",
+                                                           300)  # fmt: skip
+        assert run.adapter_config().target_suffixes == ("attn2.to_k", "attn2.to_v")
+    settings = config.settings()  # each arm of an ablation is a benchmark of its own (its own --output_dir)
+    assert (settings["target_modules"], settings["ether_sides"], settings["lr_scheduler"]) == (
+        "unet-cross-attention-kv", "input", "cosine")  # fmt: skip
+    assert DreamBoothBenchConfig.from_args(["--dataset", str(tmp_path), "--no_prior_preservation"]).run_config(
+        subject, "ether", 1.0, 0, tmp_path / "run").with_prior_preservation is False  # fmt: skip
