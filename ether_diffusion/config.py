@@ -51,6 +51,12 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "unet-attention": ("to_q", "to_k", "to_v", "to_out.0"),
     # The paper's controllable setting: attention plus the GEGLU input projection of each feed-forward.
     "unet-attention-ff": ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj"),
+    # Parts of the subject-driven setting, for ablations (which attention drifts the prompt?). In diffusers' UNets
+    # attn1 is self-attention (image tokens), attn2 cross-attention (queries from the image, keys and values from
+    # the text tokens).
+    "unet-self-attention": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"),
+    "unet-cross-attention-q-out": ("attn2.to_q", "attn2.to_out.0"),
+    "unet-cross-attention-kv": ("attn2.to_k", "attn2.to_v"),
     # CLIP text encoder attention.
     "text-encoder-attention": ("q_proj", "k_proj", "v_proj", "out_proj"),
     # SD3 (SD3Transformer2DModel): every joint block's image and context attention projections (and SD3.5's second,

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import build_metric_models
+from conftest import build_metric_models, build_training_world
 from PIL import Image
 
 from ether_diffusion.bench.dataset import (
@@ -381,6 +381,12 @@ def test_dreambooth_bench_flags_defaults_and_per_run_configs(tmp_path):
         (["--method_learning_rates", "lora:1e-4"], "is not method=rate"),
         (["--identifier", "two words"], "--identifier must be one word"),
         (["--n_blocks", "0"], "--n_blocks must be at least 1"),
+        (["--eval_steps", "600"], "--eval_steps 600: [600] not whole steps before the last one (600)"),
+        (["--eval_steps", "100", "-5"], "[-5] not whole steps before the last one"),
+        (["--eval_steps", "0"], "[0] not whole steps"),
+        (["--eval_steps", "100", "200", "100"], "--eval_steps 100 200 100: a step is given twice"),
+        (["--quick", "--eval_steps", "2"], "before --max_train_steps (2); the last step is always evaluated"),
+        (["--eval_steps", "1.5"], "invalid int value"),
     ],
 )
 def test_dreambooth_bench_bad_flags_are_usage_errors(tmp_path, capsys, flags, message):
@@ -437,3 +443,216 @@ def test_control_eval_rows_need_masks_on_all_rows_or_none(tmp_path):
         read_eval_rows(config)
     with pytest.raises(ControlDataError, match="single-channel image of class ids"):
         read_mask(folder / "i0.png")
+
+
+# --- points along a run: adapter snapshots and trade-off curves -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def training_world(tmp_path_factory):
+    return build_training_world(tmp_path_factory.mktemp("snapshots"), (16, 16))
+
+
+def _train(world, output_dir, snapshots=None, callbacks=(), **changes):
+    from ether_diffusion.training.callbacks import AdapterSnapshots
+    from ether_diffusion.training.dreambooth import DreamBoothConfig, DreamBoothTask
+    from ether_diffusion.training.trainer import Trainer
+
+    fields = dict(pretrained_model_name_or_path=str(world / "model"), instance_data_dir=str(world / "instance"),
+                  instance_prompt="a sks star", output_dir=str(output_dir), report_to="none", quiet=True,
+                  max_train_steps=3, checkpointing_steps=100, no_final_reload=True, learning_rate=1e-2)  # fmt: skip
+    task = DreamBoothTask(DreamBoothConfig(**{**fields, **changes}).validate())
+    saver = [AdapterSnapshots(task, snapshots)] if snapshots else []
+    return Trainer(task, [*saver, *callbacks]).train()
+
+
+def _tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _assert_same_adapter(a, b):
+    a, b = _tensors(a), _tensors(b)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_snapshots_are_the_adapter_of_a_run_that_many_steps_long_and_a_resume_writes_the_rest(training_world,
+                                                                                               tmp_path):  # fmt: skip
+    from safetensors import safe_open
+
+    from ether_diffusion.training import Callback
+    from ether_diffusion.training.callbacks import SnapshotMissing
+
+    snapshots = {1: tmp_path / "snap" / "step-1" / "a.safetensors", 2: tmp_path / "snap" / "step-2" / "a.safetensors"}
+    full = _train(training_world, tmp_path / "full", snapshots)
+    assert all(p.is_file() for p in snapshots.values())
+    with safe_open(str(snapshots[2]), framework="pt") as handle:
+        assert handle.metadata()["steps"] == "2" and handle.metadata()["instance_prompt"] == "a sks star"
+    # the loop is deterministic on the CPU: a run of 2 steps (constant schedule) ends where the 3-step run was at 2
+    _assert_same_adapter(snapshots[2], _train(training_world, tmp_path / "two", max_train_steps=2).adapter_path)
+    # and saving snapshots changes nothing about the training
+    _assert_same_adapter(full.adapter_path, _train(training_world, tmp_path / "plain").adapter_path)
+    first = _tensors(snapshots[1])
+    assert any(not torch.equal(first[k], v) for k, v in _tensors(snapshots[2]).items())  # the points differ
+
+    class StopAfterFirstStep(Callback):
+        def on_step(self, step, logs):
+            self.step = step
+
+        def should_stop(self):
+            return getattr(self, "step", 0) >= 1
+
+    # interrupted after step 1 (checkpoint 1): the snapshot of step 1 is there, the one of step 2 not yet
+    resumed = {s: tmp_path / "resumed" / f"step-{s}.safetensors" for s in (1, 2)}
+    stopped = _train(training_world, tmp_path / "run", resumed, [StopAfterFirstStep()], checkpointing_steps=1)
+    assert stopped.stopped_early and resumed[1].is_file() and not resumed[2].exists()
+    written = resumed[1].stat().st_mtime_ns
+    again = _train(training_world, tmp_path / "run", resumed, checkpointing_steps=1, resume_from_checkpoint="latest")
+    assert again.global_step == 3 and resumed[1].stat().st_mtime_ns == written  # step 1 was not trained again
+    for step in (1, 2):
+        _assert_same_adapter(resumed[step], snapshots[step])
+    _assert_same_adapter(again.adapter_path, full.adapter_path)
+    # a snapshot before the checkpoint a run resumes from cannot be made again: said before any step
+    resumed[1].unlink()
+    with pytest.raises(SnapshotMissing, match=r"from step 3, past the adapter snapshot\(s\) of step\(s\) \[1\]"):
+        _train(training_world, tmp_path / "run", resumed, checkpointing_steps=1, resume_from_checkpoint="latest")
+    with pytest.raises(ValueError, match=r"snapshot steps \[3\] are not before the run's last step"):
+        _train(training_world, tmp_path / "late", {3: tmp_path / "late.safetensors"})
+
+
+def test_eval_steps_are_sorted_recorded_and_old_folders_resume(tmp_path):
+    from ether_diffusion.bench.dreambooth import DreamBoothBenchConfig
+
+    config = DreamBoothBenchConfig.from_args(["--dataset", str(tmp_path), "--eval_steps", "300", "100"])
+    assert config.eval_steps == [100, 300] and config.settings()["eval_steps"] == [100, 300]
+    plain = DreamBoothBenchConfig.from_args(["--dataset", str(tmp_path)])
+    assert plain.eval_steps is None and DreamBoothBenchConfig(dataset=str(tmp_path), eval_steps=[]).validate(
+        ).eval_steps is None  # fmt: skip
+    # a folder made before the flag existed has no eval_steps in its record: it resumes without the flag
+    old = {k: v for k, v in plain.settings().items() if k != "eval_steps"}
+    RunStore(tmp_path / "bench", "dreambooth", old).open()
+    RunStore(tmp_path / "bench", "dreambooth", plain.settings(), defaults=plain.defaults()).open()
+    with pytest.raises(BenchMismatchError, match=r"eval_steps: None there, \[100, 300\] now"):
+        RunStore(tmp_path / "bench", "dreambooth", config.settings(), defaults=config.defaults()).open()
+
+
+def test_both_metric_backends_declare_their_trade_off_axes():
+    from ether_diffusion.bench.metrics import SubjectMetrics, WorldMetrics
+
+    for backend in (DinoClipMetrics, WorldMetrics):
+        keys = [m.key for m in backend.metrics]
+        assert backend.subject_metric in keys and backend.prompt_metric in keys
+    assert (DinoClipMetrics.subject_metric, DinoClipMetrics.prompt_metric) == ("dino", "clip_t")
+    assert SubjectMetrics.subject_metric is None  # a backend without the pair gets no trade-off plot
+
+
+def _record(subject, seed, method, scale, curve, label=None):
+    last = curve[-1]
+    return dict(subject=subject, seed=seed, method=method, label=label or method, lr=1e-3 * scale, lr_scale=scale,
+                parameters=10, diverged=False, metrics=last["metrics"], curve=curve)  # fmt: skip
+
+
+def test_curve_points_average_seeds_then_subjects_and_are_written_as_plot_and_table(tmp_path):
+    from ether_diffusion.bench.metrics import Metric
+    from ether_diffusion.bench.report import curve_summary, write_curves
+
+    metrics = (Metric("sf", "subject fidelity"), Metric("pf", "prompt fidelity"))
+
+    def curve(a, b):  # subject fidelity rises, prompt fidelity falls along the run
+        return [{"step": 1, "metrics": {"sf": a, "pf": 1 - a}}, {"step": 4, "metrics": {"sf": b, "pf": 1 - b}}]
+
+    rows = [
+        _record("star", 0, "ether", 1.0, curve(0.5, 0.7)),
+        _record("star", 1, "ether", 1.0, curve(0.7, 0.9)),
+        _record("heart", 0, "ether", 1.0, curve(0.8, 0.9)),
+        _record("star", 0, "lora", 1.0, curve(0.4, 0.6)),
+        _record("star", 0, "ether", 10.0, curve(0.9, 0.95)),
+        dict(_record("heart", 1, "ether", 1.0, curve(0.0, 0.0)), diverged=True, metrics={}, curve=None),
+    ]
+    rows.append(dict(subject="star", seed=None, method="base", label="base", lr=None, lr_scale=None, parameters=0,
+                     diverged=False, metrics={"sf": 0.3, "pf": 0.95}))  # fmt: skip
+    # a run without a curve (made without --eval_steps) is one point at the last step
+    rows.append({k: v for k, v in _record("heart", 0, "lora", 1.0, curve(0.2, 0.5)).items() if k != "curve"})
+    points = curve_summary(rows, metrics, ["base", "ether", "lora"], "subject", last_step=4)
+    assert [(p["method"], p["lr_scale"], p["step"], p["units"]) for p in points] == [
+        ("ether", 1.0, 1, 2), ("ether", 1.0, 4, 2), ("ether", 10.0, 1, 1), ("ether", 10.0, 4, 1),
+        ("lora", 1.0, 1, 1), ("lora", 1.0, 4, 2)]  # fmt: skip
+    ether_1 = points[0]["metrics"]["sf"]  # star: mean of its seeds (0.5, 0.7) = 0.6; heart 0.8
+    assert ether_1["mean"] == pytest.approx(0.7) and ether_1["sd"] == pytest.approx(math.sqrt(0.02))
+    assert points[1]["metrics"]["pf"]["mean"] == pytest.approx(1 - (0.8 + 0.9) / 2)
+    assert points[5]["metrics"]["sf"]["mean"] == pytest.approx((0.6 + 0.5) / 2)
+
+    result = dict(command="ether-diffusion bench dreambooth --eval_steps 1", machine="m", date="d", about=[],
+                  summary=summarise(rows, metrics, ["base", "ether", "lora"], unit="subject"), curves=points,
+                  references=[dict(kind="ceiling", label="real images (to each other)", runs=2,
+                                   metrics={"sf": {"mean": 0.99, "sd": 0.0, "n": 2}})],
+                  tradeoff=dict(x="sf", y="pf", x_label="subject fidelity", y_label="prompt fidelity",
+                                figure="t.png", table="t.md"))  # fmt: skip
+    write_curves(tmp_path, "t", result, metrics, "DreamBooth benchmark: test", "subjects")
+    table = (tmp_path / "t.md").read_text()
+    assert "| method | lr (× paper) | step | runs | subject fidelity ↑ | prompt fidelity ↑ |" in table
+    assert "| ether | 1e-03 (×1) | 1 | 3 | 0.700 ± 0.141 | 0.300 ± 0.141 |" in table  # 3 runs, 2 subjects
+    assert "| base | — | — | 1 | 0.300 | 0.950 |" in table
+    assert "| real images (to each other) | — | — | 2 | 0.990 ± 0.000 | — |" in table
+    image = Image.open(tmp_path / "t.png")
+    assert image.size[0] > 600 and image.size[1] > 400
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.md", "t.png"]  # written atomically, nothing else left
+
+
+# --- issue 17's ablation knobs through the benchmark's flags ----------------------------------------------------
+
+
+def test_ablation_presets_split_the_attention_as_named_for_ether_and_the_peers(tiny_unet):
+    import copy
+
+    import peft
+
+    from ether_diffusion.config import EtherConfig
+    from ether_diffusion.inject import find_targets
+
+    def adapted(preset):
+        return sorted(t.path for t in find_targets(tiny_unet, EtherConfig(target_modules=preset)))
+
+    every = adapted("unet-attention")
+    self_attention, q_out, kv = (adapted(p) for p in ("unet-self-attention", "unet-cross-attention-q-out",
+                                                      "unet-cross-attention-kv"))  # fmt: skip
+    assert self_attention and q_out and kv
+    assert sorted(self_attention + q_out + kv) == every  # a partition of the paper's targets
+    assert all(".attn1." in p for p in self_attention)
+    assert {p.rpartition(".attn2.")[2] for p in q_out} == {"to_q", "to_out.0"}
+    assert {p.rpartition(".attn2.")[2] for p in kv} == {"to_k", "to_v"}
+    # keys and values of cross-attention read the text tokens: their input width is the text encoder's
+    widths = {t.widths[0] for t in find_targets(tiny_unet, EtherConfig(target_modules="unet-cross-attention-kv"))}
+    assert widths == {tiny_unet.config.cross_attention_dim}
+    # a PEFT peer given the same suffixes (as the benchmark gives them) adapts the same modules
+    unet = copy.deepcopy(tiny_unet)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=4, target_modules=list(
+        EtherConfig(target_modules="unet-cross-attention-kv").target_suffixes)), unet)  # fmt: skip
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    assert sorted(n for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)) == kv
+
+
+def test_issue_17_ablation_knobs_are_benchmark_flags_that_reach_every_run(tmp_path):
+    from ether_diffusion.bench.dataset import BenchSubject
+    from ether_diffusion.bench.dreambooth import DreamBoothBenchConfig
+
+    config = DreamBoothBenchConfig.from_args(
+        ["--dataset", str(tmp_path), "--target_modules", "unet-cross-attention-kv", "--ether_sides", "input",
+         "--n_blocks", "4", "--prior_loss_weight", "0.5", "--num_class_images", "20", "--lr_scheduler", "cosine",
+         "--max_train_steps", "300", "--eval_steps", "100", "200"])  # fmt: skip
+    subject = BenchSubject("dog", "dog", True, tmp_path / "dog", ())
+    for method in ("ether", "ether_plus", "lora"):
+        run = config.run_config(subject, method, 1.0, 2, tmp_path / "run", tmp_path / "class")
+        assert (run.target_modules, run.ether_sides, run.n_blocks, run.prior_loss_weight, run.num_class_images,
+                run.lr_scheduler, run.max_train_steps) == ("unet-cross-attention-kv", "input", 4, 0.5, 20, "cosine",
+                                                           300)  # fmt: skip
+        assert run.adapter_config().target_suffixes == ("attn2.to_k", "attn2.to_v")
+    settings = config.settings()  # each arm of an ablation is a benchmark of its own (its own --output_dir)
+    assert (settings["target_modules"], settings["ether_sides"], settings["lr_scheduler"]) == (
+        "unet-cross-attention-kv", "input", "cosine")  # fmt: skip
+    assert DreamBoothBenchConfig.from_args(["--dataset", str(tmp_path), "--no_prior_preservation"]).run_config(
+        subject, "ether", 1.0, 0, tmp_path / "run").with_prior_preservation is False  # fmt: skip

@@ -38,11 +38,12 @@ class StopSecondRun(Callback):
 def test_dreambooth_bench_runs_end_to_end_and_resumes_where_it_stopped(tmp_path, capsys):
     from ether_diffusion.bench.dreambooth import DreamBoothBenchConfig, run_dreambooth_bench
     from ether_diffusion.bench.runs import BenchInterrupted
+    from ether_diffusion.training.dreambooth import DreamBoothTask
 
     data, out = tmp_path / "tiny-dreambooth", tmp_path / "bench"
     assert main(["bench", "export-world", "--output", str(data)]) == 0
     args = ["--dataset", str(data), "--subjects", SUBJECT, "--methods", "ether_plus", "lora", "--quick",
-            "--checkpointing_steps", "1", "--output_dir", str(out), "--quiet"]  # fmt: skip
+            "--checkpointing_steps", "1", "--eval_steps", "1", "--output_dir", str(out), "--quiet"]  # fmt: skip
     stop = StopSecondRun()
     with pytest.raises(BenchInterrupted, match="stopped at step 1 .*rerun the same command"):
         run_dreambooth_bench(DreamBoothBenchConfig.from_args(args), callbacks=[stop])
@@ -53,7 +54,14 @@ def test_dreambooth_bench_runs_end_to_end_and_resumes_where_it_stopped(tmp_path,
         "00-seed1000.png", "00-seed1001.png", "01-seed1000.png", "01-seed1001.png"]  # fmt: skip
     assert not (ether / "train" / "checkpoint-1").exists()  # a finished run keeps its adapter, not its checkpoints
     assert not (lora / "scores.json").exists() and (lora / "train" / "checkpoint-1").is_dir()
-    assert not (lora / "train" / "adapter.safetensors").exists()  # the stopped run is not taken for a finished one
+    weights = DreamBoothTask.weight_name
+    assert (ether / "train" / weights).is_file()
+    assert not (lora / "train" / weights).exists()  # the stopped run is not taken for a finished one
+    # --eval_steps 1: the adapter after step 1, saved while training (the stopped run's too), sampled when finished
+    snapshot = f"snapshots/step-1/{weights}"
+    assert (ether / snapshot).is_file() and len(list((ether / "snapshots/step-1/samples").iterdir())) == 4
+    assert (lora / snapshot).is_file() and not (lora / "snapshots/step-1/samples").exists()
+    lora_snapshot = (lora / snapshot).stat().st_mtime_ns
     class_images = sorted((out / "class_images" / "star").iterdir())
     assert len(class_images) == 2
     done = {p: p.stat().st_mtime_ns for p in [ether / "scores.json", ether / "train.json", *class_images]}
@@ -63,6 +71,11 @@ def test_dreambooth_bench_runs_end_to_end_and_resumes_where_it_stopped(tmp_path,
     assert {p: p.stat().st_mtime_ns for p in done} == done
     resumed = json.loads((lora / "train.json").read_text())
     assert (resumed["resumed_from_step"], resumed["steps"], resumed["timed"]) == (1, 2, False)
+    assert (lora / snapshot).stat().st_mtime_ns == lora_snapshot  # step 1 was not trained again
+    for run in (ether, lora):  # every point of the run sampled and scored like the final adapter
+        record = json.loads((run / "scores.json").read_text())
+        assert [p["step"] for p in record["curve"]] == [1, 2] and record["curve"][1]["metrics"] == record["metrics"]
+        assert record["curve"][0]["images"] == 4 and set(record["curve"][0]["metrics"]) == set(record["metrics"])
     result = json.loads((out / "dreambooth.json").read_text())
     assert result["command"].startswith("ether-diffusion bench dreambooth --dataset")
     assert [(r["method"], r["units"], r["runs"]) for r in result["summary"]] == [
@@ -86,10 +99,20 @@ def test_dreambooth_bench_runs_end_to_end_and_resumes_where_it_stopped(tmp_path,
 
     assert Image.open(out / "dreambooth_samples.png").size == (5 * 128, 4 * 128)  # 5 real images wide, 4 rows
     assert "table:" in capsys.readouterr().out
+    assert [(c["method"], c["step"], c["units"]) for c in result["curves"]] == [
+        ("ether_plus", 1, 1), ("ether_plus", 2, 1), ("lora", 1, 1), ("lora", 2, 1)]  # fmt: skip
+    assert result["tradeoff"]["x"] == "subject_fidelity" and result["tradeoff"]["y"] == "prompt_fidelity"
+    assert (out / "dreambooth_tradeoff.png").stat().st_size > 5000
+    curves = (out / "dreambooth_curves.md").read_text()
+    assert "| LoRA r=4 (PEFT) | 6e-04 (×1) | 1 | 1 |" in curves and "| base model (no adapter) | — | — | 1 |" in curves
+    assert "Trade-off curves (subject fidelity against prompt fidelity" in table
 
     # other settings in the same folder would mix incomparable runs: refused, naming the setting
     assert main(["bench", "dreambooth", *args, "--eval_seed", "7"]) == 2
     assert "eval_seed: 1000 there, 7 now" in capsys.readouterr().err
+    at = args.index("--eval_steps")
+    assert main(["bench", "dreambooth", *args[:at], *args[at + 2 :]]) == 2  # the runs have their snapshots
+    assert "eval_steps: [1] there, None now" in capsys.readouterr().err
 
 
 def test_control_bench_runs_end_to_end(tmp_path, capsys):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..training.callbacks import SnapshotMissing, missing_snapshots
 from ..training.checkpoints import latest_checkpoint
 from ..training.class_images import ensure_class_images
 from ..training.config import ConfigError, RunConfig, option
@@ -30,7 +31,17 @@ from ..training.dreambooth import DreamBoothConfig, DreamBoothTask
 from .config import DREAMBOOTH_METHODS, BenchOptions, hidden, is_tiny_model, shipped_model_named
 from .dataset import DEFAULT_IDENTIFIER, LIVE_CLASSES, BenchSubject, SubjectDataset, load_subject_dataset
 from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DinoClipMetrics, SubjectMetrics, WorldMetrics
-from .report import machine, mean_sd, sample_grid, scores_line, shown_runs, summarise, write_result
+from .report import (
+    curve_summary,
+    machine,
+    mean_sd,
+    sample_grid,
+    scores_line,
+    shown_runs,
+    summarise,
+    write_curves,
+    write_result,
+)
 from .runs import RunStore, read_json, train_run
 from .sampling import BasePipeline, adapted_modules, image_files, save_image, swapped
 
@@ -69,6 +80,10 @@ class DreamBoothBenchConfig(BenchOptions, DreamBoothConfig):
     dino_model: str = option(DEFAULT_DINO_MODEL, "DINO ViT (hub id or local folder)")
     clip_model: str = option(DEFAULT_CLIP_MODEL, "CLIP model (hub id or local folder)")
     no_prior_preservation: bool = option(False, "train without class images (the paper uses them)")
+    eval_steps: list[int] | None = option(
+        None, "also evaluate the adapter as it was after each of these steps of every run (saved while it trains: "
+        "points of the trade-off curves at no extra training); the last step is always evaluated",
+    )  # fmt: skip
 
     # shared flags with the benchmark's defaults
     pretrained_model_name_or_path: str | None = option(
@@ -124,6 +139,7 @@ class DreamBoothBenchConfig(BenchOptions, DreamBoothConfig):
             if getattr(self, key) is None:
                 setattr(self, key, world if tiny else paper)
         self.live_classes = list(self.live_classes or LIVE_CLASSES)
+        self.check_eval_steps()
         if not self.identifier.strip() or len(self.identifier.split()) != 1:
             raise ConfigError(f"--identifier must be one word, not {self.identifier!r}")
         self.check_grid(DREAMBOOTH_METHODS)
@@ -131,6 +147,23 @@ class DreamBoothBenchConfig(BenchOptions, DreamBoothConfig):
             probe = BenchSubject("subject", "thing", False, Path("."), ())
             self.run_config(probe, method, 1.0, 0, Path(".")).validate()
         return self
+
+    def check_eval_steps(self) -> None:
+        """``--eval_steps``: distinct steps before the last one (which is always evaluated), kept in ascending order;
+        none given is None (what a folder made before the flag existed recorded)."""
+        steps = self.eval_steps
+        if not steps:
+            self.eval_steps = None
+            return
+        last = self.max_train_steps
+        bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s < last]
+        if bad or len(set(steps)) != len(steps):
+            what = f"{bad} not whole steps before the last one ({last})" if bad else "a step is given twice"
+            raise ConfigError(
+                f"--eval_steps {' '.join(map(str, steps))}: {what}. Give distinct steps before --max_train_steps "
+                f"({last}); the last step is always evaluated"
+            )
+        self.eval_steps = sorted(steps)
 
     def run_config(self, subject: BenchSubject, method: str, scale: float, seed: int, run_dir: Path,
                    class_dir: Path | None = None) -> DreamBoothConfig:  # fmt: skip
@@ -184,6 +217,11 @@ class _Bench:
         self._real: tuple[str, list] | None = None
         self.base = BasePipeline(config)
         self.metrics = metrics if metrics is not None else subject_metrics(config, self.base.device)
+        keys = [m.key for m in self.metrics.metrics]
+        for axis in ("subject_metric", "prompt_metric"):
+            if getattr(self.metrics, axis) not in (None, *keys):
+                raise ValueError(f"{type(self.metrics).__name__}.{axis} {getattr(self.metrics, axis)!r} is not one of "
+                                 f"its metrics ({', '.join(keys)})")  # fmt: skip
         settings = {**config.settings(), "dataset": self.data.fingerprint(), **self.metrics.identity()}
         self.store = RunStore(config.output_dir, "dreambooth", settings, self.command, config.defaults()).open()
 
@@ -248,6 +286,8 @@ class _Bench:
         class_dir = None if config.no_prior_preservation else self.store.class_dir(subject.class_noun)
         run_config = config.run_config(subject, method, scale, seed, run_dir, class_dir)
         adapter = run_dir / "train" / DreamBoothTask.weight_name
+        snapshots = {step: self.store.snapshot_dir(run_dir, step) / DreamBoothTask.weight_name
+                     for step in config.eval_steps or ()}  # fmt: skip
         info = read_json(run_dir / "train.json") if adapter.is_file() else None
         if info is None and not adapter.is_file():  # not trained yet, or its training was interrupted
             if class_dir is not None:  # drawn once per class by the base model, shared by subjects and methods
@@ -256,7 +296,7 @@ class _Bench:
                                     show_progress=not config.quiet)  # fmt: skip
             if latest_checkpoint(run_dir / "train"):  # continue the interrupted training exactly
                 run_config.resume_from_checkpoint = "latest"
-            info = train_run(DreamBoothTask(run_config.validate()), run_dir, self.callbacks)
+            info = train_run(DreamBoothTask(run_config.validate()), run_dir, self.callbacks, snapshots)
         info = info or {"train_seconds": None, "timed": False}  # trained, but its record was lost (killed)
         record = dict(
             subject=subject.name, class_noun=subject.class_noun, method=method,
@@ -265,20 +305,43 @@ class _Bench:
         )  # fmt: skip
         record.setdefault("diverged", False)
         if not record["diverged"]:
-            start = time.time()
+            missing = missing_snapshots(snapshots, config.max_train_steps)
+            if missing:  # the training finished without them: only a folder changed by hand gets here
+                raise SnapshotMissing(
+                    f"{run_dir} is trained but the adapter snapshots of steps {missing} (--eval_steps) are gone; "
+                    f"delete {run_dir} to train the run again"
+                )
             task = DreamBoothTask(run_config)
-            modules, record["parameters"], _ = adapted_modules(self.base.pipe, task, adapter)
-            with swapped(self.base.pipe, modules) as pipe:
-                images = self.sample(pipe, subject, run_dir / "samples")
-            del modules
+            start = time.time()
+            images, record["parameters"] = self.evaluate(task, adapter, subject, run_dir / "samples")
             record.update(images=len(images), sample_seconds=time.time() - start,
                           metrics=self.metrics.score(images, self.texts(subject), self.real(subject)))  # fmt: skip
+            if snapshots:  # points along the run, then the last step: the run's curve
+                record["curve"] = [self.snapshot_point(task, step, path, subject) for step, path in snapshots.items()]
+                final = {key: record[key] for key in ("images", "sample_seconds", "metrics")}
+                record["curve"].append({"step": config.max_train_steps, **final})
         self.log(
             f"{subject.name:<24} {record['label']:<20} lr {record['lr']:.0e} seed {seed}: "
             + ("diverged" if record["diverged"] else scores_line(record["metrics"]))
             + ("" if record.get("train_seconds") is None else f" ({record['train_seconds']:.0f} s training)")
         )
         return self.store.finish(run_dir, record)
+
+    def evaluate(self, task: DreamBoothTask, adapter: Path, subject: BenchSubject, folder: Path) -> tuple[list, int]:
+        """The adapter file reloaded into copies of the base pipeline's modules, sampled into ``folder``: ``(images,
+        trainable parameters)``."""
+        modules, parameters, _ = adapted_modules(self.base.pipe, task, adapter)
+        with swapped(self.base.pipe, modules) as pipe:
+            images = self.sample(pipe, subject, folder)
+        del modules
+        return images, parameters
+
+    def snapshot_point(self, task: DreamBoothTask, step: int, adapter: Path, subject: BenchSubject) -> dict:
+        """One point of a run's curve: its adapter after ``step`` steps, sampled (beside the file) and scored."""
+        start = time.time()
+        images, _ = self.evaluate(task, adapter, subject, adapter.parent / "samples")
+        return dict(step=step, images=len(images), sample_seconds=time.time() - start,
+                    metrics=self.metrics.score(images, self.texts(subject), self.real(subject)))  # fmt: skip
 
     # --- the whole grid ---------------------------------------------------------------------------------------
     def execute(self) -> dict:
@@ -319,12 +382,20 @@ class _Bench:
             + ("off" if config.no_prior_preservation else f"{config.num_class_images} class images × "
                f"{config.prior_loss_weight:g}")
             + f"; training seeds {sorted({r['seed'] for r in trained})}; lr scales "
-            f"{sorted({r['lr_scale'] for r in trained})}",
+            f"{sorted({r['lr_scale'] for r in trained})}"
+            + (f"; evaluated after steps {[*config.eval_steps, config.max_train_steps]}" if config.eval_steps else ""),
             f"Evaluation: {f'the first {config.num_prompts}' if config.num_prompts else 'all'} prompt templates × "
             f"{config.images_per_prompt} images "
             f"(seeds {self.seeds()}), {config.scheduler} {config.inference_steps} steps, guidance "
             f"{config.guidance_scale:g}",
         ]  # fmt: skip
+        tradeoff, curves = None, []
+        if self.metrics.subject_metric and self.metrics.prompt_metric and trained:
+            x, y = (next(m for m in metrics if m.key == k) for k in (self.metrics.subject_metric,
+                                                                     self.metrics.prompt_metric))  # fmt: skip
+            tradeoff = dict(x=x.key, y=y.key, x_label=x.label, y_label=y.label, figure="dreambooth_tradeoff.png",
+                            table="dreambooth_curves.md", eval_steps=config.eval_steps)  # fmt: skip
+            curves = curve_summary(trained, metrics, order, "subject", config.max_train_steps)
         return dict(
             kind="dreambooth",
             command=self.command,
@@ -352,6 +423,8 @@ class _Bench:
             rows=records,
             summary=summary,
             references=references,
+            tradeoff=tradeoff,
+            curves=curves,
         )
 
     def samples_figure(self, result: dict) -> None:
@@ -375,8 +448,10 @@ class _Bench:
         metrics = self.metrics.metrics
         result = self.result()
         self.samples_figure(result)
-        return write_result(self.config.output_dir, "dreambooth", result, metrics, title,
-                            "subjects (a subject's value is first averaged over its training seeds)")  # fmt: skip
+        unit = "subjects (a subject's value is first averaged over its training seeds)"
+        if result["tradeoff"]:
+            write_curves(self.config.output_dir, "dreambooth", result, metrics, title, unit)
+        return write_result(self.config.output_dir, "dreambooth", result, metrics, title, unit)
 
 
 def run_dreambooth_bench(config: DreamBoothBenchConfig, callbacks=(), command: str | None = None, log=print,

@@ -213,6 +213,10 @@ class SubjectMetrics(ABC):
     name: str = "metrics"
     metrics: tuple[Metric, ...] = ()
     description: str = ""
+    #: the keys (of ``metrics``) of the trade-off plot's axes: subject fidelity (x) and prompt fidelity (y); None: the
+    #: backend has no such pair and the benchmark draws no trade-off plot
+    subject_metric: str | None = None
+    prompt_metric: str | None = None
 
     def identity(self) -> dict:
         """What makes two runs' numbers comparable (recorded with the benchmark; a resume must match it)."""
@@ -232,6 +236,7 @@ class DinoClipMetrics(SubjectMetrics):
 
     name = "dino-clip"
     metrics = (Metric("dino", "DINO"), Metric("clip_i", "CLIP-I"), Metric("clip_t", "CLIP-T"))
+    subject_metric, prompt_metric = "dino", "clip_t"  # DINO tells instances apart; CLIP-I also rewards the class
 
     def __init__(self, dino_model: str = DEFAULT_DINO_MODEL, clip_model: str = DEFAULT_CLIP_MODEL, device="cpu"):
         self.dino = DinoEncoder(dino_model, device)
@@ -267,6 +272,7 @@ class WorldMetrics(SubjectMetrics):
         Metric("prompt_fidelity", "prompt fidelity", "CLIP-T"),
         Metric("diversity", "diversity", "LPIPS diversity", None),
     )
+    subject_metric, prompt_metric = "subject_fidelity", "prompt_fidelity"
     description = (
         "the tiny world's evaluator (`assets/evaluator`): subject fidelity = embedding cosine to the real images "
         "(stands for DINO / CLIP-I), prompt fidelity = share of the prompt's attributes read in the image (CLIP-T), "

@@ -18,6 +18,8 @@ from .metrics import Metric
 from .runs import write_json
 
 __all__ = [
+    "curve_summary",
+    "curves_markdown",
     "format_value",
     "machine",
     "markdown",
@@ -26,6 +28,8 @@ __all__ = [
     "sample_grid",
     "scores_line",
     "summarise",
+    "tradeoff_plot",
+    "write_curves",
     "write_result",
 ]
 
@@ -130,6 +134,10 @@ def markdown(result: dict, metrics: tuple[Metric, ...], title: str, unit_name: s
     for row in result.get("references", []):
         cells = " | ".join(format_value(row["metrics"].get(m.key)) for m in metrics)
         lines.append(f"| {row['label']} | — | — | {row.get('runs', '—')} | {cells} | — |")
+    curves = result.get("tradeoff")
+    if curves and curves.get("figure"):
+        lines += ["", f"Trade-off curves ({curves['x_label']} against {curves['y_label']}, every evaluated step): "
+                  f"`{curves['figure']}`, points in `{curves['table']}`."]  # fmt: skip
     figure = result.get("samples_figure")
     if figure:
         where = f" (subject {figure['subject']})" if figure.get("subject") else ""
@@ -241,3 +249,128 @@ def sample_grid(rows: list[tuple[str, list]], path: Path, cell: int = 128) -> li
     with atomic_write(path) as tmp:
         make_grid(tiles, columns).save(tmp, format="PNG")
     return [label for label, _ in rows]
+
+
+# --- trade-off curves -------------------------------------------------------------------------------------------
+
+
+def curve_summary(rows: list[dict], metrics: tuple[Metric, ...], order: list[str], unit: str, last_step: int
+                  ) -> list[dict]:  # fmt: skip
+    """One summary row (``summarise``'s, plus ``step``) per (method, lr scale, evaluated step) of the trained runs.
+
+    A run's points are its ``curve`` (``[{step, metrics}, ...]``: the snapshots of ``--eval_steps``, then the last
+    step); a run without one is a single point at ``last_step``. Diverged runs and the base model are left out (the
+    table counts the diverged ones)."""
+    by_step: dict[int, list[dict]] = {}
+    for row in rows:
+        if row["method"] == "base" or row.get("diverged"):
+            continue
+        for point in row.get("curve") or [{"step": last_step, "metrics": row["metrics"]}]:
+            by_step.setdefault(point["step"], []).append({**row, "metrics": point["metrics"]})
+    points = [{**summary, "step": step} for step, group in by_step.items()
+              for summary in summarise(group, metrics, order, unit)]  # fmt: skip
+    rank = {method: i for i, method in enumerate(order)}
+    return sorted(points, key=lambda p: (rank.get(p["method"], len(order)), p["lr_scale"] or 0.0, p["step"]))
+
+
+def _line_label(row: dict) -> str:
+    return row["label"] + ("" if row.get("lr_scale") in (None, 1.0) else f" ×{row['lr_scale']:g}")
+
+
+def curves_markdown(result: dict, metrics: tuple[Metric, ...], title: str, unit_name: str) -> str:
+    """The curve points as a table: every (method, lr scale, step), the base model and the real-image ceiling."""
+    tradeoff = result["tradeoff"]
+    lines = [
+        f"# {title}: trade-off curves",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}; {result['date']}  ",
+        *(f"{line}  " for line in result.get("about", [])),
+        "",
+        f"Each row is one point of `{tradeoff['figure']}`: the runs of a method and learning rate evaluated with the "
+        f"adapter as it was after `step` steps (`--eval_steps` snapshots of the same runs, and the last step). Values "
+        f"are means ± standard deviation over {unit_name}. The plot draws {tradeoff['x_label']} (x) against "
+        f"{tradeoff['y_label']} (y): a curve above and to the right of another is better on both. Along one run the "
+        "learning-rate schedule is the run's own (a decaying schedule has not decayed at an early step as a shorter "
+        "run's would).",
+        "",
+        "| method | lr (× paper) | step | runs | " + " | ".join(m.header for m in metrics) + " |",
+        "|---|---|---|---|" + "---|" * len(metrics),
+    ]
+    for row in result["curves"]:
+        cells = " | ".join(format_value(row["metrics"].get(m.key)) for m in metrics)
+        lines.append(f"| {row['label']} | {_lr_cell(row)} | {row['step']} | {row['runs']} | {cells} |")
+    for row in [r for r in result["summary"] if r["method"] == "base"] + result.get("references", []):
+        cells = " | ".join(format_value(row["metrics"].get(m.key)) for m in metrics)
+        lines.append(f"| {row['label']} | — | — | {row.get('runs', '—')} | {cells} |")
+    return "\n".join(lines + [""])
+
+
+def _stats(row: dict | None, key: str) -> tuple[float, float] | None:
+    stats = (row or {}).get("metrics", {}).get(key)
+    if not stats or not stats.get("n"):
+        return None
+    return stats["mean"], stats["sd"]
+
+
+def _axis_label(metric: Metric, role: str) -> str:
+    label = metric.header + (f" (for {metric.stands_for})" if metric.stands_for else "")
+    return label if role in metric.label else f"{label}: {role}"
+
+
+def tradeoff_plot(result: dict, x: Metric, y: Metric, path: Path, title: str) -> Path:
+    """Subject fidelity ``x`` against prompt fidelity ``y``: one line per (method, lr scale) through its evaluated
+    steps (mean, ± sd bars on both axes; the last step labelled with its number, the others too when there is
+    room), the base model as a point and the real images' ``x`` as a vertical line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*X"
+    lines: dict[tuple, list[dict]] = {}
+    for row in result["curves"]:
+        lines.setdefault((row["method"], row["lr_scale"]), []).append(row)
+    methods = list(dict.fromkeys(method for method, _ in lines))
+    scales = sorted({scale for _, scale in lines})
+    fig, axis = plt.subplots(figsize=(7.5, 5.2))
+    for (method, scale), points in lines.items():
+        points = [p for p in sorted(points, key=lambda p: p["step"]) if _stats(p, x.key) and _stats(p, y.key)]
+        if not points:
+            continue
+        (xs, xsd), (ys, ysd) = (zip(*[_stats(p, key) for p in points]) for key in (x.key, y.key))
+        colour = colours[methods.index(method) % len(colours)]
+        axis.errorbar(xs, ys, xerr=xsd, yerr=ysd, color=colour, marker=markers[scales.index(scale) % len(markers)],
+                      markersize=5, linewidth=1.2, elinewidth=0.6, capsize=2, label=_line_label(points[0]))  # fmt: skip
+        for point, px, py in zip(points, xs, ys):
+            axis.annotate(str(point["step"]), (px, py), textcoords="offset points", xytext=(4, 3), fontsize=6,
+                          color=colour)  # fmt: skip
+    base = next((r for r in result["summary"] if r["method"] == "base"), None)
+    if _stats(base, x.key) and _stats(base, y.key):
+        (bx, bxsd), (by, bysd) = _stats(base, x.key), _stats(base, y.key)
+        axis.errorbar([bx], [by], xerr=[bxsd], yerr=[bysd], color="black", marker="*", markersize=11, linestyle="",
+                      capsize=2, label="base model")  # fmt: skip
+    ceiling = next((r for r in result.get("references", []) if r.get("kind") == "ceiling"), None)
+    if _stats(ceiling, x.key):
+        axis.axvline(_stats(ceiling, x.key)[0], color="black", linestyle=":", label="real images (ceiling)")
+    axis.set_xlabel(_axis_label(x, "subject fidelity"))
+    axis.set_ylabel(_axis_label(y, "prompt fidelity"))
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, loc="best")
+    axis.set_title(title + "\n(numbers: training step; bars: ± sd over subjects)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_curves(folder: Path, stem: str, result: dict, metrics: tuple[Metric, ...], title: str, unit: str) -> None:
+    """``<stem>_tradeoff.png`` and ``<stem>_curves.md`` from ``result["curves"]`` and ``result["tradeoff"]`` (the
+    axes' metric keys), each written atomically."""
+    folder, tradeoff = Path(folder), result["tradeoff"]
+    by_key = {m.key: m for m in metrics}
+    with atomic_write(folder / tradeoff["table"]) as tmp:
+        tmp.write_text(curves_markdown(result, metrics, title, unit))
+    with atomic_write(folder / tradeoff["figure"]) as tmp:
+        tradeoff_plot(result, by_key[tradeoff["x"]], by_key[tradeoff["y"]], tmp, title)

@@ -8,6 +8,8 @@ the same command continues where the last one stopped.
       runs/<subject>/<method>-x<lr scale>-seed<seed>/
         train/                          the trainer's folder: checkpoints while it runs, then the adapter file
         samples/                        K images per prompt, fixed seeds (written one by one)
+        snapshots/step-<N>/             with --eval_steps: the adapter as it was after step N of this training
+                                        (adapter.safetensors, written during training) and its samples/
         scores.json                     written last, atomically: the run is done
 
 Resuming is per piece: a finished run is read back, a trained run is sampled (only the missing images) and
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_write
-from ..training.callbacks import Callback
+from ..training.callbacks import AdapterSnapshots, Callback
 
 __all__ = [
     "BENCH_RECORD",
@@ -105,6 +107,11 @@ class RunStore:
         """The folder of a run (made when the run first writes into it)."""
         return self.root / "runs" / group / name
 
+    @staticmethod
+    def snapshot_dir(run_dir: Path, step: int) -> Path:
+        """The folder of a run's adapter as it was after ``step`` (its file, then its samples)."""
+        return run_dir / "snapshots" / f"step-{step}"
+
     def class_dir(self, class_noun: str) -> Path:
         slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in class_noun.strip()) or "class"
         return self.root / "class_images" / slug
@@ -146,21 +153,24 @@ class _RunWatch(Callback):
         self.start_step = start_step
 
 
-def train_run(task, run_dir: Path, callbacks=()) -> dict:
+def train_run(task, run_dir: Path, callbacks=(), snapshots: dict[int, Path] | None = None) -> dict:
     """Train (or finish training) one run on the library's loop; returns what its record needs: train seconds
     (``timed`` only when the run went from step 0 in this process), steps, final loss, or ``diverged``.
 
-    A run stopped by a callback keeps its checkpoint, loses the file the loop saves on stopping (so that it is not
-    taken for a finished run) and raises ``BenchInterrupted``."""
+    ``snapshots``: ``{step: file}``, the adapter saved as it is after each of those steps (``AdapterSnapshots``), so
+    that points along the run are evaluated without training more. A run stopped by a callback keeps its
+    checkpoint, loses the file the loop saves on stopping (so that it is not taken for a finished run) and raises
+    ``BenchInterrupted``."""
     from ..training.trainer import Trainer, TrainingDivergedError
 
     watch = _RunWatch()
+    saver = AdapterSnapshots(task, snapshots) if snapshots else None
     try:
-        result = Trainer(task, [watch, *callbacks]).train()
+        result = Trainer(task, [watch, saver, *callbacks]).train()
     except TrainingDivergedError as err:
         return {"diverged": True, "error": str(err)}
     finally:
-        del task
+        del task, saver  # the task holds the run's models
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
