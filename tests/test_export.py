@@ -414,6 +414,7 @@ def test_control_file_exports_its_unet_part_only_when_asked(source_pipe, tmp_pat
     assert np.abs(generate(stock) - reference).max() <= 1e-4
 
 
+@pytest.mark.slow  # a subprocess or a full-size model: the end-to-end tier
 def test_cli_export(case_files, tmp_path):
     files, reference = case_files["composed"]
     (first, _), (second, strength) = files
@@ -432,6 +433,7 @@ def test_cli_export(case_files, tmp_path):
     assert wrong.returncode == 2 and ".safetensors" in wrong.stderr
 
 
+@pytest.mark.slow  # a subprocess or a full-size model: the end-to-end tier
 def test_documented_sd15_sizes_come_from_the_architecture():
     """Rows of the docs/export.md table, recomputed on the SD-1.5 UNet built on the meta device."""
     import importlib.util

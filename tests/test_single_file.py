@@ -57,6 +57,7 @@ def adapter(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # a subprocess or a full-size model: the end-to-end tier
 def test_fused_single_file_loads_back_with_every_weight_equal(adapter, tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -186,6 +187,7 @@ def pipe_text_encoder():
         return CLIPTextModel(CLIPTextConfig())
 
 
+@pytest.mark.slow  # a subprocess or a full-size model: the end-to-end tier
 def test_cli_single_file_model_offline(tmp_path):
     """Without a config and without the Hub: one error that says what to pass; with --config it samples."""
     save_single_file(load_pipeline(TINY_SD), tmp_path / "m.safetensors")

@@ -377,6 +377,7 @@ def test_two_pages_pressing_start_at_once_get_one_job(tmp_path):
     assert manager.wait(60)["phase"] == "done"
 
 
+@pytest.mark.slow  # a subprocess or a full-size model: the end-to-end tier
 def test_the_studio_library_does_not_need_gradio():
     import subprocess
     import sys

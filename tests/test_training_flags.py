@@ -341,6 +341,7 @@ def test_validation_scheduler_is_the_one_asked_for(world, tmp_path):
 
 
 # --- progress in logs ------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a subprocess or a full-size model: the end-to-end tier
 def test_progress_is_one_line_every_n_steps_when_piped(world, tmp_path):
     command = [sys.executable, "-m", "ether_diffusion.cli", "train", "--pretrained_model_name_or_path",
                str(world / "model"), "--instance_data_dir", str(world / "instance"), "--instance_prompt", PROMPT,
