@@ -9,6 +9,7 @@ benchmark sets per run (data, prompts, method, learning rate, seed, output folde
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,26 @@ class BenchOptions:
         if not self.lr_scales or any(not math.isfinite(s) or s <= 0 for s in self.lr_scales):
             raise ConfigError(f"--lr_scales must be positive finite numbers, not {self.lr_scales}")
         self.learning_rates(registry)
+
+    def one_run(self, config_class, registry: dict[str, Method], method: str, scale: float, seed: int, run_dir: Path,
+                **changes):  # fmt: skip
+        """The run configuration of one run: every flag of ``config_class`` as given to the benchmark, plus what the
+        benchmark sets per run (method, learning rate, seed, output folder; no validation; ``changes``)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(config_class)}
+        rate = self.learning_rates(registry)[method] * scale
+        fields.update(
+            seed=seed,
+            output_dir=str(run_dir / "train"),
+            resume_from_checkpoint=None,  # the run sets "latest" when it has a checkpoint
+            checkpoints_total_limit=1,
+            validation_prompt=None,
+            validation_steps=None,
+            validation_epochs=None,
+            no_final_reload=True,
+            **changes,
+            **registry[method].config_changes(rate),
+        )
+        return config_class(**fields)
 
     def learning_rates(self, registry: dict[str, Method]) -> dict[str, float]:
         """The ×1 learning rate of each method: the paper's, or ``--method_learning_rates``."""

@@ -142,21 +142,7 @@ class ControlBenchConfig(BenchOptions, ControlConfig):
         return f"encoder-seed{seed}" if method == "encoder" else super().run_name(method, scale, seed)
 
     def run_config(self, method: str, scale: float, seed: int, run_dir: Path) -> ControlConfig:
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(ControlConfig)}
-        rate = self.learning_rates(CONTROL_METHODS)[method] * scale
-        shared.update(
-            seed=seed,
-            output_dir=str(run_dir / "train"),
-            resume_from_checkpoint=None,  # the run sets "latest" when it has a checkpoint
-            checkpoints_total_limit=1,
-            validation_prompt=None,
-            validation_image=None,
-            validation_steps=None,
-            validation_epochs=None,
-            no_final_reload=True,
-            **CONTROL_METHODS[method].config_changes(rate),
-        )
-        return ControlConfig(**shared)
+        return self.one_run(ControlConfig, CONTROL_METHODS, method, scale, seed, run_dir, validation_image=None)
 
     def settings(self) -> dict:
         """What every run shares (the benchmark's identity: a resume must match it)."""

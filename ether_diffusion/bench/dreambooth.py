@@ -168,25 +168,14 @@ class DreamBoothBenchConfig(BenchOptions, DreamBoothConfig):
     def run_config(self, subject: BenchSubject, method: str, scale: float, seed: int, run_dir: Path,
                    class_dir: Path | None = None) -> DreamBoothConfig:  # fmt: skip
         """The DreamBooth configuration of one run: every shared flag, plus what the benchmark sets."""
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(DreamBoothConfig)}
-        rate = self.learning_rates(DREAMBOOTH_METHODS)[method] * scale
-        shared.update(
+        return self.one_run(
+            DreamBoothConfig, DREAMBOOTH_METHODS, method, scale, seed, run_dir,
             instance_data_dir=str(subject.folder),
             instance_prompt=subject.instance_prompt(self.identifier),
             class_prompt=subject.class_prompt,
             class_data_dir=None if class_dir is None else str(class_dir),
             with_prior_preservation=not self.no_prior_preservation,
-            seed=seed,
-            output_dir=str(run_dir / "train"),
-            resume_from_checkpoint=None,  # the run sets "latest" when it has a checkpoint
-            checkpoints_total_limit=1,
-            validation_prompt=None,
-            validation_steps=None,
-            validation_epochs=None,
-            no_final_reload=True,
-            **DREAMBOOTH_METHODS[method].config_changes(rate),
-        )
-        return DreamBoothConfig(**shared)
+        )  # fmt: skip
 
     def settings(self) -> dict:
         """What every run shares (the benchmark's identity: a resume must match it); the fields set per run and
