@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,9 +72,8 @@ class TrainResult:
 def check_output_dir(output_dir: Path) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=output_dir):  # a name of its own: several processes check at once
+            pass
     except OSError as err:
         raise PermissionError(
             f"cannot write to --output_dir '{output_dir}' ({err.strerror or err}); choose a folder you can write to"
