@@ -20,6 +20,8 @@ from ether_diffusion.pipeline import (
     unload_ether_weights,
 )
 
+pytestmark = pytest.mark.slow  # stock diffusers pipelines with PEFT LoRAs beside ETHER: the end-to-end tier
+
 TINY_SD = Path(__file__).resolve().parents[1] / "assets" / "tiny-sd"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "proj_in", "proj_out"]
 

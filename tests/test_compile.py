@@ -8,6 +8,8 @@ from torch import nn
 from ether_diffusion import EtherConfig, inject
 from ether_diffusion.inject import adapter_parameters, mixed_batch
 
+pytestmark = pytest.mark.slow  # torch.compile traces (seconds each): the end-to-end tier
+
 
 class Block(nn.Module):
     def __init__(self):

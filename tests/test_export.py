@@ -210,6 +210,7 @@ def case_files(source_pipe, tmp_path_factory):
     return found
 
 
+@pytest.mark.slow  # stock diffusers pipelines loading the exported files: the end-to-end tier
 @pytest.mark.parametrize("format", ["diffusers", "kohya"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_stock_diffusers_reproduces_the_ether_images(case, format, case_files, source_pipe, tmp_path):
@@ -251,6 +252,7 @@ def strip_padding(path, target):
     return {int(v.item()) for k, v in out.items() if k.endswith(".alpha")}
 
 
+@pytest.mark.slow  # stock diffusers pipelines loading the exported files: the end-to-end tier
 @pytest.mark.parametrize("format", ["diffusers", "kohya"])
 def test_stock_sdxl_pipeline_reproduces_an_sdxl_adapter(format, tmp_path):
     """An adapter on the UNet and both text encoders of an SDXL pipeline: stock StableDiffusionXLPipeline +
@@ -305,6 +307,7 @@ def test_stock_sdxl_pipeline_reproduces_an_sdxl_adapter(format, tmp_path):
     assert all(k.startswith(prefixes) for k in keys)
 
 
+@pytest.mark.slow  # stock diffusers pipelines loading the exported files: the end-to-end tier
 def test_kohya_mixed_ranks_need_the_padding(case_files, source_pipe, tmp_path):
     """diffusers' kohya loader keeps per-layer alphas under stale names: one rank for every layer avoids it."""
     files, reference = case_files["composed"]
@@ -324,6 +327,7 @@ def test_kohya_mixed_ranks_need_the_padding(case_files, source_pipe, tmp_path):
     assert errors["unpadded"] > 0.05, errors  # the trap: to_q layers load at scale 1/5
 
 
+@pytest.mark.slow  # stock diffusers pipelines loading the exported files: the end-to-end tier
 def test_diffusers_keys_are_those_save_lora_weights_writes(source_pipe, tmp_path):
     """Same keys and shapes as a PEFT LoRA of the same rank and targets saved by diffusers itself."""
     from diffusers import StableDiffusionPipeline
@@ -352,6 +356,7 @@ def test_diffusers_keys_are_those_save_lora_weights_writes(source_pipe, tmp_path
     assert {k: tuple(v.shape) for k, v in mine.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
 
 
+@pytest.mark.slow  # stock diffusers pipelines loading the exported files: the end-to-end tier
 def test_lora_weight_is_ether_strength_only_one_sided(case_files, source_pipe, tmp_path):
     """A LoRA weight of 0.5 equals ETHER strength 0.5 for one-sided ETHER+, not for two-sided ETHER+."""
     from ether_diffusion.pipeline import delete_ether_adapters, load_ether_weights, set_ether_adapters
@@ -374,6 +379,7 @@ def test_lora_weight_is_ether_strength_only_one_sided(case_files, source_pipe, t
             assert np.abs(generate(stock) - reference).max() <= 1e-4
 
 
+@pytest.mark.slow  # stock diffusers pipelines loading the exported files: the end-to-end tier
 def test_half_precision_file(case_files, source_pipe, tmp_path):
     files, reference = case_files["ether-n1"]
     fp32 = export_adapters(files, tmp_path / "fp32.safetensors", source_pipe, dtype="fp32")
@@ -386,6 +392,7 @@ def test_half_precision_file(case_files, source_pipe, tmp_path):
     assert np.abs(generate(stock) - reference).max() < 2e-3  # fp16 factors: close (1e-4 measured), not exact
 
 
+@pytest.mark.slow  # stock diffusers pipelines loading the exported files: the end-to-end tier
 def test_control_file_exports_its_unet_part_only_when_asked(source_pipe, tmp_path):
     from ether_diffusion.control.encoder import ConditionEncoder, ConditionEncoderConfig
     from ether_diffusion.control.pipeline import save_control_weights

@@ -29,6 +29,8 @@ from ether_diffusion.studio.uploads import save_uploads
 from ether_diffusion.training.checkpoints import list_checkpoints
 from ether_diffusion.world.assets import default_model_path
 
+pytestmark = pytest.mark.slow  # training jobs and samplers on the shipped model: the end-to-end tier
+
 MODEL = str(default_model_path())
 SUBJECT = "orange_checkered_star"
 

@@ -13,6 +13,8 @@ import torch
 from ether_diffusion.evaluation import load_evaluator, read_images
 from ether_diffusion.world.assets import AssetError, check_pipeline_folder, load_tiny_pipeline
 
+pytestmark = pytest.mark.slow  # the tiny world's training and evaluation scripts: the end-to-end tier
+
 MODEL = Path("assets/tiny-sd")
 
 
