@@ -15,6 +15,7 @@ from conftest import build_char_tokenizer, build_tiny_components, build_tiny_sdx
 from PIL import Image
 from torch.testing import assert_close
 
+from ether_diffusion.architectures import SDXL_UNET
 from ether_diffusion.families import UnsupportedModelError, model_family
 from ether_diffusion.inject import adapter_layers
 from ether_diffusion.io import read_adapter_file
@@ -340,23 +341,6 @@ def test_cli_train_sample_and_fuse_take_an_sdxl_model(world, trained, tmp_path, 
 
 
 # --- sizes on the real SDXL architecture ------------------------------------------------------------------------------
-# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json, written out (nothing is downloaded)
-SDXL_UNET = dict(
-    sample_size=128,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10),
-    attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,  # 6 size/crop ids x 256 + the 1280-wide pooled text embedding
-)
 # its text_encoder (CLIP ViT-L/14) and text_encoder_2 (OpenCLIP ViT-bigG/14 with projection)
 SDXL_TEXT = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
                  hidden_act="quick_gelu", projection_dim=768, vocab_size=49408, max_position_embeddings=77)  # fmt: skip
