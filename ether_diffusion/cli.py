@@ -346,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=["diffusers", "kohya"],
         required=True,
-        help="diffusers: pipe.load_lora_weights keys; kohya: lora_unet_/lora_te_ keys (A1111, Forge, ComfyUI)",
+        help="diffusers: pipe.load_lora_weights keys (SD, SDXL, SD3, Flux); kohya: lora_unet_/lora_te_ keys for A1111, "
+        "Forge, ComfyUI (SD, SDXL; Flux in sd-scripts' names; no SD3)",
     )
     export.add_argument("--output", required=True, help="the .safetensors file to write (or an existing folder)")
     export.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")

@@ -11,10 +11,20 @@ Two formats:
   ``text_encoder.…``) and its ``lora_adapter_metadata`` (rank and alpha per layer, so every layer has scale 1);
   ``pipe.load_lora_weights(file)`` reads it. 1×1 convolutions (``proj_in``/``proj_out`` of SD 1.x) get 4-D
   ``(r, in, 1, 1)`` / ``(out, r, 1, 1)`` tensors, as PEFT's LoRA ``Conv2d`` holds them.
+  SD3 and Flux files hold ``transformer.<path>`` keys (the format diffusers' SD3/Flux DreamBooth scripts write).
 - ``"kohya"``: ``lora_unet_<path>`` / ``lora_te_<path>`` (SDXL: ``lora_te1_`` and ``lora_te2_``) with
   ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``: the format A1111, Forge and ComfyUI read. Every layer
   gets the same rank (smaller factors are zero-padded) and ``alpha = rank``: diffusers' kohya converter keeps
   per-layer alphas under stale names, so a file whose layers have different ranks loads there with wrong scales.
+  Flux: kohya's sd-scripts names, which follow the original (BFL) checkpoint:
+  ``lora_unet_double_blocks_<i>_img_attn_qkv`` is one fused layer for diffusers' ``to_q``, ``to_k``, ``to_v``
+  (``single_blocks_<i>_linear1``: q, k, v and the MLP input), so a fused layer's factors are the members' side by side
+  (``up`` block-diagonal, each member in its own equal share of the rank: the layout diffusers' Flux converter splits
+  back exactly); every layer keeps its own rank with ``alpha = rank`` (that converter reads each layer's alpha). SD3
+  has no kohya export: diffusers reads SD3 LoRA in its own format only.
+
+Only what the family's LoRA loader reads can be exported: ``unet``/``transformer`` and the CLIP text encoders; an
+adapter on a T5 encoder (SD3's ``text_encoder_3``, Flux's ``text_encoder_2``) is refused: no loader would apply it.
 
 A LoRA weight ``λ`` scales ``lora_B · lora_A``; one-sided transforms are linear in ETHER strength (``λ`` = strength
 ``λ`` of the exported adapter), two-sided ETHER+ is not (``(Q - I)·W·P`` is quadratic in strength), so export at
@@ -26,6 +36,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +46,9 @@ from safetensors.torch import save, save_file
 from torch import nn
 
 from . import __version__
-from .config import EtherConfig
+from .config import ADAPTABLE_COMPONENTS, EtherConfig
 from .delta import LoraFactors, layer_lora_factors
+from .families import FAMILIES, pipeline_family, supported_families
 from .inject import adapter_layers
 from .io import atomic_write, load_adapter, read_adapter_file
 from .reflection import METHODS
@@ -44,6 +56,7 @@ from .reflection import METHODS
 __all__ = [
     "DTYPES",
     "FORMATS",
+    "LORA_COMPONENTS",
     "LORA_WEIGHT_NAME",
     "ExportSummary",
     "LoraFactors",  # re-exported from delta
@@ -64,6 +77,46 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default name
 #: kohya prefixes of the components a Stable Diffusion pipeline adapts.
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 
+#: The components each family's ``pipe.load_lora_weights`` reads (diffusers' ``_lora_loadable_modules``), with what
+#: each is, for messages. T5 encoders take no LoRA there.
+LORA_COMPONENTS = {
+    "sd": {"unet": "the UNet", "text_encoder": "the CLIP text encoder"},
+    "sdxl": {"unet": "the UNet", "text_encoder": "the first CLIP text encoder", "text_encoder_2": "the second one"},
+    "sd3": {"transformer": "the MMDiT", "text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G"},
+    "flux": {"transformer": "the Flux transformer", "text_encoder": "CLIP-L"},
+}
+_T5 = {"sd3": "text_encoder_3", "flux": "text_encoder_2"}
+
+# Flux in kohya's sd-scripts names (the original checkpoint's layers). A fused layer lists its diffusers members in
+# the order of its output rows.
+_FLUX_DOUBLE = {
+    "attn.to_out.0": "img_attn_proj",
+    "attn.to_add_out": "txt_attn_proj",
+    "ff.net.0.proj": "img_mlp_0",
+    "ff.net.2": "img_mlp_2",
+    "ff_context.net.0.proj": "txt_mlp_0",
+    "ff_context.net.2": "txt_mlp_2",
+    "norm1.linear": "img_mod_lin",
+    "norm1_context.linear": "txt_mod_lin",
+}
+_FLUX_DOUBLE_FUSED = {
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
+_FLUX_SINGLE = {"proj_out": "linear2", "norm.linear": "modulation_lin"}
+_FLUX_SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+_FLUX_OTHER = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_text_embed.timestep_embedder.linear_1": "time_in_in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in_out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in_in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in_out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in_in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in_out_layer",
+    "proj_out": "final_layer_linear",
+}
+
 
 @dataclass
 class ExportSummary:
@@ -72,9 +125,9 @@ class ExportSummary:
     path: Path
     format: str
     dtype: str
-    layers: dict[str, int]  # {component: number of layers}
-    ranks: dict[str, list[int]]  # {component: sorted distinct ranks before padding}
-    file_rank: int | None  # kohya: the one rank of every layer in the file; diffusers: None (per layer)
+    layers: dict[str, int]  # {component: number of layers} (Flux kohya: of the file, q/k/v fused into one)
+    ranks: dict[str, list[int]]  # {component: sorted distinct ranks before padding} (Flux kohya: the file's)
+    file_rank: int | None  # kohya: the one rank of every layer in the file; diffusers and Flux kohya: None (per layer)
     bytes: int
     notes: list[str] = field(default_factory=list)
 
@@ -131,21 +184,128 @@ def _peft_metadata(layers: Mapping[str, LoraFactors]) -> dict:
     }
 
 
+def _family_of(components: Mapping[str, nn.Module], family: str | None) -> str:
+    """The model family the components come from: given, else told by the transformer's class (SD3 or Flux) or by a
+    second CLIP encoder (SDXL); Stable Diffusion otherwise."""
+    if family is not None:
+        if family not in LORA_COMPONENTS:
+            raise ValueError(f"unknown model family {family!r}; choose one of {sorted(LORA_COMPONENTS)}")
+        return family
+    transformer = components.get("transformer")
+    if transformer is not None:
+        name = type(getattr(transformer, "_orig_mod", transformer)).__name__
+        found = next((f.name for f in FAMILIES.values() if f.denoiser_class == name), None)
+        if found is None:
+            raise ValueError(f"no LoRA export for a {name} transformer; supported: {supported_families()}")
+        return found
+    return "sdxl" if components.get("text_encoder_2") is not None else "sd"
+
+
+def _check_loadable(factors: Mapping[str, object], family: str) -> None:
+    loadable = LORA_COMPONENTS[family]
+    extra = [c for c in factors if c not in loadable]
+    if extra:
+        what = ", ".join(f"{c} (a T5 encoder)" if c == _T5.get(family) else c for c in extra)
+        readable = ", ".join(f"{c} ({label})" for c, label in loadable.items())
+        raise ValueError(
+            f"the adapters change {what} of this {FAMILIES[family].label} model, and "
+            f"{FAMILIES[family].pipeline}.load_lora_weights reads LoRA only for {readable}: no LoRA file can "
+            "reproduce them. Use the ETHER file itself there (load_ether_weights), or export an adapter that leaves "
+            f"{', '.join(extra)} unchanged"
+        )
+
+
+def _out_features(model: nn.Module, path: str) -> int:
+    module = model.get_submodule(path)
+    return getattr(module, "base_layer", module).weight.shape[0]
+
+
+def _flux_name(path: str) -> tuple[str, str, tuple[str, ...] | None]:
+    """``(sd-scripts name, block prefix, fused members or None)`` of a Flux transformer layer."""
+    for pattern, kind, single, fused in (
+        (r"transformer_blocks\.(\d+)\.(.+)", "double_blocks", _FLUX_DOUBLE, _FLUX_DOUBLE_FUSED),
+        (r"single_transformer_blocks\.(\d+)\.(.+)", "single_blocks", _FLUX_SINGLE, _FLUX_SINGLE_FUSED),
+    ):
+        match = re.fullmatch(pattern, path)
+        if match:
+            index, rest = match.groups()
+            prefix = path[: -len(rest) - 1]
+            if rest in single:
+                return f"{kind}_{index}_{single[rest]}", prefix, None
+            for name, members in fused.items():
+                if rest in members:
+                    return f"{kind}_{index}_{name}", prefix, members
+            break
+    else:
+        if path in _FLUX_OTHER:
+            return _FLUX_OTHER[path], "", None
+    raise ValueError(
+        f"the Flux layer '{path}' has no name in kohya's Flux format (sd-scripts names the attention, feed-forward, "
+        "modulation and embedding layers); export with format='diffusers'"
+    )
+
+
+def _fused(members: Sequence[LoraFactors | None], rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused layer's ``(down, up)`` from its members' factors (``None``: a member without adapter; ``rows``: each
+    member's output features): member j's factors fill the j-th equal share of the rank, ``up`` is block-diagonal."""
+    present = [f for f in members if f is not None]
+    share = max(f.rank for f in present)
+    rank = share * len(members)
+    down = present[0].down.new_zeros(rank, present[0].down.shape[1])
+    up = present[0].up.new_zeros(sum(rows), rank)
+    row = 0
+    for j, (factors, count) in enumerate(zip(members, rows)):
+        if factors is not None:
+            down[j * share : j * share + factors.rank] = factors.down
+            up[row : row + count, j * share : j * share + factors.rank] = factors.up
+        row += count
+    return down, up
+
+
+def _flux_kohya_factors(layers: Mapping[str, LoraFactors], model: nn.Module) -> dict[str, tuple]:
+    """``{sd-scripts name without prefix: (down, up)}`` of a Flux transformer's layers, fused layers joined."""
+    named: dict[str, tuple] = {}
+    fused: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for path, factors in layers.items():
+        if factors.conv:
+            raise ValueError(f"'{path}' is a convolution, which the Flux kohya format does not hold")
+        name, prefix, members = _flux_name(path)
+        if members is None:
+            named[name] = (factors.down, factors.up)
+        else:
+            fused[name] = (prefix, members)
+    for name, (prefix, members) in fused.items():
+        paths = [f"{prefix}.{m}" for m in members]
+        named[name] = _fused([layers.get(p) for p in paths], [_out_features(model, p) for p in paths])
+    return named
+
+
 def lora_state_dict(
-    components: Mapping[str, nn.Module], format: str = "diffusers", dtype: torch.dtype = torch.float16
+    components: Mapping[str, nn.Module],
+    format: str = "diffusers",
+    dtype: torch.dtype = torch.float16,
+    family: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, dict[str, LoraFactors]]]:
     """The LoRA tensors and safetensors metadata of what the components' active ETHER adapters do now.
 
-    Returns ``(tensors, metadata, factors)``; ``factors`` is ``{component: {path: LoraFactors}}`` (float64, unpadded).
+    ``family`` ("sd", "sdxl", "sd3", "flux") names the layers; default: told by the components. Returns
+    ``(tensors, metadata, factors)``; ``factors`` is ``{component: {path: LoraFactors}}`` (float64, unpadded).
     """
     if format not in FORMATS:
         raise ValueError(f"unknown LoRA format {format!r}; choose one of {FORMATS}")
+    family = _family_of(components, family)
+    if format == "kohya" and family == "sd3":
+        raise ValueError(
+            "Stable Diffusion 3 has no kohya LoRA export: diffusers reads SD3 LoRA only in its own format "
+            "('transformer.' keys, what its SD3 DreamBooth script writes); export with format='diffusers'"
+        )
     factors = {c: found for c, m in components.items() if m is not None and (found := lora_factors(m))}
     if not factors:
         raise ValueError(
             "no active ETHER adapter acts on these components: load one (load_ether_weights) and keep it active "
             "and enabled before exporting"
         )
+    _check_loadable(factors, family)
     tensors: dict[str, torch.Tensor] = {}
     metadata = {"format": "pt"}
     if format == "diffusers":
@@ -158,9 +318,23 @@ def lora_state_dict(
             for key, value in _peft_metadata(layers).items():
                 peft_metadata[f"{component}.{key}"] = value
         metadata["lora_adapter_metadata"] = json.dumps(peft_metadata, indent=2, sort_keys=True)
+        return tensors, metadata, factors
+    if family == "flux":  # per-layer ranks, alpha = rank: the Flux converter reads each layer's alpha
+        named = {}
+        for component, layers in factors.items():
+            if component == "transformer":
+                fused = _flux_kohya_factors(layers, components[component])
+                named.update({f"lora_unet_{n}": f for n, f in fused.items()})
+            else:
+                named.update({f"lora_te1_{p.replace('.', '_')}": (f.down, f.up) for p, f in layers.items()})
+        for name, (down, up) in named.items():
+            tensors[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
+            tensors[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
+            tensors[f"{name}.alpha"] = torch.tensor(float(down.shape[0]), dtype=torch.float32)
+        rank = max(down.shape[0] for down, _ in named.values())
     else:
         rank = max(layer.rank for layers in factors.values() for layer in layers.values())
-        two_encoders = components.get("text_encoder_2") is not None  # SDXL: lora_te1_ / lora_te2_
+        two_encoders = family == "sdxl"  # lora_te1_ / lora_te2_
         for component, layers in factors.items():
             for path, layer in layers.items():
                 name = kohya_name(component, path, two_encoders)
@@ -168,18 +342,18 @@ def lora_state_dict(
                 tensors[f"{name}.lora_down.weight"] = down
                 tensors[f"{name}.lora_up.weight"] = up
                 tensors[f"{name}.alpha"] = torch.tensor(float(rank), dtype=torch.float32)
-        metadata.update(
-            {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)}
-        )
+    metadata.update({"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(rank)})
     return tensors, metadata, factors
 
 
-def lora_file_size(components: Mapping[str, nn.Module], format: str = "diffusers", dtype: str = "fp16") -> int:
+def lora_file_size(
+    components: Mapping[str, nn.Module], format: str = "diffusers", dtype: str = "fp16", family: str | None = None
+) -> int:
     """Bytes of the LoRA file ``save_lora`` would write for these components (without its provenance metadata).
 
     Works on a model built on the meta device (the SD-1.5 UNet without its 860M weights): only shapes matter.
     """
-    tensors, header, _ = lora_state_dict(components, format, DTYPES[dtype])
+    tensors, header, _ = lora_state_dict(components, format, DTYPES[dtype], family)
     zeros = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in tensors.items()}
     return len(save(zeros, metadata=header))
 
@@ -211,27 +385,31 @@ def save_lora(
     dtype_name = dtype if isinstance(dtype, str) else next((k for k, v in DTYPES.items() if v == dtype), None)
     if dtype_name not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    parts = {}
+    parts, family = {}, None
     if pipe is not None:
-        for name in KOHYA_PREFIXES:
-            module = getattr(pipe, name, None)
-            if isinstance(module, nn.Module):
-                parts[name] = module
+        parts = {c: m for c in ADAPTABLE_COMPONENTS if isinstance(m := getattr(pipe, c, None), nn.Module)}
+        family = getattr(pipeline_family(pipe), "name", None)
     parts.update({c: m for c, m in components.items() if m is not None})
-    tensors, header, factors = lora_state_dict(parts, format, DTYPES[dtype_name])
+    tensors, header, factors = lora_state_dict(parts, format, DTYPES[dtype_name], family)
     header.update({str(k): str(v) for k, v in (metadata or {}).items()})
     header["ether_diffusion_version"] = __version__
     path = _resolve_output(path)
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
-    ranks = {c: sorted({f.rank for f in layers.values()}) for c, layers in factors.items()}
+    layers = {c: [f.rank for f in found.values()] for c, found in factors.items()}
+    per_layer = format == "kohya" and _family_of(parts, family) == "flux"
+    if per_layer:  # the file's layers (q, k, v fused into one) and their ranks, not the adapted layers'
+        layers = collections.defaultdict(list)
+        for key, tensor in tensors.items():
+            if key.endswith(".lora_down.weight"):
+                layers["transformer" if key.startswith("lora_unet_") else "text_encoder"].append(tensor.shape[0])
     return ExportSummary(
         path=path,
         format=format,
         dtype=dtype_name,
-        layers={c: len(layers) for c, layers in factors.items()},
-        ranks=ranks,
-        file_rank=max(r for rs in ranks.values() for r in rs) if format == "kohya" else None,
+        layers={c: len(ranks) for c, ranks in layers.items()},
+        ranks={c: sorted(set(ranks)) for c, ranks in layers.items()},
+        file_rank=int(header["ss_network_dim"]) if format == "kohya" and not per_layer else None,
         bytes=path.stat().st_size,
     )
 

@@ -332,6 +332,165 @@ def test_model_family_metadata_is_validated(tmp_path):
         save_adapter(tmp_path / "c.safetensors", {"transformer": pipe.transformer}, "x", model_family="No Such")
 
 
+# --- export to LoRA ---------------------------------------------------------------------------------------------------
+def transformer_adapter(pipe, family, path, targets, seed=1):
+    """ETHER+ (two blocks) on the transformer's ``targets`` and ETHER on CLIP-L, moved from their init, saved."""
+    inject(pipe.transformer, EtherConfig(method="ether_plus", n_blocks=2, target_modules=targets), "tmp")
+    inject(pipe.text_encoder, EtherConfig(method="ether", target_modules="text-encoder-attention"), "tmp")
+    for i, component in enumerate(("transformer", "text_encoder")):
+        randomize_adapters(getattr(pipe, component), seed=seed + i)
+    written = save_ether_weights(path, pipe, adapter_name="tmp")
+    delete_ether_adapters(pipe, "tmp")
+    return written
+
+
+@pytest.mark.slow  # stock diffusers pipelines loading the exported files: the end-to-end tier
+@pytest.mark.parametrize(
+    "family, format, targets",
+    [
+        ("sd3", "diffusers", "sd3-attention"),
+        ("flux", "diffusers", "flux-attention-ff"),
+        # diffusers' kohya Flux converter splits single_blocks_<i>_linear1 at Flux-dev's widths (3072 x 3 + 12288),
+        # so a tiny model loads the double blocks' layers through it (the single blocks: the next test)
+        (
+            "flux",
+            "kohya",
+            [
+                f"transformer_blocks.0.{m}"
+                for m in (
+                    "attn.to_q",
+                    "attn.to_k",
+                    "attn.to_v",
+                    "to_out.0",
+                    "add_q_proj",
+                    "add_v_proj",
+                    "to_add_out",
+                    "ff.net.0.proj",
+                    "ff_context.net.2",
+                )
+            ],
+        ),
+    ],
+)
+def test_stock_transformer_pipeline_reproduces_the_adapter_from_its_lora(family, format, targets, tmp_path):
+    """A stock StableDiffusion3Pipeline / FluxPipeline + load_lora_weights(exported file) gives the ETHER images."""
+    from safetensors.torch import load_file
+
+    from ether_diffusion.export import export_adapters
+
+    pipe = tiny_pipe(family, tmp_path)
+    base = generate(pipe, ["a red star"])
+    adapter = transformer_adapter(pipe, family, tmp_path / "a.safetensors", targets)
+    load_ether_weights(pipe, adapter, "subject")
+    reference = generate(pipe, ["a red star"])
+    assert np.abs(reference - base).max() > 1e-2  # the adapter changes the images
+
+    fresh = tiny_pipe(family, tmp_path)
+    output = tmp_path / "lora.safetensors"
+    summary = export_adapters([adapter], output, fresh, format=format, dtype="fp32")
+    assert set(summary.layers) == {"transformer", "text_encoder"}
+    assert get_list_ether_adapters(fresh) == {}  # export leaves the pipeline as it found it
+    fresh.load_lora_weights(str(output))
+    assert np.abs(generate(fresh, ["a red star"]) - reference).max() <= 1e-4
+
+    keys = list(load_file(output))
+    prefixes = ("lora_unet_double_blocks_0_", "lora_te1_") if format == "kohya" else ("transformer.", "text_encoder.")
+    assert all(k.startswith(prefixes) for k in keys)
+    for prefix in prefixes:
+        assert any(k.startswith(prefix) for k in keys), prefix
+    if format == "kohya":  # q, k, v are one layer there (and add_k_proj, not adapted, a zero share of txt_attn_qkv)
+        assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
+        assert not any("to_q" in k for k in keys)
+
+
+def test_flux_kohya_single_blocks_fuse_q_k_v_and_the_mlp_input_in_the_original_layout(tmp_path):
+    """sd-scripts' ``single_blocks_<i>_linear1`` is the original checkpoint's fused layer: rows q, k, v, then the MLP
+    input. Applied to that fused weight (built from the base model), the file's factors give the ETHER-adapted
+    layers' weights; ``up`` is block-diagonal in four equal shares of the rank (what diffusers' converter splits)."""
+    from safetensors.torch import load_file
+
+    from ether_diffusion.export import export_adapters
+
+    pipe = tiny_pipe("flux", tmp_path)
+    block = "single_transformer_blocks.0"
+    members = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]
+    fused_base = torch.cat([pipe.transformer.get_submodule(f"{block}.{m}").weight.double() for m in members])
+    targets = [f"{block}.attn.to_q", f"{block}.attn.to_v", "proj_mlp"]
+    adapter = transformer_adapter(pipe, "flux", tmp_path / "a.safetensors", targets)
+    tensors = load_file(export_adapters([adapter], tmp_path / "k.safetensors", pipe, format="kohya", dtype="fp32").path)
+    name = "lora_unet_single_blocks_0_linear1"
+    down, up = tensors[f"{name}.lora_down.weight"].double(), tensors[f"{name}.lora_up.weight"].double()
+    assert float(tensors[f"{name}.alpha"]) == down.shape[0]  # scale 1
+
+    load_ether_weights(pipe, adapter, "subject")
+    fuse_ether(pipe)
+    modules = [pipe.transformer.get_submodule(f"{block}.{m}") for m in members]
+    adapted = torch.cat([getattr(m, "base_layer", m).weight.double() for m in modules])  # fused: the merged weights
+    assert (adapted - fused_base).abs().max() > 1e-3
+    assert torch.allclose(fused_base + up @ down, adapted, atol=1e-5)
+    rows = [getattr(m, "base_layer", m).weight.shape[0] for m in modules]
+    share, start = down.shape[0] // 4, 0
+    for j, count in enumerate(rows):
+        outside = torch.ones(up.shape[1], dtype=torch.bool)
+        outside[j * share : (j + 1) * share] = False
+        assert up[start : start + count, outside].abs().max() == 0
+        start += count
+    assert up[rows[0] : rows[0] + rows[1]].abs().max() == 0  # to_k has no adapter: its share is zero
+    assert "lora_unet_single_blocks_0_linear2.lora_down.weight" not in tensors  # proj_out was not adapted
+
+
+@pytest.mark.slow  # a subprocess: the end-to-end tier
+def test_cli_exports_a_flux_adapter_for_a_flux_folder(tmp_path):
+    """``ether-diffusion export --model <Flux folder> --format kohya``: the folder's family picks the pipeline and the
+    names; a stock FluxPipeline loads the file and draws the ETHER images. A T5 adapter is an error, not a file."""
+    import subprocess
+    import sys
+
+    from diffusers import FluxPipeline
+
+    cli = str(Path(sys.executable).parent / "ether-diffusion")
+    pipe = tiny_pipe("flux", tmp_path)
+    pipe.save_pretrained(tmp_path / "flux")
+    targets = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "to_out.0"]
+    adapter = transformer_adapter(pipe, "flux", tmp_path / "a.safetensors", targets)
+    load_ether_weights(pipe, adapter)
+    reference = generate(pipe, ["a sks star"])
+    output = tmp_path / "lora.safetensors"
+    args = [cli, "export", str(adapter), "--model", str(tmp_path / "flux"), "--format", "kohya", "--dtype", "fp32"]
+    result = subprocess.run([*args, "--output", str(output)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "kohya LoRA written" in result.stdout and "ranks [1, 8, 24] on 10 layers" in result.stdout, result.stdout
+    stock = FluxPipeline.from_pretrained(tmp_path / "flux")
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(str(output))
+    assert np.abs(generate(stock, ["a sks star"]) - reference).max() <= 1e-4
+
+    with_t5 = make_adapter(tiny_pipe("flux", tmp_path), "flux", tmp_path / "t5.safetensors", seed=2)
+    refused = subprocess.run([*args[:2], str(with_t5), *args[3:], "--output", str(tmp_path / "t5-lora.safetensors")],
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert refused.returncode == 2 and "T5 encoder" in refused.stderr, refused.stderr[-3000:]
+    assert not (tmp_path / "t5-lora.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_export_refuses_what_no_lora_loader_applies(family, tmp_path):
+    """An adapter on a T5 encoder cannot travel as LoRA (diffusers' SD3/Flux loaders read none for T5), and SD3 has
+    no kohya format: both say so before anything is written."""
+    from ether_diffusion.export import export_adapters
+
+    pipe = tiny_pipe(family, tmp_path)
+    with_t5 = make_adapter(pipe, family, tmp_path / "t5.safetensors", seed=1)
+    output = tmp_path / "lora.safetensors"
+    with pytest.raises(ValueError, match=rf"{t5_component(family)} \(a T5 encoder\).*load_lora_weights reads"):
+        export_adapters([with_t5], output, pipe)
+    assert not output.exists() and get_list_ether_adapters(pipe) == {}
+    if family == "sd3":
+        plain = transformer_adapter(pipe, family, tmp_path / "a.safetensors", "sd3-attention")
+        with pytest.raises(ValueError, match="Stable Diffusion 3 has no kohya LoRA export.*format='diffusers'"):
+            export_adapters([plain], output, pipe, format="kohya")
+        assert not output.exists()
+
+
 # --- sizes on the real architectures --------------------------------------------------------------------------------
 # stabilityai/stable-diffusion-3-medium-diffusers' transformer/config.json, written out: 24 joint blocks of width 1536
 # (24 heads x 64), patch 2, 16 latent channels, T5's 4096-wide states, 2048-wide pooled CLIP embeddings

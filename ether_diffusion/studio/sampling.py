@@ -135,8 +135,8 @@ class Sampler:
         return pipe
 
     def _pipeline(self):
-        """The text-to-image pipeline of the model's family (SD or SDXL: diffusers' own class, used through the
-        ``pipeline`` module's functions)."""
+        """The text-to-image pipeline of the model's family (SD, SDXL, SD3 or Flux: diffusers' own class, used
+        through the ``pipeline`` module's functions)."""
         if self._pipe is None:
             self._pipe = self._load(None)
         return self._pipe
