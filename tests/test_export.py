@@ -454,3 +454,21 @@ def test_documented_sd15_sizes_come_from_the_architecture():
     rows = table.splitlines()[2:]
     assert len(rows) == 6 and all(row in docs for row in rows), table
     assert "| ETHER | 1 | 99,456 | 1 | 0.44 MB | 0.45 MB |" in rows  # the reference's 0.44 MB
+
+
+@pytest.mark.slow  # full-size architectures on the meta device: the end-to-end tier
+def test_documented_transformer_lora_sizes_come_from_the_architectures():
+    """The SD3-medium and Flux-dev rows of docs/export.md, recomputed (meta device) by scripts/lora_sizes.py."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "lora_sizes.py"
+    spec = importlib.util.spec_from_file_location("lora_sizes", script)
+    sizes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sizes)
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    for model, label in (("sd3-medium", "SD3-medium"), ("flux-dev", "Flux-dev")):
+        rows = sizes.table(blocks=(1,), model=model).splitlines()[2:]
+        documented = [row for row in rows if "one-sided" not in row]
+        assert len(documented) == 2
+        for row in documented:
+            assert f"| {label} {row}" in docs, row

@@ -21,6 +21,7 @@ from conftest import (
 )
 
 from ether_diffusion import EtherConfig, inject
+from ether_diffusion.architectures import FLUX_DEV_TRANSFORMER, SD3_MEDIUM_TRANSFORMER
 from ether_diffusion.families import UnsupportedModelError, model_family, pipeline_family
 from ether_diffusion.inject import adapter_layers, count_parameters, eject, find_targets
 from ether_diffusion.io import AdapterFileError, AdapterMismatchError, read_adapter_file, save_adapter
@@ -492,35 +493,7 @@ def test_export_refuses_what_no_lora_loader_applies(family, tmp_path):
 
 
 # --- sizes on the real architectures --------------------------------------------------------------------------------
-# stabilityai/stable-diffusion-3-medium-diffusers' transformer/config.json, written out: 24 joint blocks of width 1536
-# (24 heads x 64), patch 2, 16 latent channels, T5's 4096-wide states, 2048-wide pooled CLIP embeddings
-SD3_MEDIUM = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=192,
-)
-# black-forest-labs/FLUX.1-dev's transformer/config.json: 19 double + 38 single blocks of width 3072 (24 heads x 128),
-# 64 packed input channels (16 latent x 2 x 2), guidance embedding
-FLUX_DEV = dict(
-    patch_size=1,
-    in_channels=64,
-    num_layers=19,
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    pooled_projection_dim=768,
-    guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)
+SD3_MEDIUM, FLUX_DEV = SD3_MEDIUM_TRANSFORMER, FLUX_DEV_TRANSFORMER  # ether_diffusion/architectures.py
 
 # (method, sides) -> (adapted layers, trained parameters) with the family's preset; "training" excludes what the
 # DreamBooth task leaves out (SD3's last block's unread add_q_proj)
