@@ -203,8 +203,17 @@ def job_view(panel: JobPanel, studio: Studio, prefix: str) -> None:
                                 object_fit="contain", elem_id=f"{prefix}previews")  # fmt: skip
 
 
-def presets_row(studio: Studio, kind: str, prefix: str):
-    """Save and load the form as a named preset; returns (dropdown, name box, save, load, delete)."""
+@dataclass
+class PresetsRow:
+    chosen: gr.Dropdown
+    name: gr.Textbox
+    save: gr.Button
+    load: gr.Button
+    delete: gr.Button
+
+
+def presets_row(studio: Studio, kind: str, prefix: str) -> PresetsRow:
+    """Save and load the form as a named preset."""
     with gr.Accordion("Presets", open=False, elem_id=f"{prefix}presets"):
         with gr.Row():
             chosen = gr.Dropdown(studio.presets.names(kind), value=None, label="Saved presets",
@@ -214,7 +223,72 @@ def presets_row(studio: Studio, kind: str, prefix: str):
         with gr.Row():
             name = gr.Textbox(label="Preset name", placeholder="e.g. fast-star", elem_id=f"{prefix}preset-name")
             save = gr.Button("Save the form as a preset", size="sm", elem_id=f"{prefix}preset-save")
-    return chosen, name, save, load, delete
+    return PresetsRow(chosen, name, save, load, delete)
+
+
+def wire_job_form(
+    studio: Studio,
+    demo: gr.Blocks,
+    panel: JobPanel,
+    presets: PresetsRow,
+    kind: str,
+    inputs: set,
+    form_outputs: list,
+    spec_from,
+    fill,
+    preset_spec=None,
+    loaded_note=lambda spec: "",
+) -> None:
+    """What the Train and Control forms share: Start and Estimate read the form (``spec_from(values)``), presets save
+    it (``preset_spec``, default ``spec_from``) and fill it back (``fill(spec, job_state, with_name)``), and after a
+    reload the form shows the running (or last) job of its ``kind``."""
+    preset_spec = preset_spec or spec_from
+
+    def fill_from_job():
+        """After a reload: the running (or last) job's settings, not the defaults."""
+        state = studio.jobs.status()
+        if not state or state["kind"] != kind:
+            return [gr.skip()] * len(form_outputs)
+        return fill(studio.jobs.spec(), state, True)
+
+    @inline_errors(note=0, outputs=1)
+    def start(values: dict):
+        studio.jobs.start(spec_from(values))
+        return ""  # the estimate stays, to compare with the job
+
+    @inline_errors(note=0, outputs=2)
+    def estimate(values: dict):
+        return "", studio.jobs.estimate(spec_from(values)).markdown()
+
+    @inline_errors(note=0, outputs=3)
+    def save_preset(values: dict):
+        preset, replaced = studio.presets.save(values[presets.name], preset_spec(values))
+        said = f"preset '{preset.name}' {'replaced' if replaced else 'saved'}"
+        return said, gr.update(choices=studio.presets.names(kind), value=preset.name), ""
+
+    @inline_errors(note=0, outputs=1 + len(form_outputs))
+    def load_preset(name):
+        if not name:
+            raise StudioError("choose a saved preset to load")
+        preset = studio.presets.load(name)
+        if preset.kind != kind:
+            raise StudioError(f"preset '{name}' is for {preset.kind} training, not this form")
+        spec = preset.spec()
+        return f"loaded preset '{name}'{loaded_note(spec)}", *fill(spec, None, False)
+
+    @inline_errors(note=0, outputs=2)
+    def delete_preset(name):
+        if not name:
+            raise StudioError("choose a saved preset to delete")
+        studio.presets.delete(name)
+        return f"preset '{name}' deleted", gr.update(choices=studio.presets.names(kind), value=None)
+
+    demo.load(fill_from_job, None, form_outputs)
+    panel.start.click(start, inputs, panel.note)
+    panel.estimate.click(estimate, inputs, [panel.note, panel.estimate_text])
+    presets.save.click(save_preset, inputs | {presets.name}, [panel.note, presets.chosen, panel.estimate_text])
+    presets.load.click(load_preset, presets.chosen, [panel.note, *form_outputs])
+    presets.delete.click(delete_preset, presets.chosen, [panel.note, presets.chosen])
 
 
 def wire_jobs(studio: Studio, demo: gr.Blocks, panels: list[JobPanel]) -> None:
@@ -319,7 +393,7 @@ def train_tab(studio: Studio, demo: gr.Blocks, first_subject: str | None) -> Job
                 with gr.Row():
                     form["preview_prompt"] = gr.Textbox("", label="Preview prompt (empty: the instance prompt)")
                     form["guidance_scale"] = gr.Number(defaults.guidance_scale, label="Guidance", minimum=0)
-            chosen, preset_name, save_btn, load_btn, delete_btn = presets_row(studio, TrainSpec.kind, "")
+            presets = presets_row(studio, TrainSpec.kind, "")
             panel = job_buttons("")
         with gr.Column(scale=1):
             job_view(panel, studio, "train-")
@@ -352,58 +426,15 @@ def train_tab(studio: Studio, demo: gr.Blocks, first_subject: str | None) -> Job
         return [*spec_updates(spec, form, with_name), SHIPPED if shipped else UPLOAD,
                 spec.subject if shipped else gr.skip(), studio.images(folder) if folder else gr.skip()]  # fmt: skip
 
-    def fill_from_job():
-        """After a reload: the running (or last) job's settings, not the defaults."""
-        state = studio.jobs.status()
-        if not state or state["kind"] != TrainSpec.kind:
-            return [gr.skip()] * len(form_outputs)
-        return fill(studio.jobs.spec(), state.get("instance_dir"), with_name=True)
-
-    @inline_errors(note=0, outputs=1)
-    def start(values: dict):
-        studio.jobs.start(spec_from(values))
-        return ""  # the estimate stays, to compare with the job
-
-    @inline_errors(note=0, outputs=2)
-    def estimate(values: dict):
-        return "", studio.jobs.estimate(spec_from(values)).markdown()
-
-    @inline_errors(note=0, outputs=3)
-    def save_preset(values: dict):
-        preset, replaced = studio.presets.save(values[preset_name], spec_from(values, need_subject=False))
-        choices = studio.presets.names(TrainSpec.kind)
-        said = f"preset '{preset.name}' {'replaced' if replaced else 'saved'}"
-        return said, gr.update(choices=choices, value=preset.name), ""
-
-    @inline_errors(note=0, outputs=1 + len(form_outputs))
-    def load_preset(name):
-        if not name:
-            raise StudioError("choose a saved preset to load")
-        preset = studio.presets.load(name)
-        if preset.kind != TrainSpec.kind:
-            raise StudioError(f"preset '{name}' is for {preset.kind} training, not this form")
-        spec = preset.spec()
-        note = f"loaded preset '{name}'" + ("; upload your images" if spec.subject is None else "")
-        return note, *fill(spec, None, with_name=False)
-
-    @inline_errors(note=0, outputs=2)
-    def delete_preset(name):
-        if not name:
-            raise StudioError("choose a saved preset to delete")
-        studio.presets.delete(name)
-        return f"preset '{name}' deleted", gr.update(choices=studio.presets.names(TrainSpec.kind), value=None)
-
     source.change(lambda s: (gr.update(visible=s == SHIPPED), gr.update(visible=s == UPLOAD)), source,
                   [subject, uploads])  # fmt: skip
     subject.input(studio.subject_fields, subject, [form["adapter_name"], form["instance_prompt"],
                                                    form["class_prompt"], instance])  # fmt: skip
-    demo.load(fill_from_job, None, form_outputs)
     inputs = {source, subject, uploads, *form.values()}  # a set: handlers receive {component: value}
-    panel.start.click(start, inputs, panel.note)
-    panel.estimate.click(estimate, inputs, [panel.note, panel.estimate_text])
-    save_btn.click(save_preset, inputs | {preset_name}, [panel.note, chosen, panel.estimate_text])
-    load_btn.click(load_preset, chosen, [panel.note, *form_outputs])
-    delete_btn.click(delete_preset, chosen, [panel.note, chosen])
+    wire_job_form(studio, demo, panel, presets, TrainSpec.kind, inputs, form_outputs, spec_from,
+                  lambda spec, state, with_name: fill(spec, (state or {}).get("instance_dir"), with_name),
+                  preset_spec=lambda values: spec_from(values, need_subject=False),
+                  loaded_note=lambda spec: "; upload your images" if spec.subject is None else "")  # fmt: skip
     return panel
 
 
@@ -456,8 +487,7 @@ def control_tab(studio: Studio, demo: gr.Blocks, tab: gr.Tab) -> JobPanel:
                             form["preview_prompt"] = gr.Textbox("", label="Preview prompt (empty: the held-out "
                                                                 "control's caption)")  # fmt: skip
                             form["guidance_scale"] = gr.Number(defaults.guidance_scale, minimum=0, label="Guidance")
-                    chosen, preset_name, save_btn, load_btn, delete_btn = presets_row(studio, ControlSpec.kind,
-                                                                                      "control-")  # fmt: skip
+                    presets = presets_row(studio, ControlSpec.kind, "control-")
                     panel = job_buttons("control-")
                 with gr.Column(scale=1):
                     job_view(panel, studio, "control-")
@@ -515,43 +545,6 @@ def control_tab(studio: Studio, demo: gr.Blocks, tab: gr.Tab) -> JobPanel:
         values["data_dir"] = gr.update(value=spec.data_dir, visible=folder)
         return list(values.values())
 
-    def fill_from_job():
-        state = studio.jobs.status()
-        if not state or state["kind"] != ControlSpec.kind:
-            return [gr.skip()] * len(form_outputs)
-        return fill(studio.jobs.spec(), with_name=True)
-
-    @inline_errors(note=0, outputs=1)
-    def start(values: dict):
-        studio.jobs.start(spec_from(values))
-        return ""  # the estimate stays, to compare with the job
-
-    @inline_errors(note=0, outputs=2)
-    def estimate(values: dict):
-        return "", studio.jobs.estimate(spec_from(values)).markdown()
-
-    @inline_errors(note=0, outputs=3)
-    def save_preset(values: dict):
-        preset, replaced = studio.presets.save(values[preset_name], spec_from(values))
-        said = f"preset '{preset.name}' {'replaced' if replaced else 'saved'}"
-        return said, gr.update(choices=studio.presets.names(ControlSpec.kind), value=preset.name), ""
-
-    @inline_errors(note=0, outputs=1 + len(form_outputs))
-    def load_preset(name):
-        if not name:
-            raise StudioError("choose a saved preset to load")
-        preset = studio.presets.load(name)
-        if preset.kind != ControlSpec.kind:
-            raise StudioError(f"preset '{name}' is for {preset.kind} training, not this form")
-        return f"loaded preset '{name}'", *fill(preset.spec(), with_name=False)
-
-    @inline_errors(note=0, outputs=2)
-    def delete_preset(name):
-        if not name:
-            raise StudioError("choose a saved preset to delete")
-        studio.presets.delete(name)
-        return f"preset '{name}' deleted", gr.update(choices=studio.presets.names(ControlSpec.kind), value=None)
-
     def example(task: str):
         image, caption = example_control(task)
         return image.resize((CANVAS, CANVAS), 0), caption  # nearest: the map's colours stay exact
@@ -577,13 +570,8 @@ def control_tab(studio: Studio, demo: gr.Blocks, tab: gr.Tab) -> JobPanel:
     form["source"].change(lambda s: (gr.update(visible=s != SOURCE_LABELS["folder"]),
                                      gr.update(visible=s == SOURCE_LABELS["folder"])), form["source"],
                           [form["scenes"], form["data_dir"]])  # fmt: skip
-    demo.load(fill_from_job, None, form_outputs)
-    inputs = set(form.values())
-    panel.start.click(start, inputs, panel.note)
-    panel.estimate.click(estimate, inputs, [panel.note, panel.estimate_text])
-    save_btn.click(save_preset, inputs | {preset_name}, [panel.note, chosen, panel.estimate_text])
-    load_btn.click(load_preset, chosen, [panel.note, *form_outputs])
-    delete_btn.click(delete_preset, chosen, [panel.note, chosen])
+    wire_job_form(studio, demo, panel, presets, ControlSpec.kind, set(form.values()), form_outputs, spec_from,
+                  lambda spec, state, with_name: fill(spec, with_name))  # fmt: skip
     example_seg.click(lambda: example("segmentation"), None, [canvas, prompt])
     example_edges.click(lambda: example("edges"), None, [canvas, prompt])
     clear_btn.click(_blank_canvas, None, canvas)
