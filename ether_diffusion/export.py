@@ -105,17 +105,6 @@ _FLUX_DOUBLE_FUSED = {
 }
 _FLUX_SINGLE = {"proj_out": "linear2", "norm.linear": "modulation_lin"}
 _FLUX_SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
-_FLUX_OTHER = {
-    "x_embedder": "img_in",
-    "context_embedder": "txt_in",
-    "time_text_embed.timestep_embedder.linear_1": "time_in_in_layer",
-    "time_text_embed.timestep_embedder.linear_2": "time_in_out_layer",
-    "time_text_embed.guidance_embedder.linear_1": "guidance_in_in_layer",
-    "time_text_embed.guidance_embedder.linear_2": "guidance_in_out_layer",
-    "time_text_embed.text_embedder.linear_1": "vector_in_in_layer",
-    "time_text_embed.text_embedder.linear_2": "vector_in_out_layer",
-    "proj_out": "final_layer_linear",
-}
 
 
 @dataclass
@@ -236,12 +225,10 @@ def _flux_name(path: str) -> tuple[str, str, tuple[str, ...] | None]:
                 if rest in members:
                     return f"{kind}_{index}_{name}", prefix, members
             break
-    else:
-        if path in _FLUX_OTHER:
-            return _FLUX_OTHER[path], "", None
     raise ValueError(
-        f"the Flux layer '{path}' has no name in kohya's Flux format (sd-scripts names the attention, feed-forward, "
-        "modulation and embedding layers); export with format='diffusers'"
+        f"the Flux layer '{path}' has no kohya name here: the Flux kohya export writes the double and single blocks' "
+        "attention, feed-forward and modulation layers (diffusers' converter reads the embedding and final layers of "
+        "such files under other names). Export with format='diffusers'"
     )
 
 

@@ -345,32 +345,24 @@ def transformer_adapter(pipe, family, path, targets, seed=1):
     return written
 
 
+# Every Flux layer kind the kohya export names, except single_blocks_<i>_linear1 (q, k, v, proj_mlp), which diffusers'
+# converter splits at Flux-dev's widths (3 x 3072 + 12288), not a tiny model's: the next test checks its layout
+FLUX_KOHYA_TARGETS = [
+    *(f"transformer_blocks.0.{name}" for name in ("attn.to_q", "attn.to_k", "attn.to_v", "to_out.0", "add_q_proj",
+                                                  "add_v_proj", "to_add_out", "ff.net.0.proj", "ff_context.net.2",
+                                                  "norm1.linear", "norm1_context.linear")),
+    "single_transformer_blocks.0.proj_out",
+    "single_transformer_blocks.0.norm.linear",
+]  # fmt: skip
+
+
 @pytest.mark.slow  # stock diffusers pipelines loading the exported files: the end-to-end tier
 @pytest.mark.parametrize(
     "family, format, targets",
     [
         ("sd3", "diffusers", "sd3-attention"),
         ("flux", "diffusers", "flux-attention-ff"),
-        # diffusers' kohya Flux converter splits single_blocks_<i>_linear1 at Flux-dev's widths (3072 x 3 + 12288),
-        # so a tiny model loads the double blocks' layers through it (the single blocks: the next test)
-        (
-            "flux",
-            "kohya",
-            [
-                f"transformer_blocks.0.{m}"
-                for m in (
-                    "attn.to_q",
-                    "attn.to_k",
-                    "attn.to_v",
-                    "to_out.0",
-                    "add_q_proj",
-                    "add_v_proj",
-                    "to_add_out",
-                    "ff.net.0.proj",
-                    "ff_context.net.2",
-                )
-            ],
-        ),
+        ("flux", "kohya", FLUX_KOHYA_TARGETS),
     ],
 )
 def test_stock_transformer_pipeline_reproduces_the_adapter_from_its_lora(family, format, targets, tmp_path):
@@ -395,7 +387,8 @@ def test_stock_transformer_pipeline_reproduces_the_adapter_from_its_lora(family,
     assert np.abs(generate(fresh, ["a red star"]) - reference).max() <= 1e-4
 
     keys = list(load_file(output))
-    prefixes = ("lora_unet_double_blocks_0_", "lora_te1_") if format == "kohya" else ("transformer.", "text_encoder.")
+    prefixes = ("lora_unet_double_blocks_0_", "lora_unet_single_blocks_0_", "lora_te1_") if format == "kohya" else (
+        "transformer.", "text_encoder.")  # fmt: skip
     assert all(k.startswith(prefixes) for k in keys)
     for prefix in prefixes:
         assert any(k.startswith(prefix) for k in keys), prefix
@@ -485,6 +478,11 @@ def test_export_refuses_what_no_lora_loader_applies(family, tmp_path):
     with pytest.raises(ValueError, match=rf"{t5_component(family)} \(a T5 encoder\).*load_lora_weights reads"):
         export_adapters([with_t5], output, pipe)
     assert not output.exists() and get_list_ether_adapters(pipe) == {}
+    if family == "flux":  # sd-scripts' embedding and final-layer names: diffusers' converter misreads them
+        embedder = transformer_adapter(pipe, family, tmp_path / "x.safetensors", ["x_embedder", "to_q"])
+        with pytest.raises(ValueError, match="'x_embedder' has no kohya name.*format='diffusers'"):
+            export_adapters([embedder], output, pipe, format="kohya")
+        assert not output.exists()
     if family == "sd3":
         plain = transformer_adapter(pipe, family, tmp_path / "a.safetensors", "sd3-attention")
         with pytest.raises(ValueError, match="Stable Diffusion 3 has no kohya LoRA export.*format='diffusers'"):
