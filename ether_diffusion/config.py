@@ -57,6 +57,16 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "unet-self-attention": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"),
     "unet-cross-attention-q-out": ("attn2.to_q", "attn2.to_out.0"),
     "unet-cross-attention-kv": ("attn2.to_k", "attn2.to_v"),
+    # Every attention projection that reads image tokens: the paper's targets less cross-attention's keys and values
+    # (which transform the text tokens, every prompt's).
+    "unet-attention-image": (
+        "attn1.to_q",
+        "attn1.to_k",
+        "attn1.to_v",
+        "attn1.to_out.0",
+        "attn2.to_q",
+        "attn2.to_out.0",
+    ),
     # CLIP text encoder attention.
     "text-encoder-attention": ("q_proj", "k_proj", "v_proj", "out_proj"),
     # SD3 (SD3Transformer2DModel): every joint block's image and context attention projections (and SD3.5's second,

@@ -624,6 +624,7 @@ def test_ablation_presets_split_the_attention_as_named_for_ether_and_the_peers(t
     assert all(".attn1." in p for p in self_attention)
     assert {p.rpartition(".attn2.")[2] for p in q_out} == {"to_q", "to_out.0"}
     assert {p.rpartition(".attn2.")[2] for p in kv} == {"to_k", "to_v"}
+    assert adapted("unet-attention-image") == sorted(self_attention + q_out)  # all but the text-reading k/v
     # keys and values of cross-attention read the text tokens: their input width is the text encoder's
     widths = {t.widths[0] for t in find_targets(tiny_unet, EtherConfig(target_modules="unet-cross-attention-kv"))}
     assert widths == {tiny_unet.config.cross_attention_dim}
