@@ -108,15 +108,18 @@ def plot(rows: list[dict], bases: dict, lora: dict | None, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 6))
+    figure, axes = plt.subplots(figsize=(11, 6.5))
     lines = defaultdict(list)
     for row in rows:
         lines[(row["arm"], row["method"], row["lr_scale"])].append(row)
-    for (arm, method, scale), points in lines.items():
+    colours = plt.get_cmap("tab20").colors
+    styles = {"ether": "--", "ether_plus": "-", "lora": ":", "oft": "-."}
+    for i, ((arm, method, scale), points) in enumerate(lines.items()):
         points.sort(key=lambda r: r["step"])
         xs = [statistics.mean(v[0] for v in r["subjects"].values()) for r in points]
         ys = [statistics.mean(v[1] for v in r["subjects"].values()) for r in points]
-        axes.plot(xs, ys, marker="o", label=f"{arm}: {method} ×{scale}")
+        axes.plot(xs, ys, marker="o", color=colours[i % len(colours)], linestyle=styles.get(method, "-"),
+                  label=f"{arm}: {method} ×{scale}")  # fmt: skip
         axes.annotate(str(points[-1]["step"]), (xs[-1], ys[-1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for values, label, marker in ((bases, "base model", "*"), (lora, "LoRA r=4, paper rate", "s")):
         if values:
@@ -131,7 +134,7 @@ def plot(rows: list[dict], bases: dict, lora: dict | None, path: Path) -> None:
         axes.text(x, y, " goal: above and right", fontsize=8, color="grey", va="bottom")
     axes.set_xlabel("subject fidelity (mean over subjects) →")
     axes.set_ylabel("prompt fidelity (mean over subjects) →")
-    axes.legend(fontsize=7, loc="lower left")
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
