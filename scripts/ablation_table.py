@@ -55,7 +55,7 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
-def build(arms: list[tuple[str, Path]], reference: Path | None) -> tuple[list[dict], dict, dict | None]:
+def build(arms: list[tuple[str, Path]], reference: Path | None) -> tuple[list[dict], dict, dict | None, int]:
     rows, bases = [], {}
     for name, folder in arms:
         runs, base = read_folder(folder)
@@ -63,17 +63,18 @@ def build(arms: list[tuple[str, Path]], reference: Path | None) -> tuple[list[di
         for (method, scale, step), seeds in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
             rows.append({"arm": name, "method": method, "lr_scale": scale, "step": step, "subjects": per_subject(seeds),
                          "runs": sum(len(v) for v in seeds.values())})  # fmt: skip
-    lora = None
+    lora, lora_runs = None, 0
     if reference is not None:
         runs, base = read_folder(reference)
         bases.update(base)
         last = max((step for (method, scale, step) in runs if method == "lora" and scale == 1), default=None)
         if last is not None:
             lora = per_subject(runs[("lora", 1, last)])
-    return rows, bases, lora
+            lora_runs = sum(len(v) for v in runs[("lora", 1, last)].values())
+    return rows, bases, lora, lora_runs
 
 
-def table(rows: list[dict], bases: dict, lora: dict | None) -> str:
+def table(rows: list[dict], bases: dict, lora: dict | None, lora_runs: int = 0) -> str:
     lines = [
         "| arm | method | lr × paper | step | subjects | runs | subject fidelity ↑ | prompt fidelity ↑ "
         "| Δ subject vs LoRA | Δ prompt vs LoRA | goal |",
@@ -96,7 +97,7 @@ def table(rows: list[dict], bases: dict, lora: dict | None) -> str:
     if bases:
         line("—", "base model", "—", 0, bases, "—")
     if lora:
-        line("reference", "lora (reference)", 1, "last", lora, len(lora))
+        line("reference", "lora (reference)", 1, "last", lora, lora_runs)
     for row in rows:
         line(row["arm"], row["method"], row["lr_scale"], row["step"], row["subjects"], row["runs"])
     return "\n".join(lines)
@@ -156,8 +157,8 @@ def main(args) -> None:
         if not folder or not Path(folder, "runs").is_dir():
             raise SystemExit(f"--arm {spec!r}: give NAME=FOLDER, a bench dreambooth output folder (with runs/)")
         arms.append((name, Path(folder)))
-    rows, bases, lora = build(arms, args.reference)
-    text = table(rows, bases, lora)
+    rows, bases, lora, lora_runs = build(arms, args.reference)
+    text = table(rows, bases, lora, lora_runs)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".md").write_text(text + "\n")
     plot(rows, bases, lora, args.output.with_suffix(".png"))

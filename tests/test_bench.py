@@ -657,3 +657,46 @@ def test_issue_17_ablation_knobs_are_benchmark_flags_that_reach_every_run(tmp_pa
         "unet-cross-attention-kv", "input", "cosine")  # fmt: skip
     assert DreamBoothBenchConfig.from_args(["--dataset", str(tmp_path), "--no_prior_preservation"]).run_config(
         subject, "ether", 1.0, 0, tmp_path / "run").with_prior_preservation is False  # fmt: skip
+
+
+def test_ablation_table_pairs_arms_with_lora_and_checks_the_goal(tmp_path):
+    """scripts/ablation_table.py (issue 17): a subject's value is its seeds' mean, Δ is paired over the subjects both
+    folders have, the goal is subject ≥ LoRA + 0.02 and prompt ≥ LoRA − 0.01; snapshots are points of their own."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "ablation_table.py"
+    spec = importlib.util.spec_from_file_location("ablation_table", script)
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+
+    def run(folder, subject, name, method, seed, subject_fid, prompt_fid, curve=None):
+        path = tmp_path / folder / "runs" / subject / name / "scores.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metrics = {"subject_fidelity": subject_fid, "prompt_fidelity": prompt_fid}
+        path.write_text(json.dumps({"method": method, "lr_scale": 1.0, "seed": seed, "steps": 600, "metrics": metrics,
+                                    "curve": curve}))  # fmt: skip
+
+    for subject, (s, p) in {"a": (0.80, 0.90), "b": (0.90, 0.94)}.items():
+        run("ref", subject, "lora-x1-seed0", "lora", 0, s, p)
+    # arm: subject a over two seeds (mean 0.83 / 0.90), b one seed with a snapshot at step 200
+    run("arm", "a", "ether-x1-seed0", "ether", 0, 0.82, 0.91)
+    run("arm", "a", "ether-x1-seed1", "ether", 1, 0.84, 0.89)
+    curve = [{"step": 200, "metrics": {"subject_fidelity": 0.85, "prompt_fidelity": 0.95}},
+             {"step": 600, "metrics": {"subject_fidelity": 0.92, "prompt_fidelity": 0.94}}]  # fmt: skip
+    run("arm", "b", "ether-x1-seed0", "ether", 0, 0.92, 0.94, curve)
+    base = tmp_path / "arm" / "runs" / "a" / "base" / "scores.json"
+    base.parent.mkdir(parents=True)
+    base.write_text(json.dumps({"metrics": {"subject_fidelity": 0.7, "prompt_fidelity": 0.95}}))
+
+    rows, bases, lora, lora_runs = ablation.build([("arm", tmp_path / "arm")], tmp_path / "ref")
+    assert lora_runs == 2 and bases == {"a": (0.7, 0.95)}
+    by_step = {r["step"]: r for r in rows}
+    assert by_step[200]["subjects"] == {"b": (0.85, 0.95)}
+    assert by_step[600]["subjects"]["a"] == pytest.approx((0.83, 0.90))
+    text = ablation.table(rows, bases, lora, lora_runs)
+    last = next(line for line in text.splitlines() if line.startswith("| arm | ether | 1.0 | 600 |"))
+    # Δ subject = mean(0.83 − 0.80, 0.92 − 0.90) = +0.025, Δ prompt = mean(0.90 − 0.90, 0.94 − 0.94) = 0: the goal
+    assert "| +0.025 | +0.000 | yes |" in last, last
+    early = next(line for line in text.splitlines() if line.startswith("| arm | ether | 1.0 | 200 |"))
+    assert "| -0.050 | +0.010 | no |" in early, early  # subject b only: 0.85 − 0.90
