@@ -34,8 +34,10 @@ arms=(
   "e_nokv_cos|--methods ether --target_modules unet-attention-image --lr_scheduler cosine --eval_steps 200 400 --seeds 0"
   "e_init|--methods ether --max_train_steps 1 --seeds 0"
   "m_lora|--methods lora --seeds 2 3"
+  "m_e_paper|--methods ether --seeds 2 3"
+  "m_ep_paper|--methods ether_plus --seeds 2 3"
   "m_e_nokv|--methods ether --target_modules unet-attention-image --seeds 2 3"
-  "m_ep1_nokv|--methods ether_plus --ether_sides input --target_modules unet-attention-image --seeds 2 3"
+  "m_ep_nokv|--methods ether_plus --target_modules unet-attention-image --seeds 2 3"
 )
 
 run_arm() {

@@ -659,6 +659,24 @@ def test_issue_17_ablation_knobs_are_benchmark_flags_that_reach_every_run(tmp_pa
         subject, "ether", 1.0, 0, tmp_path / "run").with_prior_preservation is False  # fmt: skip
 
 
+def test_training_defaults_to_the_image_attention_and_the_benchmark_keeps_the_papers_targets(tmp_path):
+    """Issue 17's default: DreamBooth training adapts unet-attention-image (no cross-attention keys and values); the
+    benchmark stays the paper's protocol (q/k/v/out of every attention) for every method unless told otherwise."""
+    from ether_diffusion.bench.dataset import BenchSubject
+    from ether_diffusion.bench.dreambooth import DreamBoothBenchConfig
+    from ether_diffusion.config import TARGET_PRESETS
+    from ether_diffusion.training.dreambooth import DreamBoothConfig
+
+    trained = DreamBoothConfig(instance_data_dir=str(tmp_path), instance_prompt="a sks dog")
+    assert trained.adapter_config().target_suffixes == TARGET_PRESETS["unet-attention-image"]
+    assert not {"attn2.to_k", "attn2.to_v"} & set(trained.adapter_config().target_suffixes)
+    config = DreamBoothBenchConfig.from_args(["--dataset", str(tmp_path)])
+    subject = BenchSubject("dog", "dog", True, tmp_path / "dog", ())
+    for method in ("ether", "ether_plus", "lora"):
+        run = config.run_config(subject, method, 1.0, 0, tmp_path / "run", tmp_path / "class")
+        assert run.target_modules == "unet-attention"
+
+
 def test_ablation_table_pairs_arms_with_lora_and_checks_the_goal(tmp_path):
     """scripts/ablation_table.py (issue 17): a subject's value is its seeds' mean, Δ is paired over the subjects both
     folders have, the goal is subject ≥ LoRA + 0.02 and prompt ≥ LoRA − 0.01; snapshots are points of their own."""

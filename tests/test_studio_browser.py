@@ -387,15 +387,16 @@ def test_control_train_and_sample_with_a_drawn_map_in_a_browser(browser, tmp_pat
 
         # a map drawn on a blank canvas with the brush (the first class colour)
         page.get_by_role("button", name="Blank canvas").click()
-        page.wait_for_timeout(1000)
+        page.wait_for_timeout(2000)  # the editor redraws its layers: strokes before that are lost on a busy machine
         canvas = page.locator("#control-canvas canvas").first
         box = canvas.bounding_box()
         page.mouse.move(box["x"] + box["width"] * 0.35, box["y"] + box["height"] * 0.35)
         page.mouse.down()
         for k in range(15):
-            page.mouse.move(box["x"] + box["width"] * (0.35 + 0.02 * k), box["y"] + box["height"] * (0.35 + 0.015 * k))
+            page.mouse.move(box["x"] + box["width"] * (0.35 + 0.02 * k), box["y"] + box["height"] * (0.35 + 0.015 * k),
+                            steps=2)  # fmt: skip
         page.mouse.up()
-        page.wait_for_timeout(500)
+        page.wait_for_timeout(1500)  # the stroke reaches the composite the click sends
         page.locator("#control-generate").click()
         deadline = time.monotonic() + 120
         while len(maps := sorted((workspace / "samples").glob("*/02_seed0_base.png"))) < 2:

@@ -86,6 +86,10 @@ class DreamBoothBenchConfig(BenchOptions, DreamBoothConfig):
     )  # fmt: skip
 
     # shared flags with the benchmark's defaults
+    target_modules: str = option(
+        "unet-attention", "a preset or comma-separated module-path suffixes, for every method (default: the paper's "
+        "q/k/v/out of every attention; `ether-diffusion train` defaults to unet-attention-image)",
+    )  # fmt: skip
     pretrained_model_name_or_path: str | None = option(
         None, "diffusers folder, hub id or single checkpoint file (default: the shipped tiny model)", flag="model"
     )

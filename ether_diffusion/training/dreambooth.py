@@ -75,6 +75,13 @@ class DreamBoothConfig(RunConfig):
     )
     foreign_flags = DREAMBOOTH_FOREIGN_FLAGS
 
+    target_modules: str = option(
+        "unet-attention-image",
+        "a preset or comma-separated module-path suffixes. Default unet-attention-image: every attention projection "
+        "that reads image tokens (the paper's targets less cross-attention's keys and values, which transform every "
+        "prompt's text tokens and carried most of the prompt drift measured in docs/quality.md); unet-attention is "
+        "the paper's",
+    )
     instance_data_dir: str | None = option(
         None, "folder with 3-10 images of the subject; a caption file beside an image (dog1.png, dog1.txt: kohya's "
         "layout) replaces --instance_prompt for that image",
