@@ -23,6 +23,8 @@ arms=(
   "ep_nokv|--methods ether_plus --target_modules unet-attention-image --eval_steps 200 400 --seeds 0"
   "ep_nokv_x3|--methods ether_plus --target_modules unet-attention-image --lr_scales 3 --eval_steps 200 400 --seeds 0"
   "ep_nokv_1200|--methods ether_plus --target_modules unet-attention-image --max_train_steps 1200 --eval_steps 300 600 900 --seeds 0"
+  "ep_nokv_nb4|--methods ether_plus --target_modules unet-attention-image --n_blocks 4 --seeds 0"
+  "ep_nokv_ci10|--methods ether_plus --target_modules unet-attention-image --num_class_images 10 --seeds 0"
   "ep_nokv_prior2|--methods ether_plus --target_modules unet-attention-image --prior_loss_weight 2 --eval_steps 200 400 --seeds 0"
   "ep_self|--methods ether_plus --target_modules unet-self-attention --eval_steps 200 400 --seeds 0"
   "ep_kv|--methods ether_plus --target_modules unet-cross-attention-kv --eval_steps 200 400 --seeds 0"
