@@ -40,6 +40,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors.torch import save, save_file
@@ -140,7 +141,7 @@ def lora_factors(model: nn.Module) -> dict[str, LoraFactors]:
 def kohya_name(component: str, path: str, two_encoders: bool = False) -> str:
     """``lora_unet_down_blocks_0_…_to_q`` for ``("unet", "down_blocks.0.….to_q")``: the name A1111/ComfyUI use.
 
-    With ``two_encoders`` (SDXL) the first text encoder is ``lora_te1_``, as kohya's SDXL files name it."""
+    With ``two_encoders`` (SDXL; Flux's CLIP-L) the first text encoder is ``lora_te1_``, as kohya's files name it."""
     if component not in KOHYA_PREFIXES:
         raise ValueError(f"the kohya format names only {sorted(KOHYA_PREFIXES)}; got a component {component!r}")
     prefix = "lora_te1_" if two_encoders and component == "text_encoder" else KOHYA_PREFIXES[component]
@@ -174,20 +175,17 @@ def _peft_metadata(layers: Mapping[str, LoraFactors]) -> dict:
 
 
 def _family_of(components: Mapping[str, nn.Module], family: str | None) -> str:
-    """The model family the components come from: given, else told by the transformer's class (SD3 or Flux) or by a
-    second CLIP encoder (SDXL); Stable Diffusion otherwise."""
+    """The model family the components come from: given, else told by the denoiser as ``pipeline_family`` tells it
+    (the transformer's class; SDXL's UNet by its added conditioning); Stable Diffusion when there is no denoiser."""
     if family is not None:
         if family not in LORA_COMPONENTS:
             raise ValueError(f"unknown model family {family!r}; choose one of {sorted(LORA_COMPONENTS)}")
         return family
-    transformer = components.get("transformer")
-    if transformer is not None:
-        name = type(getattr(transformer, "_orig_mod", transformer)).__name__
-        found = next((f.name for f in FAMILIES.values() if f.denoiser_class == name), None)
-        if found is None:
-            raise ValueError(f"no LoRA export for a {name} transformer; supported: {supported_families()}")
-        return found
-    return "sdxl" if components.get("text_encoder_2") is not None else "sd"
+    found = pipeline_family(SimpleNamespace(**components))
+    if found is None and components.get("transformer") is not None:
+        name = type(components["transformer"]).__name__
+        raise ValueError(f"no LoRA export for a {name} transformer; supported: {supported_families()}")
+    return found.name if found is not None else "sd"
 
 
 def _check_loadable(factors: Mapping[str, object], family: str) -> None:
@@ -313,7 +311,7 @@ def lora_state_dict(
                 fused = _flux_kohya_factors(layers, components[component])
                 named.update({f"lora_unet_{n}": f for n, f in fused.items()})
             else:
-                named.update({f"lora_te1_{p.replace('.', '_')}": (f.down, f.up) for p, f in layers.items()})
+                named.update({kohya_name(component, p, two_encoders=True): (f.down, f.up) for p, f in layers.items()})
         for name, (down, up) in named.items():
             tensors[f"{name}.lora_down.weight"] = down.to(dtype).contiguous()
             tensors[f"{name}.lora_up.weight"] = up.to(dtype).contiguous()
@@ -377,6 +375,7 @@ def save_lora(
         parts = {c: m for c in ADAPTABLE_COMPONENTS if isinstance(m := getattr(pipe, c, None), nn.Module)}
         family = getattr(pipeline_family(pipe), "name", None)
     parts.update({c: m for c, m in components.items() if m is not None})
+    family = _family_of(parts, family)
     tensors, header, factors = lora_state_dict(parts, format, DTYPES[dtype_name], family)
     header.update({str(k): str(v) for k, v in (metadata or {}).items()})
     header["ether_diffusion_version"] = __version__
@@ -384,7 +383,7 @@ def save_lora(
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     layers = {c: [f.rank for f in found.values()] for c, found in factors.items()}
-    per_layer = format == "kohya" and _family_of(parts, family) == "flux"
+    per_layer = format == "kohya" and family == "flux"
     if per_layer:  # the file's layers (q, k, v fused into one) and their ranks, not the adapted layers'
         layers = collections.defaultdict(list)
         for key, tensor in tensors.items():
