@@ -662,6 +662,8 @@ def test_issue_17_ablation_knobs_are_benchmark_flags_that_reach_every_run(tmp_pa
 def test_training_defaults_to_the_image_attention_and_the_benchmark_keeps_the_papers_targets(tmp_path):
     """Issue 17's default: DreamBooth training adapts unet-attention-image (no cross-attention keys and values); the
     benchmark stays the paper's protocol (q/k/v/out of every attention) for every method unless told otherwise."""
+    from pathlib import Path
+
     from ether_diffusion.bench.dataset import BenchSubject
     from ether_diffusion.bench.dreambooth import DreamBoothBenchConfig
     from ether_diffusion.config import TARGET_PRESETS
@@ -675,6 +677,20 @@ def test_training_defaults_to_the_image_attention_and_the_benchmark_keeps_the_pa
     for method in ("ether", "ether_plus", "lora"):
         run = config.run_config(subject, method, 1.0, 0, tmp_path / "run", tmp_path / "class")
         assert run.target_modules == "unet-attention"
+    # the SD-1.5 sizes docs/dreambooth.md gives for the default (the UNet built on the meta device)
+    from diffusers import UNet2DConditionModel
+
+    from ether_diffusion import count_parameters, delete_adapter, inject
+    from ether_diffusion.architectures import SD15_UNET
+    from ether_diffusion.config import EtherConfig
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "dreambooth.md").read_text()
+    for method in ("ether", "ether_plus"):
+        inject(unet, EtherConfig(method=method, target_modules="unet-attention-image"), "size")
+        assert f"{count_parameters(unet, 'size'):,}" in docs
+        delete_adapter(unet, "size")
 
 
 def test_ablation_table_pairs_arms_with_lora_and_checks_the_goal(tmp_path):
