@@ -436,6 +436,51 @@ def bench_sync(unet, model: str, args, device, dtype):
     return rows
 
 
+def bench_compile(unet, args, device, dtype):
+    """Every adapted layer of the UNet (ETHER and ETHER+ n=1), fed the activations it sees at ``--sizes[0]``,
+    compiled with ``torch.compile(fullgraph=True)`` (inductor: Triton kernels on a GPU; any graph break raises):
+    forward and backward compared with eager under the run's autocast."""
+    rows = []
+    inputs = training_inputs(unet, args.sizes[0], 1, device, dtype)
+    latents, timesteps, context, extra, _ = inputs
+    for key in ("ether1", "etherplus1"):
+        with VARIANTS[key].make(unet):
+            layers = [m for m in unet.modules() if isinstance(m, EtherLayer)]
+            seen = {}
+            hooks = [
+                m.register_forward_pre_hook(lambda m, a, seen=seen: seen.setdefault(m, a[0].detach())) for m in layers
+            ]
+            with torch.no_grad(), autocast(device, dtype):
+                unet(latents, timesteps, context, **extra)
+            for hook in hooks:
+                hook.remove()
+            row = dict(variant=VARIANTS[key].label, backend="inductor", layers=len(layers), max_error="")
+            started = time.perf_counter()
+            try:
+                torch._dynamo.reset()
+                worst = 0.0
+                for layer in layers:
+                    x = seen[layer].clone().requires_grad_(True)
+                    outputs = []
+                    for fn in (layer, torch.compile(layer, fullgraph=True)):
+                        x.grad = None
+                        with autocast(device, dtype):
+                            y = fn(x)
+                        y.float().square().mean().backward()
+                        outputs += [y.float(), x.grad.float()]
+                    for eager, compiled in ((outputs[0], outputs[2]), (outputs[1], outputs[3])):
+                        scale = max(eager.abs().max().item(), 1e-12)
+                        worst = max(worst, (eager - compiled).abs().max().item() / scale)
+                row["max_error"] = f"{worst:.1e} of the largest value (output, input gradient)"
+                row["result"] = f"compiled, no graph break ({time.perf_counter() - started:.0f} s)"
+            except Exception as error:
+                row["result"] = "FAILED: " + f"{type(error).__name__}: {error}".strip().splitlines()[0][:200]
+            print(f"  compile {row['variant']:<24} {row['layers']} layers {row['max_error']} {row['result']}")
+            rows.append(row)
+    torch._dynamo.reset()
+    return rows
+
+
 def sample_loop(unet, latents, context, steps, device, dtype):
     from diffusers import DDIMScheduler
 
@@ -653,6 +698,17 @@ def markdown(result) -> str:
                 f"| {_range(row['time'], digits=3)} | {row['ratio']['median']:.3f} {row['ratio_to']} | "
                 f"{_range(row['ratio'], digits=3)} |"
             )
+    compiled = result.get("compile", [])
+    if compiled:
+        lines += ["", "## torch.compile(fullgraph=True) of the adapted layers", ""]
+        lines += ["| variant | backend | layers | forward + backward vs eager | result |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {row['variant']} | {row['backend']} | {row['layers']} | {row['max_error']} | {row['result']} |"
+            for row in compiled
+        ]
+    errors = result.get("errors", {})
+    if errors:
+        lines += ["", "## Sections that failed", ""] + [f"- {name}: `{text}`" for name, text in errors.items()]
     adapters = result.get("adapters", [])
     if adapters:
         lines += [
@@ -670,10 +726,10 @@ def markdown(result) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = ("training", "sync", "sdxl", "inference", "adapters")
+SECTIONS = ("training", "sync", "sdxl", "inference", "compile", "adapters")
 PROFILES = {  # what a plain run measures, per device kind
     "cpu": dict(sections=["training", "inference", "adapters"], variants=list(VARIANTS), sizes=[16, 32]),
-    "cuda": dict(sections=["training", "sync", "sdxl", "inference"], variants=ISSUE_VARIANTS, sizes=[64]),
+    "cuda": dict(sections=["training", "sync", "sdxl", "inference", "compile"], variants=ISSUE_VARIANTS, sizes=[64]),
 }
 
 
@@ -763,12 +819,21 @@ def main(args) -> dict:
         "sync": lambda: bench_sync(sd15, sd15_name, args, device, dtype),
         "sdxl": lambda: bench_sdxl(args, meter, device, dtype, weights),
         "inference": lambda: bench_inference(sd15, args, meter, device, dtype),
+        "compile": lambda: bench_compile(sd15, args, device, dtype),
         "adapters": lambda: bench_adapters(sd15, args, meter),
     }
     for name in [s for s in SECTIONS if s in args.sections]:
         section_start = time.perf_counter()
         print(f"{name} ({time.perf_counter() - started:.0f} s so far)", flush=True)
-        result[name] = sections[name]()
+        try:
+            result[name] = sections[name]()
+        except Exception as error:  # a device run is one shot: a failing section is reported, the next ones still run
+            if args.quick:
+                raise
+            result.setdefault("errors", {})[name] = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            print(f"  {name} failed: {result['errors'][name]}", flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         result.setdefault("section_s", {})[name] = time.perf_counter() - section_start
         result["elapsed_s"] = time.perf_counter() - started
         # the report is rewritten after each section: a run cut short keeps what it measured
