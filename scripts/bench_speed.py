@@ -436,6 +436,58 @@ def bench_sync(unet, model: str, args, device, dtype):
     return rows
 
 
+def bench_compiled_training(unet, args, meter, device, dtype):
+    """The training step with the whole UNet under ``torch.compile`` (what ``--compile`` does): one copy of the UNet
+    per variant (floor, ETHER, ETHER+), each compiled once (in its first visit's warm-up), then interleaved rounds."""
+    import copy
+
+    keys = [key for key in ("floor", "ether1", "etherplus1") if key in args.variants]
+    size, batch = args.sizes[0], args.batches[0]
+    inputs = training_inputs(unet, size, batch, device, dtype)
+    steps, trainable, compile_s = {}, {}, {}
+    with contextlib.ExitStack() as stack:
+        for key in keys:
+            model = copy.deepcopy(unet)
+            params = stack.enter_context(VARIANTS[key].make(model))
+            trainable[key] = sum(p.numel() for p in params)
+            steps[key] = training_step(torch.compile(model), inputs, torch.optim.AdamW(params, lr=1e-4), device, dtype)
+
+        def visit(key):
+            if key not in compile_s:
+                started = time.perf_counter()
+                steps[key]()
+                meter.sync()
+                compile_s[key] = time.perf_counter() - started
+            for _ in range(args.warmup):
+                steps[key]()
+            return meter.seconds_per_call(steps[key], args.steps_per_visit)
+
+        visits = interleaved(keys, args.rounds, visit)
+    torch._dynamo.reset()
+    rows = []
+    for key in keys:
+        row = dict(
+            model="SD-1.5 UNet" + (" (tiny)" if args.quick else "") + ", torch.compile",
+            size=size,
+            batch=batch,
+            variant=VARIANTS[key].label,
+            key=key,
+            times=visits[key],
+            time=spread(visits[key]),
+            ratio=spread([t / f for t, f in zip(visits[key], visits["floor"])]),
+            trainable=trainable[key],
+            compile_s=compile_s[key],
+        )
+        rows.append(row)
+        print(
+            f"  compiled {size}² b{batch} {row['variant']:<32} {row['time']['median'] * 1e3:9.1f} ms  ×floor "
+            f"{row['ratio']['median']:.3f} ({row['ratio']['min']:.3f}-{row['ratio']['max']:.3f})  "
+            f"first step {compile_s[key]:.0f} s",
+            flush=True,
+        )
+    return rows
+
+
 def bench_compile(unet, args, device, dtype):
     """Every adapted layer of the UNet (ETHER and ETHER+ n=1), fed the activations it sees at ``--sizes[0]``,
     compiled with ``torch.compile(fullgraph=True)`` (inductor: Triton kernels on a GPU; any graph break raises):
@@ -454,12 +506,19 @@ def bench_compile(unet, args, device, dtype):
                 unet(latents, timesteps, context, **extra)
             for hook in hooks:
                 hook.remove()
+            # one layer per (input shape, dtype, weight shape): the rest would only recompile the same graph
+            signatures = {}
+            for layer in layers:
+                signatures.setdefault(
+                    (tuple(seen[layer].shape), seen[layer].dtype, layer.in_features, layer.out_features), layer
+                )
+            layers = list(signatures.values())
             row = dict(variant=VARIANTS[key].label, backend="inductor", layers=len(layers), max_error="")
             started = time.perf_counter()
             try:
-                torch._dynamo.reset()
                 worst = 0.0
                 for layer in layers:
+                    torch._dynamo.reset()
                     x = seen[layer].clone().requires_grad_(True)
                     outputs = []
                     for fn in (layer, torch.compile(layer, fullgraph=True)):
@@ -475,7 +534,7 @@ def bench_compile(unet, args, device, dtype):
                 row["result"] = f"compiled, no graph break ({time.perf_counter() - started:.0f} s)"
             except Exception as error:
                 row["result"] = "FAILED: " + f"{type(error).__name__}: {error}".strip().splitlines()[0][:200]
-            print(f"  compile {row['variant']:<24} {row['layers']} layers {row['max_error']} {row['result']}")
+            print(f"  compile {row['variant']:<24} {row['layers']} layer shapes {row['max_error']} {row['result']}")
             rows.append(row)
     torch._dynamo.reset()
     return rows
@@ -698,10 +757,27 @@ def markdown(result) -> str:
                 f"| {_range(row['time'], digits=3)} | {row['ratio']['median']:.3f} {row['ratio_to']} | "
                 f"{_range(row['ratio'], digits=3)} |"
             )
+    whole = result.get("compiled", [])
+    if whole:
+        lines += ["", "## Training step with the whole UNet under torch.compile (inductor)", ""]
+        lines += [
+            "| model | latents | batch | variant | median ms | min–max ms | × floor | × floor min–max | first step s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {row['model']} | {row['size']}² | {row['batch']} | {row['variant']} "
+            f"| {row['time']['median'] * 1e3:.1f} "
+            f"| {_range(row['time'], 1e3)} | {row['ratio']['median']:.3f} | {_range(row['ratio'], digits=3)} "
+            f"| {row['compile_s']:.0f} |"
+            for row in whole
+        ]
     compiled = result.get("compile", [])
     if compiled:
         lines += ["", "## torch.compile(fullgraph=True) of the adapted layers", ""]
-        lines += ["| variant | backend | layers | forward + backward vs eager | result |", "|---|---|---|---|---|"]
+        lines += [
+            "| variant | backend | distinct layer shapes | forward + backward vs eager | result |",
+            "|---|---|---|---|---|",
+        ]
         lines += [
             f"| {row['variant']} | {row['backend']} | {row['layers']} | {row['max_error']} | {row['result']} |"
             for row in compiled
@@ -726,10 +802,12 @@ def markdown(result) -> str:
     return "\n".join(lines) + "\n"
 
 
-SECTIONS = ("training", "sync", "sdxl", "inference", "compile", "adapters")
+SECTIONS = ("training", "sync", "sdxl", "inference", "compiled", "compile", "adapters")
 PROFILES = {  # what a plain run measures, per device kind
     "cpu": dict(sections=["training", "inference", "adapters"], variants=list(VARIANTS), sizes=[16, 32]),
-    "cuda": dict(sections=["training", "sync", "sdxl", "inference", "compile"], variants=ISSUE_VARIANTS, sizes=[64]),
+    "cuda": dict(
+        sections=["training", "sync", "sdxl", "inference", "compiled", "compile"], variants=ISSUE_VARIANTS, sizes=[64]
+    ),
 }
 
 
@@ -819,6 +897,7 @@ def main(args) -> dict:
         "sync": lambda: bench_sync(sd15, sd15_name, args, device, dtype),
         "sdxl": lambda: bench_sdxl(args, meter, device, dtype, weights),
         "inference": lambda: bench_inference(sd15, args, meter, device, dtype),
+        "compiled": lambda: bench_compiled_training(sd15, args, meter, device, dtype),
         "compile": lambda: bench_compile(sd15, args, device, dtype),
         "adapters": lambda: bench_adapters(sd15, args, meter),
     }
