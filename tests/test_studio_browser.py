@@ -122,22 +122,30 @@ def fill(page, elem_id: str, value) -> None:
 
 
 def phase_of(status_text: str) -> str:
+    """The phase line of the job status: the line after the title (``name · kind · method · job id``). Gradio may put
+    its own progress text above the markdown while an update is in flight, so the title is found, not assumed first."""
     lines = [line.strip() for line in status_text.splitlines() if line.strip()]
-    return lines[1] if len(lines) > 1 else ""
+    titles = [i for i, line in enumerate(lines) if " · job " in line]
+    return lines[titles[0] + 1] if titles and titles[0] + 1 < len(lines) else ""
 
 
 def stop_and_watch(page, prefix: str = "") -> tuple[float, list[str]]:
-    """Press Stop; return the seconds until the page says "stopped" and the phases it showed from "stopping" on."""
+    """Press Stop; return the seconds until the page says "stopped" and the phases it showed once the stop reached it
+    (the phase shown when Stop was pressed stays on screen until the next update; that leading run is left out, so a
+    phase that comes back after the stop showed is still caught)."""
     status = page.locator(f"#{prefix or 'train-'}status")
+    before = phase_of(status.inner_text())
     seen = []
     started = time.monotonic()
     page.locator(f"#{prefix}stop").click()
     while time.monotonic() - started < 60:
-        seen.append(phase_of(status.inner_text()))
-        if seen[-1] == "stopped":
-            return time.monotonic() - started, seen[seen.index("stopping") if "stopping" in seen else 0 :]
+        phase = phase_of(status.inner_text())
+        if phase and (seen or phase != before):
+            seen.append(phase)
+        if phase == "stopped":
+            return time.monotonic() - started, seen
         page.wait_for_timeout(50)
-    raise AssertionError(f"the page did not show 'stopped' within 60 s; phases seen: {sorted(set(seen))}")
+    raise AssertionError(f"the page did not show 'stopped' within 60 s; phases seen: {seen}")
 
 
 def eta_seconds(status_text: str) -> int | None:
