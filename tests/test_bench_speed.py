@@ -34,7 +34,8 @@ def test_spread_reports_median_range_and_quartiles(bench):
 def test_the_cuda_profile_covers_issue_18s_rows(bench):
     args = bench.parse_args(["--device", "cuda"])
     assert args.dtype == "bf16" and args.sizes == [64] and args.batches == [1, 4] and args.sdxl_size == 128
-    assert args.sections == ["training", "sync", "sdxl", "inference", "compile"] and args.steps == 25
+    assert args.sections == ["training", "sync", "sdxl", "inference", "compiled", "compile"] and args.steps == 25
+    assert args.compile_backend == "inductor"
     assert [bench.VARIANTS[key].label for key in args.variants] == [
         "floor (frozen + 1 scalar/layer)",
         "ETHER n=1",
@@ -66,9 +67,21 @@ def test_quick_benchmark_writes_every_section(bench, tmp_path):
 @pytest.mark.slow
 def test_quick_run_of_the_cuda_rows_on_the_cpu(bench, tmp_path):
     """The GPU script's rows (SD-1.5 and SDXL with gradient checkpointing, the sync check, sampling) on tiny UNets."""
-    args = bench.parse_args(["--quick", "--device", "cpu", "--profile", "cuda", "--output_dir", str(tmp_path)])
+    args = bench.parse_args(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--profile",
+            "cuda",
+            "--compile_backend",
+            "aot_eager",
+            "--output_dir",
+            str(tmp_path),
+        ]
+    )
     assert args.sections == list(bench.SECTIONS)
-    args.sections = ["training", "sync", "sdxl", "inference", "compile"]
+    args.sections = ["training", "sync", "sdxl", "inference", "compiled", "compile"]
     result = bench.main(args)
     sdxl = result["sdxl"]
     assert [r["key"] for r in sdxl] == bench.ISSUE_VARIANTS and all(r["checkpointing"] for r in sdxl)
@@ -80,6 +93,9 @@ def test_quick_run_of_the_cuda_rows_on_the_cpu(bench, tmp_path):
     assert {r["variant"] for r in result["inference"]} >= {"base", "ETHER fused", "ETHER+ two-sided unfused"}
     report = (tmp_path / "speed_cpu_quick.md").read_text()
     assert "SDXL UNet (tiny) (gradient checkpointing)" in report and "Host-device synchronisation" in report
+    blocks = result["compiled"]
+    assert [r["key"] for r in blocks] == ["floor", "ether1", "etherplus1"] and blocks[0]["ratio"]["median"] == 1.0
+    assert all(r["time"]["median"] > 0 and r["compile_s"] > 0 and len(r["times"]) == 2 for r in blocks)
     compiled = result["compile"]
     assert [r["variant"] for r in compiled] == ["ETHER n=1", "ETHER+ two-sided n=1"]
     assert all(r["result"].startswith("compiled, no graph break") and r["layers"] > 0 for r in compiled), compiled

@@ -63,3 +63,38 @@ def test_a_mixed_batch_compiles_without_graph_breaks():
         torch._dynamo.reset()
         out = torch.compile(model, fullgraph=True, backend="eager")(x)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ether", "ether_plus"])
+def test_the_unets_transformer_blocks_compile_with_adapters_inside(tiny_unet, method):
+    """diffusers' regional compilation (``compile_repeated_blocks(fullgraph=True)``) of a UNet with ETHER on every
+    attention projection: no graph break in the real blocks, and the same prediction and gradients as eager."""
+    torch.manual_seed(0)
+    inject(tiny_unet, EtherConfig(method=method), "a")
+    tiny_unet.requires_grad_(False)
+    params = adapter_parameters(tiny_unet)
+    for p in params:
+        p.requires_grad_(True)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.3 * torch.randn_like(p))
+    size = tiny_unet.config.sample_size
+    latents = torch.randn(2, tiny_unet.config.in_channels, size, size)
+    context = torch.randn(2, 7, tiny_unet.config.cross_attention_dim)
+    timesteps = torch.tensor([10, 500])
+
+    def loss_and_grads():
+        loss = tiny_unet(latents, timesteps, context).sample.square().mean()
+        grads = torch.autograd.grad(loss, params)
+        return loss.detach(), grads
+
+    expected, expected_grads = loss_and_grads()
+    torch._dynamo.reset()
+    tiny_unet.compile_repeated_blocks(fullgraph=True, backend="aot_eager")  # raises on any graph break
+    compiled_blocks = [m for m in tiny_unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    assert compiled_blocks and all(m._compiled_call_impl is not None for m in compiled_blocks)
+    loss, grads = loss_and_grads()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
