@@ -23,8 +23,8 @@ log="$OUT/gpu_speed.log"
 export PYTHONPATH=$PWD HF_HUB_OFFLINE=1
 {
   date -u
-  git log -1 --format='commit %H %s' 2>/dev/null || true
-  git status --short 2>/dev/null | head -20
+  # what was measured: a hash of the code (a copied working tree's git metadata can lag behind its files)
+  echo "code sha256 $(cat ether_diffusion/*.py scripts/bench_speed.py | sha256sum | cut -c1-16) (ether_diffusion/*.py + scripts/bench_speed.py)"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
   if ! python3 -c "import diffusers" 2>/dev/null; then
     ls .whl/*.whl >/dev/null 2>&1 || { echo "diffusers is missing and .whl/ holds no wheels: see the header"; exit 2; }
