@@ -300,8 +300,9 @@ def test_a_full_disk_at_the_final_save_keeps_the_previous_adapter(world, tmp_pat
 
 @pytest.mark.slow
 def test_compile_trains_the_same_adapter(world, tmp_path):
-    """--compile runs the loop on a torch.compile'd UNet (here aot_eager: the traced forward and backward graphs
-    without code generation, fast on a CPU) and trains what the eager loop trains."""
+    """--compile runs the loop with the UNet's transformer blocks compiled (the default scope) or the whole UNet
+    (--compile_scope model), here with aot_eager (the traced forward and backward graphs without code generation,
+    fast on a CPU), and trains what the eager loop trains."""
     from conftest import launch_env
 
     from ether_diffusion.io import read_adapter_file
@@ -311,7 +312,8 @@ def test_compile_trains_the_same_adapter(world, tmp_path):
               str(world / "instance"), "--instance_prompt", "a sks star", "--quiet", "--max_train_steps", "3",
               "--report_to", "none", "--ether_method", "ether_plus", "--n_blocks", "2"]  # fmt: skip
     files = {}
-    for name, extra in (("eager", []), ("compiled", ["--compile", "--dynamo_backend", "aot_eager"])):
+    compiled = ["--compile", "--dynamo_backend", "aot_eager"]
+    for name, extra in (("eager", []), ("blocks", compiled), ("model", [*compiled, "--compile_scope", "model"])):
         out = tmp_path / name
         run = subprocess.run(
             [str(cli), *common, "--output_dir", str(out), *extra],
@@ -324,6 +326,9 @@ def test_compile_trains_the_same_adapter(world, tmp_path):
         files[name] = read_adapter_file(out / "ether_adapter.safetensors").tensors
         card = (out / "README.md").read_text()
         assert f"torch.compile {'aot_eager' if extra else 'no'}" in card  # the UNet really ran compiled
-    assert files["eager"].keys() == files["compiled"].keys()
-    for key, value in files["eager"].items():
-        torch.testing.assert_close(files["compiled"][key], value, rtol=1e-4, atol=1e-6)
+        if name == "blocks":
+            assert "torch.compile aot_eager (unet: 4 BasicTransformerBlock)" in card, card
+    for name in ("blocks", "model"):
+        assert files["eager"].keys() == files[name].keys()
+        for key, value in files["eager"].items():
+            torch.testing.assert_close(files[name][key], value, rtol=1e-4, atol=1e-6)

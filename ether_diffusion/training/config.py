@@ -187,6 +187,12 @@ class RunConfig:
     dynamo_backend: str = option(
         "inductor", "torch.compile backend with --compile", choices=("inductor", "aot_eager", "eager", "cudagraphs")
     )
+    compile_scope: str = option(
+        "blocks",
+        "with --compile: 'blocks' compiles each repeated block of the UNet/transformer (diffusers' regional "
+        "compilation: one graph per block shape, compiles in a fraction of the time), 'model' the whole model",
+        choices=("blocks", "model"),
+    )
     report_to: str = option("tensorboard", "tensorboard, wandb, all or none", same_run=False)
     logging_dir: str = option("logs", "TensorBoard folder inside --output_dir", same_run=False)
     dataloader_num_workers: int = option(0, "data loading processes", minimum=0, same_run=False)

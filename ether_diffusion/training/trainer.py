@@ -97,6 +97,21 @@ def _json_ready(value):
     return json.loads(json.dumps(value))
 
 
+def compile_blocks(modules: dict[str, torch.nn.Module], backend: str) -> list[str]:
+    """diffusers' regional compilation of each module that names its repeated blocks (``compile_repeated_blocks``:
+    the UNet's transformer blocks, SD3's and Flux's transformer blocks), in place; the others (text encoders) stay
+    eager. Returns what was compiled, e.g. ``["unet: 16 BasicTransformerBlock"]``."""
+    compiled = []
+    for name, module in modules.items():
+        kinds = getattr(module, "_repeated_blocks", None)
+        if not kinds or not hasattr(module, "compile_repeated_blocks"):
+            continue
+        module.compile_repeated_blocks(backend=backend)
+        found = [m for m in module.modules() if type(m).__name__ in kinds]
+        compiled.append(f"{name}: {len(found)} {'/'.join(sorted({type(m).__name__ for m in found}))}")
+    return compiled
+
+
 class Trainer:
     def __init__(self, task: Task, callbacks: list[Callback] | tuple = ()):
         self.task = task
@@ -120,7 +135,8 @@ class Trainer:
             cpu=not has_accelerator,  # lets `accelerate launch --multi_gpu` / torchrun run data parallel on CPUs
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=config.mixed_precision,
-            dynamo_backend=config.dynamo_backend if config.compile else None,  # prepare() compiles what trains
+            # --compile_scope model: prepare() compiles what trains; blocks: compile_blocks() below
+            dynamo_backend=config.dynamo_backend if config.compile and config.compile_scope == "model" else None,
             log_with=report_to,
             project_config=ProjectConfiguration(
                 project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
@@ -296,6 +312,11 @@ class Trainer:
             power=config.lr_power,
         )
         trainable = task.trainable_modules()
+        blocks = (
+            compile_blocks(trainable, config.dynamo_backend)
+            if config.compile and config.compile_scope == "blocks"
+            else []
+        )
         prepared = accelerator.prepare(*trainable.values(), optimizer, loader, lr_scheduler)
         run.prepared = dict(zip(trainable, prepared[: len(trainable)]))
         optimizer, loader, lr_scheduler = prepared[len(trainable) :]
@@ -303,6 +324,8 @@ class Trainer:
         models = list(run.prepared.values())
         if any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in models):
             result.compiled = config.dynamo_backend
+        elif blocks:
+            result.compiled = f"{config.dynamo_backend} ({', '.join(blocks)})"
 
         # checkpoints hold the task's file (not the frozen weights), optimizer, scheduler, RNG, step and run record
         def save_hook(models, weights, folder):
