@@ -100,12 +100,15 @@ class EtherAdapter(nn.Module):
                 self.register_parameter(parameter_name(vector, side), parameter)
 
     def vectors(self, side: str) -> dict[str, torch.Tensor]:
-        return {v: getattr(self, parameter_name(v, side)) for v in self.method.vector_names}
+        parameters = self._parameters  # a dict lookup per vector: this runs in every training forward
+        return {v: parameters[parameter_name(v, side)] for v in self.method.vector_names}
 
     def terms(self, strength: float) -> SideTerms:
         """Both sides' vectors and coefficients at ``strength``, for ``reflected_linear``."""
-        found = {side: self.method.rank_one_terms(self.vectors(side), strength) for side in self.sides}
-        return SideTerms(found.get("input"), found.get("output"))
+        method = self.method
+        found = [method.rank_one_terms(self.vectors(side), strength) if side in self.sides else None
+                 for side in ("input", "output")]  # fmt: skip
+        return SideTerms(*found)
 
     def caches_factors(self) -> bool:
         """Whether ``factors`` keeps its result: sampling on the CPU only (see there)."""
@@ -149,6 +152,10 @@ class EtherAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method.name}, n_blocks={self.n_blocks}, sides={self.sides}"
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)  # skips a no-op call per tensor and layer
 
 
 def _same_values(tensor: torch.Tensor, copy: torch.Tensor) -> bool:
@@ -282,10 +289,12 @@ class EtherLayer(nn.Module):
             return self._mixed.forward(self, x)
         if not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
-        if len(self.active_adapters) == 1 and not self.stacked:
-            adapter = self.ether_adapters[self.active_adapters[0]]
+        base = self.base_layer
+        if len(self.active_adapters) == 1 and isinstance(base, (nn.Linear, nn.Conv2d)):  # not stacked on a LoRA
+            name = self.active_adapters[0]
+            adapter = self.ether_adapters[name]
             if not adapter.caches_factors():  # training, GPUs, compiled graphs: the whole layer as one node
-                return self._reflected(x, adapter.terms(self.strengths[self.active_adapters[0]]))
+                return self._reflected(x, base, adapter.terms(self.strengths[name]))
         factors = [self.ether_adapters[n].factors(self.strengths[n], x.dtype) for n in self.active_adapters]
         h = x
         for found in factors:  # y = W · H_k ⋯ H_1 x: the first active adapter acts first
@@ -299,15 +308,16 @@ class EtherLayer(nn.Module):
             y = apply_low_rank(y, *output)
         return self._add_bias(self._features_back(y))
 
-    def _reflected(self, x: torch.Tensor, terms: SideTerms) -> torch.Tensor:
-        """``H̃ (W (H x)) + b`` through ``reflected_linear``, in the dtype the base layer would compute in."""
+    def _reflected(self, x: torch.Tensor, base: nn.Module, terms: SideTerms) -> torch.Tensor:
+        """``H̃ (W (H x)) + b`` through ``reflected_linear`` for the plain layer ``base``, in the dtype the base layer
+        would compute in."""
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        bias = self.plain.bias
+        weight, bias = base.weight, base.bias
         y = reflected_linear(
-            self._features_last(x).to(dtype),
-            self._weight_matrix().to(dtype),
-            None if bias is None else bias.to(dtype),
+            _cast(self._features_last(x), dtype),
+            _cast(weight if weight.dim() == 2 else weight.flatten(1), dtype),  # a 1×1 conv's (out, in, 1, 1)
+            None if bias is None else _cast(bias, dtype),
             terms.input,
             terms.output,
         )

@@ -145,9 +145,11 @@ class _Side(NamedTuple):
     @classmethod
     def build(cls, vectors: Sequence[torch.Tensor], coefficients: Sequence[float], dtype: torch.dtype) -> _Side:
         stacked = vectors[0].unsqueeze(0) if len(vectors) == 1 else torch.stack(vectors)  # (K, n, b)
-        norms = stacked.norm(dim=-1, keepdim=True)
+        norms = torch.linalg.vector_norm(stacked, dim=-1, keepdim=True)
         units = stacked / norms.clamp_min(_norm_floor(stacked.dtype))
-        rows = block_rows(units).to(dtype)
+        rows = block_rows(units)
+        if rows.dtype != dtype:
+            rows = rows.to(dtype)
         n = units.shape[1]
         if len(coefficients) == 1:
             return cls(units, norms, rows, rows * coefficients[0])
@@ -158,7 +160,9 @@ class _Side(NamedTuple):
         row's own block, then go back through ``ŵ = w / max(‖w‖, eps)``:
         ``g_w = (g_ŵ - [‖w‖ ≥ eps] ŵ (ŵ·g_ŵ)) / max(‖w‖, eps)``."""
         k, n, b = self.units.shape
-        grad = rows_grad.to(self.units.dtype).view(k, n, n, b).diagonal(dim1=1, dim2=2).transpose(1, 2)  # (K, n, b)
+        if rows_grad.dtype != self.units.dtype:
+            rows_grad = rows_grad.to(self.units.dtype)
+        grad = rows_grad.view(k, n, n, b).diagonal(dim1=1, dim2=2).transpose(1, 2)  # (K, n, b)
         floor = _norm_floor(self.units.dtype)
         radial = (self.units * grad).sum(-1, keepdim=True) * (self.norms >= floor)
         return ((grad - self.units * radial) / self.norms.clamp_min(floor)).unbind(0)

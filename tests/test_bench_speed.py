@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("peft", reason="the benchmark compares against PEFT: pip install -e .[dev]")
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_speed.py"
@@ -100,3 +101,17 @@ def test_quick_run_of_the_cuda_rows_on_the_cpu(bench, tmp_path):
     assert [r["variant"] for r in compiled] == ["ETHER n=1", "ETHER+ two-sided n=1"]
     assert all(r["result"].startswith("compiled, no graph break") and r["layers"] > 0 for r in compiled), compiled
     assert "torch.compile(fullgraph=True) of the adapted layers" in report
+
+
+def test_host_overhead_benchmark_runs_every_variant_interleaved():
+    spec = importlib.util.spec_from_file_location("bench_host_overhead", SCRIPT.with_name("bench_host_overhead.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        per_layer = module.main(["--layers", "3", "--width", "8", "--rounds", "2", "--steps", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert list(per_layer) == ["floor", "ether", "ether_plus", "lora"] and per_layer["floor"] == 0.0
+    ether = module.build("ether_plus", 2, 8)
+    assert sum(p.numel() for p in ether.parameters() if p.requires_grad) == 2 * 4 * 8  # u, v on both sides
