@@ -389,24 +389,28 @@ def bench_training(unet, model: str, sizes, batches, keys, args, meter, device, 
     return rows
 
 
+def adapted_layer_inputs(unet, inputs, device, dtype) -> tuple[list[EtherLayer], dict]:
+    """The UNet's adapted layers and the input each sees in one no-grad forward of ``inputs``."""
+    latents, timesteps, context, extra, _ = inputs
+    layers = [m for m in unet.modules() if isinstance(m, EtherLayer)]
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.setdefault(m, a[0].detach())) for m in layers]
+    with torch.no_grad(), autocast(device, dtype):
+        unet(latents, timesteps, context, **extra)
+    for hook in hooks:
+        hook.remove()
+    return layers, seen
+
+
 def bench_sync(unet, model: str, args, device, dtype):
     """Every adapted layer's training forward + backward and its sampling forward under ``no_host_sync``, fed the
     activations it sees in the UNet; then the whole training step (UNet, loss, AdamW), which tells whether the model
     and optimizer around the adapters are sync-free too (the floor's row)."""
     rows = []
     inputs = training_inputs(unet, args.sizes[0], 1, device, dtype)
-    latents, timesteps, context, extra, _ = inputs
     for key in ("ether1", "etherplus1"):
         with VARIANTS[key].make(unet):
-            layers = [m for m in unet.modules() if isinstance(m, EtherLayer)]
-            seen = {}
-            hooks = [
-                m.register_forward_pre_hook(lambda m, a, seen=seen: seen.setdefault(m, a[0].detach())) for m in layers
-            ]
-            with torch.no_grad(), autocast(device, dtype):
-                unet(latents, timesteps, context, **extra)
-            for hook in hooks:
-                hook.remove()
+            layers, seen = adapted_layer_inputs(unet, inputs, device, dtype)
             for check, training in (("training forward + backward", True), ("sampling forward", False)):
                 rows.append(dict(variant=VARIANTS[key].label, check=f"{len(layers)} layers, {check}"))
                 try:
@@ -500,18 +504,9 @@ def bench_compile(unet, args, device, dtype):
     forward and backward compared with eager under the run's autocast."""
     rows = []
     inputs = training_inputs(unet, args.sizes[0], 1, device, dtype)
-    latents, timesteps, context, extra, _ = inputs
     for key in ("ether1", "etherplus1"):
         with VARIANTS[key].make(unet):
-            layers = [m for m in unet.modules() if isinstance(m, EtherLayer)]
-            seen = {}
-            hooks = [
-                m.register_forward_pre_hook(lambda m, a, seen=seen: seen.setdefault(m, a[0].detach())) for m in layers
-            ]
-            with torch.no_grad(), autocast(device, dtype):
-                unet(latents, timesteps, context, **extra)
-            for hook in hooks:
-                hook.remove()
+            layers, seen = adapted_layer_inputs(unet, inputs, device, dtype)
             # one layer per (input shape, dtype, weight shape): the rest would only recompile the same graph
             signatures = {}
             for layer in layers:
