@@ -46,6 +46,19 @@ def read_folder(folder: Path) -> tuple[dict, dict]:
     return runs, base
 
 
+def read_folders(folders: list[Path]) -> tuple[dict, dict]:
+    """``read_folder`` over several folders of one arm (e.g. one per training seed), their runs pooled."""
+    runs: dict = defaultdict(lambda: defaultdict(list))
+    base = {}
+    for folder in folders:
+        found, found_base = read_folder(folder)
+        base.update(found_base)
+        for key, seeds in found.items():
+            for subject, values in seeds.items():
+                runs[key][subject].extend(values)
+    return runs, base
+
+
 def per_subject(seeds: dict) -> dict:
     return {s: tuple(statistics.mean(v[i] for v in values) for i in (0, 1)) for s, values in seeds.items()}
 
@@ -55,17 +68,19 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
-def build(arms: list[tuple[str, Path]], reference: Path | None) -> tuple[list[dict], dict, dict | None, int]:
+def build(
+    arms: list[tuple[str, list[Path]]], reference: list[Path] | None
+) -> tuple[list[dict], dict, dict | None, int]:
     rows, bases = [], {}
-    for name, folder in arms:
-        runs, base = read_folder(folder)
+    for name, folders in arms:
+        runs, base = read_folders(folders)
         bases.update(base)
         for (method, scale, step), seeds in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
             rows.append({"arm": name, "method": method, "lr_scale": scale, "step": step, "subjects": per_subject(seeds),
                          "runs": sum(len(v) for v in seeds.values())})  # fmt: skip
     lora, lora_runs = None, 0
-    if reference is not None:
-        runs, base = read_folder(reference)
+    if reference:
+        runs, base = read_folders(reference)
         bases.update(base)
         last = max((step for (method, scale, step) in runs if method == "lora" and scale == 1), default=None)
         if last is not None:
@@ -144,8 +159,13 @@ def plot(rows: list[dict], bases: dict, lora: dict | None, path: Path) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arm", action="append", required=True, metavar="NAME=FOLDER", help="an arm's bench folder")
-    parser.add_argument("--reference", type=Path, help="the folder holding LoRA's paper-rate runs (the goal's bar)")
+    parser.add_argument(
+        "--arm", action="append", required=True, metavar="NAME=FOLDER[,FOLDER...]",
+        help="an arm's bench folder; several, comma-separated, pool their runs (e.g. one folder per training seed)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reference", help="the folder(s) holding LoRA's paper-rate runs (the goal's bar), comma-separated"
+    )
     parser.add_argument("--output", type=Path, required=True, help="writes OUTPUT.md and OUTPUT.png")
     return parser.parse_args(argv)
 
@@ -153,11 +173,13 @@ def parse_args(argv=None):
 def main(args) -> None:
     arms = []
     for spec in args.arm:
-        name, _, folder = spec.partition("=")
-        if not folder or not Path(folder, "runs").is_dir():
-            raise SystemExit(f"--arm {spec!r}: give NAME=FOLDER, a bench dreambooth output folder (with runs/)")
-        arms.append((name, Path(folder)))
-    rows, bases, lora, lora_runs = build(arms, args.reference)
+        name, _, folders = spec.partition("=")
+        paths = [Path(folder) for folder in folders.split(",") if folder]
+        if not paths or not all((path / "runs").is_dir() for path in paths):
+            raise SystemExit(f"--arm {spec!r}: give NAME=FOLDER[,FOLDER], bench dreambooth output folders (with runs/)")
+        arms.append((name, paths))
+    reference = [Path(folder) for folder in args.reference.split(",") if folder] if args.reference else None
+    rows, bases, lora, lora_runs = build(arms, reference)
     text = table(rows, bases, lora, lora_runs)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".md").write_text(text + "\n")

@@ -713,9 +713,9 @@ def test_ablation_table_pairs_arms_with_lora_and_checks_the_goal(tmp_path):
 
     for subject, (s, p) in {"a": (0.80, 0.90), "b": (0.90, 0.94)}.items():
         run("ref", subject, "lora-x1-seed0", "lora", 0, s, p)
-    # arm: subject a over two seeds (mean 0.83 / 0.90), b one seed with a snapshot at step 200
+    # arm: subject a over two seeds in two folders (pooled: mean 0.83 / 0.90), b one seed with a snapshot at step 200
     run("arm", "a", "ether-x1-seed0", "ether", 0, 0.82, 0.91)
-    run("arm", "a", "ether-x1-seed1", "ether", 1, 0.84, 0.89)
+    run("arm_s1", "a", "ether-x1-seed1", "ether", 1, 0.84, 0.89)
     curve = [{"step": 200, "metrics": {"subject_fidelity": 0.85, "prompt_fidelity": 0.95}},
              {"step": 600, "metrics": {"subject_fidelity": 0.92, "prompt_fidelity": 0.94}}]  # fmt: skip
     run("arm", "b", "ether-x1-seed0", "ether", 0, 0.92, 0.94, curve)
@@ -723,7 +723,9 @@ def test_ablation_table_pairs_arms_with_lora_and_checks_the_goal(tmp_path):
     base.parent.mkdir(parents=True)
     base.write_text(json.dumps({"metrics": {"subject_fidelity": 0.7, "prompt_fidelity": 0.95}}))
 
-    rows, bases, lora, lora_runs = ablation.build([("arm", tmp_path / "arm")], tmp_path / "ref")
+    rows, bases, lora, lora_runs = ablation.build(
+        [("arm", [tmp_path / "arm", tmp_path / "arm_s1"])], [tmp_path / "ref"]
+    )
     assert lora_runs == 2 and bases == {"a": (0.7, 0.95)}
     by_step = {r["step"]: r for r in rows}
     assert by_step[200]["subjects"] == {"b": (0.85, 0.95)}
@@ -734,3 +736,8 @@ def test_ablation_table_pairs_arms_with_lora_and_checks_the_goal(tmp_path):
     assert "| +0.025 | +0.000 | yes |" in last, last
     early = next(line for line in text.splitlines() if line.startswith("| arm | ether | 1.0 | 200 |"))
     assert "| -0.050 | +0.010 | no |" in early, early  # subject b only: 0.85 − 0.90
+    # the command line: an arm's folders comma-separated, the same pooled rows
+    out = tmp_path / "table"
+    ablation.main(ablation.parse_args(["--arm", f"arm={tmp_path / 'arm'},{tmp_path / 'arm_s1'}", "--reference",
+                                       str(tmp_path / "ref"), "--output", str(out)]))  # fmt: skip
+    assert last in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
