@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import EtherConfig
 from .mixed import MixedBatch
-from .reflection import METHODS, Terms, apply_low_rank, reflected_linear
+from .reflection import METHODS, Terms, apply_low_rank, cast, reflected_linear
 
 __all__ = [
     "LAYER_TYPES",
@@ -152,10 +152,6 @@ class EtherAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method.name}, n_blocks={self.n_blocks}, sides={self.sides}"
-
-
-def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return tensor if tensor.dtype == dtype else tensor.to(dtype)  # skips a no-op call per tensor and layer
 
 
 def _same_values(tensor: torch.Tensor, copy: torch.Tensor) -> bool:
@@ -315,9 +311,9 @@ class EtherLayer(nn.Module):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         weight, bias = base.weight, base.bias
         y = reflected_linear(
-            _cast(self._features_last(x), dtype),
-            _cast(weight if weight.dim() == 2 else weight.flatten(1), dtype),  # a 1×1 conv's (out, in, 1, 1)
-            None if bias is None else _cast(bias, dtype),
+            cast(self._features_last(x), dtype),
+            cast(weight.view(self.out_features, self.in_features), dtype),  # a 1×1 conv's is (out, in, 1, 1)
+            None if bias is None else cast(bias, dtype),
             terms.input,
             terms.output,
         )

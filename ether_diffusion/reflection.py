@@ -48,6 +48,7 @@ __all__ = [
     "Terms",
     "apply_low_rank",
     "apply_low_rank_batched",
+    "cast",
     "low_rank_factors",
     "reflected_linear",
     "unit_blocks",
@@ -56,6 +57,11 @@ __all__ = [
 
 def _norm_floor(dtype: torch.dtype, eps: float = 1e-12) -> float:
     return max(eps, torch.finfo(dtype).tiny)  # 1e-12 is 0 in float16: 0/0 would be NaN
+
+
+def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype``; no call at all when it already is (this runs per tensor and layer in every step)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def unit_blocks(vectors: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -147,9 +153,7 @@ class _Side(NamedTuple):
         stacked = vectors[0].unsqueeze(0) if len(vectors) == 1 else torch.stack(vectors)  # (K, n, b)
         norms = torch.linalg.vector_norm(stacked, dim=-1, keepdim=True)
         units = stacked / norms.clamp_min(_norm_floor(stacked.dtype))
-        rows = block_rows(units)
-        if rows.dtype != dtype:
-            rows = rows.to(dtype)
+        rows = cast(block_rows(units), dtype)
         n = units.shape[1]
         if len(coefficients) == 1:
             return cls(units, norms, rows, rows * coefficients[0])
@@ -160,9 +164,7 @@ class _Side(NamedTuple):
         row's own block, then go back through ``ŵ = w / max(‖w‖, eps)``:
         ``g_w = (g_ŵ - [‖w‖ ≥ eps] ŵ (ŵ·g_ŵ)) / max(‖w‖, eps)``."""
         k, n, b = self.units.shape
-        if rows_grad.dtype != self.units.dtype:
-            rows_grad = rows_grad.to(self.units.dtype)
-        grad = rows_grad.view(k, n, n, b).diagonal(dim1=1, dim2=2).transpose(1, 2)  # (K, n, b)
+        grad = cast(rows_grad, self.units.dtype).view(k, n, n, b).diagonal(dim1=1, dim2=2).transpose(1, 2)  # (K, n, b)
         floor = _norm_floor(self.units.dtype)
         radial = (self.units * grad).sum(-1, keepdim=True) * (self.norms >= floor)
         return ((grad - self.units * radial) / self.norms.clamp_min(floor)).unbind(0)

@@ -180,6 +180,11 @@ def spread(values: list[float]) -> dict[str, float]:
     return dict(median=statistics.median(ordered), min=ordered[0], max=ordered[-1], q1=q1, q3=q3)
 
 
+def timings(times: list[float], floor: list[float]) -> dict:
+    """A variant's per-round times, their spread, and the spread of its per-round ratios to the floor's."""
+    return dict(times=times, time=spread(times), ratio=spread([t / f for t, f in zip(times, floor)]))
+
+
 @contextlib.contextmanager
 def no_host_sync(device: torch.device):
     """On CUDA every operation that makes the host wait for the device raises inside this block
@@ -370,9 +375,7 @@ def bench_training(unet, model: str, sizes, batches, keys, args, meter, device, 
                     checkpointing=checkpointing,
                     variant=VARIANTS[key].label,
                     key=key,
-                    times=times,
-                    time=spread(times),
-                    ratio=spread([t / f for t, f in zip(times, floor)]),
+                    **timings(times, floor),
                     peak_extra_mb=spread([peak for _, peak, _ in visits[key]]),
                     trainable=visits[key][0][2],
                 )
@@ -482,9 +485,7 @@ def bench_compiled_training(unet, args, meter, device, dtype):
             batch=batch,
             variant=VARIANTS[key].label,
             key=key,
-            times=visits[key],
-            time=spread(visits[key]),
-            ratio=spread([t / f for t, f in zip(visits[key], visits["floor"])]),
+            **timings(visits[key], visits["floor"]),
             trainable=trainable[key],
             compile_s=compile_s[key],
         )
