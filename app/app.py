@@ -754,7 +754,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def launch(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
-    from ether_diffusion.world.assets import ASSETS_DIR
+    from ether_diffusion.assets import ASSETS_DIR
 
     demo = build_app(args.model, args.workdir, args.config)
     workspace = demo.studio["workspace"]

@@ -4,10 +4,9 @@ The core (math, layers, injection, the adapter file) needs only torch and safete
 helpers are imported on first use, so ``import ether_diffusion`` stays light.
 """
 
-__version__ = "0.1.0"
-
-from .config import TARGET_PRESETS, EtherConfig, check_adapter_name  # noqa: E402
-from .inject import (  # noqa: E402
+from ._version import __version__
+from .config import TARGET_PRESETS, EtherConfig, check_adapter_name
+from .inject import (
     adapter_names,
     adapter_parameters,
     count_parameters,
@@ -21,7 +20,7 @@ from .inject import (  # noqa: E402
     set_active_adapters,
     unmerge_adapters,
 )
-from .io import AdapterFileError, AdapterMismatchError, load_adapter, read_adapter_file, save_adapter  # noqa: E402
+from .io import AdapterFileError, AdapterMismatchError, load_adapter, read_adapter_file, save_adapter
 
 _PIPELINE_EXPORTS = {
     "EtherStableDiffusionPipeline",
@@ -51,6 +50,7 @@ def __getattr__(name):
 
 __all__ = [
     "TARGET_PRESETS",
+    "__version__",
     "AdapterFileError",
     "AdapterMismatchError",
     "EtherConfig",

@@ -149,12 +149,11 @@ def _fuse(args) -> int:
     fuse_ether(pipe, safe_fusing=True)
     unload_ether_weights(pipe)  # plain diffusers modules again, with the adapter folded into the weights
     if args.single_file is not None:
-        import torch
-
+        from .config import DTYPES
         from .models import save_single_file
 
         target.parent.mkdir(parents=True, exist_ok=True)
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+        dtype = DTYPES.get(args.dtype)
         save_single_file(pipe, target, dtype=dtype)
         print(f"fused model written to {target} (original SD checkpoint layout: A1111/Forge/ComfyUI, from_single_file)")
         return 0

@@ -38,11 +38,6 @@ def _wrappers(model: nn.Module) -> list[tuple[str, EtherLayer]]:
     return [(path, m) for path, m in model.named_modules() if isinstance(m, EtherLayer)]
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
-
-
 def _plain_copy(layer: EtherLayer) -> nn.Module:
     """The layer as it computes now, as a plain module: its base layer, or a copy of it with the active unfused
     adapters folded into a new weight tensor (the live weight is not touched)."""
@@ -76,11 +71,11 @@ def plain_modules(model: nn.Module):
     plain = [(path, _plain_copy(layer)) for path, layer in layers]  # all checked before anything moves
     try:
         for path, module in plain:
-            _set_submodule(model, path, module)
+            model.set_submodule(path, module)
         yield model
     finally:
         for path, layer in layers:
-            _set_submodule(model, path, layer)
+            model.set_submodule(path, layer)
 
 
 @contextlib.contextmanager
@@ -96,14 +91,14 @@ def wrappers_aside(model: nn.Module):
             layer.unmerge()
     try:
         for path, layer in layers:
-            _set_submodule(model, path, layer.base_layer)
+            model.set_submodule(path, layer.base_layer)
         yield model
     finally:
         for path, layer in layers:
             now = model.get_submodule(path)
             if now is not layer.base_layer:
                 layer.base_layer = now
-            _set_submodule(model, path, layer)
+            model.set_submodule(path, layer)
         for path, layer in layers:
             if path in fused:
                 layer.merge(fused[path])

@@ -8,6 +8,8 @@ import numbers
 import re
 from dataclasses import dataclass, field
 
+import torch
+
 from .reflection import METHODS
 
 __all__ = [
@@ -15,6 +17,7 @@ __all__ = [
     "DENOISER_COMPONENTS",
     "ADAPTER_NAME_PATTERN",
     "CONFIG_FORMAT_VERSION",
+    "DTYPES",
     "METHOD_LABELS",
     "SIDES",
     "TARGET_PRESETS",
@@ -38,6 +41,9 @@ DENOISER_COMPONENTS = ("unet", "transformer")
 
 #: How methods are named on pages, grids, tables and model cards (ETHER's and the PEFT peers benchmarks train).
 METHOD_LABELS = {"ether": "ETHER", "ether_plus": "ETHER+", "lora": "LoRA r=4", "oft": "OFT"}
+
+#: The dtype names flags and files use (``--dtype``, ``--mixed_precision``, ``--prior_generation_precision``).
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # The attention projections of an MMDiT block (SD3's JointTransformerBlock, Flux's double-stream block): the image
 # stream's q/k/v/out and the text (context) stream's add_q/k/v_proj and to_add_out. Flux's single-stream blocks have

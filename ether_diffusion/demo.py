@@ -38,13 +38,13 @@ def run_demo(
     """Train, sample, grid, metrics. Returns the metrics dict (also written to ``metrics.json``).
 
     ``config_changes`` are further ``DreamBoothConfig`` fields (e.g. ``n_blocks=4``)."""
+    from .assets import default_subjects_path
     from .evaluation import instance_self_similarity, load_evaluator, prompt_fidelity, subject_fidelity
     from .models import load_pipeline
     from .pipeline import load_ether_weights
     from .sampling import sample_images
     from .training.artifacts import labelled_grid
     from .training.dreambooth import DreamBoothConfig, train
-    from .world.assets import default_subjects_path
     from .world.subjects import load_subject
 
     output_dir = Path(output_dir)

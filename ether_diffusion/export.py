@@ -46,8 +46,8 @@ import torch
 from safetensors.torch import save, save_file
 from torch import nn
 
-from . import __version__
-from .config import ADAPTABLE_COMPONENTS, EtherConfig
+from ._version import __version__
+from .config import ADAPTABLE_COMPONENTS, DTYPES, EtherConfig
 from .delta import LoraFactors, layer_lora_factors
 from .families import FAMILIES, pipeline_family, supported_families
 from .inject import adapter_layers
@@ -55,7 +55,6 @@ from .io import atomic_write, load_adapter, read_adapter_file
 from .reflection import METHODS
 
 __all__ = [
-    "DTYPES",
     "FORMATS",
     "LORA_COMPONENTS",
     "LORA_WEIGHT_NAME",
@@ -72,7 +71,6 @@ __all__ = [
 ]
 
 FORMATS = ("diffusers", "kohya")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default name: load_lora_weights(folder) finds it
 
 #: kohya prefixes of the components a Stable Diffusion pipeline adapts.

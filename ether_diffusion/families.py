@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .models import ModelLoadError, default_model, is_single_file
+from .sources import ModelLoadError, default_model, is_single_file
 
 __all__ = [
     "FAMILIES",

@@ -1,4 +1,5 @@
-"""Writing files so that a good file is never lost: the temporary-file-and-rename pattern.
+"""Writing files so that a good file is never lost: the temporary-file-and-rename pattern, for one file
+(``atomic_write``, ``write_json``) or a whole folder (``atomic_folder``).
 
 Standard library only.
 """
@@ -6,12 +7,13 @@ Standard library only.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import stat
 from pathlib import Path
 
-__all__ = ["atomic_write"]
+__all__ = ["atomic_write", "read_json", "write_json"]
 
 
 def _create_beside(path: Path) -> Path:
@@ -56,3 +58,20 @@ def atomic_write(path: str | os.PathLike):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: str | os.PathLike, data) -> Path:
+    """``data`` as indented JSON, written atomically (a reader never sees half a file)."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    return path
+
+
+def read_json(path: str | os.PathLike):
+    """The JSON at ``path``, or None if it is absent or damaged."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return None

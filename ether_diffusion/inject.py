@@ -124,12 +124,6 @@ def _divisors(width: int) -> str:
     return ", ".join(str(d) for d in range(1, width + 1) if width % d == 0)
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, module)
-
-
 def check_can_add(model: nn.Module, adapter_name: str, activate: bool = True) -> None:
     """Raise unless ``model`` can take a new adapter ``adapter_name`` (a valid name, not in use, nothing merged)."""
     check_adapter_name(adapter_name)
@@ -247,7 +241,7 @@ def restore_on_failure(model: nn.Module):
         for path, layer in list(adapter_layers(model)):
             state = before.get(path)
             if state is None or state.layer is not layer:  # placed in the block: what was there goes back
-                _set_submodule(model, path, layer.base_layer if state is None else state.layer)
+                model.set_submodule(path, layer.base_layer if state is None else state.layer)
                 continue
             for name in [n for n in layer.ether_adapters if n not in state.adapters]:
                 del layer.ether_adapters[name]
@@ -271,7 +265,7 @@ def eject(model: nn.Module, keep_merged: bool = False) -> list[str]:
     for path, layer in list(adapter_layers(model)):
         if not keep_merged:
             layer.unmerge()
-        _set_submodule(model, path, layer.base_layer)
+        model.set_submodule(path, layer.base_layer)
         paths.append(path)
     if hasattr(model, "_ether_configs"):
         del model._ether_configs
@@ -287,7 +281,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         if adapter_name in layer.ether_adapters:
             layer.delete_adapter(adapter_name)
             if not layer.ether_adapters:
-                _set_submodule(model, path, layer.base_layer)
+                model.set_submodule(path, layer.base_layer)
     model._ether_configs.pop(adapter_name, None)
     if not model._ether_configs:
         coexist.uninstall(model)

@@ -34,7 +34,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__
+from ._version import __version__
 from .config import ADAPTABLE_COMPONENTS, EtherConfig, check_adapter_name
 from .files import atomic_write  # re-exported: callers still import it from here
 from .inject import (

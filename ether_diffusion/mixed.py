@@ -8,20 +8,19 @@ different methods, block counts or sides mix freely, and runs one batched produc
 
 Without autograd the gathered factors are kept while every slot's factors are the very same tensors (an adapter's
 own cache returns the same tensors until a vector or strength changes), so the denoising steps of one mixed batch
-gather once instead of once per step. torch only.
+gather once instead of once per step. torch only; ``layers.py`` imports this module, and the ``layer`` handed to
+``MixedBatch.forward`` is that module's ``EtherLayer`` (its adapters, strengths and feature-layout helpers).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from .reflection import apply_low_rank_batched
-
-if TYPE_CHECKING:
-    from .layers import EtherLayer
 
 __all__ = ["GatheredFactors", "MixedBatch"]
 
@@ -42,7 +41,7 @@ class MixedBatch:
     slot_ids: torch.Tensor  # (S,) slot index per sample, on the layer's device
     gathered: dict[str, GatheredFactors] = field(default_factory=dict)  # side -> last gather (no grad only)
 
-    def forward(self, layer: EtherLayer, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         samples = self.slot_ids.shape[0]
         if x.shape[0] % samples:
             raise ValueError(
@@ -65,7 +64,7 @@ class MixedBatch:
         y = apply_low_rank_batched(layer._features_last(layer._product_without_bias(h)), *found)
         return layer._add_bias(layer._features_back(y))
 
-    def _sample_factors(self, layer: EtherLayer, side: str, factors: list, repeat: int):
+    def _sample_factors(self, layer: nn.Module, side: str, factors: list, repeat: int):
         """Per-sample ``(D, E)`` (B, d, r), (B, r, d) from each slot's ``factors``, or ``None`` if all are empty."""
         sources = tuple(t for found in factors for t in (found or (None,)))
         cached = self.gathered.get(side)
@@ -85,7 +84,7 @@ class MixedBatch:
         return gathered
 
 
-def _stack_slots(layer: EtherLayer, side: str, factors: list):
+def _stack_slots(layer: nn.Module, side: str, factors: list):
     """Per-slot factors stacked as (S, d, r), (S, r, d), zero-padded to a common rank; ``None`` if all empty."""
     width = layer.in_features if side == "input" else layer.out_features
     device = layer.plain.weight.device

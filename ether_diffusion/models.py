@@ -52,6 +52,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .assets import check_pipeline_folder
+from .coexist import plain_modules
+from .families import model_family
+from .files import atomic_write
+from .sources import (
+    PICKLE_SUFFIXES,
+    SINGLE_FILE_SUFFIXES,
+    ConfigNotFoundError,
+    ModelLoadError,
+    UnsafeCheckpointError,
+    check_local,
+    default_model,
+    is_single_file,
+)
+
 __all__ = [
     "SINGLE_FILE_SUFFIXES",
     "ConfigNotFoundError",
@@ -62,47 +77,10 @@ __all__ = [
     "is_single_file",
     "load_components",
     "load_pipeline",
+    "load_tiny_pipeline",
     "original_state_dict",
     "save_single_file",
 ]
-
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-
-
-class ModelLoadError(RuntimeError):
-    """The base model could not be loaded; the message says what to pass instead."""
-
-
-class ConfigNotFoundError(ModelLoadError):
-    """A single-file checkpoint whose pipeline configuration is not available offline."""
-
-
-class UnsafeCheckpointError(ModelLoadError):
-    """A pickled checkpoint that holds more than tensors: it is not unpickled."""
-
-
-def default_model() -> str:
-    """The shipped tiny Stable Diffusion (``assets/tiny-sd``)."""
-    from .world.assets import default_model_path
-
-    return str(default_model_path())
-
-
-def is_single_file(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return path.suffix.lower() in SINGLE_FILE_SUFFIXES and not path.is_dir()
-
-
-def _check_local(path: str) -> None:
-    local = Path(path).expanduser()
-    looks_local = local.exists() or path.startswith((".", "/", "~"))
-    if looks_local and not (local / "model_index.json").is_file():
-        raise ModelLoadError(
-            f"'{path}' is not a diffusers model folder (no model_index.json) nor a single checkpoint file "
-            f"({', '.join(SINGLE_FILE_SUFFIXES)}); pass a folder saved with save_pretrained, a checkpoint file, a hub "
-            "id, or leave the flag out to use the shipped tiny model"
-        )
 
 
 def _loading_failed(path: str, err: Exception) -> ModelLoadError:
@@ -188,15 +166,11 @@ def load_pipeline(
     from diffusers import DPMSolverMultistepScheduler
 
     if pipeline_class is None:
-        from .families import model_family  # families reads model folders with this module's helpers
-
         pipeline_class = model_family(model, kwargs.get("revision"), config).pipeline_class()
     kwargs = {**_safety_off(pipeline_class), **kwargs}
     if model is None:
         if config is not None or original_config is not None:
             raise ModelLoadError("config/original_config describe a single checkpoint file: pass that model too")
-        from .world.assets import check_pipeline_folder
-
         model = str(check_pipeline_folder(default_model()))
         kwargs.setdefault("local_files_only", True)
     if is_single_file(model):
@@ -208,7 +182,7 @@ def load_pipeline(
                 f"config/original_config describe a single checkpoint file; '{model}' is a diffusers folder or hub "
                 "id and carries its own configuration: drop them"
             )
-        _check_local(model)
+        check_local(model)
         try:
             pipe = pipeline_class.from_pretrained(model, **kwargs)
         except (OSError, ValueError) as err:
@@ -217,6 +191,13 @@ def load_pipeline(
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_tiny_pipeline(path: str | os.PathLike | None = None, device: str = "cpu"):
+    """A tiny-world Stable Diffusion (the shipped ``assets/tiny-sd`` by default) as a ``StableDiffusionPipeline``,
+    loaded offline after ``check_pipeline_folder``: a missing or corrupt file raises ``AssetError`` naming it."""
+    path = check_pipeline_folder(path if path is not None else default_model())
+    return load_pipeline(str(path), local_files_only=True).to(device)
 
 
 @dataclass
@@ -265,7 +246,7 @@ def load_components(
         )
     if config is not None or original_config is not None:
         raise ModelLoadError(f"config/original_config describe a single checkpoint file, and '{path}' is not one")
-    _check_local(path)
+    check_local(path)
     kwargs = dict(revision=revision)
     try:
         return SDComponents(
@@ -392,8 +373,6 @@ def _check_sd1(pipe) -> None:
 
 def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict under the original names (ETHER wrappers as the model computes: see coexist.py)."""
-    from .coexist import plain_modules
-
     with plain_modules(model):
         return {k: v.detach() for k, v in model.state_dict().items()}
 
@@ -430,8 +409,6 @@ def original_state_dict(pipe) -> dict[str, torch.Tensor]:
 def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write ``pipe`` (SD 1.x) as one original-layout ``.safetensors``, atomically; ``dtype`` casts float weights."""
     from safetensors.torch import save_file
-
-    from .io import atomic_write
 
     path = Path(path)
     if path.suffix != ".safetensors":

@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ether_diffusion.assets import default_model_path
 from ether_diffusion.evaluation import load_evaluator
 from ether_diffusion.evaluation.model_card import write_model_card
 from ether_diffusion.evaluation.quality import GATE_ATTRIBUTES, GATE_THRESHOLD, run_quality_gate, sample_grid
-from ether_diffusion.world.assets import default_model_path, load_tiny_pipeline
+from ether_diffusion.models import load_tiny_pipeline
 from ether_diffusion.world.subjects import load_subjects
 
 

@@ -34,7 +34,8 @@ from ether_diffusion.bench.metrics import (
     segmentation_scores,
 )
 from ether_diffusion.bench.report import summarise
-from ether_diffusion.bench.runs import SCORES, BenchMismatchError, RunStore, write_json
+from ether_diffusion.bench.runs import SCORES, BenchMismatchError, RunStore
+from ether_diffusion.files import write_json
 
 # The format of google/dreambooth's dataset/prompts_and_classes.txt (a few of its rows and templates).
 PROMPTS_TEXT = """Classes
@@ -454,7 +455,7 @@ def training_world(tmp_path_factory):
 
 
 def _train(world, output_dir, snapshots=None, callbacks=(), **changes):
-    from ether_diffusion.training.callbacks import AdapterSnapshots
+    from ether_diffusion.bench.runs import AdapterSnapshots
     from ether_diffusion.training.dreambooth import DreamBoothConfig, DreamBoothTask
     from ether_diffusion.training.trainer import Trainer
 
@@ -483,8 +484,8 @@ def test_snapshots_are_the_adapter_of_a_run_that_many_steps_long_and_a_resume_wr
                                                                                                tmp_path):  # fmt: skip
     from safetensors import safe_open
 
+    from ether_diffusion.bench.runs import SnapshotMissing
     from ether_diffusion.training import Callback
-    from ether_diffusion.training.callbacks import SnapshotMissing
 
     snapshots = {1: tmp_path / "snap" / "step-1" / "a.safetensors", 2: tmp_path / "snap" / "step-2" / "a.safetensors"}
     full = _train(training_world, tmp_path / "full", snapshots)

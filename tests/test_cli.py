@@ -45,8 +45,8 @@ def test_train_sample_fuse_on_the_shipped_model(tmp_path):
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from ether_diffusion.assets import default_model_path, default_subjects_path
     from ether_diffusion.pipeline import load_ether_weights
-    from ether_diffusion.world.assets import default_model_path, default_subjects_path
 
     subject = default_subjects_path() / "orange_checkered_star"
     run_cli(

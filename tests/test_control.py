@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from ether_diffusion import AdapterFileError, AdapterMismatchError, EtherConfig, inject
+from ether_diffusion.assets import default_model_path
 from ether_diffusion.config import TARGET_PRESETS
 from ether_diffusion.control import (
     ConditionEncoder,
@@ -28,7 +29,6 @@ from ether_diffusion.control import (
 )
 from ether_diffusion.control.data import SEGMENTATION_PALETTE, mask_to_control
 from ether_diffusion.control.train import parse_args, train
-from ether_diffusion.world.assets import default_model_path
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ether_diffusion.assets import AssetError
 from ether_diffusion.evaluation import (
     diversity,
     instance_self_similarity,
@@ -18,7 +19,6 @@ from ether_diffusion.evaluation import (
 )
 from ether_diffusion.evaluation.metrics import ImageReading, SlotReading, as_pixel_batch, score_reading
 from ether_diffusion.world import caption, parse_prompt, render, scene_for_seed
-from ether_diffusion.world.assets import AssetError
 from ether_diffusion.world.subjects import load_subjects
 
 

@@ -314,7 +314,7 @@ def test_a_float64_file_with_representable_values_loads_into_float32(saved, tmp_
 
 def test_sample_refuses_an_overflowing_file_instead_of_writing_black_images(tmp_path, capsys):
     from ether_diffusion import cli
-    from ether_diffusion.world.assets import load_tiny_pipeline
+    from ether_diffusion.models import load_tiny_pipeline
 
     pipe = load_tiny_pipeline()
     inject(pipe.unet, EtherConfig(method="ether", target_modules=["to_q"]), "subject")

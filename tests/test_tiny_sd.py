@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from ether_diffusion.assets import AssetError, check_pipeline_folder
 from ether_diffusion.evaluation import load_evaluator, read_images
-from ether_diffusion.world.assets import AssetError, check_pipeline_folder, load_tiny_pipeline
+from ether_diffusion.models import load_tiny_pipeline
 
 pytestmark = pytest.mark.slow  # the tiny world's training and evaluation scripts: the end-to-end tier
 

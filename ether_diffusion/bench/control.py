@@ -33,13 +33,14 @@ from PIL import Image
 
 from ..control.data import ControlDataError, ControlDataset, open_control_image
 from ..control.train import ControlConfig, ControlTask
+from ..files import read_json
 from ..training.checkpoints import latest_checkpoint
 from ..training.config import ConfigError, RunConfig, option
 from .config import CONTROL_METHODS, BenchOptions, hidden, is_tiny_model, shipped_model_named
 from .metrics import IGNORE_INDEX, Metric, Segmenter, TransformersSegmenter, WorldSegmenter, frechet_distance
 from .metrics import segmentation_scores as scores_of_masks
 from .report import machine, mean_sd, sample_grid, scores_line, shown_runs, summarise, write_result
-from .runs import RunStore, read_json, train_run
+from .runs import RunStore, train_run
 from .sampling import BasePipeline, adapted_modules, image_files, save_image, swapped
 
 __all__ = ["ControlBenchConfig", "EvalRow", "export_world_control", "read_eval_rows", "run_control_bench"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..training.callbacks import SnapshotMissing, missing_snapshots
+from ..files import read_json
 from ..training.checkpoints import latest_checkpoint
 from ..training.class_images import ensure_class_images
 from ..training.config import ConfigError, RunConfig, option
@@ -42,7 +42,7 @@ from .report import (
     write_curves,
     write_result,
 )
-from .runs import RunStore, read_json, train_run
+from .runs import RunStore, SnapshotMissing, missing_snapshots, train_run
 from .sampling import BasePipeline, adapted_modules, image_files, save_image, swapped
 
 __all__ = ["DreamBoothBenchConfig", "run_dreambooth_bench"]

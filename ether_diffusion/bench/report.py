@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..files import atomic_write
+from ..files import atomic_write, write_json
 from .metrics import Metric
-from .runs import write_json
 
 __all__ = [
     "curve_summary",

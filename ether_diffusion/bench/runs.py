@@ -26,18 +26,21 @@ from pathlib import Path
 
 import torch
 
-from ..files import atomic_write
-from ..training.callbacks import AdapterSnapshots, Callback
+from ..files import read_json, write_json
+from ..training.callbacks import Callback
+from ..training.trainer import Trainer, TrainingDivergedError
+from .report import machine
 
 __all__ = [
     "BENCH_RECORD",
     "SCORES",
+    "AdapterSnapshots",
     "BenchInterrupted",
     "BenchMismatchError",
     "RunStore",
-    "read_json",
+    "SnapshotMissing",
+    "missing_snapshots",
     "train_run",
-    "write_json",
 ]
 
 BENCH_RECORD = "bench.json"
@@ -50,21 +53,6 @@ class BenchMismatchError(ValueError):
 
 class BenchInterrupted(RuntimeError):
     """A run was stopped before it finished (a callback asked); rerunning the same command resumes it."""
-
-
-def write_json(path: Path, data) -> Path:
-    """``data`` as indented JSON, written atomically (a reader never sees half a file)."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    return path
-
-
-def read_json(path: Path) -> dict | None:
-    """The JSON at ``path``, or None if it is absent or damaged."""
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except ValueError:
-        return None
 
 
 def _plain(value):
@@ -134,14 +122,74 @@ class RunStore:
     def finish(self, run_dir: Path, record: dict) -> dict:
         """Mark the run finished with its scores (and the machine and command that made it), then drop its training
         checkpoints (the adapter file stays)."""
-        from .report import machine
-
         record = {**record, "machine": record.get("machine") or machine(), "command": self.command}
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / SCORES, record)
         for checkpoint in (run_dir / "train").glob("checkpoint-*"):
             shutil.rmtree(checkpoint, ignore_errors=True)
         return record
+
+
+def missing_snapshots(paths: dict[int, Path], up_to_step: int) -> list[int]:
+    """The steps ≤ ``up_to_step`` of ``paths`` whose file is absent (a run past them cannot write them any more)."""
+    return sorted(step for step, path in paths.items() if step <= up_to_step and not Path(path).is_file())
+
+
+class SnapshotMissing(RuntimeError):
+    """A resumed run is past a snapshot step whose file is gone."""
+
+
+class AdapterSnapshots(Callback):
+    """Writes the task's artifact (``task.save``: one adapter file, atomically) at the end of each step in ``paths``
+    (``{step: file}``), on the main process: the adapter as it was at that step of this run (points along one run:
+    the trade-off curves of ``--eval_steps``), without training anything more.
+
+    A resumed run writes the snapshots of the steps it trains again (a snapshot after the checkpoint it resumes from
+    is rewritten with the same tensors); those before that checkpoint must already exist, else ``SnapshotMissing``
+    is raised before the first step. A snapshot of non-finite tensors is not written: the run is stopped with the
+    loop's ``TrainingDivergedError``, as a checkpoint would stop it.
+    """
+
+    def __init__(self, task, paths: dict[int, Path]):
+        self.task = task
+        self.paths = {int(step): Path(path) for step, path in paths.items()}
+        self.written: list[int] = []
+
+    def on_train_start(self, total_steps, start_step):
+        missing = missing_snapshots(self.paths, start_step)
+        if missing:
+            raise SnapshotMissing(
+                f"the run resumes from step {start_step}, past the adapter snapshot(s) of step(s) {missing}, whose "
+                f"file(s) are gone ({self.paths[missing[0]]}); they cannot be made without training again: delete "
+                f"the run's training folder ({self.task.config.output_dir}) to retrain it from step 0"
+            )
+        late = [step for step in self.paths if step >= total_steps]
+        if late:
+            raise ValueError(f"snapshot steps {sorted(late)} are not before the run's last step ({total_steps})")
+
+    def on_step(self, step, logs):
+        path = self.paths.get(step)
+        if path is None or not _is_main_process():
+            return
+        params = [p for group in self.task.parameter_groups() for p in group["params"]]
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise TrainingDivergedError(
+                f"the trained vectors hold NaN or infinite values at step {step}, before the snapshot {path}; "
+                "nothing was saved from this state"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.task.save(path, {"steps": str(step), "snapshot": "true"})
+        self.written.append(step)
+
+    def on_train_end(self, result):
+        self.task = None  # the task holds the models: do not keep them alive past the run
+
+
+def _is_main_process() -> bool:
+    """Whether this is the process that writes files (accelerate's main process; the only one without a launcher)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
 
 
 class _RunWatch(Callback):
@@ -161,8 +209,6 @@ def train_run(task, run_dir: Path, callbacks=(), snapshots: dict[int, Path] | No
     that points along the run are evaluated without training more. A run stopped by a callback keeps its
     checkpoint, loses the file the loop saves on stopping (so that it is not taken for a finished run) and raises
     ``BenchInterrupted``."""
-    from ..training.trainer import Trainer, TrainingDivergedError
-
     watch = _RunWatch()
     saver = AdapterSnapshots(task, snapshots) if snapshots else None
     try:

@@ -23,7 +23,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ether_diffusion.world.assets import ASSETS_DIR, AssetError
 from ether_diffusion.world.attributes import (
     BACKGROUND_NAMES,
     COLOUR_NAMES,
@@ -33,6 +32,8 @@ from ether_diffusion.world.attributes import (
     SIZE_NAMES,
     TEXTURES,
 )
+
+from ..assets import ASSETS_DIR, AssetError
 
 # Cell of each position on the 8x8 feature map: (row0, row1, col0, col1), half-open.
 SLOT_REGIONS = {

@@ -80,7 +80,7 @@ def tensorboard_available() -> bool:
 
 def shipped_subjects() -> dict[str, dict]:
     """``{name: subject.json record + "folder"}`` for the subjects shipped in ``assets/subjects``."""
-    from ..world.assets import default_subjects_path
+    from ..assets import default_subjects_path
 
     found = {}
     root = default_subjects_path()

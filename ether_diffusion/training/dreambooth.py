@@ -20,8 +20,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__
-from ..config import METHOD_LABELS
+from .._version import __version__
+from ..config import DTYPES, METHOD_LABELS
 from ..families import FAMILIES, UnsupportedModelError, model_family
 from ..io import DEFAULT_WEIGHT_NAME
 from .class_images import ensure_class_images
@@ -306,9 +306,7 @@ class DreamBoothTask(StableDiffusionTask):
         def make_pipeline():
             precision = config.prior_generation_precision
             if precision and precision != "no":
-                import torch
-
-                dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+                dtype = DTYPES[precision]
                 return self.fresh_pipeline(device=run.device, scheduler=None, torch_dtype=dtype)
             stack.enter_context(self.adapters.disabled())
             return self.pipeline()

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
+from .._version import __version__
+from ..config import DTYPES
 from ..sampling import SamplingInterrupted, interruptible
 from .artifacts import make_grid, save_samples, write_text
 from .callbacks import Callback, CallbackList, Preparation, ValidationEvent
@@ -263,7 +264,7 @@ class Trainer:
         from diffusers.optimization import get_scheduler
 
         config, task, callbacks = self.config, self.task, self.callbacks
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+        weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)  # "no": fp32
         result = TrainResult(None, output_dir, 0, False, 0.0, 0, mixed_precision=accelerator.mixed_precision,
                              num_processes=accelerator.num_processes)  # fmt: skip
         try:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .assets import SUBJECTS_HINT, AssetError, default_subjects_path
+from ..assets import SUBJECTS_HINT, AssetError, default_subjects_path
 from .attributes import BACKGROUND_NAMES, COLOUR_NAMES, POSITIONS, SHAPES, SIZE_NAMES, TEXTURES
 from .heldout import SUBJECT_SPECS, SubjectSpec
 from .render import render

@@ -1,11 +1,12 @@
-"""Where the shipped assets live, and loading them with errors that say how to regenerate them."""
+"""Where the shipped assets live (the tiny Stable Diffusion, its subjects, the world evaluator), and checks with errors
+that say how to regenerate them. Standard library and safetensors only: every loader imports this module."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 PRETRAIN_HINT = (
     "python scripts/pretrain_tiny_world.py --export_dir assets/tiny-sd "
     "(then python scripts/eval_tiny_sd.py --write_model_card); see assets/tiny-sd/README.md for the exact flags"
@@ -63,12 +64,3 @@ def check_pipeline_folder(path: str | Path) -> Path:
                 except Exception as err:  # safetensors raises several types for truncated or garbled files
                     raise AssetError(f"{f} is corrupt ({err}). Regenerate it with: {PRETRAIN_HINT}") from err
     return path
-
-
-def load_tiny_pipeline(path: str | Path | None = None, device: str = "cpu"):
-    """The shipped tiny Stable Diffusion (``assets/tiny-sd`` by default) as a ``StableDiffusionPipeline``,
-    loaded offline; a missing or corrupt file raises AssetError naming it."""
-    from ..models import load_pipeline
-
-    path = check_pipeline_folder(path if path is not None else default_model_path())
-    return load_pipeline(str(path), local_files_only=True).to(device)
