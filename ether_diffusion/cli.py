@@ -8,9 +8,15 @@ import sys
 from pathlib import Path
 
 from .io import AdapterFile, read_adapter_file
+from .training.config import TaskKind
 
 DEMO_STEPS = 1000
 CONTROL_DEMO_STEPS = 600
+#: the training verbs: the kind each trains (``registry.py`` picks its flags by the model) and what it writes
+TRAIN_VERBS = {
+    "train": (TaskKind.DREAMBOOTH, "adapter"),
+    "train-control": (TaskKind.CONTROL, "condition encoder and adapter"),
+}
 
 
 def _inspect(args) -> int:
@@ -425,18 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv[:1] == ["train"]:
-            from .training.dreambooth import parse_args, train
+        if argv[:1] and argv[0] in TRAIN_VERBS:
+            from . import registry
 
-            result = train(parse_args(argv[1:], prog="ether-diffusion train"))  # SD 1.x/2.x or SDXL, from the model
-            print(f"adapter written to {result.adapter_path}")
-            return 0
-        if argv[:1] == ["train-control"]:
-            from .control.train import ControlConfig
-            from .control.train import train as train_control
-
-            result = train_control(ControlConfig.from_args(argv[1:], prog="ether-diffusion train-control"))
-            print(f"condition encoder and adapter written to {result.adapter_path}")
+            kind, written = TRAIN_VERBS[argv[0]]
+            config = registry.parse_args(kind, argv[1:], prog=f"ether-diffusion {argv[0]}")  # the model's family's
+            result = registry.train(config)
+            print(f"{written} written to {result.adapter_path}")
             return 0
         if argv[:1] == ["studio"]:
             return _studio(argv[1:])

@@ -42,9 +42,10 @@ def run_demo(
     from .evaluation import instance_self_similarity, load_evaluator, prompt_fidelity, subject_fidelity
     from .models import load_pipeline
     from .pipeline import load_ether_weights
+    from .registry import train
     from .sampling import sample_images
     from .training.artifacts import labelled_grid
-    from .training.dreambooth import DreamBoothConfig, train
+    from .training.dreambooth import DreamBoothConfig
     from .world.subjects import load_subject
 
     output_dir = Path(output_dir)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ether_diffusion.training.dreambooth import DreamBoothConfig, train
+from ether_diffusion.registry import train
+from ether_diffusion.training.dreambooth import DreamBoothConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {

@@ -8,11 +8,16 @@
 Flags as diffusers' train_controlnet.py; see --help. The task lives in ether_diffusion.control.train.
 """
 
-from ether_diffusion.control.train import parse_args, train
+from ether_diffusion import registry
+from ether_diffusion.training.config import TaskKind
+
+
+def parse_args(argv=None):
+    return registry.parse_args(TaskKind.CONTROL, argv)
 
 
 def main(config):
-    result = train(config)
+    result = registry.train(config)
     if result.adapter_path:  # the main process
         print(f"saved {result.adapter_path} after {result.global_step} steps")
     return result

@@ -4,20 +4,26 @@
         --instance_data_dir assets/subjects/orange_checkered_star --instance_prompt "a sks star" \
         --with_prior_preservation --class_prompt "a star" --max_train_steps 400 --output_dir out/star
 
-The model decides the task: an SDXL folder (model_index.json's _class_name StableDiffusionXLPipeline) trains SDXL
-DreamBooth with the flags of diffusers' train_dreambooth_lora_sdxl.py (`--help` with that model lists them), any other
-SD 1.x/2.x model those of train_dreambooth_lora.py. The tasks and the loop live in ether_diffusion.training.
+The model decides the flags: an SDXL folder (model_index.json's _class_name StableDiffusionXLPipeline) takes those of
+diffusers' train_dreambooth_lora_sdxl.py (`--help` with that model lists them), SD3 and Flux those of their scripts,
+any other SD 1.x/2.x model those of train_dreambooth_lora.py (ether_diffusion.registry; the task and the loop live in
+ether_diffusion.training).
 
     accelerate launch scripts/train_dreambooth_ether.py --pretrained_model_name_or_path stable-diffusion-xl-base-1.0 \
         --pretrained_vae_model_name_or_path sdxl-vae-fp16-fix --mixed_precision fp16 \
         --instance_data_dir dog --instance_prompt "a photo of sks dog" --max_train_steps 500 --output_dir out/dog-xl
 """
 
-from ether_diffusion.training.dreambooth import parse_args, train
+from ether_diffusion import registry
+from ether_diffusion.training.config import TaskKind
+
+
+def parse_args(argv=None):
+    return registry.parse_args(TaskKind.DREAMBOOTH, argv)
 
 
 def main(config):
-    return train(config)
+    return registry.train(config)
 
 
 if __name__ == "__main__":

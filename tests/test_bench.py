@@ -342,6 +342,7 @@ def test_write_json_is_atomic(tmp_path):
 
 
 def test_dreambooth_bench_flags_defaults_and_per_run_configs(tmp_path):
+    from ether_diffusion.bench.config import DREAMBOOTH_METHODS
     from ether_diffusion.bench.dataset import BenchSubject
     from ether_diffusion.bench.dreambooth import DreamBoothBenchConfig
 
@@ -357,12 +358,14 @@ def test_dreambooth_bench_flags_defaults_and_per_run_configs(tmp_path):
     assert len(real.grid()) == 4 * 2 * 2 and real.grid()[0] == ("ether", 0.1, 0)
     subject = BenchSubject("dog", "dog", True, tmp_path / "dog", ())
     run = real.run_config(subject, "lora", 0.1, 3, tmp_path / "run", tmp_path / "class")
-    assert (run.peer, run.learning_rate, run.seed, run.n_blocks, run.gradient_checkpointing) == (
-        "lora", pytest.approx(1e-5), 3, 4, True)  # fmt: skip
+    assert (run.learning_rate, run.seed, run.n_blocks, run.gradient_checkpointing) == (
+        pytest.approx(1e-5), 3, 4, True)  # fmt: skip
+    assert DREAMBOOTH_METHODS["lora"].make_adapters(run).kind == "lora"  # the run trains the PEFT peer
     assert (run.instance_prompt, run.class_prompt, run.with_prior_preservation) == ("a sks dog", "a dog", True)
     assert run.output_dir == str(tmp_path / "run" / "train") and run.resume_from_checkpoint is None
     ether = real.run_config(subject, "ether", 1.0, 0, tmp_path / "run")
-    assert (ether.peer, ether.ether_method, ether.learning_rate) == (None, "ether", 6e-3)
+    assert (ether.ether_method, ether.learning_rate) == ("ether", 6e-3)
+    assert DREAMBOOTH_METHODS["ether"].make_adapters(ether) is None  # ETHER: the task's own adapters
     quick = DreamBoothBenchConfig.from_args(["--dataset", str(tmp_path), "--quick"])
     assert (quick.max_train_steps, quick.num_prompts, quick.inference_steps) == (2, 2, 2)
     assert "max_train_steps" in real.settings() and "learning_rate" not in real.settings()
@@ -399,6 +402,7 @@ def test_dreambooth_bench_bad_flags_are_usage_errors(tmp_path, capsys, flags, me
 
 
 def test_control_bench_flags(tmp_path, capsys):
+    from ether_diffusion.bench.config import CONTROL_METHODS
     from ether_diffusion.bench.control import ControlBenchConfig
 
     args = ["--train_data_dir", str(tmp_path), "--eval_data_dir", str(tmp_path)]
@@ -409,8 +413,8 @@ def test_control_bench_flags(tmp_path, capsys):
     encoder = tiny.run_config("encoder", 1.0, 0, tmp_path / "r")
     assert encoder.no_adapters and encoder.encoder_learning_rate == 1e-4
     oft = tiny.run_config("oft", 0.1, 2, tmp_path / "r")
-    assert (oft.peer, oft.learning_rate, oft.seed, oft.target_modules) == ("oft", pytest.approx(1e-6), 2,
-                                                                           "unet-attention-ff")  # fmt: skip
+    assert (oft.learning_rate, oft.seed, oft.target_modules) == (pytest.approx(1e-6), 2, "unet-attention-ff")
+    assert CONTROL_METHODS["oft"].make_adapters(oft).kind == "oft"
     with pytest.raises(SystemExit):
         ControlBenchConfig.from_args(args + ["--model", "some/sd-1.5"])
     assert "--segmenter is needed on a real model" in capsys.readouterr().err
@@ -456,13 +460,14 @@ def training_world(tmp_path_factory):
 
 def _train(world, output_dir, snapshots=None, callbacks=(), **changes):
     from ether_diffusion.bench.runs import AdapterSnapshots
-    from ether_diffusion.training.dreambooth import DreamBoothConfig, DreamBoothTask
+    from ether_diffusion.registry import task_for
+    from ether_diffusion.training.dreambooth import DreamBoothConfig
     from ether_diffusion.training.trainer import Trainer
 
     fields = dict(pretrained_model_name_or_path=str(world / "model"), instance_data_dir=str(world / "instance"),
                   instance_prompt="a sks star", output_dir=str(output_dir), report_to="none", quiet=True,
                   max_train_steps=3, checkpointing_steps=100, no_final_reload=True, learning_rate=1e-2)  # fmt: skip
-    task = DreamBoothTask(DreamBoothConfig(**{**fields, **changes}).validate())
+    task = task_for(DreamBoothConfig(**{**fields, **changes}))
     saver = [AdapterSnapshots(task, snapshots)] if snapshots else []
     return Trainer(task, [*saver, *callbacks]).train()
 

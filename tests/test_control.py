@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ether_diffusion import AdapterFileError, AdapterMismatchError, EtherConfig, inject
+from ether_diffusion import AdapterFileError, AdapterMismatchError, EtherConfig, inject, registry
 from ether_diffusion.assets import default_model_path
 from ether_diffusion.config import TARGET_PRESETS
 from ether_diffusion.control import (
@@ -28,7 +28,8 @@ from ether_diffusion.control import (
     write_world_control_dataset,
 )
 from ether_diffusion.control.data import SEGMENTATION_PALETTE, mask_to_control
-from ether_diffusion.control.train import parse_args, train
+from ether_diffusion.registry import train
+from ether_diffusion.training.config import TaskKind
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +222,7 @@ def test_wrong_files_are_refused_and_nothing_changes(pipe, tmp_path):
 
 
 def _args(dataset, out, *extra):
-    return parse_args(
+    return registry.parse_args(TaskKind.CONTROL,
         [
             "--train_data_dir", str(dataset),
             "--output_dir", str(out),

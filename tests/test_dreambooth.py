@@ -10,10 +10,12 @@ import pytest
 import torch
 from conftest import build_training_world, free_port, launch_env
 
+from ether_diffusion import registry
 from ether_diffusion.io import read_adapter_file
 from ether_diffusion.models import ModelLoadError
+from ether_diffusion.registry import train
 from ether_diffusion.training.checkpoints import COMPLETE_MARKER, latest_checkpoint
-from ether_diffusion.training.dreambooth import parse_args, train
+from ether_diffusion.training.config import TaskKind
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_dreambooth_ether.py"
@@ -25,7 +27,8 @@ def world(tmp_path_factory):
 
 
 def args_for(world, output_dir, *extra):
-    return parse_args(
+    return registry.parse_args(
+        TaskKind.DREAMBOOTH,
         [
             "--pretrained_model_name_or_path",
             str(world / "model"),
@@ -43,7 +46,7 @@ def args_for(world, output_dir, *extra):
             "--num_validation_images",
             "2",
             *extra,
-        ]
+        ],
     )
 
 

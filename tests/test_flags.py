@@ -7,8 +7,9 @@ import importlib.util
 
 import pytest
 
-from ether_diffusion.training.config import ConfigError
-from ether_diffusion.training.dreambooth import DreamBoothConfig, parse_args
+from ether_diffusion import registry
+from ether_diffusion.training.config import ConfigError, TaskKind
+from ether_diffusion.training.dreambooth import DreamBoothConfig
 
 # The flags of diffusers' examples/dreambooth/train_dreambooth_lora.py, in the order of its parse_args (diffusers
 # main of 2024-2025: the 57 of the 0.22 release, read in huggingface/diffusers, plus --lora_dropout and
@@ -162,22 +163,22 @@ def test_every_diffusers_flag_is_accepted_or_refused_with_a_reason(flag, capsys)
     package = NEEDS_PACKAGE.get(flag)
     if flag in REFUSED:
         with pytest.raises(SystemExit):
-            parse_args(argv)
+            registry.parse_args(TaskKind.DREAMBOOTH, argv)
         err = capsys.readouterr().err
         assert f"--{flag} does not apply to ETHER" in err and REFUSED[flag] in err, err
         return
     if package and importlib.util.find_spec(package) is None:
         with pytest.raises(SystemExit):
-            parse_args(argv)
+            registry.parse_args(TaskKind.DREAMBOOTH, argv)
         assert f"pip install {package}" in capsys.readouterr().err
         return
-    config = parse_args(argv)
+    config = registry.parse_args(TaskKind.DREAMBOOTH, argv)
     if flag in DreamBoothConfig.foreign_flags:  # accepted without a field: what it asks for is always so here
         assert DreamBoothConfig.foreign_flags[flag].accepted
         return
     assert any(f.name == flag for f in dataclasses.fields(config))
     if flag not in IN_BASE:  # the value reaches the configuration
-        assert getattr(config, flag) != getattr(parse_args(BASE), flag), flag
+        assert getattr(config, flag) != getattr(registry.parse_args(TaskKind.DREAMBOOTH, BASE), flag), flag
 
 
 def test_refused_flags_are_refused_in_code_too():
@@ -186,15 +187,15 @@ def test_refused_flags_are_refused_in_code_too():
 
 
 def test_switches_on_by_default_take_a_value(capsys):
-    assert parse_args([*BASE, "--prodigy_decouple", "no"]).prodigy_decouple is False
-    assert parse_args([*BASE, "--prodigy_decouple=True"]).prodigy_decouple is True
+    assert registry.parse_args(TaskKind.DREAMBOOTH, [*BASE, "--prodigy_decouple", "no"]).prodigy_decouple is False
+    assert registry.parse_args(TaskKind.DREAMBOOTH, [*BASE, "--prodigy_decouple=True"]).prodigy_decouple is True
     with pytest.raises(SystemExit):
-        parse_args([*BASE, "--prodigy_decouple", "maybe"])
+        registry.parse_args(TaskKind.DREAMBOOTH, [*BASE, "--prodigy_decouple", "maybe"])
     assert "expected true or false" in capsys.readouterr().err
 
 
 def test_optimizer_names_are_taken_in_any_case():
-    assert parse_args([*BASE, "--optimizer", "AdamW"]).optimizer == "adamw"
+    assert registry.parse_args(TaskKind.DREAMBOOTH, [*BASE, "--optimizer", "AdamW"]).optimizer == "adamw"
     with pytest.raises(ConfigError, match="not one of AdamW, prodigy"):
         DreamBoothConfig(instance_data_dir="dog", instance_prompt="a sks dog", optimizer="sgd").validate()
 
@@ -234,6 +235,6 @@ def test_contradicting_new_flags_say_what_to_do(changes, message):
 
 
 def test_the_hub_token_is_not_part_of_the_run_or_its_records():
-    config = parse_args([*BASE, "--push_to_hub", "--hub_token", "hf_secret"])
+    config = registry.parse_args(TaskKind.DREAMBOOTH, [*BASE, "--push_to_hub", "--hub_token", "hf_secret"])
     assert "hub_token" not in config.identity() and "hub_token" not in config.public_dict()
     assert "hf_secret" not in repr(config.identity()) + repr(config.public_dict())

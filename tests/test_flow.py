@@ -17,22 +17,27 @@ from conftest import build_tiny_flux_components, build_tiny_sd3_components, free
 from PIL import Image
 from torch.testing import assert_close
 
-from ether_diffusion import EtherConfig, inject
+from ether_diffusion import EtherConfig, inject, registry
 from ether_diffusion.inject import adapter_layers
 from ether_diffusion.io import read_adapter_file
+from ether_diffusion.registry import DreamBoothFluxConfig, DreamBoothSD3Config, task_for, train
 from ether_diffusion.training import Callback
-from ether_diffusion.training.config import ConfigError
-from ether_diffusion.training.dreambooth import DreamBoothConfig, parse_args, task_for, train
+from ether_diffusion.training.config import ConfigError, TaskKind
+from ether_diffusion.training.dreambooth import DreamBoothConfig, DreamBoothTask
 from ether_diffusion.training.flow import WEIGHTING_SCHEMES, flow_matching_loss, noisy_latents, sample_timesteps
-from ether_diffusion.training.flux import DreamBoothFluxConfig, DreamBoothFluxTask
-from ether_diffusion.training.sd3 import DreamBoothSD3Config, DreamBoothSD3Task
-from ether_diffusion.training.task import Run
+from ether_diffusion.training.flux import FluxBackend
+from ether_diffusion.training.run import Run
+from ether_diffusion.training.sd3 import StableDiffusion3Backend
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_dreambooth_ether.py"
 PROMPT = "a sks star"
 FAMILIES = ("sd3", "flux")
-TASKS = {"sd3": (DreamBoothSD3Config, DreamBoothSD3Task), "flux": (DreamBoothFluxConfig, DreamBoothFluxTask)}
+TASKS = {"sd3": (DreamBoothSD3Config, StableDiffusion3Backend), "flux": (DreamBoothFluxConfig, FluxBackend)}
+
+
+def parse_args(argv):
+    return registry.parse_args(TaskKind.DREAMBOOTH, argv)
 
 
 # --- the objective ----------------------------------------------------------------------------------------------------
@@ -137,11 +142,11 @@ def flags(world, family, output_dir, *extra):
 def make_task(world, family, tmp_path, **fields):
     from accelerate import Accelerator
 
-    config_class, task_class = TASKS[family]
+    config_class, backend_class = TASKS[family]
     config = config_class(pretrained_model_name_or_path=str(world / family), instance_data_dir=str(world / "instance"),
                           instance_prompt=PROMPT, output_dir=str(tmp_path), report_to="none", resolution=16,
                           max_sequence_length=16, **fields).validate()  # fmt: skip
-    task = task_class(config)
+    task = DreamBoothTask(config, backend_class(config))
     task.check_inputs()
     run = Run(Accelerator(cpu=True), torch.float32, torch.Generator().manual_seed(0))
     task.setup(run)
@@ -199,7 +204,8 @@ def test_the_model_folder_picks_the_flow_task_and_its_defaults(world, tmp_path, 
     # a DreamBoothConfig built in code for a Flux model (the studio does this) trains Flux with Flux's defaults
     task = task_for(DreamBoothConfig(pretrained_model_name_or_path=str(world / "flux"), instance_data_dir="x",
                                      instance_prompt=PROMPT, learning_rate=1e-3))  # fmt: skip
-    assert type(task) is DreamBoothFluxTask
+    assert type(task) is DreamBoothTask and type(task.backend) is FluxBackend
+    assert type(task.config) is DreamBoothFluxConfig
     assert (task.config.target_modules, task.config.learning_rate) == ("flux-attention", 1e-3)
     with pytest.raises(ConfigError, match="--snr_gamma is min-SNR weighting"):
         task_for(DreamBoothConfig(pretrained_model_name_or_path=str(world / "sd3"), instance_data_dir="x",
@@ -214,7 +220,7 @@ def test_a_resolution_the_latent_grid_cannot_take_is_refused(world, tmp_path):
         task, _ = make_task(world, family, tmp_path)
         task.config.resolution = 14
         with pytest.raises(ConfigError, match="takes images in 4-pixel patches: use a multiple of 4, e.g. 12"):
-            task.check_components()
+            task.backend.check_components()
 
 
 # --- the conditioning and the velocity are the pipelines' -------------------------------------------------------------
@@ -224,7 +230,7 @@ def test_sd3_conditioning_matches_stable_diffusion_3_pipeline(world, tmp_path):
     batch = dataset.collate([dataset[0], dataset[1]])
     assert {"input_ids", "input_ids_2", "input_ids_3"} <= set(batch)
     with torch.no_grad():
-        condition = task.condition(batch, run)
+        condition = task.backend.condition(batch, run)
     embeds, _, pooled, _ = load(world, "sd3").encode_prompt(PROMPT, PROMPT, PROMPT, do_classifier_free_guidance=False,
                                                             max_sequence_length=16)  # fmt: skip
     assert condition["encoder_hidden_states"].shape == (2, 16 + 16, 64)  # 16 CLIP tokens (padded 64 wide) + 16 of T5
@@ -237,7 +243,7 @@ def test_flux_conditioning_matches_flux_pipeline(world, tmp_path):
     dataset = task.dataset(run, lambda *args: None)
     batch = dataset.collate([dataset[0], dataset[1]])
     with torch.no_grad():
-        condition = task.condition(batch, run)
+        condition = task.backend.condition(batch, run)
     embeds, pooled, text_ids = load(world, "flux").encode_prompt(PROMPT, max_sequence_length=16)
     assert_close(condition["encoder_hidden_states"], embeds.expand(2, -1, -1), rtol=1e-5, atol=1e-6)
     assert_close(condition["pooled_projections"], pooled.expand(2, -1), rtol=1e-5, atol=1e-6)
@@ -260,18 +266,18 @@ def test_the_task_loss_is_the_flow_matching_loss(world, tmp_path, family, scheme
     dataset = task.dataset(run, lambda *args: None)
     batch = dataset.collate([dataset[i] for i in range(3)])
     seen = {}
-    predict = task.predict
+    predict = task.backend.predict
 
     def spy(noisy, timesteps, condition, run):
         seen.update(noisy=noisy, timesteps=timesteps, prediction=predict(noisy, timesteps, condition, run))
         return seen["prediction"]
 
-    task.predict = spy
+    task.backend.predict = spy
     run.noise_generator.manual_seed(77)
     with torch.no_grad():
         loss, _ = task.loss(batch, run)
 
-    vae = task.components.vae
+    vae = task.backend.components.vae
     generator = torch.Generator().manual_seed(77)
     with torch.no_grad():
         latents = vae.encode(batch["pixel_values"]).latent_dist.sample(generator=generator)
@@ -289,13 +295,19 @@ def test_the_task_loss_is_the_flow_matching_loss(world, tmp_path, family, scheme
         error = prediction - (noise - latents)
     weight = 1.0  # logit_normal, mode and none weigh through the σ's they draw, not the loss
     assert_close(loss, (weight * error**2).mean(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_sampler_step_from_noise_moves_by_the_predicted_velocity(world, tmp_path, family):
     """One Euler step of the pipeline's own sampler from pure noise (σ = 1 to 0) lands on noise − v̂: the velocity
     ``predict`` returns at t = 1000 with the training conditioning (Flux: packing, t / 1000, guidance 3.5)."""
     task, run = make_task(world, family, tmp_path, center_crop=True)
     dataset = task.dataset(run, lambda *args: None)
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        velocity = task.predict(noise, torch.tensor([1000.0]), task.condition(dataset.collate([dataset[0]]), run), run)
+        velocity = task.backend.predict(
+            noise, torch.tensor([1000.0]), task.backend.condition(dataset.collate([dataset[0]]), run), run
+        )
     pipe = load(world, family)
     if family == "sd3":
         stepped = pipe(PROMPT, latents=noise, num_inference_steps=1, guidance_scale=1.0, height=16, width=16,
@@ -521,14 +533,14 @@ class Watch(Callback):
         self.task, self.calls = task, {"vae": 0, "text": 0}
 
     def on_train_start(self, total_steps, start_step):
-        encode = self.task.components.vae.encode
+        encode = self.task.backend.components.vae.encode
 
         def counted(*args, **kwargs):
             self.calls["vae"] += 1
             return encode(*args, **kwargs)
 
-        self.task.components.vae.encode = counted
-        for encoder in self.task.all_text_encoders():
+        self.task.backend.components.vae.encode = counted
+        for encoder in self.task.backend.all_text_encoders():
             encoder.register_forward_pre_hook(self._text)
 
     def _text(self, *args):
@@ -556,7 +568,7 @@ def test_captions_and_both_caches_train_as_without_them(world, tmp_path, family)
     encoders = 3 if family == "sd3" else 2
     assert plain_calls == {"vae": 4, "text": 4 * encoders}
     assert calls == {"vae": 3, "text": 0}  # 3 images with one crop each; prompts encoded before the first step
-    table = task.text_table
+    table = task.backend.text_table
     assert table["encoder_hidden_states"].shape[0] == 2 and table["pooled_projections"].shape[0] == 2
     pipe = load(world, family)
     if family == "sd3":

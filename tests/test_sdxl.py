@@ -15,17 +15,25 @@ from conftest import build_char_tokenizer, build_tiny_components, build_tiny_sdx
 from PIL import Image
 from torch.testing import assert_close
 
+from ether_diffusion import registry
 from ether_diffusion.architectures import SDXL_UNET
 from ether_diffusion.families import UnsupportedModelError, model_family
 from ether_diffusion.inject import adapter_layers
 from ether_diffusion.io import read_adapter_file
-from ether_diffusion.training.dreambooth import DreamBoothConfig, DreamBoothTask, parse_args, task_for, train
-from ether_diffusion.training.sdxl import DreamBoothXLConfig, DreamBoothXLTask
-from ether_diffusion.training.task import Run
+from ether_diffusion.registry import DreamBoothXLConfig, task_for, train
+from ether_diffusion.training.config import TaskKind
+from ether_diffusion.training.dreambooth import DreamBoothConfig, DreamBoothTask
+from ether_diffusion.training.run import Run
+from ether_diffusion.training.sd import StableDiffusionBackend
+from ether_diffusion.training.sdxl import StableDiffusionXLBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train_dreambooth_ether.py"
 PROMPT = "a sks star"
+
+
+def parse_args(argv):
+    return registry.parse_args(TaskKind.DREAMBOOTH, argv)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +64,7 @@ def flags(world, output_dir, *extra):
     ]  # fmt: skip
 
 
-def make_task(world, tmp_path, **fields) -> tuple[DreamBoothXLTask, Run]:
+def make_task(world, tmp_path, **fields) -> tuple[DreamBoothTask, Run]:
     from accelerate import Accelerator
 
     config = DreamBoothXLConfig(
@@ -67,7 +75,7 @@ def make_task(world, tmp_path, **fields) -> tuple[DreamBoothXLTask, Run]:
         report_to="none",
         **fields,
     ).validate()
-    task = DreamBoothXLTask(config)
+    task = DreamBoothTask(config, StableDiffusionXLBackend(config))
     task.check_inputs()
     run = Run(Accelerator(cpu=True), torch.float32, torch.Generator().manual_seed(0))
     task.setup(run)
@@ -92,7 +100,8 @@ def test_the_model_folder_says_which_task_trains_it(world, tmp_path, capsys):
     sd_config = DreamBoothConfig(pretrained_model_name_or_path=str(world / "sdxl"), instance_data_dir="x",
                                  instance_prompt=PROMPT)  # fmt: skip
     task = task_for(sd_config)
-    assert type(task) is DreamBoothXLTask and task.config.pretrained_vae_model_name_or_path is None
+    assert type(task) is DreamBoothTask and type(task.backend) is StableDiffusionXLBackend
+    assert type(task.config) is DreamBoothXLConfig and task.config.pretrained_vae_model_name_or_path is None
     xl_for_sd = DreamBoothXLConfig(pretrained_model_name_or_path=str(world / "sd"), instance_data_dir="x",
                                    instance_prompt=PROMPT, pretrained_vae_model_name_or_path="vae")  # fmt: skip
     with pytest.raises(ValueError, match="does not apply to Stable Diffusion 1.x/2.x"):
@@ -108,16 +117,20 @@ def test_other_families_fail_with_one_message(world, tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--pretrained_model_name_or_path", str(px), "--instance_data_dir", "x", "--instance_prompt", "y"])
     assert "PixArt-Σ (PixArtSigmaPipeline in its model_index.json)" in capsys.readouterr().err
-    # a task given a model of the family it does not train says so before loading anything
+    # a backend given a model of another family says so before loading anything
     config = DreamBoothConfig(pretrained_model_name_or_path=str(world / "sdxl"), instance_data_dir="x",
                               instance_prompt=PROMPT).validate()  # fmt: skip
     with pytest.raises(UnsupportedModelError, match="is a Stable Diffusion XL model .* supports Stable Diffusion 1"):
-        DreamBoothTask(config).setup(None)
+        DreamBoothTask(config, StableDiffusionBackend(config)).setup(None)
     from ether_diffusion.control.train import ControlConfig, ControlTask
 
     control = ControlConfig(pretrained_model_name_or_path=str(world / "sdxl"), train_data_dir="x").validate()
     with pytest.raises(UnsupportedModelError, match=r"control training \(ControlTask\) supports Stable Diffusion 1"):
-        ControlTask(control).setup(None)
+        ControlTask(control, StableDiffusionBackend(control)).setup(None)
+    # and the registry, asked for control on an SDXL model, names the families control trains
+    with pytest.raises(UnsupportedModelError, match=r"Stable Diffusion XL model .*; control training supports Stable "
+                       r"Diffusion 1.x/2.x models"):  # fmt: skip
+        task_for(control)
 
 
 # --- the conditioning is the pipeline's ------------------------------------------------------------------------------
@@ -131,7 +144,7 @@ def test_conditioning_matches_stable_diffusion_xl_pipeline(world, tmp_path):
     batch = dataset.collate([dataset[0], dataset[1]])
     assert set(batch) == {"pixel_values", "input_ids", "input_ids_2", "add_time_ids", "latent_key", "prompt_index"}
     with torch.no_grad():
-        condition = task.condition(batch, run)
+        condition = task.backend.condition(batch, run)
     pipe = StableDiffusionXLPipeline.from_pretrained(world / "sdxl")
     embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)
     assert condition["encoder_hidden_states"].shape == (2, 16, 64)
@@ -143,7 +156,7 @@ def test_conditioning_matches_stable_diffusion_xl_pipeline(world, tmp_path):
     # the UNet accepts it (this is where the SD task crashed inside diffusers on an SDXL model)
     latents = torch.randn(2, 4, 8, 8)
     with torch.no_grad():
-        assert task.components.unet(latents, torch.tensor([10, 500]), **condition).sample.shape == latents.shape
+        assert task.backend.components.unet(latents, torch.tensor([10, 500]), **condition).sample.shape == latents.shape
 
 
 def test_crop_corner_is_measured_in_the_flipped_image(world, tmp_path):
@@ -185,8 +198,8 @@ def test_train_text_encoder_adapts_both_encoders_but_not_the_unread_layer(world,
         for path, layer in layers.items():  # every adapted layer gets a gradient: none is dead weight
             grads = [p.grad for p in layer.parameters() if p.requires_grad]
             assert grads and all(g is not None and bool(g.abs().sum() > 0) for g in grads), (component, path)
-    assert len(dict(adapter_layers(task.components.text_encoder))) == 2 * 4  # layers 0 and 1 of 3
-    assert len(dict(adapter_layers(task.components.text_encoder_2))) == 3 * 4
+    assert len(dict(adapter_layers(task.backend.components.text_encoder))) == 2 * 4  # layers 0 and 1 of 3
+    assert len(dict(adapter_layers(task.backend.components.text_encoder_2))) == 3 * 4
 
 
 # --- training --------------------------------------------------------------------------------------------------------
@@ -388,7 +401,7 @@ def test_parameter_counts_on_the_real_sdxl_architecture():
         assert count == expected, (method, sides)
         assert f"{expected:,}" in docs, f"{expected:,} missing from docs/dreambooth.md"
     # --train_text_encoder: all attention of text_encoder_2, text_encoder's but its unread last layer
-    unread = ["encoder.layers.11"]  # what DreamBoothXLTask excludes (tested on the tiny model above)
+    unread = ["encoder.layers.11"]  # what the SDXL backend excludes (tested on the tiny model above)
     for method, (first, second) in SDXL_TEXT_COUNTS.items():
         assert len(inject(text_encoder, EtherConfig(method=method, target_modules="text-encoder-attention",
                                                     exclude_modules=unread))) == 11 * 4  # fmt: skip

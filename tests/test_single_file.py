@@ -217,8 +217,9 @@ def test_training_scripts_and_the_studio_take_a_single_file_model(tmp_path):
     reload round trip at the end loads the base model from the same file."""
     from ether_diffusion.assets import default_subjects_path
     from ether_diffusion.io import read_adapter_file
+    from ether_diffusion.registry import train
     from ether_diffusion.studio import JobManager, Sampler, SampleRequest, TrainSpec, Workspace
-    from ether_diffusion.training.dreambooth import DreamBoothConfig, train
+    from ether_diffusion.training.dreambooth import DreamBoothConfig
 
     checkpoint = save_single_file(load_pipeline(TINY_SD), tmp_path / "tiny.safetensors")
     subject = default_subjects_path() / "orange_checkered_star"

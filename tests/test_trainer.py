@@ -15,9 +15,11 @@ from conftest import build_training_world
 from PIL import Image
 from safetensors.torch import load_file
 
+from ether_diffusion.registry import train
 from ether_diffusion.training import Callback, ConfigError, ResumeMismatchError, TrainingDivergedError
 from ether_diffusion.training.checkpoints import CheckpointError, list_checkpoints
-from ether_diffusion.training.dreambooth import DreamBoothConfig, DreamBoothTask, train
+from ether_diffusion.training.dreambooth import DreamBoothConfig, DreamBoothTask
+from ether_diffusion.training.sd import StableDiffusionBackend
 from ether_diffusion.training.trainer import Trainer
 
 
@@ -162,7 +164,7 @@ class NaNAt(DreamBoothTask):
     """DreamBooth whose loss turns NaN at one step (what an exploding run looks like to the loop)."""
 
     def __init__(self, config, step):
-        super().__init__(config)
+        super().__init__(config, StableDiffusionBackend(config))
         self.calls, self.bad_step = 0, step
 
     def loss(self, batch, run):

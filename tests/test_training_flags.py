@@ -18,9 +18,10 @@ from PIL import Image
 from torch.testing import assert_close
 
 from ether_diffusion.io import read_adapter_file
+from ether_diffusion.registry import task_for
 from ether_diffusion.training import Callback, ConfigError
 from ether_diffusion.training.data import DreamBoothDataset, load_captioned_folder, to_pixels
-from ether_diffusion.training.dreambooth import DreamBoothConfig, task_for
+from ether_diffusion.training.dreambooth import DreamBoothConfig
 from ether_diffusion.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ class Watch(Callback):
         self.task, self.encodes, self.text_calls = task, 0, []
 
     def on_train_start(self, total_steps, start_step):
-        vae = self.task.components.vae
+        vae = self.task.backend.components.vae
         encode = vae.encode
 
         def counted(*args, **kwargs):
@@ -84,7 +85,7 @@ class Watch(Callback):
             return encode(*args, **kwargs)
 
         vae.encode = counted
-        for encoder in self.task.text_encoders().values():
+        for encoder in self.task.backend.text_encoders().values():
             encoder.register_forward_pre_hook(self._text, with_kwargs=True)
 
     def _text(self, module, args, kwargs):
@@ -289,7 +290,7 @@ def test_cached_latents_train_the_same_adapter_with_one_encode_per_image(world, 
     _, plain_watch, plain = run(config_for(world, tmp_path / "plain", **common))
     task, cached_watch, cached = run(config_for(world, tmp_path / "cached", cache_latents=True, **common))
     assert plain_watch.encodes == 6 and cached_watch.encodes == 3  # 3 images, one crop each: encoded once
-    assert len(task.latent_cache) == 3
+    assert len(task.backend.latent_cache) == 3
     assert cached.losses == plain.losses
     assert_same_adapter(plain.adapter_path, cached.adapter_path)
 
@@ -299,7 +300,7 @@ def test_cached_latents_follow_flips_and_resume_exactly(world, tmp_path):
                   with_prior_preservation=True, class_prompt="a star", num_class_images=2,
                   class_data_dir=str(tmp_path / "class"))  # fmt: skip
     task, watch, straight = run(config_for(world, tmp_path / "straight", **common))
-    keys = set(task.latent_cache)
+    keys = set(task.backend.latent_cache)
     assert {k[4] for k in keys} == {0, 1}  # flipped and unflipped inputs are different entries
     assert len(keys) == watch.encodes <= 2 * (3 + 2)  # at most two inputs per instance and class image
     (tmp_path / "resumed").mkdir()
@@ -317,7 +318,7 @@ def test_pre_computed_text_embeddings_skip_the_encoder_and_match(world, tmp_path
     task, watch, pre = run(config_for(world, tmp_path / "pre", pre_compute_text_embeddings=True, **common))
     assert len(watch.text_calls) == len(plain_watch.text_calls) - 3  # the preview's only: training read the table
     assert watch.text_calls  # the preview sampled with the text encoders back on the device
-    assert task.text_table["encoder_hidden_states"].shape[0] == 2  # two distinct prompts
+    assert task.backend.text_table["encoder_hidden_states"].shape[0] == 2  # two distinct prompts
     assert_close(torch.tensor(pre.losses), torch.tensor(plain.losses), rtol=1e-5, atol=1e-7)
 
 
@@ -337,7 +338,7 @@ def test_validation_scheduler_is_the_one_asked_for(world, tmp_path):
         task = task_for(config_for(world, tmp_path, validation_scheduler=name))
         task.check_inputs()
         _initial_vectors(task)
-        assert type(task.pipeline().scheduler) is kind and type(task.fresh_pipeline().scheduler) is kind
+        assert type(task.backend.pipeline().scheduler) is kind and type(task.backend.fresh_pipeline().scheduler) is kind
 
 
 # --- progress in logs ------------------------------------------------------------------------------------------------
@@ -366,15 +367,16 @@ def test_sdxl_with_captions_repeats_and_both_caches(world, tmp_path):
                         instance_data_dir=str(world / "captioned"), repeats=2, cache_latents=True,
                         pre_compute_text_embeddings=True, center_crop=True, max_train_steps=6)  # fmt: skip
     task, watch, result = run(config)
-    assert type(task).__name__ == "DreamBoothXLTask"
+    assert type(task.backend).__name__ == "StableDiffusionXLBackend"
     assert watch.text_calls == [] and watch.encodes == 3  # text from the table; each image encoded once
-    assert task.text_table["encoder_hidden_states"].shape[0] == 2 and task.text_table["text_embeds"].shape[0] == 2
+    table = task.backend.text_table
+    assert table["encoder_hidden_states"].shape[0] == 2 and table["text_embeds"].shape[0] == 2
     # the caption's row of the table is what both encoders make of the caption
     dataset_prompts = ["a sks star on grass", PROMPT]
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "sdxl")
     embeds, _, pooled, _ = pipe.encode_prompt(dataset_prompts[0], device="cpu", do_classifier_free_guidance=False)
-    assert_close(task.text_table["encoder_hidden_states"][:1], embeds, rtol=1e-5, atol=1e-6)
-    assert_close(task.text_table["text_embeds"][:1], pooled, rtol=1e-5, atol=1e-6)
+    assert_close(task.backend.text_table["encoder_hidden_states"][:1], embeds, rtol=1e-5, atol=1e-6)
+    assert_close(task.backend.text_table["text_embeds"][:1], pooled, rtol=1e-5, atol=1e-6)
     assert all(np.isfinite(result.losses)) and len(result.losses) == 6
 
 

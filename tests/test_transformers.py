@@ -542,7 +542,7 @@ def test_parameter_counts_on_the_real_sd3_medium_and_flux_dev_architectures():
     with torch.device("meta"):  # a fresh one: PEFT's LoRA stays in the first
         sd3 = SD3Transformer2DModel(**SD3_MEDIUM)
     for method, expected in TRAINED_SD3.items():
-        unread = ["transformer_blocks.23.attn.add_q_proj"]  # what DreamBoothSD3Task leaves out (tested in test_flow)
+        unread = ["transformer_blocks.23.attn.add_q_proj"]  # what the SD3 backend leaves out (tested in test_flow)
         assert (
             len(inject(sd3, EtherConfig(method=method, target_modules="sd3-attention", exclude_modules=unread))) == 190
         )

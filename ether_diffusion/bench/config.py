@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..models import default_model
+from ..training.adapters import PeftPeer
 from ..training.config import ConfigError, option
 
 __all__ = [
@@ -40,10 +41,14 @@ class Method:
     adapters: bool = True  # False: the control encoder alone
 
     def config_changes(self, learning_rate: float) -> dict:
-        changes = dict(ether_method=self.ether_method, peer=self.peer, learning_rate=learning_rate)
+        changes = dict(ether_method=self.ether_method, learning_rate=learning_rate)
         if not self.adapters:
             changes["no_adapters"] = True
         return changes
+
+    def make_adapters(self, config) -> PeftPeer | None:
+        """What a run of this method trains in place of ETHER (a PEFT peer, new for each use), or None: ETHER."""
+        return PeftPeer(self.peer, config.adapter_name, config.seed) if self.peer else None
 
 
 # Learning rates: the ETHER paper's (Bini et al. 2024) for each method and task.

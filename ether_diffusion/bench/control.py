@@ -34,6 +34,7 @@ from PIL import Image
 from ..control.data import ControlDataError, ControlDataset, open_control_image
 from ..control.train import ControlConfig, ControlTask
 from ..files import read_json
+from ..registry import task_for
 from ..training.checkpoints import latest_checkpoint
 from ..training.config import ConfigError, RunConfig, option
 from .config import CONTROL_METHODS, BenchOptions, hidden, is_tiny_model, shipped_model_named
@@ -293,12 +294,17 @@ class _ControlBench:
         self.log(f"base model (no control): {scores_line(record['metrics'])}")
         return self.store.finish(run_dir, record)
 
-    def load_run(self, pipe, run_config: ControlConfig, path: Path):
+    @staticmethod
+    def task(method: str, run_config: ControlConfig):
+        """A new task of the run: ``method``'s adapters (ETHER, a PEFT peer, or none) with the condition encoder."""
+        return task_for(run_config, CONTROL_METHODS[method].make_adapters(run_config))
+
+    def load_run(self, pipe, method: str, run_config: ControlConfig, path: Path):
         """Copies of the UNet with the run's adapter and condition encoder; returns (modules, trainable params)."""
         from ..control.encoder import ConditionEncoder, ConditionEncoderConfig, attach_condition_encoder
         from ..control.pipeline import ENCODER_MODULE
 
-        modules, parameters, extra = adapted_modules(pipe, ControlTask(run_config), path)
+        modules, parameters, extra = adapted_modules(pipe, self.task(method, run_config), path)
         if "unet" not in modules:  # the encoder alone: an unadapted copy to attach it to
             import copy
 
@@ -323,7 +329,7 @@ class _ControlBench:
         if info is None and not path.is_file():  # not trained yet, or its training was interrupted
             if latest_checkpoint(run_dir / "train"):  # continue the interrupted training exactly
                 run_config.resume_from_checkpoint = "latest"
-            info = train_run(ControlTask(run_config.validate()), run_dir, self.callbacks)
+            info = train_run(self.task(method, run_config), run_dir, self.callbacks)
         info = info or {"train_seconds": None, "timed": False}
         adapters = CONTROL_METHODS[method].adapters
         record = dict(
@@ -333,7 +339,7 @@ class _ControlBench:
         record.setdefault("diverged", False)
         if not record["diverged"]:
             start = time.time()
-            modules, record["parameters"] = self.load_run(self.base.pipe, run_config, path)
+            modules, record["parameters"] = self.load_run(self.base.pipe, method, run_config, path)
             with swapped(self.base.pipe, modules) as pipe:
                 images = self.sample(pipe, run_dir / "samples", controlled=True)
             del modules

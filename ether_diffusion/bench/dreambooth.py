@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..files import read_json
+from ..registry import task_for
 from ..training.checkpoints import latest_checkpoint
 from ..training.class_images import ensure_class_images
 from ..training.config import ConfigError, RunConfig, option
@@ -289,7 +290,7 @@ class _Bench:
                                     show_progress=not config.quiet)  # fmt: skip
             if latest_checkpoint(run_dir / "train"):  # continue the interrupted training exactly
                 run_config.resume_from_checkpoint = "latest"
-            info = train_run(DreamBoothTask(run_config.validate()), run_dir, self.callbacks, snapshots)
+            info = train_run(self.task(method, run_config), run_dir, self.callbacks, snapshots)
         info = info or {"train_seconds": None, "timed": False}  # trained, but its record was lost (killed)
         record = dict(
             subject=subject.name, class_noun=subject.class_noun, method=method,
@@ -304,13 +305,13 @@ class _Bench:
                     f"{run_dir} is trained but the adapter snapshots of steps {missing} (--eval_steps) are gone; "
                     f"delete {run_dir} to train the run again"
                 )
-            task = DreamBoothTask(run_config)
             start = time.time()
-            images, record["parameters"] = self.evaluate(task, adapter, subject, run_dir / "samples")
+            images, record["parameters"] = self.evaluate(method, run_config, adapter, subject, run_dir / "samples")
             record.update(images=len(images), sample_seconds=time.time() - start,
                           metrics=self.metrics.score(images, self.texts(subject), self.real(subject)))  # fmt: skip
             if snapshots:  # points along the run, then the last step: the run's curve
-                record["curve"] = [self.snapshot_point(task, step, path, subject) for step, path in snapshots.items()]
+                record["curve"] = [self.snapshot_point(method, run_config, step, path, subject)
+                                   for step, path in snapshots.items()]  # fmt: skip
                 final = {key: record[key] for key in ("images", "sample_seconds", "metrics")}
                 record["curve"].append({"step": config.max_train_steps, **final})
         self.log(
@@ -320,19 +321,26 @@ class _Bench:
         )
         return self.store.finish(run_dir, record)
 
-    def evaluate(self, task: DreamBoothTask, adapter: Path, subject: BenchSubject, folder: Path) -> tuple[list, int]:
+    @staticmethod
+    def task(method: str, run_config: DreamBoothConfig):
+        """A new task of the run: ``method``'s adapters (ETHER, or a PEFT peer) on the model's backend."""
+        return task_for(run_config, DREAMBOOTH_METHODS[method].make_adapters(run_config))
+
+    def evaluate(self, method: str, run_config: DreamBoothConfig, adapter: Path, subject: BenchSubject,
+                 folder: Path) -> tuple[list, int]:  # fmt: skip
         """The adapter file reloaded into copies of the base pipeline's modules, sampled into ``folder``: ``(images,
         trainable parameters)``."""
-        modules, parameters, _ = adapted_modules(self.base.pipe, task, adapter)
+        modules, parameters, _ = adapted_modules(self.base.pipe, self.task(method, run_config), adapter)
         with swapped(self.base.pipe, modules) as pipe:
             images = self.sample(pipe, subject, folder)
         del modules
         return images, parameters
 
-    def snapshot_point(self, task: DreamBoothTask, step: int, adapter: Path, subject: BenchSubject) -> dict:
+    def snapshot_point(self, method: str, run_config: DreamBoothConfig, step: int, adapter: Path,
+                       subject: BenchSubject) -> dict:  # fmt: skip
         """One point of a run's curve: its adapter after ``step`` steps, sampled (beside the file) and scored."""
         start = time.time()
-        images, _ = self.evaluate(task, adapter, subject, adapter.parent / "samples")
+        images, _ = self.evaluate(method, run_config, adapter, subject, adapter.parent / "samples")
         return dict(step=step, images=len(images), sample_seconds=time.time() - start,
                     metrics=self.metrics.score(images, self.texts(subject), self.real(subject)))  # fmt: skip
 

@@ -60,13 +60,12 @@ class BasePipeline:
 
 def adapted_modules(pipe, task, adapter_path: Path) -> tuple[dict[str, torch.nn.Module], int, dict]:
     """Copies of the pipeline's modules that ``task`` adapts, with the adapter file at ``adapter_path`` loaded:
-    ``(modules by component, trainable adapter parameters, extra modules' states)`` (the control encoder's)."""
-    from ..training.adapters import adapters_for
-
+    ``(modules by component, trainable adapter parameters, extra modules' states)`` (the control encoder's).
+    ``task`` is a new task of the run (``registry.task_for``), not set up: its adapters go onto the copies."""
     configs = task.adapter_configs()
     available = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     models = {component: copy.deepcopy(available[component]).requires_grad_(False) for component in configs}
-    adapters = adapters_for(task.config)
+    adapters = task.adapters
     adapters.add(models, configs)
     parameters = sum(p.numel() for p in adapters.parameters())  # only what the adapters added requires grad
     extra = adapters.load(adapter_path)

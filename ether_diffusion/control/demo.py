@@ -46,11 +46,12 @@ def run_control_demo(
 ) -> dict:
     from ..evaluation import load_evaluator
     from ..models import default_model, load_pipeline
+    from ..registry import train
     from ..training.artifacts import make_grid
     from ..world.dataset import render_arrays
     from .data import edges_to_control, layout_free_caption, mask_to_control, write_world_control_dataset
     from .pipeline import EtherControlPipeline
-    from .train import ControlConfig, train
+    from .train import ControlConfig
 
     out = Path(output_dir)
     data = out / f"data-{task}"

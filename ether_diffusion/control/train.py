@@ -2,8 +2,9 @@
 
 The flags follow diffusers' ``train_controlnet.py`` (dataset columns, validation images and prompts, checkpoints,
 resume, mixed precision), plus the ETHER knobs and ``--encoder_learning_rate``. The loop is the library's
-(``training/trainer.py``). Used by ``scripts/train_control_ether.py``, ``ether-diffusion train-control``, the
-control demo and the control benchmark.
+(``training/trainer.py``), the model an SD 1.x/2.x backend (``training/sd.py``); ``registry.py`` builds the task.
+Used by ``scripts/train_control_ether.py``, ``ether-diffusion train-control``, the control demo and the control
+benchmark.
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ from pathlib import Path
 
 import torch
 
-from ..training.config import ConfigError, RunConfig, option
-from ..training.sd import StableDiffusionTask
-from ..training.task import Run, Samples
-from ..training.trainer import Trainer, TrainResult
+from ..training.config import ConfigError, RunConfig, TaskKind, option
+from ..training.run import Run
+from ..training.task import SampleKind, Samples, Task
 from .data import ControlDataset, collate, open_control_image
 from .encoder import ConditionEncoder, ConditionEncoderConfig, attach_condition_encoder, set_condition
 from .pipeline import CONTROL_WEIGHT_NAME, ENCODER_MODULE, EtherControlPipeline
 
-__all__ = ["ControlConfig", "ControlTask", "parse_args", "train"]
+__all__ = ["PAPER_ENCODER_LEARNING_RATE", "PAPER_LEARNING_RATE", "ControlConfig", "ControlTask"]
 
 PAPER_LEARNING_RATE = 1e-3  # ETHER / ETHER+ on segmentation→image (Bini et al. 2024)
 PAPER_ENCODER_LEARNING_RATE = 1e-4  # the encoder's rate is capped at 1e-4 in the paper's setup
@@ -30,6 +30,7 @@ PAPER_ENCODER_LEARNING_RATE = 1e-4  # the encoder's rate is capped at 1e-4 in th
 @dataclass(kw_only=True)
 class ControlConfig(RunConfig):
     task_name = "control"
+    kind = TaskKind.CONTROL
     description = "Controllable synthesis: condition encoder + ETHER (flags as diffusers' train_controlnet)"
 
     train_data_dir: str = option(help="folder with metadata.jsonl (image, conditioning_image, text)")
@@ -82,8 +83,10 @@ class ControlConfig(RunConfig):
         return list(zip(prompts, map(Path, images)))
 
 
-class ControlTask(StableDiffusionTask):
-    name = "control"
+class ControlTask(Task):
+    """A condition encoder feeding the UNet, trained with (or without: ``--no_adapters``) ETHER adapters."""
+
+    kind = TaskKind.CONTROL
     weight_name = CONTROL_WEIGHT_NAME
     drop_last = True
 
@@ -92,7 +95,7 @@ class ControlTask(StableDiffusionTask):
 
     def setup(self, run: Run) -> None:
         super().setup(run)
-        parts = self.components
+        parts = self.backend.components
         self.encoder = ConditionEncoder(ConditionEncoderConfig.for_model(parts.unet, parts.vae_scale_factor))
         self.encoder.to(run.device)
         attach_condition_encoder(parts.unet, self.encoder)
@@ -109,7 +112,7 @@ class ControlTask(StableDiffusionTask):
         config = self.config
         dataset = ControlDataset(
             config.train_data_dir,
-            self.components.tokenizer,
+            self.backend.components.tokenizer,
             config.resolution,
             config.image_column,
             config.conditioning_image_column,
@@ -122,10 +125,10 @@ class ControlTask(StableDiffusionTask):
         return dataset
 
     def loss(self, batch: dict, run: Run):
-        unet = self.components.unet
+        unet = self.backend.components.unet
         set_condition(unet, run.module("encoder", self.encoder)(batch["conditioning_pixel_values"].to(run.device)))
         try:
-            return self.denoising_loss(batch, run)
+            return self.backend.denoising_loss(batch, run)
         finally:
             set_condition(unet, None)
 
@@ -133,23 +136,24 @@ class ControlTask(StableDiffusionTask):
     def wants_validation(self) -> bool:
         return bool(self.config.validation_pairs())
 
-    def samples(self, run: Run, kind: str, adapter_path: Path | None = None) -> Samples | None:
+    def samples(self, run: Run | None, kind: SampleKind, adapter_path: Path | None = None) -> Samples | None:
         """Per (prompt, control) pair: the control image, then ``num_validation_images`` samples (one grid row)."""
-        if kind == "final":  # the round trip: the saved file into a fresh pipeline, then samples
-            if self.config.peer:
+        backend = self.backend
+        if kind is SampleKind.FINAL:  # the round trip: the saved file into a fresh pipeline, then samples
+            if not self.adapters.loads_into_pipelines:
                 return None
-            pipe = self.fresh_pipeline(EtherControlPipeline, run.device)
+            pipe = backend.fresh_pipeline(EtherControlPipeline, run.device)
             pipe.load_control_weights(adapter_path)
             run = None  # fp32, as users load it
         else:
-            pipe = self.pipeline(EtherControlPipeline)
+            pipe = backend.pipeline(EtherControlPipeline)
         size = self.config.resolution
         images, prompts = [], []
         for prompt, control_path in self.config.validation_pairs():
             control = open_control_image(control_path, "validation image").convert("RGB")
             if control.size != (size, size):
                 control = control.resize((size, size), 0)  # nearest: class colours stay exact
-            out = self.validation_images(pipe, prompt, run, image=control)
+            out = backend.validation_images(pipe, prompt, run, image=control)
             images += [control, *out]
             prompts += [prompt] * (1 + len(out))
         return Samples(images, prompts, columns=1 + self.config.num_validation_images)
@@ -158,17 +162,9 @@ class ControlTask(StableDiffusionTask):
     def save(self, path: Path, extra: dict | None = None) -> Path:
         extra = {"task": "control", "encoder_learning_rate": str(self.config.encoder_learning_rate), **(extra or {})}
         modules = {ENCODER_MODULE: (self.encoder.config.to_dict(), self.encoder.state_dict())}
-        return self.adapters.save(path, self.base_model(), extra, modules)
+        return self.adapters.save(path, self.backend.base_model(), extra, modules)
 
     def load_checkpoint(self, path: Path) -> None:
         modules = self.adapters.load(path)
         self.encoder.load_state_dict(modules[ENCODER_MODULE])
 
-
-def parse_args(argv: list[str] | None = None) -> ControlConfig:
-    return ControlConfig.from_args(argv)
-
-
-def train(config: ControlConfig, callbacks=()) -> TrainResult:
-    """Validate ``config`` and train a control model on the library's loop."""
-    return Trainer(ControlTask(config.validate()), callbacks).train()

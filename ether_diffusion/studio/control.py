@@ -128,7 +128,7 @@ class ControlSpec:
 
     @staticmethod
     def train(config, callbacks):
-        from ..control.train import train
+        from ..registry import train
 
         return train(config, callbacks)
 

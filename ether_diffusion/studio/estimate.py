@@ -27,7 +27,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from ..registry import task_for
 from ..training.callbacks import Callback
+from ..training.data import load_image_folder
+from ..training.task import SampleKind
+from ..training.trainer import Trainer
 from .workspace import StudioError
 
 __all__ = ["CALIBRATION_STEPS", "Estimate", "Measurement", "measure", "project"]
@@ -120,10 +126,7 @@ class _Probe(Callback):
     """Times and memory of the calibration run, from the loop's events."""
 
     def __init__(self, cuda: bool):
-        import torch
-
         self.cuda = cuda
-        self.torch = torch
         self.marks: dict[str, float] = {}
         self.steps: list[float] = []
         self.step_peaks: list[int] = []
@@ -133,15 +136,15 @@ class _Probe(Callback):
 
     def _start_peak(self) -> None:
         if self.cuda:
-            self.torch.cuda.reset_peak_memory_stats()
-            self._base = self.torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
         elif self.rss_based:
             _reset_peak_rss()
             self._base = _status_kb("VmRSS") * 1024
 
     def _peak(self) -> int:
         if self.cuda:
-            return self.torch.cuda.max_memory_allocated() - self._base
+            return torch.cuda.max_memory_allocated() - self._base
         return _status_kb("VmHWM") * 1024 - self._base
 
     def on_prepare(self, preparation) -> None:
@@ -160,32 +163,19 @@ class _Probe(Callback):
         self.checkpoint_seconds = time.perf_counter() - self.steps[-1]
 
 
-def _task_for(config):
-    from ..control.train import ControlConfig, ControlTask
-    from ..training.dreambooth import task_for
-
-    return ControlTask(config) if isinstance(config, ControlConfig) else task_for(config)  # the model's family
-
-
 def measure(config, scratch: Path | None = None) -> Measurement:
     """Run ``config`` (a job's DreamBooth or control configuration) for ``CALIBRATION_STEPS`` steps in a scratch
     folder and time it; nothing of it is kept."""
-    import torch
-
-    from ..control.train import ControlConfig
-    from ..training.data import load_image_folder
-    from ..training.trainer import Trainer
-
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ether-estimate-", dir=scratch) as folder:
         changes = dict(output_dir=folder, max_train_steps=CALIBRATION_STEPS, checkpointing_steps=CALIBRATION_STEPS,
                        checkpoints_total_limit=None, validation_steps=None, no_final_reload=True, report_to="none",
                        resume_from_checkpoint=None, quiet=True)  # fmt: skip
-        if not isinstance(config, ControlConfig) and config.with_prior_preservation:  # same cost, nothing drawn
+        if getattr(config, "with_prior_preservation", False):  # the same cost, nothing drawn
             count = len(load_image_folder(config.instance_data_dir, "instance"))
             changes.update(class_data_dir=config.instance_data_dir, num_class_images=count)
         calibration = config.replace(**changes).validate()
-        task = _task_for(calibration)
+        task = task_for(calibration)  # the job's kind on its model's family
         probe = _Probe(cuda=torch.cuda.is_available())
         begun = time.perf_counter()
         result = Trainer(task, [probe]).train()
@@ -199,14 +189,13 @@ def measure(config, scratch: Path | None = None) -> Measurement:
         for steps in (1, 3):
             calibration.validation_inference_steps = steps
             begin = time.perf_counter()
-            task.samples(None, "preview")
+            task.samples(None, SampleKind.PREVIEW)
             samples.append(time.perf_counter() - begin)
         per_step = max((samples[1] - samples[0]) / 2, 1e-6)
         fixed = max(samples[0] - per_step, 0.0)
 
-        parts = task.components
-        models = [task.denoiser(), *task.all_text_encoders(), parts.vae,
-                  *([task.encoder] if hasattr(task, "encoder") else [])]  # fmt: skip
+        backend = task.backend
+        models = [backend.denoiser(), *backend.all_text_encoders(), backend.components.vae]
         weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters() if not p.requires_grad)
         trainable = result.trainable_parameters * 16
         # the peak over the steps holds the optimizer state (counted exactly apart) and a step's activations

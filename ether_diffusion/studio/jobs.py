@@ -168,7 +168,7 @@ class TrainSpec:
 
     @staticmethod
     def train(config, callbacks):
-        from ..training.dreambooth import train
+        from ..registry import train
 
         return train(config, callbacks)
 

@@ -2,12 +2,13 @@
 
 Both expose the same small interface, so a task and the loop never branch on the method:
 
-    adapters = adapters_for(config)                  # EtherAdapters or PeftPeer
+    adapters = EtherAdapters("subject", "sd")        # a task's default; the benchmarks pass PeftPeer("lora", ...)
     adapters.add({"unet": unet, "text_encoder": te}, {"unet": unet_cfg, "text_encoder": te_cfg})
     params = adapters.parameters()                   # fp32, requires_grad
     with adapters.disabled(): ...                    # the base model (step-0 baseline, class images)
     adapters.save(path, base_model, extra, modules)   # one .safetensors; ``modules``: extra trained modules
     adapters.load(path)                              # restore the vectors; returns the extra modules' states
+    adapters.label                                   # "ETHER+", "LoRA r=4": how pages and model cards name them
 """
 
 from __future__ import annotations
@@ -19,24 +20,31 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import EtherConfig
+from ..config import METHOD_LABELS, EtherConfig
 from ..files import atomic_write
 from ..inject import adapter_parameters, enable_adapters, inject, load_adapter_state_dict
 from ..io import read_adapter_file, save_adapter
 
-__all__ = ["EtherAdapters", "PeftPeer", "adapters_for"]
+__all__ = ["EtherAdapters", "PeftPeer"]
 
 
 class EtherAdapters:
     """ETHER / ETHER+ adapters named ``name`` on one or more components."""
 
     kind = "ether"
+    #: the saved file is an ETHER adapter file: ``load_ether_weights`` puts it into a fresh pipeline
+    loads_into_pipelines = True
 
     def __init__(self, name: str, model_family: str | None = None):
         self.name = name
         self.model_family = model_family  # recorded in the file (families.FAMILIES)
         self.models: dict[str, nn.Module] = {}
         self.configs: dict[str, EtherConfig] = {}
+
+    @property
+    def label(self) -> str:
+        methods = sorted({config.method for config in self.configs.values()})
+        return " + ".join(METHOD_LABELS.get(m, m) for m in methods) or "ETHER"
 
     def add(self, models: dict[str, nn.Module], configs: dict[str, EtherConfig]) -> None:
         for component, config in configs.items():
@@ -78,9 +86,16 @@ class EtherAdapters:
 class PeftPeer:
     """A PEFT adapter with the settings of the papers' comparisons: LoRA r=4 (alpha 4) or OFT at PEFT's defaults."""
 
+    #: the saved file holds PEFT state dicts: only the benchmarks read it back (``load``)
+    loads_into_pipelines = False
+
     def __init__(self, method: str, name: str, seed: int):
         self.kind, self.name, self.seed = method, name, seed
         self.models: dict[str, nn.Module] = {}
+
+    @property
+    def label(self) -> str:
+        return METHOD_LABELS[self.kind]
 
     def add(self, models: dict[str, nn.Module], configs: dict[str, EtherConfig]) -> None:
         import peft
@@ -159,10 +174,3 @@ class PeftPeer:
             for name in module_names
         }
 
-
-def adapters_for(config, model_family: str | None = None) -> EtherAdapters | PeftPeer:
-    """The adapters a run configuration asks for (``config.peer`` selects a PEFT peer, else ETHER); an ETHER file
-    records ``model_family``."""
-    if config.peer:
-        return PeftPeer(config.peer, config.adapter_name, config.seed)
-    return EtherAdapters(config.adapter_name, model_family)

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .task import SampleKind
+
 __all__ = ["Callback", "CallbackList", "Preparation", "ValidationEvent"]
 
 
@@ -33,15 +35,11 @@ class Preparation:
 
 @dataclass
 class ValidationEvent:
-    """Images sampled during or after training.
-
-    ``kind``: ``"baseline"`` (step 0, the base model: what training is judged against), ``"preview"`` (adapter as
-    trained so far) or ``"final"`` (the saved file reloaded into a fresh pipeline). ``paths``: where they were
-    written (one file per image, or one grid).
-    """
+    """Images sampled during or after training: ``kind`` says what they show (``SampleKind``: the step-0 baseline,
+    a preview, the final file reloaded), ``paths`` where they were written (one file per image, or one grid)."""
 
     step: int
-    kind: str
+    kind: SampleKind
     images: list
     paths: list[Path] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)

@@ -18,6 +18,7 @@ import dataclasses
 import math
 import typing
 from dataclasses import MISSING, dataclass
+from enum import Enum
 from typing import Any, ClassVar
 
 import torch
@@ -25,12 +26,22 @@ import torch
 from ..config import SIDES, TARGET_PRESETS, EtherConfig, check_adapter_name
 from ..models import default_model
 
-__all__ = ["ConfigError", "ForeignFlag", "RunConfig", "option"]
+__all__ = ["ConfigError", "ForeignFlag", "RunConfig", "TaskKind", "option"]
 
 ETHER_METHODS = ("ether", "ether_plus")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "prodigy")  # given in any case, as diffusers' scripts take them ("AdamW", "prodigy")
 VALIDATION_SCHEDULERS = ("DPMSolverMultistepScheduler", "DDPMScheduler")
+
+
+class TaskKind(str, Enum):
+    """The kinds of training: each has its configuration and task (``registry.py`` maps them per model family)."""
+
+    DREAMBOOTH = "dreambooth"  # a subject from a few images (training/dreambooth.py)
+    CONTROL = "control"  # a condition encoder plus adapters (control/train.py)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class ConfigError(ValueError):
@@ -102,6 +113,9 @@ class RunConfig:
 
     task_name: ClassVar[str] = "run"
     description: ClassVar[str] = ""
+    #: the kind of training and the model family this configuration's flags are for (``registry.py``)
+    kind: ClassVar[TaskKind]
+    family: ClassVar[str] = "sd"
     #: flags of diffusers' scripts answered without a field: accepted as always so, or refused with the reason
     foreign_flags: ClassVar[dict[str, ForeignFlag]] = FOREIGN_FLAGS
 
@@ -132,10 +146,6 @@ class RunConfig:
         f"a preset ({', '.join(p for p in TARGET_PRESETS if p.startswith('unet'))}) or comma-separated suffixes",
     )
     adapter_name: str = option("default", "name stored in the adapter file")
-    peer: str | None = option(
-        None, "train a PEFT peer (lora r=4 or oft) instead of ETHER: benchmarks only", choices=("lora", "oft"),
-        cli=False,
-    )  # fmt: skip
 
     # --- the loop ------------------------------------------------------------------------------------------------
     output_dir: str = option("ether-output", "where checkpoints, validation images and the adapter go", same_run=False)

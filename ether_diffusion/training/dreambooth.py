@@ -3,29 +3,27 @@ preservation), its configuration with the flags of diffusers' ``train_dreambooth
 
     config = DreamBoothConfig(instance_data_dir="dog/", instance_prompt="a sks dog", with_prior_preservation=True,
                               class_prompt="a dog", max_train_steps=400, output_dir="out/dog")
-    result = train(config)                      # the loop of trainer.py; result.adapter_path is the file
+    result = registry.train(config)             # the loop of trainer.py; result.adapter_path is the file
 
-Used by ``scripts/train_dreambooth_ether.py``, ``ether-diffusion train``, the demo, the studio and the benchmarks.
-``train`` and ``parse_args`` pick the task from the model: an SDXL model trains ``sdxl.DreamBoothXLTask`` (with
-``sdxl.DreamBoothXLConfig``'s extra flags), an SD3 or Flux model ``sd3.DreamBoothSD3Task`` / ``flux.DreamBoothFluxTask``
-(flow matching, with the flags of diffusers' SD3/Flux scripts), the same data, prior preservation, loop and file.
+The task runs on any model backend (SD 1.x/2.x, SDXL, SD3, Flux: ``sd.py`` and its siblings). ``registry.py`` picks
+the backend and the configuration class by the model's family (an SDXL model adds ``--pretrained_vae_model_name_or_
+path``, SD3 and Flux the flow-matching flags): used by ``ether-diffusion train``, the script, the demo, the studio and
+the benchmarks.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from .._version import __version__
-from ..config import DTYPES, METHOD_LABELS
-from ..families import FAMILIES, UnsupportedModelError, model_family
+from ..config import DTYPES
 from ..io import DEFAULT_WEIGHT_NAME
+from ..pipeline import load_ether_weights
 from .class_images import ensure_class_images
-from .config import FOREIGN_FLAGS, ConfigError, ForeignFlag, RunConfig, option
+from .config import FOREIGN_FLAGS, ConfigError, ForeignFlag, RunConfig, TaskKind, option
 from .data import (
     INTERPOLATION_MODES,
     DreamBoothDataset,
@@ -35,11 +33,11 @@ from .data import (
     load_dataset_images,
     load_image_folder,
 )
-from .sd import StableDiffusionTask
-from .task import Run, Samples
-from .trainer import Trainer, TrainResult
+from .run import Run
+from .task import SampleKind, Samples, Task
+from .trainer import TrainResult
 
-__all__ = ["PAPER_LEARNING_RATE", "DreamBoothConfig", "DreamBoothTask", "parse_args", "task_for", "train"]
+__all__ = ["DREAMBOOTH_FOREIGN_FLAGS", "PAPER_LEARNING_RATE", "DreamBoothConfig", "DreamBoothTask"]
 
 PAPER_LEARNING_RATE = 6e-3  # ETHER / ETHER+ DreamBooth (Bini et al. 2024, Tab. 2 setup)
 
@@ -69,6 +67,7 @@ DREAMBOOTH_FOREIGN_FLAGS = {
 @dataclass(kw_only=True)
 class DreamBoothConfig(RunConfig):
     task_name = "dreambooth"
+    kind = TaskKind.DREAMBOOTH
     description = (
         "DreamBooth with ETHER adapters (flags as diffusers' train_dreambooth_lora and train_dreambooth). An SDXL, "
         "SD3 or Flux model (--pretrained_model_name_or_path) is detected and adds its flags: see --help with that model"
@@ -211,14 +210,13 @@ class DreamBoothConfig(RunConfig):
         return self
 
 
-class DreamBoothTask(StableDiffusionTask):
-    name = "dreambooth"
+class DreamBoothTask(Task):
+    """DreamBooth on any backend: the subject's images and prompts, class images and prior preservation,
+    validation samples, and the adapter file with its model card."""
+
+    kind = TaskKind.DREAMBOOTH
     weight_name = DEFAULT_WEIGHT_NAME
     card_tags = ("ether", "dreambooth", "diffusers", "text-to-image")
-    family_hint = "dreambooth.train(), train_dreambooth_ether.py and `ether-diffusion train` pick the task by model"
-
-    def __init__(self, config: DreamBoothConfig):
-        super().__init__(config)
 
     def check_inputs(self) -> None:
         config = self.config
@@ -234,9 +232,11 @@ class DreamBoothTask(StableDiffusionTask):
 
     def adapter_configs(self) -> dict:
         configs = super().adapter_configs()
+        backend = self.backend
         if self.config.train_text_encoder:
-            for component in self.text_encoders():
-                configs[component] = self.text_encoder_adapter_config(component, configs[self.denoiser_component])
+            for component in backend.text_encoders():
+                denoiser = configs[backend.denoiser_component]
+                configs[component] = backend.text_encoder_adapter_config(component, denoiser)
         return configs
 
     def parameter_groups(self) -> list[dict]:
@@ -245,7 +245,7 @@ class DreamBoothTask(StableDiffusionTask):
         config = self.config
         if config.text_encoder_lr is None and config.adam_weight_decay_text_encoder is None:
             return super().parameter_groups()
-        encoders = [c for c in self.text_encoders() if c in self.adapters.models]
+        encoders = [c for c in self.backend.text_encoders() if c in self.adapters.models]
         encoder_group = {
             "params": self.adapters.parameters(encoders),
             "name": "text_encoder",
@@ -253,7 +253,7 @@ class DreamBoothTask(StableDiffusionTask):
         }
         if config.adam_weight_decay_text_encoder is not None:
             encoder_group["weight_decay"] = config.adam_weight_decay_text_encoder
-        denoiser = [self.denoiser_component]
+        denoiser = [self.backend.denoiser_component]
         denoiser_group = {"params": self.adapters.parameters(denoiser), "lr": config.learning_rate, "name": "adapter"}
         return [encoder_group, denoiser_group]
 
@@ -267,10 +267,11 @@ class DreamBoothTask(StableDiffusionTask):
                 self._draw_class_images(class_dir, run, prepare)
             run.accelerator.wait_for_everyone()
             class_images = load_image_folder(class_dir, "class")[: max(config.num_class_images, 1)]
+        backend = self.backend
         dataset = DreamBoothDataset(
             self.instance_images,
             self.instance_prompts,
-            self.tokenizers(),
+            backend.tokenizers(),
             config.resolution,
             config.center_crop,
             config.random_flip,
@@ -284,7 +285,7 @@ class DreamBoothTask(StableDiffusionTask):
         )
         dataset.collate = collate
         if config.cache_latents:
-            self.enable_latent_cache()
+            backend.enable_latent_cache()
             variants = max(augmentations(i, config.resolution, config.center_crop, config.random_flip)
                            for i in [*self.instance_images, *(class_images or [])])  # fmt: skip
             if variants > 8 and not config.quiet and run.accelerator.is_main_process:
@@ -295,7 +296,7 @@ class DreamBoothTask(StableDiffusionTask):
                 )
         if config.pre_compute_text_embeddings:
             prepare(f"encoding {len(dataset.prompts)} prompts")
-            self.precompute_text(dataset.tokens, run)
+            backend.precompute_text(dataset.tokens, run)
         return dataset
 
     def _draw_class_images(self, class_dir: Path, run: Run, prepare) -> None:
@@ -307,9 +308,9 @@ class DreamBoothTask(StableDiffusionTask):
             precision = config.prior_generation_precision
             if precision and precision != "no":
                 dtype = DTYPES[precision]
-                return self.fresh_pipeline(device=run.device, scheduler=None, torch_dtype=dtype)
+                return self.backend.fresh_pipeline(device=run.device, scheduler=None, torch_dtype=dtype)
             stack.enter_context(self.adapters.disabled())
-            return self.pipeline()
+            return self.backend.pipeline()
 
         with stack:
             ensure_class_images(
@@ -327,7 +328,7 @@ class DreamBoothTask(StableDiffusionTask):
 
     def loss(self, batch: dict, run: Run):
         config = self.config
-        return self.denoising_loss(
+        return self.backend.denoising_loss(
             batch, run, 0.1 if config.offset_noise else 0.0, config.with_prior_preservation, config.prior_loss_weight
         )
 
@@ -335,44 +336,30 @@ class DreamBoothTask(StableDiffusionTask):
     def wants_validation(self) -> bool:
         return bool(self.config.validation_prompt)
 
-    def samples(self, run: Run, kind: str, adapter_path: Path | None = None) -> Samples | None:
-        prompt = self.config.validation_prompt
-        if kind == "final":  # the round trip diffusers does: a fresh pipeline from disk, the saved file, samples
-            if self.config.peer:
+    def samples(self, run: Run | None, kind: SampleKind, adapter_path: Path | None = None) -> Samples | None:
+        prompt, backend = self.config.validation_prompt, self.backend
+        if kind is SampleKind.FINAL:  # the round trip diffusers does: a fresh pipeline from disk, the file, samples
+            if not self.adapters.loads_into_pipelines:
                 return None
-            from ..pipeline import load_ether_weights
-
-            pipe = self.fresh_pipeline(device=run.device)
+            pipe = backend.fresh_pipeline(device=run.device)
             load_ether_weights(pipe, adapter_path)
-            images = self.validation_images(pipe, prompt, None)
+            images = backend.validation_images(pipe, prompt, None)
         else:  # the baseline is the base model: a fresh ETHER reflection is not the identity
-            base = self.adapters.disabled() if kind == "baseline" else contextlib.nullcontext()
-            with base, self.text_encoders_ready():
-                images = self.validation_images(self.pipeline(), prompt, run)
+            base = self.adapters.disabled() if kind is SampleKind.BASELINE else contextlib.nullcontext()
+            with base, backend.text_encoders_ready():
+                images = backend.validation_images(backend.pipeline(), prompt, run)
         return Samples(images, [prompt] * len(images))
 
     # --- artifacts --------------------------------------------------------------------------------------------
     def save(self, path: Path, extra: dict | None = None) -> Path:
         extra = {"instance_prompt": self.config.instance_prompt, **(extra or {})}
-        return self.adapters.save(path, self.base_model(), extra)
-
-    def load_checkpoint(self, path: Path) -> None:
-        self.adapters.load(path)
-
-    def card_loading_code(self) -> list[str]:
-        """The model card's lines that load the base pipeline as ``pipe``."""
-        pipeline = FAMILIES[self.family].pipeline
-        return [
-            f"from diffusers import {pipeline}",
-            "from ether_diffusion import load_ether_weights",
-            "",
-            f'pipe = {pipeline}.from_pretrained("{self.config.pretrained_model_name_or_path}")',
-        ]
+        return self.adapters.save(path, self.backend.base_model(), extra)
 
     def model_card(self, result: TrainResult, samples_file: str | None) -> str:
         config = self.config
         configs = {c: cfg.to_dict() for c, cfg in self.adapter_configs().items()}
-        method = METHOD_LABELS.get(config.peer or config.ether_method, config.ether_method)
+        method = self.adapters.label
+        tags = [*self.card_tags, *([self.backend.card_tag] if self.backend.card_tag else [])]
         prior = (
             f"yes, `{config.class_prompt}`, {config.num_class_images} images, weight {config.prior_loss_weight}"
             if config.with_prior_preservation
@@ -385,7 +372,7 @@ class DreamBoothTask(StableDiffusionTask):
             "---",
             f"base_model: {config.pretrained_model_name_or_path}",
             "library_name: ether-diffusion",
-            f"tags: [{', '.join(self.card_tags)}]",
+            f"tags: [{', '.join(tags)}]",
             f"instance_prompt: {config.instance_prompt}",
             "---",
             "",
@@ -396,7 +383,7 @@ class DreamBoothTask(StableDiffusionTask):
             f"{result.global_step} steps in {result.train_seconds:.0f} s.",
             "",
             "```python",
-            *self.card_loading_code(),
+            *self.backend.card_loading_code(),
             f'load_ether_weights(pipe, "{config.output_dir}")',
             f'image = pipe("{config.validation_prompt or config.instance_prompt}").images[0]',
             "```",
@@ -419,80 +406,3 @@ class DreamBoothTask(StableDiffusionTask):
                       "fresh pipeline:", "", f"![samples]({samples_file})"]  # fmt: skip
         return "\n".join(lines) + "\n"
 
-
-def _tasks() -> dict[str, tuple[type[DreamBoothConfig], type[DreamBoothTask]]]:
-    """The DreamBooth configuration and task of each model family."""
-    from .flux import DreamBoothFluxConfig, DreamBoothFluxTask  # sdxl, sd3 and flux build on this module
-    from .sd3 import DreamBoothSD3Config, DreamBoothSD3Task
-    from .sdxl import DreamBoothXLConfig, DreamBoothXLTask
-
-    return {
-        "sd": (DreamBoothConfig, DreamBoothTask),
-        "sdxl": (DreamBoothXLConfig, DreamBoothXLTask),
-        "sd3": (DreamBoothSD3Config, DreamBoothSD3Task),
-        "flux": (DreamBoothFluxConfig, DreamBoothFluxTask),
-    }
-
-
-def _classes_for(model: str | None, revision: str | None = None, model_config: str | None = None):
-    family = model_family(model, revision, model_config)  # UnsupportedModelError for other families
-    if family.name not in _tasks():
-        supported = ", ".join(FAMILIES[name].label for name in _tasks())
-        raise UnsupportedModelError(f"'{model}' is a {family.label} model; DreamBooth supports {supported} models")
-    return _tasks()[family.name]
-
-
-def _not_for_this_model(flags: list[str], model: str | None, revision: str | None, model_config: str | None) -> str:
-    family = model_family(model, revision, model_config)
-    return (
-        f"{', '.join('--' + f for f in flags)} {'does' if len(flags) == 1 else 'do'} not apply to {family.label} "
-        f"models, and '{model or 'the shipped tiny model'}' is one"
-    )
-
-
-def parse_args(argv: list[str] | None = None, prog: str | None = None) -> DreamBoothConfig:
-    """Flags of the model's family: ``DreamBoothXLConfig`` for an SDXL ``--pretrained_model_name_or_path``, else
-    ``DreamBoothConfig``. Bad flags, and a model of a family DreamBooth does not train, are usage errors."""
-    probe = argparse.ArgumentParser(add_help=False)
-    probe.add_argument("--pretrained_model_name_or_path")
-    probe.add_argument("--revision")
-    probe.add_argument("--config", dest="model_config")
-    known, _ = probe.parse_known_args(argv)
-    try:
-        config_class = _classes_for(known.pretrained_model_name_or_path, known.revision, known.model_config)[0]
-    except UnsupportedModelError as err:
-        DreamBoothConfig.build_parser(prog).error(str(err))
-    others = {f.name for config, _ in _tasks().values() for f in dataclasses.fields(config)}
-    foreign = others - {f.name for f in dataclasses.fields(config_class)}
-    given = sorted(flag for flag in foreign if any(a.split("=")[0] == f"--{flag}" for a in argv or []))
-    if given:
-        config_class.build_parser(prog).error(
-            _not_for_this_model(given, known.pretrained_model_name_or_path, known.revision, known.model_config)
-        )
-    return config_class.from_args(argv, prog)
-
-
-def task_for(config: DreamBoothConfig) -> DreamBoothTask:
-    """The DreamBooth task of ``config``'s model family. A configuration of the other family is carried over field by
-    field (an SD one for an SDXL model gets the SDXL flags' defaults); one that sets flags the model's family does
-    not have is a ``ConfigError``."""
-    config.validate()
-    config_class, task_class = _classes_for(config.pretrained_model_name_or_path, config.revision, config.model_config)
-    if type(config) is not config_class and type(config) in {c for c, _ in _tasks().values()}:
-        names = {f.name for f in dataclasses.fields(config_class)}
-        extra = [f for f in dataclasses.fields(config) if f.name not in names]
-        lost = [f.name for f in extra if getattr(config, f.name) != f.default]
-        if lost:
-            model = config.pretrained_model_name_or_path
-            reason = _not_for_this_model(lost, model, config.revision, config.model_config)
-            raise ConfigError(f"{reason}; use {config_class.__name__}")
-        # a flag left at its default takes the model family's default (--target_modules: the family's attention)
-        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-                  if f.name in names and getattr(config, f.name) != f.default}  # fmt: skip
-        config = config_class(**fields).validate()
-    return task_class(config)
-
-
-def train(config: DreamBoothConfig, callbacks=()) -> TrainResult:
-    """Validate ``config`` and run DreamBooth on the library's loop (the task of the model's family)."""
-    return Trainer(task_for(config), callbacks).train()

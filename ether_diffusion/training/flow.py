@@ -19,8 +19,8 @@ Esser et al. 2024, section 3.1):
 - prior preservation as DreamBooth's: the batch is ``[instance; class]``, the class half weighted by
   ``--prior_loss_weight``.
 
-``FlowMatchingTask`` is ``StableDiffusionTask`` with a ``transformer`` denoiser and this loss; its subclasses say how
-the model is conditioned (``condition``) and called (``predict``). ``DreamBoothFlowConfig`` holds the flags.
+``FlowMatchingBackend`` is the SD backend (``sd.py``) with a ``transformer`` denoiser and this loss; its subclasses say
+how the model is conditioned (``condition``) and called (``predict``). ``FlowMatchingOptions`` holds the flags.
 """
 
 from __future__ import annotations
@@ -34,15 +34,15 @@ import torch
 from ..models import load_pipeline
 from .config import ConfigError, ForeignFlag, option
 from .diffusion import combine_prior, sample_noise
-from .dreambooth import DREAMBOOTH_FOREIGN_FLAGS, DreamBoothConfig
-from .sd import StableDiffusionTask
-from .task import Run
+from .run import Run
+from .sd import StableDiffusionBackend
 
 __all__ = [
+    "FLOW_FOREIGN_FLAGS",
     "WEIGHTING_SCHEMES",
-    "DreamBoothFlowConfig",
     "FlowComponents",
-    "FlowMatchingTask",
+    "FlowMatchingBackend",
+    "FlowMatchingOptions",
     "flow_matching_loss",
     "noisy_latents",
     "sample_timesteps",
@@ -118,24 +118,25 @@ def flow_matching_loss(
 
 
 # --- the configuration ------------------------------------------------------------------------------------------------
-@dataclass(kw_only=True)
-class DreamBoothFlowConfig(DreamBoothConfig):
-    """DreamBooth's flags plus those of flow matching (diffusers' names); SD3's and Flux's configs set the defaults."""
+#: flags of diffusers' SD3/Flux scripts answered without a field
+FLOW_FOREIGN_FLAGS = {
+    "lora_layers": ForeignFlag(
+        "it names the layers LoRA adapts; ETHER's are named by --target_modules (a preset such as sd3-attention, "
+        "flux-attention, flux-attention-ff, or comma-separated module-path suffixes)",
+        takes_value=True,
+    ),
+    "lora_blocks": ForeignFlag(
+        "it picks the transformer blocks LoRA adapts; with ETHER give --target_modules the module-path suffixes "
+        "of the blocks' layers to adapt (e.g. transformer_blocks.0.attn.to_q,transformer_blocks.0.attn.to_k)",
+        takes_value=True,
+    ),
+}
 
-    task_name = "dreambooth-flow"
-    foreign_flags = {
-        **DREAMBOOTH_FOREIGN_FLAGS,
-        "lora_layers": ForeignFlag(
-            "it names the layers LoRA adapts; ETHER's are named by --target_modules (a preset such as sd3-attention, "
-            "flux-attention, flux-attention-ff, or comma-separated module-path suffixes)",
-            takes_value=True,
-        ),
-        "lora_blocks": ForeignFlag(
-            "it picks the transformer blocks LoRA adapts; with ETHER give --target_modules the module-path suffixes "
-            "of the blocks' layers to adapt (e.g. transformer_blocks.0.attn.to_q,transformer_blocks.0.attn.to_k)",
-            takes_value=True,
-        ),
-    }
+
+@dataclass(kw_only=True)
+class FlowMatchingOptions:
+    """The flags of flow matching (diffusers' names) a task's configuration takes on SD3 or Flux; ``sd3.py`` and
+    ``flux.py`` set the models' defaults. Refuses the DDPM-only flags of the configuration it joins."""
 
     weighting_scheme: str = option(
         "none",
@@ -162,16 +163,16 @@ class DreamBoothFlowConfig(DreamBoothConfig):
                 "--snr_gamma is min-SNR weighting for DDPM models (SD 1.x/2.x, SDXL); a flow-matching model weighs its "
                 f"loss with --weighting_scheme ({', '.join(WEIGHTING_SCHEMES)}): drop --snr_gamma"
             )
-        if self.offset_noise:
+        if getattr(self, "offset_noise", False):
             raise ConfigError("--offset_noise is for DDPM models (SD 1.x/2.x, SDXL); flow-matching training has none")
         if self.tokenizer_name:
             raise ConfigError("--tokenizer_name replaces the one tokenizer of an SD 1.x/2.x model; drop the flag")
-        if self.tokenizer_max_length is not None:
+        if getattr(self, "tokenizer_max_length", None) is not None:
             raise ConfigError(
                 "--tokenizer_max_length sets the CLIP length of SD 1.x/2.x and SDXL; SD3 and Flux read 77 CLIP tokens "
                 "as their pipelines do, and --max_sequence_length sets T5's: use that"
             )
-        if self.text_encoder_use_attention_mask:
+        if getattr(self, "text_encoder_use_attention_mask", False):
             raise ConfigError(
                 "--text_encoder_use_attention_mask: the SD3 and Flux pipelines read their text encoders without a "
                 "padding mask, so an adapter trained with one would be sampled differently from how it was trained; "
@@ -205,7 +206,7 @@ class FlowComponents:
         return self.modules["transformer"]
 
 
-class FlowMatchingTask(StableDiffusionTask):
+class FlowMatchingBackend(StableDiffusionBackend):
     """A transformer denoiser trained on flow matching; subclasses give the model's ``condition`` and ``predict`` and
     the ``latent_multiple`` its image sizes must divide into."""
 
@@ -251,9 +252,9 @@ class FlowMatchingTask(StableDiffusionTask):
         tokenizer.model_max_length = self.config.max_sequence_length
         return tokenizer
 
-    def text_encoder_adapter_config(self, component: str, unet_config):
+    def text_encoder_adapter_config(self, component: str, denoiser_config):
         # the transformer's exclusions (SD3's unread context queries) name transformer layers: not the encoders'
-        return dataclasses.replace(super().text_encoder_adapter_config(component, unet_config), exclude_modules=[])
+        return dataclasses.replace(super().text_encoder_adapter_config(component, denoiser_config), exclude_modules=[])
 
     def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: dict, run: Run) -> torch.Tensor:
         """The transformer's velocity prediction for ``noisy`` latents (B, C, H, W), in that shape."""

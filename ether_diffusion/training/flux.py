@@ -1,8 +1,7 @@
-"""Flux on the library's loop: DreamBooth with ETHER, as diffusers' ``train_dreambooth_lora_flux.py``.
+"""Flux as a backend (``sd.py``): DreamBooth on it is diffusers' ``train_dreambooth_lora_flux.py``.
 
-Flux differs from SD 1.x/2.x and SDXL in the model, so ``FluxTask`` overrides the model hooks (on
-``flow.FlowMatchingTask``: a transformer trained on flow matching) and ``DreamBoothFluxTask`` combines it with
-DreamBooth's data, class images and prior preservation:
+Flux differs from SD 1.x/2.x and SDXL in the model, so ``FluxBackend`` overrides the model hooks (on
+``flow.FlowMatchingBackend``: a transformer trained on flow matching) and ``FluxOptions`` sets the family's flags:
 
 - the denoiser is ``FluxTransformer2DModel`` (``pipe.transformer``): 19 double-stream blocks (image and text apart,
   attention joint) and 38 single-stream blocks on Flux-dev. ``--target_modules flux-attention`` (the default) adapts
@@ -20,27 +19,28 @@ DreamBooth's data, class images and prior preservation:
 
     config = DreamBoothFluxConfig(pretrained_model_name_or_path="FLUX.1-dev", instance_data_dir="dog/",
                                   instance_prompt="a sks dog", resolution=512, max_train_steps=500)
-    result = train(config)          # dreambooth.train picks DreamBoothFluxTask for a Flux model anyway
+    result = registry.train(config)     # DreamBooth on this backend (any DreamBooth config of a Flux model does)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from .config import option
-from .dreambooth import DreamBoothTask
-from .flow import DreamBoothFlowConfig, FlowMatchingTask
-from .task import Run
+from .flow import FlowMatchingBackend, FlowMatchingOptions
+from .run import Run
 
-__all__ = ["DreamBoothFluxConfig", "DreamBoothFluxTask", "FluxTask"]
+__all__ = ["FluxBackend", "FluxOptions"]
 
 
-class FluxTask(FlowMatchingTask):
+class FluxBackend(FlowMatchingBackend):
     """The Flux model (dev, schnell) for any task."""
 
     family = "flux"
+    card_tag = "flux"
 
     def text_encoders(self) -> dict[str, torch.nn.Module]:
         return {"text_encoder": self.components.modules["text_encoder"]}
@@ -95,9 +95,11 @@ class FluxTask(FlowMatchingTask):
 
 
 @dataclass(kw_only=True)
-class DreamBoothFluxConfig(DreamBoothFlowConfig):
-    task_name = "dreambooth-flux"
-    description = "DreamBooth with ETHER on Flux (flags of diffusers' train_dreambooth_lora_flux)"
+class FluxOptions(FlowMatchingOptions):
+    """The flags a Flux model adds to a task's configuration, with the defaults of diffusers'
+    ``train_dreambooth_lora_flux``."""
+
+    family: ClassVar[str] = "flux"
 
     target_modules: str = option(
         "flux-attention",
@@ -109,9 +111,3 @@ class DreamBoothFluxConfig(DreamBoothFlowConfig):
     )
     validation_guidance_scale: float = option(3.5, "guidance of validation images", minimum=0.0, same_run=False)
 
-
-class DreamBoothFluxTask(DreamBoothTask, FluxTask):
-    """DreamBooth (data, class images, prior preservation, validation, file) on the Flux model."""
-
-    name = "dreambooth-flux"
-    card_tags = (*DreamBoothTask.card_tags, "flux")

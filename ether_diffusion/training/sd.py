@@ -1,19 +1,23 @@
-"""What every Stable Diffusion task shares: the frozen components on the run's device and dtype, the adapters, the
-denoising loss, and pipelines over the training modules for validation.
+"""The model a task trains on, as a backend: Stable Diffusion 1.x/2.x here, the other families in their modules.
 
-``StableDiffusionTask`` is SD 1.x/2.x; ``training/sdxl.py`` overrides the few hooks where SDXL differs, and
-``training/flow.py`` (with ``sd3.py``, ``flux.py``) those where the transformer models trained on flow matching do:
+A task (``task.py``) holds one backend and asks it everything that depends on the model family; the backend knows
+nothing of DreamBooth or control. ``StableDiffusionBackend`` is SD 1.x/2.x; ``sdxl.py`` overrides the few hooks where
+SDXL differs, ``flow.py`` (with ``sd3.py``, ``flux.py``) those where the transformer models trained on flow matching
+do:
 
-    family                      the model family the task trains (``families.FAMILIES``), checked before loading
+    family                      the model family (``families.FAMILIES``); another family's model is refused
     denoiser_component          the component that denoises: "unet", or "transformer" (SD3, Flux)
+    load(run) / attach(...)     the frozen components on the run's device and dtype / the adapters added to them
     load_components()           tokenizers, text encoders, VAE, denoiser, noise scheduler
     text_encoders()             ``{component: text encoder}`` that ``--train_text_encoder`` adapts (one for SD, two
                                 for SDXL)
     frozen_encoders()           ``{component: encoder}`` the condition also needs but that never train (T5)
-    text_encoder_adapter_config(component, unet_config)   what ``--train_text_encoder`` adapts in each
+    denoiser_adapter_config()   what the flags' targets adapt in the denoiser (less what the model never reads)
+    text_encoder_adapter_config(component, denoiser_config)   what ``--train_text_encoder`` adapts in each
     encode_text(tokens, run)    the text encoders' outputs the denoiser reads, per prompt
                                 (``--pre_compute_text_embeddings`` keeps them per distinct prompt)
     condition(batch, run)       the denoiser's keyword arguments for a batch (text embeddings, added conditions)
+    denoising_loss(batch, run)  noise the batch's latents and score the denoiser's prediction
     pipeline() / fresh_pipeline()   a pipeline over the training modules / a fresh one from disk
 
 Two caches make a step cheaper without changing what it computes: ``enable_latent_cache()`` keeps the VAE's latent
@@ -28,49 +32,61 @@ import dataclasses
 
 import torch
 
-from ..families import FAMILIES, require_family
+from ..families import FAMILIES, ModelFamily, require_family
 from ..models import load_components, load_pipeline
 from ..sampling import sample_images
-from .adapters import adapters_for
 from .diffusion import dreambooth_loss, prediction_target, sample_noise
-from .task import Run, Task
+from .run import Run
 
-__all__ = ["StableDiffusionTask"]
+__all__ = ["StableDiffusionBackend"]
 
 
-class StableDiffusionTask(Task):
-    """Loads the model, freezes it, adds the adapters the subclass asks for (``adapter_configs``), and computes the
-    denoising loss (epsilon or v target, from the scheduler's ``prediction_type``). Subclasses add their data,
-    validation and artifact."""
+class StableDiffusionBackend:
+    """Stable Diffusion 1.x/2.x: loads the model, freezes it, carries the adapters a task adds (``attach``), and
+    computes the denoising loss (epsilon or v target, from the scheduler's ``prediction_type``).
 
-    #: the model family this task trains; another family's model is refused before anything loads
+    ``config`` is the run's configuration (model path, resolution, caches, validation sampling); ``family``, when
+    given, is the model's family as the registry already read it (else it is read from the model once, at ``load``).
+    """
+
+    #: the model family this backend trains; another family's model is refused before anything loads
     family = "sd"
-    #: said when a model of another family is refused (where the right task is)
-    family_hint = ""
     #: the component that denoises (a pipeline attribute and the adapter file's key)
     denoiser_component = "unet"
-    #: ``{(stream, image, top, left, flipped): VAE distribution parameters (2C, h, w)}`` once enabled
-    latent_cache: dict | None = None
-    #: ``{output name: (prompts, ...) tensor}``: the text conditioning of each distinct prompt, once pre-computed
-    text_table: dict | None = None
+    #: the model card's tag of this family (besides the task's)
+    card_tag: str | None = None
+
+    def __init__(self, config, family: ModelFamily | None = None):
+        self.config = config
+        self.model_family = family
+        self.components = None
+        #: ``{(stream, image, top, left, flipped): VAE distribution parameters (2C, h, w)}`` once enabled
+        self.latent_cache: dict | None = None
+        #: ``{output name: (prompts, ...) tensor}``: the text conditioning of each distinct prompt, once pre-computed
+        self.text_table: dict | None = None
+        self._text_device = None
 
     def denoiser(self) -> torch.nn.Module:
         return getattr(self.components, self.denoiser_component)
 
-    def adapter_configs(self) -> dict:
-        """``{component: EtherConfig}`` of what to adapt; the denoiser with the flags' targets by default."""
-        return {self.denoiser_component: self.config.adapter_config()}
+    def denoiser_adapter_config(self):
+        """The denoiser's ``EtherConfig``: the flags' targets (the components are loaded)."""
+        return self.config.adapter_config()
 
-    def text_encoder_adapter_config(self, component: str, unet_config):
-        """The adapter of text encoder ``component`` when the task trains it: its attention, else as the UNet's."""
-        return dataclasses.replace(unet_config, target_modules="text-encoder-attention")
+    def text_encoder_adapter_config(self, component: str, denoiser_config):
+        """The adapter of text encoder ``component`` when the task trains it: its attention, else as the
+        denoiser's."""
+        return dataclasses.replace(denoiser_config, target_modules="text-encoder-attention")
 
     # --- the model --------------------------------------------------------------------------------------------
-    def check_family(self) -> None:
+    def check_family(self, what: str) -> None:
+        """Refuse a model of another family (``what``: the training that asks, for the message)."""
+        family = self.model_family
+        if family is not None and family.name == self.family:
+            return
         config = self.config
-        what = f"{self.name} training ({type(self).__name__})"
-        require_family(config.pretrained_model_name_or_path, (self.family,), what, self.family_hint, config.revision,
-                       config.model_config)  # fmt: skip
+        require_family(config.pretrained_model_name_or_path, (self.family,), what, revision=config.revision,
+                       config=config.model_config)  # fmt: skip
 
     def load_components(self):
         config = self.config
@@ -98,25 +114,28 @@ class StableDiffusionTask(Task):
         """Refuse settings the loaded model cannot train with (a resolution its latent grid cannot take, ...)."""
         return None
 
-    def setup(self, run: Run) -> None:
+    def load(self, run: Run, what: str = "training") -> None:
+        """Load the components (``--resolution`` defaults to the model's native size), freeze them, and put the VAE
+        on the run's device (fp32 under fp16 training: its decoder overflows in half precision)."""
         config = self.config
-        self.check_family()
+        self.check_family(what)
         parts = self.components = self.load_components()
         if config.resolution is None:
             config.resolution = parts.native_resolution
         self.check_components()
-        text_encoders, frozen, denoiser = self.text_encoders(), self.frozen_encoders(), self.denoiser()
-        for model in (parts.vae, denoiser, *text_encoders.values(), *frozen.values()):
+        for model in (parts.vae, self.denoiser(), *self.all_text_encoders()):
             model.requires_grad_(False)
         weight_dtype = run.weight_dtype
         parts.vae.to(run.device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
-        self.adapters = adapters_for(config, self.family)
-        configs = self.adapter_configs()
+
+    def attach(self, adapters, configs: dict, run: Run) -> None:
+        """Add ``adapters`` with ``configs`` (``{component: EtherConfig}``) to the components, move the denoiser and
+        text encoders to the run's device and dtype, and switch on the flags' memory savers."""
+        config, denoiser, text_encoders = self.config, self.denoiser(), self.text_encoders()
         models = {self.denoiser_component: denoiser, **text_encoders}
-        self.adapters.add({c: models[c] for c in configs}, configs)
-        for model in (*models.values(), *frozen.values()):
-            model.to(run.device, dtype=weight_dtype)
-        self.params = self.adapters.parameters()
+        adapters.add({c: models[c] for c in configs}, configs)
+        for model in (*models.values(), *self.frozen_encoders().values()):
+            model.to(run.device, dtype=run.weight_dtype)
         if config.enable_xformers_memory_efficient_attention:
             denoiser.enable_xformers_memory_efficient_attention()
         if config.gradient_checkpointing:
@@ -124,12 +143,6 @@ class StableDiffusionTask(Task):
             for component, model in text_encoders.items():
                 if component in configs:
                     model.gradient_checkpointing_enable()
-
-    def trainable_modules(self) -> dict[str, torch.nn.Module]:
-        return {name: model for name, model in self.adapters.models.items()}
-
-    def parameter_groups(self) -> list[dict]:
-        return [{"params": self.params, "lr": self.config.learning_rate, "name": "adapter"}]
 
     # --- the loss -----------------------------------------------------------------------------------------------
     def encode_text(self, tokens: dict, run: Run) -> dict[str, torch.Tensor]:
@@ -225,6 +238,16 @@ class StableDiffusionTask(Task):
     # --- sampling -----------------------------------------------------------------------------------------------
     def pipeline_class(self):
         return FAMILIES[self.family].pipeline_class()
+
+    def card_loading_code(self) -> list[str]:
+        """The model card's lines that load the base pipeline as ``pipe``."""
+        pipeline = FAMILIES[self.family].pipeline
+        return [
+            f"from diffusers import {pipeline}",
+            "from ether_diffusion import load_ether_weights",
+            "",
+            f'pipe = {pipeline}.from_pretrained("{self.config.pretrained_model_name_or_path}")',
+        ]
 
     def validation_scheduler(self, scheduler_config):
         """``--validation_scheduler`` (DPM-Solver++ by default) from a model's scheduler configuration; a learned

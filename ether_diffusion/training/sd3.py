@@ -1,8 +1,7 @@
-"""Stable Diffusion 3 on the library's loop: DreamBooth with ETHER, as diffusers' ``train_dreambooth_lora_sd3.py``.
+"""Stable Diffusion 3 as a backend (``sd.py``): DreamBooth on it is diffusers' ``train_dreambooth_lora_sd3.py``.
 
-SD3 differs from SD 1.x/2.x and SDXL in the model, so ``StableDiffusion3Task`` overrides the model hooks (on
-``flow.FlowMatchingTask``: a transformer trained on flow matching) and ``DreamBoothSD3Task`` combines it with
-DreamBooth's data, class images and prior preservation:
+SD3 differs from SD 1.x/2.x and SDXL in the model, so ``StableDiffusion3Backend`` overrides the model hooks (on
+``flow.FlowMatchingBackend``: a transformer trained on flow matching) and ``SD3Options`` sets the family's flags:
 
 - the denoiser is an MMDiT (``SD3Transformer2DModel``, ``pipe.transformer``); ``--target_modules sd3-attention`` (the
   default) adapts every joint block's image-stream q/k/v/out and text-stream ``add_q_proj``/``add_k_proj``/
@@ -19,29 +18,30 @@ DreamBooth's data, class images and prior preservation:
 
     config = DreamBoothSD3Config(pretrained_model_name_or_path="stable-diffusion-3-medium-diffusers",
                                  instance_data_dir="dog/", instance_prompt="a sks dog", max_train_steps=500)
-    result = train(config)          # dreambooth.train picks DreamBoothSD3Task for an SD3 model anyway
+    result = registry.train(config)     # DreamBooth on this backend (any DreamBooth config of an SD3 model does)
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from .config import option
-from .dreambooth import DreamBoothTask
-from .flow import WEIGHTING_SCHEMES, DreamBoothFlowConfig, FlowMatchingTask
-from .task import Run
+from .flow import WEIGHTING_SCHEMES, FlowMatchingBackend, FlowMatchingOptions
+from .run import Run
 
-__all__ = ["DreamBoothSD3Config", "DreamBoothSD3Task", "StableDiffusion3Task"]
+__all__ = ["SD3Options", "StableDiffusion3Backend"]
 
 
-class StableDiffusion3Task(FlowMatchingTask):
+class StableDiffusion3Backend(FlowMatchingBackend):
     """The SD3 model (SD3-medium, SD3.5) for any task."""
 
     family = "sd3"
+    card_tag = "sd3"
 
     def text_encoders(self) -> dict[str, torch.nn.Module]:
         modules = self.components.modules
@@ -59,14 +59,12 @@ class StableDiffusion3Task(FlowMatchingTask):
     def latent_multiple(self) -> int:
         return self.components.transformer.config.patch_size
 
-    def adapter_configs(self) -> dict:
-        configs = super().adapter_configs()
-        config = configs.get("transformer")
-        if config is not None:  # the text queries of context_pre_only blocks make outputs nothing reads
-            blocks = self.components.transformer.transformer_blocks
-            unread = [f"transformer_blocks.{i}.attn.add_q_proj" for i, b in enumerate(blocks) if b.context_pre_only]
-            configs["transformer"] = dataclasses.replace(config, exclude_modules=[*config.exclude_modules, *unread])
-        return configs
+    def denoiser_adapter_config(self):
+        config = super().denoiser_adapter_config()
+        # the text queries of context_pre_only blocks make outputs nothing reads
+        blocks = self.components.transformer.transformer_blocks
+        unread = [f"transformer_blocks.{i}.attn.add_q_proj" for i, b in enumerate(blocks) if b.context_pre_only]
+        return dataclasses.replace(config, exclude_modules=[*config.exclude_modules, *unread])
 
     def encode_text(self, tokens: dict, run: Run) -> dict[str, torch.Tensor]:
         """The transformer's text input (the two CLIPs' penultimate states, padded, then T5's) and pooled input (the
@@ -97,9 +95,11 @@ class StableDiffusion3Task(FlowMatchingTask):
 
 
 @dataclass(kw_only=True)
-class DreamBoothSD3Config(DreamBoothFlowConfig):
-    task_name = "dreambooth-sd3"
-    description = "DreamBooth with ETHER on Stable Diffusion 3 (flags of diffusers' train_dreambooth_lora_sd3)"
+class SD3Options(FlowMatchingOptions):
+    """The flags an SD3 model adds to a task's configuration, with the defaults of diffusers'
+    ``train_dreambooth_lora_sd3``."""
+
+    family: ClassVar[str] = "sd3"
 
     target_modules: str = option(
         "sd3-attention",
@@ -118,10 +118,3 @@ class DreamBoothSD3Config(DreamBoothFlowConfig):
         256, "T5 tokens per prompt in training and validation (StableDiffusion3Pipeline's default)", minimum=1
     )
     validation_guidance_scale: float = option(7.0, "guidance of validation images", minimum=0.0, same_run=False)
-
-
-class DreamBoothSD3Task(DreamBoothTask, StableDiffusion3Task):
-    """DreamBooth (data, class images, prior preservation, validation, file) on the SD3 model."""
-
-    name = "dreambooth-sd3"
-    card_tags = (*DreamBoothTask.card_tags, "sd3")

@@ -1,7 +1,7 @@
-"""Stable Diffusion XL on the library's loop: DreamBooth with ETHER, as diffusers' ``train_dreambooth_lora_sdxl.py``.
+"""Stable Diffusion XL as a backend (``sd.py``): DreamBooth on it is diffusers' ``train_dreambooth_lora_sdxl.py``.
 
-SDXL differs from SD 1.x/2.x in the model only, so ``StableDiffusionXLTask`` overrides ``StableDiffusionTask``'s
-model hooks and ``DreamBoothXLTask`` combines it with DreamBooth's data, class images and prior preservation:
+SDXL differs from SD 1.x/2.x in the model only, so ``StableDiffusionXLBackend`` overrides the SD backend's hooks, and
+``SDXLOptions`` adds the family's flags to a task's configuration (``registry.py`` combines them with DreamBooth's):
 
 - two text encoders: the UNet's text input is their penultimate hidden states side by side (768 + 1280 = 2048 wide
   on SDXL-base), plus the pooled projection of the second (``text_embeds``);
@@ -15,7 +15,7 @@ model hooks and ``DreamBoothXLTask`` combines it with DreamBooth's data, class i
 
     config = DreamBoothXLConfig(pretrained_model_name_or_path="stable-diffusion-xl-base-1.0",
                                 instance_data_dir="dog/", instance_prompt="a sks dog", max_train_steps=500)
-    result = train(config)          # dreambooth.train: picks DreamBoothXLTask for an SDXL model anyway
+    result = registry.train(config)     # DreamBooth on this backend (any DreamBooth config of an SDXL model does)
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from ..models import ModelLoadError, SDComponents, load_pipeline
 from .config import ConfigError, option
-from .dreambooth import DreamBoothConfig, DreamBoothTask
-from .sd import StableDiffusionTask
-from .task import Run
+from .run import Run
+from .sd import StableDiffusionBackend
 
-__all__ = ["DreamBoothXLConfig", "DreamBoothXLTask", "SDXLComponents", "StableDiffusionXLTask", "load_vae"]
+__all__ = ["SDXLComponents", "SDXLOptions", "StableDiffusionXLBackend", "load_vae"]
 
 
 @dataclass
@@ -66,10 +66,11 @@ def load_vae(path: str, revision: str | None = None, variant: str | None = None,
         raise ModelLoadError(f"could not load the VAE '{path}': {err}") from err
 
 
-class StableDiffusionXLTask(StableDiffusionTask):
-    """The SDXL model for any task; the task's config carries ``pretrained_vae_model_name_or_path``."""
+class StableDiffusionXLBackend(StableDiffusionBackend):
+    """The SDXL model for any task; the task's config carries ``SDXLOptions``."""
 
     family = "sdxl"
+    card_tag = "stable-diffusion-xl"
 
     def _vae(self, torch_dtype=None):
         config = self.config
@@ -109,8 +110,8 @@ class StableDiffusionXLTask(StableDiffusionTask):
     def tokenizers(self) -> list:
         return [self.components.tokenizer, self.components.tokenizer_2]
 
-    def text_encoder_adapter_config(self, component: str, unet_config):
-        config = super().text_encoder_adapter_config(component, unet_config)
+    def text_encoder_adapter_config(self, component: str, denoiser_config):
+        config = super().text_encoder_adapter_config(component, denoiser_config)
         if component == "text_encoder":  # SDXL reads its penultimate layer: the last one never acts
             last = self.components.text_encoder.config.num_hidden_layers - 1
             config = dataclasses.replace(config, exclude_modules=[*config.exclude_modules, f"encoder.layers.{last}"])
@@ -163,10 +164,24 @@ class StableDiffusionXLTask(StableDiffusionTask):
         return super().fresh_pipeline(pipeline_class, device, scheduler, **kwargs)
 
 
+    def card_loading_code(self) -> list[str]:
+        vae = self.config.pretrained_vae_model_name_or_path
+        if vae is None:
+            return super().card_loading_code()
+        return [
+            "from diffusers import AutoencoderKL, StableDiffusionXLPipeline",
+            "from ether_diffusion import load_ether_weights",
+            "",
+            f'vae = AutoencoderKL.from_pretrained("{vae}")  # the VAE it was trained with',
+            f'pipe = StableDiffusionXLPipeline.from_pretrained("{self.config.pretrained_model_name_or_path}", vae=vae)',
+        ]
+
+
 @dataclass(kw_only=True)
-class DreamBoothXLConfig(DreamBoothConfig):
-    task_name = "dreambooth-sdxl"
-    description = "DreamBooth with ETHER on Stable Diffusion XL (flags of diffusers' train_dreambooth_lora_sdxl)"
+class SDXLOptions:
+    """The flags an SDXL model adds to a task's configuration (diffusers' ``train_dreambooth_lora_sdxl`` names)."""
+
+    family: ClassVar[str] = "sdxl"
 
     pretrained_vae_model_name_or_path: str | None = option(
         None, "another VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix for fp16 training"
@@ -180,22 +195,3 @@ class DreamBoothXLConfig(DreamBoothConfig):
                 "two tokenizers (drop the flag)"
             )
         return self
-
-
-class DreamBoothXLTask(DreamBoothTask, StableDiffusionXLTask):
-    """DreamBooth (data, class images, prior preservation, validation, file) on the SDXL model."""
-
-    name = "dreambooth-sdxl"
-    card_tags = (*DreamBoothTask.card_tags, "stable-diffusion-xl")
-
-    def card_loading_code(self) -> list[str]:
-        vae = self.config.pretrained_vae_model_name_or_path
-        if vae is None:
-            return super().card_loading_code()
-        return [
-            "from diffusers import AutoencoderKL, StableDiffusionXLPipeline",
-            "from ether_diffusion import load_ether_weights",
-            "",
-            f'vae = AutoencoderKL.from_pretrained("{vae}")  # the VAE it was trained with',
-            f'pipe = StableDiffusionXLPipeline.from_pretrained("{self.config.pretrained_model_name_or_path}", vae=vae)',
-        ]

@@ -1,54 +1,52 @@
-"""The task interface: what a kind of training (DreamBooth, control, SDXL, ...) tells the loop.
+"""The task interface: what a kind of training (DreamBooth, control, ...) tells the loop.
 
 The loop (``Trainer``) owns everything generic: accelerate, the optimizer and schedule, checkpoints and exact
-resume, validation timing, callbacks, the final save and teardown. A task owns the models and the data:
+resume, validation timing, callbacks, the final save and teardown. A task owns the data, the adapters and a model
+backend (``sd.py``: SD 1.x/2.x, SDXL, SD3, Flux), which holds everything that depends on the model family:
 
-    setup(run)                      load the frozen models, add the adapters (the run gives device and dtype)
+    setup(run)                      load the frozen model (the backend), add the adapters (the run: device, dtype)
+    adapter_configs()               ``{component: EtherConfig}``: what the adapters cover
     parameter_groups()              what trains: [{"params": [...], "lr": ...}, ...]
     trainable_modules()             the modules holding those parameters (wrapped for data parallel by the loop)
-    dataset(run)                    the training data (may draw class images first)
+    dataset(run, prepare)           the training data (may draw class images first)
     loss(batch, run)                (loss, {name: value}) for one batch
-    samples(run, kind)              validation images: kind "baseline" (step 0), "preview", or "final"
+    samples(run, kind)              validation images of a ``SampleKind``: baseline (step 0), preview, final
     save(path, extra)               the artifact users get (an adapter file); also each checkpoint's copy
     load_checkpoint(path)           restore the trained tensors from such a file (exact resume)
     model_card(result)              optional: a README for the output folder
 
-A task is constructed from its run configuration (``RunConfig`` subclass) and trained with
-``Trainer(task, callbacks).train()``.
+A task is built from its run configuration (``RunConfig`` subclass) and a backend, by ``registry.task_for`` (which
+picks the backend by the model's family), and trained with ``Trainer(task, callbacks).train()``. Its adapters are
+ETHER's unless the caller passes others (the benchmarks' PEFT peers, ``adapters.py``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
-from .config import RunConfig
+from .adapters import EtherAdapters
+from .config import RunConfig, TaskKind
+from .run import Run
+from .sd import StableDiffusionBackend
 
-__all__ = ["Run", "Samples", "Task"]
+__all__ = ["Run", "SampleKind", "Samples", "Task"]
 
 
-@dataclass
-class Run:
-    """What the loop hands a task: the accelerator and the choices it made."""
+class SampleKind(str, Enum):
+    """What validation images show."""
 
-    accelerator: object
-    weight_dtype: torch.dtype
-    noise_generator: torch.Generator
-    prepared: dict[str, torch.nn.Module] = field(default_factory=dict)  # name -> module wrapped for data parallel
+    BASELINE = "baseline"  # step 0: the base model, what training is judged against
+    PREVIEW = "preview"  # the adapter as trained so far
+    FINAL = "final"  # the saved file reloaded into a fresh pipeline
 
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    def module(self, name: str, fallback: torch.nn.Module) -> torch.nn.Module:
-        """The prepared (data-parallel) wrapper of ``name`` if it trains, else ``fallback`` itself."""
-        return self.prepared.get(name, fallback)
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32)
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -61,29 +59,47 @@ class Samples:
 
 
 class Task(ABC):
-    #: recorded in checkpoints and adapter files
-    name: str = "task"
+    #: the kind of training (its configuration class says the same)
+    kind: ClassVar[TaskKind]
     #: file name of the saved artifact inside the output folder (and inside each checkpoint)
-    weight_name: str = "adapter.safetensors"
+    weight_name: ClassVar[str] = "adapter.safetensors"
     #: whether the loader drops a last partial batch (large datasets) or keeps it (a handful of instance images)
-    drop_last: bool = False
+    drop_last: ClassVar[bool] = False
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, backend: StableDiffusionBackend, adapters=None):
         self.config = config
+        self.backend = backend
+        self.adapters = adapters if adapters is not None else EtherAdapters(config.adapter_name, backend.family)
+
+    @property
+    def name(self) -> str:
+        """Recorded in checkpoints and adapter files: the kind, and the family where it is not SD 1.x/2.x
+        (``dreambooth``, ``dreambooth-sdxl``, ``control``)."""
+        family = self.backend.family
+        return str(self.kind) if family == "sd" else f"{self.kind}-{family}"
 
     def check_inputs(self) -> None:
         """Fail fast on bad input before any model is loaded (missing folders, unreadable images)."""
         return None
 
-    @abstractmethod
-    def setup(self, run: Run) -> None: ...
+    # --- the model and what trains ------------------------------------------------------------------------------
+    def setup(self, run: Run) -> None:
+        """Load the frozen model and add the adapters of ``adapter_configs`` to it."""
+        self.backend.load(run, f"{self.kind} training ({type(self).__name__})")
+        self.backend.attach(self.adapters, self.adapter_configs(), run)
+        self.params = self.adapters.parameters()
 
-    @abstractmethod
-    def parameter_groups(self) -> list[dict]: ...
+    def adapter_configs(self) -> dict:
+        """``{component: EtherConfig}`` of what to adapt: the denoiser, with the flags' targets."""
+        return {self.backend.denoiser_component: self.backend.denoiser_adapter_config()}
 
-    @abstractmethod
-    def trainable_modules(self) -> dict[str, torch.nn.Module]: ...
+    def parameter_groups(self) -> list[dict]:
+        return [{"params": self.params, "lr": self.config.learning_rate, "name": "adapter"}]
 
+    def trainable_modules(self) -> dict[str, torch.nn.Module]:
+        return dict(self.adapters.models)
+
+    # --- the data and the loss ----------------------------------------------------------------------------------
     @abstractmethod
     def dataset(self, run: Run, prepare) -> torch.utils.data.Dataset:
         """The training set (with ``set_epoch``) and its ``collate`` as ``dataset.collate``; ``prepare(message,
@@ -92,8 +108,9 @@ class Task(ABC):
     @abstractmethod
     def loss(self, batch: dict, run: Run) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
-    def samples(self, run: Run, kind: str, adapter_path: Path | None = None) -> Samples | None:
-        """Validation images of ``kind`` ("baseline", "preview", "final": ``adapter_path`` reloaded); None: none."""
+    # --- validation and artifacts -------------------------------------------------------------------------------
+    def samples(self, run: Run | None, kind: SampleKind, adapter_path: Path | None = None) -> Samples | None:
+        """Validation images of ``kind`` (``FINAL``: ``adapter_path`` reloaded); None: none."""
         return None
 
     def wants_validation(self) -> bool:
@@ -102,9 +119,9 @@ class Task(ABC):
     @abstractmethod
     def save(self, path: Path, extra: dict[str, str] | None = None) -> Path: ...
 
-    @abstractmethod
     def load_checkpoint(self, path: Path) -> None:
         """Restore the trained tensors from a file written by ``save`` (a checkpoint's copy)."""
+        self.adapters.load(path)
 
     def model_card(self, result, samples_file: str | None) -> str | None:
         return None

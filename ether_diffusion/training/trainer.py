@@ -36,7 +36,8 @@ from .config import ConfigError
 from .data import EpochShuffleSampler
 from .hub import create_repository, upload_output
 from .progress import Progress
-from .task import Run, Task
+from .run import Run
+from .task import SampleKind, Task
 
 __all__ = ["ResumeMismatchError", "TrainResult", "Trainer", "TrainingDivergedError", "TrainingStopped"]
 
@@ -203,7 +204,8 @@ class Trainer:
         return step, step // updates_per_epoch, skip
 
     def _run_record(self) -> dict:
-        return {"task": self.task.name, "config": _json_ready(self.config.identity())}
+        task = self.task
+        return {"task": task.name, "adapters": task.adapters.kind, "config": _json_ready(self.config.identity())}
 
     def _check_same_run(self, checkpoint: Path) -> None:
         record_file = checkpoint / RUN_RECORD
@@ -212,9 +214,16 @@ class Trainer:
         try:
             record = json.loads(record_file.read_text())
             recorded, recorded_task = dict(record["config"]), record["task"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            # a record without "adapters" names a PEFT peer in its configuration ("peer"), or trained ETHER
+            recorded_adapters = record.get("adapters") or recorded.pop("peer", None) or "ether"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise ResumeMismatchError(f"'{record_file}' is unreadable ({err}); cannot tell whose run it is") from err
         current = self._run_record()
+        if recorded_adapters != current["adapters"]:
+            raise ResumeMismatchError(
+                f"'{checkpoint}' trained {recorded_adapters} adapters, this run trains {current['adapters']}; start "
+                "this run in another --output_dir"
+            )
         # a field added to the configuration after the checkpoint was written: the run used its default
         defaults = self.config.defaults()
         recorded = {**_json_ready({k: v for k, v in defaults.items() if k in current["config"]}), **recorded}
@@ -355,7 +364,7 @@ class Trainer:
             path = save_checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit)
             callbacks.on_checkpoint(step, path)
 
-        def validate(step: int, kind: str, adapter_path: Path | None = None) -> None:
+        def validate(step: int, kind: SampleKind, adapter_path: Path | None = None) -> None:
             if not accelerator.is_main_process:
                 return
             for model in models:
@@ -368,7 +377,7 @@ class Trainer:
                     model.train()
             if samples is None or not samples.images:
                 return
-            if kind == "final":
+            if kind is SampleKind.FINAL:
                 path = output_dir / "samples.png"
                 make_grid(samples.images, samples.columns).save(path)
                 paths = [path]
@@ -395,7 +404,7 @@ class Trainer:
         if global_step == 0 and task.wants_validation() and config.validation_steps:
             callbacks.on_prepare(Preparation("sampling the step-0 baseline (the base model)"))
             try:
-                validate(0, "baseline")
+                validate(0, SampleKind.BASELINE)
             except SamplingInterrupted:  # stopped before the first step: nothing trained, nothing to save
                 result.stopped_early = True
                 callbacks.on_train_end(result)
@@ -453,7 +462,7 @@ class Trainer:
                 interrupted = False
                 if validation_due(global_step):
                     try:
-                        validate(global_step, "preview")
+                        validate(global_step, SampleKind.PREVIEW)
                     except SamplingInterrupted:
                         interrupted = True
                 if interrupted or callbacks.should_stop():
@@ -483,7 +492,7 @@ class Trainer:
             samples_file = None
             if task.wants_validation() and not config.no_final_reload and not result.stopped_early:
                 try:
-                    validate(global_step, "final", result.adapter_path)
+                    validate(global_step, SampleKind.FINAL, result.adapter_path)
                     samples_file = "samples.png"
                 except SamplingInterrupted:  # a stop during the final samples: the file is saved, skip them
                     pass
