@@ -4,6 +4,16 @@ DreamBooth or control.
 
     result = Trainer(DreamBoothTask(config), callbacks=[MyCallback()]).train()
 
+``train()`` runs named steps around a small ``LoopState``, each one screen long:
+
+    build       seeds, the task's model and adapters (``task.setup``), its data (class images drawn here)
+    prepare     optimizer, data loader, schedule, compiled blocks, ``accelerator.prepare``, checkpoint hooks, trackers
+    resume      ``--resume_from_checkpoint``: step, epoch, batches to skip, the checkpoint's tensors
+    baseline    the step-0 samples of the base model
+    loop        epochs of ``step`` (one batch: loss, backward, optimizer) and ``after_step`` (logs, callbacks,
+                ``checkpoint`` and ``validate`` when due, stop)
+    finish      the adapter file, the reloaded file's samples, the model card, the hub upload, teardown
+
 Run under ``accelerate launch`` (data parallel, mixed precision) or plain ``python``. Guarantees:
 
 - a checkpoint folder is complete or absent; it records the run it belongs to (``run.json``), and resuming a
@@ -24,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .._version import __version__
@@ -39,7 +50,7 @@ from .progress import Progress
 from .run import Run
 from .task import SampleKind, Task
 
-__all__ = ["ResumeMismatchError", "TrainResult", "Trainer", "TrainingDivergedError", "TrainingStopped"]
+__all__ = ["LoopState", "ResumeMismatchError", "TrainResult", "Trainer", "TrainingDivergedError", "TrainingStopped"]
 
 RUN_RECORD = "run.json"
 
@@ -112,6 +123,29 @@ def compile_blocks(modules: dict[str, torch.nn.Module], backend: str) -> list[st
         found = [m for m in module.modules() if type(m).__name__ in kinds]
         compiled.append(f"{name}: {len(found)} {'/'.join(sorted({type(m).__name__ for m in found}))}")
     return compiled
+
+
+@dataclass
+class LoopState:
+    """What the trainer's steps share: the run, the data and what accelerate prepared, and where the loop is."""
+
+    run: Run
+    output_dir: Path
+    dataset: object
+    groups: list[dict] = field(default_factory=list)  # the optimizer's parameter groups
+    params: list[torch.nn.Parameter] = field(default_factory=list)  # every trained tensor
+    models: list[torch.nn.Module] = field(default_factory=list)  # the trained modules, wrapped by accelerate
+    sampler: EpochShuffleSampler | None = None
+    loader: object = None
+    optimizer: object = None
+    lr_scheduler: object = None
+    progress: Progress | None = None
+    updates_per_epoch: int = 1
+    max_train_steps: int = 0
+    step: int = 0  # optimisation steps done (the global step)
+    epoch: int = 0  # the epoch to start from
+    skip_batches: int = 0  # batches of that epoch a resumed run has already trained on
+    stop: bool = False  # a callback asked to stop
 
 
 class Trainer:
@@ -253,7 +287,7 @@ class Trainer:
             f"({self.config.learning_rate:g}) or --max_grad_norm, then resume from the last checkpoint"
         )
 
-    # --- the loop ------------------------------------------------------------------------------------------------
+    # --- the run, in named steps ---------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         """Run the task to the end (or until a callback stops it); returns what was trained and where it is."""
         output_dir = Path(self.config.output_dir)
@@ -263,61 +297,70 @@ class Trainer:
         self.hub_repo = None
         if self.config.push_to_hub and accelerator.is_main_process:  # a missing login fails now, not after the run
             self.hub_repo = create_repository(self.config.hub_model_id, output_dir, self.config.hub_token)
+        self.result = TrainResult(None, output_dir, 0, False, 0.0, 0, mixed_precision=accelerator.mixed_precision,
+                                  num_processes=accelerator.num_processes)  # fmt: skip
         try:
-            return self._train(accelerator, output_dir)
+            try:
+                state = self.build(accelerator, output_dir)
+            except (TrainingStopped, SamplingInterrupted):  # stopped while preparing: nothing trained
+                return self.stopped_before_training()
+            self.prepare(state)
+            self.resume(state)
+            if not self.baseline(state):
+                return self.stopped_before_training()
+            self.loop(state)
+            return self.finish(state)
         finally:
             accelerator.end_training()  # closes the trackers, also after an error
 
-    def _train(self, accelerator, output_dir: Path) -> TrainResult:  # noqa: C901
+    def build(self, accelerator, output_dir: Path) -> LoopState:
+        """Seeds, the task's model and adapters, its data: everything before the optimizer exists."""
         from accelerate.utils import set_seed
+
+        config, task = self.config, self.task
+        set_seed(config.seed)
+        self._prepare("loading the base model")
+        noise_generator = torch.Generator(device=accelerator.device)
+        noise_generator.manual_seed(config.seed + accelerator.process_index)
+        run = Run(accelerator, DTYPES.get(accelerator.mixed_precision, torch.float32), noise_generator)  # "no": fp32
+        task.setup(run)
+        self._prepare("preparing the data")
+        with interruptible(self.callbacks.should_stop):  # class images stop between denoising steps
+            dataset = task.dataset(run, self._prepare)
+        return LoopState(run, output_dir, dataset)
+
+    def prepare(self, state: LoopState) -> None:
+        """The optimizer, the data loader and the schedule, compiled and wrapped by accelerate; checkpoint hooks and
+        trackers."""
         from diffusers.optimization import get_scheduler
 
-        config, task, callbacks = self.config, self.task, self.callbacks
-        weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)  # "no": fp32
-        result = TrainResult(None, output_dir, 0, False, 0.0, 0, mixed_precision=accelerator.mixed_precision,
-                             num_processes=accelerator.num_processes)  # fmt: skip
-        try:
-            set_seed(config.seed)
-            self._prepare("loading the base model")
-            noise_generator = torch.Generator(device=accelerator.device)
-            noise_generator.manual_seed(config.seed + accelerator.process_index)
-            run = Run(accelerator, weight_dtype, noise_generator)
-            task.setup(run)
-            self._prepare("preparing the data")
-            with interruptible(callbacks.should_stop):  # class images stop between denoising steps
-                dataset = task.dataset(run, self._prepare)
-        except (TrainingStopped, SamplingInterrupted):
-            result.stopped_early = True
-            callbacks.on_train_end(result)
-            return result
-
-        groups = task.parameter_groups()
-        params = [p for group in groups for p in group["params"]]
-        result.trainable_parameters = sum(p.numel() for p in params)
+        config, task, accelerator = self.config, self.task, state.run.accelerator
+        groups = state.groups = task.parameter_groups()
+        state.params = [p for group in groups for p in group["params"]]
+        self.result.trainable_parameters = sum(p.numel() for p in state.params)
         if config.scale_lr:
             scale = config.gradient_accumulation_steps * config.train_batch_size * accelerator.num_processes
             for group in groups:
                 group["lr"] *= scale
-        optimizer = self._optimizer(groups)
-        sampler = EpochShuffleSampler(len(dataset), seed=config.seed)
+        state.sampler = EpochShuffleSampler(len(state.dataset), seed=config.seed)
         loader = torch.utils.data.DataLoader(
-            dataset,
+            state.dataset,
             batch_size=config.train_batch_size,
-            sampler=sampler,
-            collate_fn=dataset.collate,
+            sampler=state.sampler,
+            collate_fn=state.dataset.collate,
             num_workers=config.dataloader_num_workers,
-            drop_last=task.drop_last and len(dataset) >= config.train_batch_size,
+            drop_last=task.drop_last and len(state.dataset) >= config.train_batch_size,
             generator=torch.Generator().manual_seed(config.seed),
         )
         batches_per_epoch = max(1, math.ceil(len(loader) / accelerator.num_processes))
-        updates_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
-        max_train_steps = config.max_train_steps or config.num_train_epochs * updates_per_epoch
-        num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+        state.updates_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+        state.max_train_steps = config.max_train_steps or config.num_train_epochs * state.updates_per_epoch
+        optimizer = self._optimizer(groups)
         lr_scheduler = get_scheduler(
             config.lr_scheduler,
             optimizer=optimizer,
             num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-            num_training_steps=max_train_steps * accelerator.num_processes,
+            num_training_steps=state.max_train_steps * accelerator.num_processes,
             num_cycles=config.lr_num_cycles,
             power=config.lr_power,
         )
@@ -328,16 +371,24 @@ class Trainer:
             else []
         )
         prepared = accelerator.prepare(*trainable.values(), optimizer, loader, lr_scheduler)
-        run.prepared = dict(zip(trainable, prepared[: len(trainable)]))
-        optimizer, loader, lr_scheduler = prepared[len(trainable) :]
-        del prepared
-        models = list(run.prepared.values())
-        if any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in models):
-            result.compiled = config.dynamo_backend
+        state.run.prepared = dict(zip(trainable, prepared[: len(trainable)]))
+        state.optimizer, state.loader, state.lr_scheduler = prepared[len(trainable) :]
+        state.models = list(state.run.prepared.values())
+        if any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in state.models):
+            self.result.compiled = config.dynamo_backend
         elif blocks:
-            result.compiled = f"{config.dynamo_backend} ({', '.join(blocks)})"
+            self.result.compiled = f"{config.dynamo_backend} ({', '.join(blocks)})"
+        self._register_checkpointing(state)
+        if accelerator.is_main_process and config.report_to not in (None, "none"):
+            tracked = {k: v for k, v in config.public_dict().items() if isinstance(v, (int, float, str, bool))}
+            project = getattr(config, "tracker_project_name", None) or f"ether-{task.name}"
+            accelerator.init_trackers(project, config=tracked)
 
-        # checkpoints hold the task's file (not the frozen weights), optimizer, scheduler, RNG, step and run record
+    def _register_checkpointing(self, state: LoopState) -> None:
+        """Checkpoints hold the task's file (not the frozen weights), the optimizer, schedule, RNG states, step and
+        the run record."""
+        task, accelerator = self.task, state.run.accelerator
+
         def save_hook(models, weights, folder):
             if accelerator.is_main_process:
                 task.save(Path(folder) / task.weight_name)
@@ -350,164 +401,190 @@ class Trainer:
 
         accelerator.register_save_state_pre_hook(save_hook)
         accelerator.register_load_state_pre_hook(load_hook)
-        accelerator.register_for_checkpointing(_GeneratorState(noise_generator))
-        if accelerator.is_main_process and config.report_to not in (None, "none"):
-            tracked = {k: v for k, v in config.public_dict().items() if isinstance(v, (int, float, str, bool))}
-            project = getattr(config, "tracker_project_name", None) or f"ether-{task.name}"
-            accelerator.init_trackers(project, config=tracked)
+        accelerator.register_for_checkpointing(_GeneratorState(state.run.noise_generator))
 
-        global_step, first_epoch, skip_batches = self._resume(accelerator, output_dir, updates_per_epoch)
-        result.global_step = global_step
-
-        def checkpoint(step: int) -> None:
-            self._check_finite(params, step, "a checkpoint")
-            path = save_checkpoint(accelerator, output_dir, step, config.checkpoints_total_limit)
-            callbacks.on_checkpoint(step, path)
-
-        def validate(step: int, kind: SampleKind, adapter_path: Path | None = None) -> None:
-            if not accelerator.is_main_process:
-                return
-            for model in models:
-                model.eval()
-            try:
-                with interruptible(callbacks.should_stop):  # a stop ends the sampling: SamplingInterrupted
-                    samples = task.samples(run, kind, adapter_path)
-            finally:
-                for model in models:
-                    model.train()
-            if samples is None or not samples.images:
-                return
-            if kind is SampleKind.FINAL:
-                path = output_dir / "samples.png"
-                make_grid(samples.images, samples.columns).save(path)
-                paths = [path]
-            else:
-                paths = save_samples(samples.images, output_dir / "validation", f"step-{step:06d}", samples.columns)
-                result.validation_images.extend(paths)
-            for tracker in accelerator.trackers:
-                if tracker.name == "tensorboard":
-                    import numpy as np
-
-                    stacked = np.stack([np.asarray(i) for i in samples.images])
-                    tracker.writer.add_images(f"validation/{kind}", stacked, step, dataformats="NHWC")
-            callbacks.on_validation(ValidationEvent(step, kind, samples.images, paths, samples.prompts))
-
-        def validation_due(step: int) -> bool:
-            if not task.wants_validation():
-                return False
-            every_epochs = getattr(config, "validation_epochs", None)
-            return bool(
-                (config.validation_steps and step % config.validation_steps == 0)
-                or (every_epochs and step and step % (updates_per_epoch * every_epochs) == 0)
-            )
-
-        if global_step == 0 and task.wants_validation() and config.validation_steps:
-            callbacks.on_prepare(Preparation("sampling the step-0 baseline (the base model)"))
-            try:
-                validate(0, SampleKind.BASELINE)
-            except SamplingInterrupted:  # stopped before the first step: nothing trained, nothing to save
-                result.stopped_early = True
-                callbacks.on_train_end(result)
-                return result
-        callbacks.on_train_start(max_train_steps, global_step)  # from here on, every second is a training step
-        progress = Progress(
-            max_train_steps,
-            "step",
-            initial=global_step,
-            every=config.progress_steps,
-            disable=config.quiet or not accelerator.is_local_main_process,
+    def resume(self, state: LoopState) -> None:
+        """``--resume_from_checkpoint``: the step, epoch and batches to skip of the checkpoint, its tensors loaded."""
+        state.step, state.epoch, state.skip_batches = self._resume(
+            state.run.accelerator, state.output_dir, state.updates_per_epoch
         )
-        for model in models:
+        self.result.global_step = state.step
+
+    def baseline(self, state: LoopState) -> bool:
+        """The step-0 samples of the base model (with ``--validation_steps``); False when a stop came meanwhile."""
+        if state.step or not self.task.wants_validation() or not self.config.validation_steps:
+            return True
+        self.callbacks.on_prepare(Preparation("sampling the step-0 baseline (the base model)"))
+        try:
+            self.validate(state, SampleKind.BASELINE)
+        except SamplingInterrupted:  # stopped before the first step: nothing trained, nothing to save
+            return False
+        return True
+
+    def stopped_before_training(self) -> TrainResult:
+        self.result.stopped_early = True
+        self.callbacks.on_train_end(self.result)
+        return self.result
+
+    def loop(self, state: LoopState) -> None:
+        """Epochs of batches, one optimisation step at a time, until the last step or a stop."""
+        config, accelerator = self.config, state.run.accelerator
+        self.callbacks.on_train_start(state.max_train_steps, state.step)  # from here on, every second is training
+        state.progress = Progress(state.max_train_steps, "step", initial=state.step, every=config.progress_steps,
+                                  disable=config.quiet or not accelerator.is_local_main_process)  # fmt: skip
+        for model in state.models:
             model.train()
         start = time.time()
-        stop = False
         # a checkpoint of the last step (a run killed during its final save) leaves nothing to train
-        last_epoch = num_epochs if global_step < max_train_steps else first_epoch
-        for epoch in range(first_epoch, last_epoch):
-            sampler.set_epoch(epoch)
-            dataset.set_epoch(epoch)
-            epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
-            if hasattr(epoch_loader, "set_epoch"):  # accelerate re-sets the sampler's epoch from its own counter
-                epoch_loader.set_epoch(epoch)
-            skip_batches = 0
-            for batch in epoch_loader:
-                with accelerator.accumulate(*models):
-                    loss, parts = task.loss(batch, run)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and config.max_grad_norm:
-                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if not accelerator.sync_gradients:
-                    continue
-                global_step += 1
-                logs = {k: float(v) for k, v in parts.items()}
-                if not math.isfinite(logs["loss"]):
-                    raise TrainingDivergedError(
-                        f"the loss is {logs['loss']} at step {global_step}: training diverged. Nothing was saved from "
-                        f"this state (earlier checkpoints and adapter files are untouched). Lower --learning_rate "
-                        f"({config.learning_rate:g}), then resume from the last checkpoint or start again"
-                    )
-                lrs = lr_scheduler.get_last_lr()
-                logs["lr"] = lrs[-1]
-                for group, lr in zip(groups[:-1], lrs[:-1]):
-                    logs[f"{group.get('name', 'group')}_lr"] = lr
-                progress.update(global_step, loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-                result.losses.append(logs["loss"])
-                accelerator.log(logs, step=global_step)
-                callbacks.on_step(global_step, logs)
-                if global_step % config.checkpointing_steps == 0:
-                    checkpoint(global_step)
-                interrupted = False
-                if validation_due(global_step):
-                    try:
-                        validate(global_step, SampleKind.PREVIEW)
-                    except SamplingInterrupted:
-                        interrupted = True
-                if interrupted or callbacks.should_stop():
-                    stop = result.stopped_early = True
-                    if global_step % config.checkpointing_steps:  # a checkpoint to resume from, unless just saved
-                        checkpoint(global_step)
-                if stop or global_step >= max_train_steps:
+        num_epochs = math.ceil(state.max_train_steps / state.updates_per_epoch)
+        last_epoch = num_epochs if state.step < state.max_train_steps else state.epoch
+        for epoch in range(state.epoch, last_epoch):
+            state.sampler.set_epoch(epoch)
+            state.dataset.set_epoch(epoch)
+            loader = (
+                accelerator.skip_first_batches(state.loader, state.skip_batches) if state.skip_batches else state.loader
+            )
+            if hasattr(loader, "set_epoch"):  # accelerate re-sets the sampler's epoch from its own counter
+                loader.set_epoch(epoch)
+            state.skip_batches = 0
+            for batch in loader:
+                logs = self.step(state, batch)
+                if logs is not None and self.after_step(state, logs):
                     break
-            if stop or global_step >= max_train_steps:
+            if state.stop or state.step >= state.max_train_steps:
                 break
-        progress.close()
-        result.train_seconds = time.time() - start
-        result.global_step = global_step
+        state.progress.close()
+        self.result.train_seconds = time.time() - start
+        self.result.global_step = state.step
 
+    def step(self, state: LoopState, batch: dict) -> dict[str, float] | None:
+        """One batch through the task's loss, backward, clipping and the optimizer: the step's logs when it ends an
+        optimisation step (``None`` while gradients accumulate). A non-finite loss stops the run."""
+        config, accelerator = self.config, state.run.accelerator
+        with accelerator.accumulate(*state.models):
+            loss, parts = self.task.loss(batch, state.run)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm:
+                accelerator.clip_grad_norm_(state.params, config.max_grad_norm)
+            state.optimizer.step()
+            state.lr_scheduler.step()
+            state.optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            return None
+        state.step += 1
+        logs = {k: float(v) for k, v in parts.items()}
+        if not math.isfinite(logs["loss"]):
+            raise TrainingDivergedError(
+                f"the loss is {logs['loss']} at step {state.step}: training diverged. Nothing was saved from this "
+                f"state (earlier checkpoints and adapter files are untouched). Lower --learning_rate "
+                f"({config.learning_rate:g}), then resume from the last checkpoint or start again"
+            )
+        lrs = state.lr_scheduler.get_last_lr()
+        logs["lr"] = lrs[-1]
+        for group, lr in zip(state.groups[:-1], lrs[:-1]):
+            logs[f"{group.get('name', 'group')}_lr"] = lr
+        return logs
+
+    def after_step(self, state: LoopState, logs: dict[str, float]) -> bool:
+        """Progress, logs and callbacks of a finished step, then its checkpoint and previews when due; True when the
+        run ends here (the last step, or a stop: a stopped run keeps a checkpoint to resume from)."""
+        config, step = self.config, state.step
+        state.progress.update(step, loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+        self.result.losses.append(logs["loss"])
+        state.run.accelerator.log(logs, step=step)
+        self.callbacks.on_step(step, logs)
+        if step % config.checkpointing_steps == 0:
+            self.checkpoint(state)
+        interrupted = False
+        if self.validation_due(state):
+            try:
+                self.validate(state, SampleKind.PREVIEW)
+            except SamplingInterrupted:
+                interrupted = True
+        if interrupted or self.callbacks.should_stop():
+            state.stop = self.result.stopped_early = True
+            if step % config.checkpointing_steps:  # a checkpoint to resume from, unless just saved
+                self.checkpoint(state)
+        return state.stop or step >= state.max_train_steps
+
+    def checkpoint(self, state: LoopState) -> None:
+        self._check_finite(state.params, state.step, "a checkpoint")
+        path = save_checkpoint(state.run.accelerator, state.output_dir, state.step, self.config.checkpoints_total_limit)
+        self.callbacks.on_checkpoint(state.step, path)
+
+    def validation_due(self, state: LoopState) -> bool:
+        config, step = self.config, state.step
+        if not self.task.wants_validation():
+            return False
+        every_epochs = getattr(config, "validation_epochs", None)
+        return bool(
+            (config.validation_steps and step % config.validation_steps == 0)
+            or (every_epochs and step and step % (state.updates_per_epoch * every_epochs) == 0)
+        )
+
+    def validate(self, state: LoopState, kind: SampleKind, adapter_path: Path | None = None) -> None:
+        """The task's samples of ``kind`` (on the main process), written and shown to the trackers and callbacks."""
+        accelerator, step = state.run.accelerator, state.step
+        if not accelerator.is_main_process:
+            return
+        for model in state.models:
+            model.eval()
+        try:
+            with interruptible(self.callbacks.should_stop):  # a stop ends the sampling: SamplingInterrupted
+                samples = self.task.samples(state.run, kind, adapter_path)
+        finally:
+            for model in state.models:
+                model.train()
+        if samples is None or not samples.images:
+            return
+        if kind is SampleKind.FINAL:
+            path = state.output_dir / "samples.png"
+            make_grid(samples.images, samples.columns).save(path)
+            paths = [path]
+        else:
+            paths = save_samples(samples.images, state.output_dir / "validation", f"step-{step:06d}", samples.columns)
+            self.result.validation_images.extend(paths)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                stacked = np.stack([np.asarray(i) for i in samples.images])
+                tracker.writer.add_images(f"validation/{kind}", stacked, step, dataformats="NHWC")
+        self.callbacks.on_validation(ValidationEvent(step, kind, samples.images, paths, samples.prompts))
+
+    def finish(self, state: LoopState) -> TrainResult:
+        """The adapter file (checked finite), the reloaded file's samples, the model card and the hub upload, on the
+        main process; then every process tears data parallel down together."""
+        config, task, result, accelerator = self.config, self.task, self.result, state.run.accelerator
         accelerator.wait_for_everyone()
-        check_replicas_agree(accelerator, params)
+        check_replicas_agree(accelerator, state.params)
         if accelerator.is_main_process:
-            self._check_finite(params, global_step, "the final save")
+            self._check_finite(state.params, state.step, "the final save")
             extra = {
-                "steps": str(global_step),
+                "steps": str(state.step),
                 "learning_rate": str(config.learning_rate),
                 "trained_with": f"ether-diffusion {__version__} {task.name}",
                 "num_processes": str(accelerator.num_processes),
             }
-            result.adapter_path = task.save(output_dir / task.weight_name, extra)
-            callbacks.on_save(result.adapter_path)
+            result.adapter_path = task.save(state.output_dir / task.weight_name, extra)
+            self.callbacks.on_save(result.adapter_path)
             samples_file = None
             if task.wants_validation() and not config.no_final_reload and not result.stopped_early:
                 try:
-                    validate(global_step, SampleKind.FINAL, result.adapter_path)
+                    self.validate(state, SampleKind.FINAL, result.adapter_path)
                     samples_file = "samples.png"
                 except SamplingInterrupted:  # a stop during the final samples: the file is saved, skip them
                     pass
             card = task.model_card(result, samples_file)
             if card:
-                write_text(output_dir / "README.md", card)
+                write_text(state.output_dir / "README.md", card)
             if self.hub_repo is not None:
-                upload_output(self.hub_repo, output_dir, task.weight_name, config.hub_token,
-                              f"ether-diffusion {task.name}: {global_step} steps")  # fmt: skip
+                upload_output(self.hub_repo, state.output_dir, task.weight_name, config.hub_token,
+                              f"ether-diffusion {task.name}: {state.step} steps")  # fmt: skip
                 accelerator.print(f"pushed to https://huggingface.co/{self.hub_repo}")
         if accelerator.num_processes > 1:
-            del models
-            run.prepared.clear()
+            state.models.clear()
+            state.run.prepared.clear()
             release_wrappers(accelerator)
-        callbacks.on_train_end(result)
+        self.callbacks.on_train_end(result)
         return result
 
 
