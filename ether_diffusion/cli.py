@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from .files import atomic_folder
 from .io import AdapterFile, read_adapter_file
 from .training.config import TaskKind
 
@@ -130,9 +131,6 @@ def _sample(args) -> int:
 
 
 def _fuse(args) -> int:
-    import shutil
-    import tempfile
-
     from .models import load_pipeline
     from .pipeline import fuse_ether, unload_ether_weights
 
@@ -163,16 +161,8 @@ def _fuse(args) -> int:
         save_single_file(pipe, target, dtype=dtype)
         print(f"fused model written to {target} (original SD checkpoint layout: A1111/Forge/ComfyUI, from_single_file)")
         return 0
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_folder(output) as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print(f"fused model written to {output} (load it with {type(pipe).__name__}.from_pretrained)")
     return 0
 

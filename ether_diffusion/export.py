@@ -50,8 +50,9 @@ from ._version import __version__
 from .config import ADAPTABLE_COMPONENTS, DTYPES, EtherConfig
 from .delta import LoraFactors, layer_lora_factors
 from .families import FAMILIES, pipeline_family, supported_families
+from .files import atomic_write
 from .inject import adapter_layers
-from .io import atomic_write, load_adapter, read_adapter_file
+from .io import load_adapter, read_adapter_file
 from .reflection import METHODS
 
 __all__ = [

@@ -10,10 +10,12 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write", "read_json", "write_json"]
+__all__ = ["atomic_folder", "atomic_write", "read_json", "write_json"]
 
 
 def _create_beside(path: Path) -> Path:
@@ -57,6 +59,47 @@ def atomic_write(path: str | os.PathLike):
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, replace: bool = True):
+    """Yield a new empty folder beside ``path`` to fill; on success it takes ``path``'s place in one rename.
+
+    If filling it fails (full disk, a killed process, an exception), it is removed and whatever was at ``path`` is
+    untouched. A folder already at ``path`` is replaced (moved aside first, removed once the new one is in place);
+    with ``replace=False`` one that is there when the new one is complete is kept and the new one discarded (another
+    process made the same folder meanwhile). The folder gets the mode ``mkdir`` would give it (0o777 less the umask).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        os.chmod(staging, 0o777 & ~_umask())
+        yield staging
+        if path.exists() and not replace:
+            shutil.rmtree(staging)
+            return
+        aside = None
+        if path.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, aside / path.name)
+        try:
+            os.replace(staging, path)
+        except BaseException:
+            if aside is not None:
+                os.replace(aside / path.name, path)
+            raise
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from ._version import __version__
 from .config import ADAPTABLE_COMPONENTS, EtherConfig, check_adapter_name
-from .files import atomic_write  # re-exported: callers still import it from here
+from .files import atomic_write
 from .inject import (
     Target,
     adapter_configs,
@@ -59,7 +59,6 @@ __all__ = [
     "AdapterFile",
     "AdapterFileError",
     "AdapterMismatchError",
-    "atomic_write",
     "load_adapter",
     "read_adapter_file",
     "resolve_adapter_path",

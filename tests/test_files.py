@@ -1,11 +1,11 @@
-"""atomic_write: a good file is replaced whole or not at all."""
+"""atomic_write and atomic_folder: a good file or folder is replaced whole or not at all."""
 
 import os
 import stat
 
 import pytest
 
-from ether_diffusion.files import atomic_write
+from ether_diffusion.files import atomic_folder, atomic_write
 
 
 def test_replaces_in_one_rename_and_cleans_up_on_failure(tmp_path):
@@ -31,10 +31,45 @@ def test_missing_folder_is_a_clear_error(tmp_path):
             pass
 
 
-def test_io_still_exports_it():
-    from ether_diffusion.io import atomic_write as from_io
+def test_a_folder_appears_complete_or_not_at_all(tmp_path):
+    target = tmp_path / "out"
+    with atomic_folder(target) as staging:
+        assert staging.parent == tmp_path and staging != target and not target.exists()
+        (staging / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+    # replaced whole: the old folder's files are gone, nothing is left beside it
+    with atomic_folder(target) as staging:
+        (staging / "b.txt").write_text("two")
+        assert (target / "a.txt").is_file()  # the old one stays readable until the new one is complete
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    # a failure leaves the old folder as it was, and no staging folder
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_folder(target) as staging:
+            (staging / "c.txt").write_text("half")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
-    assert from_io is atomic_write
+
+def test_a_folder_made_meanwhile_by_another_process_is_kept_when_asked(tmp_path):
+    target = tmp_path / "set"
+    with atomic_folder(target, replace=False) as staging:
+        (staging / "mine.txt").write_text("mine")
+        target.mkdir()  # another process finished the same folder first
+        (target / "theirs.txt").write_text("theirs")
+    assert sorted(p.name for p in target.iterdir()) == ["theirs.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]
+
+
+def test_a_new_folder_gets_the_mode_mkdir_would_give(tmp_path):
+    saved = os.umask(0o027)
+    try:
+        with atomic_folder(tmp_path / "out"):
+            pass
+    finally:
+        os.umask(saved)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ and ``control.png``; a rerun of the same command resumes.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import sys
@@ -31,17 +32,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..control.data import ControlDataError, ControlDataset, open_control_image
-from ..control.train import ControlConfig, ControlTask
-from ..files import read_json
-from ..registry import task_for
-from ..training.checkpoints import latest_checkpoint
-from ..training.config import ConfigError, RunConfig, option
+from ..control.data import ControlDataError, ControlDataset, open_control_image, write_world_control_dataset
+from ..control.encoder import ConditionEncoder, ConditionEncoderConfig, attach_condition_encoder
+from ..control.pipeline import ENCODER_MODULE, EtherControlPipeline
+from ..control.train import ControlConfig
+from ..evaluation import embed, prompt_fidelity
+from ..files import atomic_folder
+from ..training.config import ConfigError, RunConfig, TaskKind, option
 from .config import CONTROL_METHODS, BenchOptions, hidden, is_tiny_model, shipped_model_named
 from .metrics import IGNORE_INDEX, Metric, Segmenter, TransformersSegmenter, WorldSegmenter, frechet_distance
 from .metrics import segmentation_scores as scores_of_masks
-from .report import machine, mean_sd, sample_grid, scores_line, shown_runs, summarise, write_result
-from .runs import RunStore, train_run
+from .report import machine, mean_sd, sample_grid, shown_runs, summarise, write_result
+from .runner import BenchRunner
 from .sampling import BasePipeline, adapted_modules, image_files, save_image, swapped
 
 __all__ = ["ControlBenchConfig", "EvalRow", "export_world_control", "read_eval_rows", "run_control_bench"]
@@ -191,12 +193,16 @@ def read_mask(path: Path) -> np.ndarray:
         return np.asarray(image, dtype=np.int64)
 
 
-class _ControlBench:
+class ControlBench(BenchRunner):
+    """One invocation on a control dataset folder: one group (the evaluation set), scored by a ``Segmenter``."""
+
+    kind = TaskKind.CONTROL
+    methods = CONTROL_METHODS
+
     def __init__(self, config: ControlBenchConfig, callbacks, command: str | None, log, segmenter=None):
-        self.config, self.callbacks, self.log = config, list(callbacks), log
-        self.command = command or "ether-diffusion bench control (called from Python)"
+        super().__init__(config, callbacks, command, log)
         self.rows = read_eval_rows(config)
-        self.base = BasePipeline(config, _control_pipeline_class())
+        self.base = BasePipeline(config, EtherControlPipeline)
         self.world = config.segmenter == "world"
         device = self.base.device
         if segmenter is not None:
@@ -212,10 +218,18 @@ class _ControlBench:
             self.reference = np.stack([read_mask(r.mask) for r in self.rows])
         else:
             self.reference = None  # the segmenter's reading of the real targets, made on first use
-        settings = {**config.settings(), "eval_rows": len(self.rows), **self.segmenter.identity()}
-        self.store = RunStore(config.output_dir, "control", settings, self.command, config.defaults()).open()
+        self.open_store({**config.settings(), "eval_rows": len(self.rows), **self.segmenter.identity()})
 
     # --- pieces -----------------------------------------------------------------------------------------------
+    def groups(self) -> list[str]:
+        return ["all"]
+
+    def group_name(self, group: str) -> str:
+        return group
+
+    def group_fields(self, group: str) -> dict:
+        return dict(unit=group)
+
     @property
     def real(self) -> list:
         """The rows' target images (read on first use: a large evaluation set needs them only for some metrics)."""
@@ -263,8 +277,6 @@ class _ControlBench:
         predicted = self.segmenter.segment(images, reference.shape[1:])
         scores = scores_of_masks(predicted, reference, IGNORE_INDEX)
         if self.world:
-            from ..evaluation import embed, prompt_fidelity
-
             evaluator = self.segmenter.evaluator
             captions = [row.caption for row in self.rows for _ in range(K)]
             scores["prompt_fidelity"] = prompt_fidelity(images, captions, evaluator)["overall"]
@@ -272,42 +284,22 @@ class _ControlBench:
         return scores
 
     # --- runs -------------------------------------------------------------------------------------------------
-    def base_run(self) -> dict | None:
-        run_dir = self.store.run_dir("all", "base")
-        done = self.store.finished(run_dir)
-        if done is not None or self.config.report_only:
-            return done
-        start = time.time()
-        images = self.sample(self.base.pipe, run_dir / "samples", controlled=False)
+    def base_record(self, group: str) -> dict:
+        images = self.sample(self.base.pipe, self.store.run_dir(group, "base") / "samples", controlled=False)
         real = scores_of_masks(self.segmenter.segment(self.real, self.references().shape[1:]), self.references())
         if self.world:
-            from ..evaluation import prompt_fidelity
-
             real["prompt_fidelity"] = prompt_fidelity(self.real, [r.caption for r in self.rows],
                                                       self.segmenter.evaluator)["overall"]  # fmt: skip
-        record = dict(
-            unit="all", method="base", label="base model (no control)", lr=None, lr_scale=None, seed=None,
+        return dict(
+            unit=group, method="base", label="base model (no control)", lr=None, lr_scale=None, seed=None,
             parameters=0, diverged=False, images=len(images), metrics=self.score(images), real=real,
             reference="mask column" if self.rows[0].mask is not None else "segmenter on the targets",
-            sample_seconds=time.time() - start,
         )  # fmt: skip
-        self.log(f"base model (no control): {scores_line(record['metrics'])}")
-        return self.store.finish(run_dir, record)
-
-    @staticmethod
-    def task(method: str, run_config: ControlConfig):
-        """A new task of the run: ``method``'s adapters (ETHER, a PEFT peer, or none) with the condition encoder."""
-        return task_for(run_config, CONTROL_METHODS[method].make_adapters(run_config))
 
     def load_run(self, pipe, method: str, run_config: ControlConfig, path: Path):
         """Copies of the UNet with the run's adapter and condition encoder; returns (modules, trainable params)."""
-        from ..control.encoder import ConditionEncoder, ConditionEncoderConfig, attach_condition_encoder
-        from ..control.pipeline import ENCODER_MODULE
-
         modules, parameters, extra = adapted_modules(pipe, self.task(method, run_config), path)
         if "unet" not in modules:  # the encoder alone: an unadapted copy to attach it to
-            import copy
-
             modules["unet"] = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
         unet = modules["unet"]
         encoder = ConditionEncoder(ConditionEncoderConfig.for_model(unet, pipe.vae_scale_factor))
@@ -315,55 +307,18 @@ class _ControlBench:
         attach_condition_encoder(unet, encoder.to(unet.device, unet.dtype).eval())
         return modules, parameters + sum(p.numel() for p in encoder.parameters())
 
-    def run(self, method: str, scale: float, seed: int) -> dict | None:
-        config = self.config
-        run_dir = self.store.run_dir("all", config.run_name(method, scale, seed))
-        done = self.store.finished(run_dir)
-        if done is not None:
-            return done
-        if config.report_only:
-            return None
-        run_config = config.run_config(method, scale, seed, run_dir)
-        path = run_dir / "train" / ControlTask.weight_name
-        info = read_json(run_dir / "train.json") if path.is_file() else None
-        if info is None and not path.is_file():  # not trained yet, or its training was interrupted
-            if latest_checkpoint(run_dir / "train"):  # continue the interrupted training exactly
-                run_config.resume_from_checkpoint = "latest"
-            info = train_run(self.task(method, run_config), run_dir, self.callbacks)
-        info = info or {"train_seconds": None, "timed": False}
-        adapters = CONTROL_METHODS[method].adapters
-        record = dict(
-            unit="all", method=method, label=CONTROL_METHODS[method].label, lr=run_config.learning_rate if adapters
-            else None, lr_scale=scale if adapters else None, seed=seed, parameters=None, metrics={}, **info,
-        )  # fmt: skip
-        record.setdefault("diverged", False)
-        if not record["diverged"]:
-            start = time.time()
-            modules, record["parameters"] = self.load_run(self.base.pipe, method, run_config, path)
-            with swapped(self.base.pipe, modules) as pipe:
-                images = self.sample(pipe, run_dir / "samples", controlled=True)
-            del modules
-            record.update(images=len(images), sample_seconds=time.time() - start, metrics=self.score(images))
-        self.log(
-            f"{record['label']:<20} "
-            + ("" if record["lr"] is None else f"lr {record['lr']:.0e} ")
-            + f"seed {seed}: "
-            + ("diverged" if record["diverged"] else scores_line(record["metrics"]))
-            + ("" if record.get("train_seconds") is None else f" ({record['train_seconds']:.0f} s training)")
-        )
-        return self.store.finish(run_dir, record)
+    def run_config(self, group: str, method: str, scale: float, seed: int, run_dir: Path) -> ControlConfig:
+        return self.config.run_config(method, scale, seed, run_dir)
 
-    def execute(self) -> dict:
-        self.base_run()
-        missing = 0
-        for method, scale, seed in self.config.grid():
-            if self.run(method, scale, seed) is None:
-                missing += 1
-                continue
-            self.write_report()
-        if missing:
-            self.log(f"{missing} run(s) of this grid are not finished yet; the table holds the finished ones")
-        return self.write_report()
+    def evaluate(self, group: str, method: str, run_config: ControlConfig, run_dir: Path, adapter: Path,
+                 snapshots: dict[int, Path]) -> dict:  # fmt: skip
+        start = time.time()
+        modules, parameters = self.load_run(self.base.pipe, method, run_config, adapter)
+        with swapped(self.base.pipe, modules) as pipe:
+            images = self.sample(pipe, run_dir / "samples", controlled=True)
+        del modules
+        return dict(parameters=parameters, images=len(images), sample_seconds=time.time() - start,
+                    metrics=self.score(images))  # fmt: skip
 
     def result(self) -> dict:
         config = self.config
@@ -442,34 +397,15 @@ def export_world_control(output: str | Path, task: str = "segmentation", train_s
                          eval_scenes: int = 64, overwrite: bool = False) -> tuple[Path, Path]:  # fmt: skip
     """The tiny world's control data: ``output/train`` (scenes from ``TRAIN_START``) and ``output/eval`` (held-out
     scenes from ``EVAL_START``, never trained on), both in the control script's layout with a ``mask`` column."""
-    import shutil
-    import tempfile
-
-    from ..control.data import write_world_control_dataset
-
     output = Path(output)
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise ControlDataError(f"'{output}' exists and is not empty; pass --overwrite to replace it")
     if train_scenes < 1 or eval_scenes < 1:
         raise ControlDataError("--train_scenes and --eval_scenes must be at least 1")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_folder(output) as staging:
         write_world_control_dataset(staging / "train", task, train_scenes, start=TRAIN_START)
         write_world_control_dataset(staging / "eval", task, eval_scenes, start=EVAL_START)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output / "train", output / "eval"
-
-
-def _control_pipeline_class():
-    from ..control.pipeline import EtherControlPipeline
-
-    return EtherControlPipeline
 
 
 def run_control_bench(config: ControlBenchConfig, callbacks=(), command: str | None = None, log=print,
@@ -479,4 +415,4 @@ def run_control_bench(config: ControlBenchConfig, callbacks=(), command: str | N
     config.validate()
     if command is None and sys.argv and sys.argv[0].endswith("ether-diffusion"):
         command = " ".join(["ether-diffusion", *sys.argv[1:]])
-    return _ControlBench(config, callbacks, command, log, segmenter).execute()
+    return ControlBench(config, callbacks, command, log, segmenter).execute()

@@ -47,10 +47,10 @@ import hashlib
 import json
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import atomic_folder
 from ..images import IMAGE_EXTENSIONS
 
 __all__ = [
@@ -322,9 +322,7 @@ def export_world_dataset(output: str | Path, subjects_root: str | Path | None = 
         if not overwrite:
             raise DatasetError(f"'{output}' exists and is not empty; pass --overwrite to replace it")
     subjects = load_subjects(subjects_root)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with atomic_folder(output) as staging:
         for subject in subjects:
             folder = staging / subject.name
             folder.mkdir()
@@ -338,10 +336,4 @@ def export_world_dataset(output: str | Path, subjects_root: str | Path | None = 
             "templates are `ether_diffusion.bench.dataset.WORLD_TEMPLATES`). Benchmark it with\n\n"
             f"    ether-diffusion bench dreambooth --dataset {output}\n"
         )
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output

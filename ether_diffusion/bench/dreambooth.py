@@ -22,13 +22,10 @@ from pathlib import Path
 
 import torch
 
-from ..files import read_json
-from ..registry import task_for
-from ..training.checkpoints import latest_checkpoint
 from ..training.class_images import ensure_class_images
-from ..training.config import ConfigError, RunConfig, option
+from ..training.config import ConfigError, RunConfig, TaskKind, option
 from ..training.data import load_image_folder
-from ..training.dreambooth import DreamBoothConfig, DreamBoothTask
+from ..training.dreambooth import DreamBoothConfig
 from .config import DREAMBOOTH_METHODS, BenchOptions, hidden, is_tiny_model, shipped_model_named
 from .dataset import DEFAULT_IDENTIFIER, LIVE_CLASSES, BenchSubject, SubjectDataset, load_subject_dataset
 from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DinoClipMetrics, SubjectMetrics, WorldMetrics
@@ -37,13 +34,13 @@ from .report import (
     machine,
     mean_sd,
     sample_grid,
-    scores_line,
     shown_runs,
     summarise,
     write_curves,
     write_result,
 )
-from .runs import RunStore, SnapshotMissing, missing_snapshots, train_run
+from .runner import BenchRunner
+from .runs import SnapshotMissing, missing_snapshots
 from .sampling import BasePipeline, adapted_modules, image_files, save_image, swapped
 
 __all__ = ["DreamBoothBenchConfig", "run_dreambooth_bench"]
@@ -198,12 +195,14 @@ def subject_metrics(config: DreamBoothBenchConfig, device) -> SubjectMetrics:
     return DinoClipMetrics(config.dino_model, config.clip_model, device)
 
 
-class _Bench:
-    """One invocation: the dataset, the metrics, the base pipeline and the output folder."""
+class DreamBoothBench(BenchRunner):
+    """One invocation on a DreamBooth-layout dataset: a group per subject, scored by ``SubjectMetrics``."""
+
+    kind = TaskKind.DREAMBOOTH
+    methods = DREAMBOOTH_METHODS
 
     def __init__(self, config: DreamBoothBenchConfig, callbacks, command: str | None, log, metrics=None):
-        self.config, self.callbacks, self.log = config, list(callbacks), log
-        self.command = command or "ether-diffusion bench dreambooth (called from Python)"
+        super().__init__(config, callbacks, command, log)
         self.data: SubjectDataset = load_subject_dataset(config.dataset, config.live_classes)
         self.subjects = self.data.select(config.subjects)
         for subject in self.subjects:  # every image decodes, before any model loads (kept one subject at a time)
@@ -216,10 +215,21 @@ class _Bench:
             if getattr(self.metrics, axis) not in (None, *keys):
                 raise ValueError(f"{type(self.metrics).__name__}.{axis} {getattr(self.metrics, axis)!r} is not one of "
                                  f"its metrics ({', '.join(keys)})")  # fmt: skip
-        settings = {**config.settings(), "dataset": self.data.fingerprint(), **self.metrics.identity()}
-        self.store = RunStore(config.output_dir, "dreambooth", settings, self.command, config.defaults()).open()
+        self.open_store({**config.settings(), "dataset": self.data.fingerprint(), **self.metrics.identity()})
 
     # --- one subject ------------------------------------------------------------------------------------------
+    def groups(self) -> list[BenchSubject]:
+        return self.subjects
+
+    def group_name(self, subject: BenchSubject) -> str:
+        return subject.name
+
+    def group_fields(self, subject: BenchSubject) -> dict:
+        return dict(subject=subject.name, class_noun=subject.class_noun)
+
+    def log_prefix(self, subject: BenchSubject) -> str:
+        return f"{subject.name:<24} "
+
     def real(self, subject: BenchSubject) -> list:
         """The subject's dataset images (the last subject's are kept: 30 subjects of photos would fill memory)."""
         if self._real is None or self._real[0] != subject.name:
@@ -252,82 +262,56 @@ class _Bench:
     def texts(self, subject: BenchSubject) -> list[str]:
         return [p.class_text for p in self.prompts(subject) for _ in self.seeds()]
 
-    def base_run(self, subject: BenchSubject) -> dict | None:
-        run_dir = self.store.run_dir(subject.name, "base")
-        done = self.store.finished(run_dir)
-        if done is not None or self.config.report_only:
-            return done
+    def score(self, images: list, subject: BenchSubject) -> dict:
+        return self.metrics.score(images, self.texts(subject), self.real(subject))
+
+    def base_record(self, subject: BenchSubject) -> dict:
+        images = self.sample(self.base.pipe, subject, self.store.run_dir(subject.name, "base") / "samples")
+        return dict(
+            **self.group_fields(subject), method="base", label="base model (no adapter)", lr=None, lr_scale=None,
+            seed=None, parameters=0, diverged=False, images=len(images), metrics=self.score(images, subject),
+            ceiling=self.metrics.real_ceiling(self.real(subject)),
+        )  # fmt: skip
+
+    # --- one run ----------------------------------------------------------------------------------------------
+    def class_dir(self, subject: BenchSubject) -> Path | None:
+        """Class images are drawn once per class by the base model, shared by subjects and methods."""
+        return None if self.config.no_prior_preservation else self.store.class_dir(subject.class_noun)
+
+    def run_config(self, subject: BenchSubject, method: str, scale: float, seed: int, run_dir: Path):
+        return self.config.run_config(subject, method, scale, seed, run_dir, self.class_dir(subject))
+
+    def before_training(self, subject: BenchSubject, run_config) -> None:
+        config, class_dir = self.config, self.class_dir(subject)
+        if class_dir is not None:
+            ensure_class_images(lambda: self.base.pipe, subject.class_prompt, class_dir, config.num_class_images,
+                                config.sample_batch, 0, config.inference_steps, config.guidance_scale,
+                                show_progress=not config.quiet)  # fmt: skip
+
+    def snapshot_paths(self, run_dir: Path, weight_name: str) -> dict[int, Path]:
+        return {step: self.store.snapshot_dir(run_dir, step) / weight_name for step in self.config.eval_steps or ()}
+
+    def evaluate(self, subject: BenchSubject, method: str, run_config, run_dir: Path, adapter: Path,
+                 snapshots: dict[int, Path]) -> dict:  # fmt: skip
+        """The final adapter's images and scores; with ``--eval_steps`` also each snapshot's (the run's curve)."""
+        missing = missing_snapshots(snapshots, self.config.max_train_steps)
+        if missing:  # the training finished without them: only a folder changed by hand gets here
+            raise SnapshotMissing(
+                f"{run_dir} is trained but the adapter snapshots of steps {missing} (--eval_steps) are gone; "
+                f"delete {run_dir} to train the run again"
+            )
         start = time.time()
-        images = self.sample(self.base.pipe, subject, run_dir / "samples")
-        real = self.real(subject)
-        record = dict(
-            subject=subject.name, class_noun=subject.class_noun, method="base", label="base model (no adapter)",
-            lr=None, lr_scale=None, seed=None, parameters=0, diverged=False, images=len(images),
-            metrics=self.metrics.score(images, self.texts(subject), real),
-            ceiling=self.metrics.real_ceiling(real), sample_seconds=time.time() - start,
-        )  # fmt: skip
-        self.log(f"{subject.name:<24} base model: {scores_line(record['metrics'])}")
-        return self.store.finish(run_dir, record)
+        images, parameters = self.sample_adapter(method, run_config, adapter, subject, run_dir / "samples")
+        final = dict(images=len(images), sample_seconds=time.time() - start, metrics=self.score(images, subject))
+        record = dict(parameters=parameters, **final)
+        if snapshots:  # points along the run, then the last step: the run's curve
+            record["curve"] = [self.snapshot_point(method, run_config, step, path, subject)
+                               for step, path in snapshots.items()]  # fmt: skip
+            record["curve"].append({"step": self.config.max_train_steps, **final})
+        return record
 
-    def run(self, subject: BenchSubject, method: str, scale: float, seed: int) -> dict | None:
-        config = self.config
-        run_dir = self.store.run_dir(subject.name, config.run_name(method, scale, seed))
-        done = self.store.finished(run_dir)
-        if done is not None:
-            return done
-        if config.report_only:
-            return None
-        class_dir = None if config.no_prior_preservation else self.store.class_dir(subject.class_noun)
-        run_config = config.run_config(subject, method, scale, seed, run_dir, class_dir)
-        adapter = run_dir / "train" / DreamBoothTask.weight_name
-        snapshots = {step: self.store.snapshot_dir(run_dir, step) / DreamBoothTask.weight_name
-                     for step in config.eval_steps or ()}  # fmt: skip
-        info = read_json(run_dir / "train.json") if adapter.is_file() else None
-        if info is None and not adapter.is_file():  # not trained yet, or its training was interrupted
-            if class_dir is not None:  # drawn once per class by the base model, shared by subjects and methods
-                ensure_class_images(lambda: self.base.pipe, subject.class_prompt, class_dir, config.num_class_images,
-                                    config.sample_batch, 0, config.inference_steps, config.guidance_scale,
-                                    show_progress=not config.quiet)  # fmt: skip
-            if latest_checkpoint(run_dir / "train"):  # continue the interrupted training exactly
-                run_config.resume_from_checkpoint = "latest"
-            info = train_run(self.task(method, run_config), run_dir, self.callbacks, snapshots)
-        info = info or {"train_seconds": None, "timed": False}  # trained, but its record was lost (killed)
-        record = dict(
-            subject=subject.name, class_noun=subject.class_noun, method=method,
-            label=DREAMBOOTH_METHODS[method].label, lr=run_config.learning_rate, lr_scale=scale, seed=seed,
-            parameters=None, metrics={}, **info,
-        )  # fmt: skip
-        record.setdefault("diverged", False)
-        if not record["diverged"]:
-            missing = missing_snapshots(snapshots, config.max_train_steps)
-            if missing:  # the training finished without them: only a folder changed by hand gets here
-                raise SnapshotMissing(
-                    f"{run_dir} is trained but the adapter snapshots of steps {missing} (--eval_steps) are gone; "
-                    f"delete {run_dir} to train the run again"
-                )
-            start = time.time()
-            images, record["parameters"] = self.evaluate(method, run_config, adapter, subject, run_dir / "samples")
-            record.update(images=len(images), sample_seconds=time.time() - start,
-                          metrics=self.metrics.score(images, self.texts(subject), self.real(subject)))  # fmt: skip
-            if snapshots:  # points along the run, then the last step: the run's curve
-                record["curve"] = [self.snapshot_point(method, run_config, step, path, subject)
-                                   for step, path in snapshots.items()]  # fmt: skip
-                final = {key: record[key] for key in ("images", "sample_seconds", "metrics")}
-                record["curve"].append({"step": config.max_train_steps, **final})
-        self.log(
-            f"{subject.name:<24} {record['label']:<20} lr {record['lr']:.0e} seed {seed}: "
-            + ("diverged" if record["diverged"] else scores_line(record["metrics"]))
-            + ("" if record.get("train_seconds") is None else f" ({record['train_seconds']:.0f} s training)")
-        )
-        return self.store.finish(run_dir, record)
-
-    @staticmethod
-    def task(method: str, run_config: DreamBoothConfig):
-        """A new task of the run: ``method``'s adapters (ETHER, or a PEFT peer) on the model's backend."""
-        return task_for(run_config, DREAMBOOTH_METHODS[method].make_adapters(run_config))
-
-    def evaluate(self, method: str, run_config: DreamBoothConfig, adapter: Path, subject: BenchSubject,
-                 folder: Path) -> tuple[list, int]:  # fmt: skip
+    def sample_adapter(self, method: str, run_config, adapter: Path, subject: BenchSubject,
+                       folder: Path) -> tuple[list, int]:  # fmt: skip
         """The adapter file reloaded into copies of the base pipeline's modules, sampled into ``folder``: ``(images,
         trainable parameters)``."""
         modules, parameters, _ = adapted_modules(self.base.pipe, self.task(method, run_config), adapter)
@@ -336,29 +320,14 @@ class _Bench:
         del modules
         return images, parameters
 
-    def snapshot_point(self, method: str, run_config: DreamBoothConfig, step: int, adapter: Path,
-                       subject: BenchSubject) -> dict:  # fmt: skip
+    def snapshot_point(self, method: str, run_config, step: int, adapter: Path, subject: BenchSubject) -> dict:
         """One point of a run's curve: its adapter after ``step`` steps, sampled (beside the file) and scored."""
         start = time.time()
-        images, _ = self.evaluate(method, run_config, adapter, subject, adapter.parent / "samples")
+        images, _ = self.sample_adapter(method, run_config, adapter, subject, adapter.parent / "samples")
         return dict(step=step, images=len(images), sample_seconds=time.time() - start,
-                    metrics=self.metrics.score(images, self.texts(subject), self.real(subject)))  # fmt: skip
+                    metrics=self.score(images, subject))  # fmt: skip
 
-    # --- the whole grid ---------------------------------------------------------------------------------------
-    def execute(self) -> dict:
-        config = self.config
-        missing = 0
-        for subject in self.subjects:
-            self.base_run(subject)
-            for method, scale, seed in config.grid():
-                if self.run(subject, method, scale, seed) is None:
-                    missing += 1
-                    continue
-                self.write_report()
-        if missing:
-            self.log(f"{missing} run(s) of this grid are not finished yet; the table holds the finished ones")
-        return self.write_report()
-
+    # --- the table ----------------------------------------------------------------------------------------
     def result(self) -> dict:
         config = self.config
         metrics = self.metrics.metrics
@@ -464,4 +433,4 @@ def run_dreambooth_bench(config: DreamBoothBenchConfig, callbacks=(), command: s
     config.validate()
     if command is None and sys.argv and sys.argv[0].endswith("ether-diffusion"):
         command = " ".join(["ether-diffusion", *sys.argv[1:]])
-    return _Bench(config, callbacks, command, log, metrics).execute()
+    return DreamBoothBench(config, callbacks, command, log, metrics).execute()

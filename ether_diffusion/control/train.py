@@ -167,4 +167,3 @@ class ControlTask(Task):
     def load_checkpoint(self, path: Path) -> None:
         modules = self.adapters.load(path)
         self.encoder.load_state_dict(modules[ENCODER_MODULE])
-

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..files import atomic_folder
 from .workspace import StudioError, Workspace
 
 __all__ = [
@@ -169,22 +168,16 @@ def first_row(folder: Path) -> dict:
 
 def world_control_data(workspace: Workspace, task: str, count: int, start: int = 0) -> Path:
     """The tiny world's ``task`` set of ``count`` scenes from ``start``, rendered once into the workspace (complete or
-    absent: rendered under a temporary name, then renamed)."""
+    absent: ``atomic_folder``)."""
     from ..control.data import write_world_control_dataset
 
     name = f"{task}-{count}" + (f"-from-{start}" if start else "")
     folder = workspace.control_data / name
     if (folder / "metadata.jsonl").is_file():
         return folder
-    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=workspace.control_data))
-    try:
+    # an incomplete folder is replaced; one another job completes meanwhile is as good as this one, and kept
+    with atomic_folder(folder, replace=folder.exists()) as scratch:
         write_world_control_dataset(scratch, task, count, start)
-        os.replace(scratch, folder)
-    except OSError:
-        if not (folder / "metadata.jsonl").is_file():  # another job rendered it meanwhile: that one is as good
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return folder
 
 

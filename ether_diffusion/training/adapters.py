@@ -173,4 +173,3 @@ class PeftPeer:
             name: {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
             for name in module_names
         }
-

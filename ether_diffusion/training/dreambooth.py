@@ -405,4 +405,3 @@ class DreamBoothTask(Task):
             lines += ["", f"## Samples: `{config.validation_prompt}`", "", "From the saved file reloaded into a "
                       "fresh pipeline:", "", f"![samples]({samples_file})"]  # fmt: skip
         return "\n".join(lines) + "\n"
-

@@ -110,4 +110,3 @@ class FluxOptions(FlowMatchingOptions):
         3.5, "the guidance a distilled model (Flux-dev) is told while training; Flux-schnell has none", minimum=0.0
     )
     validation_guidance_scale: float = option(3.5, "guidance of validation images", minimum=0.0, same_run=False)
-

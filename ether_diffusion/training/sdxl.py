@@ -163,7 +163,6 @@ class StableDiffusionXLBackend(StableDiffusionBackend):
             kwargs.setdefault("vae", vae)
         return super().fresh_pipeline(pipeline_class, device, scheduler, **kwargs)
 
-
     def card_loading_code(self) -> list[str]:
         vae = self.config.pretrained_vae_model_name_or_path
         if vae is None:

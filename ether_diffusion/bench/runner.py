@@ -1,0 +1,150 @@
+"""What every benchmark does with its grid, written once: the base model once per group, then each (method,
+learning-rate scale, seed) run trained on the library's loop (an interrupted one resumed from its checkpoint), its
+saved file reloaded into copies of the base pipeline's modules, sampled, scored and recorded; the table after every
+run. A rerun of the same command skips what is finished (``runs.py``).
+
+``BenchRunner`` is that skeleton; ``dreambooth.py`` (groups: the dataset's subjects) and ``control.py`` (one group:
+the evaluation set) say what a group is and how its images are drawn, scored and tabled:
+
+    groups()                            the table's units (subjects), each with its own base run
+    group_name(group) / group_fields(group)   its folder under ``runs/`` and the fields it adds to a record
+    base_record(group)                  the base model sampled and scored (a record without timing)
+    run_config(group, method, scale, seed, run_dir)   the run's training configuration
+    before_training(group, run_config)  what a run needs first (class images, drawn once per class)
+    snapshot_paths(run_dir)             adapter files to save during training (``--eval_steps``), or none
+    evaluate(group, method, run_config, run_dir, adapter, snapshots)   images and scores of a trained run
+    write_report()                      the table, plot and JSON of every finished run
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+from ..files import read_json
+from ..registry import task_for
+from ..training.checkpoints import latest_checkpoint
+from ..training.config import RunConfig, TaskKind
+from .config import Method
+from .report import scores_line
+from .runs import RunStore, train_run
+
+__all__ = ["BenchRunner"]
+
+
+class BenchRunner(ABC):
+    """One invocation of a benchmark: its configuration, callbacks (given to every run's trainer), log and store."""
+
+    kind: ClassVar[TaskKind]
+    #: the methods the grid may name, with their paper learning rates
+    methods: ClassVar[dict[str, Method]]
+
+    def __init__(self, config, callbacks, command: str | None, log):
+        self.config, self.callbacks, self.log = config, list(callbacks), log
+        self.command = command or f"ether-diffusion bench {self.kind} (called from Python)"
+
+    def open_store(self, settings: dict) -> None:
+        """The output folder, checked to hold a benchmark of these ``settings`` (or made)."""
+        self.store = RunStore(self.config.output_dir, str(self.kind), settings, self.command, self.config.defaults())
+        self.store.open()
+
+    def task(self, method: str, run_config: RunConfig):
+        """A new task of a run: ``method``'s adapters (ETHER, a PEFT peer) on the backend of the model's family."""
+        return task_for(run_config, self.methods[method].make_adapters(run_config))
+
+    # --- what each benchmark says ---------------------------------------------------------------------------------
+    @abstractmethod
+    def groups(self) -> list: ...
+
+    @abstractmethod
+    def group_name(self, group) -> str: ...
+
+    def group_fields(self, group) -> dict:
+        return {}
+
+    def log_prefix(self, group) -> str:
+        return ""
+
+    @abstractmethod
+    def base_record(self, group) -> dict: ...
+
+    @abstractmethod
+    def run_config(self, group, method: str, scale: float, seed: int, run_dir: Path) -> RunConfig: ...
+
+    def before_training(self, group, run_config: RunConfig) -> None:
+        return None
+
+    def snapshot_paths(self, run_dir: Path, weight_name: str) -> dict[int, Path]:
+        return {}
+
+    @abstractmethod
+    def evaluate(self, group, method: str, run_config: RunConfig, run_dir: Path, adapter: Path,
+                 snapshots: dict[int, Path]) -> dict: ...  # fmt: skip
+
+    @abstractmethod
+    def write_report(self) -> dict: ...
+
+    # --- the grid -----------------------------------------------------------------------------------------------
+    def execute(self) -> dict:
+        missing = 0
+        for group in self.groups():
+            self.base_run(group)
+            for method, scale, seed in self.config.grid():
+                if self.run(group, method, scale, seed) is None:
+                    missing += 1
+                    continue
+                self.write_report()
+        if missing:
+            self.log(f"{missing} run(s) of this grid are not finished yet; the table holds the finished ones")
+        return self.write_report()
+
+    def base_run(self, group) -> dict | None:
+        run_dir = self.store.run_dir(self.group_name(group), "base")
+        done = self.store.finished(run_dir)
+        if done is not None or self.config.report_only:
+            return done
+        start = time.time()
+        record = self.base_record(group)
+        record["sample_seconds"] = time.time() - start
+        self.log(f"{self.log_prefix(group)}{record['label']}: {scores_line(record['metrics'])}")
+        return self.store.finish(run_dir, record)
+
+    def run(self, group, method: str, scale: float, seed: int) -> dict | None:
+        """One run of the grid: its record, trained and evaluated as needed (None: not finished, ``--report_only``)."""
+        config = self.config
+        run_dir = self.store.run_dir(self.group_name(group), config.run_name(method, scale, seed))
+        done = self.store.finished(run_dir)
+        if done is not None:
+            return done
+        if config.report_only:
+            return None
+        run_config = self.run_config(group, method, scale, seed, run_dir)
+        weight_name = self.task(method, run_config).weight_name
+        adapter = run_dir / "train" / weight_name
+        snapshots = self.snapshot_paths(run_dir, weight_name)
+        info = read_json(run_dir / "train.json") if adapter.is_file() else None
+        if info is None and not adapter.is_file():  # not trained yet, or its training was interrupted
+            self.before_training(group, run_config)
+            if latest_checkpoint(run_dir / "train"):  # continue the interrupted training exactly
+                run_config.resume_from_checkpoint = "latest"
+            info = train_run(self.task(method, run_config), run_dir, self.callbacks, snapshots)
+        info = info or {"train_seconds": None, "timed": False}  # trained, but its record was lost (killed)
+        rated = self.methods[method].adapters  # the control encoder alone has no adapter learning rate
+        record = dict(
+            **self.group_fields(group), method=method, label=self.methods[method].label,
+            lr=run_config.learning_rate if rated else None, lr_scale=scale if rated else None, seed=seed,
+            parameters=None, metrics={}, **info,
+        )  # fmt: skip
+        record.setdefault("diverged", False)
+        if not record["diverged"]:
+            record.update(self.evaluate(group, method, run_config, run_dir, adapter, snapshots))
+        self.log(
+            f"{self.log_prefix(group)}{record['label']:<20} "
+            + ("" if record["lr"] is None else f"lr {record['lr']:.0e} ")
+            + f"seed {seed}: "
+            + ("diverged" if record["diverged"] else scores_line(record["metrics"]))
+            + ("" if record.get("train_seconds") is None else f" ({record['train_seconds']:.0f} s training)")
+        )
+        return self.store.finish(run_dir, record)
