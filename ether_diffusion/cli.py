@@ -199,7 +199,7 @@ def _export(args) -> int:
 
 def _demo(args) -> int:
     if args.task in ("control", "control-edges"):
-        from .control.demo import run_control_demo
+        from .demo import run_control_demo
 
         run_control_demo(
             args.output_dir if args.output_dir != "outputs/demo" else "outputs/demo-control",
