@@ -16,8 +16,26 @@ PACKAGE = ROOT / "ether_diffusion"
 
 #: the layers, lowest first: (room, module-name prefixes relative to the package)
 ROOMS = [
-    ("core", ["_version", "reflection", "config", "mixed", "layers", "delta", "coexist", "inject", "io", "files",
-              "images", "assets", "sources", "families", "architectures"]),  # fmt: skip
+    (
+        "core",
+        [
+            "_version",
+            "reflection",
+            "config",
+            "mixed",
+            "layers",
+            "delta",
+            "coexist",
+            "inject",
+            "io",
+            "files",
+            "images",
+            "assets",
+            "sources",
+            "families",
+            "architectures",
+        ],
+    ),  # fmt: skip
     ("diffusers", ["models", "pipeline", "export", "sampling"]),
     ("world", ["world", "evaluation"]),
     ("training", ["training"]),

@@ -413,7 +413,7 @@ def test_control_bench_flags(tmp_path, capsys):
     encoder = tiny.run_config("encoder", 1.0, 0, tmp_path / "r")
     assert encoder.no_adapters and encoder.encoder_learning_rate == 1e-4
     oft = tiny.run_config("oft", 0.1, 2, tmp_path / "r")
-    assert (oft.learning_rate, oft.seed, oft.target_modules) == (pytest.approx(1e-6), 2, "unet-attention-ff")
+    assert (oft.learning_rate, oft.seed, oft.target_modules) == (pytest.approx(1e-6), 2, ("unet-attention-ff",))
     assert CONTROL_METHODS["oft"].make_adapters(oft).kind == "oft"
     with pytest.raises(SystemExit):
         ControlBenchConfig.from_args(args + ["--model", "some/sd-1.5"])
@@ -655,12 +655,12 @@ def test_issue_17_ablation_knobs_are_benchmark_flags_that_reach_every_run(tmp_pa
     for method in ("ether", "ether_plus", "lora"):
         run = config.run_config(subject, method, 1.0, 2, tmp_path / "run", tmp_path / "class")
         assert (run.target_modules, run.ether_sides, run.n_blocks, run.prior_loss_weight, run.num_class_images,
-                run.lr_scheduler, run.max_train_steps) == ("unet-cross-attention-kv", "input", 4, 0.5, 20, "cosine",
-                                                           300)  # fmt: skip
+                run.lr_scheduler, run.max_train_steps) == (("unet-cross-attention-kv",), "input", 4, 0.5, 20,
+                                                           "cosine", 300)  # fmt: skip
         assert run.adapter_config().target_suffixes == ("attn2.to_k", "attn2.to_v")
     settings = config.settings()  # each arm of an ablation is a benchmark of its own (its own --output_dir)
     assert (settings["target_modules"], settings["ether_sides"], settings["lr_scheduler"]) == (
-        "unet-cross-attention-kv", "input", "cosine")  # fmt: skip
+        ("unet-cross-attention-kv",), "input", "cosine")  # fmt: skip
     assert DreamBoothBenchConfig.from_args(["--dataset", str(tmp_path), "--no_prior_preservation"]).run_config(
         subject, "ether", 1.0, 0, tmp_path / "run").with_prior_preservation is False  # fmt: skip
 
@@ -682,7 +682,7 @@ def test_training_defaults_to_the_image_attention_and_the_benchmark_keeps_the_pa
     subject = BenchSubject("dog", "dog", True, tmp_path / "dog", ())
     for method in ("ether", "ether_plus", "lora"):
         run = config.run_config(subject, method, 1.0, 0, tmp_path / "run", tmp_path / "class")
-        assert run.target_modules == "unet-attention"
+        assert run.target_modules == ("unet-attention",)
     # the SD-1.5 sizes docs/dreambooth.md gives for the default (the UNet built on the meta device)
     from diffusers import UNet2DConditionModel
 

@@ -166,8 +166,12 @@ def test_the_model_folder_picks_the_flow_task_and_its_defaults(world, tmp_path, 
     sd3, flux = parse_args(flags(world, "sd3", tmp_path)), parse_args(flags(world, "flux", tmp_path))
     assert type(sd3) is DreamBoothSD3Config and type(flux) is DreamBoothFluxConfig
     # diffusers' defaults: SD3 logit-normal σ's and preconditioned outputs, Flux uniform σ's and the velocity
-    assert (sd3.target_modules, sd3.weighting_scheme, sd3.precondition_outputs) == ("sd3-attention", "logit_normal", 1)
-    assert (flux.target_modules, flux.weighting_scheme, flux.precondition_outputs) == ("flux-attention", "none", 0)
+    assert (sd3.target_modules, sd3.weighting_scheme, sd3.precondition_outputs) == (
+        ("sd3-attention",),
+        "logit_normal",
+        1,
+    )
+    assert (flux.target_modules, flux.weighting_scheme, flux.precondition_outputs) == (("flux-attention",), "none", 0)
     assert (flux.guidance_scale, flux.validation_guidance_scale, sd3.validation_guidance_scale) == (3.5, 3.5, 7.0)
     for family, flag, value, message in (
         ("flux", "--pretrained_vae_model_name_or_path", "x", "does not apply to Flux models"),
@@ -206,7 +210,7 @@ def test_the_model_folder_picks_the_flow_task_and_its_defaults(world, tmp_path, 
                                      instance_prompt=PROMPT, learning_rate=1e-3))  # fmt: skip
     assert type(task) is DreamBoothTask and type(task.backend) is FluxBackend
     assert type(task.config) is DreamBoothFluxConfig
-    assert (task.config.target_modules, task.config.learning_rate) == ("flux-attention", 1e-3)
+    assert (task.config.target_modules, task.config.learning_rate) == (("flux-attention",), 1e-3)
     with pytest.raises(ConfigError, match="--snr_gamma is min-SNR weighting"):
         task_for(DreamBoothConfig(pretrained_model_name_or_path=str(world / "sd3"), instance_data_dir="x",
                                   instance_prompt=PROMPT, snr_gamma=5.0))  # fmt: skip

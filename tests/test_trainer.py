@@ -73,6 +73,22 @@ def test_non_finite_flags_are_refused(flag, value, capsys):
         config.validate()
 
 
+def test_target_modules_is_a_list_of_presets_and_suffixes():
+    base = {"instance_data_dir": "x", "instance_prompt": "a sks dog"}
+    flags = ["--instance_data_dir", "x", "--instance_prompt", "a sks dog", "--target_modules"]
+    spaced = DreamBoothConfig.from_args([*flags, "attn1.to_q,attn1.to_k", "attn2.to_q"])
+    assert spaced.target_modules == ("attn1.to_q", "attn1.to_k", "attn2.to_q")
+    assert spaced.adapter_config().target_suffixes == ("attn1.to_q", "attn1.to_k", "attn2.to_q")
+    preset = DreamBoothConfig(**base, target_modules="unet-attention").validate()
+    assert preset.target_modules == ("unet-attention",)
+    assert preset.adapter_config().target_modules == "unet-attention"  # the file names the preset
+    mixed = DreamBoothConfig(**base, target_modules=["unet-cross-attention-kv", "attn1.to_q"]).validate()
+    assert mixed.adapter_config().target_suffixes == ("attn2.to_k", "attn2.to_v", "attn1.to_q")
+    # a checkpoint or benchmark folder that recorded the names as one string compares equal to the list
+    assert DreamBoothConfig.comparable({"target_modules": "a, b", "seed": 1}) == {"target_modules": ["a", "b"],
+                                                                                "seed": 1}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [

@@ -84,8 +84,8 @@ class DreamBoothBenchConfig(BenchOptions, DreamBoothConfig):
     )  # fmt: skip
 
     # shared flags with the benchmark's defaults
-    target_modules: str = option(
-        "unet-attention", "a preset or comma-separated module-path suffixes, for every method (default: the paper's "
+    target_modules: tuple[str, ...] = option(
+        ("unet-attention",), "presets and/or module-path suffixes, for every method (default: the paper's "
         "q/k/v/out of every attention; `ether-diffusion train` defaults to unet-attention-image)",
     )  # fmt: skip
     pretrained_model_name_or_path: str | None = option(

@@ -28,6 +28,7 @@ import torch
 
 from ..files import read_json, write_json
 from ..training.callbacks import Callback
+from ..training.config import RunConfig
 from ..training.trainer import Trainer, TrainingDivergedError
 from .report import machine
 
@@ -73,7 +74,7 @@ class RunStore:
         if record_file.is_file():
             try:
                 record = json.loads(record_file.read_text())
-                kind, identity = record["kind"], {**self.defaults, **record["identity"]}
+                kind, identity = record["kind"], {**self.defaults, **RunConfig.comparable(record["identity"])}
             except (ValueError, KeyError, TypeError) as err:
                 raise BenchMismatchError(f"'{record_file}' is unreadable ({err}); use another --output_dir") from err
             if kind != self.kind:

@@ -44,8 +44,10 @@ class ControlConfig(RunConfig):
     validation_image: list[str] | None = option(None, "control images for validation", same_run=False)
     num_validation_images: int = option(2, "images per (prompt, control) pair", minimum=1, same_run=False)
     validation_guidance_scale: float = option(5.0, "guidance of validation images", minimum=0.0, same_run=False)
-    target_modules: str = option("unet-attention-ff", "the paper's control targets: attention + GEGLU input "
-                                 "projection; or comma-separated suffixes")  # fmt: skip
+    target_modules: tuple[str, ...] = option(
+        ("unet-attention-ff",),
+        "the paper's control targets (attention + GEGLU input projection); or presets and/or module-path suffixes",
+    )
     no_adapters: bool = option(False, "train the condition encoder alone (the paper's baseline)")
     adapter_name: str = option("control", "name stored in the file")
     output_dir: str = option("ether-control", "where checkpoints, validation images and the model go",

@@ -26,7 +26,7 @@ import torch
 from ..config import SIDES, TARGET_PRESETS, EtherConfig, check_adapter_name
 from ..models import default_model
 
-__all__ = ["ConfigError", "ForeignFlag", "RunConfig", "TaskKind", "option"]
+__all__ = ["ConfigError", "ForeignFlag", "RunConfig", "TaskKind", "option", "target_names"]
 
 ETHER_METHODS = ("ether", "ether_plus")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -42,6 +42,13 @@ class TaskKind(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+def target_names(value) -> tuple[str, ...]:
+    """``--target_modules`` as a configuration holds it: the preset names and module-path suffixes, in order, with
+    comma-separated text split (``"to_q,to_k"`` or ``["to_q", "to_k"]`` → ``("to_q", "to_k")``)."""
+    items = [value] if isinstance(value, str) else list(value or ())
+    return tuple(name.strip() for item in items for name in str(item).split(",") if name.strip())
 
 
 class ConfigError(ValueError):
@@ -141,9 +148,10 @@ class RunConfig:
     ether_sides: str = option(
         "auto", "auto: input for ETHER, both (two-sided) for ETHER+", choices=("auto", "input", "output", "both")
     )
-    target_modules: str = option(
-        "unet-attention",
-        f"a preset ({', '.join(p for p in TARGET_PRESETS if p.startswith('unet'))}) or comma-separated suffixes",
+    target_modules: tuple[str, ...] = option(
+        ("unet-attention",),
+        f"presets ({', '.join(p for p in TARGET_PRESETS if p.startswith('unet'))}) and/or module-path suffixes, "
+        "comma- or space-separated",
     )
     adapter_name: str = option("default", "name stored in the adapter file")
 
@@ -241,6 +249,9 @@ class RunConfig:
         False, "skip reloading the saved file into a fresh pipeline to sample it", same_run=False
     )
 
+    def __post_init__(self):
+        self.target_modules = target_names(self.target_modules)
+
     # --- construction ----------------------------------------------------------------------------------------------
     @classmethod
     def build_parser(cls, prog: str | None = None) -> argparse.ArgumentParser:
@@ -315,6 +326,14 @@ class RunConfig:
     def identity(self) -> dict:
         """The fields that make two runs the same run (recorded in checkpoints; a resume must match them)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("same_run", True)}
+
+    @staticmethod
+    def comparable(recorded: dict) -> dict:
+        """A recorded identity (a checkpoint's, a benchmark folder's) in the JSON form ``identity()`` has now:
+        ``target_modules`` written as one comma-separated string reads as its list of names."""
+        if isinstance(recorded.get("target_modules"), str):
+            return {**recorded, "target_modules": list(target_names(recorded["target_modules"]))}
+        return recorded
 
     # --- checks ----------------------------------------------------------------------------------------------------
     def validate(self):
@@ -403,23 +422,27 @@ class RunConfig:
             raise ConfigError(f"--adapter_name: {err}") from None
         if self.pretrained_model_name_or_path is None:
             self.pretrained_model_name_or_path = default_model()
-        if self.target_modules not in TARGET_PRESETS and not self.target_list():
-            raise ConfigError("--target_modules is empty: give a preset or comma-separated module-path suffixes")
+        self.target_modules = target_names(self.target_modules)
+        if not self.target_modules:
+            raise ConfigError("--target_modules is empty: give a preset or module-path suffixes")
         self.adapter_config()  # EtherConfig's own checks, as a ConfigError
         return self
 
     # --- derived ---------------------------------------------------------------------------------------------------
-    def target_list(self) -> str | list[str]:
-        if self.target_modules in TARGET_PRESETS:
-            return self.target_modules
-        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
+    def adapter_targets(self) -> str | list[str]:
+        """``EtherConfig.target_modules`` of ``--target_modules``: one preset by its name, else every suffix with the
+        presets among them spelled out."""
+        names = self.target_modules
+        if len(names) == 1 and names[0] in TARGET_PRESETS:
+            return names[0]
+        return list(dict.fromkeys(s for name in names for s in TARGET_PRESETS.get(name, (name,))))
 
     def adapter_config(self, target_modules: str | list[str] | None = None) -> EtherConfig:
         """The ETHER config of the flags (``target_modules`` overrides the flag, e.g. for the text encoder)."""
         sides = {"auto": None, "input": ("input",), "output": ("output",), "both": SIDES}[self.ether_sides]
         try:
             return EtherConfig(
-                target_modules=target_modules or self.target_list(),
+                target_modules=target_modules or self.adapter_targets(),
                 method=self.ether_method,
                 n_blocks=int(self.n_blocks),
                 sides=sides,
@@ -455,8 +478,9 @@ class _ForeignFlagAction(argparse.Action):
 
 def _flag_type(annotation) -> tuple[type, bool]:
     """``(element type, is a list)`` of a field annotation such as ``int | None`` or ``list[str] | None``."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    inner = args[0]
-    if typing.get_origin(inner) is list:
+    union = typing.get_origin(annotation) not in (list, tuple)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] if union else []
+    inner = (args or [annotation])[0]
+    if typing.get_origin(inner) in (list, tuple):
         return typing.get_args(inner)[0], True
     return inner, False

@@ -74,9 +74,9 @@ class DreamBoothConfig(RunConfig):
     )
     foreign_flags = DREAMBOOTH_FOREIGN_FLAGS
 
-    target_modules: str = option(
-        "unet-attention-image",
-        "a preset or comma-separated module-path suffixes. Default unet-attention-image: every attention projection "
+    target_modules: tuple[str, ...] = option(
+        ("unet-attention-image",),
+        "presets and/or module-path suffixes. Default unet-attention-image: every attention projection "
         "that reads image tokens (the paper's targets less cross-attention's keys and values, which transform every "
         "prompt's text tokens and carried most of the prompt drift measured in docs/quality.md); unet-attention is "
         "the paper's",

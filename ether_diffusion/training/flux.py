@@ -101,10 +101,10 @@ class FluxOptions(FlowMatchingOptions):
 
     family: ClassVar[str] = "flux"
 
-    target_modules: str = option(
-        "flux-attention",
+    target_modules: tuple[str, ...] = option(
+        ("flux-attention",),
         "a preset (flux-attention: q/k/v/out of both streams of the double blocks and q/k/v of the "
-        "single blocks; flux-attention-ff: also the feed-forwards) or comma-separated module-path suffixes",
+        "single blocks; flux-attention-ff: also the feed-forwards) and/or module-path suffixes",
     )
     guidance_scale: float = option(
         3.5, "the guidance a distilled model (Flux-dev) is told while training; Flux-schnell has none", minimum=0.0

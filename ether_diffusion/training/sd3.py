@@ -101,10 +101,9 @@ class SD3Options(FlowMatchingOptions):
 
     family: ClassVar[str] = "sd3"
 
-    target_modules: str = option(
-        "sd3-attention",
-        "a preset (sd3-attention: image and text q/k/v/out of every joint block) or comma-separated "
-        "module-path suffixes",
+    target_modules: tuple[str, ...] = option(
+        ("sd3-attention",),
+        "a preset (sd3-attention: image and text q/k/v/out of every joint block) and/or module-path suffixes",
     )
     weighting_scheme: str = option(
         "logit_normal",

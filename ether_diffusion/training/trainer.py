@@ -247,7 +247,7 @@ class Trainer:
             return
         try:
             record = json.loads(record_file.read_text())
-            recorded, recorded_task = dict(record["config"]), record["task"]
+            recorded, recorded_task = self.config.comparable(dict(record["config"])), record["task"]
             # a record without "adapters" names a PEFT peer in its configuration ("peer"), or trained ETHER
             recorded_adapters = record.get("adapters") or recorded.pop("peer", None) or "ether"
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
