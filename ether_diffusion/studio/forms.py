@@ -25,7 +25,7 @@ from ..config import METHOD_LABELS
 from ..training.config import ETHER_METHODS
 from .workspace import StudioError, check_name
 
-__all__ = ["COMMON_RANGES", "METHODS", "FormSpec", "check_whole_numbers"]
+__all__ = ["COMMON_RANGES", "METHODS", "FormSpec", "check_whole_numbers", "short_rate"]
 
 #: "ETHER+" (the form's label) or "ether_plus" (the library's name) -> "ether_plus"
 METHODS = {**{label: method for method, label in METHOD_LABELS.items() if method in ETHER_METHODS},
@@ -45,7 +45,7 @@ def check_whole_numbers(spec, **ranges: tuple[int, int]) -> None:
         setattr(spec, name, int(value))
 
 
-def _short(rate: float) -> str:
+def short_rate(rate: float) -> str:
     """6e-3 as "6e-3" (not "0.006" nor "6e-03"), as the page's labels write the paper's rates."""
     mantissa, exponent = f"{rate:e}".split("e")
     return f"{float(mantissa):g}e{int(exponent)}"
@@ -92,5 +92,5 @@ class FormSpec:
         for name, paper in spec.LEARNING_RATES.items():
             if not 0 < float(getattr(spec, name)) <= 1:
                 words = name.replace("_", " ")
-                raise StudioError(f"the {words} must be above 0 and at most 1 (the paper uses {_short(paper)})")
+                raise StudioError(f"the {words} must be above 0 and at most 1 (the paper uses {short_rate(paper)})")
         return spec
