@@ -7,7 +7,9 @@ the studio opens the shipped tiny model, which a checkout has (``assets/tiny-sd`
 there it says to pass ``--model``. This is the one module of the studio that imports gradio: it only lays out
 widgets and wires events; the work (training jobs, presets, estimates, adapters, sampling, control) is in the
 rest of ``ether_diffusion.studio``, tested without a browser. One function per tab: ``train_tab``,
-``control_tab``, ``sample_tab``, ``adapters_tab``.
+``control_tab``, ``sample_tab``, ``adapters_tab``; the settings the Train and Control forms share (``FormSpec``) are
+built by the same functions (``method_row``, ``learning_rate_box``, ``previews_accordion``) and read back by
+``read_form``.
 
 Failures are shown in the note beside the button that caused them (``inline_errors``), never as pop-ups and
 never by turning the other outputs into error boxes: whatever was on the page stays.
@@ -35,6 +37,7 @@ from ..demo import DEFAULT_SUBJECT  # noqa: E402
 from ..training.config import ETHER_METHODS  # noqa: E402
 from .adapters import TABLE_HEADERS, AdapterStore  # noqa: E402
 from .control import ControlSpec, example_control, palette_colors  # noqa: E402
+from .forms import FormSpec, short_rate  # noqa: E402
 from .jobs import JobManager, TrainSpec, shipped_subjects  # noqa: E402
 from .presets import PresetStore  # noqa: E402
 from .sampling import ControlRequest, Sampler, SampleRequest, parse_seeds  # noqa: E402
@@ -354,6 +357,62 @@ def spec_updates(spec, form: dict, with_name: bool) -> list:
     return values
 
 
+def whole_number(defaults: FormSpec, key: str, label: str, **kwargs) -> gr.Number:
+    """A number box for a whole-number setting: the form's default, and the least value Start accepts
+    (``FormSpec.ranges``)."""
+    return gr.Number(getattr(defaults, key), precision=0, minimum=defaults.ranges()[key][0], label=label, **kwargs)
+
+
+def seed_box(defaults: FormSpec) -> gr.Number:
+    return gr.Number(defaults.seed, precision=0, minimum=0, label="Seed")
+
+
+def learning_rate_box(defaults: FormSpec, key: str = "learning_rate", **kwargs) -> gr.Number:
+    """A learning-rate box labelled with the paper's value for this form (``FormSpec.LEARNING_RATES``)."""
+    label = f"{key.replace('_', ' ').capitalize()} (paper: {short_rate(defaults.LEARNING_RATES[key])})"
+    return gr.Number(getattr(defaults, key), label=label, **kwargs)
+
+
+def method_row(form: dict, defaults: FormSpec, prefix: str) -> None:
+    """The method and its number of blocks, into ``form``."""
+    with gr.Row():
+        form["method"] = gr.Radio(METHOD_CHOICES, value=METHOD_LABELS[defaults.method], label="Method",
+                                  elem_id=f"{prefix}method")  # fmt: skip
+        form["n_blocks"] = whole_number(defaults, "n_blocks", "Blocks", elem_id=f"{prefix}n-blocks")
+
+
+def previews_accordion(form: dict, defaults: FormSpec, prefix: str, empty_prompt: str) -> None:
+    """How often to sample previews, how many, with how many steps, the prompt (empty: ``empty_prompt``) and the
+    guidance, into ``form``."""
+    with gr.Accordion("Previews", open=False, elem_id=f"{prefix}preview-settings"):
+        with gr.Row():
+            form["preview_every"] = whole_number(defaults, "preview_every", "Preview every N steps",
+                                                 elem_id=f"{prefix}preview-every")  # fmt: skip
+            form["preview_images"] = whole_number(defaults, "preview_images", "Images per preview")
+            form["preview_steps"] = whole_number(defaults, "preview_steps", "Sampling steps",
+                                                 elem_id=f"{prefix}preview-steps")  # fmt: skip
+        with gr.Row():
+            form["preview_prompt"] = gr.Textbox(
+                defaults.preview_prompt, label=f"Preview prompt (empty: {empty_prompt})"
+            )
+            form["guidance_scale"] = gr.Number(defaults.guidance_scale, minimum=0, label="Guidance")
+
+
+def read_form(values: dict, form: dict) -> dict:
+    """The form's values keyed by spec field: an empty text is "", an empty seed 0, an empty number refused."""
+    fields_ = {}
+    for key, component in form.items():
+        value = values[component]
+        if key == "seed":
+            value = int(value or 0)
+        elif isinstance(component, gr.Textbox):
+            value = value or ""
+        elif isinstance(component, gr.Number) and value is None:
+            raise StudioError(f"{key.replace('_', ' ')} is empty: give a number")
+        fields_[key] = value
+    return fields_
+
+
 def train_tab(studio: Studio, demo: gr.Blocks, first_subject: str | None) -> JobPanel:
     """The Train tab: the DreamBooth form keyed by ``TrainSpec`` field, presets, estimate, and the job's view."""
     name, instance_prompt, class_prompt, images = studio.subject_fields(first_subject)
@@ -374,33 +433,16 @@ def train_tab(studio: Studio, demo: gr.Blocks, first_subject: str | None) -> Job
                 )
                 form["class_prompt"] = gr.Textbox(class_prompt, label="Class prompt", elem_id="class-prompt")
             defaults = TrainSpec(adapter_name="", instance_prompt="")
+            method_row(form, defaults, "")
             with gr.Row():
-                form["method"] = gr.Radio(METHOD_CHOICES, value=METHOD_LABELS[defaults.method], label="Method",
-                                          elem_id="method")  # fmt: skip
-                form["n_blocks"] = gr.Number(defaults.n_blocks, precision=0, label="Blocks", minimum=1,
-                                             elem_id="n-blocks")  # fmt: skip
-            with gr.Row():
-                form["max_train_steps"] = gr.Number(defaults.max_train_steps, precision=0, label="Steps", minimum=1,
-                                                    elem_id="train-steps")  # fmt: skip
-                form["learning_rate"] = gr.Number(defaults.learning_rate, label="Learning rate (paper: 6e-3)",
-                                                  elem_id="learning-rate")  # fmt: skip
-                form["seed"] = gr.Number(defaults.seed, precision=0, label="Seed", minimum=0)
+                form["max_train_steps"] = whole_number(defaults, "max_train_steps", "Steps", elem_id="train-steps")
+                form["learning_rate"] = learning_rate_box(defaults, elem_id="learning-rate")
+                form["seed"] = seed_box(defaults)
             with gr.Row():
                 form["prior_preservation"] = gr.Checkbox(defaults.prior_preservation, label="Prior preservation")
-                form["num_class_images"] = gr.Number(defaults.num_class_images, precision=0, label="Class images",
-                                                     minimum=1, elem_id="class-images")  # fmt: skip
-            with gr.Accordion("Previews", open=False, elem_id="preview-settings"):
-                with gr.Row():
-                    form["preview_every"] = gr.Number(defaults.preview_every, precision=0,
-                                                      label="Preview every N steps", minimum=1,
-                                                      elem_id="preview-every")  # fmt: skip
-                    form["preview_images"] = gr.Number(defaults.preview_images, precision=0,
-                                                       label="Images per preview", minimum=1)  # fmt: skip
-                    form["preview_steps"] = gr.Number(defaults.preview_steps, precision=0, label="Sampling steps",
-                                                      minimum=1, elem_id="preview-steps")  # fmt: skip
-                with gr.Row():
-                    form["preview_prompt"] = gr.Textbox("", label="Preview prompt (empty: the instance prompt)")
-                    form["guidance_scale"] = gr.Number(defaults.guidance_scale, label="Guidance", minimum=0)
+                form["num_class_images"] = whole_number(defaults, "num_class_images", "Class images",
+                                                        elem_id="class-images")  # fmt: skip
+            previews_accordion(form, defaults, "", "the instance prompt")
             presets = presets_row(studio, TrainSpec.kind, "")
             panel = job_buttons("")
         with gr.Column(scale=1):
@@ -410,16 +452,9 @@ def train_tab(studio: Studio, demo: gr.Blocks, first_subject: str | None) -> Job
         chosen_source = values[source]
         if need_subject and chosen_source == SHIPPED and not values[subject]:
             raise StudioError("pick a shipped subject, or switch to 'My images' and upload 3-10 images")
-        fields_ = {key: values[component] for key, component in form.items()}
-        for key in ("adapter_name", "instance_prompt", "class_prompt", "preview_prompt"):
-            fields_[key] = fields_[key] or ""
-        for key in ("n_blocks", "max_train_steps", "num_class_images", "preview_every", "preview_images",
-                    "preview_steps", "learning_rate", "guidance_scale"):  # fmt: skip
-            if fields_[key] is None:
-                raise StudioError(f"{key.replace('_', ' ')} is empty: give a number")
+        fields_ = read_form(values, form)
         fields_.update(
             prior_preservation=bool(fields_["prior_preservation"]),
-            seed=int(fields_["seed"] or 0),
             subject=values[subject] if chosen_source == SHIPPED else None,
             uploads=[str(u) for u in (values[uploads] or [])] if chosen_source == UPLOAD else [],
         )
@@ -459,42 +494,22 @@ def control_tab(studio: Studio, demo: gr.Blocks, tab: gr.Tab) -> JobPanel:
                     form["source"] = gr.Radio(list(SOURCE_LABELS.values()), value=SOURCE_LABELS[defaults.source],
                                               label="Training data", elem_id="control-source")  # fmt: skip
                     with gr.Row():
-                        form["scenes"] = gr.Number(defaults.scenes, precision=0, minimum=8,
-                                                   label="World scenes (rendered once)",
-                                                   elem_id="control-scenes")  # fmt: skip
+                        form["scenes"] = whole_number(defaults, "scenes", "World scenes (rendered once)",
+                                                      elem_id="control-scenes")  # fmt: skip
                         form["data_dir"] = gr.Textbox("", label="Dataset folder on the studio's machine",
                                                       placeholder="a folder with metadata.jsonl", visible=False,
                                                       elem_id="control-folder")  # fmt: skip
+                    method_row(form, defaults, "control-")
                     with gr.Row():
-                        form["method"] = gr.Radio(METHOD_CHOICES, value=METHOD_LABELS[defaults.method],
-                                                  label="Method")  # fmt: skip
-                        form["n_blocks"] = gr.Number(defaults.n_blocks, precision=0, minimum=1, label="Blocks")
+                        form["max_train_steps"] = whole_number(defaults, "max_train_steps", "Steps",
+                                                               elem_id="control-steps")  # fmt: skip
+                        form["train_batch_size"] = whole_number(defaults, "train_batch_size", "Batch size",
+                                                                elem_id="control-batch")  # fmt: skip
+                        form["seed"] = seed_box(defaults)
                     with gr.Row():
-                        form["max_train_steps"] = gr.Number(defaults.max_train_steps, precision=0, minimum=1,
-                                                            label="Steps", elem_id="control-steps")  # fmt: skip
-                        form["train_batch_size"] = gr.Number(defaults.train_batch_size, precision=0, minimum=1,
-                                                             label="Batch size",
-                                                             elem_id="control-batch")  # fmt: skip
-                        form["seed"] = gr.Number(defaults.seed, precision=0, minimum=0, label="Seed")
-                    with gr.Row():
-                        form["learning_rate"] = gr.Number(defaults.learning_rate, label="Learning rate (paper: 1e-3)")
-                        form["encoder_learning_rate"] = gr.Number(
-                            defaults.encoder_learning_rate, label="Encoder learning rate (paper: 1e-4)"
-                        )
-                    with gr.Accordion("Previews", open=False, elem_id="control-preview-settings"):
-                        with gr.Row():
-                            form["preview_every"] = gr.Number(defaults.preview_every, precision=0, minimum=1,
-                                                              label="Preview every N steps",
-                                                              elem_id="control-preview-every")  # fmt: skip
-                            form["preview_images"] = gr.Number(defaults.preview_images, precision=0, minimum=1,
-                                                               label="Images per preview")  # fmt: skip
-                            form["preview_steps"] = gr.Number(defaults.preview_steps, precision=0, minimum=1,
-                                                              label="Sampling steps",
-                                                              elem_id="control-preview-steps")  # fmt: skip
-                        with gr.Row():
-                            form["preview_prompt"] = gr.Textbox("", label="Preview prompt (empty: the held-out "
-                                                                "control's caption)")  # fmt: skip
-                            form["guidance_scale"] = gr.Number(defaults.guidance_scale, minimum=0, label="Guidance")
+                        form["learning_rate"] = learning_rate_box(defaults)
+                        form["encoder_learning_rate"] = learning_rate_box(defaults, "encoder_learning_rate")
+                    previews_accordion(form, defaults, "control-", "the held-out control's caption")
                     presets = presets_row(studio, ControlSpec.kind, "control-")
                     panel = job_buttons("control-")
                 with gr.Column(scale=1):
@@ -532,16 +547,9 @@ def control_tab(studio: Studio, demo: gr.Blocks, tab: gr.Tab) -> JobPanel:
                     sample_note = gr.Markdown("", elem_id="control-sample-note")
 
     def spec_from(values: dict) -> ControlSpec:
-        fields_ = {key: values[component] for key, component in form.items()}
+        fields_ = read_form(values, form)
         labels = {label: source for source, label in SOURCE_LABELS.items()}
         fields_["source"] = labels.get(fields_["source"], fields_["source"])
-        for key in ("adapter_name", "data_dir", "preview_prompt"):
-            fields_[key] = fields_[key] or ""
-        for key in ("n_blocks", "max_train_steps", "scenes", "train_batch_size", "preview_every", "preview_images",
-                    "preview_steps", "learning_rate", "encoder_learning_rate", "guidance_scale"):  # fmt: skip
-            if fields_[key] is None:
-                raise StudioError(f"{key.replace('_', ' ')} is empty: give a number")
-        fields_["seed"] = int(fields_["seed"] or 0)
         return ControlSpec(**fields_)
 
     form_outputs = list(form.values())
