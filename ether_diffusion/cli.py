@@ -265,23 +265,16 @@ def _bench(argv: list[str]) -> int:
 
 
 def _studio(argv: list[str]) -> int:
-    """Run ``app/app.py`` (the Gradio studio, beside the package like ``assets/``) with ``argv``."""
-    import importlib.util
-
+    """Run the Gradio studio (``ether_diffusion.studio.ui``, the package's one module that needs gradio) with
+    ``argv``."""
     try:
-        import gradio  # noqa: F401
-    except ImportError:
-        print("error: the studio needs gradio: pip install -e '.[app]'", file=sys.stderr)
+        from .studio.ui import main as studio_main
+    except ModuleNotFoundError as err:
+        if err.name != "gradio":
+            raise
+        print("error: the studio needs gradio: pip install 'ether-diffusion[app]'", file=sys.stderr)
         return 2
-    path = Path(__file__).resolve().parents[1] / "app" / "app.py"
-    if not path.is_file():
-        print(f"error: {path} is missing; run the studio from a checkout of ether-diffusion", file=sys.stderr)
-        return 2
-    spec = importlib.util.spec_from_file_location("ether_studio_app", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # registered, as an import would, so its dataclasses resolve their annotations
-    spec.loader.exec_module(module)
-    return module.main(argv, prog="ether-diffusion studio")
+    return studio_main(argv, prog="ether-diffusion studio")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     export_world.set_defaults(run=_export_world)
     commands.add_parser(
         "studio",
-        help="the Gradio app: train, sample, manage adapters (--host 127.0.0.1, --port, --model, --workdir)",
+        help="the Gradio app (needs the app extra): train, sample, manage adapters (--host 127.0.0.1, --port, --model: "
+        "default the tiny model of a checkout, --workdir)",
         add_help=False,
     )
     return parser

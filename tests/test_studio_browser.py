@@ -1,4 +1,5 @@
-"""The studio in a real browser: Debian's Chromium, headless, driven by Playwright, against the app as users start it.
+"""The studio in a real browser: Debian's Chromium, headless, driven by Playwright, against the studio as users start it
+(``ether-diffusion studio``, ``python -m ether_diffusion.studio.ui``).
 
 DreamBooth: a bad upload refused beside the button (no pop-up); Stop pressed while class images are drawn (their
 progress on the page) and while the step-0 baseline is sampled, each acting within seconds and never flipping the
@@ -33,6 +34,7 @@ from ether_diffusion.io import read_adapter_file
 pytestmark = pytest.mark.slow  # end to end
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("ETHER_STUDIO_CHROMIUM", "/usr/bin/chromium")
+STUDIO_MODULE = [sys.executable, "-m", "ether_diffusion.studio.ui"]  # the package's studio, as app/app.py runs it
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -178,7 +180,7 @@ def test_train_preview_sample_in_a_browser(browser, tmp_path):  # noqa: C901  (o
     shots = tmp_path / "screenshots"
     shots.mkdir()
     workspace = tmp_path / "ws"
-    process, url = start_studio([sys.executable, "app/app.py"], workspace, tmp_path / "log.txt")
+    process, url = start_studio(STUDIO_MODULE, workspace, tmp_path / "log.txt")
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         errors = []
@@ -343,7 +345,7 @@ def test_control_train_and_sample_with_a_drawn_map_in_a_browser(browser, tmp_pat
     shots = tmp_path / "screenshots"
     shots.mkdir()
     workspace = tmp_path / "ws"
-    process, url = start_studio([sys.executable, "app/app.py"], workspace, tmp_path / "log.txt")
+    process, url = start_studio(STUDIO_MODULE, workspace, tmp_path / "log.txt")
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         errors = []

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 from ..files import atomic_folder
+from .forms import FormSpec
 from .workspace import StudioError, Workspace
 
 __all__ = [
@@ -41,38 +42,27 @@ CONTROL_LEARNING_RATE, ENCODER_LEARNING_RATE = 1e-3, 1e-4  # the paper's (docs/c
 
 
 @dataclass
-class ControlSpec:
-    """What the Control tab asks for: a control adapter trained on a world set or a dataset folder."""
+class ControlSpec(FormSpec):
+    """What the Control tab asks for: the shared settings (``FormSpec``) and a control adapter's training data (a
+    world set or a dataset folder) and encoder."""
 
     kind = "control"
+    WHOLE_NUMBERS = {"scenes": (8, 20_000), "train_batch_size": (1, 64)}
+    LEARNING_RATES = {"learning_rate": CONTROL_LEARNING_RATE, "encoder_learning_rate": ENCODER_LEARNING_RATE}
 
-    adapter_name: str
+    _: KW_ONLY
     source: str = "segmentation"  # "segmentation" | "edges" (the tiny world, rendered) | "folder"
     data_dir: str = ""  # for "folder": a dataset folder in the control script's layout
     scenes: int = 256  # for a world set: how many scenes to render
-    method: str = "ether_plus"
-    n_blocks: int = 1
     max_train_steps: int = 300
     learning_rate: float = CONTROL_LEARNING_RATE
     encoder_learning_rate: float = ENCODER_LEARNING_RATE
     train_batch_size: int = 4
-    seed: int = 0
-    preview_every: int = 100
-    preview_prompt: str = ""  # empty: the held-out row's caption
-    preview_images: int = 2
-    preview_steps: int = 25
-    guidance_scale: float = 5.0
 
     def validated(self) -> ControlSpec:
-        from .jobs import COMMON_RANGES, check_whole_numbers, checked_copy
-
-        spec = checked_copy(self)
+        spec = super().validated()
         if spec.source not in CONTROL_SOURCES:
             raise StudioError(f"training data {spec.source!r}: choose one of {', '.join(CONTROL_SOURCES)}")
-        check_whole_numbers(spec, **COMMON_RANGES, scenes=(8, 20_000), train_batch_size=(1, 64))
-        for name in ("learning_rate", "encoder_learning_rate"):
-            if not 0 < float(getattr(spec, name)) <= 1:
-                raise StudioError(f"the {name.replace('_', ' ')} must be above 0 and at most 1")
         if spec.source == "folder":
             spec.data_dir = str(check_dataset_folder(spec.data_dir))
         return spec

@@ -28,50 +28,23 @@ import shutil
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 
-from ..config import METHOD_LABELS
 from ..files import atomic_write
 from ..training.callbacks import Callback
 from ..training.checkpoints import checkpoint_step, latest_checkpoint
-from ..training.config import ETHER_METHODS
 from ..training.dreambooth import PAPER_LEARNING_RATE
 from .adapters import AdapterStore
 from .control import ControlSpec
+from .forms import FormSpec
 from .uploads import save_uploads
-from .workspace import StudioError, Workspace, check_name, inside, slug
+from .workspace import StudioError, Workspace, inside, slug
 
-__all__ = ["ACTIVE_PHASES", "SPECS", "JobManager", "TrainSpec", "check_whole_numbers", "shipped_subjects"]
+__all__ = ["ACTIVE_PHASES", "SPECS", "JobManager", "TrainSpec", "shipped_subjects"]
 
 ACTIVE_PHASES = ("preparing", "training", "stopping", "saving")
-METHODS = {**{label: method for method, label in METHOD_LABELS.items() if method in ETHER_METHODS},
-           **{method: method for method in ETHER_METHODS}}  # fmt: skip  # "ETHER+" or "ether_plus" -> "ether_plus"
 STATE_FILE = "state.json"
-
-
-def check_whole_numbers(spec, **ranges: tuple[int, int]) -> None:
-    """Each named field of ``spec`` a whole number within its ``(low, high)``, made an int; StudioError if not."""
-    for name, (low, high) in ranges.items():
-        value = getattr(spec, name)
-        if value is None or isinstance(value, bool) or int(value) != value or not low <= int(value) <= high:
-            raise StudioError(f"{name.replace('_', ' ')} must be a whole number from {low} to {high}")
-        setattr(spec, name, int(value))
-
-
-#: the ranges of the settings every training form has (each form adds its own)
-COMMON_RANGES = dict(max_train_steps=(1, 100_000), n_blocks=(1, 64), preview_every=(1, 100_000), preview_images=(1, 8),
-                     preview_steps=(1, 200))  # fmt: skip
-
-
-def checked_copy(spec):
-    """A copy of a training form with its adapter name checked and its method resolved to the library's name."""
-    spec = copy.deepcopy(spec)
-    spec.adapter_name = check_name(spec.adapter_name)
-    if spec.method not in METHODS:
-        raise StudioError(f"method {spec.method!r}: choose ETHER or ETHER+")
-    spec.method = METHODS[spec.method]
-    return spec
 
 
 def tensorboard_available() -> bool:
@@ -92,39 +65,32 @@ def shipped_subjects() -> dict[str, dict]:
 
 
 @dataclass
-class TrainSpec:
-    """What the Train tab asks for. ``subject`` (a shipped one) or ``uploads`` (3-10 image files)."""
+class TrainSpec(FormSpec):
+    """What the Train tab asks for: the shared settings (``FormSpec``) and the DreamBooth ones. ``subject`` (a
+    shipped one) or ``uploads`` (3-10 image files); ``adapter_name`` and ``instance_prompt`` may be given by
+    position."""
 
     kind = "dreambooth"
+    WHOLE_NUMBERS = {"num_class_images": (1, 1000)}
+    LEARNING_RATES = {"learning_rate": PAPER_LEARNING_RATE}
 
-    adapter_name: str
     instance_prompt: str
+    _: KW_ONLY
     subject: str | None = None
     uploads: list[str] = field(default_factory=list)
     class_prompt: str = ""
-    method: str = "ether_plus"
-    n_blocks: int = 1
     max_train_steps: int = 400
     learning_rate: float = PAPER_LEARNING_RATE
     prior_preservation: bool = True
     num_class_images: int = 50
-    seed: int = 0
-    preview_every: int = 100
-    preview_prompt: str = ""  # empty: the instance prompt
-    preview_images: int = 2
-    preview_steps: int = 25
-    guidance_scale: float = 5.0
     checkpoint_every: int | None = None  # default: preview_every
 
     def validated(self) -> TrainSpec:
-        spec = checked_copy(self)
+        spec = super().validated()
         if not isinstance(spec.instance_prompt, str) or not spec.instance_prompt.strip():
             raise StudioError("the instance prompt is empty: name the subject with an identifier, e.g. 'a sks dog'")
         if spec.prior_preservation and not (spec.class_prompt or "").strip():
             raise StudioError("prior preservation needs a class prompt without the identifier, e.g. 'a dog'")
-        check_whole_numbers(spec, **COMMON_RANGES, num_class_images=(1, 1000))
-        if not 0 < float(spec.learning_rate) <= 1:
-            raise StudioError("the learning rate must be above 0 and at most 1 (the paper uses 6e-3)")
         if spec.subject is None and not spec.uploads:
             raise StudioError("no images: upload 3-10 images of your subject, or pick a shipped one")
         if spec.subject is not None and spec.subject not in shipped_subjects():

@@ -14,6 +14,7 @@ import dataclasses
 import json
 
 from ..files import atomic_write
+from .jobs import SPECS
 from .workspace import StudioError, Workspace, check_name, inside
 
 __all__ = ["Preset", "PresetStore"]
@@ -30,8 +31,6 @@ class Preset:
 
     def spec(self, adapter_name: str = "preset"):
         """The settings as a spec of their kind (with ``adapter_name``)."""
-        from .jobs import SPECS
-
         return SPECS[self.kind](adapter_name=adapter_name, **self.settings)
 
 
@@ -75,8 +74,6 @@ class PresetStore:
         return preset, replaced
 
     def load(self, name: str) -> Preset:
-        from .jobs import SPECS
-
         path = self.path(name)
         if not path.is_file():
             known = ", ".join(self.names()) or "none yet"
