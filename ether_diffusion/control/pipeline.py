@@ -19,6 +19,7 @@ import torch
 from ..inject import adapter_configs
 from ..io import AdapterFile, AdapterFileError, load_adapter, read_adapter_file, save_adapter
 from ..pipeline import EtherStableDiffusionPipeline, _components, delete_ether_adapters
+from ..training.config import TaskKind
 from .data import control_to_tensor
 from .encoder import (
     ConditionEncoder,
@@ -56,7 +57,7 @@ def save_control_weights(
     if path.is_dir() or not path.suffix:
         path = path / CONTROL_WEIGHT_NAME
     components = {"unet": unet} if adapter_name in adapter_configs(unet) else {}
-    extra = {"task": "control", **(extra or {})}
+    extra = {"task": str(TaskKind.CONTROL), **(extra or {})}
     modules = {ENCODER_MODULE: (encoder.config.to_dict(), encoder.state_dict())}
     return save_adapter(path, components, adapter_name, base_model=base_model, extra=extra, modules=modules)
 

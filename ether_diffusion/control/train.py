@@ -162,7 +162,11 @@ class ControlTask(Task):
 
     # --- artifacts --------------------------------------------------------------------------------------------
     def save(self, path: Path, extra: dict | None = None) -> Path:
-        extra = {"task": "control", "encoder_learning_rate": str(self.config.encoder_learning_rate), **(extra or {})}
+        extra = {
+            "task": str(self.kind),
+            "encoder_learning_rate": str(self.config.encoder_learning_rate),
+            **(extra or {}),
+        }
         modules = {ENCODER_MODULE: (self.encoder.config.to_dict(), self.encoder.state_dict())}
         return self.adapters.save(path, self.backend.base_model(), extra, modules)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from ..config import METHOD_LABELS
 from ..files import atomic_write
 from ..io import AdapterFileError, AdapterMismatchError, read_adapter_file
+from ..training.config import TaskKind
 from .workspace import StudioError, Workspace, check_name, inside, slug
 
 __all__ = ["MAX_ADAPTER_BYTES", "AdapterInfo", "AdapterStore"]
@@ -34,13 +35,13 @@ class AdapterInfo:
     steps: str | None
     instance_prompt: str | None
     error: str | None = None  # why a file in the folder cannot be used (it is still listed, so it can be deleted)
-    task: str = "dreambooth"  # "control": a condition encoder with its adapter (the Control tab samples it)
+    task: TaskKind = TaskKind.DREAMBOOTH  # CONTROL: a condition encoder with its adapter (the Control tab samples it)
 
     def row(self) -> list:
         """The row shown in the Adapters table."""
         return [
             self.name,
-            self.task if self.error is None else "",
+            str(self.task) if self.error is None else "",
             self.method,
             self.n_blocks if self.n_blocks is not None else "",
             self.parameters,
@@ -61,7 +62,7 @@ def describe(name: str, path: Path, thumbnail: Path | None) -> AdapterInfo:
         return AdapterInfo(name, path, thumbnail, "unreadable", None, 0, None, None, None, str(err))
     configs = list(source.configs.values())
     methods = sorted({METHOD_LABELS.get(c.method, c.method) for c in configs})
-    task = "control" if source.extra.get("task") == "control" else "dreambooth"
+    task = TaskKind.CONTROL if source.extra.get("task") == TaskKind.CONTROL else TaskKind.DREAMBOOTH
     return AdapterInfo(
         name,
         path,
@@ -134,7 +135,7 @@ class AdapterStore:
         return infos
 
     def names_for(self, task: str) -> list[str]:
-        """The usable adapters of ``task`` ("dreambooth" or "control"): what each tab's pickers offer."""
+        """The usable adapters of ``task`` (a ``TaskKind``): what each tab's pickers offer."""
         return [i.name for i in self.list() if i.error is None and i.task == task]
 
     def info(self, name: str) -> AdapterInfo:

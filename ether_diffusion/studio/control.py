@@ -22,6 +22,7 @@ from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 from ..files import atomic_folder
+from ..training.config import TaskKind
 from .forms import FormSpec
 from .workspace import StudioError, Workspace
 
@@ -46,7 +47,7 @@ class ControlSpec(FormSpec):
     """What the Control tab asks for: the shared settings (``FormSpec``) and a control adapter's training data (a
     world set or a dataset folder) and encoder."""
 
-    kind = "control"
+    kind = TaskKind.CONTROL
     WHOLE_NUMBERS = {"scenes": (8, 20_000), "train_batch_size": (1, 64)}
     LEARNING_RATES = {"learning_rate": CONTROL_LEARNING_RATE, "encoder_learning_rate": ENCODER_LEARNING_RATE}
 

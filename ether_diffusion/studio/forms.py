@@ -22,7 +22,7 @@ from dataclasses import KW_ONLY, dataclass
 from typing import ClassVar
 
 from ..config import METHOD_LABELS
-from ..training.config import ETHER_METHODS
+from ..training.config import ETHER_METHODS, TaskKind
 from .workspace import StudioError, check_name
 
 __all__ = ["COMMON_RANGES", "METHODS", "FormSpec", "check_whole_numbers", "short_rate"]
@@ -56,7 +56,7 @@ class FormSpec:
     """The settings every training form shares. Only ``adapter_name`` may be given by position; the rest by name.
     ``max_train_steps`` and ``learning_rate`` have no default here: each form sets its own."""
 
-    kind: ClassVar[str]  # a job's "kind" in its state.json and a preset's file: "dreambooth" or "control"
+    kind: ClassVar[TaskKind]  # the kind of training: a job's "kind" in its state.json, a preset's in its file
     #: whole-number fields of this form beyond COMMON_RANGES, with their (low, high)
     WHOLE_NUMBERS: ClassVar[dict[str, tuple[int, int]]] = {}
     #: learning-rate fields of this form, each with the paper's value the message cites

@@ -34,7 +34,9 @@ from pathlib import Path
 from ..files import atomic_write
 from ..training.callbacks import Callback
 from ..training.checkpoints import checkpoint_step, latest_checkpoint
+from ..training.config import TaskKind
 from ..training.dreambooth import PAPER_LEARNING_RATE
+from ..training.task import SampleKind
 from .adapters import AdapterStore
 from .control import ControlSpec
 from .forms import FormSpec
@@ -70,7 +72,7 @@ class TrainSpec(FormSpec):
     shipped one) or ``uploads`` (3-10 image files); ``adapter_name`` and ``instance_prompt`` may be given by
     position."""
 
-    kind = "dreambooth"
+    kind = TaskKind.DREAMBOOTH
     WHOLE_NUMBERS = {"num_class_images": (1, 1000)}
     LEARNING_RATES = {"learning_rate": PAPER_LEARNING_RATE}
 
@@ -207,7 +209,7 @@ class JobManager:
         with self._lock:
             state = copy.deepcopy(self._state) if self._state else {}
         if state:
-            state.setdefault("kind", TrainSpec.kind)  # jobs from before control jobs existed
+            state["kind"] = TaskKind(state.get("kind", TrainSpec.kind))  # a job without "kind" is a DreamBooth one
             state["running"] = self.running()
             state["resumable"] = not state["running"] and state["phase"] in ("stopped", "failed", "interrupted")
         return state
@@ -269,7 +271,7 @@ class JobManager:
             spec.uploads = []  # temporary files of the page; the job has its copies
         self._state = {
             "id": job_id,
-            "kind": spec.kind,
+            "kind": str(spec.kind),
             "created": time.time(),
             "spec": asdict(spec),
             **inputs,
@@ -462,14 +464,14 @@ class _JobCallback(Callback):
     def on_validation(self, event) -> None:
         manager = self.manager
         paths = list(event.paths)
-        control = manager._state.get("kind") == ControlSpec.kind
+        control = TaskKind(manager._state.get("kind", TrainSpec.kind)) is TaskKind.CONTROL
         baseline = "step 0 · untrained" if control else "step 0 · base model (baseline)"
-        caption = {"baseline": baseline, "final": f"step {event.step} · saved adapter, reloaded"}.get(
+        caption = {SampleKind.BASELINE: baseline, SampleKind.FINAL: f"step {event.step} · saved adapter, reloaded"}.get(
             event.kind, f"step {event.step}"
         )
         if control:
             caption += " · control map | samples"
-        if event.kind == "final":  # a resumed run writes samples.png again: keep this one under its own name
+        if event.kind is SampleKind.FINAL:  # a resumed run writes samples.png again: keep this one under its own name
             kept = manager._job_dir() / "previews" / f"step-{event.step:06d}-saved.png"
             kept.parent.mkdir(exist_ok=True)
             shutil.copyfile(paths[0], kept)
@@ -477,8 +479,9 @@ class _JobCallback(Callback):
         self.last_images = list(event.images)[1:] if control else list(event.images)  # a control row: map first
         added = [{"path": str(p), "caption": caption, "step": event.step} for p in paths]
         previews = manager._state["previews"] + added
-        phase = "saving" if event.kind == "final" else manager._state["phase"]
-        message = "publishing the adapter" if event.kind == "final" else "training"
+        final = event.kind is SampleKind.FINAL
+        phase = "saving" if final else manager._state["phase"]
+        message = "publishing the adapter" if final else "training"
         manager._update(previews=previews, phase=phase, message=message, force=True)
 
     def on_save(self, path) -> None:

@@ -14,6 +14,7 @@ import dataclasses
 import json
 
 from ..files import atomic_write
+from ..training.config import TaskKind
 from .jobs import SPECS
 from .workspace import StudioError, Workspace, check_name, inside
 
@@ -26,7 +27,7 @@ FORMAT = 1
 @dataclasses.dataclass(frozen=True)
 class Preset:
     name: str
-    kind: str  # the spec's kind: "dreambooth" or "control"
+    kind: TaskKind  # the spec's kind
     settings: dict  # spec fields, without NOT_STORED
 
     def spec(self, adapter_name: str = "preset"):
@@ -70,7 +71,7 @@ class PresetStore:
         preset = Preset(path.stem, checked.kind, settings)
         replaced = path.is_file()
         with atomic_write(path) as tmp:
-            tmp.write_text(json.dumps({"format": FORMAT, "kind": preset.kind, "settings": settings}, indent=1))
+            tmp.write_text(json.dumps({"format": FORMAT, "kind": str(preset.kind), "settings": settings}, indent=1))
         return preset, replaced
 
     def load(self, name: str) -> Preset:
@@ -94,7 +95,7 @@ class PresetStore:
                 f"preset {path.stem!r} has settings this studio does not know ({', '.join(unknown)}); it was saved by "
                 "another version: save it again from the form"
             )
-        preset = Preset(path.stem, kind, settings)
+        preset = Preset(path.stem, TaskKind(kind), settings)
         try:
             _checked(preset.spec())
         except (StudioError, TypeError, ValueError) as err:

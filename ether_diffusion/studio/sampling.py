@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..io import AdapterMismatchError
 from ..pipeline import delete_ether_adapters, enable_ether, load_ether_weights, set_ether_adapters
+from ..training.config import TaskKind
 from .adapters import AdapterStore
 from .workspace import StudioError, Workspace, check_name
 
@@ -178,7 +179,7 @@ class Sampler:
         stamp = (path.stat().st_mtime, path.stat().st_size)
         if self._loaded.get(name) == stamp:
             return
-        if self.store.info(name).task == "control":
+        if self.store.info(name).task is TaskKind.CONTROL:
             raise StudioError(f"{name!r} is a control adapter: sample it with a control map on the Control tab")
         if name in self._loaded:
             delete_ether_adapters(pipe, name)
@@ -204,7 +205,7 @@ class Sampler:
 
         name = "studio-import-check"
         with self.lock:
-            if read_adapter_file(path).extra.get("task") != "control":
+            if read_adapter_file(path).extra.get("task") != TaskKind.CONTROL:
                 pipe = self._pipeline()
                 load_ether_weights(pipe, path, name)
                 delete_ether_adapters(pipe, name)
@@ -260,7 +261,7 @@ class Sampler:
         request = request.validated()
         name = check_name(request.adapter)
         info = self.store.info(name)
-        if info.error is not None or info.task != "control":
+        if info.error is not None or info.task is not TaskKind.CONTROL:
             raise StudioError(f"{name!r} is not a control adapter; train one on the Control tab or pick another")
         started = time.time()
         with self.lock:

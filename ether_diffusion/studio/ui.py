@@ -34,7 +34,7 @@ import pandas as pd  # noqa: E402  (gradio's own dependency; the loss curve's da
 from ..assets import default_model_path, default_subjects_path  # noqa: E402
 from ..config import METHOD_LABELS  # noqa: E402
 from ..demo import DEFAULT_SUBJECT  # noqa: E402
-from ..training.config import ETHER_METHODS  # noqa: E402
+from ..training.config import ETHER_METHODS, TaskKind  # noqa: E402
 from .adapters import TABLE_HEADERS, AdapterStore  # noqa: E402
 from .control import ControlSpec, example_control, palette_colors  # noqa: E402
 from .forms import FormSpec, short_rate  # noqa: E402
@@ -88,7 +88,7 @@ def format_status(state: dict) -> str:
         return "No training job yet. Pick a subject or upload images, then **Start**."
     spec = state["spec"]
     method = METHOD_LABELS[spec["method"]]
-    kind = "control" if state.get("kind") == "control" else "DreamBooth"
+    kind = "control" if TaskKind(state.get("kind", TaskKind.DREAMBOOTH)) is TaskKind.CONTROL else "DreamBooth"
     lines = [f"**{spec['adapter_name']}** · {kind} · {method} · job `{state['id']}`", f"**{state['phase']}**"]
     if state.get("total"):
         parts = [f"step **{state['step']} / {state['total']}**"]
@@ -173,8 +173,9 @@ class Studio:
     def images(folder) -> list:
         return [(str(p), p.name) for p in sorted(Path(folder).glob("*.png"))] if folder else []
 
-    def adapter_choices(self, task: str = "dreambooth") -> list[str]:
-        return [NO_ADAPTER, *self.store.names_for(task)] if task == "dreambooth" else self.store.names_for(task)
+    def adapter_choices(self, task: TaskKind = TaskKind.DREAMBOOTH) -> list[str]:
+        names = self.store.names_for(task)
+        return [NO_ADAPTER, *names] if task is TaskKind.DREAMBOOTH else names  # DreamBooth samples with none too
 
 
 @dataclass
@@ -518,7 +519,7 @@ def control_tab(studio: Studio, demo: gr.Blocks, tab: gr.Tab) -> JobPanel:
             with gr.Row():
                 with gr.Column(scale=1):
                     with gr.Row():
-                        adapter = gr.Dropdown(studio.adapter_choices("control"), label="Control adapter",
+                        adapter = gr.Dropdown(studio.adapter_choices(TaskKind.CONTROL), label="Control adapter",
                                               elem_id="control-adapter")  # fmt: skip
                         refresh_btn = gr.Button("Refresh", size="sm")
                     canvas = gr.ImageEditor(
@@ -580,7 +581,7 @@ def control_tab(studio: Studio, demo: gr.Blocks, tab: gr.Tab) -> JobPanel:
             f"`{result.paths[0].parent}`"  # fmt: skip
 
     def refresh(current):
-        choices = studio.adapter_choices("control")
+        choices = studio.adapter_choices(TaskKind.CONTROL)
         return gr.update(choices=choices, value=current if current in choices else next(iter(choices), None))
 
     form["source"].change(lambda s: (gr.update(visible=s != SOURCE_LABELS["folder"]),
@@ -697,7 +698,7 @@ def adapters_tab(studio: Studio, demo: gr.Blocks, tab: gr.Tab) -> None:
     def import_adapter(upload, name):
         imported = store.import_file(upload, name, check_fits=studio.sampler.check_fits)
         info = store.info(imported)
-        if info.task != "control":  # a control adapter needs a map to show anything; no thumbnail for it
+        if info.task is not TaskKind.CONTROL:  # a control adapter needs a map to show anything; no thumbnail for it
             try:
                 store.set_thumbnail(imported, studio.sampler.thumbnail(imported, steps=10))
             except StudioError:

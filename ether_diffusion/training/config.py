@@ -25,10 +25,11 @@ import torch
 
 from ..config import SIDES, TARGET_PRESETS, EtherConfig, check_adapter_name
 from ..models import default_model
+from ..reflection import METHODS
 
 __all__ = ["ConfigError", "ForeignFlag", "RunConfig", "TaskKind", "option", "target_names"]
 
-ETHER_METHODS = ("ether", "ether_plus")
+ETHER_METHODS = tuple(METHODS)  # reflection.METHODS: one entry per adapter method
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "prodigy")  # given in any case, as diffusers' scripts take them ("AdamW", "prodigy")
 VALIDATION_SCHEDULERS = ("DPMSolverMultistepScheduler", "DDPMScheduler")
@@ -42,6 +43,8 @@ class TaskKind(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+    __hash__ = str.__hash__  # equal to its value, and found by it in dicts and sets (JSON records hold the value)
 
 
 def target_names(value) -> tuple[str, ...]:

@@ -48,6 +48,8 @@ class SampleKind(str, Enum):
     def __str__(self) -> str:
         return self.value
 
+    __hash__ = str.__hash__  # equal to its value, and found by it in dicts and sets
+
 
 @dataclass
 class Samples:
