@@ -53,6 +53,7 @@ from .families import FAMILIES, pipeline_family, supported_families
 from .files import atomic_write
 from .inject import adapter_layers
 from .io import load_adapter, read_adapter_file
+from .pipeline import _components, delete_ether_adapters, set_ether_adapters
 from .reflection import METHODS
 
 __all__ = [
@@ -421,8 +422,6 @@ def export_adapters(
     holds a condition encoder that is not a LoRA: it is refused unless ``unet_only``, which exports its UNet
     adapters alone (the result then changes the model but does not follow control images).
     """
-    from .pipeline import _components, delete_ether_adapters, set_ether_adapters
-
     if not adapters:
         raise ValueError("give at least one adapter file to export")
     present = [n for m in _components(pipe).values() for _, layer in adapter_layers(m) for n in layer.ether_adapters]

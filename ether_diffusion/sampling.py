@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .pipeline import disable_ether, enable_ether
+
 __all__ = ["Sample", "SamplingInterrupted", "ether_switch", "interruptible", "sample_images"]
 
 VARIANTS = ("adapted", "base")
@@ -75,8 +77,6 @@ class Sample:
 
 def ether_switch(pipe, enabled: bool) -> None:
     """Turn a pipeline's ETHER adapters on or off (what ``variants`` toggles by default)."""
-    from .pipeline import disable_ether, enable_ether
-
     (enable_ether if enabled else disable_ether)(pipe)
 
 

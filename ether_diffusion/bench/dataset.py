@@ -52,6 +52,7 @@ from pathlib import Path
 
 from ..files import atomic_folder
 from ..images import IMAGE_EXTENSIONS
+from ..world.subjects import load_subjects
 
 __all__ = [
     "DEFAULT_IDENTIFIER",
@@ -315,8 +316,6 @@ def export_world_dataset(output: str | Path, subjects_root: str | Path | None = 
     """Write the tiny world's shipped subjects as a DreamBooth-layout dataset at ``output``: each subject's five
     instance images (lossless PNG: the evaluator reads colours and textures) and a ``prompts_and_classes.txt``
     with the class nouns and ``WORLD_TEMPLATES``. The folder appears complete or not at all."""
-    from ..world.subjects import load_subjects
-
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         if not overwrite:

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..evaluation import diversity, instance_self_similarity, load_evaluator, prompt_fidelity, segment, subject_fidelity
+
 __all__ = [
     "DEFAULT_CLIP_MODEL",
     "DEFAULT_DINO_MODEL",
@@ -280,13 +282,9 @@ class WorldMetrics(SubjectMetrics):
     )
 
     def __init__(self, evaluator=None):
-        from ..evaluation import load_evaluator
-
         self.evaluator = evaluator if evaluator is not None else load_evaluator()
 
     def score(self, generated, texts, real) -> dict[str, float]:
-        from ..evaluation import diversity, prompt_fidelity, subject_fidelity
-
         return {
             "subject_fidelity": subject_fidelity(generated, real, self.evaluator),
             "prompt_fidelity": prompt_fidelity(generated, texts, self.evaluator)["overall"],
@@ -294,8 +292,6 @@ class WorldMetrics(SubjectMetrics):
         }
 
     def real_ceiling(self, real) -> dict[str, float]:
-        from ..evaluation import instance_self_similarity
-
         return {"subject_fidelity": instance_self_similarity(real, self.evaluator)}
 
 
@@ -321,13 +317,9 @@ class WorldSegmenter(Segmenter):
     name = "world"
 
     def __init__(self, evaluator=None):
-        from ..evaluation import load_evaluator
-
         self.evaluator = evaluator if evaluator is not None else load_evaluator()
 
     def segment(self, images, size):
-        from ..evaluation import segment
-
         masks = segment(images, self.evaluator).astype(np.int64)  # (N, 64, 64)
         if masks.shape[1:] != tuple(size):
             resized = F.interpolate(torch.from_numpy(masks)[:, None].float(), size=tuple(size), mode="nearest")

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 from ..files import atomic_write, write_json
+from ..images import open_image
+from ..training.artifacts import make_grid
 from .metrics import Metric
 
 __all__ = [
@@ -230,9 +232,6 @@ def sample_grid(rows: list[tuple[str, list]], path: Path, cell: int = 128) -> li
     """One row of images per ``(label, images)`` (PIL images or paths), every image fitted into ``cell`` pixels
     (nearest-neighbour: a 64-pixel world image stays sharp), written atomically; returns the row labels."""
     from PIL import Image
-
-    from ..images import open_image
-    from ..training.artifacts import make_grid
 
     rows = [(label, images) for label, images in rows if images]
     if not rows:

@@ -16,6 +16,7 @@ import torch
 
 from ..files import atomic_write
 from ..images import open_image
+from ..models import load_pipeline
 
 __all__ = ["BasePipeline", "adapted_modules", "image_files", "save_image", "swapped"]
 
@@ -41,8 +42,6 @@ class BasePipeline:
     def pipe(self):
         if self._pipe is None:
             from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-            from ..models import load_pipeline
 
             config = self.config
             kwargs = {"torch_dtype": self.dtype} if self.dtype != torch.float32 else {}

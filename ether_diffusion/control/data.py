@@ -23,6 +23,8 @@ from PIL import Image
 
 from ..images import ImageReadError, open_image
 from ..training.data import to_pixels
+from ..world.dataset import render_arrays
+from ..world.scene import CaptionDropout, caption
 
 __all__ = [
     "CONTROL_TASKS",
@@ -48,8 +50,6 @@ ACCEPTED_MODES = ("RGB", "L", "P", "1")
 def layout_free_caption(scene) -> str:
     """The caption of a control scene: what is there (shapes, colours, textures, background) but not where or how
     large: that is the control's job. A full caption would let the base model place objects by itself."""
-    from ..world.scene import CaptionDropout, caption
-
     return caption(scene, np.random.default_rng(0), CaptionDropout(size=1.0, position=1.0))
 
 
@@ -232,8 +232,6 @@ def write_world_control_dataset(folder: str | Path, task: str, count: int, start
     Besides the three columns it stores each scene's class mask (``masks/``, values 0..6, column ``mask``) for the
     mIoU of the benchmark (``ether-diffusion bench control``). The same numbers give the same pixels on any machine.
     """
-    from ..world.dataset import render_arrays
-
     if task not in CONTROL_TASKS:
         raise ValueError(f"task must be one of {CONTROL_TASKS}, got {task!r}")
     folder = Path(folder)

@@ -21,8 +21,18 @@ import os
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
+from ..control.data import (
+    SEGMENTATION_PALETTE,
+    edges_to_control,
+    layout_free_caption,
+    mask_to_control,
+    write_world_control_dataset,
+)
+from ..control.train import ControlConfig
 from ..files import atomic_folder
+from ..registry import train
 from ..training.config import TaskKind
+from ..world.dataset import render_arrays
 from .forms import FormSpec
 from .workspace import StudioError, Workspace
 
@@ -88,8 +98,6 @@ class ControlSpec(FormSpec):
     def config(self, model: str, inputs: dict, output_dir: Path, resume: bool, model_config: str | None = None,
                report_to: str = "none"):  # fmt: skip
         """The library's control configuration for this job."""
-        from ..control.train import ControlConfig
-
         return ControlConfig(
             pretrained_model_name_or_path=model,
             model_config=model_config,
@@ -118,8 +126,6 @@ class ControlSpec(FormSpec):
 
     @staticmethod
     def train(config, callbacks):
-        from ..registry import train
-
         return train(config, callbacks)
 
 
@@ -160,8 +166,6 @@ def first_row(folder: Path) -> dict:
 def world_control_data(workspace: Workspace, task: str, count: int, start: int = 0) -> Path:
     """The tiny world's ``task`` set of ``count`` scenes from ``start``, rendered once into the workspace (complete or
     absent: ``atomic_folder``)."""
-    from ..control.data import write_world_control_dataset
-
     name = f"{task}-{count}" + (f"-from-{start}" if start else "")
     folder = workspace.control_data / name
     if (folder / "metadata.jsonl").is_file():
@@ -176,16 +180,12 @@ def palette_colors(task: str) -> list[str]:
     """Brush colours for drawing a map of ``task``: the segmentation classes, or white edges."""
     if task == "edges":
         return ["#ffffff"]
-    from ..control.data import SEGMENTATION_PALETTE
 
     return ["#{:02x}{:02x}{:02x}".format(*map(int, color)) for color in SEGMENTATION_PALETTE[1:]]
 
 
 def example_control(task: str, index: int = 0):
     """A held-out world scene as ``(control map, caption)`` for ``task`` ("segmentation" or "edges")."""
-    from ..control.data import edges_to_control, layout_free_caption, mask_to_control
-    from ..world.dataset import render_arrays
-
     if task not in WORLD_SOURCES:
         raise StudioError(f"example maps are of {' or '.join(WORLD_SOURCES)}, not {task!r}")
     arrays = render_arrays(1, "pretrain", start=EXAMPLE_SCENE + int(index))

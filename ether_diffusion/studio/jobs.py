@@ -31,14 +31,18 @@ import traceback
 from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 
+from ..assets import default_subjects_path
 from ..files import atomic_write
+from ..registry import train
 from ..training.callbacks import Callback
 from ..training.checkpoints import checkpoint_step, latest_checkpoint
-from ..training.config import TaskKind
-from ..training.dreambooth import PAPER_LEARNING_RATE
+from ..training.config import ConfigError, TaskKind
+from ..training.data import IMAGE_EXTENSIONS
+from ..training.dreambooth import PAPER_LEARNING_RATE, DreamBoothConfig
 from ..training.task import SampleKind
 from .adapters import AdapterStore
 from .control import ControlSpec
+from .estimate import measure, project
 from .forms import FormSpec
 from .uploads import save_uploads
 from .workspace import StudioError, Workspace, inside, slug
@@ -55,8 +59,6 @@ def tensorboard_available() -> bool:
 
 def shipped_subjects() -> dict[str, dict]:
     """``{name: subject.json record + "folder"}`` for the subjects shipped in ``assets/subjects``."""
-    from ..assets import default_subjects_path
-
     found = {}
     root = default_subjects_path()
     for meta in sorted(root.glob("*/subject.json")) if root.is_dir() else []:
@@ -102,8 +104,6 @@ class TrainSpec(FormSpec):
     def config(self, model: str, instance_dir: Path, output_dir: Path, class_dir: Path, resume: bool,
                model_config: str | None = None, report_to: str = "none"):  # fmt: skip
         """The library's DreamBooth configuration for this job (no command line in between)."""
-        from ..training.dreambooth import DreamBoothConfig
-
         every = self.checkpoint_every or self.preview_every
         return DreamBoothConfig(
             pretrained_model_name_or_path=model,
@@ -136,8 +136,6 @@ class TrainSpec(FormSpec):
 
     @staticmethod
     def train(config, callbacks):
-        from ..registry import train
-
         return train(config, callbacks)
 
 
@@ -245,8 +243,6 @@ class JobManager:
             return self._resume()
 
     def _start(self, spec: TrainSpec) -> dict:
-        from ..training.config import ConfigError
-
         if self.running():
             raise StudioError(self._busy_message())
         spec = spec.validated()
@@ -297,8 +293,6 @@ class JobManager:
         (``studio/estimate.py``); refused while a job runs (each would slow the other and the figure)."""
         import tempfile
 
-        from .estimate import measure, project
-
         with self._launching:
             if self.running():
                 raise StudioError(
@@ -316,8 +310,6 @@ class JobManager:
                 measured = _in_a_thread(measure, config, Path(scratch))  # as the job will run: not the main thread
         missing = 0
         if isinstance(spec, TrainSpec) and spec.prior_preservation:
-            from ..training.data import IMAGE_EXTENSIONS
-
             folder = self._class_dir(spec)
             drawn = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS] if folder.is_dir() else []
             missing = max(spec.num_class_images - len(drawn), 0)

@@ -18,10 +18,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import AdapterMismatchError
+from ..control.encoder import ConditionMismatchError, attach_condition_encoder, detach_condition_encoder
+from ..control.pipeline import EtherControlPipeline
+from ..io import AdapterFileError, AdapterMismatchError, read_adapter_file
+from ..models import ModelLoadError, load_pipeline
 from ..pipeline import delete_ether_adapters, enable_ether, load_ether_weights, set_ether_adapters
+from ..sampling import sample_images
 from ..training.config import TaskKind
 from .adapters import AdapterStore
+from .control import control_map
 from .workspace import StudioError, Workspace, check_name
 
 __all__ = ["ControlRequest", "SampleRequest", "SampleResult", "Sampler", "parse_seeds"]
@@ -126,8 +131,6 @@ class Sampler:
 
     # --- the pipeline ------------------------------------------------------------------------------------------
     def _load(self, pipeline_class):
-        from ..models import ModelLoadError, load_pipeline
-
         try:
             pipe = load_pipeline(self.model, pipeline_class, config=self.model_config)
         except ModelLoadError as err:
@@ -145,8 +148,6 @@ class Sampler:
     def _control_pipeline(self, name: str | None):
         """The control pipeline with control adapter ``name`` loaded (reloaded if its file changed)."""
         if self._control_pipe is None:
-            from ..control.pipeline import EtherControlPipeline
-
             self._control_pipe = self._load(EtherControlPipeline)
         pipe = self._control_pipe
         if name is None:
@@ -163,9 +164,6 @@ class Sampler:
 
     @staticmethod
     def _load_control(pipe, path: Path, name: str) -> None:
-        from ..control.encoder import ConditionMismatchError
-        from ..io import AdapterFileError
-
         try:
             pipe.load_control_weights(path, adapter_name=name)
         except AdapterFileError as err:
@@ -200,9 +198,6 @@ class Sampler:
     def check_fits(self, path: Path) -> None:
         """Load ``path`` into the base model under a scratch name and remove it: raises AdapterMismatchError. A
         control file is tried in the control pipeline (encoder and adapter)."""
-        from ..control.encoder import ConditionMismatchError
-        from ..io import read_adapter_file
-
         name = "studio-import-check"
         with self.lock:
             if read_adapter_file(path).extra.get("task") != TaskKind.CONTROL:
@@ -222,8 +217,6 @@ class Sampler:
 
     # --- sampling ---------------------------------------------------------------------------------------------
     def sample(self, request: SampleRequest, save: bool = True) -> SampleResult:
-        from ..sampling import sample_images
-
         request = request.validated()
         started = time.time()
         with self.lock:
@@ -254,10 +247,6 @@ class Sampler:
     def sample_control(self, request: ControlRequest, save: bool = True) -> SampleResult:
         """The control map, then per seed the image with control and (``compare``) the same prompt and seed
         without it. ``result.note`` says how the map was made to fit (cropped, resized), if it was."""
-        from ..control.encoder import attach_condition_encoder, detach_condition_encoder
-        from ..sampling import sample_images
-        from .control import control_map
-
         request = request.validated()
         name = check_name(request.adapter)
         info = self.store.info(name)

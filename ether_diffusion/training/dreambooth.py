@@ -21,6 +21,7 @@ from pathlib import Path
 from .._version import __version__
 from ..config import DTYPES
 from ..io import DEFAULT_WEIGHT_NAME
+from ..models import default_model
 from ..pipeline import load_ether_weights
 from .class_images import ensure_class_images
 from .config import FOREIGN_FLAGS, ConfigError, ForeignFlag, RunConfig, TaskKind, option
@@ -143,8 +144,6 @@ class DreamBoothConfig(RunConfig):
     def for_subject(cls, subject, **fields) -> DreamBoothConfig:
         """A run on a tiny-world subject (``world.subjects.Subject``: its images, instance and class prompts, prior
         preservation on its class) with the shipped model; ``fields`` set or override anything else."""
-        from ..models import default_model
-
         defaults = dict(
             pretrained_model_name_or_path=default_model(),
             instance_data_dir=str(subject.image_paths[0].parent),
