@@ -12,7 +12,7 @@ from .io import AdapterFile, read_adapter_file
 DEMO_STEPS = 1000
 CONTROL_DEMO_STEPS = 600
 
-#: ``bench <verb>`` tools: (group, verb) -> (module, help). Each module parses its own flags
+#: ``bench <verb>`` and ``world <verb>`` tools: (group, verb) -> (module, help). Each module parses its own flags
 #: (``parse_args(argv, prog)``, so ``--help`` lists them) and runs (``main(args)``), as its launcher in scripts/ does.
 TOOLS = {
     ("bench", "speed"): (".bench.speed", "speed and memory of ETHER against the frozen-model floor and PEFT's methods"),
@@ -21,6 +21,9 @@ TOOLS = {
     ("bench", "lora-sizes"): (".bench.lora_sizes", "rank and file size of the exact LoRA of each ETHER setting"),
     ("bench", "ablation-table"): (".bench.ablation", "one table and plot over several bench dreambooth folders"),
     ("bench", "quality-sweep"): (".bench.quality_sweep", "draw docs/quality.md's learning-rate sweep from its JSON"),
+    ("world", "pretrain"): (".world.pretrain", "pretrain the tiny Stable Diffusion (VAE, UNet, text encoder)"),
+    ("world", "train-evaluator"): (".evaluation.train", "train the world evaluator and measure it on held-out images"),
+    ("world", "evaluate"): (".evaluation.evaluate", "the tiny model's quality gate, and --write_model_card"),
 }
 
 
@@ -289,6 +292,15 @@ def _tool(group: str, verb: str, argv: list[str]) -> int:
     return 0
 
 
+def _make_subjects(args) -> int:
+    from .world.heldout import SUBJECT_SPECS
+    from .world.subjects import write_subject
+
+    for spec in SUBJECT_SPECS:
+        print(write_subject(spec, args.output_dir))
+    return 0
+
+
 def _studio(argv: list[str]) -> int:
     """Run ``app/app.py`` (the Gradio studio, beside the package like ``assets/``) with ``argv``."""
     import importlib.util
@@ -436,9 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     export_world.add_argument("--eval_scenes", type=int, default=64, help="--control: held-out rows (with masks)")
     export_world.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     export_world.set_defaults(run=_export_world)
-    groups = {"bench": bench_commands}
+    world = commands.add_parser("world", help="the tiny world: pretrain its model, train its evaluator, evaluate")
+    world_commands = world.add_subparsers(dest="world_command", required=True)
+    groups = {"bench": bench_commands, "world": world_commands}
     for (group, verb), (_, text) in TOOLS.items():
         groups[group].add_parser(verb, help=f"{text} (see --help)", add_help=False)
+    make_subjects = world_commands.add_parser("make-subjects", help="write the DreamBooth subjects of the tiny world")
+    make_subjects.add_argument("--output_dir", default="assets/subjects", help="where the subject folders go")
+    make_subjects.set_defaults(run=_make_subjects)
     commands.add_parser(
         "studio",
         help="the Gradio app: train, sample, manage adapters (--host 127.0.0.1, --port, --model, --workdir)",
