@@ -8,10 +8,10 @@ from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 PRETRAIN_HINT = (
-    "python scripts/pretrain_tiny_world.py --export_dir assets/tiny-sd "
-    "(then python scripts/eval_tiny_sd.py --write_model_card); see assets/tiny-sd/README.md for the exact flags"
+    "ether-diffusion world pretrain --export_dir assets/tiny-sd "
+    "(then ether-diffusion world evaluate --write_model_card); see assets/tiny-sd/README.md for the exact flags"
 )
-SUBJECTS_HINT = "python scripts/make_subjects.py --output_dir assets/subjects"
+SUBJECTS_HINT = "ether-diffusion world make-subjects --output_dir assets/subjects"
 
 # component -> files a tiny-sd folder must hold
 _PIPELINE_FILES = {

@@ -19,6 +19,20 @@ TRAIN_VERBS = {
     "train-control": (TaskKind.CONTROL, "condition encoder and adapter"),
 }
 
+#: ``bench <verb>`` and ``world <verb>`` tools: (group, verb) -> (module, help). Each module parses its own flags
+#: (``parse_args(argv, prog)``, so ``--help`` lists them) and runs (``main(args)``), as its launcher in scripts/ does.
+TOOLS = {
+    ("bench", "speed"): (".bench.speed", "speed and memory of ETHER against the frozen-model floor and PEFT's methods"),
+    ("bench", "host"): (".bench.host", "host time each adapter adds per layer (a chain of tiny layers, CPU time)"),
+    ("bench", "cache-latents"): (".bench.cache_latents", "what --cache_latents saves per DreamBooth step"),
+    ("bench", "lora-sizes"): (".bench.lora_sizes", "rank and file size of the exact LoRA of each ETHER setting"),
+    ("bench", "ablation-table"): (".bench.ablation", "one table and plot over several bench dreambooth folders"),
+    ("bench", "quality-sweep"): (".bench.quality_sweep", "draw docs/quality.md's learning-rate sweep from its JSON"),
+    ("world", "pretrain"): (".world.pretrain", "pretrain the tiny Stable Diffusion (VAE, UNet, text encoder)"),
+    ("world", "train-evaluator"): (".evaluation.train", "train the world evaluator and measure it on held-out images"),
+    ("world", "evaluate"): (".evaluation.evaluate", "the tiny model's quality gate, and --write_model_card"),
+}
+
 
 def _inspect(args) -> int:
     source = read_adapter_file(args.adapter)
@@ -264,6 +278,24 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
+def _tool(group: str, verb: str, argv: list[str]) -> int:
+    """Run the ``TOOLS`` entry ``group verb`` with ``argv``."""
+    import importlib
+
+    module = importlib.import_module(TOOLS[group, verb][0], __package__)
+    module.main(module.parse_args(argv, prog=f"ether-diffusion {group} {verb}"))
+    return 0
+
+
+def _make_subjects(args) -> int:
+    from .world.heldout import SUBJECT_SPECS
+    from .world.subjects import write_subject
+
+    for spec in SUBJECT_SPECS:
+        print(write_subject(spec, args.output_dir))
+    return 0
+
+
 def _studio(argv: list[str]) -> int:
     """Run the Gradio studio (``ether_diffusion.studio.ui``, the package's one module that needs gradio) with
     ``argv``."""
@@ -379,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(run=_inspect)
     bench = commands.add_parser(
-        "bench", help="the paper's benchmarks: dreambooth (DINO, CLIP-I, CLIP-T), control (mIoU); export-world"
+        "bench",
+        help="the paper's benchmarks: dreambooth (DINO, CLIP-I, CLIP-T), control (mIoU), export-world; speed and sizes",
     )
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     bench_commands.add_parser(
@@ -403,6 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
     export_world.add_argument("--eval_scenes", type=int, default=64, help="--control: held-out rows (with masks)")
     export_world.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     export_world.set_defaults(run=_export_world)
+    world = commands.add_parser("world", help="the tiny world: pretrain its model, train its evaluator, evaluate")
+    world_commands = world.add_subparsers(dest="world_command", required=True)
+    groups = {"bench": bench_commands, "world": world_commands}
+    for (group, verb), (_, text) in TOOLS.items():
+        groups[group].add_parser(verb, help=f"{text} (see --help)", add_help=False)
+    make_subjects = world_commands.add_parser("make-subjects", help="write the DreamBooth subjects of the tiny world")
+    make_subjects.add_argument("--output_dir", default="assets/subjects", help="where the subject folders go")
+    make_subjects.set_defaults(run=_make_subjects)
     commands.add_parser(
         "studio",
         help="the Gradio app (needs the app extra): train, sample, manage adapters (--host 127.0.0.1, --port, --model: "
@@ -427,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
             return _studio(argv[1:])
         if argv[:1] == ["bench"] and argv[1:2] in (["dreambooth"], ["control"]):
             return _bench(argv[1:])
+        if tuple(argv[:2]) in TOOLS:
+            return _tool(argv[0], argv[1], argv[2:])
         args = build_parser().parse_args(argv)
         return args.run(args)
     # ValueError covers AdapterFileError and AdapterMismatchError; OSError a missing file, a full disk, a permission

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 17's ablation on the tiny world: one `ether-diffusion bench dreambooth` folder per arm, then one table and one
-# trade-off plot over all of them (scripts/ablation_table.py). docs/quality.md reports what this measured.
+# trade-off plot over all of them (`ether-diffusion bench ablation-table`). docs/quality.md reports what this measured.
 #
 #   bash scripts/ablation_issue17.sh [OUT]        # OUT: default outputs/i17; JOBS=2 runs two arms side by side
 #
@@ -68,7 +68,7 @@ for arm in "${arms[@]}"; do
   elif [[ $name == *_s1 ]]; then two_seeds+=(--arm "${name%_s1}=$OUT/${name%_s1},$OUT/$name")  # seeds 0 and 1 pooled
   else choose+=(--arm "$name=$OUT/$name"); fi
 done
-python "$(dirname "$0")/ablation_table.py" "${choose[@]}" --reference "$OUT/lora_x1" --output "$OUT/choose"
-python "$(dirname "$0")/ablation_table.py" "${measure[@]}" --reference "$OUT/m_lora" --output "$OUT/measure"
-python "$(dirname "$0")/ablation_table.py" "${two_seeds[@]}" --reference "$OUT/lora_x1,$OUT/lora_x1_s1" \
+"$CLI" bench ablation-table "${choose[@]}" --reference "$OUT/lora_x1" --output "$OUT/choose"
+"$CLI" bench ablation-table "${measure[@]}" --reference "$OUT/m_lora" --output "$OUT/measure"
+"$CLI" bench ablation-table "${two_seeds[@]}" --reference "$OUT/lora_x1,$OUT/lora_x1_s1" \
   --output "$OUT/choose_two_seeds"

@@ -1,83 +1,9 @@
-"""What --cache_latents (and --pre_compute_text_embeddings) save in a DreamBooth run on the shipped tiny model.
+"""What --cache_latents saves per DreamBooth step.
 
-    python scripts/bench_cache_latents.py                  # 5 rounds x 3 variants, 60 steps each
-    python scripts/bench_cache_latents.py --rounds 9 --steps 100 --json out.json
-
-Each round trains every variant once, in an order rotated from round to round (the machine is shared and drifts:
-interleaving spreads the drift over all variants); one untimed warm-up run comes first. The time is the loop's own
-(``TrainResult.train_seconds``: from the first step to the last, without loading the model or the final save), per
-step; the table gives the median over rounds and the ratio of medians. Center crop, so each of the subject's images
-is one input and the cache holds one entry per image after the first epoch.
+The launcher of ``ether-diffusion bench cache-latents`` (same flags, ``--help``).
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import platform
-import statistics
-import tempfile
-from pathlib import Path
-
-import torch
-
-from ether_diffusion.registry import train
-from ether_diffusion.training.dreambooth import DreamBoothConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {
-    "plain": {},
-    "--cache_latents": {"cache_latents": True},
-    "--cache_latents --pre_compute_text_embeddings": {"cache_latents": True, "pre_compute_text_embeddings": True},
-}
-
-
-def run_once(changes: dict, steps: int, subject: Path, output: Path) -> float:
-    config = DreamBoothConfig(
-        instance_data_dir=str(subject),
-        instance_prompt="a sks star",
-        output_dir=str(output),
-        max_train_steps=steps,
-        checkpointing_steps=10**6,
-        center_crop=True,
-        report_to="none",
-        quiet=True,
-        **changes,
-    )
-    return train(config).train_seconds / steps
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--subject", default=str(ROOT / "assets" / "subjects" / "orange_checkered_star"))
-    parser.add_argument("--json", help="also write every timing here")
-    args = parser.parse_args(argv)
-    names = list(VARIANTS)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    with tempfile.TemporaryDirectory() as tmp:
-        run_once({}, 5, Path(args.subject), Path(tmp) / "warm-up")
-        for r in range(args.rounds):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for name in order:
-                seconds = run_once(VARIANTS[name], args.steps, Path(args.subject), Path(tmp) / f"{r}-{len(times)}")
-                times[name].append(seconds)
-                print(f"round {r + 1}/{args.rounds} {name}: {1000 * seconds:.1f} ms/step", flush=True)
-    base = statistics.median(times["plain"])
-    print(f"\n{args.rounds} rounds x {args.steps} steps, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}\n")  # fmt: skip
-    print("| variant | ms/step (median) | min–max | speed-up |")
-    print("|---|---|---|---|")
-    for name in names:
-        median = statistics.median(times[name])
-        print(f"| `{name}` | {1000 * median:.1f} | {1000 * min(times[name]):.1f}–{1000 * max(times[name]):.1f} | "
-              f"{base / median:.2f}× |")  # fmt: skip
-    report = {"rounds": args.rounds, "steps": args.steps, "seconds_per_step": times}
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-    return report
-
+from ether_diffusion.bench.cache_latents import main, parse_args
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

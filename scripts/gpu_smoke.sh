@@ -15,6 +15,6 @@ timeout 120 python3 scripts/train_dreambooth_ether.py --mixed_precision bf16 --m
 echo "dreambooth bf16 exit $?"; tail -3 "$OUT/dreambooth.log"
 python3 -m ether_diffusion.cli inspect outputs/gpu-dreambooth | head -3
 cp outputs/gpu-dreambooth/samples.png "$OUT/dreambooth_samples.png" 2>/dev/null
-timeout ${BENCH_TIMEOUT:-150} python3 scripts/bench_speed.py --device cuda --sections training inference --sizes 32 64 --repeats 5 \
+timeout ${BENCH_TIMEOUT:-150} python3 -m ether_diffusion.cli bench speed --device cuda --sections training inference --sizes 32 64 --repeats 5 \
   --steps 25 --mixed_steps 25 --output_dir "$OUT" > "$OUT/bench.log" 2>&1
 echo "bench exit $?"; tail -5 "$OUT/bench.log"

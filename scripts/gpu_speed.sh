@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 18's GPU table in one run: scripts/bench_speed.py --device cuda (SD-1.5 UNet 64² batch 1 and 4, SDXL UNet
+# Issue 18's GPU table in one run: ether-diffusion bench speed --device cuda (SD-1.5 UNet 64² batch 1 and 4, SDXL UNet
 # 128² with gradient checkpointing, the host-sync check, 25-step sampling), raw log and reports into $OUT.
 #
 # The GPU machine has torch and peft but no diffusers, and no network. Before the run, on a machine with PyPI:
@@ -24,7 +24,9 @@ export PYTHONPATH=$PWD HF_HUB_OFFLINE=1
 {
   date -u
   # what was measured: a hash of the code (a copied working tree's git metadata can lag behind its files)
-  echo "code sha256 $(cat ether_diffusion/*.py scripts/bench_speed.py | sha256sum | cut -c1-16) (ether_diffusion/*.py + scripts/bench_speed.py)"
+  measured="ether_diffusion/*.py ether_diffusion/bench/speed*.py ether_diffusion/bench/timing.py"
+  # shellcheck disable=SC2086  # the globs are the point
+  echo "code sha256 $(cat $measured | sha256sum | cut -c1-16) ($measured)"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
   if ! python3 -c "import diffusers" 2>/dev/null; then
     ls .whl/*.whl >/dev/null 2>&1 || { echo "diffusers is missing and .whl/ holds no wheels: see the header"; exit 2; }
@@ -35,9 +37,9 @@ export PYTHONPATH=$PWD HF_HUB_OFFLINE=1
 cat "$log"
 
 start=$(date +%s)
-timeout --signal=INT "${BENCH_TIMEOUT:-480}" python3 -u scripts/bench_speed.py --device cuda --output_dir "$OUT" "$@" \
+timeout --signal=INT "${BENCH_TIMEOUT:-480}" python3 -u -m ether_diffusion.cli bench speed --device cuda --output_dir "$OUT" "$@" \
   2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
-echo "bench_speed exit $status after $(( $(date +%s) - start )) s" | tee -a "$log"
+echo "bench speed exit $status after $(( $(date +%s) - start )) s" | tee -a "$log"
 nvidia-smi --query-gpu=name,temperature.gpu,clocks.sm,memory.used --format=csv,noheader >> "$log" 2>&1
 exit "$status"

@@ -34,6 +34,7 @@ ROOMS = [
             "sources",
             "families",
             "architectures",
+            "checkpoints",
         ],
     ),  # fmt: skip
     ("diffusers", ["models", "pipeline", "export", "sampling"]),

@@ -700,15 +700,10 @@ def test_training_defaults_to_the_image_attention_and_the_benchmark_keeps_the_pa
 
 
 def test_ablation_table_pairs_arms_with_lora_and_checks_the_goal(tmp_path):
-    """scripts/ablation_table.py (issue 17): a subject's value is its seeds' mean, Δ is paired over the subjects both
+    """bench ablation-table (issue 17): a subject's value is its seeds' mean, Δ is paired over the subjects both
     folders have, the goal is subject ≥ LoRA + 0.02 and prompt ≥ LoRA − 0.01; snapshots are points of their own."""
-    import importlib.util
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "ablation_table.py"
-    spec = importlib.util.spec_from_file_location("ablation_table", script)
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
+    from ether_diffusion.bench import ablation
+    from ether_diffusion.cli import main
 
     def run(folder, subject, name, method, seed, subject_fid, prompt_fid, curve=None):
         path = tmp_path / folder / "runs" / subject / name / "scores.json"
@@ -744,6 +739,8 @@ def test_ablation_table_pairs_arms_with_lora_and_checks_the_goal(tmp_path):
     assert "| -0.050 | +0.010 | no |" in early, early  # subject b only: 0.85 − 0.90
     # the command line: an arm's folders comma-separated, the same pooled rows
     out = tmp_path / "table"
-    ablation.main(ablation.parse_args(["--arm", f"arm={tmp_path / 'arm'},{tmp_path / 'arm_s1'}", "--reference",
-                                       str(tmp_path / "ref"), "--output", str(out)]))  # fmt: skip
+    assert main(["bench", "ablation-table", "--arm", f"arm={tmp_path / 'arm'},{tmp_path / 'arm_s1'}", "--reference",
+                 str(tmp_path / "ref"), "--output", str(out)]) == 0  # fmt: skip
     assert last in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+    with pytest.raises(SystemExit):  # a folder that is no bench dreambooth output: the message says what to give
+        ablation.parse_args(["--arm", f"arm={tmp_path / 'nowhere'}", "--output", str(out)])

@@ -1,38 +1,34 @@
-"""The speed benchmark's --quick mode runs end to end (a smoke test: it measures nothing worth keeping), and its
-interleaving and summaries are what the report says they are."""
+"""The speed benchmark's --quick mode runs end to end (a smoke test: it measures nothing worth keeping) without
+writing into the checkout, and its interleaving and summaries are what the report says they are."""
 
-import importlib.util
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
+from ether_diffusion.bench import host
+from ether_diffusion.bench import speed as bench
+from ether_diffusion.bench.timing import interleaved, spread
+
 pytest.importorskip("peft", reason="the benchmark compares against PEFT: pip install -e .[dev]")
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_speed.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_every_round_visits_every_variant_once_in_rotated_order(bench):
+def test_every_round_visits_every_variant_once_in_rotated_order():
     order = []
-    results = bench.interleaved(["a", "b", "c"], 4, lambda name: order.append(name) or len(order))
+    results = interleaved(["a", "b", "c"], 4, lambda name: order.append(name) or len(order))
     assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
     # results stay in round order per variant, so index r pairs visits of the same round
     assert results == {"a": [1, 6, 8, 10], "b": [2, 4, 9, 11], "c": [3, 5, 7, 12]}
 
 
-def test_spread_reports_median_range_and_quartiles(bench):
-    assert bench.spread([3.0, 1.0, 2.0, 10.0, 4.0]) == dict(median=3.0, min=1.0, max=10.0, q1=2.0, q3=4.0)
-    assert bench.spread([2.0]) == dict(median=2.0, min=2.0, max=2.0, q1=2.0, q3=2.0)
+def test_spread_reports_median_range_and_quartiles():
+    assert spread([3.0, 1.0, 2.0, 10.0, 4.0]) == dict(median=3.0, min=1.0, max=10.0, q1=2.0, q3=4.0)
+    assert spread([2.0]) == dict(median=2.0, min=2.0, max=2.0, q1=2.0, q3=2.0)
 
 
-def test_the_cuda_profile_covers_issue_18s_rows(bench):
+def test_the_cuda_profile_covers_issue_18s_rows():
     args = bench.parse_args(["--device", "cuda"])
     assert args.dtype == "bf16" and args.sizes == [64] and args.batches == [1, 4] and args.sdxl_size == 128
     assert args.sections == ["training", "sync", "sdxl", "inference", "compiled", "compile"] and args.steps == 25
@@ -46,8 +42,28 @@ def test_the_cuda_profile_covers_issue_18s_rows(bench):
     assert bench.parse_args(["--device", "cpu", "--variants", "lora", "ether1"]).variants == ["floor", "lora", "ether1"]
 
 
+def test_a_quick_run_writes_into_a_new_temporary_folder_and_a_measurement_into_docs(tmp_path, monkeypatch):
+    quick = bench.parse_args(["--quick"])
+    first, second = bench.output_folder(quick), bench.output_folder(quick)
+    try:
+        assert first != second and first.is_dir() and not any(first.iterdir())
+        assert first.resolve().is_relative_to(Path(tempfile.gettempdir()).resolve())
+        assert not first.resolve().is_relative_to(ROOT)
+    finally:
+        first.rmdir()
+        second.rmdir()
+    assert bench.output_folder(bench.parse_args(["--quick", "--output_dir", str(tmp_path / "q")])) == tmp_path / "q"
+    assert (tmp_path / "q").is_dir()
+    monkeypatch.chdir(tmp_path)
+    assert bench.output_folder(bench.parse_args([])) == Path("docs/benchmarks")
+    assert (tmp_path / "docs" / "benchmarks").is_dir()
+    assert bench.parse_args(["--quick"], prog="ether-diffusion bench speed").command == (
+        "ether-diffusion bench speed --quick"
+    )
+
+
 @pytest.mark.slow
-def test_quick_benchmark_writes_every_section(bench, tmp_path):
+def test_quick_benchmark_writes_every_section(tmp_path):
     result = bench.main(
         bench.parse_args(["--quick", "--sections", "training", "inference", "adapters", "--output_dir", str(tmp_path)])
     )
@@ -66,7 +82,7 @@ def test_quick_benchmark_writes_every_section(bench, tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_run_of_the_cuda_rows_on_the_cpu(bench, tmp_path):
+def test_quick_run_of_the_cuda_rows_on_the_cpu(tmp_path):
     """The GPU script's rows (SD-1.5 and SDXL with gradient checkpointing, the sync check, sampling) on tiny UNets."""
     args = bench.parse_args(
         [
@@ -104,14 +120,12 @@ def test_quick_run_of_the_cuda_rows_on_the_cpu(bench, tmp_path):
 
 
 def test_host_overhead_benchmark_runs_every_variant_interleaved():
-    spec = importlib.util.spec_from_file_location("bench_host_overhead", SCRIPT.with_name("bench_host_overhead.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     threads = torch.get_num_threads()
     try:
-        per_layer = module.main(["--layers", "3", "--width", "8", "--rounds", "2", "--steps", "1"])
+        per_layer = host.main(host.parse_args(["--layers", "3", "--width", "8", "--rounds", "2", "--steps", "1"]))
+        assert torch.get_num_threads() == threads  # timed on one thread, the caller's setting given back
     finally:
         torch.set_num_threads(threads)
     assert list(per_layer) == ["floor", "ether", "ether_plus", "lora"] and per_layer["floor"] == 0.0
-    ether = module.build("ether_plus", 2, 8)
+    ether = host.build("ether_plus", 2, 8)
     assert sum(p.numel() for p in ether.parameters() if p.requires_grad) == 2 * 4 * 8  # u, v on both sides

@@ -1,6 +1,9 @@
 """The console script, run as a user runs it."""
 
+import ast
+import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +12,10 @@ import pytest
 from conftest import TinyMLP, randomize_adapters
 
 from ether_diffusion import EtherConfig, inject, save_adapter
+from ether_diffusion.cli import TOOLS, main
 
 CLI = str(Path(sys.executable).parent / "ether-diffusion")  # the console script installed beside this Python
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
@@ -184,3 +189,49 @@ def test_malformed_fingerprint_is_one_clear_error_in_inspect_and_sample(tmp_path
         err = capsys.readouterr().err
         assert err.startswith(f"error: '{bad}'") and "fingerprint" in err and "Traceback" not in err
         assert err.count("\n") == 1  # one line
+
+
+@pytest.mark.parametrize("group, verb", list(TOOLS))
+def test_every_bench_and_world_tool_is_a_verb_with_its_own_flags(group, verb, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([group, verb, "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: ether-diffusion {group} {verb} ")
+    with pytest.raises(SystemExit) as exit_:
+        main([group, verb, "--no_such_flag"])
+    assert exit_.value.code == 2 and f"ether-diffusion {group} {verb}: error:" in capsys.readouterr().err
+
+
+def test_the_scripts_are_launchers_of_the_verbs():
+    """scripts/ holds entry points of a few lines: each tool's launcher calls the module its verb runs."""
+    launched = {}
+    for script in sorted((ROOT / "scripts").glob("*.py")):
+        tree = ast.parse(script.read_text())
+        sources = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        if len(script.read_text().splitlines()) <= 10 and len(sources) == 1:
+            (module,) = sources
+            imported = {a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for a in node.names}
+            assert imported == {"main", "parse_args"}, script.name
+            launched[module] = script.name
+    tools = {importlib.import_module(module, "ether_diffusion").__name__ for module, _ in TOOLS.values()}
+    assert tools <= set(launched), tools - set(launched)
+    for module in tools:
+        assert callable(importlib.import_module(module).main) and callable(importlib.import_module(module).parse_args)
+
+
+@pytest.mark.slow  # a subprocess: the end-to-end tier
+def test_a_launcher_runs_from_a_checkout(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_host_overhead.py"), "--layers", "2", "--width", "8",
+         "--rounds", "1", "--steps", "1", "--variants", "ether"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "| floor |" in run.stdout and "| ether |" in run.stdout
+
+
+def test_make_subjects_writes_the_tiny_worlds_subjects(tmp_path, capsys):
+    from ether_diffusion.world.subjects import load_subjects
+
+    assert main(["world", "make-subjects", "--output_dir", str(tmp_path)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(load_subjects(tmp_path)) == 4

@@ -22,11 +22,9 @@ def test_referenced_files_exist():
 def test_the_quality_plot_spreads_are_the_tables(tmp_path):
     """docs/quality.md's plot draws mean ± sd per row from the same JSON as its table: they agree."""
     import json
-    import subprocess
-    import sys
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from plot_quality_sweep import LABELS, sweep
+    from ether_diffusion.bench.quality_sweep import LABELS, sweep
+    from ether_diffusion.cli import main
 
     results = ROOT / "docs/benchmarks/dreambooth_quality.json"
     curves = sweep(json.loads(results.read_text())["rows"])
@@ -48,5 +46,5 @@ def test_the_quality_plot_spreads_are_the_tables(tmp_path):
             compared += 1
     assert compared == 16
     out = tmp_path / "plot.png"
-    subprocess.run([sys.executable, str(ROOT / "scripts/plot_quality_sweep.py"), str(results), str(out)], check=True)
+    assert main(["bench", "quality-sweep", str(results), str(out)]) == 0
     assert out.stat().st_size > 10_000

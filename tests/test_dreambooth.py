@@ -11,10 +11,10 @@ import torch
 from conftest import build_training_world, free_port, launch_env
 
 from ether_diffusion import registry
+from ether_diffusion.checkpoints import COMPLETE_MARKER, latest_checkpoint
 from ether_diffusion.io import read_adapter_file
 from ether_diffusion.models import ModelLoadError
 from ether_diffusion.registry import train
-from ether_diffusion.training.checkpoints import COMPLETE_MARKER, latest_checkpoint
 from ether_diffusion.training.config import TaskKind
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -117,18 +117,15 @@ def test_missing_or_corrupt_evaluator_names_the_file_and_the_fix(tmp_path):
     weights = tmp_path / "ev" / "evaluator.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(AssetError, match=r"evaluator\.safetensors.*corrupt.*scripts/train_evaluator\.py"):
+    with pytest.raises(AssetError, match=r"evaluator\.safetensors.*corrupt.*ether-diffusion world train-evaluator"):
         load_evaluator(tmp_path / "ev")
     weights.unlink()
-    with pytest.raises(AssetError, match=r"evaluator\.safetensors is missing.*scripts/train_evaluator\.py"):
+    with pytest.raises(AssetError, match=r"evaluator\.safetensors is missing.*ether-diffusion world train-evaluator"):
         load_evaluator(tmp_path / "ev")
 
 
-def test_train_evaluator_script_runs_end_to_end(tmp_path):
-    import sys
-
-    sys.path.insert(0, "scripts")
-    from train_evaluator import main, parse_args
+def test_train_evaluator_runs_end_to_end(tmp_path):
+    from ether_diffusion.evaluation.train import main, parse_args
 
     info = main(
         parse_args(
@@ -150,5 +147,6 @@ def test_train_evaluator_script_runs_end_to_end(tmp_path):
     )
     assert set(info["held_out_clean"]) >= {"shape", "colour", "texture", "size", "position", "background"}
     model = load_evaluator(tmp_path / "ev")
-    assert "Held-out accuracy" in (tmp_path / "ev" / "README.md").read_text()
+    readme = (tmp_path / "ev" / "README.md").read_text()
+    assert "Held-out accuracy" in readme and "    ether-diffusion world train-evaluator --output_dir" in readme
     assert model(torch.zeros(1, 3, 64, 64)).embedding.shape == (1, 128)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from ether_diffusion import EtherConfig, inject, save_adapter, set_active_adapters
+from ether_diffusion.bench import lora_sizes
 from ether_diffusion.export import (
     export_adapters,
     kohya_name,
@@ -440,22 +441,11 @@ def test_cli_export(case_files, tmp_path):
     assert wrong.returncode == 2 and ".safetensors" in wrong.stderr
 
 
-def lora_sizes_script():
-    """scripts/lora_sizes.py as a module (the docs' size tables are its output)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("lora_sizes", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "lora_sizes.py")  # fmt: skip
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow  # a subprocess or a full-size model: the end-to-end tier
 def test_documented_sd15_sizes_come_from_the_architecture():
     """Rows of the docs/export.md table, recomputed on the SD-1.5 UNet built on the meta device."""
-    sizes, docs = lora_sizes_script(), (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
-    table = sizes.table(blocks=(1, 4))
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    table = lora_sizes.table(blocks=(1, 4))
     rows = table.splitlines()[2:]
     assert len(rows) == 6 and all(row in docs for row in rows), table
     assert "| ETHER | 1 | 99,456 | 1 | 0.44 MB | 0.45 MB |" in rows  # the reference's 0.44 MB
@@ -463,10 +453,10 @@ def test_documented_sd15_sizes_come_from_the_architecture():
 
 @pytest.mark.slow  # full-size architectures on the meta device: the end-to-end tier
 def test_documented_transformer_lora_sizes_come_from_the_architectures():
-    """The SD3-medium and Flux-dev rows of docs/export.md, recomputed (meta device) by scripts/lora_sizes.py."""
-    sizes, docs = lora_sizes_script(), (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
+    """The SD3-medium and Flux-dev rows of docs/export.md, recomputed (meta device) by bench lora-sizes."""
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "export.md").read_text()
     for model, label in (("sd3-medium", "SD3-medium"), ("flux-dev", "Flux-dev")):
-        rows = sizes.table(blocks=(1,), model=model).splitlines()[2:]
+        rows = lora_sizes.table(blocks=(1,), model=model).splitlines()[2:]
         documented = [row for row in rows if "one-sided" not in row]
         assert len(documented) == 2
         for row in documented:

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from ether_diffusion import EtherConfig, inject, save_adapter
 from ether_diffusion.assets import default_model_path
+from ether_diffusion.checkpoints import list_checkpoints
 from ether_diffusion.studio import (
     AdapterStore,
     JobManager,
@@ -27,7 +28,6 @@ from ether_diffusion.studio import (
 )
 from ether_diffusion.studio.sampling import parse_seeds
 from ether_diffusion.studio.uploads import save_uploads
-from ether_diffusion.training.checkpoints import list_checkpoints
 
 pytestmark = pytest.mark.slow  # training jobs and samplers on the shipped model: the end-to-end tier
 

@@ -1,8 +1,8 @@
-"""The shipped tiny Stable Diffusion: loads offline, samples fast, draws what it is asked; the pretraining
-script runs and resumes; broken assets fail with a message that says how to regenerate them."""
+"""The shipped tiny Stable Diffusion: loads offline, samples fast, draws what it is asked; pretraining runs,
+checkpoints without pickle and resumes exactly; broken assets fail with a message that says how to regenerate them."""
 
+import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from ether_diffusion.assets import AssetError, check_pipeline_folder
-from ether_diffusion.evaluation import load_evaluator, read_images
+from ether_diffusion.checkpoints import COMPLETE_MARKER
+from ether_diffusion.evaluation import evaluate, load_evaluator, read_images
 from ether_diffusion.models import load_tiny_pipeline
+from ether_diffusion.world import pretrain
 
-pytestmark = pytest.mark.slow  # the tiny world's training and evaluation scripts: the end-to-end tier
+pytestmark = pytest.mark.slow  # the tiny world's training and evaluation runs: the end-to-end tier
 
 MODEL = Path("assets/tiny-sd")
 
@@ -90,13 +92,13 @@ def test_generated_images_are_read_back_by_the_evaluator(pipe, prompt, seed, sha
 
 
 def test_missing_or_corrupt_pipeline_names_the_file_and_the_fix(tmp_path):
-    with pytest.raises(AssetError, match=r"model_index\.json is missing.*pretrain_tiny_world\.py"):
+    with pytest.raises(AssetError, match=r"model_index\.json is missing.*ether-diffusion world pretrain"):
         load_tiny_pipeline(tmp_path / "nowhere")
     shutil.copytree(MODEL, tmp_path / "sd")
     check_pipeline_folder(tmp_path / "sd")
     weights = tmp_path / "sd" / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:5000])
-    with pytest.raises(AssetError, match=r"unet/diffusion_pytorch_model\.safetensors is corrupt.*pretrain_tiny"):
+    with pytest.raises(AssetError, match=r"unet/diffusion_pytorch_model\.safetensors is corrupt.*world pretrain"):
         load_tiny_pipeline(tmp_path / "sd")
     shutil.copy(MODEL / "unet" / "diffusion_pytorch_model.safetensors", weights)
     (tmp_path / "sd" / "vae" / "config.json").unlink()
@@ -104,12 +106,10 @@ def test_missing_or_corrupt_pipeline_names_the_file_and_the_fix(tmp_path):
         check_pipeline_folder(tmp_path / "sd")
 
 
-def test_pretrain_script_trains_saves_a_loadable_pipeline_and_resumes(tmp_path):
+def test_pretraining_trains_saves_a_loadable_pipeline_and_resumes(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    sys.path.insert(0, "scripts")
-    from pretrain_tiny_world import main, parse_args
-
+    main, parse_args = pretrain.main, pretrain.parse_args
     common = [
         "--output_dir",
         str(tmp_path / "run"),
@@ -128,7 +128,9 @@ def test_pretrain_script_trains_saves_a_loadable_pipeline_and_resumes(tmp_path):
     ]
     out = main(parse_args([*common, "--max_train_steps", "2", "--export_dir", str(tmp_path / "export")]))
     first = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
-    assert (tmp_path / "run" / "checkpoint-4" / "state.pt").is_file()
+    assert (tmp_path / "run" / "checkpoint-4" / COMPLETE_MARKER).is_file()
+    assert sorted(p.name for p in (tmp_path / "run").glob("*checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert json.loads((out / "training.json").read_text())["command"].startswith("ether-diffusion world pretrain ")
     resumed = main(parse_args([*common, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"]))
     second = StableDiffusionPipeline.from_pretrained(str(resumed), local_files_only=True)
     # The VAE was not retrained on resume; the UNet moved on.
@@ -139,18 +141,59 @@ def test_pretrain_script_trains_saves_a_loadable_pipeline_and_resumes(tmp_path):
     assert image.shape == (1, 64, 64, 3)
 
 
-def test_pretrain_script_rejects_bad_arguments():
-    sys.path.insert(0, "scripts")
-    from pretrain_tiny_world import parse_args
+def test_a_resumed_pretraining_ends_where_the_uninterrupted_one_does(tmp_path):
+    """Checkpoints hold models, optimizer states, EMA shadows and RNG states in safetensors, the rest in JSON; resumed
+    in the VAE phase or in the diffusion phase, a run ends with the uninterrupted run's tensors, bit for bit."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
 
+    common = ["--num_images", "16", "--vae_steps", "4", "--vae_batch_size", "2", "--max_train_steps", "4",
+              "--train_batch_size", "2", "--lr_warmup_steps", "2", "--checkpointing_steps", "2",
+              "--checkpoints_total_limit", "0", "--device", "cpu"]  # fmt: skip
+    whole = tmp_path / "whole"
+    pretrain.main(pretrain.parse_args([*common, "--output_dir", str(whole)]))
+    checkpoints = sorted(whole.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert [p.name for p in checkpoints] == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    for folder in checkpoints:
+        assert sorted(p.name for p in folder.iterdir()) == sorted([COMPLETE_MARKER, "state.json", "state.safetensors"])
+        with safe_open(str(folder / "state.safetensors"), framework="pt") as handle:
+            keys = set(handle.keys())
+        assert {"vae/encoder.conv_in.weight", "vae_opt/state/0/exp_avg", "emas/0/shadow/0", "generator"} <= keys
+        assert "torch_rng" in keys
+        assert {"phase", "step", "scaling", "args"} <= set(json.loads((folder / "state.json").read_text()))
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".pkl", ".pth", ".bin")]
+
+    final = load_file(str(whole / "checkpoint-8" / "state.safetensors"))
+    assert "diff_opt/state/0/exp_avg" in final
+    for resume_from, phase in (("checkpoint-2", "vae"), ("checkpoint-6", "diffusion")):
+        resumed = tmp_path / f"from-{resume_from}"
+        resumed.mkdir()
+        shutil.copytree(whole / resume_from, resumed / resume_from)
+        assert json.loads((resumed / resume_from / "state.json").read_text())["phase"] == phase
+        pretrain.main(
+            pretrain.parse_args([*common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
+        )
+        again = load_file(str(resumed / "checkpoint-8" / "state.safetensors"))
+        assert set(again) == set(final)
+        different = [key for key in final if not torch.equal(again[key], final[key])]
+        assert not different, (resume_from, different[:5])
+        for component in ("unet", "vae", "text_encoder"):
+            for (a_name, a), (b_name, b) in zip(
+                sorted(load_file(str(next((whole / "pipeline" / component).glob("*.safetensors")))).items()),
+                sorted(load_file(str(next((resumed / "pipeline" / component).glob("*.safetensors")))).items()),
+            ):
+                assert a_name == b_name and torch.equal(a, b), (resume_from, component, a_name)
+
+
+def test_pretraining_rejects_bad_arguments():
     with pytest.raises(SystemExit):
-        parse_args(["--num_images", "0"])
+        pretrain.parse_args(["--num_images", "0"])
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--checkpoints_total_limit", "-1"])
 
 
-def test_eval_script_scores_and_writes_a_model_card(tmp_path):
-    sys.path.insert(0, "scripts")
-    from eval_tiny_sd import main, parse_args
-
+def test_evaluation_scores_and_writes_a_model_card(tmp_path):
+    main, parse_args = evaluate.main, evaluate.parse_args
     folder = tmp_path / "sd"
     shutil.copytree(MODEL, folder)
     for name in ("README.md", "samples.png", "eval.json"):
@@ -171,4 +214,5 @@ def test_eval_script_scores_and_writes_a_model_card(tmp_path):
     assert len(result["subjects"]) == 4
     card = (folder / "README.md").read_text()
     assert "Quality gate" in card and "orange_checkered_star" in card
+    assert "`ether-diffusion world evaluate --write_model_card" in card and "scripts/" not in card
     assert (folder / "samples.png").is_file() and (folder / "eval.json").is_file()

@@ -15,9 +15,9 @@ from conftest import build_training_world
 from PIL import Image
 from safetensors.torch import load_file
 
+from ether_diffusion.checkpoints import CheckpointError, list_checkpoints
 from ether_diffusion.registry import train
 from ether_diffusion.training import Callback, ConfigError, ResumeMismatchError, TrainingDivergedError
-from ether_diffusion.training.checkpoints import CheckpointError, list_checkpoints
 from ether_diffusion.training.dreambooth import DreamBoothConfig, DreamBoothTask
 from ether_diffusion.training.sd import StableDiffusionBackend
 from ether_diffusion.training.trainer import Trainer

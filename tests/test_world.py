@@ -1,5 +1,5 @@
 """The procedural world: determinism, captions that match the pixels, masks, edges, held-out splits, tokenizer,
-subjects."""
+subjects; pretraining checkpoints."""
 
 import json
 import shutil
@@ -7,8 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors import safe_open
+from torch import nn
 
+from ether_diffusion.checkpoints import COMPLETE_MARKER
 from ether_diffusion.world import (
     BACKGROUND_NAMES,
     COLOUR_NAMES,
@@ -20,8 +24,16 @@ from ether_diffusion.world import (
     scene_for_seed,
 )
 from ether_diffusion.world.attributes import BACKGROUNDS, COLOURS, world_words
+from ether_diffusion.world.checkpoints import (
+    STATE_FILE,
+    TENSORS_FILE,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ether_diffusion.world.dataset import WorldDataset, caption_variants, render_arrays
 from ether_diffusion.world.heldout import HELD_OUT_PAIRS, HELD_OUT_TRIPLES, SUBJECT_SPECS
+from ether_diffusion.world.pretrain import ExponentialMovingAverage
 from ether_diffusion.world.scene import PRETRAIN_DROPOUT, Scene, WorldObject
 from ether_diffusion.world.subjects import load_subjects, write_subject
 from ether_diffusion.world.tokenizer import encode_world_caption, load_tokenizer, save_tokenizer_files
@@ -185,3 +197,97 @@ def test_shipped_subjects_are_complete_new_and_reproducible(tmp_path):
 def test_vocabularies_are_disjoint_where_they_must_be():
     assert not set(SHAPES) & set(COLOUR_NAMES)
     assert set(BACKGROUND_NAMES) - set(COLOUR_NAMES) == {"gray"}
+
+
+def _assert_same_state(loaded, saved, path="state"):
+    """Equal values of the same types all the way down: tensors bit for bit, tuples as tuples, int keys as ints (a
+    state dict's OrderedDict comes back a dict in the same order)."""
+    if isinstance(saved, dict):
+        assert isinstance(loaded, dict), path
+    else:
+        assert type(loaded) is type(saved), (path, type(loaded), type(saved))
+    if isinstance(saved, torch.Tensor):
+        assert loaded.dtype == saved.dtype and torch.equal(loaded, saved.cpu()), path
+    elif isinstance(saved, dict):
+        assert list(loaded) == list(saved), path
+        for key in saved:
+            _assert_same_state(loaded[key], saved[key], f"{path}/{key}")
+    elif isinstance(saved, (list, tuple)):
+        assert len(loaded) == len(saved), path
+        for i, (a, b) in enumerate(zip(loaded, saved)):
+            _assert_same_state(a, b, f"{path}/{i}")
+    else:
+        assert loaded == saved, path
+
+
+def test_a_pretraining_checkpoint_holds_no_pickle_and_loads_back_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.9))
+    for _ in range(2):
+        model(torch.randn(2, 4)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    ema = ExponentialMovingAverage(model, 0.9)
+    generator = torch.Generator().manual_seed(3)
+    torch.randn(2, generator=generator)
+    state = {
+        "phase": "diffusion",
+        "step": 7,
+        "scaling": 0.25,
+        "args": {"seed": 0, "export_dir": None, "sizes": [1, 2]},
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),  # int keys, a tuple of betas, a tensor step
+        "emas": [ema.state_dict()],
+        "generator": generator.get_state(),
+        "odd": {"$tensor": "not a reference", 2: (3, [4.5, None]), "empty": {}, "pair": ()},
+    }
+    folder = save_checkpoint(tmp_path, 7, state, total_limit=2)
+    assert folder == tmp_path / "checkpoint-7"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([COMPLETE_MARKER, STATE_FILE, TENSORS_FILE])
+    with safe_open(str(folder / TENSORS_FILE), framework="pt") as handle:  # every tensor in the safetensors file
+        assert {"model/weight", "optimizer/state/0/exp_avg", "optimizer/state/1/step", "emas/0/shadow/1",
+                "generator"} <= set(handle.keys())  # fmt: skip
+    json.loads((folder / STATE_FILE).read_text())  # the rest is plain JSON
+    loaded = load_checkpoint(folder)
+    _assert_same_state(loaded, state)
+
+    # the restored optimizer takes the same next step as the original
+    twin = nn.Linear(4, 3)
+    twin.load_state_dict(loaded["model"])
+    twin_optimizer = torch.optim.AdamW(twin.parameters(), lr=1e-2, betas=(0.8, 0.9))
+    twin_optimizer.load_state_dict(loaded["optimizer"])
+    _assert_same_state(twin_optimizer.state_dict(), optimizer.state_dict())
+    x = torch.randn(2, 4)
+    for m, o in ((model, optimizer), (twin, twin_optimizer)):
+        m(x).square().mean().backward()
+        o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+    with pytest.raises(TypeError, match="'odd/x' is a object, which a checkpoint cannot hold without pickle"):
+        save_checkpoint(tmp_path, 8, {"odd": {"x": object()}})
+    assert not (tmp_path / "checkpoint-8").exists() and not (tmp_path / ".checkpoint-8.partial").exists()
+
+
+def test_pretraining_checkpoints_are_complete_or_absent_and_pruned(tmp_path):
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, {"step": step, "weight": torch.full((2,), float(step))}, total_limit=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    (tmp_path / ".checkpoint-8.partial").mkdir()  # a run killed mid-save: no marker, never resumed from
+    (tmp_path / ".checkpoint-8.partial" / TENSORS_FILE).write_bytes(b"")
+    assert find_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-6"
+    assert find_checkpoint(tmp_path, None) is None and find_checkpoint(tmp_path / "empty", "latest") is None
+    assert load_checkpoint(find_checkpoint(tmp_path, str(tmp_path / "checkpoint-4")))["step"] == 4
+    with pytest.raises(FileNotFoundError, match="holds no complete checkpoint.*--resume_from_checkpoint latest"):
+        find_checkpoint(tmp_path, str(tmp_path / ".checkpoint-8.partial"))
+    legacy = tmp_path / "checkpoint-1"
+    legacy.mkdir()
+    (legacy / "state.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="state.pt is a pickle, which is never loaded"):
+        find_checkpoint(tmp_path, str(legacy))
+    with pytest.raises(FileNotFoundError, match="nowhere is not a checkpoint folder"):
+        find_checkpoint(tmp_path, str(tmp_path / "nowhere"))
+    save_checkpoint(tmp_path, 8, {"step": 8}, total_limit=0)  # 0 keeps every checkpoint
+    complete = sorted(p.parent.name for p in tmp_path.glob(f"checkpoint-*/{COMPLETE_MARKER}"))
+    assert complete == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]

@@ -23,9 +23,9 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
+from ..checkpoints import latest_checkpoint
 from ..files import read_json
 from ..registry import task_for
-from ..training.checkpoints import latest_checkpoint
 from ..training.config import RunConfig, TaskKind
 from .config import Method
 from .report import scores_line

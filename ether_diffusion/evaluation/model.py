@@ -152,7 +152,7 @@ class WorldEvaluator(nn.Module):
 # ------------------------------------------------------------------------------------------------ files
 WEIGHTS_NAME = "evaluator.safetensors"
 CONFIG_NAME = "config.json"
-REGENERATE_HINT = "python scripts/train_evaluator.py --output_dir assets/evaluator"
+REGENERATE_HINT = "ether-diffusion world train-evaluator --output_dir assets/evaluator"
 
 
 def default_evaluator_path() -> Path:

@@ -46,7 +46,7 @@ def write_model_card(folder: str | Path, result: dict, grid_prompts: list[str]) 
     grid_list = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(grid_prompts))
     status = "met" if result["gate_passed"] else "NOT met"
     command = (
-        "python scripts/pretrain_tiny_world.py --output_dir outputs/tiny-sd --export_dir assets/tiny-sd "
+        "ether-diffusion world pretrain --output_dir outputs/tiny-sd --export_dir assets/tiny-sd "
         f"--device cuda --num_images {a.get('num_images')} --vae_steps {a.get('vae_steps')} "
         f"--vae_batch_size {a.get('vae_batch_size')} --max_train_steps {a.get('max_train_steps')} "
         f"--train_batch_size {a.get('train_batch_size')} --learning_rate {a.get('learning_rate')} "
@@ -61,7 +61,7 @@ tags: [tiny, synthetic, ether-diffusion]
 # tiny-sd: a tiny Stable Diffusion of the procedural world
 
 A complete Stable Diffusion (CLIP tokenizer and `CLIPTextModel`, `AutoencoderKL`, `UNet2DConditionModel` with
-self- and cross-attention, DDIM scheduler) trained from scratch by this project's scripts on the procedural
+self- and cross-attention, DDIM scheduler) trained from scratch by `ether-diffusion world pretrain` on the procedural
 world of `ether_diffusion.world`: one or two objects (6 shapes, 8 colours, 4 textures, 2 sizes, 5 positions)
 on 5 background colours, 64x64 pixels, captions in plain words such as
 "a large red striped star at top left on a blue background". It is the project's embedded default: it loads
@@ -97,7 +97,7 @@ stopped on the time budget (`--time_budget_minutes`), so a rerun gives a similar
 
 Pretraining never shows the held-out (shape, colour, background) combinations of
 `ether_diffusion.world.heldout.HELD_OUT_TRIPLES`, nor any object with a DreamBooth subject's (colour, texture)
-pair. The CPU defaults of the script (`python scripts/pretrain_tiny_world.py --export_dir assets/tiny-sd`)
+pair. The CPU defaults (`ether-diffusion world pretrain --export_dir assets/tiny-sd`)
 are sized for about 80 minutes on a 2-core machine (see docs/tiny_world.md); that CPU run was not the one
 that produced these weights.
 
@@ -136,7 +136,7 @@ Held-out prompts, left to right, top to bottom:
 
 {grid_list}
 
-Reproduce the numbers: `python scripts/eval_tiny_sd.py --write_model_card --guidance_scale {result["guidance_scale"]}`.
+Reproduce the numbers: `ether-diffusion world evaluate --write_model_card --guidance_scale {result["guidance_scale"]}`.
 
 ## Limitations
 

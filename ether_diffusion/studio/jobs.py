@@ -32,10 +32,10 @@ from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 
 from ..assets import default_subjects_path
+from ..checkpoints import checkpoint_step, latest_checkpoint
 from ..files import atomic_write
 from ..registry import train
 from ..training.callbacks import Callback
-from ..training.checkpoints import checkpoint_step, latest_checkpoint
 from ..training.config import ConfigError, TaskKind
 from ..training.data import IMAGE_EXTENSIONS
 from ..training.dreambooth import PAPER_LEARNING_RATE, DreamBoothConfig

@@ -38,11 +38,12 @@ import numpy as np
 import torch
 
 from .._version import __version__
+from ..checkpoints import checkpoint_step, latest_checkpoint
 from ..config import DTYPES
 from ..sampling import SamplingInterrupted, interruptible
 from .artifacts import make_grid, save_samples, write_text
 from .callbacks import Callback, CallbackList, Preparation, ValidationEvent
-from .checkpoints import checkpoint_step, latest_checkpoint, save_checkpoint
+from .checkpoints import save_checkpoint
 from .config import ConfigError
 from .data import EpochShuffleSampler
 from .hub import create_repository, upload_output
