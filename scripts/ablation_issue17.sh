@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 17's ablation on the tiny world: one `ether-diffusion bench dreambooth` folder per arm, then one table and one
+# The prompt-drift ablation of docs/quality.md on the tiny world: one `ether-diffusion bench dreambooth` folder per arm, then one table and one
 # trade-off plot over all of them (`ether-diffusion bench ablation-table`). docs/quality.md reports what this measured.
 #
 #   bash scripts/ablation_issue17.sh [OUT]        # OUT: default outputs/i17; JOBS=2 runs two arms side by side

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 18's GPU table in one run: ether-diffusion bench speed --device cuda (SD-1.5 UNet 64² batch 1 and 4, SDXL UNet
+# The GPU table of docs/performance.md in one run: ether-diffusion bench speed --device cuda (SD-1.5 UNet 64² batch 1 and 4, SDXL UNet
 # 128² with gradient checkpointing, the host-sync check, 25-step sampling), raw log and reports into $OUT.
 #
 # The GPU machine has torch and peft but no diffusers, and no network. Before the run, on a machine with PyPI:

@@ -608,7 +608,7 @@ def test_curve_points_average_seeds_then_subjects_and_are_written_as_plot_and_ta
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.md", "t.png"]  # written atomically, nothing else left
 
 
-# --- issue 17's ablation knobs through the benchmark's flags ----------------------------------------------------
+# --- the ablation knobs through the benchmark's flags ----------------------------------------------------------
 
 
 def test_ablation_presets_split_the_attention_as_named_for_ether_and_the_peers(tiny_unet):
@@ -666,8 +666,9 @@ def test_issue_17_ablation_knobs_are_benchmark_flags_that_reach_every_run(tmp_pa
 
 
 def test_training_defaults_to_the_image_attention_and_the_benchmark_keeps_the_papers_targets(tmp_path):
-    """Issue 17's default: DreamBooth training adapts unet-attention-image (no cross-attention keys and values); the
-    benchmark stays the paper's protocol (q/k/v/out of every attention) for every method unless told otherwise."""
+    """The default chosen by the ablations: DreamBooth training adapts unet-attention-image (no cross-attention keys
+    and values); the benchmark stays the paper's protocol (q/k/v/out of every attention) for every method unless told
+    otherwise."""
     from pathlib import Path
 
     from ether_diffusion.bench.dataset import BenchSubject
@@ -700,7 +701,7 @@ def test_training_defaults_to_the_image_attention_and_the_benchmark_keeps_the_pa
 
 
 def test_ablation_table_pairs_arms_with_lora_and_checks_the_goal(tmp_path):
-    """bench ablation-table (issue 17): a subject's value is its seeds' mean, Δ is paired over the subjects both
+    """bench ablation-table: a subject's value is its seeds' mean, Δ is paired over the subjects both
     folders have, the goal is subject ≥ LoRA + 0.02 and prompt ≥ LoRA − 0.01; snapshots are points of their own."""
     from ether_diffusion.bench import ablation
     from ether_diffusion.cli import main

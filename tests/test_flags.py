@@ -13,7 +13,7 @@ from ether_diffusion.training.dreambooth import DreamBoothConfig
 
 # The flags of diffusers' examples/dreambooth/train_dreambooth_lora.py, in the order of its parse_args (diffusers
 # main of 2024-2025: the 57 of the 0.22 release, read in huggingface/diffusers, plus --lora_dropout and
-# --image_interpolation_mode added since: 59, the number issue 16 counted), each with a value a user might give.
+# --image_interpolation_mode: 59), each with a value a user might give.
 TRAIN_DREAMBOOTH_LORA = {
     "pretrained_model_name_or_path": ["assets/tiny-sd"],
     "revision": ["main"],
@@ -94,7 +94,7 @@ TRAIN_DREAMBOOTH = {
     **TRAIN_DREAMBOOTH_ONLY,
 }  # fmt: skip
 
-# Flags of train_dreambooth_lora_sdxl.py that kohya/diffusers users expect in any DreamBooth (issue 16)
+# Flags of train_dreambooth_lora_sdxl.py that kohya/diffusers users expect in any DreamBooth
 TRAIN_DREAMBOOTH_LORA_SDXL_EXTRAS = {
     "dataset_name": ["my-dataset"],
     "dataset_config_name": ["default"],

@@ -216,8 +216,8 @@ def test_resume_refuses_a_checkpoint_of_another_run(world, tmp_path):
 
 
 def test_resuming_from_the_last_steps_checkpoint_trains_no_further(world, tmp_path):
-    # 2 steps of batch 1 end inside the first epoch (the world has 3 instance images), where a resume used to run
-    # the epoch's next batch: one step past --max_train_steps
+    # 2 steps of batch 1 end inside the first epoch (the world has 3 instance images): a resume from that checkpoint
+    # must not run the epoch's next batch (one step past --max_train_steps)
     config = config_for(world, tmp_path, max_train_steps=2, checkpointing_steps=2, no_final_reload=True)
     first = train(config)
     trained = load_file(first.adapter_path)

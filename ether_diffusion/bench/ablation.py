@@ -1,15 +1,15 @@
-"""One table and one trade-off plot over several `ether-diffusion bench dreambooth` folders (issue 17's ablation arms).
+"""One table and one trade-off plot over several `ether-diffusion bench dreambooth` folders (the arms of an ablation).
 
     ether-diffusion bench ablation-table --arm paper=outputs/i17/paper --arm no-kv=outputs/i17/nokv \
         --reference outputs/i17/lora --output outputs/i17/ablation
 
-Each folder is one arm (its settings apply to every run in it). Every run's points (its ``--eval_steps`` snapshots
-and its last step) are read from ``runs/<subject>/<run>/scores.json``; a subject's value is the mean over its training
-seeds, a row is the mean ± sd over subjects. ``--reference`` names the folder whose LoRA runs at the paper's rate
-(×1, last step) are the bar of issue 17: every row gets its difference to them, averaged over the subjects both
-have (paired), and whether it meets the goal (subject fidelity ≥ LoRA's + 0.02, prompt fidelity ≥ LoRA's − 0.01).
-Writes ``<output>.md`` (the table) and ``<output>.png`` (subject against prompt fidelity, one line per arm, method and
-learning rate through its steps; the base model and LoRA as markers).
+Each folder is one arm (its settings apply to every run in it). Every run's points (its ``--eval_steps`` snapshots and
+its last step) are read from ``runs/<subject>/<run>/scores.json``; a subject's value is the mean over its training
+seeds, a row is the mean ± sd over subjects. ``--reference`` names the folder whose LoRA runs at the paper's rate (×1,
+last step) are the bar the defaults are held to (docs/quality.md): every row gets its difference to them, averaged over
+the subjects both have (paired), and whether it meets the goal (subject fidelity ≥ LoRA's + 0.02, prompt fidelity ≥
+LoRA's − 0.01). Writes ``<output>.md`` (the table) and ``<output>.png`` (subject against prompt fidelity, one line per
+arm, method and learning rate through its steps; the base model and LoRA as markers).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 SUBJECT, PROMPT = "subject_fidelity", "prompt_fidelity"
-GOAL = (0.02, -0.01)  # issue 17: subject >= LoRA + 0.02, prompt >= LoRA - 0.01
+GOAL = (0.02, -0.01)  # the bar: subject >= LoRA + 0.02, prompt >= LoRA - 0.01
 
 
 def _points(scores: dict) -> list[tuple[int, dict]]:

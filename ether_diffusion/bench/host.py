@@ -1,9 +1,9 @@
 """Host cost of an adapted layer: what each adapter adds per layer when the arithmetic is negligible.
 
-On a GPU at SD-1.5 sizes the training step waits for the host (issue 18: the floor costs about the same at batch 1 and
-4), so an adapter's cost is the host work it adds per layer: Python, dispatch, autograd. This measures that work on
-any machine: a chain of ``--layers`` Linear(width, width) layers on ``--tokens`` tokens (tiny matrices), forward and
-backward, for the floor (one trainable scalar per layer), ETHER, ETHER+ two-sided and PEFT LoRA r=4, in interleaved
+On a GPU at SD-1.5 sizes the training step waits for the host (docs/performance.md: the floor costs about the same at
+batch 1 and 4), so an adapter's cost is the host work it adds per layer: Python, dispatch, autograd. This measures that
+work on any machine: a chain of ``--layers`` Linear(width, width) layers on ``--tokens`` tokens (tiny matrices), forward
+and backward, for the floor (one trainable scalar per layer), ETHER, ETHER+ two-sided and PEFT LoRA r=4, in interleaved
 rounds (every round runs every variant once, the order rotated), timed in process CPU time with one thread.
 
     ether-diffusion bench host                      # 128 layers of width 64, 4 tokens, 9 rounds

@@ -2,7 +2,7 @@
 
     ether-diffusion bench speed                 # CPU, fp32: SD-1.5 UNet, latents 16² and 32², batch 1 and 4
     ether-diffusion bench speed --full          # adds 64² latents
-    ether-diffusion bench speed --device cuda   # every row of issue 18, bf16 autocast (scripts/gpu_speed.sh)
+    ether-diffusion bench speed --device cuda   # the GPU table of docs/performance.md, bf16 autocast
     ether-diffusion bench speed --quick         # tiny UNets, the same rows: a smoke test (CI), not a measurement
 
 Variants (``speed_variants``) are interleaved (``timing``): every round visits every variant once (set it up, warm up,
@@ -12,15 +12,14 @@ the same round) and reported as the median and range of those per-round ratios. 
 adds on top of the loaded model (CPU: peak resident set after resetting the kernel's high-water mark; GPU:
 ``max_memory_allocated``).
 
-``--profile cuda`` (the default on a GPU) measures issue 18's table: the SD-1.5 UNet at 64² latents, batch 1 and 4
-(floor, ETHER n=1, ETHER+ two-sided n=1, PEFT LoRA r=4), the SDXL UNet at 128² with gradient checkpointing, 25-step
-sampling unfused and fused against the base model, and a host-sync check of every adapted layer's forward and
-backward under ``torch.cuda.set_sync_debug_mode("error")``. The models are the real architectures built from their
-configs with random weights: nothing is downloaded. Writes ``speed_<device>.md`` (``speed_report``) and
+``--profile cuda`` (the default on a GPU) measures the GPU table of docs/performance.md: the SD-1.5 UNet at 64² latents,
+batch 1 and 4 (floor, ETHER n=1, ETHER+ two-sided n=1, PEFT LoRA r=4), the SDXL UNet at 128² with gradient
+checkpointing, 25-step sampling unfused and fused against the base model, and a host-sync check of every adapted layer's
+forward and backward under ``torch.cuda.set_sync_debug_mode("error")``. The models are the real architectures built from
+their configs with random weights: nothing is downloaded. Writes ``speed_<device>.md`` (``speed_report``) and
 ``speed_<device>.json`` into ``--output_dir`` after each section, so a run cut short keeps what it measured: by default
 ``docs/benchmarks``, and for ``--quick`` a new temporary folder (the run prints where), so a smoke test never writes
-into a checkout.
-"""
+into a checkout."""
 
 from __future__ import annotations
 
@@ -569,7 +568,8 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def bench_sdxl(args, meter, device, dtype, weights):
-    """The SDXL UNet's training step at ``--sdxl_size``, batch 1, gradient checkpointing on (issue 18's rows)."""
+    """The SDXL UNet's training step at ``--sdxl_size``, batch 1, gradient checkpointing on (the GPU table's SDXL
+    rows)."""
     unet = build_unet(TINY_SDXL_UNET if args.quick else SDXL_UNET, device, weights)
     keys = [key for key in ISSUE_VARIANTS if key in args.variants]
     name = "SDXL UNet" + (" (tiny)" if args.quick else "")

@@ -198,5 +198,5 @@ VARIANTS: dict[str, Variant] = {
     "oft": Variant("PEFT OFT (default)", lambda u: peft_variant(u, "oft"), peer=True),
     "boft": Variant("PEFT BOFT (default)", lambda u: peft_variant(u, "boft"), peer=True),
 }
-#: issue 18's rows: the floor, ETHER, ETHER+ two-sided and the LoRA they are held against
+#: the GPU table's rows (docs/performance.md): the floor, ETHER, ETHER+ two-sided and the LoRA they are held against
 ISSUE_VARIANTS = ["floor", "ether1", "etherplus1", "lora"]

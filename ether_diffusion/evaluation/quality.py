@@ -1,6 +1,6 @@
 """The tiny Stable Diffusion's quality gate: sample held-out caption combinations and read them back.
 
-Gate (issue 3): images sampled with 25 steps from held-out (shape, colour, background) combinations reach
+Gate: images sampled with 25 steps from held-out (shape, colour, background) combinations reach
 prompt fidelity >= 0.8 on shape, colour and background. Subject novelty: base-model images of each subject's
 class prompt must be clearly less similar to the instance images than the instance images are to each other.
 """
