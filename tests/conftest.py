@@ -253,6 +253,32 @@ def build_training_world(root, image_size=(24, 20)):
     return root
 
 
+@pytest.fixture(scope="session")
+def training_world(tmp_path_factory):
+    """The tiny SD world the training tests share, read-only: ``build_training_world`` with square 16-pixel images
+    (the model's resolution: one crop each)."""
+    return build_training_world(tmp_path_factory.mktemp("training-world"), (16, 16))
+
+
+def dreambooth_config(world, output_dir, **changes):
+    """A short DreamBooth run on ``world`` (``build_training_world``) as a typed configuration: 2 steps, quiet, no
+    trackers, 2-step validation of one image; ``changes`` set or override any field."""
+    from ether_diffusion.training.dreambooth import DreamBoothConfig
+
+    fields = dict(
+        pretrained_model_name_or_path=str(world / "model"),
+        instance_data_dir=str(world / "instance"),
+        instance_prompt="a sks star",
+        output_dir=str(output_dir),
+        report_to="none",
+        quiet=True,
+        max_train_steps=2,
+        validation_inference_steps=2,
+        num_validation_images=1,
+    )
+    return DreamBoothConfig(**{**fields, **changes})
+
+
 @pytest.fixture
 def tiny_components(tmp_path):
     return build_tiny_components(tmp_path)

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import build_metric_models, build_training_world
+from conftest import build_metric_models, dreambooth_config
 from PIL import Image
 
 from ether_diffusion.bench.dataset import (
@@ -453,21 +453,13 @@ def test_control_eval_rows_need_masks_on_all_rows_or_none(tmp_path):
 # --- points along a run: adapter snapshots and trade-off curves -------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def training_world(tmp_path_factory):
-    return build_training_world(tmp_path_factory.mktemp("snapshots"), (16, 16))
-
-
 def _train(world, output_dir, snapshots=None, callbacks=(), **changes):
     from ether_diffusion.bench.runs import AdapterSnapshots
     from ether_diffusion.registry import task_for
-    from ether_diffusion.training.dreambooth import DreamBoothConfig
     from ether_diffusion.training.trainer import Trainer
 
-    fields = dict(pretrained_model_name_or_path=str(world / "model"), instance_data_dir=str(world / "instance"),
-                  instance_prompt="a sks star", output_dir=str(output_dir), report_to="none", quiet=True,
-                  max_train_steps=3, checkpointing_steps=100, no_final_reload=True, learning_rate=1e-2)  # fmt: skip
-    task = task_for(DreamBoothConfig(**{**fields, **changes}))
+    fields = dict(max_train_steps=3, checkpointing_steps=100, no_final_reload=True, learning_rate=1e-2)
+    task = task_for(dreambooth_config(world, output_dir, **{**fields, **changes}))
     saver = [AdapterSnapshots(task, snapshots)] if snapshots else []
     return Trainer(task, [*saver, *callbacks]).train()
 

@@ -28,6 +28,7 @@ from ether_diffusion.control import (
     write_world_control_dataset,
 )
 from ether_diffusion.control.data import SEGMENTATION_PALETTE, mask_to_control
+from ether_diffusion.control.train import ControlConfig
 from ether_diffusion.registry import train
 from ether_diffusion.training.config import TaskKind
 
@@ -221,48 +222,31 @@ def test_wrong_files_are_refused_and_nothing_changes(pipe, tmp_path):
         fresh.load_control_weights(control_file)
 
 
-def _args(dataset, out, *extra):
-    return registry.parse_args(TaskKind.CONTROL,
-        [
-            "--train_data_dir", str(dataset),
-            "--output_dir", str(out),
-            "--train_batch_size", "2",
-            "--report_to", "none",
-            "--quiet",
-            "--learning_rate", "1e-2",
-            "--encoder_learning_rate", "1e-3",
-            *extra,
-        ]
-    )  # fmt: skip
+def _config(dataset, out, **changes) -> ControlConfig:
+    fields = dict(train_data_dir=str(dataset), output_dir=str(out), train_batch_size=2, report_to="none", quiet=True,
+                  learning_rate=1e-2, encoder_learning_rate=1e-3)  # fmt: skip
+    return ControlConfig(**{**fields, **changes})
+
+
+def _flags(dataset, out, *extra):
+    return registry.parse_args(TaskKind.CONTROL, ["--train_data_dir", str(dataset), "--output_dir", str(out), *extra])
 
 
 @pytest.mark.slow
 def test_script_trains_checkpoints_and_resumes_to_the_same_model(dataset, tmp_path):
-    common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--proportion_empty_prompts", "0.5"]
-    straight = train(
-        _args(
-            dataset,
-            tmp_path / "straight",
-            *common,
-            "--validation_image",
-            str(dataset / "conditions" / "10000000.png"),
-            "--validation_prompt",
-            "a small green solid square at top right on a black background",
-            "--validation_steps",
-            "2",
-            "--validation_inference_steps",
-            "2",
-            "--num_validation_images",
-            "1",
-        )
-    )
+    common = dict(max_train_steps=4, checkpointing_steps=2, proportion_empty_prompts=0.5)
+    straight = train(_config(
+        dataset, tmp_path / "straight", **common, validation_image=[str(dataset / "conditions" / "10000000.png")],
+        validation_prompt=["a small green solid square at top right on a black background"], validation_steps=2,
+        validation_inference_steps=2, num_validation_images=1,
+    ))  # fmt: skip
     assert straight.global_step == 4 and straight.trainable_parameters > 0
     assert (tmp_path / "straight" / "samples.png").is_file()  # the reload round trip
     assert [p.name for p in straight.validation_images] == ["step-000000.png", "step-000002.png", "step-000004.png"]
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
     os.system(f"cp -r {tmp_path / 'straight' / 'checkpoint-2'} {interrupted}")
-    resumed = train(_args(dataset, interrupted, *common, "--resume_from_checkpoint", "latest"))
+    resumed = train(_config(dataset, interrupted, **common, resume_from_checkpoint="latest"))
     assert resumed.losses == straight.losses[2:]
     from ether_diffusion.io import read_adapter_file
 
@@ -274,7 +258,7 @@ def test_script_trains_checkpoints_and_resumes_to_the_same_model(dataset, tmp_pa
 
 @pytest.mark.slow
 def test_encoder_only_baseline_trains_no_adapter(dataset, tmp_path):
-    result = train(_args(dataset, tmp_path, "--max_train_steps", "1", "--no_adapters"))
+    result = train(_config(dataset, tmp_path, max_train_steps=1, no_adapters=True))
     from ether_diffusion.io import read_adapter_file
 
     source = read_adapter_file(result.adapter_path)
@@ -285,14 +269,14 @@ def test_encoder_only_baseline_trains_no_adapter(dataset, tmp_path):
 
 def test_bad_flags_are_refused(dataset, tmp_path):
     with pytest.raises(SystemExit):
-        _args(dataset, tmp_path, "--validation_prompt", "a circle")  # no --validation_image
+        _flags(dataset, tmp_path, "--validation_prompt", "a circle")  # no --validation_image
     with pytest.raises(SystemExit):
-        _args(dataset, tmp_path, "--validation_prompt", "a", "--validation_image", str(tmp_path / "missing.png"))
+        _flags(dataset, tmp_path, "--validation_prompt", "a", "--validation_image", str(tmp_path / "missing.png"))
     for flag, value in (("--train_batch_size", "0"), ("--encoder_learning_rate", "0"), ("--n_blocks", "0")):
         with pytest.raises(SystemExit):
-            _args(dataset, tmp_path, flag, value)
+            _flags(dataset, tmp_path, flag, value)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        train(_args(tmp_path / "nowhere", tmp_path / "out", "--max_train_steps", "1"))
+        train(_config(tmp_path / "nowhere", tmp_path / "out", max_train_steps=1))
 
 
 def test_inspect_shows_the_encoder(pipe, tmp_path, capsys):

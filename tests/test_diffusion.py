@@ -8,11 +8,10 @@ from conftest import build_tiny_components
 from PIL import Image
 from torch.testing import assert_close
 
-from ether_diffusion import registry
 from ether_diffusion.registry import train
 from ether_diffusion.training import sd as sd_module
-from ether_diffusion.training.config import TaskKind
 from ether_diffusion.training.diffusion import compute_snr, dreambooth_loss, prediction_target
+from ether_diffusion.training.dreambooth import DreamBoothConfig
 
 
 def scheduler(prediction_type):
@@ -101,13 +100,13 @@ def test_training_a_v_prediction_model(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sd_module, "prediction_target", record_target)
     monkeypatch.setattr(sd_module, "dreambooth_loss", record_loss)
-    config = registry.parse_args(TaskKind.DREAMBOOTH, [
-        "--pretrained_model_name_or_path", str(tmp_path / "model"), "--instance_data_dir", str(instance),
-        "--instance_prompt", "a sks star", "--output_dir", str(tmp_path / "out"), "--max_train_steps", "3",
-        "--snr_gamma", "5", "--with_prior_preservation", "--class_prompt", "a star", "--num_class_images", "2",
-        "--prior_loss_weight", "0.5", "--validation_prompt", "a sks star", "--validation_inference_steps", "2",
-        "--num_validation_images", "1", "--report_to", "none", "--quiet",
-    ])  # fmt: skip
+    config = DreamBoothConfig(
+        pretrained_model_name_or_path=str(tmp_path / "model"), instance_data_dir=str(instance),
+        instance_prompt="a sks star", output_dir=str(tmp_path / "out"), max_train_steps=3, snr_gamma=5.0,
+        with_prior_preservation=True, class_prompt="a star", num_class_images=2, prior_loss_weight=0.5,
+        validation_prompt="a sks star", validation_inference_steps=2, num_validation_images=1, report_to="none",
+        quiet=True,
+    )  # fmt: skip
     result = train(config)
     assert len(seen) == 3 and result.global_step == 3
     sched = DDPMScheduler.from_pretrained(tmp_path / "model", subfolder="scheduler")  # what is on disk

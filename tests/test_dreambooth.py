@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_training_world, free_port, launch_env
+from conftest import build_training_world, dreambooth_config, free_port, launch_env
 
 from ether_diffusion import registry
 from ether_diffusion.checkpoints import COMPLETE_MARKER, latest_checkpoint
@@ -26,55 +26,19 @@ def world(tmp_path_factory):
     return build_training_world(tmp_path_factory.mktemp("dreambooth"), (24, 20))
 
 
-def args_for(world, output_dir, *extra):
-    return registry.parse_args(
-        TaskKind.DREAMBOOTH,
-        [
-            "--pretrained_model_name_or_path",
-            str(world / "model"),
-            "--instance_data_dir",
-            str(world / "instance"),
-            "--instance_prompt",
-            "a sks star",
-            "--output_dir",
-            str(output_dir),
-            "--quiet",
-            "--report_to",
-            "none",
-            "--validation_inference_steps",
-            "2",
-            "--num_validation_images",
-            "2",
-            *extra,
-        ],
-    )
+def config_for(world, output_dir, **changes):
+    """A run on the module's world (non-square images: random crops), validation sampled in 2 steps."""
+    return dreambooth_config(world, output_dir, **{"num_validation_images": 2, "max_train_steps": None, **changes})
 
 
 @pytest.mark.slow
 def test_smoke_run_with_prior_preservation(world, tmp_path):
-    args = args_for(
-        world,
-        tmp_path / "out",
-        "--with_prior_preservation",
-        "--class_prompt",
-        "a star",
-        "--num_class_images",
-        "2",
-        "--max_train_steps",
-        "2",
-        "--validation_prompt",
-        "a sks star",
-        "--validation_steps",
-        "1",
-        "--train_text_encoder",
-        "--snr_gamma",
-        "5",
-        "--offset_noise",
-        "--random_flip",
-        "--report_to",
-        "tensorboard",
-    )
-    result = train(args)
+    config = config_for(
+        world, tmp_path / "out", with_prior_preservation=True, class_prompt="a star", num_class_images=2,
+        max_train_steps=2, validation_prompt="a sks star", validation_steps=1, train_text_encoder=True, snr_gamma=5.0,
+        offset_noise=True, random_flip=True, report_to="tensorboard",
+    )  # fmt: skip
+    result = train(config)
     assert result.global_step == 2 and len(result.losses) == 2 and all(np.isfinite(result.losses))
     assert sorted(p.name for p in (tmp_path / "out" / "class_images").iterdir()) == [
         "class-00000.png",
@@ -90,43 +54,17 @@ def test_smoke_run_with_prior_preservation(world, tmp_path):
     assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents*"))
     # a second run reuses the class images instead of generating them again
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "class_images").iterdir()}
-    train(
-        args_for(
-            world,
-            tmp_path / "out",
-            "--with_prior_preservation",
-            "--class_prompt",
-            "a star",
-            "--num_class_images",
-            "2",
-            "--max_train_steps",
-            "1",
-            "--no_final_reload",
-        )
-    )
+    train(config_for(world, tmp_path / "out", with_prior_preservation=True, class_prompt="a star", num_class_images=2,
+                     max_train_steps=1, no_final_reload=True))  # fmt: skip
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "class_images").iterdir()} == before
 
 
 @pytest.mark.slow
 def test_resume_gives_the_same_adapter(world, tmp_path):
-    common = [
-        "--max_train_steps",
-        "5",
-        "--checkpointing_steps",
-        "2",
-        "--random_flip",
-        "--no_final_reload",
-        "--lr_scheduler",
-        "cosine",
-        "--with_prior_preservation",
-        "--class_prompt",
-        "a star",
-        "--num_class_images",
-        "2",
-        "--class_data_dir",
-        str(tmp_path / "class"),
-    ]
-    straight = train(args_for(world, tmp_path / "straight", *common))
+    common = dict(max_train_steps=5, checkpointing_steps=2, random_flip=True, no_final_reload=True,
+                  lr_scheduler="cosine", with_prior_preservation=True, class_prompt="a star", num_class_images=2,
+                  class_data_dir=str(tmp_path / "class"))  # fmt: skip
+    straight = train(config_for(world, tmp_path / "straight", **common))
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
     # the interrupted run got as far as checkpoint-2 (and a partial checkpoint-4 it never finished writing)
@@ -134,7 +72,7 @@ def test_resume_gives_the_same_adapter(world, tmp_path):
     os.system(f"cp -r {tmp_path / 'straight' / 'checkpoint-4'} {interrupted / '.checkpoint-4.partial'}")
     (interrupted / ".checkpoint-4.partial" / COMPLETE_MARKER).unlink()
     assert latest_checkpoint(interrupted).name == "checkpoint-2"
-    resumed = train(args_for(world, interrupted, *common, "--resume_from_checkpoint", "latest"))
+    resumed = train(config_for(world, interrupted, **common, resume_from_checkpoint="latest"))
     assert resumed.global_step == 5 and len(resumed.losses) == 3
     assert resumed.losses == straight.losses[2:]
     a, b = read_adapter_file(straight.adapter_path).tensors, read_adapter_file(resumed.adapter_path).tensors
@@ -143,19 +81,8 @@ def test_resume_gives_the_same_adapter(world, tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_retention(world, tmp_path):
-    train(
-        args_for(
-            world,
-            tmp_path,
-            "--max_train_steps",
-            "4",
-            "--checkpointing_steps",
-            "1",
-            "--checkpoints_total_limit",
-            "2",
-            "--no_final_reload",
-        )
-    )
+    train(config_for(world, tmp_path, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2,
+                     no_final_reload=True))  # fmt: skip
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
 
 
@@ -199,16 +126,16 @@ def test_two_processes_train_one_adapter(world, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "setup, flags, error, message",
+    "setup, changes, error, message",
     [
-        ("missing", [], FileNotFoundError, "does not exist"),
-        ("empty", [], ValueError, "holds no images"),
-        ("text_only", [], ValueError, r"holds no images .*notes.txt"),
-        ("corrupt", [], ValueError, r"cannot be read as images: broken.png"),
-        ("good", ["--pretrained_model_name_or_path", "/nonexistent/model"], ModelLoadError, "not a diffusers"),
+        ("missing", {}, FileNotFoundError, "does not exist"),
+        ("empty", {}, ValueError, "holds no images"),
+        ("text_only", {}, ValueError, r"holds no images .*notes.txt"),
+        ("corrupt", {}, ValueError, r"cannot be read as images: broken.png"),
+        ("good", {"pretrained_model_name_or_path": "/nonexistent/model"}, ModelLoadError, "not a diffusers"),
     ],
 )
-def test_bad_input_is_reported_before_training(world, tmp_path, setup, flags, error, message):
+def test_bad_input_is_reported_before_training(world, tmp_path, setup, changes, error, message):
     folder = tmp_path / "instance"
     if setup != "missing":
         folder.mkdir()
@@ -219,21 +146,20 @@ def test_bad_input_is_reported_before_training(world, tmp_path, setup, flags, er
             (folder / f"{i}.png").write_bytes(path.read_bytes())
     if setup == "corrupt":
         (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    args = args_for(world, tmp_path / "out", "--max_train_steps", "1")
-    args.instance_data_dir = str(folder)
-    if flags:
-        args.pretrained_model_name_or_path = flags[1]
+    config = config_for(world, tmp_path / "out", max_train_steps=1, instance_data_dir=str(folder), **changes)
     with pytest.raises(error, match=message):
-        train(args)
+        train(config)
     assert not (tmp_path / "out" / "ether_adapter.safetensors").exists()
 
 
 def test_contradicting_flags_and_unwritable_output(world, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        args_for(world, tmp_path, "--with_prior_preservation")
+    flags = ["--pretrained_model_name_or_path", str(world / "model"), "--instance_data_dir", str(world / "instance"),
+             "--instance_prompt", "a sks star", "--output_dir", str(tmp_path)]  # fmt: skip
+    with pytest.raises(SystemExit):  # the command line: usage errors that say what to do
+        registry.parse_args(TaskKind.DREAMBOOTH, [*flags, "--with_prior_preservation"])
     assert "--with_prior_preservation needs --class_prompt" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        args_for(world, tmp_path, "--validation_steps", "2")
+        registry.parse_args(TaskKind.DREAMBOOTH, [*flags, "--validation_steps", "2"])
     assert "need --validation_prompt" in capsys.readouterr().err
     if os.geteuid() == 0:
         blocked = tmp_path / "file-not-folder"
@@ -242,14 +168,13 @@ def test_contradicting_flags_and_unwritable_output(world, tmp_path, capsys):
     else:
         target = tmp_path / "ro"
         target.mkdir(mode=0o500)
-    args = args_for(world, target, "--max_train_steps", "1")
     with pytest.raises(PermissionError, match="cannot write to --output_dir"):
-        train(args)
+        train(config_for(world, target, max_train_steps=1))
 
 
 @pytest.mark.slow
 def test_interrupted_final_save_keeps_the_previous_adapter(world, tmp_path, monkeypatch):
-    first = train(args_for(world, tmp_path, "--max_train_steps", "1", "--no_final_reload"))
+    first = train(config_for(world, tmp_path, max_train_steps=1, no_final_reload=True))
     good = first.adapter_path.read_bytes()
 
     def killed(*args, **kwargs):
@@ -257,6 +182,6 @@ def test_interrupted_final_save_keeps_the_previous_adapter(world, tmp_path, monk
 
     monkeypatch.setattr("ether_diffusion.io.save_file", killed)
     with pytest.raises(KeyboardInterrupt):
-        train(args_for(world, tmp_path, "--max_train_steps", "1", "--no_final_reload", "--checkpointing_steps", "9"))
+        train(config_for(world, tmp_path, max_train_steps=1, no_final_reload=True, checkpointing_steps=9))
     assert first.adapter_path.read_bytes() == good
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

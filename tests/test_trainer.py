@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_training_world
+from conftest import dreambooth_config
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -24,24 +24,11 @@ from ether_diffusion.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build_training_world(tmp_path_factory.mktemp("trainer"), (16, 16))
+def world(training_world):
+    return training_world
 
 
-def config_for(world, output_dir, **changes) -> DreamBoothConfig:
-    fields = dict(
-        pretrained_model_name_or_path=str(world / "model"),
-        instance_data_dir=str(world / "instance"),
-        instance_prompt="a sks star",
-        output_dir=str(output_dir),
-        report_to="none",
-        quiet=True,
-        max_train_steps=2,
-        validation_inference_steps=2,
-        num_validation_images=1,
-    )
-    fields.update(changes)
-    return DreamBoothConfig(**fields)
+config_for = dreambooth_config
 
 
 # --- configurations ------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_char_tokenizer, build_tiny_sdxl_components, build_training_world
+from conftest import build_char_tokenizer, build_tiny_sdxl_components, build_training_world, dreambooth_config
 from PIL import Image
 from torch.testing import assert_close
 
@@ -43,20 +43,7 @@ def world(tmp_path_factory):
 
 
 def config_for(world, output_dir, **changes) -> DreamBoothConfig:
-    fields = dict(
-        pretrained_model_name_or_path=str(world / "model"),
-        instance_data_dir=str(world / "instance"),
-        instance_prompt=PROMPT,
-        output_dir=str(output_dir),
-        report_to="none",
-        quiet=True,
-        max_train_steps=2,
-        no_final_reload=True,
-        validation_inference_steps=2,
-        num_validation_images=1,
-    )
-    fields.update(changes)
-    return DreamBoothConfig(**fields)
+    return dreambooth_config(world, output_dir, **{"instance_prompt": PROMPT, "no_final_reload": True, **changes})
 
 
 def tokens(world, prompt: str, length: int = 16):
