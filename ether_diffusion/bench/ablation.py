@@ -1,7 +1,7 @@
 """One table and one trade-off plot over several `ether-diffusion bench dreambooth` folders (the arms of an ablation).
 
-    ether-diffusion bench ablation-table --arm paper=outputs/i17/paper --arm no-kv=outputs/i17/nokv \
-        --reference outputs/i17/lora --output outputs/i17/ablation
+    ether-diffusion bench ablation-table --arm paper=outputs/prompt-drift/paper --arm no-kv=outputs/prompt-drift/nokv \
+        --reference outputs/prompt-drift/lora --output outputs/prompt-drift/ablation
 
 Each folder is one arm (its settings apply to every run in it). Every run's points (its ``--eval_steps`` snapshots and
 its last step) are read from ``runs/<subject>/<run>/scores.json``; a subject's value is the mean over its training

@@ -2,7 +2,7 @@
 # The prompt-drift ablation of docs/quality.md on the tiny world: one `ether-diffusion bench dreambooth` folder per arm, then one table and one
 # trade-off plot over all of them (`ether-diffusion bench ablation-table`). docs/quality.md reports what this measured.
 #
-#   bash scripts/ablation_issue17.sh [OUT]        # OUT: default outputs/i17; JOBS=2 runs two arms side by side
+#   bash scripts/ablation_prompt_drift.sh [OUT]        # OUT: default outputs/prompt-drift; JOBS=2 runs two arms side by side
 #
 # Choosing arms use training seed 0 (six of them again on seed 1, the *_s1 arms, pooled with seed 0 in a third
 # table); the measuring arms (m_*) use seeds 2 and 3, which no choice looked at. Every arm
@@ -11,7 +11,7 @@
 # threads follows another trajectory (the same subject fidelity to ~0.01, prompt fidelity to ~0.03 over four subjects).
 # Time on the 2-core reference machine with JOBS=2: 9-16 minutes per choosing arm, about 4.5 hours for all of them.
 set -euo pipefail
-OUT=${1:-outputs/i17}
+OUT=${1:-outputs/prompt-drift}
 JOBS=${JOBS:-2}
 CLI=${CLI:-ether-diffusion}
 DATA="$OUT/tiny-dreambooth"
