@@ -19,6 +19,8 @@ TRAIN_VERBS = {
     "train-control": (TaskKind.CONTROL, "condition encoder and adapter"),
 }
 
+#: ``bench <kind>``: the paper's benchmark of each kind of training (its module's ``parse_args`` and ``main``)
+BENCHES = {TaskKind.DREAMBOOTH: ".bench.dreambooth", TaskKind.CONTROL: ".bench.control"}
 #: ``bench <verb>`` and ``world <verb>`` tools: (group, verb) -> (module, help). Each module parses its own flags
 #: (``parse_args(argv, prog)``, so ``--help`` lists them) and runs (``main(args)``), as its launcher in scripts/ does.
 TOOLS = {
@@ -258,23 +260,14 @@ def _export_world(args) -> int:
     return 0
 
 
-def _bench(argv: list[str]) -> int:
-    """``bench dreambooth`` / ``bench control``: flags derived from their configurations (``--help`` lists them)."""
-    kind, rest = argv[0], argv[1:]
-    prog = f"ether-diffusion bench {kind}"
-    command = " ".join(["ether-diffusion", "bench", *argv])
-    if kind == "dreambooth":
-        from .bench.dreambooth import DreamBoothBenchConfig, run_dreambooth_bench
+def _bench(kind: TaskKind, argv: list[str]) -> int:
+    """``bench dreambooth`` / ``bench control``: the benchmark of ``kind`` (``BENCHES``), its flags derived from its
+    configuration (``--help`` lists them)."""
+    import importlib
 
-        result = run_dreambooth_bench(DreamBoothBenchConfig.from_args(rest, prog=prog), command=command)
-        stem = "dreambooth"
-    else:
-        from .bench.control import ControlBenchConfig, run_control_bench
-
-        result = run_control_bench(ControlBenchConfig.from_args(rest, prog=prog), command=command)
-        stem = "control"
-    folder = Path(result["output_dir"])
-    print(f"table: {folder / (stem + '.md')} (every run: {stem}.json, plot: {stem}.png)")
+    module = importlib.import_module(BENCHES[kind], __package__)
+    command = " ".join(["ether-diffusion", "bench", str(kind), *argv])
+    module.main(module.parse_args(argv, prog=f"ether-diffusion bench {kind}"), command=command)
     return 0
 
 
@@ -466,8 +459,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if argv[:1] == ["studio"]:
             return _studio(argv[1:])
-        if argv[:1] == ["bench"] and argv[1:2] in (["dreambooth"], ["control"]):
-            return _bench(argv[1:])
+        if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCHES:
+            return _bench(TaskKind(argv[1]), argv[2:])
         if tuple(argv[:2]) in TOOLS:
             return _tool(argv[0], argv[1], argv[2:])
         args = build_parser().parse_args(argv)

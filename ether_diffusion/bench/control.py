@@ -46,7 +46,15 @@ from .report import machine, mean_sd, sample_grid, shown_runs, summarise, write_
 from .runner import BenchRunner
 from .sampling import BasePipeline, adapted_modules, image_files, save_image, swapped
 
-__all__ = ["ControlBenchConfig", "EvalRow", "export_world_control", "read_eval_rows", "run_control_bench"]
+__all__ = [
+    "main",
+    "parse_args",
+    "ControlBenchConfig",
+    "EvalRow",
+    "export_world_control",
+    "read_eval_rows",
+    "run_control_bench",
+]
 
 TRAIN_START, EVAL_START = 20_000_000, 30_000_000  # tiny-world scene numbers: disjoint from each other and pretraining
 # (the paper's setup on a real model, the tiny world's on the shipped one)
@@ -416,3 +424,16 @@ def run_control_bench(config: ControlBenchConfig, callbacks=(), command: str | N
     if command is None and sys.argv and sys.argv[0].endswith("ether-diffusion"):
         command = " ".join(["ether-diffusion", *sys.argv[1:]])
     return ControlBench(config, callbacks, command, log, segmenter).execute()
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> ControlBenchConfig:
+    """The benchmark's flags (every training flag of its task, plus the grid's), validated."""
+    return ControlBenchConfig.from_args(argv, prog)
+
+
+def main(config: ControlBenchConfig, command: str | None = None) -> dict:
+    """Run ``config`` (``run_control_bench``) and say where the table is."""
+    result = run_control_bench(config, command=command)
+    folder = Path(result["output_dir"])
+    print(f"table: {folder / 'control.md'} (every run: control.json, plot: control.png)")
+    return result

@@ -43,7 +43,7 @@ from .runner import BenchRunner
 from .runs import SnapshotMissing, missing_snapshots
 from .sampling import BasePipeline, adapted_modules, image_files, save_image, swapped
 
-__all__ = ["DreamBoothBenchConfig", "run_dreambooth_bench"]
+__all__ = ["main", "parse_args", "DreamBoothBenchConfig", "run_dreambooth_bench"]
 
 # (the paper's protocol on a real model, the tiny world's on the shipped one)
 DEFAULTS = {
@@ -434,3 +434,16 @@ def run_dreambooth_bench(config: DreamBoothBenchConfig, callbacks=(), command: s
     if command is None and sys.argv and sys.argv[0].endswith("ether-diffusion"):
         command = " ".join(["ether-diffusion", *sys.argv[1:]])
     return DreamBoothBench(config, callbacks, command, log, metrics).execute()
+
+
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> DreamBoothBenchConfig:
+    """The benchmark's flags (every training flag of its task, plus the grid's), validated."""
+    return DreamBoothBenchConfig.from_args(argv, prog)
+
+
+def main(config: DreamBoothBenchConfig, command: str | None = None) -> dict:
+    """Run ``config`` (``run_dreambooth_bench``) and say where the table is."""
+    result = run_dreambooth_bench(config, command=command)
+    folder = Path(result["output_dir"])
+    print(f"table: {folder / 'dreambooth.md'} (every run: dreambooth.json, plot: dreambooth.png)")
+    return result
