@@ -358,6 +358,18 @@ def build_metric_models(root):
     return root / "dino", root / "clip"
 
 
+def stop_process(process) -> None:
+    """Terminate a server the test started (a studio), killing it if it does not stop within 15 s."""
+    import subprocess
+
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

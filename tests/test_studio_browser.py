@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, stop_process
 from PIL import Image
 
 from ether_diffusion.io import read_adapter_file
@@ -84,15 +84,6 @@ def start_studio(command: list[str], workdir: Path, log: Path, timeout: float = 
     raise AssertionError(f"the studio did not answer on {url} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-def stop_studio(process) -> None:
-    process.terminate()
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(5)
-
-
 @pytest.fixture
 def browser():
     if not Path(CHROMIUM).is_file():
@@ -116,7 +107,7 @@ def test_cli_starts_the_studio_on_localhost(tmp_path):
             assert "ETHER Studio" in response.read().decode()
         assert f"Running on local URL:  {url.rstrip('/')}" in (tmp_path / "log.txt").read_text()
     finally:
-        stop_studio(process)
+        stop_process(process)
 
 
 def fill(page, elem_id: str, value) -> None:
@@ -334,7 +325,7 @@ def test_train_preview_sample_in_a_browser(browser, tmp_path):  # noqa: C901  (o
         assert read_adapter_file(tmp_path / "exported.safetensors").extra["steps"] == str(TRAIN_STEPS)
         assert errors == [], errors
     finally:
-        stop_studio(process)
+        stop_process(process)
     save_shots(shots)
 
 
@@ -421,5 +412,5 @@ def test_control_train_and_sample_with_a_drawn_map_in_a_browser(browser, tmp_pat
         page.screenshot(path=str(shots / "studio_control.png"), full_page=True)
         assert errors == [], errors
     finally:
-        stop_studio(process)
+        stop_process(process)
     save_shots(shots)

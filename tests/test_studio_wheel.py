@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, stop_process
 
 pytestmark = pytest.mark.slow  # builds a wheel and a virtual environment, starts the studio: the end-to-end tier
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,12 +82,7 @@ def test_the_installed_wheel_serves_the_studio(installed, tmp_path):
                 time.sleep(0.5)
         assert config is not None, f"the studio did not answer within 120 s:\n{log.read_text()[-3000:]}"
     finally:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        stop_process(process)
 
     assert config["title"] == "ETHER Studio"
     tabs = [c["props"].get("label") for c in config["components"] if c["type"] == "tabitem"]
