@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..architectures import SD15_UNET, SDXL_UNET
-from ..config import EtherConfig
+from ..config import DTYPES, EtherConfig
 from ..inject import (
     adapter_parameters,
     count_parameters,
@@ -510,7 +510,7 @@ def output_folder(args: argparse.Namespace) -> Path:
 def main(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
     # on a GPU the frozen weights are cast to the low-precision dtype, the trainables kept in fp32 (diffusers' way)
