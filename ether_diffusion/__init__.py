@@ -18,6 +18,7 @@ from .inject import (
     merge_adapters,
     mixed_batch,
     set_active_adapters,
+    set_merged_cache,
     unmerge_adapters,
 )
 from .io import AdapterFileError, AdapterMismatchError, load_adapter, read_adapter_file, save_adapter
@@ -69,6 +70,7 @@ __all__ = [
     "read_adapter_file",
     "save_adapter",
     "set_active_adapters",
+    "set_merged_cache",
     "unmerge_adapters",
     *sorted(_PIPELINE_EXPORTS),
 ]

@@ -7,13 +7,14 @@ Everything here works on a plain ``nn.Module`` (a diffusers UNet, a CLIP text en
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from . import coexist
+from . import coexist, directions
 from .config import TARGET_PRESETS, EtherConfig, check_adapter_name
 from .layers import LAYER_TYPES, EtherLayer, plain_layer
 
@@ -204,8 +205,50 @@ def add_adapter_to_targets(
     configs[adapter_name] = config
     model._ether_configs = configs
     coexist.install(model)  # save_pretrained writes plain weights; PEFT LoRAs load beside the wrappers
+    install_directions(model)
     if activate:
         set_active_adapters(model, [adapter_name])
+
+
+#: model -> the plan of its training forward's directions (``directions.DirectionPlan``), kept apart from the model
+_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _prepare_directions(model: nn.Module, args) -> None:
+    """``model``'s forward pre-hook: before a forward with autograd, every adapted layer's unit directions are
+    normalised in one batch (``directions.py``); sampling and compiled graphs compute their own."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return
+    plan = _plans.get(model)
+    if plan is None or plan.generation != directions.generation():
+        layers = [layer for _, layer in adapter_layers(model) if _runs_one_adapter(layer)]
+        plan = _plans[model] = directions.DirectionPlan(layers)
+    plan.prepare()
+
+
+def _runs_one_adapter(layer: EtherLayer) -> bool:
+    """Whether ``EtherLayer.forward`` trains ``layer`` on prepared directions: one active adapter, unmerged, enabled,
+    not in a mixed batch, on its plain layer."""
+    return (
+        layer.adapters_enabled
+        and not layer.merged_adapters
+        and layer._mixed is None
+        and len(layer.active_adapters) == 1
+        and isinstance(layer.base_layer, (nn.Linear, nn.Conv2d))
+    )
+
+
+def install_directions(model: nn.Module) -> None:
+    """Register ``_prepare_directions`` on ``model`` (idempotent)."""
+    if _prepare_directions not in model._forward_pre_hooks.values():
+        model.register_forward_pre_hook(_prepare_directions)
+
+
+def uninstall_directions(model: nn.Module) -> None:
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _prepare_directions:
+            del model._forward_pre_hooks[key]
+    _plans.pop(model, None)
 
 
 class _LayerState(NamedTuple):
@@ -247,10 +290,11 @@ def restore_on_failure(model: nn.Module):
                 del layer.ether_adapters[name]
             layer.active_adapters = list(state.active)
             layer.strengths = dict(state.strengths)
-            layer.adapters_enabled = state.enabled
+            layer.adapters_enabled = state.enabled  # (and the prepared directions are out of date)
         if configs is None:
             model.__dict__.pop("_ether_configs", None)
             coexist.uninstall(model)
+            uninstall_directions(model)
         else:
             model._ether_configs = configs
         raise
@@ -270,6 +314,7 @@ def eject(model: nn.Module, keep_merged: bool = False) -> list[str]:
     if hasattr(model, "_ether_configs"):
         del model._ether_configs
     coexist.uninstall(model)
+    uninstall_directions(model)
     return paths
 
 
@@ -285,6 +330,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     model._ether_configs.pop(adapter_name, None)
     if not model._ether_configs:
         coexist.uninstall(model)
+        uninstall_directions(model)
 
 
 def set_active_adapters(model: nn.Module, names: str | list[str], strengths: float | list[float] | None = None):
@@ -315,6 +361,17 @@ def enable_adapters(model: nn.Module, enabled: bool = True) -> None:
         if layer.merged_adapters and not enabled:
             raise RuntimeError(f"'{layer.layer_name}' has merged adapters; unmerge before disabling adapters")
         layer.adapters_enabled = enabled
+
+
+def set_merged_cache(model: nn.Module, enabled: bool = True) -> None:
+    """Whether sampling on the CPU keeps each adapted layer's transformed weight ``T̃ W T`` (the default: one product
+    per layer and step, as the base model) or applies the transforms to the activations each step (no copy of the
+    weights: for memory-tight machines). Either computes the same layer; ``fuse_ether`` is the zero-copy way to the
+    base model's cost."""
+    for _, layer in adapter_layers(model):
+        layer.merged_cache = bool(enabled)
+        if not enabled:
+            layer._merged = None
 
 
 def merge_adapters(model: nn.Module, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import zlib
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import directions
 from .config import EtherConfig
 from .mixed import MixedBatch
 from .reflection import METHODS, Terms, apply_low_rank, cast, reflected_linear
@@ -155,12 +157,28 @@ class EtherAdapter(nn.Module):
 
 
 def _same_values(tensor: torch.Tensor, copy: torch.Tensor) -> bool:
-    return (
-        tensor.shape == copy.shape
-        and tensor.dtype == copy.dtype
-        and tensor.device == copy.device
-        and torch.equal(tensor, copy)
-    )
+    """Whether ``tensor`` still holds the values of ``copy``. CPU tensors numpy can view are compared there, without
+    a dispatched torch operation (this runs per layer and sampling step)."""
+    if tensor.shape != copy.shape or tensor.dtype != copy.dtype or tensor.device != copy.device:
+        return False
+    if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_VIEWABLE:
+        return np.array_equal(tensor.data.numpy(), copy.numpy())
+    return torch.equal(tensor, copy)
+
+
+_NUMPY_VIEWABLE = (torch.float32, torch.float64, torch.float16)
+
+
+class _MergedWeight(NamedTuple):
+    """A layer's weight with its one active adapter folded in, for sampling (``EtherLayer.forward``)."""
+
+    adapter: nn.Module
+    strength: float
+    dtype: torch.dtype
+    vectors: tuple[torch.Tensor, ...]  # copies of the vectors it was made from
+    base_weight: torch.Tensor  # the base weight it was made from (a merge or a replaced weight makes another)
+    base_version: int
+    weight: torch.Tensor  # T̃ · W · T, shaped as the base weight
 
 
 class EtherLayer(nn.Module):
@@ -173,11 +191,34 @@ class EtherLayer(nn.Module):
         self.ether_adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.strengths: dict[str, float] = {}
-        self.adapters_enabled = True
+        self._enabled = True
         self.merged_adapters: list[str] = []
         self._weight_before_merge: torch.Tensor | None = None  # the base weight while adapters are merged
         self._merge_delta: torch.Tensor | None = None  # what merge added, when another adapter sits inside
         self._mixed: MixedBatch | None = None  # per-sample routing while a mixed batch runs
+        self._directions: directions.Directions | None = None  # set by each training forward of the model
+        #: sampling keeps ``W' = T̃ W T`` while the adapter, its vectors and strength are unchanged (one product per
+        #: forward, as the base layer; costs a copy of the weight): ``inject.set_merged_cache`` switches it off
+        self.merged_cache = True
+        self._merged: _MergedWeight | None = None
+
+    def __getstate__(self):
+        """A copy (``copy.deepcopy``, pickling) leaves out what is derived from the vectors: the prepared directions
+        (one forward's autograd graph) and the merged weight (made again on use)."""
+        state = dict(self.__dict__)
+        state["_directions"] = None
+        state["_merged"] = None
+        return state
+
+    @property
+    def adapters_enabled(self) -> bool:
+        """False: the layer computes its base layer alone (``inject.enable_adapters``)."""
+        return self._enabled
+
+    @adapters_enabled.setter
+    def adapters_enabled(self, enabled: bool) -> None:
+        self._enabled = bool(enabled)
+        directions.touch()
 
     @property
     def plain(self) -> nn.Module:
@@ -250,6 +291,7 @@ class EtherLayer(nn.Module):
         )
         self.ether_adapters[name] = adapter
         self.strengths[name] = 1.0
+        directions.touch()
         return adapter
 
     def delete_adapter(self, name: str) -> None:
@@ -258,6 +300,7 @@ class EtherLayer(nn.Module):
         del self.ether_adapters[name]
         self.strengths.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
+        directions.touch()
 
     def set_active(self, names: list[str], strengths: list[float] | None = None) -> None:
         if self.merged_adapters:
@@ -267,9 +310,11 @@ class EtherLayer(nn.Module):
         for name, strength in zip(names, strengths):
             if name in self.ether_adapters:
                 self.strengths[name] = float(strength)
+        directions.touch()
 
     def set_mixed_batch(self, slot_names: list[str | None] | None, slot_ids: torch.Tensor | None = None) -> None:
         """Route sample i through adapter ``slot_names[slot_ids[i]]`` (``None`` = base model); ``None`` ends it."""
+        directions.touch()
         if slot_names is None:
             self._mixed = None
             return
@@ -289,8 +334,15 @@ class EtherLayer(nn.Module):
         if len(self.active_adapters) == 1 and isinstance(base, (nn.Linear, nn.Conv2d)):  # not stacked on a LoRA
             name = self.active_adapters[0]
             adapter = self.ether_adapters[name]
-            if not adapter.caches_factors():  # training, GPUs, compiled graphs: the whole layer as one node
-                return self._reflected(x, base, adapter.terms(self.strengths[name]))
+            if not adapter.caches_factors():  # training, GPUs, compiled graphs
+                prepared = None if torch.compiler.is_compiling() else directions.current(self)
+                if prepared is not None:  # a training forward of the model: its directions normalised in one batch
+                    weight = base.weight.view(self.out_features, self.in_features)  # a 1×1 conv's is (out, in, 1, 1)
+                    y = directions.directed_linear(self._features_last(x), weight, base.bias, prepared)
+                    return self._features_back(y)
+                return self._reflected(x, base, adapter.terms(self.strengths[name]))  # the whole layer as one node
+            if self.merged_cache:  # sampling on the CPU: the base layer's one product, with T̃ W T
+                return self._with_weight(x, self._merged_weight(adapter, self.strengths[name], x.dtype))
         factors = [self.ether_adapters[n].factors(self.strengths[n], x.dtype) for n in self.active_adapters]
         h = x
         for found in factors:  # y = W · H_k ⋯ H_1 x: the first active adapter acts first
@@ -303,6 +355,37 @@ class EtherLayer(nn.Module):
         for output in outputs:
             y = apply_low_rank(y, *output)
         return self._add_bias(self._features_back(y))
+
+    def _merged_weight(self, adapter: EtherAdapter, strength: float, dtype: torch.dtype) -> torch.Tensor:
+        """``T̃ · W · T`` of ``adapter`` at ``strength``, in ``dtype``: kept while the adapter, strength, dtype, base
+        weight and every vector's values are those it was made from (``_same_values``: an in-place write, through
+        ``.data`` too, as an EMA copy does, makes a new one)."""
+        cached, weight = self._merged, self.plain.weight
+        vectors = tuple(adapter._parameters.values())
+        if (
+            cached is None
+            or cached.adapter is not adapter
+            or cached.strength != strength
+            or cached.dtype != dtype
+            or cached.base_weight is not weight
+            or cached.base_version != weight._version
+            or not all(_same_values(v, copy) for v, copy in zip(vectors, cached.vectors))
+        ):
+            copies = tuple(v.detach().clone() for v in vectors)
+            precision = torch.promote_types(weight.dtype, torch.float32)  # as merge: fp32 at least
+            matrix = weight.detach().view(self.out_features, self.in_features).to(precision)
+            factors = adapter._compute_factors(strength, precision)
+            if factors.input is not None:
+                matrix = apply_low_rank(matrix, *factors.input)
+            if factors.output is not None:
+                matrix = apply_low_rank(matrix.T, *factors.output).T
+            merged = matrix.to(dtype).reshape(weight.shape).contiguous()
+            cached = self._merged = _MergedWeight(adapter, strength, dtype, copies, weight, weight._version, merged)
+        return cached.weight
+
+    def _with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's computation with ``weight`` in place of its own."""
+        raise NotImplementedError
 
     def _reflected(self, x: torch.Tensor, base: nn.Module, terms: SideTerms) -> torch.Tensor:
         """``H̃ (W (H x)) + b`` through ``reflected_linear`` for the plain layer ``base``, in the dtype the base layer
@@ -367,6 +450,7 @@ class EtherLayer(nn.Module):
             self._weight_before_merge = weight.detach().clone()
             weight.copy_(merged.to(weight.dtype).view_as(weight))
         self.merged_adapters = names
+        directions.touch()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -384,6 +468,7 @@ class EtherLayer(nn.Module):
         self._weight_before_merge = None
         self._merge_delta = None
         self.merged_adapters = []
+        directions.touch()
 
     def extra_repr(self) -> str:
         return f"active={self.active_adapters}, merged={self.merged_adapters}, enabled={self.adapters_enabled}"
@@ -403,6 +488,10 @@ class EtherLinear(EtherLayer):
 
     def _weight_matrix(self):
         return self.plain.weight
+
+    def _with_weight(self, x, weight):
+        bias = self.base_layer.bias
+        return F.linear(x, weight, None if bias is None else cast(bias, weight.dtype))
 
     def _product_without_bias(self, x):
         if self.stacked:  # the inner adapter's output, bias removed
@@ -458,6 +547,10 @@ class EtherConv2d(EtherLayer):
 
     def _weight_matrix(self):
         return self.plain.weight.view(self.out_features, self.in_features)
+
+    def _with_weight(self, x, weight):
+        bias = self.base_layer.bias
+        return F.conv2d(x, weight, None if bias is None else cast(bias, weight.dtype))
 
     def _features_last(self, x):
         return x.movedim(1, -1)

@@ -35,6 +35,7 @@ ROOMS = [
             "families",
             "architectures",
             "checkpoints",
+            "directions",
         ],
     ),  # fmt: skip
     ("diffusers", ["models", "pipeline", "export", "sampling"]),

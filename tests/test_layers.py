@@ -1,5 +1,7 @@
 """Wrappers: merge/unmerge exactness, strengths, dtypes, conv layers, mixed batches."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -252,13 +254,15 @@ def test_cached_factors_follow_every_way_a_vector_changes(change, method):
         assert torch.equal(layer(x), before)
         change(layer, _new_values(layer))
         after = layer(x)
-    fresh = layer(x)  # with autograd: factors computed from the vectors as they are now, no cache
+        fresh = copy.deepcopy(layer)(x)  # a copy keeps no cache: made anew from the vectors as they are now
     assert not torch.allclose(after, before, atol=1e-3)
-    assert_close(after, fresh.detach(), rtol=0, atol=0)
+    assert_close(after, fresh, rtol=0, atol=0)
+    assert_close(after, layer(x).detach(), rtol=1e-5, atol=1e-6)  # with autograd: the training path, no cache
 
 
 def test_cached_factors_follow_a_dtype_change():
     layer = make_layer(config=EtherConfig(method="ether_plus", n_blocks=2))
+    layer.merged_cache = False  # the factors' cache; the merged weight's dtype is tested below
     x = sample_input("linear")
     with torch.no_grad():
         layer(x)
@@ -268,8 +272,34 @@ def test_cached_factors_follow_a_dtype_change():
     assert_close(after, layer(x.double()).detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_the_merged_weight_is_reused_while_nothing_changes(kind):
+    """Sampling on the CPU runs the base layer's one product with ``T̃ W T``: the same layer as the transforms on
+    the activations, kept while nothing changes, made again for a new strength or dtype."""
+    layer = make_layer(kind, EtherConfig(method="ether_plus", n_blocks=2, sides=("input", "output")))
+    x = sample_input(kind)
+    with torch.no_grad():
+        y = layer(x)
+        merged = layer._merged.weight
+        layer(x)
+        assert layer._merged.weight is merged
+        layer.merged_cache = False  # the transforms on the activations (what GPUs and several adapters run)
+        assert_close(layer(x), y, rtol=1e-5, atol=1e-6)
+        layer.merged_cache = True
+        layer.set_active(["a"], [0.5])
+        half = layer(x)
+        assert layer._merged.weight is not merged  # a new strength
+        layer.merged_cache = False
+        assert_close(layer(x), half, rtol=1e-5, atol=1e-6)
+        layer.merged_cache = True
+        layer.to(torch.float64)
+        assert_close(layer(x.double()), half.double(), rtol=1e-5, atol=1e-6)
+        assert layer._merged.weight.dtype == torch.float64
+
+
 def test_cache_is_reused_while_nothing_changes():
     layer = make_layer(config=EtherConfig(method="ether_plus", n_blocks=2))
+    layer.merged_cache = False  # the factors' cache (what mixed batches and several active adapters use)
     x = sample_input("linear")
     adapter = layer.ether_adapters["a"]
     with torch.no_grad():
