@@ -107,6 +107,18 @@ def test_dreambooth_bench_runs_end_to_end_and_resumes_where_it_stopped(tmp_path,
     assert "| LoRA r=4 (PEFT) | 6e-04 (×1) | 1 | 1 |" in curves and "| base model (no adapter) | — | — | 1 |" in curves
     assert "Trade-off curves (subject fidelity against prompt fidelity" in table
 
+    # records of the wrong shape (valid JSON, not a record) count as absent: the run is scored again, and said
+    (ether / "scores.json").write_text("[]")
+    (ether / "train.json").write_text('{"train_seconds": "slow", "timed": true}')
+    capsys.readouterr()
+    assert main(["bench", "dreambooth", *args]) == 0
+    out_text = capsys.readouterr().out
+    assert f"'{ether / 'scores.json'}' is not a run record (it holds a JSON list, not an object)" in out_text
+    assert f"'{ether / 'train.json'}' is not a training record" in out_text
+    rescored = json.loads((ether / "scores.json").read_text())
+    assert rescored["metrics"] == json.loads((out / "dreambooth.json").read_text())["rows"][1]["metrics"]
+    assert rescored["train_seconds"] is None and [p["step"] for p in rescored["curve"]] == [1, 2]
+
     # other settings in the same folder would mix incomparable runs: refused, naming the setting
     assert main(["bench", "dreambooth", *args, "--eval_seed", "7"]) == 2
     assert "eval_seed: 1000 there, 7 now" in capsys.readouterr().err

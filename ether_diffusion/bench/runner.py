@@ -14,6 +14,8 @@ the evaluation set) say what a group is and how its images are drawn, scored and
     snapshot_paths(run_dir)             adapter files to save during training (``--eval_steps``), or none
     evaluate(group, method, run_config, run_dir, adapter, snapshots)   images and scores of a trained run
     write_report()                      the table, plot and JSON of every finished run
+    record_fields / base_fields         what its records add to ``runs.RECORD_FIELDS`` (a file without them is
+                                        not a record: the run is scored again)
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..checkpoints import latest_checkpoint
-from ..files import read_json
 from ..registry import task_for
 from ..training.config import RunConfig, TaskKind
 from .config import Method
@@ -40,6 +41,9 @@ class BenchRunner(ABC):
     kind: ClassVar[TaskKind]
     #: the methods the grid may name, with their paper learning rates
     methods: ClassVar[dict[str, Method]]
+    #: fields every record of this benchmark holds beyond ``runs.RECORD_FIELDS``, and those its base records add
+    record_fields: ClassVar[dict[str, tuple[str, ...]]] = {}
+    base_fields: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, config, callbacks, command: str | None, log):
         self.config, self.callbacks, self.log = config, list(callbacks), log
@@ -47,7 +51,8 @@ class BenchRunner(ABC):
 
     def open_store(self, settings: dict) -> None:
         """The output folder, checked to hold a benchmark of these ``settings`` (or made)."""
-        self.store = RunStore(self.config.output_dir, str(self.kind), settings, self.command, self.config.defaults())
+        self.store = RunStore(self.config.output_dir, str(self.kind), settings, self.command, self.config.defaults(),
+                              self.record_fields, self.base_fields, self.log)  # fmt: skip
         self.store.open()
 
     def task(self, method: str, run_config: RunConfig):
@@ -124,7 +129,7 @@ class BenchRunner(ABC):
         weight_name = self.task(method, run_config).weight_name
         adapter = run_dir / "train" / weight_name
         snapshots = self.snapshot_paths(run_dir, weight_name)
-        info = read_json(run_dir / "train.json") if adapter.is_file() else None
+        info = self.store.trained(run_dir) if adapter.is_file() else None
         if info is None and not adapter.is_file():  # not trained yet, or its training was interrupted
             self.before_training(group, run_config)
             if latest_checkpoint(run_dir / "train"):  # continue the interrupted training exactly
