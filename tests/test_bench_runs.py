@@ -1,15 +1,21 @@
 """A benchmark's output folder under bad input: records of the wrong shape count as unfinished (the run is scored
-again and the log says so). Fast: a benchmark whose training is an adapter file already there and whose scoring is
-a constant (no model)."""
+again and the log says so), and processes sharing a folder claim their runs.
+Fast: a benchmark whose training is an adapter file already there and whose scoring is a constant (no model)."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from ether_diffusion.bench.claims import CLAIM, RunClaim
 from ether_diffusion.bench.config import DREAMBOOTH_METHODS
 from ether_diffusion.bench.metrics import Metric
 from ether_diffusion.bench.report import summarise
@@ -147,3 +153,130 @@ def test_a_bench_record_of_the_wrong_shape_refuses_the_folder_in_one_line(tmp_pa
     with pytest.raises(BenchMismatchError, match="is not a benchmark's record .*use another --output_dir"):
         RunStore(tmp_path, "dreambooth", {"steps": 2}).open()
     assert (tmp_path / BENCH_RECORD).read_text() == text  # nothing written over
+
+
+# --- claims ---------------------------------------------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: its pid names no process now
+    return child.pid
+
+
+def write_claim(run_dir: Path, pid: int, host: str, age: float = 0.0) -> Path:
+    path = run_dir / CLAIM
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": pid, "host": host, "token": "theirs", "since": time.time() - age}))
+    os.utime(path, (time.time() - age, time.time() - age))
+    return path
+
+
+def test_one_process_holds_a_run_and_a_second_claim_is_refused_until_it_is_released(tmp_path):
+    first, second = RunClaim(tmp_path / "run"), RunClaim(tmp_path / "run")
+    assert first.acquire() and first.held
+    claim = json.loads((tmp_path / "run" / CLAIM).read_text())
+    assert (claim["pid"], claim["host"]) == (os.getpid(), socket.gethostname())
+    assert not second.acquire() and second.holder["pid"] == os.getpid()  # alive: this very process
+    assert "process" in RunClaim.describe(second.holder)
+    first.release()
+    assert not (tmp_path / "run" / CLAIM).exists()
+    with second:
+        assert second.held and not first.acquire()
+    assert first.acquire()
+    first.release()
+
+
+def test_a_claim_of_a_dead_process_or_a_stale_one_is_taken_over(tmp_path):
+    host = socket.gethostname()
+    write_claim(tmp_path / "dead", dead_pid(), host)  # killed: the pid is gone on this host
+    write_claim(tmp_path / "stale", os.getpid(), "another-host", age=3600)  # not touched for an hour
+    write_claim(tmp_path / "away", os.getpid(), "another-host", age=5)  # another host, beating: alive
+    for name in ("dead", "stale"):
+        claim = RunClaim(tmp_path / name)
+        assert claim.acquire(), name
+        assert json.loads((tmp_path / name / CLAIM).read_text())["pid"] == os.getpid()
+        claim.release()
+    away = RunClaim(tmp_path / "away")
+    assert not away.acquire() and away.holder["host"] == "another-host"
+    away.release()  # holds nothing: leaves the other host's claim alone
+    assert json.loads((tmp_path / "away" / CLAIM).read_text())["token"] == "theirs"
+
+
+def test_an_unwritten_claim_is_waited_for_then_taken_over(tmp_path):
+    path = tmp_path / "run" / CLAIM
+    path.parent.mkdir()
+    path.write_text("")  # a process between creating the file and writing it ...
+    assert not RunClaim(tmp_path / "run").acquire()
+    os.utime(path, (time.time() - 60, time.time() - 60))  # ... or one that died there
+    claim = RunClaim(tmp_path / "run")
+    assert claim.acquire()
+    claim.release()
+
+
+def test_a_held_claim_is_touched_while_held(tmp_path):
+    claim = RunClaim(tmp_path / "run", heartbeat=0.05)
+    with claim:
+        os.utime(claim.path, (time.time() - 3600, time.time() - 3600))
+        time.sleep(0.3)
+        assert time.time() - claim.path.stat().st_mtime < 60
+    assert not claim.path.exists()
+
+
+def test_a_claim_held_by_a_killed_process_is_taken_over(tmp_path):
+    """Two real processes. claims.py is standard library only: the holder loads that file alone (no torch), so the
+    test takes a moment."""
+    import ether_diffusion.bench.claims as claims
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import importlib.util, sys, time\n"
+         f"spec = importlib.util.spec_from_file_location('claims', {claims.__file__!r})\n"
+         "claims = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(claims)\n"
+         f"assert claims.RunClaim({str(tmp_path / 'run')!r}).acquire()\nprint('held', flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        claim = RunClaim(tmp_path / "run")
+        assert not claim.acquire() and claim.holder["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    assert claim.acquire()  # killed: its claim file stayed, its pid is gone
+    claim.release()
+
+
+def test_a_run_another_live_process_holds_is_skipped_and_said(tmp_path):
+    bench = FakeBench(tmp_path)
+    run = bench.store.run_dir("dog", RUN)
+    (run / TRAINED).write_text(json.dumps({"train_seconds": 3.0, "timed": True}))
+    other = RunClaim(run)
+    assert other.acquire()
+    try:
+        summary = bench.execute()
+    finally:
+        other.release()
+    assert bench.scored == ["base"] and [s["method"] for s in summary] == ["base"]
+    said = [line for line in bench.lines if "skipped" in line]
+    assert len(said) == 1 and f"{RUN}: skipped, process {os.getpid()} on {socket.gethostname()}" in said[0]
+    assert "1 run(s) of this grid are not finished yet" in bench.lines[-1]
+    assert not (run / CLAIM).exists() and not (run / SCORES).exists()
+    again = FakeBench(tmp_path)
+    again.execute()  # the holder has gone: the run is this process's now
+    assert again.scored == [RUN] and not (run / CLAIM).exists()
+
+
+def test_a_run_finished_by_its_holder_meanwhile_is_read_back_not_redone(tmp_path, monkeypatch):
+    bench, run = finished_bench(tmp_path)
+    record = (run / SCORES).read_text()
+    again = FakeBench(tmp_path)
+    calls = []
+    real = again.store.finished
+
+    def finished(run_dir):  # the first look finds nothing: the other process finishes between look and claim
+        calls.append(run_dir)
+        return None if len(calls) == 2 else real(run_dir)
+
+    monkeypatch.setattr(again.store, "finished", finished)
+    again.execute()
+    assert again.scored == [] and (run / SCORES).read_text() == record

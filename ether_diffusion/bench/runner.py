@@ -16,6 +16,10 @@ the evaluation set) say what a group is and how its images are drawn, scored and
     write_report()                      the table, plot and JSON of every finished run
     record_fields / base_fields         what its records add to ``runs.RECORD_FIELDS`` (a file without them is
                                         not a record: the run is scored again)
+
+A process claims a run (``claims.py``) before it does anything to it, so that several processes on one output
+folder never train or sample the same run at once: a run another live process holds is skipped, with a line in
+the log, and left for that process to finish.
 """
 
 from __future__ import annotations
@@ -110,21 +114,44 @@ class BenchRunner(ABC):
         done = self.store.finished(run_dir)
         if done is not None or self.config.report_only:
             return done
-        start = time.time()
-        record = self.base_record(group)
-        record["sample_seconds"] = time.time() - start
-        self.log(f"{self.log_prefix(group)}{record['label']}: {scores_line(record['metrics'])}")
-        return self.store.finish(run_dir, record)
+        with self.store.claim(run_dir) as claim:
+            if not claim.held:
+                return self.skip(group, "base model", claim)
+            done = self.store.finished(run_dir)  # finished by the process that held it a moment ago
+            if done is not None:
+                return done
+            start = time.time()
+            record = self.base_record(group)
+            record["sample_seconds"] = time.time() - start
+            self.log(f"{self.log_prefix(group)}{record['label']}: {scores_line(record['metrics'])}")
+            return self.store.finish(run_dir, record)
+
+    def skip(self, group, name: str, claim) -> None:
+        """Leave a run another live process holds (``claim.holder``) to that process; returns None (not finished)."""
+        self.log(
+            f"{self.log_prefix(group)}{name}: skipped, {claim.describe(claim.holder)} is running it "
+            f"({claim.path}); rerun later to add it to the table"
+        )
+        return None
 
     def run(self, group, method: str, scale: float, seed: int) -> dict | None:
-        """One run of the grid: its record, trained and evaluated as needed (None: not finished, ``--report_only``)."""
+        """One run of the grid: its record, trained and evaluated as needed (None: not finished, ``--report_only``,
+        or another process holds it)."""
         config = self.config
         run_dir = self.store.run_dir(self.group_name(group), config.run_name(method, scale, seed))
         done = self.store.finished(run_dir)
-        if done is not None:
+        if done is not None or config.report_only:
             return done
-        if config.report_only:
-            return None
+        with self.store.claim(run_dir) as claim:
+            if not claim.held:
+                return self.skip(group, config.run_name(method, scale, seed), claim)
+            done = self.store.finished(run_dir)  # finished by the process that held it a moment ago
+            if done is not None:
+                return done
+            return self.run_claimed(group, method, scale, seed, run_dir)
+
+    def run_claimed(self, group, method: str, scale: float, seed: int, run_dir: Path) -> dict:
+        """Train (or finish training) and evaluate a run this process holds the claim of; its record."""
         run_config = self.run_config(group, method, scale, seed, run_dir)
         weight_name = self.task(method, run_config).weight_name
         adapter = run_dir / "train" / weight_name

@@ -12,6 +12,7 @@ the same command continues where the last one stopped.
                                         (adapter.safetensors, written during training) and its samples/
         train.json                      the training's record (seconds, steps, final loss), once it has finished
         scores.json                     written last, atomically: the run is done
+        claim.json                      while a process runs the run (``claims.py``): others leave it alone
 
 Resuming is per piece: a finished run is read back, a trained run is sampled (only the missing images) and
 scored, an unfinished training continues from its last checkpoint (the trainer's exact resume). A ``scores.json``
@@ -34,6 +35,7 @@ from ..files import write_json
 from ..training.callbacks import Callback
 from ..training.config import RunConfig
 from ..training.trainer import Trainer, TrainingDivergedError
+from .claims import RunClaim
 from .report import machine
 
 __all__ = [
@@ -244,6 +246,10 @@ class RunStore:
             if record is not None:
                 records.append({**record, "run": str(path.parent.relative_to(self.root / "runs"))})
         return records
+
+    def claim(self, run_dir: Path) -> RunClaim:
+        """This process's claim of a run (``claims.py``): use it as ``with store.claim(run_dir) as claim:``."""
+        return RunClaim(run_dir)
 
     def finish(self, run_dir: Path, record: dict) -> dict:
         """Mark the run finished with its scores (and the machine and command that made it), then drop its training
