@@ -265,9 +265,16 @@ def _bench(kind: TaskKind, argv: list[str]) -> int:
     configuration (``--help`` lists them)."""
     import importlib
 
-    module = importlib.import_module(BENCHES[kind], __package__)
     command = " ".join(["ether-diffusion", "bench", str(kind), *argv])
-    module.main(module.parse_args(argv, prog=f"ether-diffusion bench {kind}"), command=command)
+    try:
+        module = importlib.import_module(BENCHES[kind], __package__)
+        module.main(module.parse_args(argv, prog=f"ether-diffusion bench {kind}"), command=command)
+    except KeyboardInterrupt:
+        # Ctrl-C: every file the benchmark writes is atomic and its runs resume from their last checkpoint (the
+        # run's claim is released on the way out), so the interruption is a state to resume from, not a crash
+        print(f"stopped; rerun the same command to resume (bench {kind} keeps its finished runs and checkpoints)",
+              file=sys.stderr)  # fmt: skip
+        return 130
     return 0
 
 

@@ -1,5 +1,5 @@
 """A benchmark's output folder under bad input: records of the wrong shape count as unfinished (the run is scored
-again and the log says so), and processes sharing a folder claim their runs.
+again and the log says so), processes sharing a folder claim their runs, and Ctrl-C ends the command in one line.
 Fast: a benchmark whose training is an adapter file already there and whose scoring is a constant (no model)."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from ether_diffusion.bench.metrics import Metric
 from ether_diffusion.bench.report import summarise
 from ether_diffusion.bench.runner import BenchRunner
 from ether_diffusion.bench.runs import BENCH_RECORD, SCORES, TRAINED, BenchMismatchError, RunStore
+from ether_diffusion.cli import main
 from ether_diffusion.training.config import TaskKind
 
 RUN = "ether-x1-seed0"
@@ -280,3 +281,26 @@ def test_a_run_finished_by_its_holder_meanwhile_is_read_back_not_redone(tmp_path
     monkeypatch.setattr(again.store, "finished", finished)
     again.execute()
     assert again.scored == [] and (run / SCORES).read_text() == record
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dreambooth", "control"])
+def test_ctrl_c_during_a_benchmark_ends_it_in_one_line(kind, monkeypatch, capsys):
+    import importlib
+
+    module = importlib.import_module(f"ether_diffusion.bench.{kind}")
+
+    def interrupted(config, command=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "parse_args", lambda argv, prog=None: argv)
+    monkeypatch.setattr(module, "main", interrupted)
+    try:
+        code = main(["bench", kind, "--output_dir", "somewhere"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C left the command as a traceback")
+    err = capsys.readouterr().err
+    assert code == 130 and err.count("\n") == 1
+    assert err.startswith("stopped; rerun the same command to resume")
