@@ -1,12 +1,14 @@
-"""The studio's files under bad input: links in the workspace (fast, no model)."""
+"""The studio's files under bad input: presets of the wrong size or shape, links in the workspace (fast, no model)."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
-from ether_diffusion.studio import AdapterStore, StudioError, TrainSpec, Workspace
+from ether_diffusion.studio import AdapterStore, ControlSpec, StudioError, TrainSpec, Workspace
+from ether_diffusion.studio.presets import MAX_PRESET_BYTES, PresetStore
 
 SUBJECT = "orange_checkered_star"
 DEEP = "[" * 30_000 + "]" * 30_000  # under the size cap, deeper than json's parser goes
@@ -19,6 +21,115 @@ def train_spec(**changes) -> TrainSpec:
 
 def preset_file(settings: dict, kind: str = "dreambooth", **top) -> str:
     return json.dumps({"format": 1, "kind": kind, "settings": settings, **top})
+
+
+# --- presets ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [DEEP, "[" * 100_000 + "]" * 100_000])
+def test_a_deeply_nested_preset_never_blocks_saving_deleting_listing_or_loading_the_others(tmp_path, bad):
+    presets = PresetStore(Workspace(tmp_path))
+    presets.save("fast", train_spec())
+    (presets.folder / "deep.json").write_text(bad)
+    assert presets.names("dreambooth") == ["deep", "fast"]  # listed, so that it can be deleted
+    assert presets.save("other", train_spec(max_train_steps=8))[0].settings["max_train_steps"] == 8
+    assert presets.load("fast").settings["max_train_steps"] == 4
+    presets.delete("other")
+    listing = presets.listing("dreambooth")
+    assert listing.names == ["deep", "fast"] and len(listing.problems) == 1
+    why = "nested deeper than any preset" if len(bad) < MAX_PRESET_BYTES else f"it is {len(bad):,} bytes"
+    assert listing.problems[0].startswith("deep.json: ") and why in listing.problems[0]
+    assert "skipped 1 bad preset(s): deep.json" in listing.note()
+    with pytest.raises(StudioError, match=f"preset 'deep' cannot be loaded: .*{why}.*delete it or save it again"):
+        presets.load("deep")
+    presets.delete("deep")
+    assert presets.listing().problems == [] and presets.names() == ["fast"]
+
+
+SETTINGS = dict(instance_prompt="a sks star", subject=SUBJECT, class_prompt="a star")
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("[]", "not a preset: a preset file holds exactly 'format', 'kind' and 'settings'"),
+        ("{}", "not a preset"),
+        (preset_file(SETTINGS, extra=1), "not a preset"),
+        (preset_file(SETTINGS, format=2), "its format is 2; this studio reads format 1"),
+        (preset_file(SETTINGS, kind="inpainting"), "its kind is 'inpainting', not one of dreambooth, control"),
+        (preset_file(SETTINGS, kind=["dreambooth"]), "its kind is \\['dreambooth'\\]"),
+        (json.dumps({"format": 1, "kind": "dreambooth", "settings": [1]}), "its settings are a list"),
+        (preset_file({**SETTINGS, "warp": 9}), "settings this studio does not know \\(warp\\)"),
+        (preset_file({**SETTINGS, "seed": "abc"}), "its setting 'seed' is text, which that field does not take"),
+        (preset_file({**SETTINGS, "n_blocks": True}), "its setting 'n_blocks' is true/false"),
+        (preset_file({**SETTINGS, "preview_prompt": ["a", "b"]}), "its setting 'preview_prompt' is a list"),
+        (preset_file({**SETTINGS, "class_prompt": {"a": [1]}}), "its setting 'class_prompt' is an object"),
+        (preset_file({**SETTINGS, "learning_rate": None}), "its setting 'learning_rate' is null"),
+        (preset_file({**SETTINGS, "data_dir": "x"}), "does not know \\(data_dir\\)"),  # a control field
+        (" " * (MAX_PRESET_BYTES + 1), "it is 65,537 bytes; a preset is a few hundred"),
+        ("{ half", "it is not readable JSON"),
+    ],
+)
+def test_a_preset_of_the_wrong_shape_is_named_with_why_and_skipped(tmp_path, text, why):
+    presets = PresetStore(Workspace(tmp_path))
+    presets.save("good", train_spec())
+    (presets.folder / "bad.json").write_text(text)
+    with pytest.raises(StudioError, match=f"preset 'bad' cannot be loaded: .*{why}"):
+        presets.load("bad")
+    listing = presets.listing("dreambooth")
+    assert listing.names == ["bad", "good"] and [p.split(":")[0] for p in listing.problems] == ["bad.json"]
+    assert presets.load("good").settings["subject"] == SUBJECT
+
+
+def test_saved_presets_of_both_forms_pass_the_schema_they_are_read_with(tmp_path):
+    presets = PresetStore(Workspace(tmp_path))
+    presets.save("train", train_spec(subject=None, uploads=["/tmp/x.png"], checkpoint_every=None, learning_rate=1))
+    presets.save("control", ControlSpec("c", source="edges", guidance_scale=4))
+    listing = presets.listing()
+    assert listing.names == ["control", "train"] and listing.problems == []
+    assert presets.names("control") == ["control"] and presets.load("control").spec().source == "edges"
+
+
+def test_odd_files_in_the_presets_folder_are_reported_not_followed(tmp_path):
+    presets = PresetStore(Workspace(tmp_path))
+    presets.save("good", train_spec())
+    outside = tmp_path / "outside.json"
+    outside.write_text(preset_file(SETTINGS))
+    (presets.folder / "link.json").symlink_to(outside)  # a link to a file outside the folder
+    (presets.folder / "dir.json").mkdir()  # not a file
+    (presets.folder / "two words.json").write_text(preset_file(SETTINGS))  # a name the studio cannot use
+    os.mkfifo(presets.folder / "fifo.json")  # reading it would block the page forever
+    listing = presets.listing("dreambooth")
+    problems = dict(p.split(": ", 1) for p in listing.problems)
+    assert set(problems) == {"link.json", "dir.json", "two words.json", "fifo.json"}
+    assert "links to a file outside the folder" in problems["link.json"]
+    assert "not a regular file" in problems["dir.json"] and "not a regular file" in problems["fifo.json"]
+    assert "is not allowed" in problems["two words.json"]
+    assert listing.names == ["dir", "fifo", "good", "link"]  # deletable from the page; "two words" cannot be typed
+    with pytest.raises(StudioError, match="links to a file outside the folder"):
+        presets.load("link")
+    presets.delete("link")  # the link goes, not the file it leads to
+    assert outside.is_file() and not (presets.folder / "link.json").is_symlink()
+    for bad in ("../outside", "a/b", "..", "x\\y", "a\x00b"):
+        with pytest.raises(StudioError):
+            presets.delete(bad)
+        with pytest.raises(StudioError):
+            presets.save(bad, train_spec())
+    assert outside.is_file()
+
+
+def test_a_huge_presets_folder_lists_its_first_files_and_says_so(tmp_path, monkeypatch):
+    import ether_diffusion.studio.presets as module
+
+    monkeypatch.setattr(module, "MAX_PRESETS", 5)
+    presets = PresetStore(Workspace(tmp_path))
+    presets.save("p0", train_spec())
+    for n in range(1, 8):
+        (presets.folder / f"p{n}.json").write_text((presets.folder / "p0.json").read_text())
+    listing = presets.listing()
+    assert listing.names == ["p0", "p1", "p2", "p3", "p4"]
+    assert listing.problems == ["the presets folder holds 8 files: only the first 5 are listed"]
+    assert presets.load("p7").name == "p7"  # every preset still loads by name
 
 
 # --- links and names in the workspace ---------------------------------------------------------------------------

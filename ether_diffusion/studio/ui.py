@@ -272,8 +272,9 @@ def wire_job_form(
     @inline_errors(note=0, outputs=3)
     def save_preset(values: dict):
         preset, replaced = studio.presets.save(values[presets.name], preset_spec(values))
-        said = f"preset '{preset.name}' {'replaced' if replaced else 'saved'}"
-        return said, gr.update(choices=studio.presets.names(kind), value=preset.name), ""
+        listing = studio.presets.listing(kind)  # a bad file is named in the note, never in the way
+        said = f"preset '{preset.name}' {'replaced' if replaced else 'saved'}{listing.note()}"
+        return said, gr.update(choices=listing.names, value=preset.name), ""
 
     @inline_errors(note=0, outputs=1 + len(form_outputs))
     def load_preset(name):
@@ -290,7 +291,8 @@ def wire_job_form(
         if not name:
             raise StudioError("choose a saved preset to delete")
         studio.presets.delete(name)
-        return f"preset '{name}' deleted", gr.update(choices=studio.presets.names(kind), value=None)
+        listing = studio.presets.listing(kind)
+        return f"preset '{name}' deleted{listing.note()}", gr.update(choices=listing.names, value=None)
 
     demo.load(fill_from_job, None, form_outputs)
     panel.start.click(start, inputs, panel.note)
