@@ -1,4 +1,5 @@
-"""The studio's files under bad input: presets of the wrong size or shape, links in the workspace (fast, no model)."""
+"""The studio's files under bad input: presets of the wrong size or shape, dataset folders naming files outside
+themselves, links in the workspace (fast, no model)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import os
 
 import pytest
 
-from ether_diffusion.studio import AdapterStore, ControlSpec, StudioError, TrainSpec, Workspace
+from ether_diffusion.studio import AdapterStore, ControlSpec, JobManager, StudioError, TrainSpec, Workspace
+from ether_diffusion.studio.control import check_dataset_folder, first_row
 from ether_diffusion.studio.presets import MAX_PRESET_BYTES, PresetStore
 
 SUBJECT = "orange_checkered_star"
@@ -130,6 +132,94 @@ def test_a_huge_presets_folder_lists_its_first_files_and_says_so(tmp_path, monke
     assert listing.names == ["p0", "p1", "p2", "p3", "p4"]
     assert listing.problems == ["the presets folder holds 8 files: only the first 5 are listed"]
     assert presets.load("p7").name == "p7"  # every preset still loads by name
+
+
+# --- dataset folders --------------------------------------------------------------------------------------------
+
+
+def dataset(tmp_path, rows: list[dict]):
+    from PIL import Image
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "a.png")
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+GOOD_ROW = {"image": "a.png", "conditioning_image": "a.png", "text": "a star"}
+
+
+@pytest.mark.parametrize(
+    "row_number, column, name",
+    [
+        (1, "conditioning_image", "../../../../../../etc/passwd"),
+        (1, "image", "../../../../../../etc/passwd"),
+        (1, "conditioning_image", "/etc/passwd"),
+        (3, "conditioning_image", "../outside.png"),
+        (2, "image", "sub/../../outside.png"),
+        (1, "conditioning_image", "link.png"),  # a link inside the folder to a file outside it
+        (2, "image", "."),
+    ],
+)
+def test_a_dataset_naming_files_outside_its_folder_is_refused_naming_row_and_path(tmp_path, monkeypatch, row_number,
+                                                                                  column, name):  # fmt: skip
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+    rows = [dict(GOOD_ROW) for _ in range(3)]
+    rows[row_number - 1][column] = name
+    folder = dataset(tmp_path, rows)
+    (folder / "link.png").symlink_to(tmp_path / "outside.png")
+    opened = []
+    real_open = open
+
+    def watch(path, *args, **kwargs):  # every file the check opens
+        opened.append(os.path.realpath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", watch)
+    what = "control image" if column == "conditioning_image" else "target image"
+    where = f"metadata.jsonl', line {row_number}: the {what} '.*' is outside the dataset"
+    with pytest.raises(StudioError, match=where):
+        check_dataset_folder(folder)
+    assert all(path.startswith(str(folder.resolve())) for path in opened), opened
+    if row_number == 1:
+        with pytest.raises(StudioError, match="line 1: .* is outside the dataset folder"):
+            first_row(folder)
+        with pytest.raises(StudioError, match="is outside the dataset folder"):
+            ControlSpec("c", source="folder", data_dir=str(folder)).validated()
+
+
+def test_a_dataset_inside_its_folder_is_accepted_and_bad_rows_are_named(tmp_path):
+    folder = dataset(tmp_path, [GOOD_ROW, {**GOOD_ROW, "image": "./sub/../a.png"}])
+    assert check_dataset_folder(folder) == folder.resolve()
+    (folder / "metadata.jsonl").write_text(json.dumps(GOOD_ROW) + "\n\n[1, 2]\n")
+    with pytest.raises(StudioError, match="line 3 is not a JSON object"):
+        check_dataset_folder(folder)
+    (folder / "metadata.jsonl").write_text(json.dumps(GOOD_ROW) + "\n" + DEEP + "\n")
+    with pytest.raises(StudioError, match="line 2 is not a JSON object"):
+        check_dataset_folder(folder)
+    (folder / "metadata.jsonl").write_text(json.dumps({**GOOD_ROW, "image": "a\x00b"}) + "\n")
+    with pytest.raises(StudioError, match="line 1: the target image .* is not a path"):
+        check_dataset_folder(folder)
+
+
+def test_resuming_a_control_job_checks_its_dataset_again(tmp_path):
+    folder = dataset(tmp_path, [GOOD_ROW])
+    workspace = Workspace(tmp_path / "ws")
+    spec = ControlSpec("c", source="folder", data_dir=str(folder)).validated()
+    job = workspace.jobs / "20260101-000000-c"
+    job.mkdir()
+    state = {"id": job.name, "kind": "control", "created": 1.0, "phase": "stopped", "spec": vars(spec).copy(),
+             "step": 1, "total": 300, "data_dir": str(folder), "preview_image": str(folder / "a.png")}  # fmt: skip
+    (job / "state.json").write_text(json.dumps(state))
+    (folder / "metadata.jsonl").write_text(json.dumps({**GOOD_ROW, "conditioning_image": "/etc/passwd"}) + "\n")
+    manager = JobManager(workspace, "no-model")
+    assert manager.status()["resumable"]
+    with pytest.raises(StudioError, match="line 1: the control image '/etc/passwd' is outside the dataset folder"):
+        manager.resume()
+    assert not manager.running() and manager.status()["phase"] == "stopped"
 
 
 # --- links and names in the workspace ---------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from ..training.data import IMAGE_EXTENSIONS
 from ..training.dreambooth import PAPER_LEARNING_RATE, DreamBoothConfig
 from ..training.task import SampleKind
 from .adapters import AdapterStore
-from .control import ControlSpec
+from .control import ControlSpec, check_dataset_folder
 from .estimate import measure, project
 from .forms import FormSpec
 from .uploads import save_uploads
@@ -336,6 +336,9 @@ class JobManager:
                 f"the last job ('{state['spec']['adapter_name']}') finished all {state['total']} steps; start a new "
                 "job to train more"
             )
+        spec = self.spec()
+        if isinstance(spec, ControlSpec) and spec.source == "folder":
+            check_dataset_folder(spec.data_dir)  # changed since the job started? its files must still be inside it
         self._launch(resume=True)
         return self.status()
 
