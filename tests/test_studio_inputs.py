@@ -1,5 +1,5 @@
 """The studio's files under bad input: presets of the wrong size or shape, dataset folders naming files outside
-themselves, links in the workspace (fast, no model)."""
+themselves, job states of the wrong shape, links in the workspace (fast, no model)."""
 
 from __future__ import annotations
 
@@ -220,6 +220,62 @@ def test_resuming_a_control_job_checks_its_dataset_again(tmp_path):
     with pytest.raises(StudioError, match="line 1: the control image '/etc/passwd' is outside the dataset folder"):
         manager.resume()
     assert not manager.running() and manager.status()["phase"] == "stopped"
+
+
+# --- job states -------------------------------------------------------------------------------------------------
+
+
+def write_state(workspace, name: str, text: str, created: float = 1.0):
+    job = workspace.jobs / name
+    job.mkdir()
+    (job / "state.json").write_text(text)
+    os.utime(job / "state.json", (created, created))
+
+
+def good_state(name: str, created: float) -> dict:
+    return {"id": name, "kind": "dreambooth", "created": created, "phase": "done", "step": 4, "total": 4,
+            "spec": vars(train_spec().validated()), "losses": [0.1, 0.2], "previews": [], "message": ""}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "state, why",
+    [
+        ("[]", "it is not a JSON object"),
+        ("{}", "its id None is not its folder's name"),
+        (DEEP, "its JSON is nested deeper"),
+        ("{", "it is not readable JSON"),
+        ({"id": "../../elsewhere"}, "its id '../../elsewhere' is not its folder's name"),
+        ({"phase": "dancing"}, "its phase 'dancing' is not one of"),
+        ({"kind": "inpainting"}, "its kind 'inpainting' is not one of"),
+        ({"created": "yesterday"}, "its created is of the wrong type"),
+        ({"losses": "many", "step": "4"}, "its losses, step are of the wrong type"),
+        ({"previews": [{"path": 1}]}, "its previews is of the wrong type"),
+        ({"spec": {"adapter_name": "x"}}, "its settings are not a dreambooth form's"),
+        ({"spec": {"instance_prompt": "x", "adapter_name": "../x"}}, "is not allowed"),
+        ({"spec": {"instance_prompt": "x", "adapter_name": "x", "method": "lora"}}, "method 'lora' is not one of"),
+        ({"spec": {"instance_prompt": "x", "adapter_name": "x", "preview_every": 0}}, "preview every must be"),
+        ({"spec": []}, "it has no settings"),
+    ],
+)
+def test_a_job_state_of_the_wrong_shape_is_skipped_and_the_studio_still_starts(tmp_path, state, why):
+    workspace = Workspace(tmp_path)
+    write_state(workspace, "1-good", json.dumps(good_state("1-good", 1.0)))
+    text = state if isinstance(state, str) else json.dumps({**good_state("2-bad", 2.0), **state})
+    write_state(workspace, "2-bad", text)  # the newer one: the studio would show it
+    manager = JobManager(workspace, "no-model")
+    assert manager.status()["id"] == "1-good" and manager.spec().adapter_name == "star"
+    assert len(manager.skipped) == 1 and "2-bad/state.json' is not a job's state (" in manager.skipped[0]
+    assert why in manager.skipped[0] and "the job is not shown" in manager.skipped[0]
+
+
+def test_a_huge_job_state_is_not_read(tmp_path, monkeypatch):
+    import ether_diffusion.studio.jobs as jobs
+
+    monkeypatch.setattr(jobs, "MAX_STATE_BYTES", 100)
+    workspace = Workspace(tmp_path)
+    write_state(workspace, "2-big", json.dumps(good_state("2-big", 2.0)))
+    manager = JobManager(workspace, "no-model")
+    assert manager.status() == {} and "a job's state is far smaller" in manager.skipped[0]
 
 
 # --- links and names in the workspace ---------------------------------------------------------------------------

@@ -775,6 +775,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def launch(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
     demo = build_app(args.model, args.workdir, args.config)
+    for line in demo.studio["jobs"].skipped:
+        print(f"note: {line}", file=sys.stderr)
     workspace = demo.studio["workspace"]
     demo.queue(default_concurrency_limit=1)
     demo.launch(
