@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "studio",
         help="the Gradio app (needs the app extra): train, sample, manage adapters (--host 127.0.0.1, --port, --model: "
-        "default the tiny model of a checkout, --workdir)",
+        "default the tiny model of a checkout, --workdir; --auth/--auth_file: a login, needed beyond the loopback)",
         add_help=False,
     )
     return parser

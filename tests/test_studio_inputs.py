@@ -1,14 +1,16 @@
-"""The studio's files under bad input: presets of the wrong size or shape, dataset folders naming files outside
-themselves, job states of the wrong shape, links in the workspace (fast, no model)."""
+"""The studio's files under bad input, and its door: presets of the wrong size or shape, dataset folders naming files
+outside themselves, job states of the wrong shape, links in the workspace, and the login's flags (fast, no model)."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 
 from ether_diffusion.studio import AdapterStore, ControlSpec, JobManager, StudioError, TrainSpec, Workspace
+from ether_diffusion.studio.access import accounts, check_exposure, is_loopback
 from ether_diffusion.studio.control import check_dataset_folder, first_row
 from ether_diffusion.studio.presets import MAX_PRESET_BYTES, PresetStore
 
@@ -306,3 +308,65 @@ def test_an_adapter_linking_outside_the_folder_is_listed_with_its_problem_and_ne
     assert store.exists("dir") and store.free_name("dir") == "dir-2"  # the name is taken, by a folder
     store.delete("escape")
     assert secret.read_bytes() == b"elsewhere" and store.names() == []
+
+
+# --- the door ---------------------------------------------------------------------------------------------------
+
+
+def test_accounts_come_from_the_flags_and_the_file_and_bad_ones_are_named_without_their_password(tmp_path):
+    users = tmp_path / "users.txt"
+    users.write_text("# the studio's users\n\nbob:pass:with:colons\n  carol:two words  \n")
+    assert accounts(["alice:s3cret"], str(users)) == [("alice", "s3cret"), ("bob", "pass:with:colons"),
+                                                     ("carol", "two words")]  # fmt: skip
+    refusals = [("alice", "--auth value 1 is not USER:PASSWORD"), (":pw", "--auth value 1"),
+                ("alice:", "--auth value 1"), ("al ice:hunter2x", "the user name holds a space")]  # fmt: skip
+    for value, message in refusals:
+        with pytest.raises(StudioError, match=message) as refused:
+            accounts([value], None)
+        assert "hunter2x" not in str(refused.value)  # the password is never repeated
+    users.write_text("dave:hunter2x\nerin hunter3y\n")
+    with pytest.raises(StudioError, match=f"--auth_file '{users}', line 2 is not USER:PASSWORD") as refused:
+        accounts([], str(users))
+    assert "hunter" not in str(refused.value)
+    users.write_text("# nobody\n")
+    with pytest.raises(StudioError, match="holds no USER:PASSWORD line"):
+        accounts([], str(users))
+    with pytest.raises(StudioError, match="is not a file"):
+        accounts([], str(tmp_path / "missing.txt"))
+    with pytest.raises(StudioError, match="the user 'alice' is given twice"):
+        accounts(["alice:a", "alice:b"], None)
+
+
+def test_listing_beyond_the_loopback_needs_a_login_or_the_insecure_flag():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("127.0.0.2")
+    assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("192.168.1.5")
+    assert check_exposure("127.0.0.1", 7860, [], False) is None
+    for host in ("0.0.0.0", "::", "192.168.1.5"):
+        with pytest.raises(StudioError) as refused:
+            check_exposure(host, 7860, [], False)
+        message = str(refused.value)
+        assert f"--host {host} listens beyond this machine" in message and "anyone who can reach port 7860" in message
+        assert "--auth USER:PASSWORD" in message and "--insecure_no_auth" in message
+        assert check_exposure(host, 7860, [("a", "b")], False) is None
+        assert check_exposure(host, 7860, [], True).startswith("warning: ")
+    with pytest.raises(StudioError, match="contradict"):
+        check_exposure("0.0.0.0", 7860, [("a", "b")], True)
+
+
+def test_the_studio_command_refuses_the_network_without_a_login_before_it_starts(tmp_path, capsys, monkeypatch):
+    from ether_diffusion.cli import main
+
+    started = []
+    import ether_diffusion.studio.ui as ui
+
+    monkeypatch.setattr(ui, "build_app", lambda *args: started.append(args))
+    begin = time.monotonic()
+    assert main(["studio", "--host", "0.0.0.0", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --host 0.0.0.0 listens beyond this machine") and err.count("\n") == 1
+    assert started == [] and time.monotonic() - begin < 30
+    users = tmp_path / "users.txt"
+    users.write_text("alice hunter2x\n")
+    assert main(["studio", "--host", "0.0.0.0", "--auth_file", str(users), "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "line 1 is not USER:PASSWORD" in err and "hunter2x" not in err and started == []
