@@ -265,9 +265,16 @@ def _bench(kind: TaskKind, argv: list[str]) -> int:
     configuration (``--help`` lists them)."""
     import importlib
 
-    module = importlib.import_module(BENCHES[kind], __package__)
     command = " ".join(["ether-diffusion", "bench", str(kind), *argv])
-    module.main(module.parse_args(argv, prog=f"ether-diffusion bench {kind}"), command=command)
+    try:
+        module = importlib.import_module(BENCHES[kind], __package__)
+        module.main(module.parse_args(argv, prog=f"ether-diffusion bench {kind}"), command=command)
+    except KeyboardInterrupt:
+        # Ctrl-C: every file the benchmark writes is atomic and its runs resume from their last checkpoint (the
+        # run's claim is released on the way out), so the interruption is a state to resume from, not a crash
+        print(f"stopped; rerun the same command to resume (bench {kind} keeps its finished runs and checkpoints)",
+              file=sys.stderr)  # fmt: skip
+        return 130
     return 0
 
 
@@ -440,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "studio",
         help="the Gradio app (needs the app extra): train, sample, manage adapters (--host 127.0.0.1, --port, --model: "
-        "default the tiny model of a checkout, --workdir)",
+        "default the tiny model of a checkout, --workdir; --auth/--auth_file: a login, needed beyond the loopback)",
         add_help=False,
     )
     return parser

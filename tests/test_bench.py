@@ -301,7 +301,8 @@ def test_run_store_refuses_other_settings_and_collects_finished_runs(tmp_path):
     assert store.finished(run) is None
     (run / SCORES).write_text("{ half a fi")  # damaged: not finished
     assert store.finished(run) is None and store.collect() == []
-    store.finish(run, {"subject": "dog", "metrics": {"dino": 0.5}})
+    store.finish(run, dict(subject="dog", method="ether", label="ETHER", lr=6e-3, lr_scale=1.0, seed=0, parameters=7,
+                           diverged=False, metrics={"dino": 0.5}))  # fmt: skip
     assert store.finished(run)["metrics"] == {"dino": 0.5}
     assert not (run / "train" / "checkpoint-5").exists()  # checkpoints of finished runs go
     assert [r["run"] for r in store.collect()] == ["dog/ether-x1-seed0"]

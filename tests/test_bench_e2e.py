@@ -107,6 +107,18 @@ def test_dreambooth_bench_runs_end_to_end_and_resumes_where_it_stopped(tmp_path,
     assert "| LoRA r=4 (PEFT) | 6e-04 (×1) | 1 | 1 |" in curves and "| base model (no adapter) | — | — | 1 |" in curves
     assert "Trade-off curves (subject fidelity against prompt fidelity" in table
 
+    # records of the wrong shape (valid JSON, not a record) count as absent: the run is scored again, and said
+    (ether / "scores.json").write_text("[]")
+    (ether / "train.json").write_text('{"train_seconds": "slow", "timed": true}')
+    capsys.readouterr()
+    assert main(["bench", "dreambooth", *args]) == 0
+    out_text = capsys.readouterr().out
+    assert f"'{ether / 'scores.json'}' is not a run record (it holds a JSON list, not an object)" in out_text
+    assert f"'{ether / 'train.json'}' is not a training record" in out_text
+    rescored = json.loads((ether / "scores.json").read_text())
+    assert rescored["metrics"] == json.loads((out / "dreambooth.json").read_text())["rows"][1]["metrics"]
+    assert rescored["train_seconds"] is None and [p["step"] for p in rescored["curve"]] == [1, 2]
+
     # other settings in the same folder would mix incomparable runs: refused, naming the setting
     assert main(["bench", "dreambooth", *args, "--eval_seed", "7"]) == 2
     assert "eval_seed: 1000 there, 7 now" in capsys.readouterr().err
@@ -169,3 +181,36 @@ def test_dino_clip_metrics_through_the_driver_score_the_class_noun_prompts(tmp_p
         float((clip.embed_images(samples) * clip.embed_texts(with_identifier)).sum(-1).mean()), abs=1e-5)  # fmt: skip
     table = (out / "dreambooth.md").read_text()
     assert "| DINO ↑ | CLIP-I ↑ | CLIP-T ↑ |" in table
+
+
+def test_ctrl_c_stops_the_command_in_one_line_and_frees_the_run(tmp_path):
+    """The command as a user runs it, interrupted (SIGINT) while it trains a run: one line, exit 130, the run's claim
+    released (a rerun, in this process or another, takes the run up at once)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    data, out = tmp_path / "tiny-dreambooth", tmp_path / "bench"
+    assert main(["bench", "export-world", "--output", str(data)]) == 0
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "ether_diffusion.cli", "bench", "dreambooth", "--dataset", str(data),
+               "--subjects", SUBJECT, "--methods", "ether", "--num_class_images", "2", "--inference_steps", "2",
+               "--images_per_prompt", "1", "--num_prompts", "1", "--max_train_steps", "5000", "--output_dir", str(out),
+               "--quiet"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    claim = out / "runs" / SUBJECT / "ether-x1-seed0" / "claim.json"
+    deadline = time.time() + 240
+    while not claim.is_file() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert claim.is_file(), process.communicate()[1][-2000:]
+    time.sleep(2)  # inside the run: class images, the task, the loop
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("stopped; rerun the same command to resume")
+    assert not claim.exists()

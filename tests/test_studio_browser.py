@@ -5,7 +5,8 @@ DreamBooth: a bad upload refused beside the button (no pop-up); Stop pressed whi
 progress on the page) and while the step-0 baseline is sampled, each acting within seconds and never flipping the
 label back; a preset saved and loaded; an estimate before Start; a job with live loss curve, ETA from training steps
 only, previews and its TensorBoard folder; a reload that shows the job's settings; sampling with the new adapter;
-the Adapters tab, where a broken import names the file and leaves the table as it was. Control: a control adapter
+the Adapters tab, where a broken import names the file and leaves the table as it was; a login (``--auth_file``)
+refusing a wrong password and opening the studio with the right one. Control: a control adapter
 trained on the tiny world's segmentation set, then sampled from an example map and from a map drawn on the
 canvas, beside the same prompt without control. A screenshot of each tab is saved.
 
@@ -108,6 +109,52 @@ def test_cli_starts_the_studio_on_localhost(tmp_path):
         assert f"Running on local URL:  {url.rstrip('/')}" in (tmp_path / "log.txt").read_text()
     finally:
         stop_process(process)
+
+
+@skip_on_request
+def test_a_login_guards_the_studio_in_a_browser(browser, tmp_path):
+    """``--auth_file``: the page is a login form and every route behind it answers 401; a wrong password is refused,
+    the right one opens a studio that works (a preset saved, the bad preset in the folder named beside it), and the
+    password appears nowhere in the log."""
+    import urllib.error
+
+    from playwright.sync_api import expect
+
+    password = "correct horse 42"
+    users = tmp_path / "users.txt"
+    users.write_text(f"# the studio's one user\nalice:{password}\n")
+    workspace = tmp_path / "ws"
+    (workspace / "presets").mkdir(parents=True)
+    (workspace / "presets" / "deep.json").write_text("[" * 30_000 + "]" * 30_000)  # deeper than json's parser goes
+    log = tmp_path / "log.txt"
+    process, url = start_studio([*STUDIO_MODULE, "--auth_file", str(users)], workspace, log)
+    try:
+        for route in ("config", "gradio_api/info"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(url + route, timeout=5)
+            assert refused.value.code == 401, route
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url)
+        expect(page.locator("body")).to_contain_text("log in with an account the studio was started with")
+        page.locator("input[type=text]").first.fill("alice")
+        page.locator("input[type=password]").first.fill("wrong horse 42")
+        page.get_by_role("button", name="Login").click()
+        expect(page.locator("body")).to_contain_text(re.compile("incorrect credentials", re.I), timeout=15_000)
+        expect(page.locator("#train-status")).to_have_count(0)
+        page.locator("input[type=text]").first.fill("alice")  # the form clears the name after a refusal
+        page.locator("input[type=password]").first.fill(password)
+        page.get_by_role("button", name="Login").click()
+        expect(page.locator("#train-status")).to_contain_text("No training job yet", timeout=30_000)
+        page.locator("#presets").get_by_text("Presets").click()
+        fill(page, "preset-name", "behind-the-door")
+        page.locator("#preset-save").click()
+        note = page.locator("#note")
+        expect(note).to_contain_text("preset 'behind-the-door' saved", timeout=15_000)
+        expect(note).to_contain_text("skipped 1 bad preset(s): deep.json: its JSON is nested deeper than any preset")
+        assert (workspace / "presets" / "behind-the-door.json").is_file()
+    finally:
+        stop_process(process)
+    assert password not in log.read_text() and "horse" not in log.read_text()
 
 
 def fill(page, elem_id: str, value) -> None:

@@ -3,7 +3,8 @@
 - ``dataset``: the DreamBooth dataset layout (``prompts_and_classes.txt``), read strictly; the tiny world in it.
 - ``metrics``: DINO / CLIP-I / CLIP-T through transformers, the world evaluator as the offline stand-in, segmenters.
 - ``dreambooth`` / ``control``: the drivers behind ``ether-diffusion bench dreambooth`` / ``bench control``.
-- ``runs`` / ``report``: the resumable output folder; mean ± sd tables, markdown and plots.
+- ``runs`` / ``report``: the resumable output folder; mean ± sd tables, markdown and plots. ``claims``: which of the
+  processes sharing an output folder runs a run.
 - ``ablation`` / ``quality_sweep``: tables and plots over finished runs (``bench ablation-table``, ``bench
   quality-sweep``).
 

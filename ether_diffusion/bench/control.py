@@ -206,6 +206,7 @@ class ControlBench(BenchRunner):
 
     kind = TaskKind.CONTROL
     methods = CONTROL_METHODS
+    base_fields = {"real": ("scores",), "reference": ("text",)}  # the segmenter on the real targets
 
     def __init__(self, config: ControlBenchConfig, callbacks, command: str | None, log, segmenter=None):
         super().__init__(config, callbacks, command, log)

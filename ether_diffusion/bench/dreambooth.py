@@ -200,6 +200,8 @@ class DreamBoothBench(BenchRunner):
 
     kind = TaskKind.DREAMBOOTH
     methods = DREAMBOOTH_METHODS
+    record_fields = {"subject": ("text",), "class_noun": ("text",)}
+    base_fields = {"ceiling": ("scores",)}  # the real images against each other
 
     def __init__(self, config: DreamBoothBenchConfig, callbacks, command: str | None, log, metrics=None):
         super().__init__(config, callbacks, command, log)

@@ -14,6 +14,12 @@ the evaluation set) say what a group is and how its images are drawn, scored and
     snapshot_paths(run_dir)             adapter files to save during training (``--eval_steps``), or none
     evaluate(group, method, run_config, run_dir, adapter, snapshots)   images and scores of a trained run
     write_report()                      the table, plot and JSON of every finished run
+    record_fields / base_fields         what its records add to ``runs.RECORD_FIELDS`` (a file without them is
+                                        not a record: the run is scored again)
+
+A process claims a run (``claims.py``) before it does anything to it, so that several processes on one output
+folder never train or sample the same run at once: a run another live process holds is skipped, with a line in
+the log, and left for that process to finish.
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..checkpoints import latest_checkpoint
-from ..files import read_json
 from ..registry import task_for
 from ..training.config import RunConfig, TaskKind
 from .config import Method
@@ -40,6 +45,9 @@ class BenchRunner(ABC):
     kind: ClassVar[TaskKind]
     #: the methods the grid may name, with their paper learning rates
     methods: ClassVar[dict[str, Method]]
+    #: fields every record of this benchmark holds beyond ``runs.RECORD_FIELDS``, and those its base records add
+    record_fields: ClassVar[dict[str, tuple[str, ...]]] = {}
+    base_fields: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, config, callbacks, command: str | None, log):
         self.config, self.callbacks, self.log = config, list(callbacks), log
@@ -47,7 +55,8 @@ class BenchRunner(ABC):
 
     def open_store(self, settings: dict) -> None:
         """The output folder, checked to hold a benchmark of these ``settings`` (or made)."""
-        self.store = RunStore(self.config.output_dir, str(self.kind), settings, self.command, self.config.defaults())
+        self.store = RunStore(self.config.output_dir, str(self.kind), settings, self.command, self.config.defaults(),
+                              self.record_fields, self.base_fields, self.log)  # fmt: skip
         self.store.open()
 
     def task(self, method: str, run_config: RunConfig):
@@ -105,26 +114,49 @@ class BenchRunner(ABC):
         done = self.store.finished(run_dir)
         if done is not None or self.config.report_only:
             return done
-        start = time.time()
-        record = self.base_record(group)
-        record["sample_seconds"] = time.time() - start
-        self.log(f"{self.log_prefix(group)}{record['label']}: {scores_line(record['metrics'])}")
-        return self.store.finish(run_dir, record)
+        with self.store.claim(run_dir) as claim:
+            if not claim.held:
+                return self.skip(group, "base model", claim)
+            done = self.store.finished(run_dir)  # finished by the process that held it a moment ago
+            if done is not None:
+                return done
+            start = time.time()
+            record = self.base_record(group)
+            record["sample_seconds"] = time.time() - start
+            self.log(f"{self.log_prefix(group)}{record['label']}: {scores_line(record['metrics'])}")
+            return self.store.finish(run_dir, record)
+
+    def skip(self, group, name: str, claim) -> None:
+        """Leave a run another live process holds (``claim.holder``) to that process; returns None (not finished)."""
+        self.log(
+            f"{self.log_prefix(group)}{name}: skipped, {claim.describe(claim.holder)} is running it "
+            f"({claim.path}); rerun later to add it to the table"
+        )
+        return None
 
     def run(self, group, method: str, scale: float, seed: int) -> dict | None:
-        """One run of the grid: its record, trained and evaluated as needed (None: not finished, ``--report_only``)."""
+        """One run of the grid: its record, trained and evaluated as needed (None: not finished, ``--report_only``,
+        or another process holds it)."""
         config = self.config
         run_dir = self.store.run_dir(self.group_name(group), config.run_name(method, scale, seed))
         done = self.store.finished(run_dir)
-        if done is not None:
+        if done is not None or config.report_only:
             return done
-        if config.report_only:
-            return None
+        with self.store.claim(run_dir) as claim:
+            if not claim.held:
+                return self.skip(group, config.run_name(method, scale, seed), claim)
+            done = self.store.finished(run_dir)  # finished by the process that held it a moment ago
+            if done is not None:
+                return done
+            return self.run_claimed(group, method, scale, seed, run_dir)
+
+    def run_claimed(self, group, method: str, scale: float, seed: int, run_dir: Path) -> dict:
+        """Train (or finish training) and evaluate a run this process holds the claim of; its record."""
         run_config = self.run_config(group, method, scale, seed, run_dir)
         weight_name = self.task(method, run_config).weight_name
         adapter = run_dir / "train" / weight_name
         snapshots = self.snapshot_paths(run_dir, weight_name)
-        info = read_json(run_dir / "train.json") if adapter.is_file() else None
+        info = self.store.trained(run_dir) if adapter.is_file() else None
         if info is None and not adapter.is_file():  # not trained yet, or its training was interrupted
             self.before_training(group, run_config)
             if latest_checkpoint(run_dir / "train"):  # continue the interrupted training exactly

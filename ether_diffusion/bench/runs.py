@@ -10,10 +10,15 @@ the same command continues where the last one stopped.
         samples/                        K images per prompt, fixed seeds (written one by one)
         snapshots/step-<N>/             with --eval_steps: the adapter as it was after step N of this training
                                         (adapter.safetensors, written during training) and its samples/
+        train.json                      the training's record (seconds, steps, final loss), once it has finished
         scores.json                     written last, atomically: the run is done
+        claim.json                      while a process runs the run (``claims.py``): others leave it alone
 
 Resuming is per piece: a finished run is read back, a trained run is sampled (only the missing images) and
-scored, an unfinished training continues from its last checkpoint (the trainer's exact resume).
+scored, an unfinished training continues from its last checkpoint (the trainer's exact resume). A ``scores.json``
+or ``train.json`` that is not a record of the shape below (damaged, ``[]``, ``{}``, a field of the wrong type: a
+file edited or cut short) counts as absent: the log says so, and the run is scored again from its adapter and
+samples (its training time then stays unknown where ``train.json`` was the bad one).
 """
 
 from __future__ import annotations
@@ -26,26 +31,102 @@ from pathlib import Path
 
 import torch
 
-from ..files import read_json, write_json
+from ..files import write_json
 from ..training.callbacks import Callback
 from ..training.config import RunConfig
 from ..training.trainer import Trainer, TrainingDivergedError
+from .claims import RunClaim
 from .report import machine
 
 __all__ = [
     "BENCH_RECORD",
+    "RECORD_FIELDS",
     "SCORES",
+    "TRAINED",
     "AdapterSnapshots",
     "BenchInterrupted",
     "BenchMismatchError",
     "RunStore",
     "SnapshotMissing",
     "missing_snapshots",
+    "record_problem",
     "train_run",
 ]
 
 BENCH_RECORD = "bench.json"
 SCORES = "scores.json"
+TRAINED = "train.json"
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _scores(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and (v is None or _number(v)) for k, v in value.items())
+
+
+#: the types a record's field may hold, by name (the name is what a refusal says)
+KINDS = {
+    "text": lambda v: isinstance(v, str),
+    "whole number": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": _number,
+    "true/false": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "object": lambda v: isinstance(v, dict),
+    "scores": _scores,  # {metric: number or null}
+    "curve": lambda v: (
+        isinstance(v, list)
+        and all(isinstance(p, dict) and KINDS["whole number"](p.get("step")) and _scores(p.get("metrics")) for p in v)
+    ),  # [{"step", "metrics", ...}, ...]
+}
+#: what every run record holds (``scores.json``): field -> the kinds its value may be
+RECORD_FIELDS = {"method": ("text",), "label": ("text",), "metrics": ("scores",), "diverged": ("true/false",),
+                 "lr": ("number", "null"), "lr_scale": ("number", "null"), "seed": ("whole number", "null"),
+                 "parameters": ("whole number", "null")}  # fmt: skip
+#: fields a run record may hold, checked when present
+OPTIONAL_FIELDS = {"train_seconds": ("number", "null"), "timed": ("true/false",), "images": ("whole number",),
+                   "sample_seconds": ("number", "null"), "curve": ("curve",), "command": ("text", "null"),
+                   "machine": ("text", "null"), "steps": ("whole number",), "resumed_from_step": ("whole number",),
+                   "final_loss": ("number", "null"), "error": ("text",)}  # fmt: skip
+#: what a training's record holds (``train.json``), and nothing else: its fields go into the run record
+TRAIN_FIELDS = {"train_seconds": ("number", "null"), "timed": ("true/false",)}
+TRAIN_OPTIONAL = {k: OPTIONAL_FIELDS[k] for k in ("resumed_from_step", "steps", "final_loss")}
+
+
+def record_problem(record, fields: dict, optional: dict | None = None, only: bool = False) -> str | None:
+    """Why ``record`` is not a record with ``fields`` (each present, of one of its kinds) and ``optional`` (of their
+    kinds where present; with ``only``, no other field), or None if it is one."""
+    if not isinstance(record, dict):
+        return f"it holds {_shown(record)}, not an object"
+    missing = [name for name in fields if name not in record]
+    if missing:
+        return f"it lacks {', '.join(repr(m) for m in missing)}"
+    allowed = {**(optional or {}), **fields}
+    if only:
+        unknown = sorted(set(record) - set(allowed))
+        if unknown:
+            return f"it holds fields no such record has ({', '.join(repr(u) for u in unknown)})"
+    for name, kinds in allowed.items():
+        if name in record and not any(KINDS[kind](record[name]) for kind in kinds):
+            return f"its {name!r} is {_shown(record[name])}, not {' or '.join(kinds)}"
+    return None
+
+
+def _shown(value) -> str:
+    """A JSON value in a few words: its type if it is a container, else itself (cut short)."""
+    if isinstance(value, dict | list):
+        return f"a JSON {'object' if isinstance(value, dict) else 'list'}"
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def read_record(path: Path) -> tuple[object, str | None]:
+    """``(the JSON at path, None)``, or ``(None, why it is unreadable)`` (a file that is absent too)."""
+    try:
+        return json.loads(path.read_text()), None
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested deeper than the parser goes
+        return None, f"it is not readable JSON ({type(err).__name__}: {str(err)[:80]})"
 
 
 class BenchMismatchError(ValueError):
@@ -61,22 +142,35 @@ def _plain(value):
 
 
 class RunStore:
+    """A benchmark's output folder. ``fields``: what the benchmark's records hold beyond ``RECORD_FIELDS`` (field ->
+    kinds), ``base_fields`` what its base model's records add; a record without them is not a run record. ``log``
+    hears once about each record in the folder that is not one."""
+
     def __init__(self, root: str | Path, kind: str, identity: dict, command: str | None = None,
-                 defaults: dict | None = None):  # fmt: skip
+                 defaults: dict | None = None, fields: dict | None = None, base_fields: dict | None = None,
+                 log=None):  # fmt: skip
         self.root, self.kind, self.identity, self.command = Path(root), kind, _plain(identity), command
         # settings added to the library after a folder was made: its runs had their defaults
         self.defaults = _plain({k: v for k, v in (defaults or {}).items() if k in self.identity})
+        self.fields = {**RECORD_FIELDS, **(fields or {})}
+        self.base_fields = {**self.fields, **(base_fields or {})}
+        self.log = log or (lambda message: None)
+        self._told: set[Path] = set()
 
     def open(self) -> RunStore:
         """Create the folder, or check that it holds a benchmark of these settings (``BenchMismatchError``)."""
         self.root.mkdir(parents=True, exist_ok=True)
         record_file = self.root / BENCH_RECORD
         if record_file.is_file():
-            try:
-                record = json.loads(record_file.read_text())
-                kind, identity = record["kind"], {**self.defaults, **RunConfig.comparable(record["identity"])}
-            except (ValueError, KeyError, TypeError) as err:
-                raise BenchMismatchError(f"'{record_file}' is unreadable ({err}); use another --output_dir") from err
+            record, why = read_record(record_file)
+            if why is None:
+                why = record_problem(record, {"kind": ("text",), "identity": ("object",)})
+            if why is not None:
+                raise BenchMismatchError(
+                    f"'{record_file}' is not a benchmark's record ({why}), so the settings of the runs in "
+                    f"'{self.root}' are unknown: use another --output_dir"
+                )
+            kind, identity = record["kind"], {**self.defaults, **RunConfig.comparable(record["identity"])}
             if kind != self.kind:
                 raise BenchMismatchError(
                     f"'{self.root}' holds a {kind} benchmark, not a {self.kind} one: use another --output_dir"
@@ -105,20 +199,57 @@ class RunStore:
         slug = "".join(c if c.isalnum() or c in "-_" else "_" for c in class_noun.strip()) or "class"
         return self.root / "class_images" / slug
 
-    @staticmethod
-    def finished(run_dir: Path) -> dict | None:
-        """The run's scores if it is finished, else None (a damaged scores.json counts as unfinished)."""
-        return read_json(run_dir / SCORES)
+    def _tell(self, path: Path, message: str) -> None:
+        """``message`` about the file at ``path`` into the log, once per file."""
+        if path not in self._told:
+            self._told.add(path)
+            self.log(f"'{path}' {message}")
+
+    def finished(self, run_dir: Path) -> dict | None:
+        """The run's scores if it is finished, else None. A ``scores.json`` that is not a run record (damaged, or
+        valid JSON of another shape) counts as unfinished, and the log says so: the run is scored again."""
+        path = run_dir / SCORES
+        if not path.exists():
+            return None
+        record, why = read_record(path)
+        if why is None:
+            base = isinstance(record, dict) and record.get("method") == "base"
+            why = record_problem(record, self.base_fields if base else self.fields, OPTIONAL_FIELDS)
+        if why is not None:
+            self._tell(
+                path,
+                f"is not a run record ({why}): the run counts as unfinished and is scored again "
+                "(not with --report_only)",
+            )
+            return None
+        return record
+
+    def trained(self, run_dir: Path) -> dict | None:
+        """The run's training record (``train.json``), or None if it is absent or not one (the log says which)."""
+        path = run_dir / TRAINED
+        if not path.exists():
+            return None
+        record, why = read_record(path)
+        if why is None:
+            why = record_problem(record, TRAIN_FIELDS, TRAIN_OPTIONAL, only=True)
+        if why is not None:
+            self._tell(path, f"is not a training record ({why}): the run is scored without its training time")
+            return None
+        return record
 
     def collect(self) -> list[dict]:
         """Every finished run in the folder (this invocation's and earlier ones': the settings are the same), each
-        with ``run``, its folder relative to ``runs/``."""
+        with ``run``, its folder relative to ``runs/``; a ``scores.json`` that is not a run record is left out."""
         records = []
         for path in sorted((self.root / "runs").glob(f"*/*/{SCORES}")):
-            record = read_json(path)
+            record = self.finished(path.parent)
             if record is not None:
                 records.append({**record, "run": str(path.parent.relative_to(self.root / "runs"))})
         return records
+
+    def claim(self, run_dir: Path) -> RunClaim:
+        """This process's claim of a run (``claims.py``): use it as ``with store.claim(run_dir) as claim:``."""
+        return RunClaim(run_dir)
 
     def finish(self, run_dir: Path, record: dict) -> dict:
         """Mark the run finished with its scores (and the machine and command that made it), then drop its training
@@ -234,5 +365,5 @@ def train_run(task, run_dir: Path, callbacks=(), snapshots: dict[int, Path] | No
         steps=result.global_step,
         final_loss=statistics.fmean(result.losses[-50:]) if result.losses else None,
     )
-    write_json(run_dir / "train.json", info)
+    write_json(run_dir / TRAINED, info)
     return info

@@ -15,7 +15,7 @@ from ..config import METHOD_LABELS
 from ..files import atomic_write
 from ..io import AdapterFileError, AdapterMismatchError, read_adapter_file
 from ..training.config import TaskKind
-from .workspace import StudioError, Workspace, check_name, inside, slug
+from .workspace import StudioError, Workspace, check_name, entry, inside, slug
 
 __all__ = ["MAX_ADAPTER_BYTES", "AdapterInfo", "AdapterStore"]
 
@@ -94,7 +94,9 @@ class AdapterStore:
         return inside(self.folder, check_name(name) + ".png")
 
     def exists(self, name: str) -> bool:
-        return self.path(name).is_file()
+        """Whether the name is taken: by an adapter, or by anything else at its file name (a folder, a link)."""
+        path = entry(self.folder, check_name(name) + SUFFIX)
+        return path.exists() or path.is_symlink()
 
     def require(self, name: str) -> Path:
         path = self.path(name)
@@ -122,26 +124,41 @@ class AdapterStore:
     def find(self, digest: str) -> str | None:
         """The name of the adapter whose file has ``digest`` (renamed or not), or None."""
         for name in self.names():
-            if file_digest(self.path(name)) == digest:
-                return name
+            try:
+                if file_digest(self.path(name)) == digest:
+                    return name
+            except (StudioError, OSError):  # a link to outside the folder, a file removed meanwhile: not it
+                continue
         return None
 
     # --- listing -----------------------------------------------------------------------------------------------
     def list(self) -> list[AdapterInfo]:
+        """Every adapter file of the folder; one the studio cannot use (unreadable, a link to outside the folder) is
+        listed with its problem, so that it can be deleted, and never hides the others."""
         infos = []
         for name in self.names():
-            thumb = self.thumbnail_path(name)
-            infos.append(describe(name, self.path(name), thumb if thumb.is_file() else None))
+            try:
+                path = self.path(name)
+            except StudioError as err:
+                infos.append(AdapterInfo(name, entry(self.folder, name + SUFFIX), None, "unreadable", None, 0, None,
+                                         None, None, str(err)))  # fmt: skip
+                continue
+            infos.append(describe(name, path, self._thumbnail(name)))
         return infos
+
+    def _thumbnail(self, name: str) -> Path | None:
+        try:
+            thumb = self.thumbnail_path(name)
+        except StudioError:  # a link to outside the folder: no thumbnail
+            return None
+        return thumb if thumb.is_file() else None
 
     def names_for(self, task: str) -> list[str]:
         """The usable adapters of ``task`` (a ``TaskKind``): what each tab's pickers offer."""
         return [i.name for i in self.list() if i.error is None and i.task == task]
 
     def info(self, name: str) -> AdapterInfo:
-        path = self.require(name)
-        thumb = self.thumbnail_path(name)
-        return describe(name, path, thumb if thumb.is_file() else None)
+        return describe(name, self.require(name), self._thumbnail(name))
 
     # --- changes -----------------------------------------------------------------------------------------------
     def publish(self, source: Path, name: str, thumbnail=None, replace: bool = False) -> Path:
@@ -170,16 +187,21 @@ class AdapterStore:
         target = self.path(new)
         if new == check_name(old):
             return new
-        if target.exists():
+        if self.exists(new):
             raise StudioError(f"an adapter named {new!r} already exists; choose another name")
+        thumbnail = self._thumbnail(old)
         os.rename(source, target)
-        if self.thumbnail_path(old).is_file():
-            os.replace(self.thumbnail_path(old), self.thumbnail_path(new))
+        if thumbnail is not None:
+            os.replace(thumbnail, entry(self.folder, new + ".png"))
         return new
 
     def delete(self, name: str) -> None:
-        self.require(name).unlink()
-        self.thumbnail_path(name).unlink(missing_ok=True)
+        """Remove the adapter's file and thumbnail: the folder's entries (a link itself, never what it leads to)."""
+        path = entry(self.folder, check_name(name) + SUFFIX)
+        if not path.is_symlink() and not path.is_file():
+            raise StudioError(f"no adapter named {name!r} (saved adapters: {', '.join(self.names()) or 'none yet'})")
+        path.unlink()
+        entry(self.folder, check_name(name) + ".png").unlink(missing_ok=True)
 
     def import_file(
         self,

@@ -79,11 +79,12 @@ class ControlSpec(FormSpec):
         return spec
 
     def inputs(self, workspace: Workspace) -> dict:
-        """The training folder and the held-out preview (control image, prompt), rendered if need be."""
+        """The training folder and the held-out preview (control image, prompt), rendered if need be. A dataset
+        folder is checked again (every file it names inside it): it may have changed since the form was checked."""
         if self.source == "folder":
-            folder = Path(self.data_dir)
-            first = first_row(folder)
-            preview_image, caption = folder / first["conditioning_image"], first["text"]
+            folder = check_dataset_folder(self.data_dir)
+            first = first_row(folder)  # its files checked to be inside the folder just now
+            preview_image, caption = (folder / first["conditioning_image"]).resolve(), first["text"]
         else:
             folder = world_control_data(workspace, self.source, self.scenes)
             preview = world_control_data(workspace, self.source, 1, start=PREVIEW_SCENE)
@@ -129,37 +130,89 @@ class ControlSpec(FormSpec):
         return train(config, callbacks)
 
 
+#: the columns of a row that name files of the dataset folder, as the messages call them
+FILE_COLUMNS = {"image": "target image", "conditioning_image": "control image"}
+MAX_METADATA_LINE = 1 << 20  # characters in one row of metadata.jsonl: a row is a few hundred
+
+
 def check_dataset_folder(path: str | os.PathLike | None) -> Path:
-    """``path`` as a dataset folder with a readable first row, or StudioError saying what is missing."""
+    """``path`` as a dataset folder (resolved) with a readable first row, every file its ``metadata.jsonl`` names
+    inside it (``dataset_file``); StudioError naming the first bad row and what is wrong with it."""
     if not path or not str(path).strip():
         raise StudioError("no dataset folder: type the folder that holds metadata.jsonl, or train on a world set")
     folder = Path(str(path).strip()).expanduser()
     if not folder.is_dir():
         raise StudioError(f"the dataset folder '{folder}' does not exist on the studio's machine")
+    folder = folder.resolve()
     first_row(folder)
-    return folder.resolve()
+    for number, row in _rows(folder):
+        for column, what in FILE_COLUMNS.items():
+            if isinstance(row.get(column), str):
+                dataset_file(folder, row[column], number, what)
+    return folder
+
+
+def dataset_file(folder: Path, name: str, line: int, what: str) -> Path:
+    """``folder / name`` resolved (links followed), or StudioError naming the row and the path when it is not inside
+    ``folder``: a dataset names its own files, never ``../../etc/passwd`` nor an absolute path elsewhere. Nothing is
+    opened, only resolved."""
+    root = folder.resolve()
+    try:
+        path = (root / name).resolve()
+    except (OSError, ValueError, RuntimeError) as err:  # a NUL in the name, a link loop
+        raise StudioError(
+            f"'{root / 'metadata.jsonl'}', line {line}: the {what} {name!r:.80} is not a path ({err})"
+        ) from None
+    if not path.is_relative_to(root) or path == root:
+        raise StudioError(
+            f"'{root / 'metadata.jsonl'}', line {line}: the {what} {name!r:.80} is outside the dataset folder "
+            f"'{root}'; a dataset names files inside its folder (paths relative to it)"
+        )
+    return path
+
+
+def _rows(folder: Path):
+    """``(line number, row)`` of each line of ``folder/metadata.jsonl`` that holds a JSON object, read lazily."""
+    metadata = folder / "metadata.jsonl"
+    try:
+        with open(metadata, encoding="utf-8") as handle:
+            for number, line in enumerate(iter(lambda: handle.readline(MAX_METADATA_LINE), ""), start=1):
+                if not line.endswith("\n") and len(line) == MAX_METADATA_LINE:
+                    raise StudioError(f"'{metadata}', line {number} is over {MAX_METADATA_LINE:,} characters")
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except (ValueError, RecursionError) as err:
+                    raise StudioError(f"'{metadata}', line {number} is not a JSON object ({str(err)[:80]})") from None
+                if not isinstance(row, dict):
+                    raise StudioError(f"'{metadata}', line {number} is not a JSON object")
+                yield number, row
+    except (OSError, UnicodeDecodeError) as err:
+        raise StudioError(f"'{metadata}' cannot be read ({err})") from None
 
 
 def first_row(folder: Path) -> dict:
-    """The first row of ``folder/metadata.jsonl`` (columns image, conditioning_image, text), checked."""
+    """The first row of ``folder/metadata.jsonl`` (columns image, conditioning_image, text), checked: its files are
+    inside the folder (``dataset_file``) before the control image is looked for."""
     metadata = folder / "metadata.jsonl"
     if not metadata.is_file():
         raise StudioError(
             f"'{folder}' has no metadata.jsonl: write one JSON object per line with 'image', 'conditioning_image' "
             "and 'text' (docs/control.md), or train on a world set"
         )
-    try:
-        line = next(line for line in metadata.read_text().splitlines() if line.strip())
-        row = json.loads(line)
-    except StopIteration:
-        raise StudioError(f"'{metadata}' has no rows") from None
-    except (OSError, ValueError) as err:
-        raise StudioError(f"the first line of '{metadata}' is not a JSON object ({err})") from None
-    if not isinstance(row, dict) or not all(isinstance(row.get(c), str) for c in ("image", "conditioning_image",
-                                                                                    "text")):  # fmt: skip
-        raise StudioError(f"the first row of '{metadata}' needs the columns 'image', 'conditioning_image' and 'text'")
-    if not (folder / row["conditioning_image"]).is_file():
-        raise StudioError(f"'{metadata}', line 1: the control image '{row['conditioning_image']}' does not exist")
+    number, row = next(_rows(folder), (None, None))
+    if row is None:
+        raise StudioError(f"'{metadata}' has no rows")
+    if not all(isinstance(row.get(c), str) for c in ("image", "conditioning_image", "text")):
+        raise StudioError(
+            f"'{metadata}', line {number}: a row needs the columns 'image', 'conditioning_image' and 'text' (text)"
+        )
+    paths = {column: dataset_file(folder, row[column], number, what) for column, what in FILE_COLUMNS.items()}
+    if not paths["conditioning_image"].is_file():
+        raise StudioError(
+            f"'{metadata}', line {number}: the control image '{row['conditioning_image']}' does not exist"
+        )
     return row
 
 

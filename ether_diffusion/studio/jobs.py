@@ -36,21 +36,23 @@ from ..checkpoints import checkpoint_step, latest_checkpoint
 from ..files import atomic_write
 from ..registry import train
 from ..training.callbacks import Callback
-from ..training.config import ConfigError, TaskKind
+from ..training.config import ETHER_METHODS, ConfigError, TaskKind
 from ..training.data import IMAGE_EXTENSIONS
 from ..training.dreambooth import PAPER_LEARNING_RATE, DreamBoothConfig
 from ..training.task import SampleKind
 from .adapters import AdapterStore
-from .control import ControlSpec
+from .control import ControlSpec, check_dataset_folder
 from .estimate import measure, project
-from .forms import FormSpec
+from .forms import FormSpec, check_whole_numbers
 from .uploads import save_uploads
-from .workspace import StudioError, Workspace, inside, slug
+from .workspace import StudioError, Workspace, check_name, inside, slug
 
 __all__ = ["ACTIVE_PHASES", "SPECS", "JobManager", "TrainSpec", "shipped_subjects"]
 
 ACTIVE_PHASES = ("preparing", "training", "stopping", "saving")
+PHASES = (*ACTIVE_PHASES, "done", "stopped", "failed", "interrupted")
 STATE_FILE = "state.json"
+MAX_STATE_BYTES = 64 * 2**20  # a 100,000-step job's losses and previews are a few MB; more is not a state
 
 
 def tensorboard_available() -> bool:
@@ -142,6 +144,58 @@ class TrainSpec(FormSpec):
 SPECS = {spec.kind: spec for spec in (TrainSpec, ControlSpec)}  # a job's "kind" -> its spec class
 
 
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+#: the fields of a state the studio reads, each with the test its value passes where present
+STATE_FIELDS = {
+    "created": _number, "step": _whole, "start_step": _whole, "total": lambda v: v is None or _whole(v),
+    "loss": lambda v: v is None or _number(v), "lr": lambda v: v is None or _number(v),
+    "eta_seconds": lambda v: v is None or _number(v), "losses": lambda v: isinstance(v, list) and all(map(_number, v)),
+    "previews": lambda v: isinstance(v, list) and all(isinstance(p, dict) and isinstance(p.get("path"), str)
+                                                     and isinstance(p.get("caption"), str) and _whole(p.get("step"))
+                                                     for p in v),
+    "message": lambda v: isinstance(v, str), "error": lambda v: v is None or isinstance(v, str),
+    "logs": lambda v: v is None or isinstance(v, str), "adapter": lambda v: v is None or isinstance(v, str),
+}  # fmt: skip
+
+
+def check_state(state, job_dir: Path) -> str | None:
+    """Why ``state`` (a parsed ``state.json`` of ``job_dir``) is not a job's state the studio can show and resume,
+    or None: its id is its folder's name, its kind a form's, its phase one of ``PHASES``, its spec that form's fields
+    (a known method, whole numbers in range), and every other field it has of the type ``STATE_FIELDS`` says."""
+    if not isinstance(state, dict):
+        return "it is not a JSON object"
+    if state.get("id") != job_dir.name:
+        return f"its id {state.get('id')!r:.40} is not its folder's name"
+    kind = state.get("kind", TrainSpec.kind)
+    if not isinstance(kind, str) or kind not in SPECS:
+        return f"its kind {kind!r:.40} is not one of {', '.join(map(str, SPECS))}"
+    if state.get("phase") not in PHASES:
+        return f"its phase {state.get('phase')!r:.40} is not one of {', '.join(PHASES)}"
+    bad = sorted(name for name, valid in STATE_FIELDS.items() if name in state and not valid(state[name]))
+    if bad:
+        return f"its {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} of the wrong type"
+    if state.get("total") and "step" not in state:
+        return "it has a total but no step"
+    if not isinstance(state.get("spec"), dict):
+        return "it has no settings (spec)"
+    try:
+        spec = SPECS[kind](**state["spec"])
+        check_name(spec.adapter_name)
+        if spec.method not in ETHER_METHODS:
+            raise StudioError(f"method {spec.method!r:.40} is not one of {', '.join(ETHER_METHODS)}")
+        check_whole_numbers(copy.copy(spec), **spec.ranges())
+    except (TypeError, ValueError) as err:  # StudioError is a ValueError
+        return f"its settings are not a {kind} form's ({str(err)[:120]})"
+    return None
+
+
 class JobManager:
     """Starts, watches, stops and resumes training jobs; ``status()`` is what the page polls."""
 
@@ -159,6 +213,7 @@ class JobManager:
         self._thread: threading.Thread | None = None
         self._state: dict | None = None
         self._last_write = 0.0
+        self.skipped: list[str] = []  # job folders whose state.json could not be read, with why
         self._load_latest()
 
     # --- state -------------------------------------------------------------------------------------------------
@@ -166,12 +221,24 @@ class JobManager:
         return inside(self.workspace.jobs, job_id or self._state["id"])
 
     def _load_latest(self) -> None:
+        """The newest job whose ``state.json`` is a job's state; each other one is skipped with why (``skipped``)."""
         states = []
-        for path in self.workspace.jobs.glob(f"*/{STATE_FILE}"):
+        for path in sorted(self.workspace.jobs.glob(f"*/{STATE_FILE}")):
+            why = None
             try:
-                states.append(json.loads(path.read_text()))
-            except (OSError, ValueError):
-                continue  # a job folder without readable state is not shown
+                if path.stat().st_size > MAX_STATE_BYTES:
+                    why = f"it is {path.stat().st_size / 2**20:.0f} MB; a job's state is far smaller"
+                else:
+                    state = json.loads(path.read_text())
+            except RecursionError:
+                why = "its JSON is nested deeper than any job's state"
+            except (OSError, ValueError) as err:
+                why = f"it is not readable JSON ({str(err)[:80]})"
+            why = why or check_state(state, path.parent)
+            if why is not None:
+                self.skipped.append(f"'{path}' is not a job's state ({why}): the job is not shown")
+                continue
+            states.append(state)
         if not states:
             return
         self._state = max(states, key=lambda s: s.get("created", 0))
@@ -336,6 +403,9 @@ class JobManager:
                 f"the last job ('{state['spec']['adapter_name']}') finished all {state['total']} steps; start a new "
                 "job to train more"
             )
+        spec = self.spec()
+        if isinstance(spec, ControlSpec) and spec.source == "folder":
+            check_dataset_folder(spec.data_dir)  # changed since the job started? its files must still be inside it
         self._launch(resume=True)
         return self.status()
 

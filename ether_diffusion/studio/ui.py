@@ -1,6 +1,7 @@
 """ETHER Studio: train, sample and manage ETHER adapters in the browser.
 
     ether-diffusion studio [--host 127.0.0.1] [--port 7860] [--model assets/tiny-sd] [--workdir outputs/studio]
+                           [--auth USER:PASSWORD | --auth_file FILE | --insecure_no_auth]
 
 or ``python -m ether_diffusion.studio.ui`` (``app/app.py`` in a checkout) with the same flags. Without ``--model``
 the studio opens the shipped tiny model, which a checkout has (``assets/tiny-sd``) and an installed wheel has not:
@@ -35,6 +36,7 @@ from ..assets import default_model_path, default_subjects_path  # noqa: E402
 from ..config import METHOD_LABELS  # noqa: E402
 from ..demo import DEFAULT_SUBJECT  # noqa: E402
 from ..training.config import ETHER_METHODS, TaskKind  # noqa: E402
+from .access import accounts, check_exposure  # noqa: E402
 from .adapters import TABLE_HEADERS, AdapterStore  # noqa: E402
 from .control import ControlSpec, example_control, palette_colors  # noqa: E402
 from .forms import FormSpec, short_rate  # noqa: E402
@@ -272,8 +274,9 @@ def wire_job_form(
     @inline_errors(note=0, outputs=3)
     def save_preset(values: dict):
         preset, replaced = studio.presets.save(values[presets.name], preset_spec(values))
-        said = f"preset '{preset.name}' {'replaced' if replaced else 'saved'}"
-        return said, gr.update(choices=studio.presets.names(kind), value=preset.name), ""
+        listing = studio.presets.listing(kind)  # a bad file is named in the note, never in the way
+        said = f"preset '{preset.name}' {'replaced' if replaced else 'saved'}{listing.note()}"
+        return said, gr.update(choices=listing.names, value=preset.name), ""
 
     @inline_errors(note=0, outputs=1 + len(form_outputs))
     def load_preset(name):
@@ -290,7 +293,8 @@ def wire_job_form(
         if not name:
             raise StudioError("choose a saved preset to delete")
         studio.presets.delete(name)
-        return f"preset '{name}' deleted", gr.update(choices=studio.presets.names(kind), value=None)
+        listing = studio.presets.listing(kind)
+        return f"preset '{name}' deleted{listing.note()}", gr.update(choices=listing.names, value=None)
 
     demo.load(fill_from_job, None, form_outputs)
     panel.start.click(start, inputs, panel.note)
@@ -759,8 +763,23 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument(
+        "--host", default="127.0.0.1",
+        help="address to listen on (0.0.0.0: every interface; beyond the loopback it needs --auth or --auth_file)",
+    )  # fmt: skip
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument(
+        "--auth", action="append", default=[], metavar="USER:PASSWORD",
+        help="ask for a login with this account (repeat for several); visible to other users of this machine in its "
+        "process list: prefer --auth_file",
+    )  # fmt: skip
+    parser.add_argument(
+        "--auth_file", default=None, metavar="FILE", help="accounts to log in with, USER:PASSWORD a line"
+    )
+    parser.add_argument(
+        "--insecure_no_auth", action="store_true",
+        help="listen beyond the loopback without a login: anyone reaching the port can train, delete and export",
+    )  # fmt: skip
     parser.add_argument(
         "--model", default=None,
         help="diffusers folder, hub id or single checkpoint file (default: a checkout's tiny model, assets/tiny-sd)",
@@ -772,12 +791,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def launch(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
+    """Serve the studio as ``args`` say; StudioError before anything starts for bad accounts, or for a host beyond the
+    loopback without a login (``access.py``)."""
+    logins = accounts(getattr(args, "auth", None), getattr(args, "auth_file", None))
+    warning = check_exposure(args.host, args.port, logins, getattr(args, "insecure_no_auth", False))
+    if warning:
+        print(warning, file=sys.stderr)
     demo = build_app(args.model, args.workdir, args.config)
+    for line in demo.studio["jobs"].skipped:
+        print(f"note: {line}", file=sys.stderr)
     workspace = demo.studio["workspace"]
     demo.queue(default_concurrency_limit=1)
     demo.launch(
         server_name=args.host,
         server_port=args.port,
+        auth=logins or None,
+        auth_message="ETHER Studio: log in with an account the studio was started with (--auth, --auth_file)",
         allowed_paths=[str(workspace.root), str(default_subjects_path())],
         max_file_size="60mb",
         show_error=True,
@@ -794,10 +823,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         args.model = str(args.model or shipped_model())
+        launch(args)  # refuses bad accounts, and a host beyond the loopback without a login, before building the page
     except StudioError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    launch(args)
     return 0
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..config import check_adapter_name
 
-__all__ = ["StudioError", "Workspace", "check_name", "inside", "slug"]
+__all__ = ["StudioError", "Workspace", "check_name", "entry", "inside", "slug"]
 
 
 class StudioError(ValueError):
@@ -49,12 +49,22 @@ def slug(text: str, fallback: str = "adapter") -> str:
     return cleaned if cleaned else fallback
 
 
-def inside(folder: Path, name: str) -> Path:
-    """``folder / name``, refusing anything that resolves outside ``folder`` (links included)."""
+def entry(folder: Path, name: str) -> Path:
+    """The entry ``name`` of ``folder`` (the file itself, or the link itself): StudioError unless ``name`` is a plain
+    file name (no separator, not ``.`` or ``..``). Deleting or renaming an entry never touches what a link leads to."""
     folder = folder.resolve()
-    path = (folder / name).resolve()
-    if path.parent != folder:
+    path = folder / name
+    if not name or name in (".", "..") or path.parent != folder or "\0" in name:
         raise StudioError(f"{name!r} would leave the folder {folder}")
+    return path
+
+
+def inside(folder: Path, name: str) -> Path:
+    """``entry(folder, name)``, refusing one that resolves outside ``folder`` (a link to elsewhere, at any depth)
+    before anything opens it. The path returned is the entry, not the file a link leads to (``entry``)."""
+    path = entry(folder, name)
+    if path.resolve().parent != path.parent:
+        raise StudioError(f"{name!r} links to a file outside the folder {path.parent}; the studio does not follow it")
     return path
 
 
