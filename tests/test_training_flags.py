@@ -382,3 +382,37 @@ def test_a_checkpoint_without_the_new_fields_resumes_as_their_defaults(world, tm
         run(config_for(world, tmp_path, repeats=2, **resumed))
     _, _, result = run(config_for(world, tmp_path, **resumed))
     assert result.global_step == 2 and len(result.losses) == 1
+
+
+# --- number flags too large for torch ----------------------------------------------------------------------------
+TOO_LARGE = [
+    ("learning_rate", 1e38, r"--learning_rate 1e38 is too large: give at most 1000000 \(rates"),
+    ("snr_gamma", 1e39, r"--snr_gamma 1e39 is too large"),
+    ("adam_weight_decay", 1e39, r"--adam_weight_decay 1e39 is too large"),
+    ("max_train_steps", 10**20, r"--max_train_steps 100000000000000000000 is too large: give at most 2147483647"),
+    ("gradient_accumulation_steps", 10**20, r"--gradient_accumulation_steps 100000000000000000000 is too large"),
+    ("train_batch_size", 10**20, r"--train_batch_size 100000000000000000000 is too large"),
+    ("repeats", 10**20, r"--repeats 100000000000000000000 is too large"),
+    ("seed", 2**32, r"--seed 4294967296 is too large: give at most 4294967295"),
+    ("resolution", 2**40, r"--resolution 1099511627776 is too large: give at most 8192"),
+]
+
+
+@pytest.mark.parametrize("flag, value, message", TOO_LARGE, ids=[flag for flag, _, _ in TOO_LARGE])
+def test_number_flags_too_large_for_torch_name_themselves(world, tmp_path, flag, value, message):
+    """Each of these reached torch or numpy and failed there without the flag's name ("value cannot be converted to
+    type float without overflow", "Overflow when unpacking long", ...), or allocated without bound."""
+    with pytest.raises(ConfigError, match=message):
+        config_for(world, tmp_path, **{flag: value}).validate()
+
+
+def test_number_flags_too_large_are_usage_errors_on_the_command_line(world, tmp_path, capsys):
+    from ether_diffusion.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--pretrained_model_name_or_path", str(world / "model"), "--instance_data_dir",
+              str(world / "instance"), "--instance_prompt", PROMPT, "--output_dir", str(tmp_path), "--learning_rate",
+              "1e38"])  # fmt: skip
+    assert exit_.value.code == 2
+    assert "error: --learning_rate 1e38 is too large" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
