@@ -27,6 +27,7 @@ from ..config import SIDES, TARGET_PRESETS, EtherConfig, check_adapter_name
 from ..images import MAX_IMAGE_SIDE
 from ..models import default_model
 from ..reflection import METHODS
+from .text import check_prompt
 
 __all__ = ["ConfigError", "ForeignFlag", "RunConfig", "TaskKind", "option", "target_names"]
 
@@ -374,6 +375,12 @@ class RunConfig:
                 raise ConfigError(f"--{name} {value!r} is not one of {', '.join(map(str, choices))}")
         if self.learning_rate <= 0:
             raise ConfigError("--learning_rate must be positive")
+        prompts = self.validation_prompt  # one prompt (DreamBooth) or a list (control)
+        for prompt in prompts if isinstance(prompts, (list, tuple)) else [prompts]:
+            try:
+                check_prompt(str(prompt or ""), "--validation_prompt")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if self.resolution is not None and self.resolution % 8:
             raise ConfigError("--resolution must be a positive multiple of 8")
         if (self.validation_steps or self.validation_epochs) and not self.validation_prompt:
