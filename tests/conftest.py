@@ -234,6 +234,19 @@ def build_tiny_flux_components(tmp_path, seed: int = 0) -> dict:
     )
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that is only its signature and header (IHDR, IEND): it claims ``width``×``height`` pixels without
+    holding any, which is all a decompression bomb needs to be refused (or not)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
 def build_training_world(root, image_size=(24, 20)):
     """A tiny SD pipeline saved to ``root/model`` and three random instance images (plus a caption file that
     must be ignored) in ``root/instance``: what the training tests train on."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -149,6 +150,44 @@ def test_bad_dataset_folders_are_refused_before_anything_runs(tmp_path):
     with pytest.raises(DatasetError, match="live subjects \\(dog, cat2.*no 'Live Subject Prompts'"):
         load_subject_dataset(root)
     assert not load_subject_dataset(root, live_classes=()).subject("dog").live  # all objects: no live list needed
+
+
+def test_templates_with_format_specs_are_refused_before_anything_is_formatted():
+    """'{0:>300000000}' makes str.format build 300 million characters (it took the benchmark to 16 GB)."""
+    for field in ("{0:>300000000}", "{1:{0}}", "{0!r}"):
+        text = PROMPTS_TEXT.replace("'a {0} {1} in the snow'", f"'a {field} {{1}} in the snow'")
+        with pytest.raises(DatasetError, match=r"line 16: .* has the field .* without format specs or conversions"):
+            parse_prompts_and_classes(text)
+    text = PROMPTS_TEXT.replace("in the snow", "x" * 4090)
+    with pytest.raises(DatasetError, match=r"line 16: the template is 4,100 characters long, over the limit of 4,096"):
+        parse_prompts_and_classes(text)
+
+
+def test_a_prompt_filled_over_the_limit_is_refused_before_it_is_built(tmp_path):
+    text = PROMPTS_TEXT.replace("backpack,backpack", "backpack," + "very " * 500 + "backpack").replace(
+        "'a cube shaped {0} {1}'", "'a {0} {1} and a {1} and a {1}'"
+    )
+    data = load_subject_dataset(make_dataset(tmp_path / "dataset", text=text))
+    with pytest.raises(DatasetError, match=r"the template 'a \{0\} \{1\} and a .* is 7,544 characters, over the lim"):
+        data.prompts(data.subject("backpack"))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_bytes(PROMPTS_TEXT.replace("snow", "montaña").encode("latin-1")),
+         r"prompts file '.*prompts_and_classes.txt' is not UTF-8 text \(byte 0xf1 .* it must be UTF-8 text"),
+        (lambda p: os.truncate(p, 100 * 2**20),
+         r"prompts file '.*prompts_and_classes.txt' is 104,857,600 bytes, over the limit of 1,048,576"),
+        (lambda p: p.write_bytes(PROMPTS_TEXT.encode() + b"\0"), r"prompts_and_classes.txt' holds NUL bytes"),
+    ],
+    ids=["latin-1", "100-MB", "nul"],
+)  # fmt: skip
+def test_prompts_files_that_are_not_utf8_text_are_named(tmp_path, make, message):
+    root = make_dataset(tmp_path / "dataset")
+    make(root / PROMPTS_FILE)
+    with pytest.raises(DatasetError, match=message):
+        load_subject_dataset(root)
 
 
 def test_prompts_file_round_trip(tmp_path):

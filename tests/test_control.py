@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import png_header
 from PIL import Image
 
 from ether_diffusion import AdapterFileError, AdapterMismatchError, EtherConfig, inject, registry
@@ -133,6 +134,59 @@ def test_bad_dataset_rows_are_named(dataset, pipe, tmp_path):
     message = str(err.value)
     assert "line 2: no 'text'" in message and "line 3: missing file conditions/nope.png" in message
     assert "line 4: not JSON" in message
+
+
+def _linked_rows(dataset, folder, lines: list[bytes]):
+    """A dataset folder sharing ``dataset``'s images, with ``lines`` as its metadata.jsonl."""
+    folder.mkdir()
+    for sub in ("images", "conditions"):
+        os.symlink(dataset / sub, folder / sub)
+    (folder / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return folder
+
+
+def test_metadata_is_read_with_a_limit_and_every_problem_is_named(dataset, pipe, tmp_path):
+    """Text that is not UTF-8, a line or caption over its limit, a line that is not an object, and images that are
+    too large or not images stop the dataset when it opens, naming the line (and file); none is read whole."""
+    first, second, third, *_ = (dataset / "metadata.jsonl").read_bytes().splitlines()
+    row = json.loads(second)
+    latin = json.dumps({**row, "text": "a red circle, señor"}, ensure_ascii=False).encode("latin-1")
+    with pytest.raises(ControlDataError, match=r"metadata.jsonl', line 2 is not UTF-8 text \(byte 0xf1 .*UTF-8 text"):
+        ControlDataset(_linked_rows(dataset, tmp_path / "latin", [first, latin]), pipe.tokenizer, 64)
+    huge = json.dumps({**row, "text": "x" * 2**20}).encode()
+    with pytest.raises(ControlDataError, match=r"metadata.jsonl', line 2: longer than 1,048,576 bytes"):
+        ControlDataset(_linked_rows(dataset, tmp_path / "huge", [first, huge]), pipe.tokenizer, 64)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "bomb.png").write_bytes(png_header(20000, 20000))
+    Image.new("1", (10000, 7000)).save(tmp_path / "bad" / "wide.png")
+    lines = [
+        first,
+        json.dumps({**row, "text": "a red circle " * 400}).encode(),
+        b'["images/x.png", "conditions/x.png", "a caption"]',
+        json.dumps({**row, "image": "bad/bomb.png"}).encode(),
+        json.dumps({**row, "conditioning_image": "bad/wide.png"}).encode(),
+        third,
+    ]
+    folder = _linked_rows(dataset, tmp_path / "rows", lines)
+    os.symlink(tmp_path / "bad", folder / "bad")
+    with pytest.raises(ControlDataError) as err:
+        ControlDataset(folder, pipe.tokenizer, 64)
+    message = str(err.value)
+    assert message.startswith("4 bad row(s) in"), message
+    assert "line 2: the caption 'text' is 5,200 characters long, over the limit of 4,096" in message
+    assert "line 3: not a JSON object" in message
+    assert "line 4: bad/bomb.png: 400,000,000 pixels is too large" in message
+    assert "line 5: bad/wide.png: 10000×7000 pixels is too large" in message
+
+
+def test_a_metadata_file_that_is_not_a_regular_file_is_refused_unread(pipe, tmp_path):
+    (tmp_path / "folder" / "metadata.jsonl").mkdir(parents=True)
+    with pytest.raises(ControlDataError, match=r"metadata file '.*metadata.jsonl' is a folder, not a text file"):
+        ControlDataset(tmp_path / "folder", pipe.tokenizer, 64)
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "zero" / "metadata.jsonl").symlink_to("/dev/zero")
+    with pytest.raises(ControlDataError, match=r"metadata file '.*metadata.jsonl' is a device, not a text file"):
+        ControlDataset(tmp_path / "zero", pipe.tokenizer, 64)
 
 
 def _trained_like(pipe):

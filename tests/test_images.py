@@ -1,10 +1,15 @@
 """Every image a user gives us is read upright and with the right pixel values (ether_diffusion/images.py)."""
 
+import io
+import os
+import threading
+
 import numpy as np
 import pytest
+from conftest import png_header
 from PIL import Image
 
-from ether_diffusion.images import ImageReadError, open_image
+from ether_diffusion.images import ImageReadError, check_image, open_image
 from ether_diffusion.studio.uploads import save_uploads
 from ether_diffusion.training.data import load_image_folder
 
@@ -69,3 +74,32 @@ def test_unreadable_files_name_themselves(tmp_path):
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])  # the header is intact, the pixels are not
     with pytest.raises(ImageReadError, match=r"cut.png: cannot be read as an image"):
         open_image(tmp_path / "cut.png")
+
+
+def test_sizes_over_the_limit_are_refused_from_the_header_with_one_message(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(png_header(20000, 20000))  # over PIL's own bomb limit too
+    with pytest.raises(ImageReadError, match=r"^bomb.png: 400,000,000 pixels is too large \(at most 67,108,864"):
+        open_image(tmp_path / "bomb.png")
+    Image.new("1", (10000, 7000)).save(tmp_path / "wide.png")  # 70 Mpx: a 9 KB file, over our limit only
+    with pytest.raises(ImageReadError, match=r"^wide.png: 10000×7000 pixels is too large"):
+        check_image(tmp_path / "wide.png")
+    # a dataset row's bytes, named by the caller
+    with pytest.raises(ImageReadError, match=r"^row 3 of --image_column 'image': 400,000,000 pixels is too large"):
+        open_image(io.BytesIO(png_header(20000, 20000)), name="row 3 of --image_column 'image'")
+    assert check_image(io.BytesIO(png_header(64, 32))) == (64, 32)
+
+
+def test_folders_and_fifos_named_like_images_are_refused_unread(tmp_path):
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(ImageReadError, match=r"^folder.png: a folder, not an image file"):
+        open_image(tmp_path / "folder.png")
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    # a writer that opens and closes the FIFO after a while, so that a reader that opened it ends instead of hanging
+    writer = threading.Timer(2.0, lambda: os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)))
+    writer.start()
+    try:
+        with pytest.raises(ImageReadError, match=r"^pipe.png: not a regular file"):
+            open_image(fifo)
+    finally:
+        writer.cancel()

@@ -1,6 +1,7 @@
 """The studio's work, without a browser, on the shipped tiny model: jobs, uploads, names, adapters, sampling."""
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -8,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from conftest import TinyMLP, randomize_adapters
+from conftest import TinyMLP, png_header, randomize_adapters
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -210,6 +211,29 @@ def test_uploads_are_checked_and_saved_as_png(tmp_path):
     with pytest.raises(StudioError, match="fake.png: not an image"):
         JobManager(workspace, MODEL).start(spec(subject=None, uploads=[*map(str, good), str(fake)]))
     assert list(workspace.jobs.iterdir()) == []  # nothing left behind
+
+
+def test_uploads_get_the_image_checks_of_training_folders(tmp_path):
+    """A 20000² header, a folder or a FIFO named like an image: each refused with the message the instance folder gives,
+    naming the file, and none read (opening a FIFO would wait for a writer)."""
+    good = image_files(tmp_path / "good", 3)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(20000, 20000))
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    writer = threading.Timer(2.0, lambda: os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)))  # unblocks a reader
+    writer.start()
+    try:
+        with pytest.raises(StudioError) as err:
+            check_uploads([*good, bomb, folder, fifo])
+    finally:
+        writer.cancel()
+    message = str(err.value)
+    assert "bomb.png: 400,000,000 pixels is too large (at most 67,108,864 pixels" in message
+    assert "folder.png: a folder, not an image file" in message
+    assert "pipe.png: not a regular file" in message
 
 
 def test_uploaded_images_train(tmp_path):

@@ -2,8 +2,10 @@
 (kohya files, datasets) reaching the text encoder, --repeats, --push_to_hub against a local stand-in of
 huggingface_hub's upload, --optimizer prodigy, --text_encoder_lr, --cache_latents (same adapter, fewer VAE calls,
 exact resume), --pre_compute_text_embeddings, tokenizer length and attention mask, resampling, the validation sampler,
-progress lines in logs, and an SDXL run with captions and both caches."""
+progress lines in logs, an SDXL run with captions and both caches, and bad input on these surfaces (captions and
+prompts over their limit or not UTF-8, dataset images that skip no check, number flags too large for torch)."""
 
+import io
 import json
 import os
 import subprocess
@@ -13,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_char_tokenizer, build_tiny_sdxl_components, build_training_world, dreambooth_config
+from conftest import (
+    build_char_tokenizer,
+    build_tiny_sdxl_components,
+    build_training_world,
+    dreambooth_config,
+    png_header,
+)
 from PIL import Image
 from torch.testing import assert_close
 
@@ -382,3 +390,203 @@ def test_a_checkpoint_without_the_new_fields_resumes_as_their_defaults(world, tm
         run(config_for(world, tmp_path, repeats=2, **resumed))
     _, _, result = run(config_for(world, tmp_path, **resumed))
     assert result.global_step == 2 and len(result.losses) == 1
+
+
+# --- bad input: captions, prompts, dataset images, numbers ---------------------------------------------------------
+def instance_copy(world, folder: Path) -> Path:
+    """The world's three instance images in ``folder``, without captions."""
+    folder.mkdir()
+    for path in sorted((world / "instance").glob("*.png")):
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def test_a_huge_caption_file_is_refused_from_its_size_before_it_is_read(world, tmp_path, capsys):
+    import tracemalloc
+
+    from ether_diffusion.cli import main
+
+    folder = instance_copy(world, tmp_path / "data")
+    with open(folder / "0.txt", "wb") as handle:  # 100 MB that take no disk: a sparse file
+        handle.truncate(100 * 2**20)
+    tracemalloc.start()
+    with pytest.raises(ValueError, match=r"caption file '.*0.txt' is 104,857,600 bytes, over the limit of 16,384"):
+        load_captioned_folder(folder, PROMPT)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2**20  # nothing of the file was read
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ether_adapter.safetensors").write_bytes(b"an earlier adapter")
+    code = main(["train", "--pretrained_model_name_or_path", str(world / "model"), "--instance_data_dir", str(folder),
+                 "--instance_prompt", PROMPT, "--output_dir", str(out), "--report_to", "none", "--quiet"])  # fmt: skip
+    error = capsys.readouterr().err
+    assert code == 2 and error.startswith("error: the caption file") and "0.txt" in error and error.count("\n") == 1
+    assert (out / "ether_adapter.safetensors").read_bytes() == b"an earlier adapter"  # nothing written over
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p.write_text("x" * 4097), r"'.*0.txt' is 4,097 characters long, over the limit of 4,096"),
+        (lambda p: p.write_bytes("a sks star, señor".encode("latin-1")), r"'.*0.txt' is not UTF-8 text \(byte 0xf1"),
+        (lambda p: p.write_bytes(b"a sks star\0\0\0"), r"'.*0.txt' holds NUL bytes"),
+        (lambda p: p.mkdir(), r"'.*0.txt' is a folder, not a text file"),
+        (lambda p: os.mkfifo(p), r"'.*0.txt' is a FIFO \(named pipe\), not a text file"),
+        (lambda p: p.symlink_to("/dev/zero"), r"'.*0.txt' is a device, not a text file"),
+    ],
+    ids=["too-long", "latin-1", "nul", "folder", "fifo", "dev-zero"],
+)
+def test_caption_files_that_are_not_short_utf8_text_are_named(world, tmp_path, make, message):
+    """Each stops before training with the file's name, and none is read without bound (a FIFO or /dev/zero would
+    block or never end)."""
+    folder = instance_copy(world, tmp_path / "data")
+    make(folder / "0.txt")
+    with pytest.raises(ValueError, match=message):
+        load_captioned_folder(folder, PROMPT)
+
+
+def test_prompt_flags_have_the_caption_limit(world, tmp_path):
+    long = "a sks star " * 400
+    for flag, changes in [
+        ("--instance_prompt", dict(instance_prompt=long)),
+        ("--class_prompt", dict(class_prompt=long, with_prior_preservation=True)),
+        ("--validation_prompt", dict(validation_prompt=long)),
+    ]:
+        with pytest.raises(ConfigError, match=rf"^{flag} is 4,400 characters long, over the limit of 4,096"):
+            config_for(world, tmp_path, **changes).validate()
+    with pytest.raises(ConfigError, match=r"^--validation_prompt holds a NUL character"):
+        config_for(world, tmp_path, validation_prompt="a sks\0star").validate()
+    config_for(world, tmp_path, instance_prompt="a sks star " * 372).validate()  # 4,092 characters: within
+
+
+TOO_LARGE = [
+    ("learning_rate", 1e38, r"--learning_rate 1e38 is too large: give at most 1000000 \(rates"),
+    ("snr_gamma", 1e39, r"--snr_gamma 1e39 is too large"),
+    ("adam_weight_decay", 1e39, r"--adam_weight_decay 1e39 is too large"),
+    ("max_train_steps", 10**20, r"--max_train_steps 100000000000000000000 is too large: give at most 2147483647"),
+    ("gradient_accumulation_steps", 10**20, r"--gradient_accumulation_steps 100000000000000000000 is too large"),
+    ("train_batch_size", 10**20, r"--train_batch_size 100000000000000000000 is too large"),
+    ("repeats", 10**20, r"--repeats 100000000000000000000 is too large"),
+    ("seed", 2**32, r"--seed 4294967296 is too large: give at most 4294967295"),
+    ("resolution", 2**40, r"--resolution 1099511627776 is too large: give at most 8192"),
+]
+
+
+@pytest.mark.parametrize("flag, value, message", TOO_LARGE, ids=[flag for flag, _, _ in TOO_LARGE])
+def test_number_flags_too_large_for_torch_name_themselves(world, tmp_path, flag, value, message):
+    """Each of these reached torch or numpy and failed there without the flag's name ("value cannot be converted to
+    type float without overflow", "Overflow when unpacking long", ...), or allocated without bound."""
+    with pytest.raises(ConfigError, match=message):
+        config_for(world, tmp_path, **{flag: value}).validate()
+
+
+def test_number_flags_too_large_are_usage_errors_on_the_command_line(world, tmp_path, capsys):
+    from ether_diffusion.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--pretrained_model_name_or_path", str(world / "model"), "--instance_data_dir",
+              str(world / "instance"), "--instance_prompt", PROMPT, "--output_dir", str(tmp_path), "--learning_rate",
+              "1e38"])  # fmt: skip
+    assert exit_.value.code == 2
+    assert "error: --learning_rate 1e38 is too large" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_epoch_too_long_to_shuffle_is_refused(tmp_path):
+    tokenizer = build_char_tokenizer(tmp_path)
+    images = [Image.new("RGB", (16, 16), c) for c in ("red", "green", "blue")]
+    with pytest.raises(ValueError, match=r"--repeats 10000000 makes an epoch of 30,000,000 examples .* lower --repe"):
+        DreamBoothDataset(images, PROMPT, tokenizer, 16, repeats=10_000_000)
+
+
+def test_instance_images_are_bounded_in_number_and_pixels(world, tmp_path, monkeypatch):
+    """Every instance image is held decoded for the whole run: too many of them, or too many pixels in all, stop the
+    run when the limit is reached rather than filling the memory (the limits lowered here to the world's 3 images of
+    16² pixels)."""
+    from ether_diffusion.training import data
+
+    monkeypatch.setattr(data, "MAX_TOTAL_PIXELS", 2 * 16 * 16)
+    with pytest.raises(ValueError, match=r"the instance images hold more than 512 pixels in all \(reached at image 3"):
+        load_captioned_folder(world / "instance", PROMPT)
+    monkeypatch.setattr(data, "MAX_IMAGES", 2)
+    with pytest.raises(ValueError, match=r"holds more than 2 images; every image is held in memory"):
+        load_captioned_folder(world / "instance", PROMPT)
+
+
+def image_folder(folder: Path, files: dict[str, bytes], rows: list[bytes]) -> Path:
+    """An image folder for --dataset_name: ``files`` and a metadata.jsonl of ``rows`` (empty without rows)."""
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    (folder / "metadata.jsonl").write_bytes(b"".join(row + b"\n" for row in rows))
+    return folder
+
+
+def test_dataset_images_get_the_checks_of_folder_images(world, tmp_path):
+    """A 20000² header, a truncated PNG and a 10000×7000 image in a --dataset_name image folder and in a saved
+    dataset (whose rows carry the bytes): each is refused naming its row and file, as the folder path names files."""
+    import datasets
+
+    good = (world / "instance" / "0.png").read_bytes()
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "PNG")
+    wide = tmp_path / "wide.png"
+    Image.new("1", (10000, 7000)).save(wide)
+    files = {"good.png": good, "bomb.png": png_header(20000, 20000), "cut.png": buffer.getvalue()[:3000],
+             "wide.png": wide.read_bytes()}  # fmt: skip
+    rows = [json.dumps({"file_name": name, "text": f"a sks star {name}"}).encode() for name in files]
+    folder = image_folder(tmp_path / "folder", files, rows)
+    saved = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=str(tmp_path / "c"))
+    saved.save_to_disk(str(tmp_path / "saved"))
+    for name in ("folder", "saved"):
+        config = config_for(world, tmp_path / f"out-{name}", instance_data_dir=None, dataset_name=str(tmp_path / name),
+                            caption_column="text", cache_dir=str(tmp_path / "cache"))  # fmt: skip
+        with pytest.raises(ValueError) as err:
+            task_for(config).check_inputs()
+        message = str(err.value)
+        assert message.startswith(f"3 image(s) of --dataset_name '{tmp_path / name}' cannot be used: "), message
+        assert "row 1 of --image_column 'image' (bomb.png): 400,000,000 pixels is too large" in message
+        assert "row 2 of --image_column 'image' (cut.png): cannot be read as an image" in message
+        assert "row 3 of --image_column 'image' (wide.png): 10000×7000 pixels is too large" in message
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (json.dumps({"file_name": "0.png", "text": "a sks star " * 400}).encode(),
+         r"metadata.jsonl', line 2: the caption 'text' is 4,400 characters long"),
+        (json.dumps({"file_name": "0.png", "text": "x" * 2**20}).encode(),
+         r"metadata.jsonl', line 2: longer than 1,048,576 bytes"),
+        ('{"file_name": "0.png", "text": "a sks star, señor"}'.encode("latin-1"),
+         r"metadata.jsonl', line 2 is not UTF-8 text \(byte 0xf1 .* it must be UTF-8 text"),
+        (b'["0.png", "a sks star"]', r"metadata.jsonl', line 2: a JSON list, not an object"),
+        (None, r"metadata.jsonl' has no rows: write one JSON object per line"),
+    ],
+    ids=["long-caption", "huge-line", "latin-1", "not-an-object", "empty"],
+)  # fmt: skip
+def test_dataset_metadata_lines_are_read_with_a_limit_and_named(world, tmp_path, row, message):
+    files = {p.name: p.read_bytes() for p in sorted((world / "instance").glob("*.png"))[:2]}
+    first = json.dumps({"file_name": "1.png", "text": "a sks star"}).encode()
+    folder = image_folder(tmp_path / "folder", files, [first, row] if row else [])
+    config = config_for(world, tmp_path / "out", instance_data_dir=None, dataset_name=str(folder),
+                        caption_column="text", cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        task_for(config).check_inputs()
+
+
+def test_saved_dataset_captions_have_the_limit(world, tmp_path):
+    """A saved dataset's captions are measured in its Arrow table before any becomes a Python string."""
+    import datasets
+
+    files = {p.name: p.read_bytes() for p in sorted((world / "instance").glob("*.png"))[:2]}
+    rows = [json.dumps({"file_name": name, "text": "a sks star"}).encode() for name in files]
+    folder = image_folder(tmp_path / "folder", files, rows)
+    data = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=str(tmp_path / "c"))
+    data = data.map(lambda row, i: {"text": "x" * 4097 if i == 1 else row["text"]}, with_indices=True)
+    data.save_to_disk(str(tmp_path / "saved"))
+    config = config_for(world, tmp_path / "out", instance_data_dir=None, dataset_name=str(tmp_path / "saved"),
+                        caption_column="text")  # fmt: skip
+    with pytest.raises(ValueError, match=r"--dataset_name '.*saved': row 1 of --caption_column 'text' is 4,097 char"):
+        task_for(config).check_inputs()

@@ -47,11 +47,13 @@ import hashlib
 import json
 import re
 import shutil
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..files import atomic_folder
 from ..images import IMAGE_EXTENSIONS
+from ..training.text import MAX_PROMPT_CHARS, check_prompt, read_text_file
 from ..world.subjects import load_subjects
 
 __all__ = [
@@ -61,15 +63,19 @@ __all__ = [
     "WORLD_TEMPLATES",
     "BenchPrompt",
     "BenchSubject",
+    "MAX_PROMPTS_FILE_BYTES",
     "DatasetError",
     "SubjectDataset",
     "export_world_dataset",
+    "fill_template",
     "load_subject_dataset",
     "parse_prompts_and_classes",
     "write_prompts_and_classes",
 ]
 
 PROMPTS_FILE = "prompts_and_classes.txt"
+#: the largest prompts file read: google/dreambooth's is 4 KB; a file of this size holds thousands of templates
+MAX_PROMPTS_FILE_BYTES = 1 << 20
 DEFAULT_IDENTIFIER = "sks"
 LIVE_CLASSES = ("cat", "dog")
 _TEMPLATE_LINE = re.compile(r"""^(['"])(.*)\1\s*(\.format\(\s*unique_token\s*,\s*class_token\s*\))?\s*,?$""")
@@ -162,8 +168,9 @@ class SubjectDataset:
     def prompts(self, subject: BenchSubject, identifier: str = DEFAULT_IDENTIFIER, count: int | None = None):
         """The subject's evaluation prompts (the first ``count`` templates of its kind)."""
         templates = self.templates(subject)[:count]
+        noun = subject.class_noun
         return [
-            BenchPrompt(t, t.format(identifier, subject.class_noun), " ".join(t.format("", subject.class_noun).split()))
+            BenchPrompt(t, fill_template(t, identifier, noun), " ".join(fill_template(t, "", noun).split()))
             for t in templates
         ]
 
@@ -182,14 +189,57 @@ class SubjectDataset:
 
 
 def _check_template(template: str, where: str) -> str:
+    """``template`` if it is a prompt template: at most ``MAX_PROMPT_CHARS`` characters, plain ``{0}`` and ``{1}``
+    fields only. Format specs and conversions are refused before anything is formatted: a width such as
+    ``{0:>300000000}`` would build a string of that many characters."""
     try:
-        filled = template.format("<identifier>", "<class>")
+        check_prompt(template, f"{where}: the template")
+    except ValueError as err:
+        raise DatasetError(str(err)) from None
+    try:
+        pieces = list(string.Formatter().parse(template))
+    except ValueError as err:
+        message = f"{where}: the template {template[:80]!r} is not a format string of {{0}} and {{1}} ({err})"
+        raise DatasetError(message) from None
+    for _, field, spec, conversion in pieces:
+        if field is None:
+            continue
+        if spec or conversion:
+            shown = f"{{{field}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+            raise DatasetError(
+                f"{where}: the template {template[:80]!r} has the field {shown[:40]!r}; templates take plain {{0}} "
+                "(the identifier) and {1} (the class), without format specs or conversions"
+            )
+        if field not in ("", "0", "1"):
+            raise DatasetError(
+                f"{where}: the template {template!r} is not a format string of {{0}} and {{1}} (it names {{{field}}})"
+            )
+    try:
+        filled = template.format("<identifier>", "<class>")  # plain fields only: no longer than the template allows
     except (IndexError, KeyError, ValueError) as err:
         message = f"{where}: the template {template!r} is not a format string of {{0}} and {{1}} ({err})"
         raise DatasetError(message) from None
     if "<identifier>" not in filled or "<class>" not in filled:
         raise DatasetError(f"{where}: the template {template!r} must name the identifier {{0}} and the class {{1}}")
     return template
+
+
+def fill_template(template: str, identifier: str, noun: str, where: str = PROMPTS_FILE) -> str:
+    """``template`` filled with the identifier and class noun; its length is counted from its fields first, so a
+    prompt over ``MAX_PROMPT_CHARS`` is refused (``DatasetError`` naming the template) before it is built."""
+    pieces = list(string.Formatter().parse(template))
+    values = {"": None, "0": identifier, "1": noun}
+    auto = iter((identifier, noun))
+    length = sum(len(literal) for literal, _, _, _ in pieces)
+    for _, field, _, _ in pieces:
+        if field is not None:
+            length += len(values[field] if field else next(auto, ""))
+    if length > MAX_PROMPT_CHARS:
+        raise DatasetError(
+            f"{where}: the template {template[:80]!r} filled with {identifier[:40]!r} and {noun[:40]!r} is {length:,} "
+            f"characters, over the limit of {MAX_PROMPT_CHARS:,}; shorten the template or the class noun"
+        )
+    return template.format(identifier, noun)
 
 
 def parse_prompts_and_classes(text: str, where: str = PROMPTS_FILE) -> tuple[dict[str, str], list[str], list[str]]:
@@ -229,7 +279,11 @@ def parse_prompts_and_classes(text: str, where: str = PROMPTS_FILE) -> tuple[dic
                 continue
             name, comma, noun = (part.strip() for part in line.partition(","))
             if not comma or not name or not noun or "/" in name or name.startswith("."):
-                raise DatasetError(f"{at}: expected 'subject_folder,class noun', found {line!r}")
+                raise DatasetError(f"{at}: expected 'subject_folder,class noun', found {line[:200]!r}")
+            try:
+                check_prompt(line, f"{at}: the class row")
+            except ValueError as err:
+                raise DatasetError(str(err)) from None
             if name in classes:
                 raise DatasetError(f"{at}: subject '{name}' is listed twice")
             classes[name] = noun
@@ -284,9 +338,12 @@ def load_subject_dataset(path: str | Path, live_classes=LIVE_CLASSES) -> Subject
     """Read a DreamBooth-layout dataset (its folder, or a clone of the repository holding ``dataset/``): every
     subject listed must have a folder with images, and every kind of subject present must have its prompts."""
     root = _dataset_root(Path(path))
-    classes, object_templates, live_templates = parse_prompts_and_classes(
-        (root / PROMPTS_FILE).read_text(encoding="utf-8"), str(root / PROMPTS_FILE)
-    )
+    limit = "the dataset's own is 4 KB: 30 classes and 50 templates"
+    try:
+        text = read_text_file(root / PROMPTS_FILE, MAX_PROMPTS_FILE_BYTES, "prompts file", limit)
+    except ValueError as err:
+        raise DatasetError(str(err)) from None
+    classes, object_templates, live_templates = parse_prompts_and_classes(text, str(root / PROMPTS_FILE))
     subjects, problems = [], []
     for name, noun in classes.items():
         folder = root / name

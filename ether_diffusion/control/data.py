@@ -7,8 +7,9 @@ A dataset folder holds ``metadata.jsonl``, one JSON object per line naming a tar
     {"image": "images/00000.png", "conditioning_image": "conditions/00000.png", "text": "a red circle ..."}
 
 Control images are RGB in [0, 1] (grayscale ones, e.g. edge maps, are repeated to three channels); targets are
-RGB in [-1, 1]. Every row is checked when the dataset opens, so a missing column or file stops the run before
-any model loads.
+RGB in [-1, 1]. Every row is checked when the dataset opens, so a missing column or file, an image that is none or
+too large (``images.check_image``) or a caption over ``MAX_PROMPT_CHARS`` stops the run before any model loads. The
+file is read line by line, each line up to ``MAX_METADATA_LINE_BYTES``, and must be UTF-8.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..images import ImageReadError, open_image
+from ..images import ImageReadError, check_image, open_image
 from ..training.data import to_pixels
+from ..training.text import MAX_METADATA_LINE_BYTES, check_prompt, text_lines
 from ..world.dataset import render_arrays
 from ..world.scene import CaptionDropout, caption
 
@@ -147,39 +149,26 @@ class ControlDataset(torch.utils.data.Dataset):
         metadata = self.folder / "metadata.jsonl"
         if not self.folder.is_dir():
             raise FileNotFoundError(f"the dataset folder '{self.folder}' does not exist")
-        if not metadata.is_file():
+        if not (metadata.exists() or metadata.is_symlink()):
             raise ControlDataError(
                 f"'{self.folder}' has no metadata.jsonl: write one JSON object per line with the columns "
                 f"'{image_column}', '{conditioning_image_column}' and '{caption_column}'"
             )
         columns = (image_column, conditioning_image_column, caption_column)
-        self.rows, problems = [], []
-        for number, line in enumerate(metadata.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                problems.append(f"line {number}: not JSON ({err.msg})")
-                continue
-            if not isinstance(row, dict):
-                problems.append(f"line {number}: not a JSON object")
-                continue
-            missing = [c for c in columns if not isinstance(row.get(c), str)]
-            if missing:
-                problems.append(f"line {number}: no {', '.join(repr(c) for c in missing)}")
-                continue
-            absent = [row[c] for c in columns[:2] if not (self.folder / row[c]).is_file()]
-            if absent:
-                problems.append(f"line {number}: missing file {', '.join(absent)}")
-                continue
-            self.rows.append(
-                (self.folder / row[image_column], self.folder / row[conditioning_image_column], row[caption_column])
-            )
-        if problems:
+        self.rows, problems, bad = [], [], 0  # the first five problems are told, the rest counted
+        try:  # lines of at most MAX_METADATA_LINE_BYTES, UTF-8: a huge line or a binary file is refused unread
+            for number, line in text_lines(metadata, MAX_METADATA_LINE_BYTES, "metadata file"):
+                problem = self._add_row(line, columns)
+                if problem:
+                    bad += 1
+                    if len(problems) < 5:
+                        problems.append(f"line {number}: {problem}")
+        except ValueError as err:
+            raise ControlDataError(f"{err}; nothing has been trained yet") from None
+        if bad:
             raise ControlDataError(
-                f"{len(problems)} bad row(s) in '{metadata}': {'; '.join(problems[:5])}"
-                f"{' …' if len(problems) > 5 else ''}. Fix or remove them; nothing has been trained yet."
+                f"{bad} bad row(s) in '{metadata}': {'; '.join(problems)}{' …' if bad > 5 else ''}. Fix or remove "
+                "them; nothing has been trained yet."
             )
         if not self.rows:
             raise ControlDataError(f"'{metadata}' has no rows")
@@ -187,6 +176,36 @@ class ControlDataset(torch.utils.data.Dataset):
             self.rows = self.rows[:max_samples]
         self.tokenizer, self.resolution = tokenizer, resolution
         self.proportion_empty_prompts, self.seed, self.epoch = proportion_empty_prompts, seed, 0
+
+    def _add_row(self, line: str, columns: tuple[str, str, str]) -> str | None:
+        """Check one line of metadata.jsonl and keep its row; what is wrong with it otherwise. Both images are
+        checked from their headers (``images.check_image``: the size limit, files that are no image), so a bad
+        file stops the run here, before any model loads, rather than at the step that reads it."""
+        if not line.strip():
+            return None
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"not JSON ({err.msg})"
+        if not isinstance(row, dict):
+            return "not a JSON object"
+        missing = [c for c in columns if not isinstance(row.get(c), str)]
+        if missing:
+            return f"no {', '.join(repr(c) for c in missing)}"
+        try:
+            check_prompt(row[columns[2]], f"the caption '{columns[2]}'")
+            absent = [row[c] for c in columns[:2] if not (self.folder / row[c]).is_file()]
+        except (ValueError, OSError) as err:  # a caption too long; a path too long for the system
+            return str(err) if isinstance(err, ValueError) else f"{err.strerror or err}"
+        if absent:
+            return f"missing file {', '.join(absent)}"
+        try:
+            for column in columns[:2]:
+                check_image(self.folder / row[column], column, row[column])
+        except ImageReadError as err:
+            return str(err)
+        self.rows.append((self.folder / row[columns[0]], self.folder / row[columns[1]], row[columns[2]]))
+        return None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

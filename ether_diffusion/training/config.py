@@ -24,8 +24,10 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import SIDES, TARGET_PRESETS, EtherConfig, check_adapter_name
+from ..images import MAX_IMAGE_SIDE
 from ..models import default_model
 from ..reflection import METHODS
+from .text import check_prompt
 
 __all__ = ["ConfigError", "ForeignFlag", "RunConfig", "TaskKind", "option", "target_names"]
 
@@ -33,6 +35,19 @@ ETHER_METHODS = tuple(METHODS)  # reflection.METHODS: one entry per adapter meth
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "prodigy")  # given in any case, as diffusers' scripts take them ("AdamW", "prodigy")
 VALIDATION_SCHEDULERS = ("DPMSolverMultistepScheduler", "DDPMScheduler")
+#: the range of every number flag without a ``maximum`` of its own. Float flags are rates, weights, scales and
+#: coefficients of order one; beyond a million none means anything, and values near float32's largest (3.4e38) make
+#: torch overflow (AdamW divides the learning rate by 1 - beta1 and keeps it in a float32). Int flags are steps,
+#: counts and sizes: 2**31 - 1 is more than any run takes, and far from the 64-bit limit where the index types of
+#: torch, numpy and Python overflow
+MAX_FLOAT_FLAG = 1e6
+MAX_INT_FLAG = 2**31 - 1
+#: the largest seed numpy's and torch's seeding (``accelerate.utils.set_seed``) accept
+MAX_SEED = 2**32 - 1
+_WHY = {
+    float: " (rates, weights and scales beyond it mean nothing, and overflow torch's float32 arithmetic)",
+    int: " (steps, counts and sizes beyond it mean nothing, and overflow the index types of torch and numpy)",
+}
 
 
 class TaskKind(str, Enum):
@@ -64,6 +79,7 @@ def option(
     *,
     choices: tuple | None = None,
     minimum: float | None = None,
+    maximum: float | None = None,
     same_run: bool = True,
     cli: bool = True,
     factory=None,
@@ -72,7 +88,8 @@ def option(
 ):
     """A config field and its flag.
 
-    ``minimum``: the smallest allowed value (checked by ``validate``). ``same_run=False``: a field a resumed run may
+    ``minimum``, ``maximum``: the smallest and largest allowed values (checked by ``validate``; without a maximum, a
+    number flag has ``MAX_INT_FLAG`` or ``MAX_FLOAT_FLAG``). ``same_run=False``: a field a resumed run may
     change (output, logging, validation, length) without becoming a different run; every other field is part of
     the run's identity recorded in its checkpoints. ``cli=False``: library-only (benchmarks), no flag. ``flag``: the
     flag's name when it is not the field's (``--config`` for ``model_config``). ``secret``: never written anywhere
@@ -81,7 +98,8 @@ def option(
     A ``bool`` field defaulting to False is a switch (``--flag``); one defaulting to True takes a value
     (``--flag false``), as diffusers' ``--prodigy_decouple`` does.
     """
-    metadata = dict(help=help, choices=choices, minimum=minimum, same_run=same_run, cli=cli, flag=flag, secret=secret)
+    metadata = dict(help=help, choices=choices, minimum=minimum, maximum=maximum, same_run=same_run, cli=cli, flag=flag,
+                    secret=secret)  # fmt: skip
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -160,8 +178,10 @@ class RunConfig:
 
     # --- the loop ------------------------------------------------------------------------------------------------
     output_dir: str = option("ether-output", "where checkpoints, validation images and the adapter go", same_run=False)
-    seed: int = option(0, "seed of the data order, noise, augmentation and initial vectors", minimum=0)
-    resolution: int | None = option(None, "training resolution in pixels (default: the model's native size)", minimum=8)
+    seed: int = option(0, "seed of the data order, noise, augmentation and initial vectors", minimum=0,
+                       maximum=MAX_SEED)  # fmt: skip
+    resolution: int | None = option(None, "training resolution in pixels (default: the model's native size)", minimum=8,
+                                    maximum=MAX_IMAGE_SIDE)  # fmt: skip
     train_batch_size: int = option(1, "batch size per process", minimum=1)
     num_train_epochs: int = option(1, "epochs (ignored when --max_train_steps is given)", minimum=1, same_run=False)
     max_train_steps: int | None = option(None, "optimisation steps; overrides --num_train_epochs", minimum=1,
@@ -347,21 +367,20 @@ class RunConfig:
             kind, many = _flag_type(hints[f.name])
             if value is None:
                 continue
-            if kind in (int, float) and not many:
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise ConfigError(f"--{name} must be a number, not {value!r}")
-                if kind is int and value != int(value):
-                    raise ConfigError(f"--{name} must be a whole number, not {value!r}")
-                if not math.isfinite(value):
-                    raise ConfigError(f"--{name} is {value}: give a finite number")
-                minimum = f.metadata.get("minimum")
-                if minimum is not None and value < minimum:
-                    raise ConfigError(f"--{name} must be at least {minimum:g}, not {value:g}")
+            if kind in (int, float):
+                for number in value if many and isinstance(value, (list, tuple)) else [value]:
+                    _check_number(f, name, kind, number)
             choices = f.metadata.get("choices")
             if choices and not many and value not in choices:
                 raise ConfigError(f"--{name} {value!r} is not one of {', '.join(map(str, choices))}")
         if self.learning_rate <= 0:
             raise ConfigError("--learning_rate must be positive")
+        prompts = self.validation_prompt  # one prompt (DreamBooth) or a list (control)
+        for prompt in prompts if isinstance(prompts, (list, tuple)) else [prompts]:
+            try:
+                check_prompt(str(prompt or ""), "--validation_prompt")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if self.resolution is not None and self.resolution % 8:
             raise ConfigError("--resolution must be a positive multiple of 8")
         if (self.validation_steps or self.validation_epochs) and not self.validation_prompt:
@@ -453,6 +472,33 @@ class RunConfig:
             )
         except ValueError as err:
             raise ConfigError(str(err)) from err
+
+
+def _check_number(f: dataclasses.Field, name: str, kind: type, value) -> None:
+    """``ConfigError`` naming the flag when ``value`` is not a number of its kind, not finite, or out of range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"--{name} must be a number, not {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"--{name} is {value}: give a finite number")
+    if kind is int and value != int(value):
+        raise ConfigError(f"--{name} must be a whole number, not {value!r}")
+    minimum, maximum = f.metadata.get("minimum"), f.metadata.get("maximum")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"--{name} must be at least {_number(minimum)}, not {_number(value)}")
+    bound = MAX_INT_FLAG if kind is int else MAX_FLOAT_FLAG
+    why = _WHY[kind] if maximum is None else ""
+    if value > (bound if maximum is None else maximum):
+        most = _number(bound if maximum is None else maximum)
+        raise ConfigError(f"--{name} {_number(value)} is too large: give at most {most}{why}")
+    if value < -bound:
+        raise ConfigError(f"--{name} {_number(value)} is too small: give at least {_number(-bound)}{why}")
+
+
+def _number(value) -> str:
+    """A flag's number as it would be typed: whole numbers in full (up to 128 bits), others short (1e38)."""
+    if isinstance(value, int):
+        return str(value) if value.bit_length() <= 128 else f"a number of {value.bit_length()} bits"
+    return str(int(value)) if value.is_integer() and abs(value) < 1e16 else f"{value:g}".replace("e+", "e")
 
 
 def _field(cls, name: str) -> dataclasses.Field:

@@ -3,6 +3,9 @@ say which file is wrong and what to do."""
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import zlib
 from pathlib import Path
 
@@ -10,11 +13,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..images import IMAGE_EXTENSIONS, ImageReadError, open_image, to_rgb
+from ..images import IMAGE_EXTENSIONS, ImageReadError, check_pixels, open_image, to_rgb
+from .text import MAX_CAPTION_BYTES, MAX_METADATA_LINE_BYTES, MAX_PROMPT_CHARS, check_prompt, read_text_file, text_lines
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "INTERPOLATION_MODES",
+    "MAX_EPOCH_EXAMPLES",
+    "MAX_IMAGES",
+    "MAX_TOTAL_PIXELS",
     "DreamBoothDataset",
     "EpochShuffleSampler",
     "augmentations",
@@ -23,30 +30,71 @@ __all__ = [
     "load_captioned_folder",
     "load_dataset_images",
     "load_image_folder",
+    "read_caption",
 ]
 
 
+#: the most instance images a run holds, and the most pixels they may have in all: every image is kept decoded in
+#: memory (3 bytes a pixel) for the whole run, so 2**30 pixels is 3 GiB, e.g. a thousand 1024² images. DreamBooth
+#: needs 3-10 images; a larger captioned set fits when its images are scaled down to near --resolution
+MAX_IMAGES = 100_000
+MAX_TOTAL_PIXELS = 1 << 30
+#: the most examples an epoch may have: its shuffled order (``EpochShuffleSampler``) is 8 bytes an example
+MAX_EPOCH_EXAMPLES = 1 << 24
+
+
 def image_files(folder: str | Path, what: str = "instance") -> list[Path]:
-    """The image files in ``folder``, sorted by name; ``FileNotFoundError``/``ValueError`` when there are none."""
+    """The image files in ``folder``, sorted by name; ``FileNotFoundError``/``ValueError`` when there are none, or
+    more than ``MAX_IMAGES`` (counted while listing, so a huge folder is never listed whole)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"the {what} folder '{folder}' does not exist; pass a folder of images")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    candidates = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    candidates, others = [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_file():
+                continue
+            if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+                if len(others) < 5:
+                    others.append(entry.name)
+                continue
+            candidates.append(Path(folder, entry.name))
+            if len(candidates) > MAX_IMAGES:
+                raise ValueError(
+                    f"the {what} folder '{folder}' holds more than {MAX_IMAGES:,} images; every image is held in "
+                    "memory while training: train on fewer"
+                )
     if not candidates:
-        others = ", ".join(p.name for p in files[:5]) or "nothing"
         raise ValueError(
             f"the {what} folder '{folder}' holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}; found "
-            f"{others}); put 3-10 images of the subject there"
+            f"{', '.join(sorted(others)) or 'nothing'}); put 3-10 images of the subject there"
         )
-    return candidates
+    return sorted(candidates)
+
+
+class _PixelBudget:
+    """Counts the pixels of decoded images and refuses the one that takes them over ``MAX_TOTAL_PIXELS``; each image
+    is counted right after it is decoded, so at most one image more than the limit is ever held."""
+
+    def __init__(self, what: str):
+        self.what, self.pixels = what, 0
+
+    def add(self, image: Image.Image, count: int) -> Image.Image:
+        self.pixels += image.width * image.height
+        if self.pixels > MAX_TOTAL_PIXELS:
+            raise ValueError(
+                f"the {self.what} images hold more than {MAX_TOTAL_PIXELS:,} pixels in all (reached at image "
+                f"{count}); every image is held decoded in memory while training: scale them down to near "
+                "--resolution, or train on fewer"
+            )
+        return image
 
 
 def _open_all(paths: list[Path], folder: Path, what: str) -> list[Image.Image]:
-    images, bad = [], []
+    images, bad, budget = [], [], _PixelBudget(what)
     for path in paths:
         try:
-            images.append(open_image(path, f"{what} image"))
+            images.append(budget.add(open_image(path, f"{what} image"), len(images) + 1))
         except ImageReadError as err:
             bad.append(str(err))
     if bad:
@@ -61,30 +109,113 @@ def load_image_folder(folder: str | Path, what: str = "instance") -> list[Image.
     """Every image in ``folder`` (sorted by name) as upright RGB; files of other types (captions, JSON) are ignored.
 
     Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` naming the files when the folder holds no
-    images or any image cannot be decoded.
+    images or any image cannot be decoded, or when they are too many to hold (``MAX_IMAGES``, ``MAX_TOTAL_PIXELS``).
     """
     return _open_all(image_files(folder, what), Path(folder), what)
+
+
+def read_caption(path: Path) -> str:
+    """The caption in the file ``path`` (stripped), read as ``text.read_text_file`` reads: its size checked before
+    it is read, UTF-8, at most ``MAX_PROMPT_CHARS`` characters; ``ValueError`` naming the file otherwise."""
+    limit = f"a caption is at most {MAX_PROMPT_CHARS:,} characters"
+    caption = read_text_file(path, MAX_CAPTION_BYTES, "caption file", limit).strip()
+    return check_prompt(caption, f"the caption file '{path}'")
 
 
 def load_captioned_folder(
     folder: str | Path, fallback_prompt: str, caption_extension: str = ".txt"
 ) -> tuple[list[Image.Image], list[str]]:
     """The images of ``folder`` and a caption each, kohya's layout: ``dog1.txt`` beside ``dog1.png`` is that image's
-    caption (stripped); an image without one, or with an empty one, gets ``fallback_prompt``."""
+    caption (stripped); an image without one, or with an empty one, gets ``fallback_prompt``. A caption file that is
+    not a regular UTF-8 text file of at most ``MAX_PROMPT_CHARS`` characters is a ``ValueError`` naming it."""
     paths = image_files(folder, "instance")
     prompts = []
     for path in paths:
         caption_file = path.with_suffix(caption_extension)
         caption = ""
-        if caption_file.is_file():
+        if caption_file.exists() or caption_file.is_symlink():  # a folder, FIFO or broken link is refused, not skipped
             try:
-                caption = caption_file.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as err:
-                raise ValueError(
-                    f"the caption file '{caption_file}' cannot be read as UTF-8 text ({err}); fix or remove it"
-                ) from err
+                caption = read_caption(caption_file)
+            except ValueError as err:
+                raise ValueError(f"{err}. Nothing has been trained yet.") from None
         prompts.append(caption or fallback_prompt)
     return _open_all(paths, Path(folder), "instance"), prompts
+
+
+def _metadata_files(folder: Path) -> list[Path]:
+    """The metadata files ``datasets``' image folder loader reads (``metadata.jsonl`` and ``metadata.csv``, at any
+    depth)."""
+    return sorted(p for name in ("metadata.jsonl", "metadata.csv") for p in folder.rglob(name))
+
+
+def _check_metadata(folder: Path, caption_column: str | None) -> None:
+    """Read every metadata file of an image folder the way ``text.text_lines`` does (lines of at most
+    ``MAX_METADATA_LINE_BYTES``, UTF-8) before ``datasets`` reads it whole; ``metadata.jsonl`` lines must be JSON
+    objects and their captions prompts. ``ValueError`` names the file and line."""
+    for metadata in _metadata_files(folder):
+        rows = 0
+        for number, line in text_lines(metadata, MAX_METADATA_LINE_BYTES, "metadata file"):
+            if metadata.suffix != ".jsonl" or not line.strip():
+                continue
+            rows += 1
+            where = f"'{metadata}', line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not JSON ({err.msg}); write one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"{where}: a JSON {type(row).__name__}, not an object; write one object per line, e.g. "
+                    '{"file_name": "dog1.png", "text": "a sks dog"}'
+                )
+            if caption_column and isinstance(row.get(caption_column), str):
+                check_prompt(row[caption_column], f"{where}: the caption '{caption_column}'")
+        if metadata.suffix == ".jsonl" and not rows:
+            raise ValueError(
+                f"'{metadata}' has no rows: write one JSON object per line, e.g. "
+                '{"file_name": "dog1.png", "text": "a sks dog"}, or remove it'
+            )
+
+
+def _captions(data, column: str, fallback_prompt: str, name: str) -> list[str]:
+    """The caption of every row (``fallback_prompt`` where it is missing or empty), their lengths measured in the
+    Arrow table before any is made a Python string."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = data.with_format("arrow")[column]
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        lengths = pc.fill_null(pc.utf8_length(values), 0)
+        if (pc.max(lengths).as_py() or 0) > MAX_PROMPT_CHARS:
+            row = pc.index(pc.greater(lengths, MAX_PROMPT_CHARS), True).as_py()
+            check_prompt(values[row].as_py(), f"--dataset_name '{name}': row {row} of --caption_column '{column}'")
+    elif not (pa.types.is_integer(values.type) or pa.types.is_floating(values.type) or pa.types.is_null(values.type)):
+        raise ValueError(
+            f"--caption_column '{column}' of '{name}' holds {values.type} values, not text; give a column of strings"
+        )
+    captions = []
+    for row, caption in enumerate(values.to_pylist()):
+        text = str(caption).strip() if caption is not None else ""
+        where = f"--dataset_name '{name}': row {row} of --caption_column '{column}'"
+        captions.append(check_prompt(text, where) or fallback_prompt)
+    return captions
+
+
+def _row_image(value, row: int, column: str, feature) -> Image.Image:
+    """A dataset row's image through ``open_image``: its bytes, or the local file it names; other sources (a file
+    inside a remote archive) are decoded by ``datasets`` and checked after."""
+    path = value.get("path") if isinstance(value, dict) else None
+    name = f"row {row} of --image_column '{column}'" + (f" ({Path(path).name})" if path else "")
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        return open_image(io.BytesIO(value["bytes"]), "dataset image", name)
+    if path and Path(path).is_file():
+        return open_image(path, "dataset image", name)
+    try:
+        image = feature.decode_example(value)
+    except Exception as err:  # datasets raises many kinds (offline, missing, PIL's)
+        raise ImageReadError(f"{name}: cannot be read as an image ({type(err).__name__}: {err})") from err
+    check_pixels(image.width, image.height, name)
+    return to_rgb(image)
 
 
 def load_dataset_images(
@@ -97,11 +228,17 @@ def load_dataset_images(
 ) -> tuple[list[Image.Image], list[str]]:
     """Images and captions of a ``datasets`` dataset: a folder written by ``save_to_disk``, an image folder with
     ``metadata.jsonl`` (or any folder ``load_dataset`` reads), or a Hub id; its ``train`` split when it has several.
-    Without ``caption_column``, or where a caption is empty, an image gets ``fallback_prompt``."""
+    Without ``caption_column``, or where a caption is empty, an image gets ``fallback_prompt``.
+
+    Images go through ``open_image`` as files in a folder do (the same size limit and messages, naming the row);
+    captions have the limit of ``text.check_prompt``, and an image folder's metadata lines are checked before
+    ``datasets`` reads them."""
     import datasets
 
     path = Path(name).expanduser()
     saved = any((path / marker).is_file() for marker in ("dataset_info.json", "state.json", "dataset_dict.json"))
+    if path.is_dir() and not saved:
+        _check_metadata(path, caption_column)
     try:
         if path.is_dir() and saved:
             data = datasets.load_from_disk(str(path))
@@ -123,16 +260,32 @@ def load_dataset_images(
             )
     if len(data) == 0:
         raise ValueError(f"--dataset_name '{name}' holds no rows; give it the subject's images")
-    images = []
-    for row, value in enumerate(data[image_column]):
-        if not isinstance(value, Image.Image):
-            raise ValueError(
-                f"row {row} of --image_column '{image_column}' is a {type(value).__name__}, not an image; give the "
-                "column the datasets Image feature (cast_column(column, datasets.Image()))"
-            )
-        images.append(to_rgb(value))
-    captions = data[caption_column] if caption_column else [None] * len(images)
-    prompts = [str(c).strip() if c is not None and str(c).strip() else fallback_prompt for c in captions]
+    if len(data) > MAX_IMAGES:
+        raise ValueError(
+            f"--dataset_name '{name}' holds {len(data):,} rows, more than {MAX_IMAGES:,}; every image is held in "
+            "memory while training: train on fewer (Dataset.select)"
+        )
+    feature = data.features[image_column]
+    if not isinstance(feature, datasets.Image):
+        raise ValueError(
+            f"--image_column '{image_column}' holds {type(feature).__name__} values, not images; give the column the "
+            "datasets Image feature (cast_column(column, datasets.Image()))"
+        )
+    prompts = [fallback_prompt] * len(data)
+    if caption_column:
+        prompts = _captions(data, caption_column, fallback_prompt, name)
+    rows = data.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+    images, bad, budget = [], [], _PixelBudget(f"--dataset_name '{name}'")
+    for row, example in enumerate(rows):  # one row at a time: the encoded bytes are never all in memory
+        try:
+            images.append(budget.add(_row_image(example[image_column], row, image_column, feature), row + 1))
+        except ImageReadError as err:
+            bad.append(str(err))
+    if bad:
+        raise ValueError(
+            f"{len(bad)} image(s) of --dataset_name '{name}' cannot be used: {'; '.join(bad[:5])}. Remove or replace "
+            "them; nothing has been trained yet."
+        )
     return images, prompts
 
 
@@ -219,6 +372,12 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.size, self.center_crop, self.random_flip, self.seed = size, center_crop, random_flip, seed
         self.repeats, self.resample = repeats, _RESAMPLE[interpolation]
         self.epoch = 0
+        if len(self) > MAX_EPOCH_EXAMPLES:
+            raise ValueError(
+                f"--repeats {repeats} makes an epoch of {len(self):,} examples ({len(self.instance_images):,} images × "
+                f"{repeats}), more than {MAX_EPOCH_EXAMPLES:,}: each epoch's order is one permutation held in memory; "
+                "lower --repeats (--max_train_steps sets the length of a run)"
+            )
         prompts = [instance_prompt] * len(self.instance_images) if isinstance(instance_prompt, str) else instance_prompt
         if len(prompts) != len(self.instance_images):
             raise ValueError(f"{len(prompts)} prompts for {len(self.instance_images)} instance images")

@@ -36,6 +36,7 @@ from .data import (
 )
 from .run import Run
 from .task import SampleKind, Samples, Task
+from .text import check_prompt
 from .trainer import TrainResult
 
 __all__ = ["DREAMBOOTH_FOREIGN_FLAGS", "PAPER_LEARNING_RATE", "DreamBoothConfig", "DreamBoothTask"]
@@ -158,6 +159,11 @@ class DreamBoothConfig(RunConfig):
         super().validate()
         if not self.instance_prompt or not self.instance_prompt.strip():
             raise ConfigError("--instance_prompt is empty: name the subject with an identifier, e.g. 'a sks dog'")
+        for flag, prompt in (("--instance_prompt", self.instance_prompt), ("--class_prompt", self.class_prompt)):
+            try:
+                check_prompt(prompt or "", flag)  # the limit of captions (text.MAX_PROMPT_CHARS)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         if bool(self.instance_data_dir) == bool(self.dataset_name):
             raise ConfigError(
                 "give the subject's images as one of --instance_data_dir (a folder of images) or --dataset_name (a "
