@@ -590,3 +590,18 @@ def test_saved_dataset_captions_have_the_limit(world, tmp_path):
                         caption_column="text")  # fmt: skip
     with pytest.raises(ValueError, match=r"--dataset_name '.*saved': row 1 of --caption_column 'text' is 4,097 char"):
         task_for(config).check_inputs()
+
+
+def test_only_the_class_images_a_run_uses_are_decoded(tmp_path):
+    """Prior preservation takes the first --num_class_images of the class folder: the others are not opened (a
+    broken one past them costs nothing, and a large folder stays within the decoding limits)."""
+    from ether_diffusion.training.data import load_image_folder
+
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"class-{i:05d}.png")
+    (folder / "class-00003.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert len(load_image_folder(folder, "class", limit=2)) == 2
+    with pytest.raises(ValueError, match="class-00003.png"):
+        load_image_folder(folder, "class")

@@ -105,13 +105,14 @@ def _open_all(paths: list[Path], folder: Path, what: str) -> list[Image.Image]:
     return images
 
 
-def load_image_folder(folder: str | Path, what: str = "instance") -> list[Image.Image]:
-    """Every image in ``folder`` (sorted by name) as upright RGB; files of other types (captions, JSON) are ignored.
+def load_image_folder(folder: str | Path, what: str = "instance", limit: int | None = None) -> list[Image.Image]:
+    """Every image in ``folder`` (sorted by name; the first ``limit`` when given) as upright RGB; files of other
+    types (captions, JSON) are ignored.
 
     Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` naming the files when the folder holds no
     images or any image cannot be decoded, or when they are too many to hold (``MAX_IMAGES``, ``MAX_TOTAL_PIXELS``).
     """
-    return _open_all(image_files(folder, what), Path(folder), what)
+    return _open_all(image_files(folder, what)[:limit], Path(folder), what)
 
 
 def read_caption(path: Path) -> str:

@@ -271,7 +271,7 @@ class DreamBoothTask(Task):
             if run.accelerator.is_main_process:
                 self._draw_class_images(class_dir, run, prepare)
             run.accelerator.wait_for_everyone()
-            class_images = load_image_folder(class_dir, "class")[: max(config.num_class_images, 1)]
+            class_images = load_image_folder(class_dir, "class", limit=max(config.num_class_images, 1))
         backend = self.backend
         dataset = DreamBoothDataset(
             self.instance_images,
