@@ -25,6 +25,7 @@ from ether_diffusion.export import (
     save_lora,
 )
 from ether_diffusion.inject import adapter_layers, delete_adapter, merge_adapters, unmerge_adapters
+from ether_diffusion.io import AdapterMismatchError
 
 TINY_SD = Path(__file__).resolve().parents[1] / "assets" / "tiny-sd"
 CLI = str(Path(sys.executable).parent / "ether-diffusion")
@@ -135,6 +136,44 @@ def test_kohya_names():
     assert kohya_name("text_encoder_2", "text_model.encoder.layers.0.mlp.fc1").startswith("lora_te2_")
     with pytest.raises(ValueError, match="kohya format names only"):
         kohya_name("vae", "decoder.conv_in")
+
+
+# --- what export refuses, writing nothing --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family, label", [("sdxl", "Stable Diffusion XL"), ("flux", "Flux")])
+def test_export_refuses_a_file_of_another_family_as_loading_does(tiny_pipe, tmp_path, family, label):
+    """An SD-shaped file whose metadata says it was made for SDXL or Flux: loading it into the SD pipeline refuses
+    it, and so does the export, with the same message naming both families."""
+    from ether_diffusion.pipeline import load_ether_weights
+
+    sd = make_adapter(tiny_pipe, tmp_path / "sd.safetensors", EtherConfig(method="ether"))
+    relabelled = tmp_path / f"{family}.safetensors"
+    with safe_open(str(sd), "pt") as handle:
+        save_file({k: handle.get_tensor(k) for k in handle.keys()}, str(relabelled),
+                  metadata={**handle.metadata(), "model_family": family})  # fmt: skip
+    with pytest.raises(AdapterMismatchError) as loading:
+        load_ether_weights(tiny_pipe, relabelled)
+    with pytest.raises(AdapterMismatchError) as exporting:
+        export_adapters([relabelled], tmp_path / "x.safetensors", tiny_pipe)
+    assert str(exporting.value) == str(loading.value)
+    assert f"an adapter for {label} models" in str(exporting.value) and "Stable Diffusion 1.x/2.x" in str(loading.value)
+    assert not (tmp_path / "x.safetensors").exists() and not list(adapter_layers(tiny_pipe.unet))
+
+
+def test_an_sdxl_adapter_exported_with_an_sd_model_names_both_families(tiny_pipe, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from ether_diffusion.pipeline import save_ether_weights
+
+    sdxl = StableDiffusionXLPipeline(**build_tiny_sdxl_components(tmp_path))
+    inject(sdxl.unet, EtherConfig(method="ether"), "tmp")
+    adapter = save_ether_weights(tmp_path / "xl.safetensors", sdxl, "tmp")  # records model_family "sdxl"
+    with pytest.raises(
+        AdapterMismatchError, match="adapter for Stable Diffusion XL models .* Stable Diffusion 1.x/2.x"
+    ) as err:
+        export_adapters([adapter], tmp_path / "x.safetensors", tiny_pipe)
+    assert "layers this model lacks" not in str(err.value)
 
 
 # --- stock diffusers reproduces the ETHER images --------------------------------------------------------------
