@@ -51,9 +51,10 @@ from .config import ADAPTABLE_COMPONENTS, DTYPES, EtherConfig
 from .delta import LoraFactors, layer_lora_factors
 from .families import FAMILIES, pipeline_family, supported_families
 from .files import atomic_write
+from .finite import check_finite
 from .inject import adapter_layers
 from .io import AdapterFile, load_adapter, read_adapter_file
-from .pipeline import _check_family, _components, delete_ether_adapters, set_ether_adapters
+from .pipeline import _check_family, _components, _strengths, delete_ether_adapters, set_ether_adapters
 from .reflection import METHODS
 
 __all__ = [
@@ -380,6 +381,11 @@ def save_lora(
     header.update({str(k): str(v) for k, v in (metadata or {}).items()})
     header["ether_diffusion_version"] = __version__
     path = _resolve_output(path)
+    # A strength far from 1 overflows the factors (two-sided ETHER+ grows with its square): a file of infinities would
+    # load without complaint and draw black images, so it is refused, naming the layer, the dtype and the strengths.
+    wider = "in fp32 or bf16 (CLI: --dtype fp32), or " if dtype_name == "fp16" else ""
+    advice = f"the adapters act at {_strengths(parts)}: export {wider}at a smaller strength"
+    check_finite(tensors, "the LoRA factor", advice)
     with atomic_write(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     layers = {c: [f.rank for f in found.values()] for c, found in factors.items()}

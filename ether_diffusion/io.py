@@ -37,6 +37,7 @@ from torch import nn
 from ._version import __version__
 from .config import ADAPTABLE_COMPONENTS, EtherConfig, check_adapter_name
 from .files import atomic_write
+from .finite import check_finite
 from .inject import (
     Target,
     adapter_configs,
@@ -408,6 +409,9 @@ def save_adapter(
         metadata["model_family"] = str(model_family)
     if modules:
         metadata["modules"] = json.dumps({name: config for name, (config, _) in modules.items()}, sort_keys=True)
+    # read_adapter_file refuses non-finite vectors: a file of them could never be loaded again
+    advice = "save the adapter from before it diverged (an earlier checkpoint), or train with a lower learning rate"
+    check_finite(tensors, "the adapter tensor", advice)
     try:
         with atomic_write(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)

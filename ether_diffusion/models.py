@@ -33,11 +33,15 @@ takes the same kinds of ``model``. Every failure is a ``ModelLoadError`` (or one
 The other way::
 
     save_single_file(pipe, "model.safetensors", dtype=None)
+    save_folder(pipe, "model/", dtype=None)
 
-writes a Stable Diffusion 1.x pipeline (UNet, VAE, CLIP text encoder) as one ``.safetensors`` in the original
-CompVis/LDM key layout (``model.diffusion_model.…``, ``first_stage_model.…``, ``cond_stage_model.transformer.…``)
-that A1111, Forge and ComfyUI load and ``from_single_file`` reads back. ``original_state_dict(pipe)`` gives the
-renamed tensors without writing.
+``save_single_file`` writes a Stable Diffusion 1.x pipeline (UNet, VAE, CLIP text encoder) as one ``.safetensors`` in
+the original CompVis/LDM key layout (``model.diffusion_model.…``, ``first_stage_model.…``,
+``cond_stage_model.transformer.…``) that A1111, Forge and ComfyUI load and ``from_single_file`` reads back;
+``original_state_dict(pipe)`` gives the renamed tensors without writing. ``save_folder`` writes any pipeline as a
+diffusers folder (``save_pretrained``), complete or not at all. Both write atomically (a file or folder already there
+stays as it was if writing fails) and refuse weights that are not finite in the dtype written (``NonFiniteError``,
+naming the weight): fp16 holds nothing beyond 65504, and a file of infinities would draw black images.
 """
 
 from __future__ import annotations
@@ -55,7 +59,8 @@ from torch import nn
 from .assets import check_pipeline_folder
 from .coexist import plain_modules
 from .families import model_family
-from .files import atomic_write
+from .files import atomic_folder, atomic_write
+from .finite import check_finite
 from .sources import (
     PICKLE_SUFFIXES,
     SINGLE_FILE_SUFFIXES,
@@ -79,6 +84,7 @@ __all__ = [
     "load_pipeline",
     "load_tiny_pipeline",
     "original_state_dict",
+    "save_folder",
     "save_single_file",
 ]
 
@@ -406,6 +412,25 @@ def original_state_dict(pipe) -> dict[str, torch.Tensor]:
     return state
 
 
+def _overflow_advice(dtype: torch.dtype) -> str:
+    """What to do about weights that are not finite as written in ``dtype``."""
+    wider = "write them in fp32 or bf16 (CLI: --dtype fp32), or " if dtype == torch.float16 else ""
+    return f"{wider}fuse the adapters at a smaller strength"
+
+
+def save_folder(pipe, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write ``pipe`` as a diffusers folder (``save_pretrained``, safetensors), atomically; ``dtype`` casts it first."""
+    path = Path(path)
+    modules = {name: m for name, m in pipe.components.items() if isinstance(m, nn.Module)}
+    weights = {f"{name}.{k}": v for name, m in modules.items() for k, v in _plain_state(m).items()}
+    check_finite(weights, "the weight", _overflow_advice(dtype or pipe.dtype), dtype)
+    if dtype is not None:
+        pipe.to(dtype=dtype)
+    with atomic_folder(path) as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
+    return path
+
+
 def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write ``pipe`` (SD 1.x) as one original-layout ``.safetensors``, atomically; ``dtype`` casts float weights."""
     from safetensors.torch import save_file
@@ -414,6 +439,7 @@ def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype | None = 
     if path.suffix != ".safetensors":
         raise ValueError(f"write the checkpoint to a .safetensors file, not '{path}'")
     state = original_state_dict(pipe)
+    check_finite(state, "the weight", _overflow_advice(dtype or pipe.unet.dtype), dtype)
     tensors = {
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).to("cpu").contiguous()
         for k, v in state.items()

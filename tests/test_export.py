@@ -24,6 +24,7 @@ from ether_diffusion.export import (
     lora_rank,
     save_lora,
 )
+from ether_diffusion.finite import NonFiniteError
 from ether_diffusion.inject import adapter_layers, delete_adapter, merge_adapters, unmerge_adapters
 from ether_diffusion.io import AdapterMismatchError
 
@@ -139,6 +140,39 @@ def test_kohya_names():
 
 
 # --- what export refuses, writing nothing --------------------------------------------------------------------
+
+
+def files_beside(path):
+    return sorted(p.name for p in path.parent.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".tmp"))
+
+
+@pytest.mark.parametrize(
+    "strength, dtype, message",
+    [
+        (1e5, "fp16", r"beyond fp16's range \(max 65504; .*at strength 100000: export in fp32 or bf16 \(CLI: --dtype"),
+        (1e30, "fp32", r"beyond fp32's range .*at strength 1e\+30: export at a smaller strength"),
+    ],
+)
+def test_an_overflowing_lora_is_refused_and_the_good_file_kept(tiny_pipe, tmp_path, strength, dtype, message):
+    """Two-sided ETHER+ grows with the square of its strength: factors beyond the file's dtype are infinities that
+    load without complaint and draw black images, so the export stops, names the layer, and writes nothing."""
+    adapter = make_adapter(tiny_pipe, tmp_path / "a.safetensors", EtherConfig(method="ether_plus"))
+    output = tmp_path / "good.safetensors"
+    export_adapters([adapter], output, tiny_pipe, dtype=dtype)
+    good = output.read_bytes()
+    layer = r"^the LoRA factor unet\.down_blocks\.\S+\.lora_[AB]\.weight holds values "
+    with pytest.raises(NonFiniteError, match=layer + message):
+        export_adapters([(adapter, strength)], output, tiny_pipe, dtype=dtype)
+    assert output.read_bytes() == good and files_beside(output) == ["a.safetensors", "good.safetensors"]
+    assert not list(adapter_layers(tiny_pipe.unet))  # the pipeline is left as it was
+
+
+@pytest.mark.parametrize("strength", [float("nan"), float("inf")])
+def test_a_strength_that_is_not_a_number_is_refused(tiny_pipe, tmp_path, strength):
+    adapter = make_adapter(tiny_pipe, tmp_path / "a.safetensors", EtherConfig(method="ether"))
+    with pytest.raises(ValueError, match=f"the weight {strength} of adapter 'export0' is not a finite number"):
+        export_adapters([adapter], tmp_path / "x.safetensors", tiny_pipe, strength=strength)
+    assert files_beside(adapter) == ["a.safetensors"]
 
 
 @pytest.mark.parametrize("family, label", [("sdxl", "Stable Diffusion XL"), ("flux", "Flux")])

@@ -16,6 +16,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from ether_diffusion import EtherConfig, adapter_names, count_parameters, inject, io
+from ether_diffusion.finite import NonFiniteError
 from ether_diffusion.io import (
     DEFAULT_WEIGHT_NAME,
     AdapterFileError,
@@ -186,6 +187,18 @@ def test_interrupted_save_keeps_the_good_file(saved, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]  # no temporary left behind
     with pytest.raises(FileNotFoundError, match="does not exist"):
         save_adapter(tmp_path / "no" / "such" / "dir.safetensors", {"unet": model}, "subject")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_vector_is_never_written(saved, value):
+    """read_adapter_file refuses such a file, so saving one would lose the good file for one that cannot load."""
+    model, path = saved
+    good = path.read_bytes()
+    with torch.no_grad():
+        model.to_k.ether_adapters["subject"].ether_u[0, 0] = value
+    with pytest.raises(NonFiniteError, match=r"^the adapter tensor unet\.to_k\.ether_u holds .*: nothing was written"):
+        save_adapter(path, {"unet": model}, "subject")
+    assert path.read_bytes() == good and sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
 def test_saved_adapter_is_readable_by_others_and_a_resave_keeps_the_mode(saved):

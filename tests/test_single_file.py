@@ -98,6 +98,20 @@ def test_fused_single_file_loads_back_with_every_weight_equal(adapter, tmp_path)
         assert key in keys, key
 
 
+def test_fused_weights_beyond_the_dtype_are_never_written(adapter, tmp_path, capsys):
+    """ETHER+ at strength 100000 fuses attention weights of 1e8: finite in float32, infinite in float16."""
+    from ether_diffusion.cli import main
+
+    target = tmp_path / "m.safetensors"
+    target.write_bytes(b"a good checkpoint")
+    argv = ["fuse", "--adapter", f"{adapter}:100000", "--single_file", str(target), "--dtype", "fp16", "--overwrite"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: the weight model.diffusion_model.input_blocks.1.1.") and "Traceback" not in err
+    assert "holds values beyond fp16's range (max 65504; largest magnitude" in err and "--dtype fp32" in err
+    assert target.read_bytes() == b"a good checkpoint" and os.listdir(tmp_path) == ["m.safetensors"]
+
+
 def test_layout_matches_diffusers_conversion_for_the_real_sd15():
     """On the SD-1.5 architecture (built on the meta device), diffusers' own LDM → diffusers conversion maps every
     written key back to the diffusers name and shape it came from."""
