@@ -386,7 +386,7 @@ def save_lora(
     wider = "in fp32 or bf16 (CLI: --dtype fp32), or " if dtype_name == "fp16" else ""
     advice = f"the adapters act at {_strengths(parts)}: export {wider}at a smaller strength"
     check_finite(tensors, "the LoRA factor", advice)
-    with atomic_write(path) as tmp:
+    with atomic_write(path, "the LoRA") as tmp:
         save_file(tensors, str(tmp), metadata=header)
     layers = {c: [f.rank for f in found.values()] for c, found in factors.items()}
     per_layer = format == "kohya" and family == "flux"

@@ -21,7 +21,6 @@ Never pickle: only safetensors is read or written.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -412,18 +411,8 @@ def save_adapter(
     # read_adapter_file refuses non-finite vectors: a file of them could never be loaded again
     advice = "save the adapter from before it diverged (an earlier checkpoint), or train with a lower learning rate"
     check_finite(tensors, "the adapter tensor", advice)
-    try:
-        with atomic_write(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-    except FileNotFoundError:
-        raise
-    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).rpartition(": ")[2] or err
-        raise OSError(
-            getattr(err, "errno", None) or (errno.ENOSPC if "os error 28" in str(err) else errno.EIO),
-            f"could not write the adapter to '{path}' ({reason}); any file that was there is unchanged. Free some "
-            "space or choose another folder, then save again",
-        ) from err
+    with atomic_write(path, "the adapter") as tmp:  # a full disk: a one-line WriteError, the old file unchanged
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

@@ -426,7 +426,7 @@ def save_folder(pipe, path: str | os.PathLike, dtype: torch.dtype | None = None)
     check_finite(weights, "the weight", _overflow_advice(dtype or pipe.dtype), dtype)
     if dtype is not None:
         pipe.to(dtype=dtype)
-    with atomic_folder(path) as staging:
+    with atomic_folder(path, what="the model") as staging:
         pipe.save_pretrained(staging, safe_serialization=True)
     return path
 
@@ -444,6 +444,6 @@ def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype | None = 
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).to("cpu").contiguous()
         for k, v in state.items()
     }
-    with atomic_write(path) as tmp:
+    with atomic_write(path, "the checkpoint") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     return path

@@ -1,6 +1,7 @@
 """Exact export of ETHER adapters to LoRA: the math per layer, and stock diffusers reproducing the images."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TinyMLP, build_tiny_sdxl_components, randomize_adapters
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.testing import assert_close
@@ -208,6 +209,30 @@ def test_an_sdxl_adapter_exported_with_an_sd_model_names_both_families(tiny_pipe
     ) as err:
         export_adapters([adapter], tmp_path / "x.safetensors", tiny_pipe)
     assert "layers this model lacks" not in str(err.value)
+
+
+def disk_full(tensors, filename, metadata=None):
+    """safetensors' save_file on a full disk: a partial temporary of its own beside ``filename``, then its error."""
+    (Path(filename).parent / ".tmpAbC123").write_bytes(b"partial")
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def test_a_full_disk_during_export_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, capsys):
+    from ether_diffusion.cli import main
+
+    adapter = make_adapter(load_stock(), tmp_path / "a.safetensors", EtherConfig(method="ether"))
+    output = tmp_path / "out" / "good.safetensors"
+    output.parent.mkdir()
+    output.write_bytes(b"a good LoRA")
+    monkeypatch.setattr("ether_diffusion.export.save_file", disk_full)
+    argv = ["export", str(adapter), "--model", str(TINY_SD), "--format", "kohya", "--output", str(output)]
+    assert main([*argv, "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"error: could not write the LoRA to '{output}': the disk is full (No space left on device in "
+        f"'{output.parent}'); the file that was there is unchanged. Free some space or write elsewhere, then run again"
+    )
+    assert output.read_bytes() == b"a good LoRA" and os.listdir(output.parent) == ["good.safetensors"]
 
 
 # --- stock diffusers reproduces the ETHER images --------------------------------------------------------------

@@ -201,6 +201,23 @@ def test_a_non_finite_vector_is_never_written(saved, value):
     assert path.read_bytes() == good and sorted(p.name for p in path.parent.iterdir()) == [path.name]
 
 
+def test_a_save_removes_what_a_killed_save_of_the_same_file_left(saved):
+    """Temporaries of earlier writers of this file (the hidden ``.<name>.<hex>.tmp`` file or folder), older than
+    this process and held by no one, go; anything else beside it stays."""
+    model, path = saved
+    stale = [path.with_name(f".{path.name}.0123456789ab.tmp"), path.with_name(f".{path.name}.fedcba987654.tmp")]
+    stale[0].write_bytes(b"")  # an empty temporary file
+    stale[1].mkdir()  # a staging folder with the writer's half-written file in it
+    (stale[1] / ".tmpAbC123").write_bytes(b"half an adapter")
+    kept = [path.with_name(f".{path.name}.tmp"), path.with_name("other.safetensors.0123456789ab.tmp")]
+    for other in kept:
+        other.write_bytes(b"not a temporary of this writer")
+    for old in (*stale, *kept):
+        os.utime(old, (1e9, 1e9))  # 2001: long before this process started
+    save_adapter(path, {"unet": model}, "subject")
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, *(k.name for k in kept)])
+
+
 def test_saved_adapter_is_readable_by_others_and_a_resave_keeps_the_mode(saved):
     model, path = saved
     old = os.umask(0o022)

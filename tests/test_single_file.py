@@ -112,6 +112,25 @@ def test_fused_weights_beyond_the_dtype_are_never_written(adapter, tmp_path, cap
     assert target.read_bytes() == b"a good checkpoint" and os.listdir(tmp_path) == ["m.safetensors"]
 
 
+def test_a_full_disk_while_fusing_is_one_line_and_keeps_the_old_checkpoint(adapter, tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    from ether_diffusion.cli import main
+
+    def disk_full(tensors, filename, metadata=None):  # safetensors: its own partial temporary, then its error
+        (Path(filename).parent / ".tmpAbC123").write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    target = tmp_path / "m.safetensors"
+    target.write_bytes(b"a good checkpoint")
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    assert main(["fuse", "--adapter", str(adapter), "--single_file", str(target), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: could not write the checkpoint to '{target}': the disk is full (No space left on")
+    assert err.endswith("the file that was there is unchanged. Free some space or write elsewhere, then run again")
+    assert target.read_bytes() == b"a good checkpoint" and os.listdir(tmp_path) == ["m.safetensors"]
+
+
 def test_layout_matches_diffusers_conversion_for_the_real_sd15():
     """On the SD-1.5 architecture (built on the meta device), diffusers' own LDM → diffusers conversion maps every
     written key back to the diffusers name and shape it came from."""
