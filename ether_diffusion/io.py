@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_WEIGHT_NAME",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MODEL_KEY_PREFIXES",
     "VECTOR_DTYPES",
     "AdapterFile",
     "AdapterFileError",
@@ -63,6 +64,7 @@ __all__ = [
     "read_adapter_file",
     "resolve_adapter_path",
     "save_adapter",
+    "weights_file_kind",
 ]
 
 FORMAT_NAME = "ether-diffusion"
@@ -203,6 +205,27 @@ def _read_fingerprints(
 #: dtypes a stored vector may have.
 VECTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+#: Key prefixes of an original (CompVis/LDM) Stable Diffusion checkpoint: UNet, VAE, text encoder(s).
+MODEL_KEY_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
+# Key parts of LoRA files: diffusers/PEFT (lora_A/lora_B), kohya (lora_unet_, lora_te_, lora_down/lora_up), older
+# diffusers attention processors (to_q_lora), LyCORIS (hada_w, lokr_w).
+_LORA_MARKS = ("lora_a.", "lora_b.", "lora_down.", "lora_up.", "lora_unet_", "lora_te", "_lora.", "hada_w", "lokr_w")
+
+
+def weights_file_kind(keys, metadata: dict[str, str]) -> str | None:
+    """What a file of weights holds, by its tensor names and metadata: ``"adapter"`` (an ETHER adapter file),
+    ``"model"`` (an original Stable Diffusion checkpoint), ``"lora"`` (a LoRA in any common format) or None.
+
+    For messages that tell a user who gave one where another belongs which file it is."""
+    if metadata.get("format") == FORMAT_NAME:
+        return "adapter"
+    keys = [k for k in keys if isinstance(k, str)]
+    if any(k.startswith(MODEL_KEY_PREFIXES) for k in keys):
+        return "model"
+    if any(mark in k.lower() for k in keys for mark in _LORA_MARKS) or "ss_network_module" in metadata:
+        return "lora"
+    return None
+
 
 def _all_finite_floats(tensors) -> bool:
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -245,9 +268,15 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
             "Save the adapter again or copy a good version of it."
         ) from err
     if metadata.get("format") != FORMAT_NAME:
+        kind = weights_file_kind(tensors, metadata)
+        if kind == "model":
+            raise AdapterFileError(
+                f"'{path}' is a Stable Diffusion model checkpoint, not an ETHER adapter: pass it as the base model "
+                "(CLI: --model)"
+            )
+        what = "a LoRA file" if kind == "lora" else f"a safetensors file (metadata format={metadata.get('format')!r})"
         raise AdapterFileError(
-            f"'{path}' is a safetensors file but not an ether-diffusion adapter (metadata format="
-            f"{metadata.get('format')!r}); LoRA files load with diffusers' load_lora_weights"
+            f"'{path}' is {what} but not an ether-diffusion adapter; LoRA files load with diffusers' load_lora_weights"
         )
     try:
         version = int(metadata.get("format_version", ""))

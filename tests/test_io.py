@@ -155,6 +155,28 @@ def test_truncated_and_foreign_files(saved, tmp_path):
         read_adapter_file(tmp_path)
 
 
+def test_a_model_or_a_lora_given_as_an_adapter_is_named(tmp_path, capsys):
+    from ether_diffusion.cli import main
+
+    files = {
+        "model.safetensors": ({"model.diffusion_model.out.2.weight": torch.zeros(2)}, {"format": "pt"}),
+        "kohya.safetensors": ({"lora_unet_x.lora_down.weight": torch.zeros(1, 2)}, {"ss_network_module": "lora"}),
+        "peft.safetensors": ({"unet.x.lora_A.weight": torch.zeros(1, 2)}, {}),
+    }
+    for name, (tensors, metadata) in files.items():
+        save_file(tensors, str(tmp_path / name), metadata=metadata)
+    with pytest.raises(AdapterFileError, match="is a Stable Diffusion model checkpoint, not an ETHER adapter: pass it"):
+        read_adapter_file(tmp_path / "model.safetensors")
+    for name in ("kohya.safetensors", "peft.safetensors"):
+        with pytest.raises(AdapterFileError, match="is a LoRA file but not an ether-diffusion adapter; LoRA files"):
+            read_adapter_file(tmp_path / name)
+    assert main(["inspect", str(tmp_path / "model.safetensors")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (  # after any warning the first import of diffusers prints
+        f"error: '{tmp_path / 'model.safetensors'}' is a Stable Diffusion model checkpoint, not an ETHER adapter: "
+        "pass it as the base model (CLI: --model)"
+    )
+
+
 def test_adapter_for_another_model_fails_clearly(saved):
     _, path = saved
     other = TinyMLP(width=32)  # same layer names, other widths
