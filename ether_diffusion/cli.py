@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 from .config import DTYPES
+from .files import atomic_write
 from .io import AdapterFile, read_adapter_file
+from .sources import default_model
 from .training.config import TaskKind
 
 DEMO_STEPS = 1000
@@ -137,6 +139,19 @@ def _load_adapters(pipe, adapters: list[tuple[AdapterFile, float]]) -> None:
         set_ether_adapters(pipe, names, [weight for _, weight in adapters])
 
 
+def _overwritten_input(output: Path, model: str | None, adapters: list[tuple[AdapterFile, float]]) -> str | None:
+    """The error for an output that would replace one of the command's inputs (the same file, or a folder holding
+    it), or None. ``--overwrite`` replaces an earlier output, never the model or an adapter being read."""
+    inputs = [("the base model", Path(model or default_model()))]
+    inputs += [("an adapter being read", source.path) for source, _ in adapters if source.path is not None]
+    written = output.resolve()
+    for what, path in inputs:
+        if path.exists() and (path.resolve() == written or written in path.resolve().parents):
+            held = "is" if path.resolve() == written else "holds"
+            return f"error: '{output}' {held} {what} ('{path}'): write the result elsewhere, it would replace its input"
+    return None
+
+
 def _sample(args) -> int:
     adapters = _read_adapters(args.adapter)  # first: a bad file fails before diffusers is even imported
     from .models import load_pipeline
@@ -161,7 +176,8 @@ def _sample(args) -> int:
     index = {prompt: p for p, prompt in reversed(list(enumerate(args.prompt)))}
     for sample in samples:
         path = output_dir / f"{index[sample.prompt]:02d}_seed{sample.seed}_{sample.variant}.png"
-        sample.image.save(path)
+        with atomic_write(path, "the image") as tmp:  # a full disk leaves no half image over a whole one
+            sample.image.save(tmp, format="PNG")
         print(path)
     return 0
 
@@ -180,10 +196,17 @@ def _fuse(args) -> int:
             return 2
     else:
         output = Path(args.output_dir)
+        if output.exists() and not output.is_dir():
+            print(f"error: '{output}' is a file; --output_dir names a folder to write", file=sys.stderr)
+            return 2
         if output.exists() and any(output.iterdir()) and not args.overwrite:
             print(f"error: '{output}' is not empty; pass --overwrite to replace it", file=sys.stderr)
             return 2
     adapters = _read_adapters(args.adapter)
+    overwritten = _overwritten_input(target if args.single_file is not None else output, args.model, adapters)
+    if overwritten:
+        print(overwritten, file=sys.stderr)
+        return 2
     pipe = load_pipeline(args.model, config=args.config, original_config=args.original_config)
     _load_adapters(pipe, adapters)
     fuse_ether(pipe, safe_fusing=True)
@@ -212,6 +235,10 @@ def _export(args) -> int:
         print(f"error: --output must be a .safetensors file (or an existing folder), not '{output}'", file=sys.stderr)
         return 2
     adapters = _read_adapters(args.adapter, args.strength)  # first: a bad file fails before the model loads
+    overwritten = _overwritten_input(target, args.model, adapters)
+    if overwritten:
+        print(overwritten, file=sys.stderr)
+        return 2
     pipe = load_pipeline(args.model, config=args.config, original_config=args.original_config)
     summary = export_adapters(adapters, output, pipe, format=args.format, dtype=args.dtype, unet_only=args.unet_only)
     for note in summary.notes:

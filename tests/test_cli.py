@@ -298,3 +298,64 @@ def test_fuse_to_a_folder_refuses_weights_beyond_the_dtype_and_keeps_the_folder(
     )
     assert "write them in fp32 or bf16 (CLI: --dtype fp32), or fuse the adapters at a smaller strength" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fused"] and os.listdir(folder) == ["model_index.json"]
+
+
+@pytest.mark.parametrize(
+    "verb, where, held",
+    [
+        ("export", "{adapter}", "is an adapter being read"),
+        ("fuse", "{adapter}", "is an adapter being read"),
+        ("fuse", "{model}", "is the base model"),
+        ("fuse_dir", "{folder}", "holds the base model"),
+    ],
+)
+def test_overwrite_never_replaces_an_input(tiny_adapter, tmp_path, capsys, verb, where, held):
+    """--overwrite replaces an earlier output; an output that is the model or an adapter being read, or a folder
+    holding one, is refused before anything loads."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    adapter = folder / "a.safetensors"
+    adapter.write_bytes(tiny_adapter.read_bytes())
+    model = folder / "model.safetensors"
+    model.write_bytes(b"stands for a checkpoint: never read, the command stops first")
+    output = where.format(adapter=adapter, model=model, folder=folder)
+    argv = {
+        "export": ["export", str(adapter), "--format", "kohya", "--output", output],
+        "fuse": ["fuse", "--adapter", str(adapter), "--model", str(model), "--single_file", output],
+        "fuse_dir": ["fuse", "--adapter", str(adapter), "--model", str(model), "--output_dir", output],
+    }[verb]
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main([*argv, "--overwrite"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"error: '{output}' {held} (") and err.endswith("it would replace its input"), err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_fuse_output_dir_that_is_a_file_is_refused(tiny_adapter, tmp_path, capsys):
+    (tmp_path / "out").write_text("a file")
+    assert main(["fuse", "--adapter", str(tiny_adapter), "--output_dir", str(tmp_path / "out"), "--overwrite"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: '{tmp_path / 'out'}' is a file; --output_dir names a " \
+        "folder to write"  # fmt: skip
+    assert (tmp_path / "out").read_text() == "a file"
+
+
+def test_a_full_disk_while_sampling_keeps_the_images_already_there(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    image = tmp_path / "00_seed0_base.png"
+    image.write_bytes(b"an earlier image")
+
+    def disk_full(self, fp, format=None, **params):
+        with open(fp, "wb") as handle:
+            handle.write(b"half an im")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    assert (
+        main(["sample", "--prompt", "a red star", "--steps", "1", "--size", "16", "--output_dir", str(tmp_path)]) == 2
+    )
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: could not write the image to '{image}': the disk is full (No space left on device in '{tmp_path}'); "
+        "the file that was there is unchanged. Free some space or write elsewhere, then run again"
+    )
+    assert image.read_bytes() == b"an earlier image" and os.listdir(tmp_path) == [image.name]
