@@ -132,7 +132,7 @@ def _remove_stale(path: Path) -> None:
                 if not _in_use(entry.path):
                     shutil.rmtree(entry.path)
             else:
-                os.unlink(entry.path)  # an earlier version's temporary file: those were never in use this long
+                os.unlink(entry.path)  # a temporary file of an earlier version (this one writes none), left by a kill
         except OSError:
             continue
 

@@ -275,11 +275,12 @@ def _from_single_file(pipeline_class, source: Path, config, original_config, kwa
             f"'{source}' does not hold a whole {pipeline_class.__name__} ({missing}): pass a checkpoint with all of "
             "its components in one file, or a diffusers folder"
         ) from err
-    except (KeyError, TypeError, AttributeError) as err:  # the conversion found the file or YAML not as it expects
-        what = f"the original config '{original_config}' does not" if original_config else "it does not"
+    except (KeyError, TypeError, AttributeError) as err:  # diffusers' conversion did not find in the YAML what it reads
+        if original_config is None:
+            raise
         raise ModelLoadError(
-            f"'{source}' could not be converted to a {pipeline_class.__name__} ({type(err).__name__}: "
-            f"{_relayed(err)}): {what} describe this checkpoint's model"
+            f"'{original_config}' does not describe the model of '{source}' (diffusers' conversion failed: "
+            f"{type(err).__name__}: {_relayed(err)}); pass the .yaml the checkpoint came with"
         ) from err
     except (OSError, ValueError) as err:  # the Hub's errors (offline, not found) are OSError / ValueError
         if config is not None:

@@ -291,6 +291,9 @@ def test_a_whole_pipeline_is_needed_and_the_original_config_must_be_one(checkpoi
         (tmp_path / "bad.yaml").write_text(text)
         with pytest.raises(ModelLoadError, match=rf"^'{re.escape(str(tmp_path / 'bad.yaml'))}' is not an .*{message}"):
             load_pipeline(checkpoint, original_config=tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text("model:\n  params:\n    unet_config: {}\n    first_stage_config: {}\n")
+    with pytest.raises(ModelLoadError, match=r"does not describe the model of .*\(diffusers' conversion failed: "):
+        load_pipeline(checkpoint, original_config=tmp_path / "bad.yaml")
     (tmp_path / "bad.yaml").write_bytes(b"\x90\x00binary")
     with pytest.raises(ModelLoadError, match="cannot read the original config .*codec can't decode"):
         load_pipeline(checkpoint, original_config=tmp_path / "bad.yaml")
