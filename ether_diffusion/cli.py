@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
-from .files import atomic_folder
+from .config import DTYPES
+from .files import atomic_write
 from .io import AdapterFile, read_adapter_file
+from .sources import default_model
 from .training.config import TaskKind
 
 DEMO_STEPS = 1000
@@ -81,12 +84,31 @@ def _inspect(args) -> int:
     return 0
 
 
-def _adapter_spec(text: str, default: float = 1.0) -> tuple[str, float]:
-    """``path`` or ``path:weight``."""
+def _finite(text: str) -> float:
+    """A number flag (argparse ``type``): NaN and infinity are refused at parsing, since every weight they touch
+    would be written NaN or infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number: give one such as 0.8")
+    return value
+
+
+def _adapter_spec(text: str) -> tuple[str, float | None]:
+    """``path`` or ``path:weight`` (argparse ``type`` of the adapter arguments); the weight is None where not given.
+    An existing file whose name ends in ``:number`` is a path; a weight that is not finite is refused at parsing."""
     path, sep, weight = text.rpartition(":")
-    if sep and path and weight.replace(".", "", 1).replace("-", "", 1).isdigit():
-        return path, float(weight)
-    return text, default
+    if not sep or not path or Path(text).exists():
+        return text, None
+    try:
+        value = float(weight)
+    except ValueError:
+        return text, None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"the weight of '{text}' is not a finite number: give one such as {path}:0.8")
+    return path, value
 
 
 def _add_model_arguments(parser, default_help: str = "default: the shipped tiny model") -> None:
@@ -104,9 +126,9 @@ def _add_model_arguments(parser, default_help: str = "default: the shipped tiny 
     )
 
 
-def _read_adapters(specs: list[str]) -> list[tuple[AdapterFile, float]]:
+def _read_adapters(specs: list[tuple[str, float | None]], default: float = 1.0) -> list[tuple[AdapterFile, float]]:
     """Every ``--adapter`` read and validated, before any model is loaded: a bad file fails in a moment."""
-    return [(read_adapter_file(path), weight) for path, weight in map(_adapter_spec, specs)]
+    return [(read_adapter_file(path), default if weight is None else weight) for path, weight in specs]
 
 
 def _load_adapters(pipe, adapters: list[tuple[AdapterFile, float]]) -> None:
@@ -115,6 +137,19 @@ def _load_adapters(pipe, adapters: list[tuple[AdapterFile, float]]) -> None:
     names = [load_ether_weights(pipe, source, adapter_name=f"adapter{i}") for i, (source, _) in enumerate(adapters)]
     if names:
         set_ether_adapters(pipe, names, [weight for _, weight in adapters])
+
+
+def _overwritten_input(output: Path, model: str | None, adapters: list[tuple[AdapterFile, float]]) -> str | None:
+    """The error for an output that would replace one of the command's inputs (the same file, or a folder holding
+    it), or None. ``--overwrite`` replaces an earlier output, never the model or an adapter being read."""
+    inputs = [("the base model", Path(model or default_model()))]
+    inputs += [("an adapter being read", source.path) for source, _ in adapters if source.path is not None]
+    written = output.resolve()
+    for what, path in inputs:
+        if path.exists() and (path.resolve() == written or written in path.resolve().parents):
+            held = "is" if path.resolve() == written else "holds"
+            return f"error: '{output}' {held} {what} ('{path}'): write the result elsewhere, it would replace its input"
+    return None
 
 
 def _sample(args) -> int:
@@ -141,13 +176,14 @@ def _sample(args) -> int:
     index = {prompt: p for p, prompt in reversed(list(enumerate(args.prompt)))}
     for sample in samples:
         path = output_dir / f"{index[sample.prompt]:02d}_seed{sample.seed}_{sample.variant}.png"
-        sample.image.save(path)
+        with atomic_write(path, "the image") as tmp:  # a full disk leaves no half image over a whole one
+            sample.image.save(tmp, format="PNG")
         print(path)
     return 0
 
 
 def _fuse(args) -> int:
-    from .models import load_pipeline
+    from .models import load_pipeline, save_folder, save_single_file
     from .pipeline import fuse_ether, unload_ether_weights
 
     if args.single_file is not None:
@@ -160,25 +196,28 @@ def _fuse(args) -> int:
             return 2
     else:
         output = Path(args.output_dir)
+        if output.exists() and not output.is_dir():
+            print(f"error: '{output}' is a file; --output_dir names a folder to write", file=sys.stderr)
+            return 2
         if output.exists() and any(output.iterdir()) and not args.overwrite:
             print(f"error: '{output}' is not empty; pass --overwrite to replace it", file=sys.stderr)
             return 2
     adapters = _read_adapters(args.adapter)
+    overwritten = _overwritten_input(target if args.single_file is not None else output, args.model, adapters)
+    if overwritten:
+        print(overwritten, file=sys.stderr)
+        return 2
     pipe = load_pipeline(args.model, config=args.config, original_config=args.original_config)
     _load_adapters(pipe, adapters)
     fuse_ether(pipe, safe_fusing=True)
     unload_ether_weights(pipe)  # plain diffusers modules again, with the adapter folded into the weights
+    dtype = DTYPES.get(args.dtype)
     if args.single_file is not None:
-        from .config import DTYPES
-        from .models import save_single_file
-
         target.parent.mkdir(parents=True, exist_ok=True)
-        dtype = DTYPES.get(args.dtype)
         save_single_file(pipe, target, dtype=dtype)
         print(f"fused model written to {target} (original SD checkpoint layout: A1111/Forge/ComfyUI, from_single_file)")
         return 0
-    with atomic_folder(output) as staging:
-        pipe.save_pretrained(staging, safe_serialization=True)
+    save_folder(pipe, output, dtype=dtype)
     print(f"fused model written to {output} (load it with {type(pipe).__name__}.from_pretrained)")
     return 0
 
@@ -195,9 +234,13 @@ def _export(args) -> int:
     if not output.is_dir() and output.suffix != ".safetensors":
         print(f"error: --output must be a .safetensors file (or an existing folder), not '{output}'", file=sys.stderr)
         return 2
-    specs = [_adapter_spec(spec, args.strength) for spec in args.adapter]
+    adapters = _read_adapters(args.adapter, args.strength)  # first: a bad file fails before the model loads
+    overwritten = _overwritten_input(target, args.model, adapters)
+    if overwritten:
+        print(overwritten, file=sys.stderr)
+        return 2
     pipe = load_pipeline(args.model, config=args.config, original_config=args.original_config)
-    summary = export_adapters(specs, output, pipe, format=args.format, dtype=args.dtype, unet_only=args.unet_only)
+    summary = export_adapters(adapters, output, pipe, format=args.format, dtype=args.dtype, unet_only=args.unet_only)
     for note in summary.notes:
         print(f"note: {note}")
     layers = sum(summary.layers.values())
@@ -326,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="generate PNGs with one or more adapters")
     _add_model_arguments(sample)
-    sample.add_argument("--adapter", action="append", default=[], help="adapter file or folder, optionally :weight")
+    sample.add_argument(
+        "--adapter", action="append", default=[], type=_adapter_spec, help="adapter file or folder, optionally :weight"
+    )
     sample.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     sample.add_argument("--negative_prompt", default=None, help="what to steer away from")
     sample.add_argument("--seed", type=int, action="append", default=None, help="a seed; repeat for several (0)")
@@ -342,7 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_arguments(fuse)
     fuse.add_argument(
-        "--adapter", action="append", required=True, help="adapter file or folder, optionally :weight; repeat to stack"
+        "--adapter",
+        action="append",
+        required=True,
+        type=_adapter_spec,
+        help="adapter file or folder, optionally :weight; repeat to stack",
     )
     where = fuse.add_mutually_exclusive_group(required=True)
     where.add_argument("--output_dir", help="write a diffusers folder (StableDiffusionPipeline.from_pretrained)")
@@ -350,7 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--single_file", help="write one .safetensors in the original SD 1.x layout (A1111, Forge, ComfyUI)"
     )
     fuse.add_argument(
-        "--dtype", choices=["fp16", "bf16", "fp32"], default=None, help="--single_file: cast (default: as loaded)"
+        "--dtype",
+        choices=["fp16", "bf16", "fp32"],
+        default=None,
+        help="dtype of the written weights (default: as loaded)",
     )
     fuse.add_argument("--overwrite", action="store_true", help="replace an existing output")
     fuse.set_defaults(run=_fuse)
@@ -359,7 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="write adapters as one exact LoRA file for diffusers, ComfyUI, A1111, Forge (docs/export.md)"
     )
     export.add_argument(
-        "adapter", nargs="+", help="adapter file or folder, optionally :strength; several are composed in order"
+        "adapter",
+        nargs="+",
+        type=_adapter_spec,
+        help="adapter file or folder, optionally :strength; several are composed in order",
     )
     _add_model_arguments(export, "the base model the adapters were trained on; default: the shipped tiny model")
     export.add_argument(
@@ -373,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     export.add_argument(
         "--strength",
-        type=float,
+        type=_finite,
         default=1.0,
         help="ETHER strength of adapters given without :strength (two-sided ETHER+ is not linear in it: export "
         "at the strength you want and load the LoRA at weight 1)",

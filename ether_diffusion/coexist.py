@@ -7,7 +7,8 @@ An ETHER wrapper replaces a layer in its parent, so two things that walk a model
   silently leaves ``…to_q.weight`` randomly initialised. The guard here makes ``save_pretrained`` write plain
   weights under the original names, **as the model computes them now**: fused adapters as fused, active unfused
   adapters folded in (exactly, without touching the live weights), disabled or inactive adapters left out. The
-  folder then reloads with ``from_pretrained`` into the model that was saved, with no ETHER code needed.
+  folder then reloads with ``from_pretrained`` into the model that was saved, with no ETHER code needed. Weights that
+  are not finite as computed are refused before anything is written (``finite.check_finite``).
 - **PEFT LoRA.** PEFT wraps only layer types it knows, so ``load_lora_weights`` into a model that already holds
   ETHER wrappers would fail. The guard steps the wrappers aside while PEFT injects (each base layer back in its
   place), then puts each wrapper back around whatever sits there now: the PEFT layer. Loading in the other order
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from .delta import layer_lora_factors
+from .finite import check_finite
 from .layers import EtherLayer
 
 __all__ = ["GUARDED_METHODS", "install", "plain_modules", "uninstall", "wrappers_aside"]
@@ -107,6 +109,9 @@ def wrappers_aside(model: nn.Module):
 def _saving(name: str):
     def method(self, *args, **kwargs):
         with plain_modules(self):
+            # weights as computed: a strength far from 1 overflows them, and a file of infinities draws black images
+            advice = "the ETHER adapters act at a strength too far from 1: lower it (set_ether_adapters) and save again"
+            check_finite(self.state_dict(), "the weight", advice)
             return getattr(type(self), name)(self, *args, **kwargs)
 
     method.__name__ = name

@@ -51,9 +51,10 @@ from .config import ADAPTABLE_COMPONENTS, DTYPES, EtherConfig
 from .delta import LoraFactors, layer_lora_factors
 from .families import FAMILIES, pipeline_family, supported_families
 from .files import atomic_write
+from .finite import check_finite
 from .inject import adapter_layers
-from .io import load_adapter, read_adapter_file
-from .pipeline import _components, delete_ether_adapters, set_ether_adapters
+from .io import AdapterFile, load_adapter, read_adapter_file
+from .pipeline import _check_family, _components, _strengths, delete_ether_adapters, set_ether_adapters
 from .reflection import METHODS
 
 __all__ = [
@@ -380,7 +381,12 @@ def save_lora(
     header.update({str(k): str(v) for k, v in (metadata or {}).items()})
     header["ether_diffusion_version"] = __version__
     path = _resolve_output(path)
-    with atomic_write(path) as tmp:
+    # A strength far from 1 overflows the factors (two-sided ETHER+ grows with its square): a file of infinities would
+    # load without complaint and draw black images, so it is refused, naming the layer, the dtype and the strengths.
+    wider = "in fp32 or bf16 (CLI: --dtype fp32), or " if dtype_name == "fp16" else ""
+    advice = f"the adapters act at {_strengths(parts)}: export {wider}at a smaller strength"
+    check_finite(tensors, "the LoRA factor", advice)
+    with atomic_write(path, "the LoRA") as tmp:
         save_file(tensors, str(tmp), metadata=header)
     layers = {c: [f.rank for f in found.values()] for c, found in factors.items()}
     per_layer = format == "kohya" and family == "flux"
@@ -407,7 +413,7 @@ CONTROL_NOTE = (
 
 
 def export_adapters(
-    adapters: Sequence[str | os.PathLike | tuple[str | os.PathLike, float]],
+    adapters: Sequence[str | os.PathLike | AdapterFile | tuple[str | os.PathLike | AdapterFile, float]],
     output: str | os.PathLike,
     pipe,
     format: str = "diffusers",
@@ -418,9 +424,11 @@ def export_adapters(
     """Load ETHER adapter files into ``pipe`` (a pipeline with the base model they were trained on), export them
     composed (in the order given) as one exact LoRA, and remove them from ``pipe`` again.
 
-    Each adapter is a path or ``(path, strength)``; ``strength`` is the default. A controllable-synthesis file
-    holds a condition encoder that is not a LoRA: it is refused unless ``unet_only``, which exports its UNet
-    adapters alone (the result then changes the model but does not follow control images).
+    Each adapter is a path (or an ``AdapterFile`` already read) or ``(path, strength)``; ``strength`` is the
+    default. A file made for another model family than the pipeline's is refused with both named, as loading it into
+    the pipeline refuses it. A controllable-synthesis file holds a condition encoder that is not a LoRA: it is refused
+    unless ``unet_only``, which exports its UNet adapters alone (the result then changes the model but does not
+    follow control images).
     """
     if not adapters:
         raise ValueError("give at least one adapter file to export")
@@ -433,7 +441,9 @@ def export_adapters(
     sources = []
     notes = []
     for path, _ in specs:
-        source = read_adapter_file(path)
+        source = path if isinstance(path, AdapterFile) else read_adapter_file(path)
+        path = source.path or "<adapter>"
+        _check_family(pipe, source)  # the check loading into a pipeline runs: the file's family against the pipeline's
         if source.modules:
             if not unet_only:
                 raise ValueError(
@@ -450,7 +460,7 @@ def export_adapters(
         for i, source in enumerate(sources):
             names.append(load_adapter(source, _components(pipe), f"export{i}", accept_modules=True))
         set_ether_adapters(pipe, names, [s for _, s in specs])
-        described = [{"file": Path(p).name, "strength": s} for p, s in specs]
+        described = [{"file": Path(source.path or "").name, "strength": s} for source, (_, s) in zip(sources, specs)]
         summary = save_lora(output, pipe, format=format, dtype=dtype, metadata={"ether_sources": json.dumps(described)})
     finally:
         if names:

@@ -21,7 +21,6 @@ Never pickle: only safetensors is read or written.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -37,6 +36,7 @@ from torch import nn
 from ._version import __version__
 from .config import ADAPTABLE_COMPONENTS, EtherConfig, check_adapter_name
 from .files import atomic_write
+from .finite import check_finite
 from .inject import (
     Target,
     adapter_configs,
@@ -55,6 +55,7 @@ __all__ = [
     "DEFAULT_WEIGHT_NAME",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MODEL_KEY_PREFIXES",
     "VECTOR_DTYPES",
     "AdapterFile",
     "AdapterFileError",
@@ -63,6 +64,7 @@ __all__ = [
     "read_adapter_file",
     "resolve_adapter_path",
     "save_adapter",
+    "weights_file_kind",
 ]
 
 FORMAT_NAME = "ether-diffusion"
@@ -203,6 +205,27 @@ def _read_fingerprints(
 #: dtypes a stored vector may have.
 VECTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+#: Key prefixes of an original (CompVis/LDM) Stable Diffusion checkpoint: UNet, VAE, text encoder(s).
+MODEL_KEY_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.embedders.")
+# Key parts of LoRA files: diffusers/PEFT (lora_A/lora_B), kohya (lora_unet_, lora_te_, lora_down/lora_up), older
+# diffusers attention processors (to_q_lora), LyCORIS (hada_w, lokr_w).
+_LORA_MARKS = ("lora_a.", "lora_b.", "lora_down.", "lora_up.", "lora_unet_", "lora_te", "_lora.", "hada_w", "lokr_w")
+
+
+def weights_file_kind(keys, metadata: dict[str, str]) -> str | None:
+    """What a file of weights holds, by its tensor names and metadata: ``"adapter"`` (an ETHER adapter file),
+    ``"model"`` (an original Stable Diffusion checkpoint), ``"lora"`` (a LoRA in any common format) or None.
+
+    For messages that tell a user who gave one where another belongs which file it is."""
+    if metadata.get("format") == FORMAT_NAME:
+        return "adapter"
+    keys = [k for k in keys if isinstance(k, str)]
+    if any(k.startswith(MODEL_KEY_PREFIXES) for k in keys):
+        return "model"
+    if any(mark in k.lower() for k in keys for mark in _LORA_MARKS) or "ss_network_module" in metadata:
+        return "lora"
+    return None
+
 
 def _all_finite_floats(tensors) -> bool:
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
@@ -245,9 +268,15 @@ def read_adapter_file(path: str | os.PathLike, weight_name: str | None = None) -
             "Save the adapter again or copy a good version of it."
         ) from err
     if metadata.get("format") != FORMAT_NAME:
+        kind = weights_file_kind(tensors, metadata)
+        if kind == "model":
+            raise AdapterFileError(
+                f"'{path}' is a Stable Diffusion model checkpoint, not an ETHER adapter: pass it as the base model "
+                "(CLI: --model)"
+            )
+        what = "a LoRA file" if kind == "lora" else f"a safetensors file (metadata format={metadata.get('format')!r})"
         raise AdapterFileError(
-            f"'{path}' is a safetensors file but not an ether-diffusion adapter (metadata format="
-            f"{metadata.get('format')!r}); LoRA files load with diffusers' load_lora_weights"
+            f"'{path}' is {what} but not an ether-diffusion adapter; LoRA files load with diffusers' load_lora_weights"
         )
     try:
         version = int(metadata.get("format_version", ""))
@@ -408,18 +437,11 @@ def save_adapter(
         metadata["model_family"] = str(model_family)
     if modules:
         metadata["modules"] = json.dumps({name: config for name, (config, _) in modules.items()}, sort_keys=True)
-    try:
-        with atomic_write(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
-    except FileNotFoundError:
-        raise
-    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).rpartition(": ")[2] or err
-        raise OSError(
-            getattr(err, "errno", None) or (errno.ENOSPC if "os error 28" in str(err) else errno.EIO),
-            f"could not write the adapter to '{path}' ({reason}); any file that was there is unchanged. Free some "
-            "space or choose another folder, then save again",
-        ) from err
+    # read_adapter_file refuses non-finite vectors: a file of them could never be loaded again
+    advice = "save the adapter from before it diverged (an earlier checkpoint), or train with a lower learning rate"
+    check_finite(tensors, "the adapter tensor", advice)
+    with atomic_write(path, "the adapter") as tmp:  # a full disk: a one-line WriteError, the old file unchanged
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 

@@ -22,22 +22,29 @@ with one clear error (``ModelLoadError``) when the path is not a model::
   on to diffusers, which builds UNet and VAE from it but still needs the CLIP configs in the local Hugging Face
   cache. When the configuration cannot be found, ``ConfigNotFoundError`` says exactly what to pass.
   Pickled checkpoints (``.ckpt`` …) are first opened with ``torch.load(weights_only=True)``: a file holding
-  anything but tensors and plain values raises ``UnsafeCheckpointError`` and no code of it runs.
+  anything but tensors and plain values raises ``UnsafeCheckpointError`` and no code of it runs. A file that is no
+  model checkpoint (an ETHER adapter, a LoRA, other weights, not a checkpoint at all) raises ``NotAModelError``
+  saying what it is, before diffusers reads it or asks the Hub; ``original_config`` is checked to be an LDM config.
 
 ``pipeline_class`` defaults to the model family's pipeline (pass ``EtherStableDiffusionPipeline``,
 ``EtherControlPipeline``, …); pipelines that take a safety checker get none; ``scheduler="dpm"`` swaps in
-DPM-Solver++; progress bars are off; ``kwargs`` go to diffusers (``torch_dtype``, ``variant``, ``revision`` …).
+DPM-Solver++; progress bars are off; ``kwargs`` go to diffusers (``torch_dtype``, ``variant``, ``revision`` …). A model
+whose weights are NaN or infinite raises ``finite.NonFiniteError`` naming one: it would draw black images.
 ``load_components(model=None, revision=None, variant=None, tokenizer=None, config=None, original_config=None)``
 takes the same kinds of ``model``. Every failure is a ``ModelLoadError`` (or one of its subclasses above).
 
 The other way::
 
     save_single_file(pipe, "model.safetensors", dtype=None)
+    save_folder(pipe, "model/", dtype=None)
 
-writes a Stable Diffusion 1.x pipeline (UNet, VAE, CLIP text encoder) as one ``.safetensors`` in the original
-CompVis/LDM key layout (``model.diffusion_model.…``, ``first_stage_model.…``, ``cond_stage_model.transformer.…``)
-that A1111, Forge and ComfyUI load and ``from_single_file`` reads back. ``original_state_dict(pipe)`` gives the
-renamed tensors without writing.
+``save_single_file`` writes a Stable Diffusion 1.x pipeline (UNet, VAE, CLIP text encoder) as one ``.safetensors`` in
+the original CompVis/LDM key layout (``model.diffusion_model.…``, ``first_stage_model.…``,
+``cond_stage_model.transformer.…``) that A1111, Forge and ComfyUI load and ``from_single_file`` reads back;
+``original_state_dict(pipe)`` gives the renamed tensors without writing. ``save_folder`` writes any pipeline as a
+diffusers folder (``save_pretrained``), complete or not at all. Both write atomically (a file or folder already there
+stays as it was if writing fails) and refuse weights that are not finite in the dtype written (``NonFiniteError``,
+naming the weight): fp16 holds nothing beyond 65504, and a file of infinities would draw black images.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from __future__ import annotations
 import inspect
 import os
 import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +63,15 @@ from torch import nn
 from .assets import check_pipeline_folder
 from .coexist import plain_modules
 from .families import model_family
-from .files import atomic_write
+from .files import atomic_folder, atomic_write
+from .finite import check_finite
+from .io import weights_file_kind
 from .sources import (
     PICKLE_SUFFIXES,
     SINGLE_FILE_SUFFIXES,
     ConfigNotFoundError,
     ModelLoadError,
+    NotAModelError,
     UnsafeCheckpointError,
     check_local,
     default_model,
@@ -71,6 +82,7 @@ __all__ = [
     "SINGLE_FILE_SUFFIXES",
     "ConfigNotFoundError",
     "ModelLoadError",
+    "NotAModelError",
     "SDComponents",
     "UnsafeCheckpointError",
     "default_model",
@@ -79,32 +91,140 @@ __all__ = [
     "load_pipeline",
     "load_tiny_pipeline",
     "original_state_dict",
+    "save_folder",
     "save_single_file",
 ]
 
 
 def _loading_failed(path: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(
-        f"could not load the base model '{path}': {err}. Without internet access pass a local "
+        f"could not load the base model '{path}': {_relayed(err)}. Without internet access pass a local "
         "diffusers folder (hub downloads need a connection)"
     )
 
 
-def _check_pickle(path: Path) -> None:
-    """Open a pickled checkpoint with the restricted unpickler (tensors and plain values only); raise otherwise."""
+# Lines of torch's errors that advise loading with weights_only=False: that runs the file's code, so a message
+# relayed from torch never carries them.
+_UNSAFE_ADVICE = ("weights_only", "Weights only load failed", "Please file an issue", "Check the documentation")
+# How torch.save's files begin: its zip archive, or its legacy pickle (protocol 2).
+_TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
+def _relayed(err: BaseException) -> str:
+    """``err``'s message as one line, without torch's advice to load with weights_only=False."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    text = " ".join(line for line in lines if line and not any(advice in line for advice in _UNSAFE_ADVICE))
+    return text.strip(" :") or type(err).__name__
+
+
+def _load_pickle(path: Path):
+    """A pickled checkpoint, opened with the restricted unpickler (tensors and plain values only); raise otherwise."""
+    with open(path, "rb") as handle:
+        start = handle.read(16)
+    if not start.startswith(_TORCH_FILE_STARTS):
+        what = "is empty" if not start else f"starts with {start!r}"
+        raise NotAModelError(
+            f"'{path}' is not a readable PyTorch checkpoint: it {what}, not the zip archive or pickle that torch.save "
+            "writes. Check the file (a download that saved an error page, or another format renamed)"
+        )
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: the errors below say what matters
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         found = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
         if not found:  # not a pickle the restricted unpickler can parse at all
-            raise ModelLoadError(f"'{path}' is not a readable PyTorch checkpoint ({err}); check the file") from err
+            message = f"'{path}' is not a readable PyTorch checkpoint ({_relayed(err)}); check the file"
+            raise ModelLoadError(message) from err
         raise UnsafeCheckpointError(
             f"'{path}' holds Python objects besides tensors, and unpickling them could run code, so it is not "
             f"opened ({found[0]}). Use a .safetensors version of the model, or convert this file only if you trust "
             "where it came from."
         ) from err
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
-        raise ModelLoadError(f"'{path}' is not a readable PyTorch checkpoint ({err}); check the file") from err
+    except Exception as err:  # a damaged file: torch raises RuntimeError, EOFError, KeyError, ValueError …
+        raise ModelLoadError(
+            f"'{path}' is not a readable PyTorch checkpoint ({type(err).__name__}: {_relayed(err)}); check the file"
+        ) from err
+
+
+def _safetensors_header(path: Path) -> tuple[list[str], dict[str, str]]:
+    """The tensor names and metadata of a ``.safetensors`` file (its header only; no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return list(handle.keys()), dict(handle.metadata() or {})
+    except Exception as err:  # SafetensorError for a damaged header, OSError for an unreadable file
+        raise ModelLoadError(
+            f"'{path}' is not a readable safetensors file: it is truncated, corrupt or of another format "
+            f"({_relayed(err)}); check the file"
+        ) from err
+
+
+def _check_model_file(path: Path, pipeline_class) -> None:
+    """Refuse a file that is not a checkpoint of ``pipeline_class``'s model, naming what it is instead: an ETHER
+    adapter, a LoRA, a pickle of something else, or weights without the denoiser the pipeline needs."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        state, metadata = _load_pickle(path), {}
+        while isinstance(state, dict) and "state_dict" in state:  # as diffusers unwraps training checkpoints
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise NotAModelError(f"'{path}' holds a {type(state).__name__}, not a state dict of model weights")
+        keys = [k for k in state if isinstance(k, str)]
+    else:
+        keys, metadata = _safetensors_header(path)
+    kind = weights_file_kind(keys, metadata)
+    if kind == "adapter":
+        raise NotAModelError(
+            f"'{path}' is an ETHER adapter file, not a model checkpoint: pass it as an adapter (load_ether_weights "
+            "in Python) and the base model it was made for as --model"
+        )
+    if kind == "lora":
+        raise NotAModelError(
+            f"'{path}' is a LoRA file, not a model checkpoint: pass the base model as --model and load the LoRA into "
+            "it (diffusers: pipe.load_lora_weights)"
+        )
+    if not keys:
+        raise NotAModelError(f"'{path}' holds no tensors: it is not a model checkpoint")
+    # UNet pipelines build their UNet from the original layout's model.diffusion_model.* (diffusers' conversion reads
+    # nothing else); SD3 and Flux transformers also come without that prefix.
+    if "unet" in inspect.signature(pipeline_class.__init__).parameters and not any(
+        k.startswith(UNET_PREFIX) for k in keys
+    ):
+        raise NotAModelError(
+            f"'{path}' holds no Stable Diffusion weights (no {UNET_PREFIX}* keys among its {len(keys)} tensor(s), "
+            f"such as '{keys[0]}'): pass a full checkpoint (UNet, VAE and text encoder in one file) or a diffusers "
+            "folder"
+        )
+
+
+def _check_original_config(path: Path) -> None:
+    """Refuse a ``--original_config`` that is not an original LDM config, naming the problem (diffusers would fail
+    deep inside its conversion)."""
+    import yaml
+
+    hint = "pass the .yaml the checkpoint came with (v1-inference.yaml for SD 1.x)"
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or _relayed(err)
+        message = f"'{path}' is not an original LDM config: its YAML does not parse ({problem}{where}); {hint}"
+        raise ModelLoadError(message) from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"cannot read the original config '{path}' ({err}); {hint}") from err
+    model = config.get("model") if isinstance(config, dict) else None
+    params = model.get("params") if isinstance(model, dict) else None
+    if not isinstance(params, dict):
+        raise ModelLoadError(f"'{path}' is not an original LDM config: it has no model: params: section; {hint}")
+    missing = [k for k in ("first_stage_config",) if k not in params]
+    if not ({"unet_config", "network_config"} & set(params)):
+        missing.insert(0, "unet_config")
+    if missing:
+        raise ModelLoadError(
+            f"'{path}' is not an original LDM config of a whole model: model.params has no {', '.join(missing)}; {hint}"
+        )
 
 
 def _config_hint(path: Path) -> str:
@@ -135,10 +255,13 @@ def _from_single_file(pipeline_class, source: Path, config, original_config, kwa
         )
     if original_config is not None and not Path(original_config).is_file():
         raise ModelLoadError(f"no original config at '{original_config}' (a .yaml file such as v1-inference.yaml)")
-    if source.suffix.lower() in PICKLE_SUFFIXES:
-        _check_pickle(source)
-    if original_config is not None and config is None:
-        kwargs.setdefault("local_files_only", True)  # diffusers' path that builds components from the YAML
+    _check_model_file(source, pipeline_class)  # before any download or conversion: a wrong file fails at once
+    if original_config is not None:
+        _check_original_config(Path(original_config))
+        if config is None:
+            kwargs.setdefault("local_files_only", True)  # diffusers' path that builds components from the YAML
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
     try:
         return pipeline_class.from_single_file(
             str(source),
@@ -146,10 +269,23 @@ def _from_single_file(pipeline_class, source: Path, config, original_config, kwa
             original_config=None if original_config is None else str(original_config),
             **kwargs,
         )
+    except SingleFileComponentError as err:  # a component the file lacks, which diffusers cannot build without it
+        missing = _relayed(err).split(" Please ")[0]  # the rest is diffusers' code to pass the component yourself
+        raise ModelLoadError(
+            f"'{source}' does not hold a whole {pipeline_class.__name__} ({missing}): pass a checkpoint with all of "
+            "its components in one file, or a diffusers folder"
+        ) from err
+    except (KeyError, TypeError, AttributeError) as err:  # diffusers' conversion did not find in the YAML what it reads
+        if original_config is None:
+            raise
+        raise ModelLoadError(
+            f"'{original_config}' does not describe the model of '{source}' (diffusers' conversion failed: "
+            f"{type(err).__name__}: {_relayed(err)}); pass the .yaml the checkpoint came with"
+        ) from err
     except (OSError, ValueError) as err:  # the Hub's errors (offline, not found) are OSError / ValueError
         if config is not None:
             raise _loading_failed(str(source), err) from err
-        raise ConfigNotFoundError(f"{_config_hint(source)}. ({type(err).__name__}: {err})") from err
+        raise ConfigNotFoundError(f"{_config_hint(source)}. ({type(err).__name__}: {_relayed(err)})") from err
 
 
 def load_pipeline(
@@ -187,6 +323,11 @@ def load_pipeline(
             pipe = pipeline_class.from_pretrained(model, **kwargs)
         except (OSError, ValueError) as err:
             raise _loading_failed(model, err) from err
+    # A checkpoint of NaN or infinite weights (a fuse that overflowed fp16 wrote them) loads without complaint and
+    # draws black images: refused here, naming the first such weight.
+    weights = {f"{name}.{key}": value for name, m in pipe.components.items() if isinstance(m, nn.Module)
+               for key, value in m.named_parameters()}  # fmt: skip
+    check_finite(weights, "the weight", "use a good copy of the model", outcome=f"'{model}' is damaged")
     if scheduler == "dpm":
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -406,6 +547,25 @@ def original_state_dict(pipe) -> dict[str, torch.Tensor]:
     return state
 
 
+def _overflow_advice(dtype: torch.dtype) -> str:
+    """What to do about weights that are not finite as written in ``dtype``."""
+    wider = "write them in fp32 or bf16 (CLI: --dtype fp32), or " if dtype == torch.float16 else ""
+    return f"{wider}fuse the adapters at a smaller strength"
+
+
+def save_folder(pipe, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Write ``pipe`` as a diffusers folder (``save_pretrained``, safetensors), atomically; ``dtype`` casts it first."""
+    path = Path(path)
+    modules = {name: m for name, m in pipe.components.items() if isinstance(m, nn.Module)}
+    weights = {f"{name}.{k}": v for name, m in modules.items() for k, v in _plain_state(m).items()}
+    check_finite(weights, "the weight", _overflow_advice(dtype or pipe.dtype), dtype)
+    if dtype is not None:
+        pipe.to(dtype=dtype)
+    with atomic_folder(path, what="the model") as staging:
+        pipe.save_pretrained(staging, safe_serialization=True)
+    return path
+
+
 def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write ``pipe`` (SD 1.x) as one original-layout ``.safetensors``, atomically; ``dtype`` casts float weights."""
     from safetensors.torch import save_file
@@ -414,10 +574,11 @@ def save_single_file(pipe, path: str | os.PathLike, dtype: torch.dtype | None = 
     if path.suffix != ".safetensors":
         raise ValueError(f"write the checkpoint to a .safetensors file, not '{path}'")
     state = original_state_dict(pipe)
+    check_finite(state, "the weight", _overflow_advice(dtype or pipe.unet.dtype), dtype)
     tensors = {
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).to("cpu").contiguous()
         for k, v in state.items()
     }
-    with atomic_write(path) as tmp:
+    with atomic_write(path, "the checkpoint") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     return path

@@ -17,6 +17,7 @@ mixed batches: ``pipe(prompts, ether_adapters=["a", "b", None])`` runs each prom
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 
@@ -26,8 +27,10 @@ from torch import nn
 
 from .config import ADAPTABLE_COMPONENTS, DENOISER_COMPONENTS
 from .families import FAMILIES, check_supported_pipeline, pipeline_family
+from .finite import check_finite
 from .inject import (
     active_adapters,
+    adapter_layers,
     adapter_names,
     delete_adapter,
     eject,
@@ -137,6 +140,9 @@ def set_ether_adapters(pipe, adapter_names: str | list[str], adapter_weights: fl
         weights = [float(w) for w in adapter_weights]
     if len(weights) != len(names):
         raise ValueError(f"got {len(weights)} adapter weights for {len(names)} adapters")
+    for name, weight in zip(names, weights):
+        if not math.isfinite(weight):  # every weight it touched would become NaN or infinite
+            raise ValueError(f"the weight {weight} of adapter {name!r} is not a finite number; give one such as 0.8")
     listed = get_list_ether_adapters(pipe)
     known = {n for names_ in listed.values() for n in names_}
     unknown = [n for n in names if n not in known]
@@ -161,16 +167,40 @@ def delete_ether_adapters(pipe, adapter_names: str | list[str]) -> None:
                 delete_adapter(model, name)
 
 
+def _strengths(components: dict[str, nn.Module]) -> str:
+    """The strengths of the active adapters, in words (``"strength 0.8"``, ``"strengths 1, 0.6"``): what messages
+    about overflowing weights name as the cause."""
+    for model in components.values():
+        for _, layer in adapter_layers(model):
+            found = [f"{layer.strengths[n]:g}" for n in layer.active_adapters]
+            return f"strength{'s' if len(found) > 1 else ''} {', '.join(found)}"
+    return "their strengths"
+
+
 def fuse_ether(pipe, adapter_names: list[str] | None = None, safe_fusing: bool = False) -> None:
     """Fold the active adapters (or ``adapter_names``) into the weights: sampling then costs nothing extra.
 
-    ``safe_fusing`` refuses weights that would become NaN/inf. If any component fails, all are restored.
+    ``safe_fusing`` refuses fused weights that are NaN or infinite in the weights' own dtype (a strength far from 1
+    overflows them; in float16 anything beyond 65504 does), naming the layer and the strengths. If any component
+    fails, all are restored.
     """
+    components = _components(pipe)
+    strengths = _strengths(components)
     done = []
     try:
-        for model in _components(pipe).values():
-            merge_adapters(model, adapter_names, safe_merge=safe_fusing)
+        for component, model in components.items():
+            merge_adapters(model, adapter_names)
             done.append(model)
+            if safe_fusing:  # checked as stored, after the cast to the weight's dtype
+                fused = {
+                    f"{component}.{p}.weight": layer.plain.weight
+                    for p, layer in adapter_layers(model)
+                    if layer.merged_adapters
+                }
+                half = any(w.dtype == torch.float16 for w in fused.values())
+                wider = ", or load the model in float32" if half else ""
+                advice = f"the adapters act at {strengths}: fuse them at a smaller strength{wider}"
+                check_finite(fused, "the fused weight", advice, outcome="nothing was fused")
     except Exception:
         for model in done:
             unmerge_adapters(model)

@@ -17,6 +17,7 @@ __all__ = [
     "SINGLE_FILE_SUFFIXES",
     "ConfigNotFoundError",
     "ModelLoadError",
+    "NotAModelError",
     "UnsafeCheckpointError",
     "check_local",
     "default_model",
@@ -37,6 +38,10 @@ class ConfigNotFoundError(ModelLoadError):
 
 class UnsafeCheckpointError(ModelLoadError):
     """A pickled checkpoint that holds more than tensors: it is not unpickled."""
+
+
+class NotAModelError(ModelLoadError):
+    """A file given as a model that is something else: an adapter, a LoRA, other weights, no checkpoint at all."""
 
 
 def default_model() -> str:

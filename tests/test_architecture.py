@@ -29,6 +29,7 @@ ROOMS = [
             "inject",
             "io",
             "files",
+            "finite",
             "images",
             "assets",
             "sources",

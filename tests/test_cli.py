@@ -235,3 +235,127 @@ def test_make_subjects_writes_the_tiny_worlds_subjects(tmp_path, capsys):
 
     assert main(["world", "make-subjects", "--output_dir", str(tmp_path)]) == 0
     assert len(capsys.readouterr().out.splitlines()) == len(load_subjects(tmp_path)) == 4
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory):
+    """Two-sided ETHER+ on the shipped tiny model's UNet attention (its strength acts quadratically)."""
+    from ether_diffusion.models import load_pipeline
+    from ether_diffusion.pipeline import delete_ether_adapters, save_ether_weights
+
+    pipe = load_pipeline()
+    inject(pipe.unet, EtherConfig(method="ether_plus"), "tmp")
+    randomize_adapters(pipe.unet, "tmp")
+    path = save_ether_weights(tmp_path_factory.mktemp("adapter") / "a.safetensors", pipe, "tmp")
+    delete_ether_adapters(pipe, "tmp")
+    return path
+
+
+def one_line_error(capsys) -> str:
+    """The one ``error:`` line the command ended with (diffusers' loading progress bars may come before it)."""
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in err, err
+    assert [line for line in lines if "error" in line.lower()] == lines[-1:], err
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["export", "{a}", "--strength", "nan"], "argument --strength: 'nan' is not a finite number"),
+        (["export", "{a}", "--strength=-inf"], "argument --strength: '-inf' is not a finite number"),
+        (["export", "{a}:nan"], "argument adapter: the weight of '{a}:nan' is not a finite number: give one such as"),
+        (["fuse", "--adapter", "{a}:inf", "--single_file", "{out}"], "the weight of '{a}:inf' is not a finite number"),
+        (["sample", "--adapter", "{a}:nan", "--prompt", "x"], "the weight of '{a}:nan' is not a finite number"),
+    ],
+)
+def test_a_strength_that_is_not_a_number_is_refused_at_parsing(tmp_path, capsys, argv, message):
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(b"a good file")
+    a = tmp_path / "a.safetensors"
+    fill = {"a": a, "out": good}
+    argv = [arg.format(**fill) for arg in argv]
+    if argv[0] == "export":
+        argv += ["--format", "kohya", "--output", str(good), "--overwrite"]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv + (["--overwrite"] if argv[0] == "fuse" else []))
+    assert exit_.value.code == 2
+    assert message.format(**fill) in capsys.readouterr().err
+    assert good.read_bytes() == b"a good file"
+
+
+def test_fuse_to_a_folder_refuses_weights_beyond_the_dtype_and_keeps_the_folder(tiny_adapter, tmp_path, capsys):
+    """--dtype fp16 of a strength-100000 fuse: the fused attention weights reach 1e8, beyond fp16's 65504."""
+    folder = tmp_path / "fused"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    argv = ["fuse", "--adapter", f"{tiny_adapter}:100000", "--output_dir", str(folder), "--overwrite"]
+    assert main([*argv, "--dtype", "fp16"]) == 2
+    err = one_line_error(capsys)
+    assert (
+        err.startswith("error: the weight unet.down_blocks.") and ".to_q.weight holds values beyond fp16's range" in err
+    )
+    assert "write them in fp32 or bf16 (CLI: --dtype fp32), or fuse the adapters at a smaller strength" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fused"] and os.listdir(folder) == ["model_index.json"]
+
+
+@pytest.mark.parametrize(
+    "verb, where, held",
+    [
+        ("export", "{adapter}", "is an adapter being read"),
+        ("fuse", "{adapter}", "is an adapter being read"),
+        ("fuse", "{model}", "is the base model"),
+        ("fuse_dir", "{folder}", "holds the base model"),
+    ],
+)
+def test_overwrite_never_replaces_an_input(tiny_adapter, tmp_path, capsys, verb, where, held):
+    """--overwrite replaces an earlier output; an output that is the model or an adapter being read, or a folder
+    holding one, is refused before anything loads."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    adapter = folder / "a.safetensors"
+    adapter.write_bytes(tiny_adapter.read_bytes())
+    model = folder / "model.safetensors"
+    model.write_bytes(b"stands for a checkpoint: never read, the command stops first")
+    output = where.format(adapter=adapter, model=model, folder=folder)
+    argv = {
+        "export": ["export", str(adapter), "--format", "kohya", "--output", output],
+        "fuse": ["fuse", "--adapter", str(adapter), "--model", str(model), "--single_file", output],
+        "fuse_dir": ["fuse", "--adapter", str(adapter), "--model", str(model), "--output_dir", output],
+    }[verb]
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert main([*argv, "--overwrite"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith(f"error: '{output}' {held} (") and err.endswith("it would replace its input"), err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_fuse_output_dir_that_is_a_file_is_refused(tiny_adapter, tmp_path, capsys):
+    (tmp_path / "out").write_text("a file")
+    assert main(["fuse", "--adapter", str(tiny_adapter), "--output_dir", str(tmp_path / "out"), "--overwrite"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: '{tmp_path / 'out'}' is a file; --output_dir names a " \
+        "folder to write"  # fmt: skip
+    assert (tmp_path / "out").read_text() == "a file"
+
+
+def test_a_full_disk_while_sampling_keeps_the_images_already_there(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    image = tmp_path / "00_seed0_base.png"
+    image.write_bytes(b"an earlier image")
+
+    def disk_full(self, fp, format=None, **params):
+        with open(fp, "wb") as handle:
+            handle.write(b"half an im")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    assert (
+        main(["sample", "--prompt", "a red star", "--steps", "1", "--size", "16", "--output_dir", str(tmp_path)]) == 2
+    )
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: could not write the image to '{image}': the disk is full (No space left on device in '{tmp_path}'); "
+        "the file that was there is unchanged. Free some space or write elsewhere, then run again"
+    )
+    assert image.read_bytes() == b"an earlier image" and os.listdir(tmp_path) == [image.name]

@@ -1,6 +1,7 @@
 """Exact export of ETHER adapters to LoRA: the math per layer, and stock diffusers reproducing the images."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TinyMLP, build_tiny_sdxl_components, randomize_adapters
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.testing import assert_close
@@ -24,7 +25,9 @@ from ether_diffusion.export import (
     lora_rank,
     save_lora,
 )
+from ether_diffusion.finite import NonFiniteError
 from ether_diffusion.inject import adapter_layers, delete_adapter, merge_adapters, unmerge_adapters
+from ether_diffusion.io import AdapterMismatchError
 
 TINY_SD = Path(__file__).resolve().parents[1] / "assets" / "tiny-sd"
 CLI = str(Path(sys.executable).parent / "ether-diffusion")
@@ -135,6 +138,101 @@ def test_kohya_names():
     assert kohya_name("text_encoder_2", "text_model.encoder.layers.0.mlp.fc1").startswith("lora_te2_")
     with pytest.raises(ValueError, match="kohya format names only"):
         kohya_name("vae", "decoder.conv_in")
+
+
+# --- what export refuses, writing nothing --------------------------------------------------------------------
+
+
+def files_beside(path):
+    return sorted(p.name for p in path.parent.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".tmp"))
+
+
+@pytest.mark.parametrize(
+    "strength, dtype, message",
+    [
+        (1e5, "fp16", r"beyond fp16's range \(max 65504; .*at strength 100000: export in fp32 or bf16 \(CLI: --dtype"),
+        (1e30, "fp32", r"beyond fp32's range .*at strength 1e\+30: export at a smaller strength"),
+    ],
+)
+def test_an_overflowing_lora_is_refused_and_the_good_file_kept(tiny_pipe, tmp_path, strength, dtype, message):
+    """Two-sided ETHER+ grows with the square of its strength: factors beyond the file's dtype are infinities that
+    load without complaint and draw black images, so the export stops, names the layer, and writes nothing."""
+    adapter = make_adapter(tiny_pipe, tmp_path / "a.safetensors", EtherConfig(method="ether_plus"))
+    output = tmp_path / "good.safetensors"
+    export_adapters([adapter], output, tiny_pipe, dtype=dtype)
+    good = output.read_bytes()
+    layer = r"^the LoRA factor unet\.down_blocks\.\S+\.lora_[AB]\.weight holds values "
+    with pytest.raises(NonFiniteError, match=layer + message):
+        export_adapters([(adapter, strength)], output, tiny_pipe, dtype=dtype)
+    assert output.read_bytes() == good and files_beside(output) == ["a.safetensors", "good.safetensors"]
+    assert not list(adapter_layers(tiny_pipe.unet))  # the pipeline is left as it was
+
+
+@pytest.mark.parametrize("strength", [float("nan"), float("inf")])
+def test_a_strength_that_is_not_a_number_is_refused(tiny_pipe, tmp_path, strength):
+    adapter = make_adapter(tiny_pipe, tmp_path / "a.safetensors", EtherConfig(method="ether"))
+    with pytest.raises(ValueError, match=f"the weight {strength} of adapter 'export0' is not a finite number"):
+        export_adapters([adapter], tmp_path / "x.safetensors", tiny_pipe, strength=strength)
+    assert files_beside(adapter) == ["a.safetensors"]
+
+
+@pytest.mark.parametrize("family, label", [("sdxl", "Stable Diffusion XL"), ("flux", "Flux")])
+def test_export_refuses_a_file_of_another_family_as_loading_does(tiny_pipe, tmp_path, family, label):
+    """An SD-shaped file whose metadata says it was made for SDXL or Flux: loading it into the SD pipeline refuses
+    it, and so does the export, with the same message naming both families."""
+    from ether_diffusion.pipeline import load_ether_weights
+
+    sd = make_adapter(tiny_pipe, tmp_path / "sd.safetensors", EtherConfig(method="ether"))
+    relabelled = tmp_path / f"{family}.safetensors"
+    with safe_open(str(sd), "pt") as handle:
+        save_file({k: handle.get_tensor(k) for k in handle.keys()}, str(relabelled),
+                  metadata={**handle.metadata(), "model_family": family})  # fmt: skip
+    with pytest.raises(AdapterMismatchError) as loading:
+        load_ether_weights(tiny_pipe, relabelled)
+    with pytest.raises(AdapterMismatchError) as exporting:
+        export_adapters([relabelled], tmp_path / "x.safetensors", tiny_pipe)
+    assert str(exporting.value) == str(loading.value)
+    assert f"an adapter for {label} models" in str(exporting.value) and "Stable Diffusion 1.x/2.x" in str(loading.value)
+    assert not (tmp_path / "x.safetensors").exists() and not list(adapter_layers(tiny_pipe.unet))
+
+
+def test_an_sdxl_adapter_exported_with_an_sd_model_names_both_families(tiny_pipe, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from ether_diffusion.pipeline import save_ether_weights
+
+    sdxl = StableDiffusionXLPipeline(**build_tiny_sdxl_components(tmp_path))
+    inject(sdxl.unet, EtherConfig(method="ether"), "tmp")
+    adapter = save_ether_weights(tmp_path / "xl.safetensors", sdxl, "tmp")  # records model_family "sdxl"
+    with pytest.raises(
+        AdapterMismatchError, match="adapter for Stable Diffusion XL models .* Stable Diffusion 1.x/2.x"
+    ) as err:
+        export_adapters([adapter], tmp_path / "x.safetensors", tiny_pipe)
+    assert "layers this model lacks" not in str(err.value)
+
+
+def disk_full(tensors, filename, metadata=None):
+    """safetensors' save_file on a full disk: a partial temporary of its own beside ``filename``, then its error."""
+    (Path(filename).parent / ".tmpAbC123").write_bytes(b"partial")
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def test_a_full_disk_during_export_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, capsys):
+    from ether_diffusion.cli import main
+
+    adapter = make_adapter(load_stock(), tmp_path / "a.safetensors", EtherConfig(method="ether"))
+    output = tmp_path / "out" / "good.safetensors"
+    output.parent.mkdir()
+    output.write_bytes(b"a good LoRA")
+    monkeypatch.setattr("ether_diffusion.export.save_file", disk_full)
+    argv = ["export", str(adapter), "--model", str(TINY_SD), "--format", "kohya", "--output", str(output)]
+    assert main([*argv, "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"error: could not write the LoRA to '{output}': the disk is full (No space left on device in "
+        f"'{output.parent}'); the file that was there is unchanged. Free some space or write elsewhere, then run again"
+    )
+    assert output.read_bytes() == b"a good LoRA" and os.listdir(output.parent) == ["good.safetensors"]
 
 
 # --- stock diffusers reproduces the ETHER images --------------------------------------------------------------

@@ -16,6 +16,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from ether_diffusion import EtherConfig, adapter_names, count_parameters, inject, io
+from ether_diffusion.finite import NonFiniteError
 from ether_diffusion.io import (
     DEFAULT_WEIGHT_NAME,
     AdapterFileError,
@@ -154,6 +155,28 @@ def test_truncated_and_foreign_files(saved, tmp_path):
         read_adapter_file(tmp_path)
 
 
+def test_a_model_or_a_lora_given_as_an_adapter_is_named(tmp_path, capsys):
+    from ether_diffusion.cli import main
+
+    files = {
+        "model.safetensors": ({"model.diffusion_model.out.2.weight": torch.zeros(2)}, {"format": "pt"}),
+        "kohya.safetensors": ({"lora_unet_x.lora_down.weight": torch.zeros(1, 2)}, {"ss_network_module": "lora"}),
+        "peft.safetensors": ({"unet.x.lora_A.weight": torch.zeros(1, 2)}, {}),
+    }
+    for name, (tensors, metadata) in files.items():
+        save_file(tensors, str(tmp_path / name), metadata=metadata)
+    with pytest.raises(AdapterFileError, match="is a Stable Diffusion model checkpoint, not an ETHER adapter: pass it"):
+        read_adapter_file(tmp_path / "model.safetensors")
+    for name in ("kohya.safetensors", "peft.safetensors"):
+        with pytest.raises(AdapterFileError, match="is a LoRA file but not an ether-diffusion adapter; LoRA files"):
+            read_adapter_file(tmp_path / name)
+    assert main(["inspect", str(tmp_path / "model.safetensors")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (  # after any warning the first import of diffusers prints
+        f"error: '{tmp_path / 'model.safetensors'}' is a Stable Diffusion model checkpoint, not an ETHER adapter: "
+        "pass it as the base model (CLI: --model)"
+    )
+
+
 def test_adapter_for_another_model_fails_clearly(saved):
     _, path = saved
     other = TinyMLP(width=32)  # same layer names, other widths
@@ -186,6 +209,35 @@ def test_interrupted_save_keeps_the_good_file(saved, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]  # no temporary left behind
     with pytest.raises(FileNotFoundError, match="does not exist"):
         save_adapter(tmp_path / "no" / "such" / "dir.safetensors", {"unet": model}, "subject")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_vector_is_never_written(saved, value):
+    """read_adapter_file refuses such a file, so saving one would lose the good file for one that cannot load."""
+    model, path = saved
+    good = path.read_bytes()
+    with torch.no_grad():
+        model.to_k.ether_adapters["subject"].ether_u[0, 0] = value
+    with pytest.raises(NonFiniteError, match=r"^the adapter tensor unet\.to_k\.ether_u holds .*: nothing was written"):
+        save_adapter(path, {"unet": model}, "subject")
+    assert path.read_bytes() == good and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_a_save_removes_what_a_killed_save_of_the_same_file_left(saved):
+    """Temporaries of earlier writers of this file (the hidden ``.<name>.<hex>.tmp`` file or folder), older than
+    this process and held by no one, go; anything else beside it stays."""
+    model, path = saved
+    stale = [path.with_name(f".{path.name}.0123456789ab.tmp"), path.with_name(f".{path.name}.fedcba987654.tmp")]
+    stale[0].write_bytes(b"")  # an empty temporary file
+    stale[1].mkdir()  # a staging folder with the writer's half-written file in it
+    (stale[1] / ".tmpAbC123").write_bytes(b"half an adapter")
+    kept = [path.with_name(f".{path.name}.tmp"), path.with_name("other.safetensors.0123456789ab.tmp")]
+    for other in kept:
+        other.write_bytes(b"not a temporary of this writer")
+    for old in (*stale, *kept):
+        os.utime(old, (1e9, 1e9))  # 2001: long before this process started
+    save_adapter(path, {"unet": model}, "subject")
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, *(k.name for k in kept)])
 
 
 def test_saved_adapter_is_readable_by_others_and_a_resave_keeps_the_mode(saved):

@@ -7,6 +7,7 @@ from conftest import build_tiny_components, randomize_adapters
 from torch.testing import assert_close
 
 from ether_diffusion import EtherConfig, inject
+from ether_diffusion.finite import NonFiniteError
 from ether_diffusion.layers import EtherLayer
 from ether_diffusion.pipeline import (
     EtherStableDiffusionPipeline,
@@ -113,6 +114,49 @@ def test_fuse_then_unload_keeps_the_adapter_baked_in(tiny_pipe, tmp_path):
     unload_ether_weights(tiny_pipe)
     assert not any(isinstance(m, EtherLayer) for m in tiny_pipe.unet.modules())
     np.testing.assert_allclose(generate(tiny_pipe, PROMPTS[:1], latents), adapted, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dtype, strength, message",
+    [
+        (torch.float32, 1e30, r"values beyond fp32's range .*at strength 1e\+30: fuse them at a smaller strength$"),
+        # merged in float32, overflowing once stored in float16 (inf, and NaN where infinities meet)
+        (
+            torch.float16,
+            1e5,
+            r"(NaN|values beyond fp16's range) .*at strength 100000: .*, or load the model in float32$",
+        ),
+    ],
+)
+def test_fusing_weights_that_overflow_is_refused_and_changes_nothing(tiny_pipe, tmp_path, dtype, strength, message):
+    path = make_adapter(tiny_pipe, tmp_path / "a.safetensors", seed=1, text_encoder=False)
+    tiny_pipe.to(dtype=dtype)
+    load_ether_weights(tiny_pipe, path, "a")
+    set_ether_adapters(tiny_pipe, "a", strength)
+    before = unet_weights(tiny_pipe)
+    with pytest.raises(NonFiniteError, match=r"^the fused weight unet\.down_blocks\.\S+\.weight holds " + message):
+        fuse_ether(tiny_pipe, safe_fusing=True)
+    after = unet_weights(tiny_pipe)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(m.merged_adapters for m in tiny_pipe.unet.modules() if isinstance(m, EtherLayer))
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -float("inf")])
+def test_a_weight_that_is_not_finite_is_refused(tiny_pipe, tmp_path, weight):
+    load_ether_weights(tiny_pipe, make_adapter(tiny_pipe, tmp_path / "a.safetensors", seed=1), "a")
+    with pytest.raises(ValueError, match=f"the weight {weight} of adapter 'a' is not a finite number"):
+        set_ether_adapters(tiny_pipe, ["a"], [weight])
+    layer = next(m for m in tiny_pipe.unet.modules() if isinstance(m, EtherLayer))
+    assert layer.strengths == {"a": 1.0}
+
+
+def test_save_pretrained_refuses_weights_that_overflow(tiny_pipe, tmp_path):
+    """An adapted model saves its weights as it computes them; at strength 1e30 they are beyond float32's range."""
+    load_ether_weights(tiny_pipe, make_adapter(tiny_pipe, tmp_path / "a.safetensors", seed=1), "a")
+    set_ether_adapters(tiny_pipe, "a", 1e30)
+    with pytest.raises(NonFiniteError, match=r"^the weight down_blocks\.\S+ holds values beyond fp32's range"):
+        tiny_pipe.unet.save_pretrained(tmp_path / "unet")
+    assert not (tmp_path / "unet").exists()
 
 
 def test_two_adapters_switch_combine_delete(tiny_pipe, tmp_path):

@@ -1,6 +1,8 @@
 """Single-file checkpoints: loading them offline and safely, and writing a fused model in the original layout."""
 
 import os
+import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +13,10 @@ import pytest
 import torch
 from conftest import randomize_adapters
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ether_diffusion import EtherConfig, inject, save_adapter
+from ether_diffusion.finite import NonFiniteError
 from ether_diffusion.inject import delete_adapter
 from ether_diffusion.models import (
     ConfigNotFoundError,
@@ -40,6 +44,12 @@ def assert_same_weights(a, b):
         assert first.keys() == second.keys(), name
         for key in first:
             assert torch.equal(first[key], second[key]), f"{name}.{key}"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The shipped tiny model as one original-layout .safetensors."""
+    return save_single_file(load_pipeline(TINY_SD), tmp_path_factory.mktemp("checkpoint") / "tiny.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +106,39 @@ def test_fused_single_file_loads_back_with_every_weight_equal(adapter, tmp_path)
         "cond_stage_model.transformer.text_model.final_layer_norm.weight",
     ):
         assert key in keys, key
+
+
+def test_fused_weights_beyond_the_dtype_are_never_written(adapter, tmp_path, capsys):
+    """ETHER+ at strength 100000 fuses attention weights of 1e8: finite in float32, infinite in float16."""
+    from ether_diffusion.cli import main
+
+    target = tmp_path / "m.safetensors"
+    target.write_bytes(b"a good checkpoint")
+    argv = ["fuse", "--adapter", f"{adapter}:100000", "--single_file", str(target), "--dtype", "fp16", "--overwrite"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: the weight model.diffusion_model.input_blocks.1.1.") and "Traceback" not in err
+    assert "holds values beyond fp16's range (max 65504; largest magnitude" in err and "--dtype fp32" in err
+    assert target.read_bytes() == b"a good checkpoint" and os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_a_full_disk_while_fusing_is_one_line_and_keeps_the_old_checkpoint(adapter, tmp_path, monkeypatch, capsys):
+    from safetensors import SafetensorError
+
+    from ether_diffusion.cli import main
+
+    def disk_full(tensors, filename, metadata=None):  # safetensors: its own partial temporary, then its error
+        (Path(filename).parent / ".tmpAbC123").write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    target = tmp_path / "m.safetensors"
+    target.write_bytes(b"a good checkpoint")
+    monkeypatch.setattr("safetensors.torch.save_file", disk_full)
+    assert main(["fuse", "--adapter", str(adapter), "--single_file", str(target), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: could not write the checkpoint to '{target}': the disk is full (No space left on")
+    assert err.endswith("the file that was there is unchanged. Free some space or write elsewhere, then run again")
+    assert target.read_bytes() == b"a good checkpoint" and os.listdir(tmp_path) == ["m.safetensors"]
 
 
 def test_layout_matches_diffusers_conversion_for_the_real_sd15():
@@ -177,6 +220,111 @@ def test_bad_single_file_arguments(tmp_path):
         save_single_file(
             SimpleNamespace(unet=unet, vae=object(), text_encoder=pipe_text_encoder()), tmp_path / "x.safetensors"
         )
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def kohya_lora(path):
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(1, 32),
+               "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 1)}, str(path),
+              metadata={"ss_network_module": "networks.lora"})  # fmt: skip
+
+
+def not_models(tmp_path, adapter):
+    """Files people pass as --model that are not Stable Diffusion checkpoints, each with what the error says."""
+    cases = {"adapter.safetensors": "is an ETHER adapter file, not a model checkpoint: pass it as an adapter"}
+    (tmp_path / "adapter.safetensors").write_bytes(Path(adapter).read_bytes())
+    kohya_lora(tmp_path / "lora.safetensors")
+    cases["lora.safetensors"] = "is a LoRA file, not a model checkpoint: pass the base model as --model"
+    save_file({"unet.to_q.lora_A.weight": torch.zeros(1, 4)}, str(tmp_path / "peft.safetensors"))
+    cases["peft.safetensors"] = "is a LoRA file"
+    torch.save({"state_dict": {"x": torch.zeros(2)}}, tmp_path / "tensors.ckpt")
+    cases["tensors.ckpt"] = r"holds no Stable Diffusion weights \(no model\.diffusion_model\.\* keys among its 1 "
+    save_file({"first_stage_model.x": torch.zeros(2)}, str(tmp_path / "vae.safetensors"))
+    cases["vae.safetensors"] = r"holds no Stable Diffusion weights .*such as 'first_stage_model.x'"
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    cases["list.pt"] = "holds a list, not a state dict of model weights"
+    (tmp_path / "text.ckpt").write_text("<html>404 Not Found</html>")
+    cases["text.ckpt"] = r"is not a readable PyTorch checkpoint: it starts with b'<html>404 Not Fo', not the zip"
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    cases["empty.ckpt"] = "is not a readable PyTorch checkpoint: it is empty"
+    (tmp_path / "plain.ckpt").write_bytes(pickle.dumps({"a": [1, 2]}, protocol=4))  # torch.save's are protocol 2
+    cases["plain.ckpt"] = r"is not a readable PyTorch checkpoint \(Unsupported operand 149\); check the file$"
+    (tmp_path / "zip.ckpt").write_bytes(b"PK\x03\x04 and then garbage")
+    cases["zip.ckpt"] = r"is not a readable PyTorch checkpoint \(RuntimeError: PytorchStreamReader failed"
+    (tmp_path / "broken.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{broken")
+    cases["broken.safetensors"] = "is not a readable safetensors file: it is truncated, corrupt or of another format"
+    assert sorted(cases) == sorted(NOT_MODELS)
+    return cases
+
+
+NOT_MODELS = ["adapter.safetensors", "lora.safetensors", "peft.safetensors", "tensors.ckpt", "vae.safetensors",
+              "list.pt", "text.ckpt", "empty.ckpt", "plain.ckpt", "zip.ckpt", "broken.safetensors"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NOT_MODELS)
+def test_files_that_are_not_models_are_named_and_nothing_is_loaded(adapter, tmp_path, monkeypatch, name):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never reach out, even with a network
+    message = not_models(tmp_path, adapter)[name]
+    for config in (TINY_SD, None):  # without --config too: the file is refused before diffusers asks the Hub
+        with pytest.raises(ModelLoadError) as err:
+            load_pipeline(tmp_path / name, config=config)
+        text = str(err.value)
+        assert re.search(rf"^'{re.escape(str(tmp_path / name))}' {message}", text), text
+        assert "\n" not in text and "weights_only" not in text  # torch's advice to unpickle code is not relayed
+
+
+def test_a_whole_pipeline_is_needed_and_the_original_config_must_be_one(checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    unet_only = {k: v for k, v in load_file(str(checkpoint)).items() if k.startswith("model.diffusion_model.")}
+    save_file(unet_only, str(tmp_path / "unet.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"does not hold a whole StableDiffusionPipeline \(Failed to load CLIP"):
+        load_pipeline(tmp_path / "unet.safetensors", config=TINY_SD)
+    for text, message in (
+        (": : [ not yaml", r"its YAML does not parse \(.* at line 1\); pass the .yaml the checkpoint came with"),
+        ("- a list\n", "it has no model: params: section"),
+        ("model: a string\n", "it has no model: params: section"),
+        ("model:\n  params:\n    unet_config: {}\n", "model.params has no first_stage_config"),
+    ):
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(ModelLoadError, match=rf"^'{re.escape(str(tmp_path / 'bad.yaml'))}' is not an .*{message}"):
+            load_pipeline(checkpoint, original_config=tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_text("model:\n  params:\n    unet_config: {}\n    first_stage_config: {}\n")
+    with pytest.raises(ModelLoadError, match=r"does not describe the model of .*\(diffusers' conversion failed: "):
+        load_pipeline(checkpoint, original_config=tmp_path / "bad.yaml")
+    (tmp_path / "bad.yaml").write_bytes(b"\x90\x00binary")
+    with pytest.raises(ModelLoadError, match="cannot read the original config .*codec can't decode"):
+        load_pipeline(checkpoint, original_config=tmp_path / "bad.yaml")
+
+
+def test_a_checkpoint_of_infinite_weights_is_refused_not_sampled_black(checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(checkpoint))
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    state[key] = torch.full_like(state[key], float("inf"))
+    save_file(state, str(tmp_path / "inf.safetensors"))
+    message = rf"^the weight unet\.\S+\.to_q\.weight holds values beyond .*: '{re.escape(str(tmp_path))}/inf"
+    with pytest.raises(NonFiniteError, match=message + r"\.safetensors' is damaged; use a good copy of the model$"):
+        load_pipeline(tmp_path / "inf.safetensors", config=TINY_SD)
+
+
+@pytest.mark.parametrize("verb", ["sample", "export", "fuse"])
+def test_the_cli_names_a_file_that_is_not_a_model(adapter, tmp_path, capsys, verb):
+    from ether_diffusion.cli import main
+
+    model = ["--model", str(adapter), "--config", str(TINY_SD)]
+    argv = {
+        "sample": ["sample", *model, "--prompt", "x", "--output_dir", str(tmp_path / "s")],
+        "export": ["export", str(adapter), *model, "--format", "kohya", "--output", str(tmp_path / "x.safetensors")],
+        "fuse": ["fuse", "--adapter", str(adapter), *model, "--single_file", str(tmp_path / "x.safetensors")],
+    }[verb]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after any warning the first import of diffusers prints
+    assert err == f"error: '{adapter}' is an ETHER adapter file, not a model checkpoint: pass it as an adapter " \
+        "(load_ether_weights in Python) and the base model it was made for as --model"  # fmt: skip
     assert not (tmp_path / "x.safetensors").exists()
 
 
