@@ -96,6 +96,21 @@ def _finite(text: str) -> float:
     return value
 
 
+def _whole(low: int, high: int):
+    """An argparse ``type``: a whole number from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not from {low} to {high}")
+        return value
+
+    return parse
+
+
 def _adapter_spec(text: str) -> tuple[str, float | None]:
     """``path`` or ``path:weight`` (argparse ``type`` of the adapter arguments); the weight is None where not given.
     An existing file whose name ends in ``:number`` is a path; a weight that is not finite is refused at parsing."""
@@ -375,9 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for several")
     sample.add_argument("--negative_prompt", default=None, help="what to steer away from")
     sample.add_argument("--seed", type=int, action="append", default=None, help="a seed; repeat for several (0)")
-    sample.add_argument("--steps", type=int, default=25, help="denoising steps")
-    sample.add_argument("--guidance_scale", type=float, default=5.0, help="classifier-free guidance scale")
-    sample.add_argument("--size", type=int, default=None, help="height and width (default: the model's)")
+    sample.add_argument("--steps", type=_whole(1, 1000), default=25, help="denoising steps (1 to 1000)")
+    sample.add_argument("--guidance_scale", type=_finite, default=5.0, help="classifier-free guidance scale")
+    sample.add_argument("--size", type=_whole(8, 8192), default=None, help="height and width (default: the model's)")
     sample.add_argument("--compare", action="store_true", help="also save the base model's image for each seed")
     sample.add_argument("--output_dir", default="samples", help="where the PNGs go (NN_seedS_adapted|base.png)")
     sample.set_defaults(run=_sample)

@@ -359,3 +359,15 @@ def test_a_full_disk_while_sampling_keeps_the_images_already_there(tmp_path, cap
         "the file that was there is unchanged. Free some space or write elsewhere, then run again"
     )
     assert image.read_bytes() == b"an earlier image" and os.listdir(tmp_path) == [image.name]
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("--guidance_scale", "nan", "not a finite number"), ("--steps", "0", "is not from 1 to 1000"),
+     ("--steps", "1e9", "not a whole number"), ("--size", "100000", "is not from 8 to 8192")],
+)  # fmt: skip
+def test_sample_refuses_numbers_it_cannot_use_at_parsing(tmp_path, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", "--prompt", "a star", "--output_dir", str(tmp_path / "out"), flag, value])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
