@@ -84,36 +84,33 @@ def _write_error(path: Path, err: BaseException, kind: str, existed: bool, what:
     return WriteError(number, f"could not write {target} ({os.strerror(number)} in '{path.parent}'); {kept}")
 
 
-def _locked(folder: Path) -> int | None:
-    """A descriptor of ``folder`` holding an exclusive ``flock`` on it (None where locks are not available)."""
+def _lock(folder: str | Path) -> tuple[int | None, bool]:
+    """Open ``folder`` and try an exclusive ``flock`` on it: (descriptor or None, whether the lock was taken)."""
     if fcntl is None:
-        return None
+        return None, False
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
-        return None
+        return None, False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # a file system without flock: the folder counts as in use for everyone (never removed)
-        pass
-    return fd
+    except OSError:
+        return fd, False
+    return fd, True
+
+
+def _locked(folder: Path) -> int | None:
+    """A descriptor of ``folder`` holding an exclusive ``flock`` on it (None where locks are not available). On a file
+    system without flock the descriptor holds nothing and the folder counts as in use for everyone (never removed)."""
+    return _lock(folder)[0]
 
 
 def _in_use(folder: str) -> bool:
     """True unless ``folder`` can be locked now, i.e. unless no living process holds it (and locks work here)."""
-    if fcntl is None:
-        return True
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
+    fd, taken = _lock(folder)
+    if fd is not None:
         os.close(fd)  # releases the lock just taken
-    return False
+    return not taken
 
 
 def _remove_stale(path: Path) -> None:

@@ -386,6 +386,15 @@ def method_row(form: dict, defaults: FormSpec, prefix: str) -> None:
         form["n_blocks"] = whole_number(defaults, "n_blocks", "Blocks", elem_id=f"{prefix}n-blocks")
 
 
+def sampling_row(seeds: str, seeds_id: str, steps_id: str) -> tuple[gr.Textbox, gr.Slider, gr.Slider]:
+    """The seeds, steps and guidance controls every sampling form shows, in one row."""
+    with gr.Row():
+        seed_list = gr.Textbox(seeds, label="Seeds (e.g. 0, 1, 5-7)", elem_id=seeds_id)
+        steps = gr.Slider(1, 100, value=25, step=1, label="Steps", elem_id=steps_id)
+        guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance")
+    return seed_list, steps, guidance
+
+
 def previews_accordion(form: dict, defaults: FormSpec, prefix: str, empty_prompt: str) -> None:
     """How often to sample previews, how many, with how many steps, the prompt (empty: ``empty_prompt``) and the
     guidance, into ``form``."""
@@ -540,10 +549,7 @@ def control_tab(studio: Studio, demo: gr.Blocks, tab: gr.Tab) -> JobPanel:
                         example_edges = gr.Button("Example edge map", size="sm", elem_id="example-edges")
                         clear_btn = gr.Button("Blank canvas", size="sm")
                     prompt = gr.Textbox("", label="Prompt", elem_id="control-prompt")
-                    with gr.Row():
-                        seeds = gr.Textbox("0", label="Seeds (e.g. 0, 1, 5-7)", elem_id="control-seeds")
-                        steps = gr.Slider(1, 100, value=25, step=1, label="Steps", elem_id="control-sample-steps")
-                        guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance")
+                    seeds, steps, guidance = sampling_row("0", "control-seeds", "control-sample-steps")
                     compare = gr.Checkbox(True, label="Also the same prompt without control (side by side)")
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="control-generate")
                 with gr.Column(scale=1):
@@ -622,10 +628,7 @@ def sample_tab(studio: Studio, demo: gr.Blocks, tab: gr.Tab, prompt_text: str) -
             refresh_btn = gr.Button("Refresh adapter list", size="sm")
             prompt = gr.Textbox(prompt_text, label="Prompt", elem_id="sample-prompt")
             negative = gr.Textbox("", label="Negative prompt")
-            with gr.Row():
-                seeds = gr.Textbox("0, 1", label="Seeds (e.g. 0, 1, 5-7)", elem_id="seeds")
-                steps = gr.Slider(1, 100, value=25, step=1, label="Steps", elem_id="sample-steps")
-                guidance = gr.Slider(0, 15, value=5.0, step=0.5, label="Guidance")
+            seeds, steps, guidance = sampling_row("0, 1", "seeds", "sample-steps")
             compare = gr.Checkbox(True, label="Also the base model, same seed (side by side)")
             generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Column(scale=1):
