@@ -26,10 +26,12 @@ strength (1 = the method as published). Collecting the terms of all blocks into 
 b×b or d×d matrix. The same function transforms activations (unfused inference) and weight rows (merging), because
 ``W·H`` has rows ``H w_r`` for a symmetric ``H``.
 
-Training runs the whole adapted layer, ``y = T̃(T(x) Wᵀ) + b``, as one autograd node (``reflected_linear``): with
-``R`` (K·n, d) the unit directions placed in their blocks and ``C`` the coefficients, ``T(x) = x + (x Rᵀ C) R`` and
-the backward is written out (``_ReflectedLinear``), so a layer costs a handful of kernels and keeps no activation but
-its input, whatever the number of sides and terms.
+A training forward of a whole model normalises its layers' directions in one batch (``directions.py``) and runs each
+layer as plain products. Where no such batch was prepared (a layer called on its own, a compiled graph), the whole
+adapted layer, ``y = T̃(T(x) Wᵀ) + b``, runs as one autograd node (``reflected_linear``): with ``R`` (K·n, d) the unit
+directions placed in their blocks and ``C`` the coefficients, ``T(x) = x + (x Rᵀ C) R`` and the backward is written
+out (``_ReflectedLinear``), so a layer costs a handful of kernels and keeps no activation but its input, whatever the
+number of sides and terms.
 """
 
 from __future__ import annotations
