@@ -28,10 +28,11 @@ def test_spread_reports_median_range_and_quartiles():
     assert spread([2.0]) == dict(median=2.0, min=2.0, max=2.0, q1=2.0, q3=2.0)
 
 
-def test_the_cuda_profile_covers_issue_18s_rows():
+def test_the_cuda_profile_covers_the_gpu_rows_of_issues_18_and_25():
     args = bench.parse_args(["--device", "cuda"])
     assert args.dtype == "bf16" and args.sizes == [64] and args.batches == [1, 4] and args.sdxl_size == 128
-    assert args.sections == ["training", "sync", "sdxl", "inference", "compiled", "compile"] and args.steps == 25
+    assert args.sections == ["training", "sync", "sdxl", "inference", "compiled", "compile", "captured"]
+    assert args.steps == 25
     assert args.compile_backend == "inductor"
     assert [bench.VARIANTS[key].label for key in args.variants] == [
         "floor (frozen + 1 scalar/layer)",
@@ -117,6 +118,20 @@ def test_quick_run_of_the_cuda_rows_on_the_cpu(tmp_path):
     assert [r["variant"] for r in compiled] == ["ETHER n=1", "ETHER+ two-sided n=1"]
     assert all(r["result"].startswith("compiled, no graph break") and r["layers"] > 0 for r in compiled), compiled
     assert "torch.compile(fullgraph=True) of the adapted layers" in report
+    with pytest.raises(RuntimeError, match="the captured step is a CUDA graph: this section needs --device cuda"):
+        bench.bench_captured_training(None, args, None, torch.device("cpu"), torch.float32)
+
+
+def test_the_captured_rows_have_a_table():
+    timing = dict(time=dict(median=0.01, min=0.009, max=0.012), ratio=dict(median=0.3, min=0.28, max=0.33))
+    rows = [dict(model="SD-1.5 UNet", size=64, batch=1, variant=name, first_s=2.0, trainable=1, **timing)
+            for name in bench.CAPTURED]  # fmt: skip
+    rows.append(dict(check="ETHER n=1 after 100 steps, captured vs eager", max_difference=1e-3, max_change=0.2))
+    header = dict(machine="m", command="c", date="d", rounds=2, steps_per_visit=1, warmup=1, clock="wall")
+    report = bench.markdown(dict(device="cuda", dtype="bf16", captured=rows, **header))
+    assert "## Training step captured as a CUDA graph (--cuda_graphs)" in report
+    assert "| SD-1.5 UNet | 64² | 1 | captured ETHER n=1 | 10.0 |" in report
+    assert "captured vs eager: largest difference 1.00e-03" in report
 
 
 def test_host_overhead_benchmark_runs_every_variant_interleaved():

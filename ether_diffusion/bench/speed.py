@@ -50,6 +50,7 @@ from ..inject import (
 )
 from ..io import load_adapter, save_adapter
 from ..layers import EtherLayer
+from ..training.graphs import CapturedStep, capturable_lr
 from .speed_report import markdown
 from .speed_variants import (
     ISSUE_VARIANTS,
@@ -242,6 +243,109 @@ def bench_compiled_training(unet, args, meter, device, dtype):
     return rows
 
 
+def captured_training_step(unet, inputs, params, device, dtype) -> CapturedStep:
+    """``training_step``'s work (forward, backward, AdamW step) as ``--cuda_graphs`` runs it: captured on the first
+    call, replayed on the next ones (AdamW capturable, its learning rate on the device)."""
+    optimizer = torch.optim.AdamW(params, lr=1e-4, capturable=True, foreach=True)
+    capturable_lr(optimizer, device)
+    latents, timesteps, context, extra, target = inputs
+
+    def body(_batch):
+        with autocast(device, dtype):
+            prediction = unet(latents, timesteps, context, **extra).sample
+        loss = F.mse_loss(prediction.float(), target)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return CapturedStep(body, optimizer, params)
+
+
+CAPTURED = {  # what the captured section times: (variant, captured or eager)
+    "eager floor": ("floor", False),
+    "captured floor": ("floor", True),
+    "captured ETHER n=1": ("ether1", True),
+    "captured ETHER+ two-sided n=1": ("etherplus1", True),
+}
+
+
+def bench_captured_training(unet, args, meter, device, dtype):
+    """The training step replayed as a CUDA graph (``--cuda_graphs``) against the eager floor, at ``--sizes[0]``
+    latents and batch 1 (the issue's SD-1.5 512 px row): one UNet copy per row, captured in its first visit, then
+    interleaved rounds. Then the adapter check: ETHER n=1 trained ``--captured_check_steps`` steps eagerly and
+    captured from the same start, the largest difference of their vectors against the largest change training made."""
+    import copy
+
+    if device.type != "cuda":
+        raise RuntimeError("the captured step is a CUDA graph: this section needs --device cuda")
+    size = args.sizes[0]
+    inputs = training_inputs(unet, size, 1, device, dtype)
+    steps, trainable, first_s = {}, {}, {}
+    with contextlib.ExitStack() as stack:
+        for name, (key, captured) in CAPTURED.items():
+            model = copy.deepcopy(unet)
+            torch.manual_seed(0)
+            params = stack.enter_context(VARIANTS[key].make(model))
+            trainable[name] = sum(p.numel() for p in params)
+            if captured:
+                step = captured_training_step(model, inputs, params, device, dtype)
+                steps[name] = lambda step=step: step({})
+            else:
+                steps[name] = training_step(model, inputs, torch.optim.AdamW(params, lr=1e-4), device, dtype)
+
+        def visit(name):
+            if name not in first_s:  # the capture (after its warm-up steps) or the eager first step
+                started = time.perf_counter()
+                steps[name]()
+                meter.sync()
+                first_s[name] = time.perf_counter() - started
+            for _ in range(args.warmup):
+                steps[name]()
+            return meter.seconds_per_call(steps[name], args.steps_per_visit)
+
+        visits = interleaved(list(CAPTURED), args.rounds, visit)
+    rows = []
+    for name in CAPTURED:
+        row = dict(
+            model="SD-1.5 UNet" + (" (tiny)" if args.quick else ""),
+            size=size,
+            batch=1,
+            variant=name,
+            **timings(visits[name], visits["eager floor"]),
+            trainable=trainable[name],
+            first_s=first_s[name],
+        )
+        rows.append(row)
+        print(
+            f"  {size}² b1 {name:<32} {row['time']['median'] * 1e3:9.1f} ms  ×eager floor "
+            f"{row['ratio']['median']:.3f} ({row['ratio']['min']:.3f}-{row['ratio']['max']:.3f})  "
+            f"first step {first_s[name]:.1f} s",
+            flush=True,
+        )
+    vectors = {}
+    for captured in (False, True):
+        model = copy.deepcopy(unet)
+        torch.manual_seed(0)
+        with VARIANTS["ether1"].make(model) as params:
+            start = [p.detach().float().clone() for p in params]
+            if captured:
+                step = captured_training_step(model, inputs, params, device, dtype)
+                run = lambda step=step: step({})  # noqa: E731
+            else:
+                run = training_step(model, inputs, torch.optim.AdamW(params, lr=1e-4), device, dtype)
+            for _ in range(args.captured_check_steps):
+                run()
+            vectors[captured] = [p.detach().float().clone() for p in params]
+        del model
+    difference = max((a - b).abs().max().item() for a, b in zip(vectors[False], vectors[True]))
+    change = max((a - s).abs().max().item() for a, s in zip(vectors[False], start))
+    rows.append(dict(check=f"ETHER n=1 after {args.captured_check_steps} steps, captured vs eager",
+                     max_difference=difference, max_change=change))  # fmt: skip
+    print(f"  adapter after {args.captured_check_steps} steps: captured vs eager max |Δ| {difference:.2e} "
+          f"(training moved the vectors by up to {change:.2e})", flush=True)  # fmt: skip
+    return rows
+
+
 def bench_compile(unet, args, device, dtype):
     """Every adapted layer of the UNet (ETHER and ETHER+ n=1), fed the activations it sees at ``--sizes[0]``,
     compiled with ``torch.compile(fullgraph=True)`` (inductor: Triton kernels on a GPU; any graph break raises):
@@ -425,11 +529,13 @@ def bench_adapters(unet, args, meter):
     return rows
 
 
-SECTIONS = ("training", "sync", "sdxl", "inference", "compiled", "compile", "adapters")
+SECTIONS = ("training", "sync", "sdxl", "inference", "compiled", "compile", "captured", "adapters")
 PROFILES = {  # what a plain run measures, per device kind
     "cpu": dict(sections=["training", "inference", "adapters"], variants=list(VARIANTS), sizes=[16, 32]),
     "cuda": dict(
-        sections=["training", "sync", "sdxl", "inference", "compiled", "compile"], variants=ISSUE_VARIANTS, sizes=[64]
+        sections=["training", "sync", "sdxl", "inference", "compiled", "compile", "captured"],
+        variants=ISSUE_VARIANTS,
+        sizes=[64],
     ),
 }
 
@@ -462,6 +568,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: the profile's")
     parser.add_argument(
         "--compile_backend", default="inductor", help="torch.compile backend of the compile sections (tests: aot_eager)"
+    )
+    parser.add_argument(
+        "--captured_check_steps", type=int, default=100, help="steps of the captured section's eager/captured check"
     )
     parser.add_argument("--skip_peers", action="store_true", help="skip the PEFT variants")
     parser.add_argument(
@@ -544,6 +653,7 @@ def main(args: argparse.Namespace) -> dict:
         "inference": lambda: bench_inference(sd15, args, meter, device, dtype),
         "compiled": lambda: bench_compiled_training(sd15, args, meter, device, dtype),
         "compile": lambda: bench_compile(sd15, args, device, dtype),
+        "captured": lambda: bench_captured_training(sd15, args, meter, device, dtype),
         "adapters": lambda: bench_adapters(sd15, args, meter),
     }
     for name in [s for s in SECTIONS if s in args.sections]:

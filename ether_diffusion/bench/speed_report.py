@@ -86,6 +86,25 @@ def markdown(result) -> str:
             f"| {row['variant']} | {row['backend']} | {row['layers']} | {row['max_error']} | {row['result']} |"
             for row in compiled
         ]
+    captured = [row for row in result.get("captured", []) if "variant" in row]
+    if captured:
+        lines += ["", "## Training step captured as a CUDA graph (--cuda_graphs)", ""]
+        lines += [
+            "| model | latents | batch | variant | median ms | min–max ms | × eager floor | min–max | first step s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {row['model']} | {row['size']}² | {row['batch']} | {row['variant']} "
+            f"| {row['time']['median'] * 1e3:.1f} | {_range(row['time'], 1e3)} | {row['ratio']['median']:.3f} "
+            f"| {_range(row['ratio'], digits=3)} | {row['first_s']:.1f} |"
+            for row in captured
+        ]
+        lines += [
+            f"\n{row['check']}: largest difference {row['max_difference']:.2e} (training moved the vectors by up to "
+            f"{row['max_change']:.2e})"
+            for row in result.get("captured", [])
+            if "check" in row
+        ]
     errors = result.get("errors", {})
     if errors:
         lines += ["", "## Sections that failed", ""] + [f"- {name}: `{text}`" for name, text in errors.items()]

@@ -234,6 +234,11 @@ class RunConfig:
         "compilation: one graph per block shape, compiles in a fraction of the time), 'model' the whole model",
         choices=("blocks", "model"),
     )
+    cuda_graphs: bool = option(
+        False,
+        "capture the whole training step (forward, backward, optimizer) as a CUDA graph and replay it: the host "
+        "cost of a step no longer grows with the layers (CUDA, SD 1.x/2.x DreamBooth, AdamW, static shapes)",
+    )
     report_to: str = option("tensorboard", "tensorboard, wandb, all or none", same_run=False)
     logging_dir: str = option("logs", "TensorBoard folder inside --output_dir", same_run=False)
     dataloader_num_workers: int = option(0, "data loading processes", minimum=0, same_run=False)
@@ -434,6 +439,7 @@ class RunConfig:
                     raise ConfigError(
                         "--report_to wandb needs wandb (pip install wandb); or use --report_to tensorboard / none"
                     ) from None
+        self._check_capturable()
         if self.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError(
                 "--mixed_precision fp16 needs a CUDA GPU; on this machine use --mixed_precision bf16 or no"
@@ -449,6 +455,25 @@ class RunConfig:
             raise ConfigError("--target_modules is empty: give a preset or module-path suffixes")
         self.adapter_config()  # EtherConfig's own checks, as a ConfigError
         return self
+
+    def _check_capturable(self) -> None:
+        """``--cuda_graphs`` with a flag whose work cannot sit in a replayed graph: refused, naming both."""
+        if not self.cuda_graphs:
+            return
+        conflicts = {
+            "--compile": (self.compile, "compiling and capturing are two ways to the same end; keep one"),
+            "--gradient_accumulation_steps": (
+                self.gradient_accumulation_steps > 1, "a captured step is one whole optimisation step"),
+            "--gradient_checkpointing": (
+                self.gradient_checkpointing, "its recomputation saves and restores the RNG state from the host"),
+            "--use_8bit_adam": (self.use_8bit_adam, "bitsandbytes' optimizer is not capturable"),
+            "--optimizer prodigy": (self.optimizer == "prodigy", "Prodigy's step reads its estimate on the host"),
+            "--mixed_precision fp16": (
+                self.mixed_precision == "fp16", "the loss scaler checks for overflow on the host every step; use bf16"),
+        }  # fmt: skip
+        for flag, (present, why) in conflicts.items():
+            if present:
+                raise ConfigError(f"--cuda_graphs cannot be used with {flag}: {why}. Drop one of the two")
 
     # --- derived ---------------------------------------------------------------------------------------------------
     def adapter_targets(self) -> str | list[str]:

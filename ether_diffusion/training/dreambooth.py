@@ -235,6 +235,13 @@ class DreamBoothTask(Task):
                 config.instance_data_dir, config.instance_prompt, config.caption_extension
             )
 
+    def capture_refusal(self) -> str | None:
+        if not self.backend.captures_step:
+            return f"the {self.backend.family} model's step is not captured (only SD 1.x/2.x's is)"
+        if self.config.cache_latents:
+            return "--cache_latents looks each batch's latents up on the host, which a replay would skip"
+        return None
+
     def adapter_configs(self) -> dict:
         configs = super().adapter_configs()
         backend = self.backend

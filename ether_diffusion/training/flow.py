@@ -211,6 +211,7 @@ class FlowMatchingBackend(StableDiffusionBackend):
     the ``latent_multiple`` its image sizes must divide into."""
 
     denoiser_component = "transformer"
+    captures_step = False
 
     def load_components(self) -> FlowComponents:
         from diffusers import FlowMatchEulerDiscreteScheduler

@@ -55,6 +55,8 @@ class StableDiffusionBackend:
     denoiser_component = "unet"
     #: the model card's tag of this family (besides the task's)
     card_tag: str | None = None
+    #: whether ``--cuda_graphs`` may capture this backend's denoising loss (checked on SD 1.x/2.x only so far)
+    captures_step = True
 
     def __init__(self, config, family: ModelFamily | None = None):
         self.config = config

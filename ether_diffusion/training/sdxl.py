@@ -71,6 +71,7 @@ class StableDiffusionXLBackend(StableDiffusionBackend):
 
     family = "sdxl"
     card_tag = "stable-diffusion-xl"
+    captures_step = False
 
     def _vae(self, torch_dtype=None):
         config = self.config

@@ -84,6 +84,10 @@ class Task(ABC):
         """Fail fast on bad input before any model is loaded (missing folders, unreadable images)."""
         return None
 
+    def capture_refusal(self) -> str | None:
+        """Why ``--cuda_graphs`` cannot capture this task's step, or None when it can (``graphs.py``)."""
+        return f"{self.kind} training does not capture its step (only DreamBooth on SD 1.x/2.x does)"
+
     # --- the model and what trains ------------------------------------------------------------------------------
     def setup(self, run: Run) -> None:
         """Load the frozen model and add the adapters of ``adapter_configs`` to it."""

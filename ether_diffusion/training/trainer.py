@@ -10,8 +10,9 @@ DreamBooth or control.
     prepare     optimizer, data loader, schedule, compiled blocks, ``accelerator.prepare``, checkpoint hooks, trackers
     resume      ``--resume_from_checkpoint``: step, epoch, batches to skip, the checkpoint's tensors
     baseline    the step-0 samples of the base model
-    loop        epochs of ``step`` (one batch: loss, backward, optimizer) and ``after_step`` (logs, callbacks,
-                ``checkpoint`` and ``validate`` when due, stop)
+    loop        epochs of ``step`` (one batch: ``_update``'s loss, backward and optimizer, or with --cuda_graphs the
+                replay of its CUDA graph, ``graphs.py``) and ``after_step`` (logs, callbacks, ``checkpoint`` and
+                ``validate`` when due, stop)
     finish      the adapter file, the reloaded file's samples, the model card, the hub upload, teardown
 
 Run under ``accelerate launch`` (data parallel, mixed precision) or plain ``python``. Guarantees:
@@ -37,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import directions
 from .._version import __version__
 from ..checkpoints import checkpoint_step, latest_checkpoint
 from ..config import DTYPES
@@ -46,6 +48,7 @@ from .callbacks import Callback, CallbackList, Preparation, ValidationEvent
 from .checkpoints import save_checkpoint
 from .config import ConfigError
 from .data import EpochShuffleSampler
+from .graphs import CapturedStep, capturable_lr
 from .hub import create_repository, upload_output
 from .progress import Progress
 from .run import Run
@@ -146,6 +149,7 @@ class LoopState:
     step: int = 0  # optimisation steps done (the global step)
     epoch: int = 0  # the epoch to start from
     skip_batches: int = 0  # batches of that epoch a resumed run has already trained on
+    captured: CapturedStep | None = None  # --cuda_graphs: the step, captured on its first batch
     stop: bool = False  # a callback asked to stop
 
 
@@ -163,7 +167,7 @@ class Trainer:
 
     def _accelerator(self, output_dir: Path):
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from accelerate.utils import AutocastKwargs, ProjectConfiguration
 
         config = self.config
         report_to = None if config.report_to in (None, "none") else config.report_to
@@ -178,7 +182,19 @@ class Trainer:
             project_config=ProjectConfiguration(
                 project_dir=str(output_dir), logging_dir=str(output_dir / config.logging_dir)
             ),
+            # autocast's cache of cast weights lives between a graph's capture and its replays: off while capturing
+            kwargs_handlers=[AutocastKwargs(cache_enabled=False)] if config.cuda_graphs else None,
         )
+        if config.cuda_graphs and accelerator.device.type != "cuda":
+            raise ConfigError(
+                f"--cuda_graphs replays the training step as a CUDA graph and needs a CUDA GPU; on this "
+                f"{accelerator.device.type} machine drop --cuda_graphs"
+            )
+        if config.cuda_graphs and accelerator.num_processes > 1:
+            raise ConfigError(
+                f"--cuda_graphs captures one process's step; with {accelerator.num_processes} processes drop "
+                "--cuda_graphs (or launch one process)"
+            )
         if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
             raise ConfigError(
                 "fp16 mixed precision (from --mixed_precision or accelerate's configuration) needs a CUDA GPU; on "
@@ -210,11 +226,14 @@ class Trainer:
             optimizer_class = bnb.optim.AdamW8bit
         else:
             optimizer_class = torch.optim.AdamW
+        # a captured step keeps AdamW's step count and learning rate on the device (graphs.py)
+        capture = {"capturable": True, "foreach": True} if config.cuda_graphs else {}
         return optimizer_class(
             groups,
             betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.adam_weight_decay,
             eps=config.adam_epsilon,
+            **capture,
         )
 
     def _resume(self, accelerator, output_dir: Path, updates_per_epoch: int) -> tuple[int, int, int]:
@@ -294,6 +313,9 @@ class Trainer:
         output_dir = Path(self.config.output_dir)
         check_output_dir(output_dir)
         self.task.check_inputs()  # fail before any model loads
+        refusal = self.config.cuda_graphs and self.task.capture_refusal()
+        if refusal:
+            raise ConfigError(f"--cuda_graphs: {refusal}; drop --cuda_graphs (or what it names)")
         accelerator = self._accelerator(output_dir)
         self.hub_repo = None
         if self.config.push_to_hub and accelerator.is_main_process:  # a missing login fails now, not after the run
@@ -350,13 +372,16 @@ class Trainer:
             sampler=state.sampler,
             collate_fn=state.dataset.collate,
             num_workers=config.dataloader_num_workers,
-            drop_last=task.drop_last and len(state.dataset) >= config.train_batch_size,
+            # a captured step replays one batch shape: no last partial batch
+            drop_last=(task.drop_last or config.cuda_graphs) and len(state.dataset) >= config.train_batch_size,
             generator=torch.Generator().manual_seed(config.seed),
         )
         batches_per_epoch = max(1, math.ceil(len(loader) / accelerator.num_processes))
         state.updates_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
         state.max_train_steps = config.max_train_steps or config.num_train_epochs * state.updates_per_epoch
         optimizer = self._optimizer(groups)
+        if config.cuda_graphs:
+            capturable_lr(optimizer, accelerator.device)  # before the schedule reads the rates
         lr_scheduler = get_scheduler(
             config.lr_scheduler,
             optimizer=optimizer,
@@ -380,6 +405,11 @@ class Trainer:
         elif blocks:
             self.result.compiled = f"{config.dynamo_backend} ({', '.join(blocks)})"
         self._register_checkpointing(state)
+        if config.cuda_graphs:
+            self.result.compiled = "no (the step replayed as a CUDA graph, --cuda_graphs)"  # the model card says it
+            state.captured = CapturedStep(
+                lambda batch: self._update(state, batch), state.optimizer, state.params, [state.run.noise_generator]
+            )
         if accelerator.is_main_process and config.report_to not in (None, "none"):
             tracked = {k: v for k, v in config.public_dict().items() if isinstance(v, (int, float, str, bool))}
             project = getattr(config, "tracker_project_name", None) or f"ether-{task.name}"
@@ -409,6 +439,8 @@ class Trainer:
         state.step, state.epoch, state.skip_batches = self._resume(
             state.run.accelerator, state.output_dir, state.updates_per_epoch
         )
+        if self.config.cuda_graphs and state.step:  # a loaded optimizer state may bring its rates on the CPU
+            capturable_lr(state.optimizer, state.run.accelerator.device)
         self.result.global_step = state.step
 
     def baseline(self, state: LoopState) -> bool:
@@ -463,13 +495,15 @@ class Trainer:
         optimisation step (``None`` while gradients accumulate). A non-finite loss stops the run."""
         config, accelerator = self.config, state.run.accelerator
         with accelerator.accumulate(*state.models):
-            loss, parts = self.task.loss(batch, state.run)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and config.max_grad_norm:
-                accelerator.clip_grad_norm_(state.params, config.max_grad_norm)
-            state.optimizer.step()
+            if state.captured is not None:  # the graph writes the gradients in place: they stay allocated
+                parts = state.captured(batch)
+                # a replay changes the vectors without bumping their versions: no prepared direction is current
+                directions.touch()
+            else:
+                parts = self._update(state, batch)
             state.lr_scheduler.step()
-            state.optimizer.zero_grad(set_to_none=True)
+            if state.captured is None:
+                state.optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             return None
         state.step += 1
@@ -485,6 +519,17 @@ class Trainer:
         for group, lr in zip(state.groups[:-1], lrs[:-1]):
             logs[f"{group.get('name', 'group')}_lr"] = lr
         return logs
+
+    def _update(self, state: LoopState, batch: dict) -> dict[str, torch.Tensor]:
+        """The batch's loss, its backward, clipping and the optimizer's step (what ``--cuda_graphs`` captures):
+        the loss's parts, as tensors."""
+        config, accelerator = self.config, state.run.accelerator
+        loss, parts = self.task.loss(batch, state.run)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and config.max_grad_norm:
+            accelerator.clip_grad_norm_(state.params, config.max_grad_norm)
+        state.optimizer.step()
+        return parts
 
     def after_step(self, state: LoopState, logs: dict[str, float]) -> bool:
         """Progress, logs and callbacks of a finished step, then its checkpoint and previews when due; True when the
