@@ -17,10 +17,7 @@ from .training.config import TaskKind
 DEMO_STEPS = 1000
 CONTROL_DEMO_STEPS = 600
 #: the training verbs: the kind each trains (``registry.py`` picks its flags by the model) and what it writes
-TRAIN_VERBS = {
-    "train": (TaskKind.DREAMBOOTH, "adapter"),
-    "train-control": (TaskKind.CONTROL, "condition encoder and adapter"),
-}
+TRAIN_VERBS = {"train": TaskKind.DREAMBOOTH, "train-control": TaskKind.CONTROL}
 
 #: ``bench <kind>``: the paper's benchmark of each kind of training (its module's ``parse_args`` and ``main``)
 BENCHES = {TaskKind.DREAMBOOTH: ".bench.dreambooth", TaskKind.CONTROL: ".bench.control"}
@@ -372,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser(
         "train",
-        help="DreamBooth with ETHER on SD 1.x/2.x or SDXL (flags of train_dreambooth_lora[_sdxl]; see train --help)",
+        help="DreamBooth with ETHER on SD 1.x/2.x, SDXL, SD3 or Flux (the flags of diffusers' train_dreambooth_lora "
+        "scripts for that model; see train --help)",
         add_help=False,
     )
 
@@ -529,10 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] and argv[0] in TRAIN_VERBS:
             from . import registry
 
-            kind, written = TRAIN_VERBS[argv[0]]
+            kind = TRAIN_VERBS[argv[0]]
             config = registry.parse_args(kind, argv[1:], prog=f"ether-diffusion {argv[0]}")  # the model's family's
-            result = registry.train(config)
-            print(f"{written} written to {result.adapter_path}")
+            registry.train(config)  # the loop prints where the adapter, checkpoints and images went
             return 0
         if argv[:1] == ["studio"]:
             return _studio(argv[1:])

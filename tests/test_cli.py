@@ -4,6 +4,7 @@ import ast
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -371,3 +372,17 @@ def test_sample_refuses_numbers_it_cannot_use_at_parsing(tmp_path, capsys, flag,
         main(["sample", "--prompt", "a star", "--output_dir", str(tmp_path / "out"), flag, value])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_help_shows_the_defaults_and_every_family_train_covers(capsys):
+    from ether_diffusion import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for flag, default in (("--learning_rate", "0.006"), ("--output_dir", "ether-dreambooth"),
+                          ("--checkpointing_steps", "500"), ("--lr_scheduler", "constant")):  # fmt: skip
+        assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(default)}\)", text), flag
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "DreamBooth with ETHER on SD 1.x/2.x, SDXL, SD3 or Flux" in " ".join(capsys.readouterr().out.split())

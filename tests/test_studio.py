@@ -764,3 +764,27 @@ def test_a_control_job_trains_and_samples_with_and_without_the_map(tmp_path):
     again = sampler.sample_control(ControlRequest("shapes", big, caption, seeds=[0], steps=2, compare=False))
     assert again.note == "resized from 256×256 to 64×64 (nearest-neighbour)" and len(again.images) == 2
     assert np.array_equal(np.asarray(again.images[1]), np.asarray(result.images[1]))  # the same map, resized back
+
+
+def test_the_jobs_eta_leaves_out_preview_sampling(tmp_path, monkeypatch):
+    """The studio's ETA counts training steps only: the seconds a preview takes are not spread over the steps."""
+    from ether_diffusion.studio import jobs
+    from ether_diffusion.training.callbacks import ValidationEvent
+    from ether_diffusion.training.task import SampleKind
+
+    manager = jobs.JobManager(Workspace(tmp_path / "ws"), default_model_path())
+    manager._state = {"id": "eta", "phase": "training", "spec": {"preview_every": 2}, "losses": [], "previews": [],
+                      "total": 10, "kind": "dreambooth"}  # fmt: skip
+    manager._job_dir().mkdir(parents=True)
+    now = [1000.0]
+    monkeypatch.setattr(jobs.time, "monotonic", lambda: now[0])
+    callback = jobs._JobCallback(manager)
+    callback.on_train_start(10, 0)
+    for step in (1, 2):
+        now[0] += 1.0
+        callback.on_step(step, {"loss": 0.1, "lr": 1e-3})
+    now[0] += 30.0  # the step-2 preview
+    callback.on_validation(ValidationEvent(2, SampleKind.PREVIEW, [], [], []))
+    now[0] += 1.0
+    callback.on_step(3, {"loss": 0.1, "lr": 1e-3})
+    assert manager._state["eta_seconds"] == pytest.approx(7.0)  # 1 s a step, 7 steps left

@@ -337,3 +337,32 @@ def test_compile_trains_the_same_adapter(world, tmp_path):
         assert files["eager"].keys() == files[name].keys()
         for key, value in files["eager"].items():
             torch.testing.assert_close(files[name][key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_a_finished_run_says_where_everything_went(world, tmp_path, capsys):
+    """What `ether-diffusion train` and `accelerate launch scripts/train_dreambooth_ether.py` print at the end."""
+    config = config_for(world, tmp_path, checkpointing_steps=1, validation_prompt="a sks star", validation_steps=2,
+                        no_final_reload=True)  # fmt: skip
+    result = train(config)
+    out = capsys.readouterr().out
+    assert f"trained 2 steps in {result.train_seconds:.0f} s; written to {tmp_path}:" in out
+    assert f"  adapter          {tmp_path / 'ether_adapter.safetensors'}" in out
+    assert f"  model card       {tmp_path / 'README.md'}" in out
+    assert "  checkpoints      checkpoint-1, checkpoint-2 (resume: --resume_from_checkpoint latest)" in out
+    assert f"  validation       2 images in {tmp_path / 'validation'}" in out  # the step-0 baseline and step 2
+    assert "final samples" not in out  # --no_final_reload: none were made
+
+
+def test_the_time_left_leaves_out_saving_and_sampling(monkeypatch):
+    from ether_diffusion.training import progress
+
+    now = [100.0]
+    monkeypatch.setattr(progress.time, "time", lambda: now[0])
+    bar = progress.Progress(total=10, desc="step", interactive=False)
+    now[0] += 2.0  # two training steps of 1 s
+    bar.update(2)
+    with bar.paused():  # a 60 s preview
+        now[0] += 60.0
+    now[0] += 1.0
+    bar.update(3)
+    assert bar.line({}).endswith("1.00 s/it  elapsed 0:03, left 0:07"), bar.line({})

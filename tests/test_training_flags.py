@@ -342,7 +342,7 @@ def test_progress_is_one_line_every_n_steps_when_piped(world, tmp_path):
     command = [sys.executable, "-m", "ether_diffusion.cli", "train", "--pretrained_model_name_or_path",
                str(world / "model"), "--instance_data_dir", str(world / "instance"), "--instance_prompt", PROMPT,
                "--output_dir", str(tmp_path), "--report_to", "none", "--max_train_steps", "6",
-               "--progress_steps", "2", "--no_final_reload"]  # fmt: skip
+               "--progress_steps", "2", "--no_final_reload", "--checkpointing_steps", "3"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -350,6 +350,9 @@ def test_progress_is_one_line_every_n_steps_when_piped(world, tmp_path):
     assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"]
     assert all(" loss " in line and " lr " in line and "left" in line for line in lines), lines
     assert "\r" not in done.stdout + done.stderr  # no bar redraws in a log
+    # and at the end, where it all went
+    assert f"  adapter          {tmp_path / 'ether_adapter.safetensors'}" in done.stdout
+    assert "  checkpoints      checkpoint-3, checkpoint-6 (resume: --resume_from_checkpoint latest)" in done.stdout
 
 
 # --- SDXL ------------------------------------------------------------------------------------------------------------

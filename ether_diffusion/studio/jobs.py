@@ -495,6 +495,7 @@ class _JobCallback(Callback):
         self.manager = manager
         self.last_images: list = []
         self.clock: tuple[float, int] | None = None  # (time, step) when the timed stretch began
+        self.last_step_at: float | None = None  # when the last step ended: what follows it until a preview is not ETA
 
     def _phase(self, wanted: str) -> str:
         return "stopping" if self.manager._stop.is_set() else wanted
@@ -516,7 +517,8 @@ class _JobCallback(Callback):
     def on_step(self, step: int, logs: dict) -> None:
         state = self.manager._state
         started, first = self.clock or (time.monotonic(), step - 1)
-        per_step = (time.monotonic() - started) / max(step - first, 1)  # training steps only: no step-0 preview
+        self.last_step_at = time.monotonic()
+        per_step = (self.last_step_at - started) / max(step - first, 1)  # training steps only: no preview
         previewing = step % state["spec"]["preview_every"] == 0
         self.manager._update(step=step, loss=logs["loss"], lr=logs["lr"],
                              losses=state["losses"] + [round(logs["loss"], 6)],
@@ -525,6 +527,9 @@ class _JobCallback(Callback):
 
     def on_validation(self, event) -> None:
         manager = self.manager
+        if event.kind is SampleKind.PREVIEW and self.clock and self.last_step_at is not None:
+            started, first = self.clock  # the preview's sampling (and a checkpoint before it) is not training time
+            self.clock = (started + time.monotonic() - self.last_step_at, first)
         paths = list(event.paths)
         control = TaskKind(manager._state.get("kind", TrainSpec.kind)) is TaskKind.CONTROL
         baseline = "step 0 · untrained" if control else "step 0 · base model (baseline)"

@@ -309,6 +309,7 @@ class RunConfig:
                 kwargs["required"] = True
             else:
                 kwargs["default"] = f.default if f.default is not MISSING else f.default_factory()
+                kwargs["help"] = _with_default(kwargs["help"], kwargs["default"], kwargs.get("action"))
             flag = f.metadata.get("flag") or f.name
             (own if f.name in declared_here else shared).add_argument(f"--{flag}", dest=f.name, **kwargs)
         foreign = parser.add_argument_group(
@@ -536,6 +537,15 @@ def _boolean(text: str) -> bool:
     if value is None:
         raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
     return value
+
+
+def _with_default(text: str | None, default, action: str | None) -> str | None:
+    """A flag's help with its default, as users of diffusers' scripts read it from ``--help``; a switch that is off
+    and a value that is absent by default say nothing more, nor does a help that already names its default."""
+    if default is None or action == "store_true" or (text and "default" in text):
+        return text
+    shown = ", ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+    return f"{text or ''} (default: {shown.replace('%', '%%')})".lstrip()
 
 
 class _ForeignFlagAction(argparse.Action):

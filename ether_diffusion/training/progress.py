@@ -9,6 +9,7 @@ thousands of bar redraws.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -56,6 +57,17 @@ class Progress:
                 self.bar.set_postfix(fields)
         elif self.lines and (done % self.every == 0 or done == self.total):
             print(self.line(fields), file=self.stream or sys.stdout, flush=True)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (validation samples, checkpoints) is left out of the rate and of the time left."""
+        started = time.time()
+        try:
+            yield
+        finally:
+            self.start += time.time() - started
+            if self.bar is not None:
+                self.bar.start_t += time.time() - started
 
     def line(self, fields: dict) -> str:
         elapsed, counted = time.time() - self.start, self.done - self.start_done

@@ -40,7 +40,7 @@ import torch
 
 from .. import directions
 from .._version import __version__
-from ..checkpoints import checkpoint_step, latest_checkpoint
+from ..checkpoints import checkpoint_step, latest_checkpoint, list_checkpoints
 from ..config import DTYPES
 from ..sampling import SamplingInterrupted, interruptible
 from .artifacts import make_grid, save_samples, write_text
@@ -84,6 +84,26 @@ class TrainResult:
     mixed_precision: str = "no"
     num_processes: int = 1
     compiled: str | None = None  # the torch.compile backend the trained modules ran under, if any
+
+    def report(self) -> str:
+        """Where a finished run put what it wrote: the adapter, the model card and samples, checkpoints, validation
+        images and logs (what the loop prints at its end, also under ``accelerate launch``)."""
+        out = self.output_dir
+        lines = [f"trained {self.global_step} steps in {self.train_seconds:.0f} s" + (" (stopped early)"
+                 if self.stopped_early else "") + f"; written to {out}:"]  # fmt: skip
+        if self.adapter_path is not None:
+            lines.append(f"  adapter          {self.adapter_path}")
+        for name, what in (("README.md", "model card"), ("samples.png", "final samples")):
+            if (out / name).is_file():
+                lines.append(f"  {what:<16} {out / name}")
+        checkpoints = list_checkpoints(out)
+        if checkpoints:
+            names = ", ".join(path.name for path in checkpoints)
+            lines.append(f"  checkpoints      {names} (resume: --resume_from_checkpoint latest)")
+        if self.validation_images:
+            folder = self.validation_images[0].parent
+            lines.append(f"  validation       {len(self.validation_images)} images in {folder}")
+        return "\n".join(lines)
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -539,14 +559,15 @@ class Trainer:
         self.result.losses.append(logs["loss"])
         state.run.accelerator.log(logs, step=step)
         self.callbacks.on_step(step, logs)
-        if step % config.checkpointing_steps == 0:
-            self.checkpoint(state)
         interrupted = False
-        if self.validation_due(state):
-            try:
-                self.validate(state, SampleKind.PREVIEW)
-            except SamplingInterrupted:
-                interrupted = True
+        with state.progress.paused():  # the time left counts training steps, not saving and sampling
+            if step % config.checkpointing_steps == 0:
+                self.checkpoint(state)
+            if self.validation_due(state):
+                try:
+                    self.validate(state, SampleKind.PREVIEW)
+                except SamplingInterrupted:
+                    interrupted = True
         if interrupted or self.callbacks.should_stop():
             state.stop = self.result.stopped_early = True
             if step % config.checkpointing_steps:  # a checkpoint to resume from, unless just saved
@@ -626,6 +647,7 @@ class Trainer:
                 upload_output(self.hub_repo, state.output_dir, task.weight_name, config.hub_token,
                               f"ether-diffusion {task.name}: {state.step} steps")  # fmt: skip
                 accelerator.print(f"pushed to https://huggingface.co/{self.hub_repo}")
+            print(result.report(), flush=True)  # the script under accelerate launch says where it all went, too
         if accelerator.num_processes > 1:
             state.models.clear()
             state.run.prepared.clear()
