@@ -142,10 +142,15 @@ def lora_factors(model: nn.Module) -> dict[str, LoraFactors]:
 def kohya_name(component: str, path: str, two_encoders: bool = False) -> str:
     """``lora_unet_down_blocks_0_…_to_q`` for ``("unet", "down_blocks.0.….to_q")``: the name A1111/ComfyUI use.
 
-    With ``two_encoders`` (SDXL; Flux's CLIP-L) the first text encoder is ``lora_te1_``, as kohya's files name it."""
+    With ``two_encoders`` (SDXL; Flux's CLIP-L) the first text encoder is ``lora_te1_``, as kohya's files name it.
+    A text encoder's layers are named from the original CLIP layout, ``text_model.encoder.layers.…``, whatever
+    transformers calls them now (5.x dropped the ``text_model.`` level of ``CLIPTextModel``): kohya's sd-scripts,
+    ComfyUI's key map and A1111 match ``lora_te_text_model_encoder_layers_<i>_<module>`` and nothing else."""
     if component not in KOHYA_PREFIXES:
         raise ValueError(f"the kohya format names only {sorted(KOHYA_PREFIXES)}; got a component {component!r}")
     prefix = "lora_te1_" if two_encoders and component == "text_encoder" else KOHYA_PREFIXES[component]
+    if component != "unet" and not path.startswith("text_model."):
+        path = f"text_model.{path}"
     return prefix + path.replace(".", "_")
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,13 @@ def test_kohya_names():
         "lora_te_text_model_encoder_layers_3_self_attn_q_proj"
     )
     assert kohya_name("text_encoder_2", "text_model.encoder.layers.0.mlp.fc1").startswith("lora_te2_")
+    # transformers 5 names CLIPTextModel's layers without the text_model. level: the file keeps the original name
+    assert kohya_name("text_encoder", "encoder.layers.3.self_attn.q_proj") == (
+        "lora_te_text_model_encoder_layers_3_self_attn_q_proj"
+    )
+    assert kohya_name("text_encoder", "encoder.layers.0.mlp.fc1", two_encoders=True) == (
+        "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+    )
     with pytest.raises(ValueError, match="kohya format names only"):
         kohya_name("vae", "decoder.conv_in")
 
@@ -330,11 +338,27 @@ def test_stock_diffusers_reproduces_the_ether_images(case, format, case_files, s
     if format == "kohya":
         assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
         assert summary.file_rank == int(metadata["ss_network_dim"])
+        assert_consumer_text_encoder_names(keys)
     else:
         assert all(k.startswith(("unet.", "text_encoder.")) and ".lora_" in k for k in keys)
     assert any(k.startswith(("text_encoder.", "lora_te_")) for k in keys) == (case == "text-encoder")
     sources = json.loads(metadata["ether_sources"])
     assert [s["strength"] for s in sources] == [s for _, s in files]
+
+
+# The text-encoder LoRA names the consumers match, and nothing else: ComfyUI's comfy/lora.py (model_lora_keys_clip:
+# "lora_te_text_model_encoder_layers_{b}_{c}", lora_te1_/lora_te2_ for SDXL's CLIP-L/CLIP-G, with c one of
+# LORA_CLIP_MAP's self_attn_{q,k,v,out}_proj and mlp_fc1/mlp_fc2), kohya sd-scripts' networks/lora.py (the CLIP
+# module path under the lora_te prefix, '.' → '_') and A1111's Lora extension (kohya's names).
+CONSUMER_TEXT_ENCODER_KEY = re.compile(
+    r"lora_te[12]?_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])\.(lora_down\.weight|lora_up\.weight|alpha)"
+)
+
+
+def assert_consumer_text_encoder_names(keys):
+    text = [k for k in keys if k.startswith("lora_te")]
+    wrong = [k for k in text if not CONSUMER_TEXT_ENCODER_KEY.fullmatch(k)]
+    assert not wrong, wrong[:3]
 
 
 def strip_padding(path, target):
@@ -399,6 +423,8 @@ def test_stock_sdxl_pipeline_reproduces_an_sdxl_adapter(format, tmp_path):
     assert np.abs(images(fresh) - reference).max() <= 1e-4
 
     keys = list(load_file(output))
+    if format == "kohya":
+        assert_consumer_text_encoder_names(keys)
     prefixes = ("lora_unet_", "lora_te1_", "lora_te2_") if format == "kohya" else ("unet.", "text_encoder.",
                                                                                      "text_encoder_2.")  # fmt: skip
     for prefix in prefixes:

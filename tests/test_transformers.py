@@ -394,6 +394,9 @@ def test_stock_transformer_pipeline_reproduces_the_adapter_from_its_lora(family,
         assert any(k.startswith(prefix) for k in keys), prefix
     if format == "kohya":  # q, k, v are one layer there (and add_k_proj, not adapted, a zero share of txt_attn_qkv)
         assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys
+        from test_export import assert_consumer_text_encoder_names
+
+        assert_consumer_text_encoder_names(keys)  # CLIP-L under kohya's Flux prefix lora_te1_
         assert not any("to_q" in k for k in keys)
 
 
