@@ -37,6 +37,7 @@ import collections
 import json
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,6 +412,70 @@ def save_lora(
     )
 
 
+# What A1111, Forge, ComfyUI's managers and kohya's tools read to tell which base model a LoRA is for: kohya's
+# ``ss_base_model_version``/``ss_v2`` and the Stability AI model spec (``modelspec.*``, version 1.0.0), with the
+# architecture names of kohya's sd-scripts (library/sai_model_spec.py).
+MODELSPEC_IMPLEMENTATIONS = {
+    "sd": "diffusers",
+    "sdxl": "https://github.com/Stability-AI/generative-models",
+    "sd3": "diffusers",
+    "flux": "https://github.com/black-forest-labs/flux",
+}
+
+
+def base_model_metadata(pipe, family: str, title: str) -> dict[str, str]:
+    """The header fields that say what ``pipe``'s model is (``family``: ``sd``, ``sdxl``, ``sd3``, ``flux``): SD 1.x
+    or 2.x (a 1024-wide text context), epsilon or v prediction (the scheduler's), the native resolution (the
+    denoiser's sample size times the VAE's scale), Flux dev or schnell (guidance embedding)."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    config = getattr(denoiser, "config", {})
+    scheduler = getattr(getattr(pipe, "scheduler", None), "config", {})
+    v_prediction = scheduler.get("prediction_type") == "v_prediction"
+    side = int(config.get("sample_size") or 0) * int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    v2 = family == "sd" and config.get("cross_attention_dim") == 1024
+    if family == "sd":
+        version = "sd_v2" if v2 else "sd_v1"
+        architecture = ("stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512") if v2 else (
+            "stable-diffusion-v1")  # fmt: skip
+    elif family == "sdxl":
+        version, architecture = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"
+    elif family == "flux":
+        version = "flux1"
+        architecture = "flux-1-dev" if config.get("guidance_embeds") else "flux-1-schnell"
+    else:
+        version, architecture = family, "stable-diffusion-3"
+    fields = {
+        "ss_base_model_version": version + ("_v" if v_prediction and family == "sd" else ""),
+        "ss_v2": str(v2),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATIONS.get(family, "diffusers"),
+        "modelspec.title": title,
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    if side:
+        fields["modelspec.resolution"] = f"{side}x{side}"
+    if family != "flux":  # Flux has no prediction type (flow matching), as kohya writes it
+        fields["modelspec.prediction_type"] = "v" if v_prediction else "epsilon"
+    return fields
+
+
+def adapter_record(source: AdapterFile, strength: float) -> dict:
+    """What the exported file says of each ETHER adapter it holds: file, strength, method and blocks per component,
+    and the training settings the adapter file recorded."""
+    return {
+        "file": Path(source.path or "").name,
+        "strength": strength,
+        "base_model": source.base_model,
+        "methods": {c: {"method": cfg.method, "n_blocks": cfg.n_blocks} for c, cfg in source.configs.items()},
+        "training": {k: v for k, v in source.extra.items() if k in TRAINING_KEYS},
+    }
+
+
+#: the adapter file's training record carried into exports
+TRAINING_KEYS = ("steps", "learning_rate", "trained_with", "instance_prompt", "num_processes")
+
+
 CONTROL_NOTE = (
     "the condition encoder of a controllable-synthesis file is a small convolutional network added to the UNet's "
     "conv_in output, not a weight change of existing layers, so no LoRA format can hold it"
@@ -465,8 +530,13 @@ def export_adapters(
         for i, source in enumerate(sources):
             names.append(load_adapter(source, _components(pipe), f"export{i}", accept_modules=True))
         set_ether_adapters(pipe, names, [s for _, s in specs])
-        described = [{"file": Path(source.path or "").name, "strength": s} for source, (_, s) in zip(sources, specs)]
-        summary = save_lora(output, pipe, format=format, dtype=dtype, metadata={"ether_sources": json.dumps(described)})
+        described = [adapter_record(source, s) for source, (_, s) in zip(sources, specs)]
+        family = getattr(pipeline_family(pipe), "name", None) or sources[0].model_family or "sd"
+        header = {
+            "ether_sources": json.dumps(described),
+            **base_model_metadata(pipe, family, Path(output).stem),
+        }
+        summary = save_lora(output, pipe, format=format, dtype=dtype, metadata=header)
     finally:
         if names:
             delete_ether_adapters(pipe, names)

@@ -344,6 +344,33 @@ def test_stock_diffusers_reproduces_the_ether_images(case, format, case_files, s
     assert any(k.startswith(("text_encoder.", "lora_te_")) for k in keys) == (case == "text-encoder")
     sources = json.loads(metadata["ether_sources"])
     assert [s["strength"] for s in sources] == [s for _, s in files]
+    # what A1111 and kohya's tools read to place the file: an SD 1.x LoRA, epsilon, the model's native size
+    side = source_pipe.unet.config.sample_size * source_pipe.vae_scale_factor
+    assert (metadata["ss_base_model_version"], metadata["ss_v2"]) == ("sd_v1", "False")
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert metadata["modelspec.implementation"] == "diffusers" and metadata["modelspec.title"] == "lora"
+    assert (metadata["modelspec.resolution"], metadata["modelspec.prediction_type"]) == (f"{side}x{side}", "epsilon")
+    assert metadata["modelspec.sai_model_spec"] == "1.0.0" and metadata["modelspec.date"][:2] == "20"
+    assert all(s["methods"]["unet"]["method"] in ("ether", "ether_plus") for s in sources)
+
+
+def test_the_header_names_sd2_and_v_prediction_as_kohya_does():
+    """SD 2.x is told by its 1024-wide text context, v prediction by the scheduler (configs of SD 2.1 768-v)."""
+    from types import SimpleNamespace
+
+    from ether_diffusion.export import base_model_metadata
+
+    def pipe(width, prediction):
+        unet = SimpleNamespace(config={"cross_attention_dim": width, "sample_size": 96})
+        return SimpleNamespace(unet=unet, scheduler=SimpleNamespace(config={"prediction_type": prediction}),
+                               vae_scale_factor=8)  # fmt: skip
+
+    v = base_model_metadata(pipe(1024, "v_prediction"), "sd", "x")
+    assert (v["ss_base_model_version"], v["ss_v2"]) == ("sd_v2_v", "True")
+    assert v["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora" and v["modelspec.resolution"] == "768x768"
+    assert v["modelspec.prediction_type"] == "v"
+    base = base_model_metadata(pipe(1024, "epsilon"), "sd", "x")
+    assert base["modelspec.architecture"] == "stable-diffusion-v2-512/lora" and base["ss_base_model_version"] == "sd_v2"
 
 
 # The text-encoder LoRA names the consumers match, and nothing else: ComfyUI's comfy/lora.py (model_lora_keys_clip:
@@ -425,6 +452,13 @@ def test_stock_sdxl_pipeline_reproduces_an_sdxl_adapter(format, tmp_path):
     keys = list(load_file(output))
     if format == "kohya":
         assert_consumer_text_encoder_names(keys)
+    with safe_open(str(output), "pt") as handle:
+        header = handle.metadata()
+    assert (header["ss_base_model_version"], header["modelspec.architecture"]) == (
+        "sdxl_base_v1-0",
+        "stable-diffusion-xl-v1-base/lora",
+    )  # fmt: skip  (A1111 no longer files it as SD1)
+    assert header["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     prefixes = ("lora_unet_", "lora_te1_", "lora_te2_") if format == "kohya" else ("unet.", "text_encoder.",
                                                                                      "text_encoder_2.")  # fmt: skip
     for prefix in prefixes:

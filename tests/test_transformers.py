@@ -398,6 +398,14 @@ def test_stock_transformer_pipeline_reproduces_the_adapter_from_its_lora(family,
 
         assert_consumer_text_encoder_names(keys)  # CLIP-L under kohya's Flux prefix lora_te1_
         assert not any("to_q" in k for k in keys)
+    if family == "flux":
+        from safetensors import safe_open
+
+        with safe_open(str(output), "pt") as handle:
+            header = handle.metadata()
+        dev = fresh.transformer.config.guidance_embeds
+        assert header["ss_base_model_version"] == "flux1" and "modelspec.prediction_type" not in header
+        assert header["modelspec.architecture"] == f"flux-1-{'dev' if dev else 'schnell'}/lora"
 
 
 def test_flux_kohya_single_blocks_fuse_q_k_v_and_the_mlp_input_in_the_original_layout(tmp_path):
