@@ -122,6 +122,24 @@ class ExportSummary:
     file_rank: int | None  # kohya: the one rank of every layer in the file; diffusers and Flux kohya: None (per layer)
     bytes: int
     notes: list[str] = field(default_factory=list)
+    #: the largest difference between a weight change the file applies (its factors in ``dtype``, multiplied in
+    #: float64) and the adapter's own, over every layer; and that difference over the layer's largest change
+    max_weight_error: float = 0.0
+    max_relative_error: float = 0.0
+
+
+def rounding_error(factors: Mapping[str, Mapping[str, LoraFactors]], dtype: torch.dtype) -> tuple[float, float]:
+    """``(absolute, relative)``: how far the weight changes of ``factors`` stored in ``dtype`` are from the exact
+    ones, the largest over layers (relative: over that layer's largest change)."""
+    worst, relative = 0.0, 0.0
+    for layers in factors.values():
+        for layer in layers.values():
+            exact = layer.delta()
+            stored = layer.up.to(dtype).double() @ layer.down.to(dtype).double()
+            error = (stored - exact).abs().max().item()
+            worst = max(worst, error)
+            relative = max(relative, error / max(exact.abs().max().item(), 1e-300))
+    return worst, relative
 
 
 def lora_rank(config: EtherConfig) -> int:
@@ -363,7 +381,7 @@ def save_lora(
     path: str | os.PathLike,
     pipe=None,
     format: str = "diffusers",
-    dtype: str | torch.dtype = "fp16",
+    dtype: str | torch.dtype = "fp32",
     metadata: Mapping[str, str] | None = None,
     **components: nn.Module,
 ) -> ExportSummary:
@@ -401,10 +419,13 @@ def save_lora(
         for key, tensor in tensors.items():
             if key.endswith(".lora_down.weight"):
                 layers["transformer" if key.startswith("lora_unet_") else "text_encoder"].append(tensor.shape[0])
+    worst, relative = rounding_error(factors, DTYPES[dtype_name])
     return ExportSummary(
         path=path,
         format=format,
         dtype=dtype_name,
+        max_weight_error=worst,
+        max_relative_error=relative,
         layers={c: len(ranks) for c, ranks in layers.items()},
         ranks={c: sorted(set(ranks)) for c, ranks in layers.items()},
         file_rank=int(header["ss_network_dim"]) if format == "kohya" and not per_layer else None,
@@ -487,7 +508,7 @@ def export_adapters(
     output: str | os.PathLike,
     pipe,
     format: str = "diffusers",
-    dtype: str | torch.dtype = "fp16",
+    dtype: str | torch.dtype = "fp32",
     strength: float = 1.0,
     unet_only: bool = False,
 ) -> ExportSummary:

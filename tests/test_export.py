@@ -243,6 +243,29 @@ def test_a_full_disk_during_export_is_one_line_and_keeps_the_old_file(tmp_path, 
     assert output.read_bytes() == b"a good LoRA" and os.listdir(output.parent) == ["good.safetensors"]
 
 
+def test_the_default_export_is_exact_and_prints_its_measured_bound(tmp_path, capsys):
+    """fp32 by default (fp16 files drew 5.7e-4 from the adapter's images, above the promised 1e-4): the CLI prints
+    the bound it measured for the dtype written."""
+    from safetensors.torch import load_file
+
+    from ether_diffusion.cli import main
+
+    adapter = make_adapter(load_stock(), tmp_path / "a.safetensors", EtherConfig(method="ether_plus", n_blocks=2))
+    output = tmp_path / "lora.safetensors"
+    assert (
+        main(["export", str(adapter), "--model", str(TINY_SD), "--format", "diffusers", "--output", str(output)]) == 0
+    )
+    out = capsys.readouterr().out
+    assert {t.dtype for t in load_file(str(output)).values()} == {torch.float32}
+    bound = re.search(r"to within (\S+) \((\S+) of a layer's largest change: fp32 rounding", out)
+    assert bound, out
+    assert 0 < float(bound.group(2)) < 1e-6  # fp32: float rounding of the factors
+    argv = ["export", str(adapter), "--model", str(TINY_SD), "--format", "kohya", "--output", str(output)]
+    assert main([*argv, "--dtype", "fp16", "--overwrite"]) == 0
+    half = re.search(r"\((\S+) of a layer's largest change: fp16 rounding", capsys.readouterr().out)
+    assert 1e-5 < float(half.group(1)) < 2e-3  # fp16 keeps 11 significant bits
+
+
 # --- stock diffusers reproduces the ETHER images --------------------------------------------------------------
 
 
