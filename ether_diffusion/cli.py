@@ -11,7 +11,7 @@ from pathlib import Path
 from .config import DTYPES
 from .files import atomic_write
 from .io import AdapterFile, read_adapter_file
-from .sources import default_model
+from .sources import ModelLoadError, default_model
 from .training.config import TaskKind
 
 DEMO_STEPS = 1000
@@ -234,6 +234,31 @@ def _fuse(args) -> int:
     return 0
 
 
+def _recorded_base_model(adapters: list[tuple[AdapterFile, float]]) -> str | None:
+    """The model to export against when no ``--model`` is given: the base model the adapters record (None: the
+    shipped tiny model, also when recorded as it sits in another checkout). A local path that is not here, or
+    adapters that name different models, are errors that say to pass ``--model``."""
+    recorded = sorted({source.base_model for source, _ in adapters if source.base_model})
+    if len(recorded) > 1:
+        raise ValueError(
+            f"the adapters record different base models ({', '.join(recorded)}): pass --model with the one to "
+            "export against"
+        )
+    if not recorded:
+        return None
+    base = recorded[0]
+    if Path(base).exists():
+        return base
+    if Path(base).name == Path(default_model()).name:  # the shipped tiny model, from another machine or checkout
+        return None
+    if Path(base).expanduser().is_absolute() or base.startswith((".", "~")):
+        raise FileNotFoundError(
+            f"the adapter was trained on '{base}', which is not on this machine: pass --model with that model's "
+            "folder or checkpoint file"
+        )
+    return base  # a hub id: from the local cache, or the loader says why it cannot be fetched
+
+
 def _export(args) -> int:
     from .export import export_adapters
     from .models import load_pipeline
@@ -247,11 +272,22 @@ def _export(args) -> int:
         print(f"error: --output must be a .safetensors file (or an existing folder), not '{output}'", file=sys.stderr)
         return 2
     adapters = _read_adapters(args.adapter, args.strength)  # first: a bad file fails before the model loads
-    overwritten = _overwritten_input(target, args.model, adapters)
+    model = args.model if args.model is not None else _recorded_base_model(adapters)
+    overwritten = _overwritten_input(target, model, adapters)
     if overwritten:
         print(overwritten, file=sys.stderr)
         return 2
-    pipe = load_pipeline(args.model, config=args.config, original_config=args.original_config)
+    if args.model is None and model is not None:
+        print(f"note: no --model given: exporting against the base model the adapter records, '{model}'")
+    try:
+        pipe = load_pipeline(model, config=args.config, original_config=args.original_config)
+    except (OSError, RuntimeError) as err:
+        if args.model is not None or model is None:
+            raise
+        raise ModelLoadError(
+            f"the adapter's recorded base model '{model}' could not be loaded ({err}); pass --model with that "
+            "model's folder, checkpoint file or hub id"
+        ) from err
     summary = export_adapters(adapters, output, pipe, format=args.format, dtype=args.dtype, unet_only=args.unet_only)
     for note in summary.notes:
         print(f"note: {note}")
@@ -430,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_adapter_spec,
         help="adapter file or folder, optionally :strength; several are composed in order",
     )
-    _add_model_arguments(export, "the base model the adapters were trained on; default: the shipped tiny model")
+    _add_model_arguments(
+        export, "the base model the adapters were trained on; default: the one the adapter file records"
+    )
     export.add_argument(
         "--format",
         choices=["diffusers", "kohya"],

@@ -266,6 +266,55 @@ def test_the_default_export_is_exact_and_prints_its_measured_bound(tmp_path, cap
     assert 1e-5 < float(half.group(1)) < 2e-3  # fp16 keeps 11 significant bits
 
 
+@pytest.mark.parametrize(
+    "recorded, message",
+    [
+        ("{tiny}", None),  # a model on this machine: used
+        ("tiny-sd", None),  # the shipped tiny model, recorded by its name: the shipped one
+        (
+            "/nowhere/sd-1.5",
+            "error: the adapter was trained on '/nowhere/sd-1.5', which is not on this machine: pass "
+            "--model with that model's folder or checkpoint file",
+        ),  # fmt: skip
+        (
+            "someone/not-downloaded",
+            "error: the adapter's recorded base model 'someone/not-downloaded' could not be loaded (",
+        ),  # fmt: skip
+    ],
+)
+def test_export_without_model_uses_the_recorded_base_model(recorded, message, tmp_path, capsys):
+    from ether_diffusion.cli import main
+
+    recorded = recorded.format(tiny=TINY_SD)
+    adapter = make_adapter(load_stock(), tmp_path / "a.safetensors", EtherConfig(method="ether"), base_model=recorded)
+    output = tmp_path / "lora.safetensors"
+    code = main(["export", str(adapter), "--format", "kohya", "--output", str(output)])
+    out, err = capsys.readouterr()
+    if message is None:
+        assert code == 0 and output.is_file(), err
+        assert ("exporting against the base model the adapter records" in out) == (recorded == str(TINY_SD))
+        reference = tmp_path / "reference.safetensors"
+        assert main(["export", str(adapter), "--model", str(TINY_SD), "--format", "kohya", "--output",
+                     str(reference)]) == 0  # fmt: skip
+        mine, theirs = load_file(str(output)), load_file(str(reference))
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    else:
+        last = err.strip().splitlines()[-1]  # (above it: the progress bars of building the adapter here)
+        assert code == 2 and last.startswith(message), err
+        assert "pass --model" in last and not output.exists()
+
+
+def test_export_of_adapters_recording_different_models_asks_for_one(tmp_path, capsys):
+    from ether_diffusion.cli import main
+
+    first = make_adapter(load_stock(), tmp_path / "a.safetensors", EtherConfig(method="ether"), base_model="x/one")
+    second = make_adapter(load_stock(), tmp_path / "b.safetensors", EtherConfig(method="ether"), base_model="x/two")
+    assert (
+        main(["export", str(first), str(second), "--format", "kohya", "--output", str(tmp_path / "l.safetensors")]) == 2
+    )
+    assert "the adapters record different base models (x/one, x/two): pass --model" in capsys.readouterr().err
+
+
 # --- stock diffusers reproduces the ETHER images --------------------------------------------------------------
 
 
@@ -281,7 +330,7 @@ def generate(pipe, prompt="a red star and a blue circle"):
     return pipe([prompt], num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
 
 
-def make_adapter(pipe, path, unet_config=None, text_config=None, seed=1):
+def make_adapter(pipe, path, unet_config=None, text_config=None, seed=1, base_model="tiny-sd"):
     """An adapter file on the tiny model with vectors moved far from their init (ETHER+ is not the identity)."""
     components = {}
     for component, config in (("unet", unet_config), ("text_encoder", text_config)):
@@ -290,7 +339,7 @@ def make_adapter(pipe, path, unet_config=None, text_config=None, seed=1):
             inject(model, config, "tmp")
             randomize_adapters(model, "tmp", seed=seed + len(components))
             components[component] = model
-    written = save_adapter(path, components, "tmp", base_model="tiny-sd")
+    written = save_adapter(path, components, "tmp", base_model=base_model)
     for model in components.values():
         delete_adapter(model, "tmp")
     return written
