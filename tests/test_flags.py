@@ -111,6 +111,9 @@ TRAIN_DREAMBOOTH_LORA_SDXL_EXTRAS = {
     "text_encoder_lr": ["5e-6", "--train_text_encoder"],
     "adam_weight_decay_text_encoder": ["1e-3", "--train_text_encoder"],
     "cache_latents": [],
+    "output_kohya_format": [],
+    "use_dora": [],
+    "do_edm_style_training": [],
 }
 
 #: accepted when the package is installed, else a usage error saying how to install it
@@ -135,6 +138,8 @@ REFUSED = {
     "lora_dropout": "--with_prior_preservation",
     "validation_images": "--validation_prompt",
     "class_labels_conditioning": "Drop the flag",
+    "use_dora": "use --ether_method ether_plus",
+    "do_edm_style_training": "Drop the flag",
 }
 
 BASE = ["--instance_data_dir", "dog", "--instance_prompt", "a photo of sks dog"]

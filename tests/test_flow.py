@@ -181,11 +181,15 @@ def test_the_model_folder_picks_the_flow_task_and_its_defaults(world, tmp_path, 
         ("flux", "--weighting_scheme", "uniform", "invalid choice: 'uniform'"),
         ("flux", "--lora_layers", "attn.to_q", "--lora_layers does not apply to ETHER"),
         ("sd3", "--lora_blocks", "0", "--lora_blocks does not apply to ETHER"),
+        ("flux", "--lora_alpha", "16", "--lora_alpha does not apply to ETHER: ETHER has no rank for an alpha"),
+        ("flux", "--enable_npu_flash_attention", None, "it is for Huawei Ascend NPUs"),
+        ("sd3", "--output_kohya_format", None, "--output_kohya_format: SD3 has no kohya LoRA format"),
         ("sd3", "--tokenizer_max_length", "8", "--max_sequence_length sets T5's"),
     ):
         with pytest.raises(SystemExit):
             parse_args(flags(world, family, tmp_path, flag, *([value] if value else [])))
         assert message in capsys.readouterr().err, (family, flag)
+    assert parse_args(flags(world, "flux", tmp_path, "--upcast_before_saving")).ether_method  # accepted: always so
     # the same scheduler flags diffusers has, under their names
     config = parse_args(
         flags(

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 from conftest import free_port, stop_process
 from PIL import Image
+from safetensors.torch import load_file
 
 from ether_diffusion.io import read_adapter_file
 
@@ -370,6 +371,15 @@ def test_train_preview_sample_in_a_browser(browser, tmp_path):  # noqa: C901  (o
         assert download.value.suggested_filename == "browser-star.safetensors"
         download.value.save_as(tmp_path / "exported.safetensors")
         assert read_adapter_file(tmp_path / "exported.safetensors").extra["steps"] == str(TRAIN_STEPS)
+        # the same adapter as a kohya LoRA, for ComfyUI and A1111
+        page.locator("#export-lora").click()
+        expect(adapters_note).to_contain_text("kohya LoRA of 'browser-star' (fp32", timeout=60_000)
+        with page.expect_download(timeout=15_000) as download:
+            page.locator("#lora-file a").first.click()
+        assert download.value.suggested_filename == "browser-star-kohya-lora.safetensors"
+        download.value.save_as(tmp_path / "lora.safetensors")
+        lora = load_file(str(tmp_path / "lora.safetensors"))
+        assert lora and all(key.startswith("lora_unet_") for key in lora)
         assert errors == [], errors
     finally:
         stop_process(process)

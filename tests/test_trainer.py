@@ -342,9 +342,12 @@ def test_compile_trains_the_same_adapter(world, tmp_path):
 def test_a_finished_run_says_where_everything_went(world, tmp_path, capsys):
     """What `ether-diffusion train` and `accelerate launch scripts/train_dreambooth_ether.py` print at the end."""
     config = config_for(world, tmp_path, checkpointing_steps=1, validation_prompt="a sks star", validation_steps=2,
-                        no_final_reload=True)  # fmt: skip
+                        no_final_reload=True, output_kohya_format=True)  # fmt: skip
     result = train(config)
     out = capsys.readouterr().out
+    kohya = tmp_path / "pytorch_lora_weights_kohya.safetensors"  # --output_kohya_format, as diffusers' SDXL script
+    assert f"  LoRA export      {kohya}" in out and result.exports == [kohya]
+    assert all(key.startswith("lora_unet_") for key in load_file(kohya))
     assert f"trained 2 steps in {result.train_seconds:.0f} s; written to {tmp_path}:" in out
     assert f"  adapter          {tmp_path / 'ether_adapter.safetensors'}" in out
     assert f"  model card       {tmp_path / 'README.md'}" in out

@@ -85,6 +85,7 @@ def file_digest(path: Path) -> str:
 class AdapterStore:
     def __init__(self, workspace: Workspace):
         self.folder = workspace.adapters
+        self.workspace = workspace
 
     # --- paths -------------------------------------------------------------------------------------------------
     def path(self, name: str) -> Path:
@@ -243,3 +244,20 @@ class AdapterStore:
     def export(self, name: str) -> Path:
         """The file to hand to the browser for download."""
         return self.require(name)
+
+    def export_lora(self, name: str, format: str, model: str, model_config: str | None = None):
+        """Adapter ``name`` as an exact LoRA file of ``format`` (``diffusers`` or ``kohya``, fp32) for ``model`` (the
+        base it was trained on), written to the workspace's ``exports`` folder: ``(path, ExportSummary)``."""
+        from ..export import export_adapters
+        from ..models import load_pipeline
+
+        if format not in ("diffusers", "kohya"):
+            raise StudioError(f"LoRA format {format!r} is not one of diffusers, kohya")
+        source = self.require(name)
+        output = inside(self.workspace.exports, f"{check_name(name)}-{format}-lora.safetensors")
+        pipe = load_pipeline(model, config=model_config)  # adapter-free: export loads the file into it and removes it
+        try:
+            summary = export_adapters([source], output, pipe, format=format)
+        except ValueError as err:  # a control file, another family's file: the reason, as the CLI gives it
+            raise StudioError(f"'{name}' cannot be exported as a LoRA: {err}") from None
+        return output, summary

@@ -678,6 +678,11 @@ def adapters_tab(studio: Studio, demo: gr.Blocks, tab: gr.Tab) -> None:
                               elem_id="import-file")  # fmt: skip
         import_name = gr.Textbox(label="Name (empty: from the file name)")
         import_btn = gr.Button("Import", elem_id="import")
+    with gr.Row():
+        lora_format = gr.Radio(["kohya", "diffusers"], value="kohya", label="LoRA format", elem_id="lora-format",
+                               info="kohya: ComfyUI, A1111, Forge · diffusers: pipe.load_lora_weights")  # fmt: skip
+        lora_btn = gr.Button("Export as LoRA", elem_id="export-lora")
+        lora_file = gr.File(label="LoRA file (exact, fp32)", interactive=False, elem_id="lora-file")
     note = gr.Markdown("", elem_id="adapters-note")
 
     def view(chosen=None):
@@ -718,6 +723,16 @@ def adapters_tab(studio: Studio, demo: gr.Blocks, tab: gr.Tab) -> None:
         """The file behind the Export button, following the selected adapter."""
         return gr.update(value=str(store.export(name)) if name else None, interactive=bool(name)), gr.skip()
 
+    @inline_errors(note=1, outputs=2)
+    def export_lora(name, format):
+        if not name:
+            raise StudioError("select an adapter to export")
+        path, summary = store.export_lora(name, format, studio.model, studio.sampler.model_config)
+        where = "ComfyUI: models/loras; A1111 and Forge: models/Lora" if format == "kohya" else (
+            "pipe.load_lora_weights(file)")  # fmt: skip
+        return str(path), (f"{format} LoRA of '{name}' ({summary.dtype}, {sum(summary.layers.values())} layers, "
+                           f"{summary.bytes / 1e6:.2f} MB) ready to download: {where}")  # fmt: skip
+
     outputs = [table, thumbs, selected]
     tab.select(view, selected, outputs)
     demo.load(view, None, outputs)
@@ -725,6 +740,7 @@ def adapters_tab(studio: Studio, demo: gr.Blocks, tab: gr.Tab) -> None:
     delete_btn.click(delete, selected, [*outputs, note])
     selected.change(export, selected, [export_btn, note])
     import_btn.click(import_adapter, [import_file, import_name], [*outputs, note, import_file])
+    lora_btn.click(export_lora, [selected, lora_format], [lora_file, note])
 
 
 CSS = """

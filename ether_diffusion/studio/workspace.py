@@ -74,7 +74,9 @@ class Workspace:
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
-        for folder in (self.adapters, self.jobs, self.samples, self.class_images, self.control_data, self.presets):
+        folders = (self.adapters, self.jobs, self.samples, self.class_images, self.control_data, self.presets,
+                   self.exports)  # fmt: skip
+        for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -100,3 +102,7 @@ class Workspace:
     @property
     def presets(self) -> Path:
         return self.root / "presets"
+
+    @property
+    def exports(self) -> Path:
+        return self.root / "exports"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .._version import __version__
 from ..config import DTYPES
+from ..export import export_adapters
 from ..io import DEFAULT_WEIGHT_NAME
 from ..models import default_model
 from ..pipeline import load_ether_weights
@@ -41,6 +42,8 @@ from .trainer import TrainResult
 
 __all__ = ["DREAMBOOTH_FOREIGN_FLAGS", "PAPER_LEARNING_RATE", "DreamBoothConfig", "DreamBoothTask"]
 
+#: ``--output_kohya_format``'s file in the output folder: the name diffusers' train_dreambooth_lora_sdxl.py gives it
+KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
 PAPER_LEARNING_RATE = 6e-3  # ETHER / ETHER+ DreamBooth (Bini et al. 2024, Tab. 2 setup)
 
 
@@ -57,6 +60,15 @@ DREAMBOOTH_FOREIGN_FLAGS = {
         "here is text-to-image and validates from --validation_prompt. Drop the flag (for control maps: "
         "`ether-diffusion train-control --validation_image`)",
         takes_value=True,
+    ),
+    "use_dora": ForeignFlag(
+        "DoRA splits a LoRA update into a magnitude and a direction per weight column; an ETHER transform already "
+        "keeps every weight's norm (a reflection is orthogonal) and ETHER+ relaxes that by design. For more capacity "
+        "use --ether_method ether_plus, more --n_blocks or more --target_modules",
+    ),
+    "do_edm_style_training": ForeignFlag(
+        "EDM-style preconditioning and timestep sampling (for Playground v2.5) are not implemented here; training "
+        "uses the model's own epsilon or v objective. Drop the flag",
     ),
     "skip_save_text_encoder": ForeignFlag(
         "the output never holds a text encoder's weights, only the adapter's vectors (with --train_text_encoder, the "
@@ -121,6 +133,10 @@ class DreamBoothConfig(RunConfig):
         False, "encode each image once: the VAE's latent distribution is kept per image and augmentation (crop, "
         "flip), so training sees exactly what it would without the cache",
     )  # fmt: skip
+    output_kohya_format: bool = option(
+        False, "also write the adapter as an exact kohya LoRA, pytorch_lora_weights_kohya.safetensors, for ComfyUI, "
+        "A1111 and Forge (as diffusers' SDXL script does; not for SD3, which has no kohya format)", same_run=False,
+    )  # fmt: skip
     train_text_encoder: bool = option(False, "also adapt the text encoder's attention (SDXL: both encoders)")
     text_encoder_lr: float | None = option(
         None, "learning rate of the text encoders' vectors (default: --learning_rate)", minimum=0.0
@@ -157,6 +173,11 @@ class DreamBoothConfig(RunConfig):
 
     def validate(self):
         super().validate()
+        if self.output_kohya_format and self.family == "sd3":
+            raise ConfigError(
+                "--output_kohya_format: SD3 has no kohya LoRA format (diffusers reads SD3 LoRAs in its own only); "
+                "drop the flag and export with `ether-diffusion export ADAPTER --format diffusers`"
+            )
         if not self.instance_prompt or not self.instance_prompt.strip():
             raise ConfigError("--instance_prompt is empty: name the subject with an identifier, e.g. 'a sks dog'")
         for flag, prompt in (("--instance_prompt", self.instance_prompt), ("--class_prompt", self.class_prompt)):
@@ -234,6 +255,14 @@ class DreamBoothTask(Task):
             self.instance_images, self.instance_prompts = load_captioned_folder(
                 config.instance_data_dir, config.instance_prompt, config.caption_extension
             )
+
+    def after_save(self, adapter_path: Path, run: Run) -> list[Path]:
+        """``--output_kohya_format``: the saved adapter exported as an exact kohya LoRA beside it (fp32)."""
+        if not self.config.output_kohya_format:
+            return []
+        output = adapter_path.parent / KOHYA_FILE
+        summary = export_adapters([adapter_path], output, self.backend.fresh_pipeline(scheduler=None), format="kohya")
+        return [summary.path]
 
     def capture_refusal(self) -> str | None:
         if not self.backend.captures_step:

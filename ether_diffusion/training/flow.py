@@ -125,6 +125,19 @@ FLOW_FOREIGN_FLAGS = {
         "flux-attention, flux-attention-ff, or comma-separated module-path suffixes)",
         takes_value=True,
     ),
+    "lora_alpha": ForeignFlag(
+        "ETHER has no rank for an alpha to scale: an adapter acts at full strength, and its strength is set where "
+        "it is used (load_ether_weights/set_ether_adapters weights, sample's adapter:0.8, export --strength). "
+        "Drop --lora_alpha",
+        takes_value=True,
+    ),
+    "upcast_before_saving": ForeignFlag(
+        "the adapter's vectors train and are saved in float32 whatever --mixed_precision is", accepted=True
+    ),
+    "enable_npu_flash_attention": ForeignFlag(
+        "it is for Huawei Ascend NPUs (torch_npu); here the attention is torch's scaled-dot-product attention, "
+        "memory-efficient on CUDA, MPS and CPU alike. Drop the flag",
+    ),
     "lora_blocks": ForeignFlag(
         "it picks the transformer blocks LoRA adapts; with ETHER give --target_modules the module-path suffixes "
         "of the blocks' layers to adapt (e.g. transformer_blocks.0.attn.to_q,transformer_blocks.0.attn.to_k)",

@@ -125,6 +125,10 @@ class Task(ABC):
     @abstractmethod
     def save(self, path: Path, extra: dict[str, str] | None = None) -> Path: ...
 
+    def after_save(self, adapter_path: Path, run: Run) -> list[Path]:
+        """Files made from the saved artifact at the end of a run (DreamBooth: ``--output_kohya_format``'s LoRA)."""
+        return []
+
     def load_checkpoint(self, path: Path) -> None:
         """Restore the trained tensors from a file written by ``save`` (a checkpoint's copy)."""
         self.adapters.load(path)

@@ -84,6 +84,7 @@ class TrainResult:
     mixed_precision: str = "no"
     num_processes: int = 1
     compiled: str | None = None  # the torch.compile backend the trained modules ran under, if any
+    exports: list[Path] = field(default_factory=list)  # files made from the adapter at the end (a kohya LoRA)
 
     def report(self) -> str:
         """Where a finished run put what it wrote: the adapter, the model card and samples, checkpoints, validation
@@ -93,6 +94,7 @@ class TrainResult:
                  if self.stopped_early else "") + f"; written to {out}:"]  # fmt: skip
         if self.adapter_path is not None:
             lines.append(f"  adapter          {self.adapter_path}")
+        lines += [f"  LoRA export      {path}" for path in self.exports]
         for name, what in (("README.md", "model card"), ("samples.png", "final samples")):
             if (out / name).is_file():
                 lines.append(f"  {what:<16} {out / name}")
@@ -633,6 +635,7 @@ class Trainer:
             }
             result.adapter_path = task.save(state.output_dir / task.weight_name, extra)
             self.callbacks.on_save(result.adapter_path)
+            result.exports = task.after_save(result.adapter_path, state.run)
             samples_file = None
             if task.wants_validation() and not config.no_final_reload and not result.stopped_early:
                 try:
