@@ -16,6 +16,7 @@ says so. The training loop wraps its validation and preparation this way, so a s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -67,6 +68,20 @@ def _with_stop_check(pipe_kwargs: dict) -> dict:
     return {**pipe_kwargs, "callback_on_step_end": on_step_end}
 
 
+def _with_step_count(pipe_kwargs: dict, on_step: Callable[[int, int], None], total: int) -> dict:
+    """``pipe_kwargs`` with a step-end callback that counts denoising steps over every pipeline call."""
+    theirs, done = pipe_kwargs.get("callback_on_step_end"), [0]
+
+    def on_step_end(pipe, step, timestep, tensors):
+        if theirs is not None:
+            tensors = theirs(pipe, step, timestep, tensors)
+        done[0] += 1
+        on_step(min(done[0], total), total)
+        return tensors
+
+    return {**pipe_kwargs, "callback_on_step_end": on_step_end}
+
+
 @dataclass(frozen=True)
 class Sample:
     prompt: str
@@ -92,6 +107,7 @@ def sample_images(
     guidance_scale: float = 5.0,
     negative_prompt: str | None = None,
     batch_size: int = 1,
+    on_step: Callable[[int, int], None] | None = None,
     **pipe_kwargs,
 ) -> list[Sample]:
     """One image per (prompt, seed, variant), ordered by prompt, then seed, then variant.
@@ -99,12 +115,16 @@ def sample_images(
     ``variants``: ``"adapted"`` samples with the pipeline's adapters as they are set, ``"base"`` with them switched
     off by ``switch(pipe, False)`` (and back on afterwards). Extra keyword arguments go to every pipeline call
     (``image=`` for a control pipeline, ``height``/``width``). Inside ``interruptible(...)`` it may raise
-    ``SamplingInterrupted`` between denoising steps.
+    ``SamplingInterrupted`` between denoising steps. ``on_step(done, total)`` hears of every denoising step done, of
+    all the calls together (a progress bar's numbers).
     """
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {VARIANTS}")
     rows = [(p, s) for p in prompts for s in seeds]
+    if on_step is not None:
+        pipe_kwargs = _with_step_count(pipe_kwargs, on_step, num_inference_steps * len(variants) * math.ceil(
+            len(rows) / batch_size))  # fmt: skip
     pipe_kwargs = _with_stop_check(pipe_kwargs)
     drawn: dict[str, list] = {}
     for variant in variants:

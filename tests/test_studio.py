@@ -788,3 +788,24 @@ def test_the_jobs_eta_leaves_out_preview_sampling(tmp_path, monkeypatch):
     now[0] += 1.0
     callback.on_step(3, {"loss": 0.1, "lr": 1e-3})
     assert manager._state["eta_seconds"] == pytest.approx(7.0)  # 1 s a step, 7 steps left
+
+
+def test_start_refuses_blocks_that_do_not_divide_the_models_widths(tmp_path):
+    """Blocks = 7 on the tiny model (its widths are powers of two): refused at Start with the widths' divisors, not
+    a job that fails with a raw ValueError; nothing is left behind."""
+    workspace = Workspace(tmp_path / "ws")
+    sampler = Sampler(MODEL, workspace)
+    manager = JobManager(workspace, MODEL, check_adapter=sampler.check_adapter_config)
+    with pytest.raises(StudioError, match=r"Blocks = 7 does not fit this model: n_blocks=7 does not divide the input "
+                                          r"width \d+ of '.*'; n_blocks values that divide \d+: 1, 2"):  # fmt: skip
+        manager.start(spec("seven", n_blocks=7))
+    assert not manager.running() and list(workspace.jobs.iterdir()) == []
+    sampler.check_adapter_config(EtherConfig(method="ether_plus", n_blocks=4, target_modules="unet-attention"))
+
+
+def test_sampling_reports_every_denoising_step(tmp_path):
+    sampler = Sampler(MODEL, Workspace(tmp_path / "ws"))
+    heard = []
+    sampler.sample(SampleRequest("a sks star", seeds=[0, 1], steps=3), save=False,
+                   on_step=lambda done, total: heard.append((done, total)))  # fmt: skip
+    assert heard == [(i, 6) for i in range(1, 7)]  # two seeds × three steps, counted across the calls

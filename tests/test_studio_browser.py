@@ -235,7 +235,12 @@ def test_train_preview_sample_in_a_browser(browser, tmp_path):  # noqa: C901  (o
             pictures.append(tmp_path / f"photo{i}.png")
             Image.new("RGB", (48, 48), (200, 40 * i, 0)).save(pictures[-1])
         (tmp_path / "fake.png").write_text("not pixels")
+        gallery = page.locator("#instance-images img")
+        expect(gallery).to_have_count(5, timeout=15_000)  # the shipped subject's images
         page.get_by_text("My images").click()
+        expect(gallery).to_have_count(0, timeout=15_000)  # not the shipped subject's any more: nothing uploaded yet
+        page.locator("#uploads input[type=file]").set_input_files(list(map(str, pictures)))
+        expect(gallery).to_have_count(2, timeout=15_000)  # the uploads
         page.locator("#uploads input[type=file]").set_input_files([*map(str, pictures), str(tmp_path / "fake.png")])
         expect(page.locator("#uploads")).to_contain_text("fake", timeout=15_000)
         page.locator("#start").click()
@@ -243,6 +248,17 @@ def test_train_preview_sample_in_a_browser(browser, tmp_path):  # noqa: C901  (o
         expect(status).to_contain_text("No training job yet")
         assert page.locator(TOAST).count() == 0
         page.get_by_text("Shipped subject").first.click()
+        expect(gallery).to_have_count(5, timeout=15_000)
+
+        # Blocks that do not divide the model's widths: said beside the field, before Start
+        fill(page, "n-blocks", 7)
+        page.locator("#n-blocks input").press("Enter")
+        blocks_note = page.locator("#blocks-note")
+        expect(blocks_note).to_contain_text("Blocks = 7 does not fit this model", timeout=30_000)
+        expect(blocks_note).to_contain_text("n_blocks values that divide")
+        fill(page, "n-blocks", 1)
+        page.locator("#n-blocks input").press("Enter")
+        expect(blocks_note).not_to_contain_text("does not fit", timeout=15_000)
         page.locator("#preview-settings").get_by_text("Previews").click()
 
         # Stop while class images are drawn (their progress shows): it acts within seconds, never flips back
@@ -341,8 +357,9 @@ def test_train_preview_sample_in_a_browser(browser, tmp_path):  # noqa: C901  (o
         page.locator("#adapter-slot-0 input").click()
         page.get_by_role("option", name="browser-star").click()
         page.locator("#seeds input, #seeds textarea").fill("0")
-        page.locator("#sample-steps input[type=number]").fill(str(SAMPLING_STEPS))
+        page.locator("#sample-steps input[type=number]").fill("30")  # long enough to watch the progress bar
         page.locator("#generate").click()
+        expect(page.locator("#samples").get_by_text(re.compile(r"denoising step \d+/60"))).to_be_visible(timeout=60_000)
         expect(page.locator("#sample-note")).to_contain_text("2 images in", timeout=120_000)
         expect(page.locator("#samples")).to_contain_text("seed 0 · browser-star×1")
         expect(page.locator("#samples")).to_contain_text("seed 0 · base model")

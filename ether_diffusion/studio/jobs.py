@@ -200,9 +200,11 @@ class JobManager:
     """Starts, watches, stops and resumes training jobs; ``status()`` is what the page polls."""
 
     def __init__(self, workspace: Workspace, model: str | Path, store: AdapterStore | None = None,
-                 model_config: str | None = None):  # fmt: skip
+                 model_config: str | None = None, check_adapter=None):  # fmt: skip
         """``model``: a diffusers folder, hub id or single checkpoint file (then ``model_config``: a local diffusers
-        folder of its architecture, for loading offline)."""
+        folder of its architecture, for loading offline). ``check_adapter(EtherConfig)``, when given, checks a job's
+        adapter against the model at Start (``Sampler.check_adapter_config``: Blocks that do not divide a width)."""
+        self.check_adapter = check_adapter
         self.workspace = workspace
         self.model = str(model)
         self.model_config = model_config
@@ -326,7 +328,9 @@ class JobManager:
         job_dir.mkdir()
         try:
             inputs = self._inputs(spec, job_dir)
-            self._config(spec, inputs, job_dir, resume=False).validate()  # the loop's own checks, before it runs
+            config = self._config(spec, inputs, job_dir, resume=False).validate()  # the loop's checks, before it runs
+            if self.check_adapter is not None:
+                self.check_adapter(config.adapter_config())
         except (StudioError, ConfigError) as err:
             _remove_tree(job_dir)
             raise StudioError(str(err)) from err

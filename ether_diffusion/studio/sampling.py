@@ -18,8 +18,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import EtherConfig
 from ..control.encoder import ConditionMismatchError, attach_condition_encoder, detach_condition_encoder
 from ..control.pipeline import EtherControlPipeline
+from ..inject import plan_injection
 from ..io import AdapterFileError, AdapterMismatchError, read_adapter_file
 from ..models import ModelLoadError, load_pipeline
 from ..pipeline import delete_ether_adapters, enable_ether, load_ether_weights, set_ether_adapters
@@ -215,8 +217,20 @@ class Sampler:
                 raise AdapterMismatchError(str(err)) from err
             pipe.unload_control_weights()
 
+    def check_adapter_config(self, config: EtherConfig) -> None:
+        """Whether an adapter of ``config`` fits the model's denoiser (``inject``'s checks, nothing added): a
+        StudioError naming the width ``n_blocks`` does not divide, and the values that do, else nothing."""
+        with self.lock:
+            pipe = self._pipeline()
+            denoiser = getattr(pipe, "unet", None) or pipe.transformer
+            try:
+                plan_injection(denoiser, config, "studio-blocks-check", activate=False)
+            except ValueError as err:
+                raise StudioError(f"Blocks = {config.n_blocks} does not fit this model: {err}") from None
+
     # --- sampling ---------------------------------------------------------------------------------------------
-    def sample(self, request: SampleRequest, save: bool = True) -> SampleResult:
+    def sample(self, request: SampleRequest, save: bool = True, on_step=None) -> SampleResult:
+        """``on_step(done, total)`` hears of each denoising step (the page's progress bar)."""
         request = request.validated()
         started = time.time()
         with self.lock:
@@ -237,6 +251,7 @@ class Sampler:
                 num_inference_steps=int(request.steps),
                 guidance_scale=float(request.guidance_scale),
                 negative_prompt=request.negative_prompt or None,
+                on_step=on_step,
             )
         label = " + ".join(f"{n}×{w:g}" for n, w in request.adapters)
         images = [s.image for s in samples]

@@ -33,13 +33,15 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402  (gradio's own dependency; the loss curve's data)
 
 from ..assets import default_model_path, default_subjects_path  # noqa: E402
-from ..config import METHOD_LABELS  # noqa: E402
+from ..config import METHOD_LABELS, EtherConfig  # noqa: E402
+from ..control.train import ControlConfig  # noqa: E402
 from ..demo import DEFAULT_SUBJECT  # noqa: E402
 from ..training.config import ETHER_METHODS, TaskKind  # noqa: E402
+from ..training.dreambooth import DreamBoothConfig  # noqa: E402
 from .access import accounts, check_exposure  # noqa: E402
 from .adapters import TABLE_HEADERS, AdapterStore  # noqa: E402
 from .control import ControlSpec, example_control, palette_colors  # noqa: E402
-from .forms import FormSpec, short_rate  # noqa: E402
+from .forms import METHODS, FormSpec, short_rate  # noqa: E402
 from .jobs import JobManager, TrainSpec, shipped_subjects  # noqa: E402
 from .presets import PresetStore  # noqa: E402
 from .sampling import ControlRequest, Sampler, SampleRequest, parse_seeds  # noqa: E402
@@ -155,8 +157,8 @@ class Studio:
         model = str(model or shipped_model())
         workspace = Workspace(workdir)
         store = AdapterStore(workspace)
-        jobs = JobManager(workspace, model, store, model_config)
         sampler = Sampler(model, workspace, store, model_config)
+        jobs = JobManager(workspace, model, store, model_config, check_adapter=sampler.check_adapter_config)
         return cls(model, workspace, store, jobs, sampler, PresetStore(workspace), shipped_subjects())
 
     def subject_fields(self, name):
@@ -378,12 +380,29 @@ def learning_rate_box(defaults: FormSpec, key: str = "learning_rate", **kwargs) 
     return gr.Number(getattr(defaults, key), label=label, **kwargs)
 
 
-def method_row(form: dict, defaults: FormSpec, prefix: str) -> None:
-    """The method and its number of blocks, into ``form``."""
+def method_row(form: dict, defaults: FormSpec, prefix: str, studio: Studio, config_class) -> None:
+    """The method and its number of blocks, into ``form``; beside them, whether Blocks divides every width the job's
+    adapter would cover on this model (``config_class``'s default targets), checked as either changes."""
     with gr.Row():
         form["method"] = gr.Radio(METHOD_CHOICES, value=METHOD_LABELS[defaults.method], label="Method",
                                   elem_id=f"{prefix}method")  # fmt: skip
         form["n_blocks"] = whole_number(defaults, "n_blocks", "Blocks", elem_id=f"{prefix}n-blocks")
+    note = gr.Markdown("", elem_id=f"{prefix}blocks-note")
+    targets = config_class.__dataclass_fields__["target_modules"].default
+
+    def check(method, n_blocks):
+        if n_blocks is None:
+            return ""
+        try:
+            config = EtherConfig(target_modules=targets[0] if len(targets) == 1 else list(targets),
+                                 method=METHODS.get(method, method), n_blocks=int(n_blocks))  # fmt: skip
+            studio.sampler.check_adapter_config(config)
+        except Exception as err:  # noqa: BLE001  (every reason reaches the page, beside the field)
+            return error_note(err)
+        return ""
+
+    for component in (form["method"], form["n_blocks"]):
+        component.change(check, [form["method"], form["n_blocks"]], note)
 
 
 def sampling_row(seeds: str, seeds_id: str, steps_id: str) -> tuple[gr.Textbox, gr.Slider, gr.Slider]:
@@ -439,7 +458,7 @@ def train_tab(studio: Studio, demo: gr.Blocks, first_subject: str | None) -> Job
                                   visible=shipped)  # fmt: skip
             uploads = gr.File(file_count="multiple", file_types=["image"], label="Upload 3-10 images",
                               visible=not shipped, elem_id="uploads")  # fmt: skip
-            instance = gr.Gallery(images, label="Instance images", columns=5, height=140)
+            instance = gr.Gallery(images, label="Instance images", columns=5, height=140, elem_id="instance-images")
             form = {"adapter_name": gr.Textbox(name, label="Adapter name", elem_id="adapter-name")}
             with gr.Row():
                 form["instance_prompt"] = gr.Textbox(
@@ -447,7 +466,7 @@ def train_tab(studio: Studio, demo: gr.Blocks, first_subject: str | None) -> Job
                 )
                 form["class_prompt"] = gr.Textbox(class_prompt, label="Class prompt", elem_id="class-prompt")
             defaults = TrainSpec(adapter_name="", instance_prompt="")
-            method_row(form, defaults, "")
+            method_row(form, defaults, "", studio, DreamBoothConfig)
             with gr.Row():
                 form["max_train_steps"] = whole_number(defaults, "max_train_steps", "Steps", elem_id="train-steps")
                 form["learning_rate"] = learning_rate_box(defaults, elem_id="learning-rate")
@@ -483,8 +502,16 @@ def train_tab(studio: Studio, demo: gr.Blocks, first_subject: str | None) -> Job
         return [*spec_updates(spec, form, with_name), SHIPPED if shipped else UPLOAD,
                 spec.subject if shipped else gr.skip(), studio.images(folder) if folder else gr.skip()]  # fmt: skip
 
-    source.change(lambda s: (gr.update(visible=s == SHIPPED), gr.update(visible=s == UPLOAD)), source,
-                  [subject, uploads])  # fmt: skip
+    def shown_images(chosen_source, chosen_subject, files):
+        """The instance gallery shows what the job would train on: the shipped subject's images, or the uploads."""
+        if chosen_source == UPLOAD:
+            return [str(getattr(f, "name", f)) for f in files or []]
+        return studio.subject_fields(chosen_subject)[3] if chosen_subject else []
+
+    source.change(lambda s, subj, files: (gr.update(visible=s == SHIPPED), gr.update(visible=s == UPLOAD),
+                                          shown_images(s, subj, files)),
+                  [source, subject, uploads], [subject, uploads, instance])  # fmt: skip
+    uploads.change(shown_images, [source, subject, uploads], instance)
     subject.input(studio.subject_fields, subject, [form["adapter_name"], form["instance_prompt"],
                                                    form["class_prompt"], instance])  # fmt: skip
     inputs = {source, subject, uploads, *form.values()}  # a set: handlers receive {component: value}
@@ -513,7 +540,7 @@ def control_tab(studio: Studio, demo: gr.Blocks, tab: gr.Tab) -> JobPanel:
                         form["data_dir"] = gr.Textbox("", label="Dataset folder on the studio's machine",
                                                       placeholder="a folder with metadata.jsonl", visible=False,
                                                       elem_id="control-folder")  # fmt: skip
-                    method_row(form, defaults, "control-")
+                    method_row(form, defaults, "control-", studio, ControlConfig)
                     with gr.Row():
                         form["max_train_steps"] = whole_number(defaults, "max_train_steps", "Steps",
                                                                elem_id="control-steps")  # fmt: skip
@@ -637,12 +664,23 @@ def sample_tab(studio: Studio, demo: gr.Blocks, tab: gr.Tab, prompt_text: str) -
             downloads = gr.File(label="Download", file_count="multiple", interactive=False)
 
     @inline_errors(note=2, outputs=3)
-    def sample(prompt_value, negative_value, seeds_value, steps_value, guidance_value, compare_value, *slot_values):
+    def sample(
+        prompt_value,
+        negative_value,
+        seeds_value,
+        steps_value,
+        guidance_value,
+        compare_value,
+        progress=gr.Progress(),  # noqa: B008  (gradio's progress parameter, before the slots)
+        *slot_values,
+    ):
         adapters = [(n, float(w)) for n, w in zip(slot_values[::2], slot_values[1::2]) if n and n != NO_ADAPTER]
         request = SampleRequest(prompt=prompt_value or "", adapters=adapters, negative_prompt=negative_value or "",
                                 seeds=parse_seeds(seeds_value), steps=int(steps_value),
                                 guidance_scale=float(guidance_value), compare=bool(compare_value))  # fmt: skip
-        result = studio.sampler.sample(request)
+        result = studio.sampler.sample(
+            request, on_step=lambda done, total: progress(done / total, desc=f"denoising step {done}/{total}")
+        )
         gallery = [(str(p), c) for p, c in zip(result.paths, result.captions)]
         message = f"{len(result.images)} images in {result.seconds:.1f} s, saved in `{result.paths[0].parent}`"
         return gallery, [str(p) for p in result.paths], message
