@@ -4,73 +4,124 @@ The core (math, layers, injection, the adapter file) needs only torch and safete
 helpers are imported on first use, so ``import ether_diffusion`` stays light.
 """
 
-from ._version import __version__
-from .config import TARGET_PRESETS, EtherConfig, check_adapter_name
-from .inject import (
-    adapter_names,
-    adapter_parameters,
-    count_parameters,
-    delete_adapter,
-    eject,
-    enable_adapters,
-    inject,
-    mark_only_adapters_trainable,
-    merge_adapters,
-    mixed_batch,
-    set_active_adapters,
-    set_merged_cache,
-    unmerge_adapters,
-)
-from .io import AdapterFileError, AdapterMismatchError, load_adapter, read_adapter_file, save_adapter
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
-_PIPELINE_EXPORTS = {
-    "EtherStableDiffusionPipeline",
-    "EtherLoaderMixin",
-    "load_ether_weights",
-    "save_ether_weights",
-    "set_ether_adapters",
-    "fuse_ether",
-    "unfuse_ether",
-    "unload_ether_weights",
-    "enable_ether",
-    "disable_ether",
-    "delete_ether_adapters",
-    "get_active_ether_adapters",
-    "get_list_ether_adapters",
-    "ether_mixed_batch",
+from ._version import __version__
+
+if TYPE_CHECKING:  # the same names, for type checkers and the architecture test's import graph
+    from .config import TARGET_PRESETS, EtherConfig, check_adapter_name  # noqa: F401
+    from .inject import (  # noqa: F401
+        adapter_names,
+        adapter_parameters,
+        count_parameters,
+        delete_adapter,
+        eject,
+        enable_adapters,
+        inject,
+        mark_only_adapters_trainable,
+        merge_adapters,
+        mixed_batch,
+        set_active_adapters,
+        set_merged_cache,
+        unmerge_adapters,
+    )
+    from .io import AdapterFileError, AdapterMismatchError, load_adapter, read_adapter_file, save_adapter  # noqa: F401
+    from .pipeline import (  # noqa: F401
+        EtherLoaderMixin,
+        EtherStableDiffusionPipeline,
+        delete_ether_adapters,
+        disable_ether,
+        enable_ether,
+        ether_mixed_batch,
+        fuse_ether,
+        get_active_ether_adapters,
+        get_list_ether_adapters,
+        load_ether_weights,
+        save_ether_weights,
+        set_ether_adapters,
+        unfuse_ether,
+        unload_ether_weights,
+    )
+
+#: what ``from ether_diffusion import X`` gives, and the module each comes from. Loaded on first use (PEP 562), so
+#: ``import ether_diffusion`` costs nothing and the command line's ``--help`` answers before torch is imported; the
+#: diffusers pipeline helpers stay out until a pipeline is used
+_EXPORTS = {
+    **dict.fromkeys(("TARGET_PRESETS", "EtherConfig", "check_adapter_name"), ".config"),
+    **dict.fromkeys(
+        (
+            "adapter_names",
+            "adapter_parameters",
+            "count_parameters",
+            "delete_adapter",
+            "eject",
+            "enable_adapters",
+            "inject",
+            "mark_only_adapters_trainable",
+            "merge_adapters",
+            "mixed_batch",
+            "set_active_adapters",
+            "set_merged_cache",
+            "unmerge_adapters",
+        ),
+        ".inject",
+    ),
+    **dict.fromkeys(
+        ("AdapterFileError", "AdapterMismatchError", "load_adapter", "read_adapter_file", "save_adapter"), ".io"
+    ),
+    **dict.fromkeys(
+        (
+            "EtherStableDiffusionPipeline",
+            "EtherLoaderMixin",
+            "load_ether_weights",
+            "save_ether_weights",
+            "set_ether_adapters",
+            "fuse_ether",
+            "unfuse_ether",
+            "unload_ether_weights",
+            "enable_ether",
+            "disable_ether",
+            "delete_ether_adapters",
+            "get_active_ether_adapters",
+            "get_list_ether_adapters",
+            "ether_mixed_batch",
+        ),
+        ".pipeline",
+    ),
 }
 
 
 def __getattr__(name):
-    if name in _PIPELINE_EXPORTS:
-        from . import pipeline
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ether_diffusion' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # once: later lookups find it directly
+    return value
 
-        return getattr(pipeline, name)
-    raise AttributeError(f"module 'ether_diffusion' has no attribute {name!r}")
+
+def __dir__():
+    return sorted({*globals(), *_EXPORTS})
 
 
-__all__ = [
-    "TARGET_PRESETS",
-    "__version__",
-    "AdapterFileError",
-    "AdapterMismatchError",
-    "EtherConfig",
-    "adapter_names",
-    "adapter_parameters",
-    "check_adapter_name",
-    "count_parameters",
-    "delete_adapter",
-    "eject",
-    "enable_adapters",
-    "inject",
-    "load_adapter",
-    "mark_only_adapters_trainable",
-    "merge_adapters",
-    "mixed_batch",
-    "read_adapter_file",
-    "save_adapter",
-    "set_active_adapters",
-    "set_merged_cache",
-    "unmerge_adapters",
-    *sorted(_PIPELINE_EXPORTS),
-]
+class _Package(types.ModuleType):
+    """The package's module type. ``inject`` is both a submodule and the function users import from the package;
+    importing the submodule binds it on the package, which would hide the function. Here the name always gives the
+    function (as the eager imports of earlier versions left it), and the submodule stays in ``sys.modules``."""
+
+    @property
+    def inject(self):
+        return importlib.import_module(".inject", __name__).inject
+
+    @inject.setter
+    def inject(self, value):  # the import system binding the submodule: the function stays
+        pass
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+__all__ = ["__version__", *sorted(_EXPORTS)]

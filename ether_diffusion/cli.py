@@ -7,20 +7,23 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import DTYPES
 from .files import atomic_write
-from .io import AdapterFile, read_adapter_file
-from .sources import ModelLoadError, default_model
-from .training.config import TaskKind
+from .sources import default_model
+
+# torch, diffusers and the training package load where a command needs them, not here: `--help` and the parsing of
+# every command stay well under a second
+if TYPE_CHECKING:
+    from .io import AdapterFile
 
 DEMO_STEPS = 1000
 CONTROL_DEMO_STEPS = 600
-#: the training verbs: the kind each trains (``registry.py`` picks its flags by the model) and what it writes
-TRAIN_VERBS = {"train": TaskKind.DREAMBOOTH, "train-control": TaskKind.CONTROL}
+#: the training verbs: the kind each trains (a ``TaskKind`` value; ``registry.py`` picks its flags by the model)
+TRAIN_VERBS = {"train": "dreambooth", "train-control": "control"}
 
 #: ``bench <kind>``: the paper's benchmark of each kind of training (its module's ``parse_args`` and ``main``)
-BENCHES = {TaskKind.DREAMBOOTH: ".bench.dreambooth", TaskKind.CONTROL: ".bench.control"}
+BENCHES = {"dreambooth": ".bench.dreambooth", "control": ".bench.control"}
 #: ``bench <verb>`` and ``world <verb>`` tools: (group, verb) -> (module, help). Each module parses its own flags
 #: (``parse_args(argv, prog)``, so ``--help`` lists them) and runs (``main(args)``), as its launcher in scripts/ does.
 TOOLS = {
@@ -37,6 +40,8 @@ TOOLS = {
 
 
 def _inspect(args) -> int:
+    from .io import read_adapter_file
+
     source = read_adapter_file(args.adapter)
     summary = {
         "adapter_name": source.adapter_name,
@@ -140,6 +145,8 @@ def _add_model_arguments(parser, default_help: str = "default: the shipped tiny 
 
 def _read_adapters(specs: list[tuple[str, float | None]], default: float = 1.0) -> list[tuple[AdapterFile, float]]:
     """Every ``--adapter`` read and validated, before any model is loaded: a bad file fails in a moment."""
+    from .io import read_adapter_file
+
     return [(read_adapter_file(path), default if weight is None else weight) for path, weight in specs]
 
 
@@ -223,6 +230,8 @@ def _fuse(args) -> int:
     _load_adapters(pipe, adapters)
     fuse_ether(pipe, safe_fusing=True)
     unload_ether_weights(pipe)  # plain diffusers modules again, with the adapter folded into the weights
+    from .config import DTYPES
+
     dtype = DTYPES.get(args.dtype)
     if args.single_file is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -284,6 +293,8 @@ def _export(args) -> int:
     except (OSError, RuntimeError) as err:
         if args.model is not None or model is None:
             raise
+        from .sources import ModelLoadError
+
         raise ModelLoadError(
             f"the adapter's recorded base model '{model}' could not be loaded ({err}); pass --model with that "
             "model's folder, checkpoint file or hub id"
@@ -352,7 +363,7 @@ def _export_world(args) -> int:
     return 0
 
 
-def _bench(kind: TaskKind, argv: list[str]) -> int:
+def _bench(kind: str, argv: list[str]) -> int:
     """``bench dreambooth`` / ``bench control``: the benchmark of ``kind`` (``BENCHES``), its flags derived from its
     configuration (``--help`` lists them)."""
     import importlib
@@ -579,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["studio"]:
             return _studio(argv[1:])
         if argv[:1] == ["bench"] and argv[1:2] and argv[1] in BENCHES:
-            return _bench(TaskKind(argv[1]), argv[2:])
+            return _bench(argv[1], argv[2:])
         if tuple(argv[:2]) in TOOLS:
             return _tool(argv[0], argv[1], argv[2:])
         args = build_parser().parse_args(argv)

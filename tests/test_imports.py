@@ -27,3 +27,27 @@ def test_core_modules_import_with_diffusers_blocked():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["(2,", "4)", "pipeline", "needs", "diffusers"]
+
+
+def test_the_package_names_load_on_first_use_and_help_needs_no_torch():
+    """``import ether_diffusion`` and the command line's parsing import neither torch nor diffusers (issue 26: `--help`
+    under a second); every public name still resolves, to the object its module defines."""
+    import importlib
+    import subprocess
+    import sys
+
+    probe = ("import sys, ether_diffusion, ether_diffusion.cli as cli\n"
+             "cli.build_parser()\n"
+             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")  # fmt: skip
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", loaded
+    import ether_diffusion
+    import ether_diffusion.inject  # noqa: F401  (binding the submodule on the package must not hide the function)
+    from ether_diffusion import inject
+
+    assert callable(inject) and inject.__module__ == "ether_diffusion.inject"
+    for name in ether_diffusion.__all__:
+        value = getattr(ether_diffusion, name)
+        module = ether_diffusion._EXPORTS.get(name)
+        if module is not None:
+            assert value is getattr(importlib.import_module(module, "ether_diffusion"), name), name

@@ -3,22 +3,29 @@ callbacks with named events (``callbacks``), and the pieces tasks share (data, n
 checkpoints, artifacts). DreamBooth is ``dreambooth.DreamBoothTask``; controllable synthesis is
 ``ether_diffusion.control.train.ControlTask``."""
 
-from .callbacks import Callback, Preparation, ValidationEvent
-from .config import ConfigError, RunConfig
-from .task import Run, Samples, Task
-from .trainer import ResumeMismatchError, Trainer, TrainingDivergedError, TrainResult
+import importlib
 
-__all__ = [
-    "Callback",
-    "ConfigError",
-    "Preparation",
-    "ResumeMismatchError",
-    "Run",
-    "RunConfig",
-    "Samples",
-    "Task",
-    "TrainResult",
-    "Trainer",
-    "TrainingDivergedError",
-    "ValidationEvent",
-]
+#: the names this package gives and their modules, loaded on first use (PEP 562): ``training.config`` (the run
+#: configurations the command line parses) does not bring the loop, the tasks and diffusers with it
+_EXPORTS = {
+    **dict.fromkeys(("Callback", "Preparation", "ValidationEvent"), ".callbacks"),
+    **dict.fromkeys(("ConfigError", "RunConfig"), ".config"),
+    **dict.fromkeys(("Run", "Samples", "Task"), ".task"),
+    **dict.fromkeys(("ResumeMismatchError", "Trainer", "TrainingDivergedError", "TrainResult"), ".trainer"),
+}
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_EXPORTS})
+
+
+__all__ = sorted(_EXPORTS)
