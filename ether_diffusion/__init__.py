@@ -5,11 +5,24 @@ helpers are imported on first use, so ``import ether_diffusion`` stays light.
 """
 
 import importlib
+import logging
 import sys
 import types
 from typing import TYPE_CHECKING
 
 from ._version import __version__
+
+
+class _NoImageProcessorFallback(logging.Filter):
+    """transformers 5 says, on the first lookup of each image processor class without torchvision, that it falls back
+    to the PIL one. diffusers' pipeline modules look up CLIP's and SigLIP's when they are imported, for the safety
+    checker's feature extractor that this project never runs: every command printed two such lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(_NoImageProcessorFallback())
 
 if TYPE_CHECKING:  # the same names, for type checkers and the architecture test's import graph
     from .config import TARGET_PRESETS, EtherConfig, check_adapter_name  # noqa: F401

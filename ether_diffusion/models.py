@@ -49,6 +49,7 @@ naming the weight): fp16 holds nothing beyond 65504, and a file of infinities wo
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import pickle
@@ -309,20 +310,21 @@ def load_pipeline(
             raise ModelLoadError("config/original_config describe a single checkpoint file: pass that model too")
         model = str(check_pipeline_folder(default_model()))
         kwargs.setdefault("local_files_only", True)
-    if is_single_file(model):
-        pipe = _from_single_file(pipeline_class, Path(model), config, original_config, kwargs)
-    else:
-        model = str(model)
-        if config is not None or original_config is not None:
-            raise ModelLoadError(
-                f"config/original_config describe a single checkpoint file; '{model}' is a diffusers folder or hub "
-                "id and carries its own configuration: drop them"
-            )
-        check_local(model)
-        try:
-            pipe = pipeline_class.from_pretrained(model, **kwargs)
-        except (OSError, ValueError) as err:
-            raise _loading_failed(model, err) from err
+    with quiet_loading():
+        if is_single_file(model):
+            pipe = _from_single_file(pipeline_class, Path(model), config, original_config, kwargs)
+        else:
+            model = str(model)
+            if config is not None or original_config is not None:
+                raise ModelLoadError(
+                    f"config/original_config describe a single checkpoint file; '{model}' is a diffusers folder or "
+                    "hub id and carries its own configuration: drop them"
+                )
+            check_local(model)
+            try:
+                pipe = pipeline_class.from_pretrained(model, **kwargs)
+            except (OSError, ValueError) as err:
+                raise _loading_failed(model, err) from err
     # A checkpoint of NaN or infinite weights (a fuse that overflowed fp16 wrote them) loads without complaint and
     # draws black images: refused here, naming the first such weight.
     weights = {f"{name}.{key}": value for name, m in pipe.components.items() if isinstance(m, nn.Module)
@@ -332,6 +334,24 @@ def load_pipeline(
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """No loading bars from diffusers ("Loading pipeline components") or transformers ("Loading weights") inside: a
+    command's output is its own lines. The bars' previous settings come back after."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    enabled = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    for module, _ in enabled:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, was in enabled:
+            if was:
+                module.enable_progress_bar()
 
 
 def load_tiny_pipeline(path: str | os.PathLike | None = None, device: str = "cpu"):
@@ -389,19 +409,20 @@ def load_components(
         raise ModelLoadError(f"config/original_config describe a single checkpoint file, and '{path}' is not one")
     check_local(path)
     kwargs = dict(revision=revision)
-    try:
-        return SDComponents(
-            tokenizer=CLIPTokenizer.from_pretrained(
-                tokenizer or path, subfolder=None if tokenizer else "tokenizer", **kwargs
-            ),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kwargs),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kwargs),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kwargs),
-            noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs),
-            path=path,
-        )
-    except (OSError, ValueError) as err:
-        raise _loading_failed(path, err) from err
+    with quiet_loading():
+        try:
+            return SDComponents(
+                tokenizer=CLIPTokenizer.from_pretrained(
+                    tokenizer or path, subfolder=None if tokenizer else "tokenizer", **kwargs
+                ),
+                text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kwargs),
+                vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kwargs),
+                unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kwargs),
+                noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kwargs),
+                path=path,
+            )
+        except (OSError, ValueError) as err:
+            raise _loading_failed(path, err) from err
 
 
 # --- diffusers → original (CompVis/LDM) layout ------------------------------------------------------------------

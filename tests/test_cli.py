@@ -386,3 +386,16 @@ def test_help_shows_the_defaults_and_every_family_train_covers(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert "DreamBooth with ETHER on SD 1.x/2.x, SDXL, SD3 or Flux" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.slow  # fresh processes: the end-to-end tier
+def test_startup_benchmark_times_each_command_and_they_print_no_warnings():
+    """`bench startup` runs --help, an export and a one-step run as fresh processes; none of them writes anything to
+    standard error (the transformers torchvision notes, diffusers' float32-cast warnings and the loading bars were
+    there before issue 26)."""
+    from ether_diffusion.bench import startup
+
+    result = startup.main(startup.parse_args(["--rounds", "1"]))
+    assert set(result) == {"--help", "export", "one-step run"}
+    for name, row in result.items():
+        assert row["median"] > 0 and row["stderr"] == "", (name, row["stderr"][-2000:])

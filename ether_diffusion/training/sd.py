@@ -41,6 +41,16 @@ from .run import Run
 __all__ = ["StableDiffusionBackend"]
 
 
+def place(model: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    """``model.to(device, dtype=dtype)``. diffusers' models warn at every cast with a dtype that modules which must
+    stay in float32 would be cast too, even when they have none; that warning is kept for a model that has such
+    modules (``_keep_in_fp32_modules``) and left out where it names none."""
+    if getattr(model, "_keep_in_fp32_modules", None):
+        model.to(device, dtype=dtype)
+    else:
+        torch.nn.Module.to(model, device, dtype=dtype)
+
+
 class StableDiffusionBackend:
     """Stable Diffusion 1.x/2.x: loads the model, freezes it, carries the adapters a task adds (``attach``), and
     computes the denoising loss (epsilon or v target, from the scheduler's ``prediction_type``).
@@ -128,7 +138,7 @@ class StableDiffusionBackend:
         for model in (parts.vae, self.denoiser(), *self.all_text_encoders()):
             model.requires_grad_(False)
         weight_dtype = run.weight_dtype
-        parts.vae.to(run.device, dtype=torch.float32 if weight_dtype == torch.float16 else weight_dtype)
+        place(parts.vae, run.device, torch.float32 if weight_dtype == torch.float16 else weight_dtype)
 
     def attach(self, adapters, configs: dict, run: Run) -> None:
         """Add ``adapters`` with ``configs`` (``{component: EtherConfig}``) to the components, move the denoiser and
@@ -137,7 +147,7 @@ class StableDiffusionBackend:
         models = {self.denoiser_component: denoiser, **text_encoders}
         adapters.add({c: models[c] for c in configs}, configs)
         for model in (*models.values(), *self.frozen_encoders().values()):
-            model.to(run.device, dtype=run.weight_dtype)
+            place(model, run.device, run.weight_dtype)
         if config.enable_xformers_memory_efficient_attention:
             denoiser.enable_xformers_memory_efficient_attention()
         if config.gradient_checkpointing:
