@@ -13,16 +13,32 @@ from typing import TYPE_CHECKING
 from ._version import __version__
 
 
-class _NoImageProcessorFallback(logging.Filter):
-    """transformers 5 says, on the first lookup of each image processor class without torchvision, that it falls back
-    to the PIL one. diffusers' pipeline modules look up CLIP's and SigLIP's when they are imported, for the safety
-    checker's feature extractor that this project never runs: every command printed two such lines."""
+class _Unheeded(logging.Filter):
+    """Drops the log records of one library logger that carry ``text``: notes the libraries print on import about
+    parts this project never uses, which every command repeated (no other record of those loggers is touched)."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+        return self.text not in record.getMessage()
 
 
-logging.getLogger("transformers.utils.import_utils").addFilter(_NoImageProcessorFallback())
+_UNHEEDED = {
+    # transformers 5, for each image processor looked up without torchvision: diffusers' pipeline modules look up
+    # CLIP's and SigLIP's on import, for the safety checker's feature extractor this project never runs
+    "transformers.utils.import_utils": "requires torchvision (not installed); falling back to",
+    # torchao (the --base_quantization extra), on import: its kernels built for other GPUs or Pythons do not load
+    "torchao": "Failed to load ",
+    # torch, when torchao registers its enums the old way
+    "torch.utils._pytree": "is an Enum subclass and is now natively supported",
+    # diffusers, on import with a torchao newer than it knows: only its loading of torchao-serialised checkpoints,
+    # which this project does not do
+    "diffusers.quantizers.torchao.torchao_quantizer": "Unable to import `torchao` Tensor objects",
+}
+for _logger, _text in _UNHEEDED.items():
+    logging.getLogger(_logger).addFilter(_Unheeded(_text))
 
 if TYPE_CHECKING:  # the same names, for type checkers and the architecture test's import graph
     from .config import TARGET_PRESETS, EtherConfig, check_adapter_name  # noqa: F401

@@ -29,6 +29,10 @@ BENCHES = {"dreambooth": ".bench.dreambooth", "control": ".bench.control"}
 TOOLS = {
     ("bench", "speed"): (".bench.speed", "speed and memory of ETHER against the frozen-model floor and PEFT's methods"),
     ("bench", "host"): (".bench.host", "host time each adapter adds per layer (a chain of tiny layers, CPU time)"),
+    ("bench", "memory"): (
+        ".bench.memory",
+        "training memory before activations per --base_quantization (SDXL, SD3, Flux)",
+    ),
     ("bench", "startup"): (".bench.startup", "how long --help, an export and a one-step run take as fresh processes"),
     ("bench", "cache-latents"): (".bench.cache_latents", "what --cache_latents saves per DreamBooth step"),
     ("bench", "lora-sizes"): (".bench.lora_sizes", "rank and file size of the exact LoRA of each ETHER setting"),

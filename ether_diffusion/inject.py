@@ -16,7 +16,7 @@ from torch import nn
 
 from . import coexist, directions
 from .config import TARGET_PRESETS, EtherConfig, check_adapter_name
-from .layers import LAYER_TYPES, EtherLayer, plain_layer
+from .layers import LAYER_TYPES, EtherLayer, is_quantized, plain_layer
 
 __all__ = [
     "Target",
@@ -235,6 +235,7 @@ def _runs_one_adapter(layer: EtherLayer) -> bool:
         and layer._mixed is None
         and len(layer.active_adapters) == 1
         and isinstance(layer.base_layer, (nn.Linear, nn.Conv2d))
+        and not is_quantized(layer.base_layer.weight)
     )
 
 

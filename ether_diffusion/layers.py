@@ -46,6 +46,13 @@ def plain_layer(module: nn.Module) -> nn.Module:
     return module
 
 
+def is_quantized(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is held by a quantisation tensor subclass (torchao's int8, NF4 or float8 weights: see
+    ``quantize.py``). Such a weight computes through ``F.linear`` only: the layer then applies its transforms to the
+    activations around the base layer, and cannot merge or keep a merged copy."""
+    return type(weight) not in (torch.Tensor, nn.Parameter)
+
+
 def layer_generator(seed: int, layer_name: str) -> torch.Generator:
     """A CPU generator for one layer's initial vectors: stable across runs (crc32, not Python's salted hash)."""
     return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(layer_name.encode())) % (2**63))
@@ -331,7 +338,11 @@ class EtherLayer(nn.Module):
         if not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
         base = self.base_layer
-        if len(self.active_adapters) == 1 and isinstance(base, (nn.Linear, nn.Conv2d)):  # not stacked on a LoRA
+        if (
+            len(self.active_adapters) == 1
+            and isinstance(base, (nn.Linear, nn.Conv2d))  # not stacked on a LoRA
+            and not is_quantized(base.weight)  # a quantised base computes through F.linear only: the general path
+        ):
             name = self.active_adapters[0]
             adapter = self.ether_adapters[name]
             if not adapter.caches_factors():  # training, GPUs, compiled graphs
@@ -428,6 +439,11 @@ class EtherLayer(nn.Module):
             )
         if not names:
             return
+        if is_quantized(self.plain.weight):
+            raise RuntimeError(
+                f"'{self.layer_name}' has a quantised base weight, which cannot hold a merged adapter: sample unfused, "
+                "or load the adapter into the unquantised model to merge or fuse it (or export it as a LoRA)"
+            )
         weight = self.plain.weight
         if self.stacked:
             # Another adapter adds ΔW inside: add ETHER(W + ΔW) - (W + ΔW) to W, so that fusing or unfusing that

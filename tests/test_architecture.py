@@ -37,6 +37,7 @@ ROOMS = [
             "architectures",
             "checkpoints",
             "directions",
+            "quantize",
         ],
     ),  # fmt: skip
     ("diffusers", ["models", "pipeline", "export", "sampling"]),

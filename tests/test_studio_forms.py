@@ -14,8 +14,8 @@ from ether_diffusion.studio import ControlSpec, StudioError, TrainSpec
 from ether_diffusion.studio.forms import COMMON_RANGES, FormSpec, short_rate
 
 STUDIO = Path(__file__).resolve().parents[1] / "ether_diffusion" / "studio"
-SHARED = ["adapter_name", "method", "n_blocks", "max_train_steps", "learning_rate", "seed", "preview_every",
-          "preview_prompt", "preview_images", "preview_steps", "guidance_scale"]  # fmt: skip
+SHARED = ["adapter_name", "method", "n_blocks", "base_quantization", "max_train_steps", "learning_rate", "seed",
+          "preview_every", "preview_prompt", "preview_images", "preview_steps", "guidance_scale"]  # fmt: skip
 
 # A job's state.json ("spec") and a preset's "settings" hold these fields by name: the files the studio wrote
 # before must still read, so the names are pinned here.
@@ -30,6 +30,10 @@ CONTROL_RECORD = {"adapter_name": "shapes", "source": "edges", "data_dir": "", "
                   "preview_steps": 5, "guidance_scale": 3.0}  # fmt: skip
 
 
+#: fields added since those records were written: they read as the defaults
+ADDED = {"base_quantization"}
+
+
 def field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
@@ -38,8 +42,8 @@ def test_both_forms_extend_one_base_with_the_shared_settings():
     assert field_names(FormSpec) == SHARED
     for form in (TrainSpec, ControlSpec):
         assert issubclass(form, FormSpec) and field_names(form)[: len(SHARED)] == SHARED
-    assert set(field_names(TrainSpec)) == set(TRAIN_RECORD)
-    assert set(field_names(ControlSpec)) == set(CONTROL_RECORD)
+    assert set(field_names(TrainSpec)) == set(TRAIN_RECORD) | ADDED
+    assert set(field_names(ControlSpec)) == set(CONTROL_RECORD) | ADDED
     # each form keeps its own defaults for the shared settings it sets differently
     assert (TrainSpec("a", "b").max_train_steps, TrainSpec("a", "b").learning_rate) == (400, 6e-3)
     assert (ControlSpec("a").max_train_steps, ControlSpec("a").learning_rate) == (300, 1e-3)
@@ -49,10 +53,10 @@ def test_both_forms_extend_one_base_with_the_shared_settings():
 
 def test_records_written_by_jobs_and_presets_still_read():
     train = TrainSpec(**TRAIN_RECORD)
-    assert dataclasses.asdict(train) == TRAIN_RECORD
+    assert dataclasses.asdict(train) == {**TRAIN_RECORD, "base_quantization": "none"}
     assert train.validated() == train  # already in the library's terms: checking changes nothing
     control = ControlSpec(**CONTROL_RECORD)
-    assert dataclasses.asdict(control) == CONTROL_RECORD
+    assert dataclasses.asdict(control) == {**CONTROL_RECORD, "base_quantization": "none"}
     assert control.validated() == control
 
 
@@ -69,6 +73,8 @@ def test_only_the_names_may_be_given_by_position():
     ("spec", "message"),
     [
         (TrainSpec("s", "a sks star", subject="orange_checkered_star", method="LoRA"), "method 'LoRA': choose ETHER"),
+        (TrainSpec("s", "a sks star", subject="orange_checkered_star", base_quantization="int4"),
+         "base model weights 'int4' is not one of none, int8, nf4, float8"),
         (TrainSpec("../s", "a sks star", subject="orange_checkered_star"), "not allowed"),
         (TrainSpec("s", "a sks star", subject="orange_checkered_star", n_blocks=65), "n blocks must be a whole number "
          "from 1 to 64"),

@@ -105,6 +105,7 @@ class ControlSpec(FormSpec):
             train_data_dir=inputs["data_dir"],
             ether_method=self.method,
             n_blocks=int(self.n_blocks),
+            base_quantization=self.base_quantization,
             max_train_steps=int(self.max_train_steps),
             learning_rate=float(self.learning_rate),
             encoder_learning_rate=float(self.encoder_learning_rate),

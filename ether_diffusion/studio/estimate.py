@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..quantize import stored_bytes
 from ..registry import task_for
 from ..training.callbacks import Callback
 from ..training.data import load_image_folder
@@ -196,7 +197,7 @@ def measure(config, scratch: Path | None = None) -> Measurement:
 
         backend = task.backend
         models = [backend.denoiser(), *backend.all_text_encoders(), backend.components.vae]
-        weights = sum(p.numel() * p.element_size() for m in models for p in m.parameters() if not p.requires_grad)
+        weights = sum(stored_bytes(p) for m in models for p in m.parameters() if not p.requires_grad)  # quantised too
         trainable = result.trainable_parameters * 16
         # the peak over the steps holds the optimizer state (counted exactly apart) and a step's activations
         activation = max(probe.step_peaks) - trainable if probe.step_peaks else None

@@ -22,6 +22,7 @@ from dataclasses import KW_ONLY, dataclass
 from typing import ClassVar
 
 from ..config import METHOD_LABELS
+from ..quantize import check_quantization
 from ..training.config import ETHER_METHODS, TaskKind
 from .workspace import StudioError, check_name
 
@@ -66,6 +67,7 @@ class FormSpec:
     _: KW_ONLY
     method: str = "ether_plus"
     n_blocks: int = 1
+    base_quantization: str = "none"  # the frozen base model's Linear weights: none, int8, nf4 (quantize.py)
     max_train_steps: int
     learning_rate: float
     seed: int = 0
@@ -88,6 +90,9 @@ class FormSpec:
         if spec.method not in METHODS:
             raise StudioError(f"method {spec.method!r}: choose ETHER or ETHER+")
         spec.method = METHODS[spec.method]
+        problem = check_quantization(spec.base_quantization)
+        if problem:
+            raise StudioError(problem.replace("--base_quantization", "base model weights"))
         check_whole_numbers(spec, **spec.ranges())
         for name, paper in spec.LEARNING_RATES.items():
             if not 0 < float(getattr(spec, name)) <= 1:

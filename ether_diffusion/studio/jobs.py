@@ -114,6 +114,7 @@ class TrainSpec(FormSpec):
             instance_prompt=self.instance_prompt.strip(),
             ether_method=self.method,
             n_blocks=int(self.n_blocks),
+            base_quantization=self.base_quantization,
             max_train_steps=int(self.max_train_steps),
             learning_rate=float(self.learning_rate),
             seed=int(self.seed),

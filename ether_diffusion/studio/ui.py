@@ -387,6 +387,11 @@ def method_row(form: dict, defaults: FormSpec, prefix: str, studio: Studio, conf
         form["method"] = gr.Radio(METHOD_CHOICES, value=METHOD_LABELS[defaults.method], label="Method",
                                   elem_id=f"{prefix}method")  # fmt: skip
         form["n_blocks"] = whole_number(defaults, "n_blocks", "Blocks", elem_id=f"{prefix}n-blocks")
+        form["base_quantization"] = gr.Dropdown(
+            ["none", "int8", "nf4"], value=defaults.base_quantization, label="Base model weights",
+            info="int8 halves the frozen model's memory, nf4 quarters it; the adapter still trains in float32",
+            elem_id=f"{prefix}base-quantization",
+        )  # fmt: skip
     note = gr.Markdown("", elem_id=f"{prefix}blocks-note")
     targets = config_class.__dataclass_fields__["target_modules"].default
 

@@ -26,6 +26,7 @@ import torch
 from ..config import SIDES, TARGET_PRESETS, EtherConfig, check_adapter_name
 from ..images import MAX_IMAGE_SIDE
 from ..models import default_model
+from ..quantize import QUANTIZATIONS, check_quantization
 from ..reflection import METHODS
 from .text import check_prompt
 
@@ -234,6 +235,12 @@ class RunConfig:
         "compilation: one graph per block shape, compiles in a fraction of the time), 'model' the whole model",
         choices=("blocks", "model"),
     )
+    base_quantization: str = option(
+        "none",
+        "hold the frozen base model's Linear weights in fewer bits under the adapters (torchao): int8 halves bf16, "
+        "nf4 quarters it (QLoRA's format), float8 on Ada/Hopper GPUs; the adapters still train in float32",
+        choices=QUANTIZATIONS,
+    )
     cuda_graphs: bool = option(
         False,
         "capture the whole training step (forward, backward, optimizer) as a CUDA graph and replay it: the host "
@@ -441,6 +448,11 @@ class RunConfig:
                         "--report_to wandb needs wandb (pip install wandb); or use --report_to tensorboard / none"
                     ) from None
         self._check_capturable()
+        problem = check_quantization(self.base_quantization)
+        if problem:
+            raise ConfigError(problem)
+        if self.base_quantization != "none" and self.cuda_graphs:
+            raise ConfigError("--cuda_graphs is not checked with a quantised base: drop one of the two")
         if self.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError(
                 "--mixed_precision fp16 needs a CUDA GPU; on this machine use --mixed_precision bf16 or no"

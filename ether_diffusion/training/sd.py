@@ -34,6 +34,7 @@ import torch
 
 from ..families import FAMILIES, ModelFamily, require_family
 from ..models import load_components, load_pipeline
+from ..quantize import quantize_base
 from ..sampling import sample_images
 from .diffusion import dreambooth_loss, prediction_target, sample_noise
 from .run import Run
@@ -148,6 +149,7 @@ class StableDiffusionBackend:
         adapters.add({c: models[c] for c in configs}, configs)
         for model in (*models.values(), *self.frozen_encoders().values()):
             place(model, run.device, run.weight_dtype)
+        quantize_base(denoiser, config.base_quantization)  # after the cast: a quantised weight keeps its dtype
         if config.enable_xformers_memory_efficient_attention:
             denoiser.enable_xformers_memory_efficient_attention()
         if config.gradient_checkpointing:
