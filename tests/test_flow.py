@@ -673,3 +673,16 @@ def test_the_studio_trains_and_samples_a_transformer_model(world, tmp_path, fami
     adapted, base = (np.asarray(image, dtype=np.float64) for image in result.images)
     assert result.captions == [f"seed 3 · {family}-star×1", "seed 3 · base model"]
     assert np.abs(adapted - base).max() > 0  # the adapter acts on the pipeline
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_flow_model_trains_on_an_nf4_or_int8_base(world, family, tmp_path):
+    """--base_quantization on the transformers: int8 on SD3, nf4 on Flux (the tiny transformers' layers too small for
+    NF4's blocks stay as they are), two steps, finite losses, float32 vectors saved."""
+    pytest.importorskip("torchao")
+    from safetensors.torch import load_file
+
+    kind = "int8" if family == "sd3" else "nf4"
+    result = train(parse_args(flags(world, family, tmp_path, "--max_train_steps", "2", "--base_quantization", kind)))
+    assert result.global_step == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert all(v.dtype == torch.float32 for v in load_file(result.adapter_path).values())
