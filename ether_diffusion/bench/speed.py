@@ -187,6 +187,19 @@ def bench_sync(unet, model: str, args, device, dtype):
     return rows
 
 
+def timed_visit(steps: dict, key: str, first_s: dict, meter, args) -> float:
+    """One interleaved visit of ``steps[key]``: its first call timed alone into ``first_s`` on the first visit (a
+    compile or a capture), then ``--warmup`` untimed calls and the timed ones."""
+    if key not in first_s:
+        started = time.perf_counter()
+        steps[key]()
+        meter.sync()
+        first_s[key] = time.perf_counter() - started
+    for _ in range(args.warmup):
+        steps[key]()
+    return meter.seconds_per_call(steps[key], args.steps_per_visit)
+
+
 def bench_compiled_training(unet, args, meter, device, dtype):
     """The training step with the UNet's transformer blocks under ``torch.compile(fullgraph=True)``: diffusers'
     regional compilation (``compile_repeated_blocks``), which compiles one graph per block shape instead of the whole
@@ -209,17 +222,7 @@ def bench_compiled_training(unet, args, meter, device, dtype):
             model.compile_repeated_blocks(fullgraph=True, backend=args.compile_backend)
             steps[key] = training_step(model, inputs, torch.optim.AdamW(params, lr=1e-4), device, dtype)
 
-        def visit(key):
-            if key not in compile_s:
-                started = time.perf_counter()
-                steps[key]()
-                meter.sync()
-                compile_s[key] = time.perf_counter() - started
-            for _ in range(args.warmup):
-                steps[key]()
-            return meter.seconds_per_call(steps[key], args.steps_per_visit)
-
-        visits = interleaved(keys, args.rounds, visit)
+        visits = interleaved(keys, args.rounds, lambda key: timed_visit(steps, key, compile_s, meter, args))
     torch._dynamo.reset()
     rows = []
     for key in keys:
@@ -293,17 +296,8 @@ def bench_captured_training(unet, args, meter, device, dtype):
             else:
                 steps[name] = training_step(model, inputs, torch.optim.AdamW(params, lr=1e-4), device, dtype)
 
-        def visit(name):
-            if name not in first_s:  # the capture (after its warm-up steps) or the eager first step
-                started = time.perf_counter()
-                steps[name]()
-                meter.sync()
-                first_s[name] = time.perf_counter() - started
-            for _ in range(args.warmup):
-                steps[name]()
-            return meter.seconds_per_call(steps[name], args.steps_per_visit)
-
-        visits = interleaved(list(CAPTURED), args.rounds, visit)
+        # the first visit times the capture (after its warm-up steps) or the eager first step
+        visits = interleaved(list(CAPTURED), args.rounds, lambda name: timed_visit(steps, name, first_s, meter, args))
     rows = []
     for name in CAPTURED:
         row = dict(
