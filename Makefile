@@ -28,7 +28,7 @@ test: $(BIN)/.installed browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# everyday work: the tests not marked slow (590 tests, 50 s on the 2-core reference machine; the full suite ~7 minutes)
+# everyday work: the tests not marked slow (877 tests, 90 s on the 2-core reference machine; the full suite ~12 minutes)
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
 
