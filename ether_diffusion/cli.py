@@ -274,8 +274,7 @@ def _recorded_base_model(adapters: list[tuple[AdapterFile, float]]) -> str | Non
 
 
 def _export(args) -> int:
-    from .export import export_adapters
-    from .models import load_pipeline
+    from .export import export_from_folder
 
     output = Path(args.output)
     target = output / "pytorch_lora_weights.safetensors" if output.is_dir() else output
@@ -293,6 +292,21 @@ def _export(args) -> int:
         return 2
     if args.model is None and model is not None:
         print(f"note: no --model given: exporting against the base model the adapter records, '{model}'")
+    folder = model if model is not None else default_model()
+    summary = None
+    if args.config is None and args.original_config is None and not args.unet_only:
+        summary = export_from_folder(adapters, output, folder, format=args.format, dtype=args.dtype)
+    if summary is None:
+        summary = _export_through_pipeline(args, adapters, output, model)
+    _print_export(args, summary)
+    return 0
+
+
+def _export_through_pipeline(args, adapters, output, model):
+    """The export of what ``export_from_folder`` does not take: the pipeline loaded, the adapters loaded into it."""
+    from .export import export_adapters
+    from .models import load_pipeline
+
     try:
         pipe = load_pipeline(model, config=args.config, original_config=args.original_config)
     except (OSError, RuntimeError) as err:
@@ -304,7 +318,10 @@ def _export(args) -> int:
             f"the adapter's recorded base model '{model}' could not be loaded ({err}); pass --model with that "
             "model's folder, checkpoint file or hub id"
         ) from err
-    summary = export_adapters(adapters, output, pipe, format=args.format, dtype=args.dtype, unet_only=args.unet_only)
+    return export_adapters(adapters, output, pipe, format=args.format, dtype=args.dtype, unet_only=args.unet_only)
+
+
+def _print_export(args, summary) -> None:
     for note in summary.notes:
         print(f"note: {note}")
     layers = sum(summary.layers.values())
@@ -318,7 +335,6 @@ def _export(args) -> int:
         f"LoRA weight 1 it applies the adapters' weight changes to within {summary.max_weight_error:.1e} "
         f"({summary.max_relative_error:.1e} of a layer's largest change: {summary.dtype} rounding; docs/export.md)"
     )
-    return 0
 
 
 def _demo(args) -> int:

@@ -53,9 +53,8 @@ from .delta import LoraFactors, layer_lora_factors
 from .families import FAMILIES, pipeline_family, supported_families
 from .files import atomic_write
 from .finite import check_finite
-from .inject import adapter_layers
-from .io import AdapterFile, load_adapter, read_adapter_file
-from .pipeline import _check_family, _components, _strengths, delete_ether_adapters, set_ether_adapters
+from .inject import adapter_layers, set_active_adapters, strengths_in_words
+from .io import AdapterFile, AdapterMismatchError, load_adapter, read_adapter_file
 from .reflection import METHODS
 
 __all__ = [
@@ -383,6 +382,7 @@ def save_lora(
     format: str = "diffusers",
     dtype: str | torch.dtype = "fp32",
     metadata: Mapping[str, str] | None = None,
+    family: str | None = None,
     **components: nn.Module,
 ) -> ExportSummary:
     """Write what the pipeline's active ETHER adapters do now as one LoRA ``.safetensors`` file, atomically.
@@ -395,10 +395,10 @@ def save_lora(
     dtype_name = dtype if isinstance(dtype, str) else next((k for k, v in DTYPES.items() if v == dtype), None)
     if dtype_name not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    parts, family = {}, None
+    parts = {}
     if pipe is not None:
         parts = {c: m for c in ADAPTABLE_COMPONENTS if isinstance(m := getattr(pipe, c, None), nn.Module)}
-        family = getattr(pipeline_family(pipe), "name", None)
+        family = family or getattr(pipeline_family(pipe), "name", None)
     parts.update({c: m for c, m in components.items() if m is not None})
     family = _family_of(parts, family)
     tensors, header, factors = lora_state_dict(parts, format, DTYPES[dtype_name], family)
@@ -408,7 +408,7 @@ def save_lora(
     # A strength far from 1 overflows the factors (two-sided ETHER+ grows with its square): a file of infinities would
     # load without complaint and draw black images, so it is refused, naming the layer, the dtype and the strengths.
     wider = "in fp32 or bf16 (CLI: --dtype fp32), or " if dtype_name == "fp16" else ""
-    advice = f"the adapters act at {_strengths(parts)}: export {wider}at a smaller strength"
+    advice = f"the adapters act at {strengths_in_words(parts)}: export {wider}at a smaller strength"
     check_finite(tensors, "the LoRA factor", advice)
     with atomic_write(path, "the LoRA") as tmp:
         save_file(tensors, str(tmp), metadata=header)
@@ -481,6 +481,21 @@ def base_model_metadata(pipe, family: str, title: str) -> dict[str, str]:
     return fields
 
 
+def folder_configs(model: Path) -> SimpleNamespace:
+    """What ``base_model_metadata`` reads of a pipeline, from a diffusers folder's JSON files (no model built)."""
+
+    def read(name: str) -> dict:
+        path = model / name
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    vae = read("vae/config.json")
+    return SimpleNamespace(
+        unet=SimpleNamespace(config=read("unet/config.json")),
+        scheduler=SimpleNamespace(config=read("scheduler/scheduler_config.json")),
+        vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1),
+    )
+
+
 def adapter_record(source: AdapterFile, strength: float) -> dict:
     """What the exported file says of each ETHER adapter it holds: file, strength, method and blocks per component,
     and the training settings the adapter file recorded."""
@@ -495,6 +510,89 @@ def adapter_record(source: AdapterFile, strength: float) -> dict:
 
 #: the adapter file's training record carried into exports
 TRAINING_KEYS = ("steps", "learning_rate", "trained_with", "instance_prompt", "num_processes")
+
+
+#: the denoiser weights of a diffusers folder, one file (sharded or ``.bin`` folders take the pipeline's way)
+FOLDER_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+def _skeleton(weights: Path, prints: Mapping[str, Sequence[int]]) -> nn.Module | None:
+    """The adapted layers of ``prints`` (``{module path: [in, out]}``) alone, at their paths in an otherwise empty
+    module tree, with the base weights and biases read from ``weights``: all an exact LoRA needs of the model. None
+    where the file lacks a layer or holds it in another shape."""
+    from safetensors import safe_open
+
+    root = nn.Module()
+    with safe_open(str(weights), "pt") as handle:
+        keys = set(handle.keys())
+        for path, (width_in, width_out) in prints.items():
+            if f"{path}.weight" not in keys:
+                return None
+            weight = handle.get_tensor(f"{path}.weight").float()  # as load_pipeline holds it: float32
+            if weight.dim() == 2:
+                layer = nn.Linear(width_in, width_out, bias=f"{path}.bias" in keys, device="meta")
+            elif weight.dim() == 4 and weight.shape[2:] == (1, 1):
+                layer = nn.Conv2d(width_in, width_out, 1, bias=f"{path}.bias" in keys, device="meta")
+            else:
+                return None
+            if tuple(weight.shape[:2]) != (width_out, width_in):
+                return None
+            layer.weight = nn.Parameter(weight, requires_grad=False)
+            if layer.bias is not None:
+                layer.bias = nn.Parameter(handle.get_tensor(f"{path}.bias").float(), requires_grad=False)
+            *parents, leaf = path.split(".")
+            parent = root
+            for part in parents:
+                if part not in parent._modules:
+                    parent.add_module(part, nn.Module())
+                parent = parent._modules[part]
+            parent.add_module(leaf, layer)
+    return root
+
+
+def export_from_folder(
+    adapters: Sequence[tuple[AdapterFile, float]],
+    output: str | os.PathLike,
+    model: str | os.PathLike,
+    format: str = "diffusers",
+    dtype: str | torch.dtype = "fp32",
+) -> ExportSummary | None:
+    """``export_adapters`` without building the pipeline: for adapters of the UNet of an SD 1.x/2.x or SDXL diffusers
+    folder (one ``diffusion_pytorch_model.safetensors``), only the adapted layers' base weights are read from the file
+    and the LoRA is computed on them: the same file, in a fraction of the time (no diffusers import, no model load).
+    None where that does not apply (another layout or family, text-encoder adapters, control files): then load the
+    pipeline and call ``export_adapters``. A file made for another family is refused as loading it would be."""
+    from .families import model_family
+
+    folder = Path(model)
+    weights = folder / FOLDER_WEIGHTS
+    if not (folder / "model_index.json").is_file() or not weights.is_file():
+        return None
+    try:
+        family = model_family(folder)
+    except ValueError:
+        return None
+    if family.name not in ("sd", "sdxl") or any(s.modules or set(s.configs) != {"unet"} for s, _ in adapters):
+        return None
+    for source, _ in adapters:
+        made = FAMILIES.get(source.model_family or "")
+        if made is not None and made is not family:
+            raise AdapterMismatchError(
+                f"'{source.path or '<adapter>'}' is an adapter for {made.label} models ({made.pipeline}), and "
+                f"'{folder}' is a {family.label} model: export it against the model it was trained on"
+                + (f" ({source.base_model})" if source.base_model else "")
+            )
+    prints = {path: widths for source, _ in adapters for path, widths in source.fingerprints["unet"].items()}
+    skeleton = _skeleton(weights, prints)
+    if skeleton is None:
+        return None
+    names = [load_adapter(source, {"unet": skeleton}, f"export{i}") for i, (source, _) in enumerate(adapters)]
+    set_active_adapters(skeleton, names, [strength for _, strength in adapters])
+    header = {
+        "ether_sources": json.dumps([adapter_record(source, strength) for source, strength in adapters]),
+        **base_model_metadata(folder_configs(folder), family.name, Path(output).stem),
+    }
+    return save_lora(output, format=format, dtype=dtype, metadata=header, family=family.name, unet=skeleton)
 
 
 CONTROL_NOTE = (
@@ -521,6 +619,8 @@ def export_adapters(
     unless ``unet_only``, which exports its UNet adapters alone (the result then changes the model but does not
     follow control images).
     """
+    from .pipeline import _check_family, _components, delete_ether_adapters, set_ether_adapters
+
     if not adapters:
         raise ValueError("give at least one adapter file to export")
     present = [n for m in _components(pipe).values() for _, layer in adapter_layers(m) for n in layer.ether_adapters]

@@ -41,6 +41,7 @@ __all__ = [
     "plan_injection",
     "restore_on_failure",
     "set_active_adapters",
+    "strengths_in_words",
     "unmerge_adapters",
 ]
 
@@ -484,3 +485,13 @@ def load_adapter_state_dict(model: nn.Module, adapter_name: str, state: dict[str
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(state[key])
+
+
+def strengths_in_words(components: dict[str, nn.Module]) -> str:
+    """The strengths of the active adapters, in words (``"strength 0.8"``, ``"strengths 1, 0.6"``): what messages
+    about overflowing weights name as the cause."""
+    for model in components.values():
+        for _, layer in adapter_layers(model):
+            found = [f"{layer.strengths[n]:g}" for n in layer.active_adapters]
+            return f"strength{'s' if len(found) > 1 else ''} {', '.join(found)}"
+    return "their strengths"

@@ -38,6 +38,7 @@ from .inject import (
     merge_adapters,
     mixed_batch,
     set_active_adapters,
+    strengths_in_words,
     unmerge_adapters,
 )
 from .io import AdapterFile, AdapterMismatchError, load_adapter, read_adapter_file, save_adapter
@@ -167,16 +168,6 @@ def delete_ether_adapters(pipe, adapter_names: str | list[str]) -> None:
                 delete_adapter(model, name)
 
 
-def _strengths(components: dict[str, nn.Module]) -> str:
-    """The strengths of the active adapters, in words (``"strength 0.8"``, ``"strengths 1, 0.6"``): what messages
-    about overflowing weights name as the cause."""
-    for model in components.values():
-        for _, layer in adapter_layers(model):
-            found = [f"{layer.strengths[n]:g}" for n in layer.active_adapters]
-            return f"strength{'s' if len(found) > 1 else ''} {', '.join(found)}"
-    return "their strengths"
-
-
 def fuse_ether(pipe, adapter_names: list[str] | None = None, safe_fusing: bool = False) -> None:
     """Fold the active adapters (or ``adapter_names``) into the weights: sampling then costs nothing extra.
 
@@ -185,7 +176,7 @@ def fuse_ether(pipe, adapter_names: list[str] | None = None, safe_fusing: bool =
     fails, all are restored.
     """
     components = _components(pipe)
-    strengths = _strengths(components)
+    strengths = strengths_in_words(components)
     done = []
     try:
         for component, model in components.items():

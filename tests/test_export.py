@@ -28,7 +28,7 @@ from ether_diffusion.export import (
 )
 from ether_diffusion.finite import NonFiniteError
 from ether_diffusion.inject import adapter_layers, delete_adapter, merge_adapters, unmerge_adapters
-from ether_diffusion.io import AdapterMismatchError
+from ether_diffusion.io import AdapterMismatchError, read_adapter_file
 
 TINY_SD = Path(__file__).resolve().parents[1] / "assets" / "tiny-sd"
 CLI = str(Path(sys.executable).parent / "ether-diffusion")
@@ -691,3 +691,62 @@ def test_documented_transformer_lora_sizes_come_from_the_architectures():
         assert len(documented) == 2
         for row in documented:
             assert f"| {label} {row}" in docs, row
+
+
+# --- the export without the pipeline (export_from_folder) ------------------------------------------------------
+
+
+def both_ways(adapters, folder, tmp_path, format):
+    """The LoRA of ``adapters`` [(file, strength)] by the folder's way and by the pipeline's: (tensors, header) each."""
+    from safetensors import safe_open
+
+    from ether_diffusion.export import export_from_folder
+    from ether_diffusion.models import load_pipeline
+
+    read = [(read_adapter_file(path), strength) for path, strength in adapters]
+    fast = export_from_folder(read, tmp_path / "fast.safetensors", folder, format=format)
+    assert fast is not None
+    slow = export_adapters(read, tmp_path / "slow.safetensors", load_pipeline(str(folder)), format=format)
+    found = []
+    for summary in (fast, slow):
+        with safe_open(str(summary.path), "pt") as handle:
+            found.append(({k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()))
+    return found
+
+
+@pytest.mark.parametrize("format", ["diffusers", "kohya"])
+def test_the_folder_export_writes_the_pipelines_file(format, tmp_path):
+    """The same tensors, bit for bit, and the same header (but its title and date) as loading the pipeline: two
+    adapters composed at two strengths, on the tiny model as shipped (fp32) and saved in fp16."""
+    from diffusers import StableDiffusionPipeline
+
+    first = make_adapter(load_stock(), tmp_path / "a.safetensors", EtherConfig(method="ether_plus", n_blocks=2))
+    on_q = EtherConfig(method="ether", target_modules=["to_q"])
+    second = make_adapter(load_stock(), tmp_path / "b.safetensors", on_q, seed=5)
+    half = tmp_path / "tiny-fp16"
+    StableDiffusionPipeline.from_pretrained(TINY_SD).to(torch.float16).save_pretrained(half)
+    for folder in (TINY_SD, half):
+        (fast, fast_header), (slow, slow_header) = both_ways([(first, 1.0), (second, 0.6)], folder, tmp_path, format)
+        assert fast.keys() == slow.keys() and all(torch.equal(fast[k], slow[k]) for k in fast), folder
+        volatile = {"modelspec.title", "modelspec.date"}
+        assert {k: v for k, v in fast_header.items() if k not in volatile} == {
+            k: v for k, v in slow_header.items() if k not in volatile
+        }
+
+
+def test_the_folder_export_leaves_what_it_does_not_take_to_the_pipeline(tmp_path):
+    import dataclasses
+
+    from ether_diffusion.export import export_from_folder
+
+    pipe = load_stock()
+    on_text = EtherConfig(method="ether", target_modules="text-encoder-attention")
+    text = read_adapter_file(make_adapter(pipe, tmp_path / "t.safetensors", EtherConfig(method="ether"), on_text))
+    unet = read_adapter_file(make_adapter(pipe, tmp_path / "u.safetensors", EtherConfig(method="ether")))
+    out = tmp_path / "l.safetensors"
+    assert export_from_folder([(text, 1.0)], out, TINY_SD) is None  # a text-encoder adapter
+    assert export_from_folder([(unet, 1.0)], out, tmp_path) is None  # not a diffusers folder
+    assert not out.exists()
+    other = dataclasses.replace(unet, model_family="sdxl")
+    with pytest.raises(ValueError, match="is an adapter for Stable Diffusion XL models .* export it against the model"):
+        export_from_folder([(other, 1.0)], out, TINY_SD)
