@@ -200,16 +200,22 @@ def test_ctrl_c_stops_the_command_in_one_line_and_frees_the_run(tmp_path):
                "--subjects", SUBJECT, "--methods", "ether", "--num_class_images", "2", "--inference_steps", "2",
                "--images_per_prompt", "1", "--num_prompts", "1", "--max_train_steps", "5000", "--output_dir", str(out),
                "--quiet"]  # fmt: skip
+    # SIGINT as a terminal delivers it, also where this test itself runs in the background (a shell starts background
+    # jobs with SIGINT ignored, and a Python started so never turns it into KeyboardInterrupt)
     process = subprocess.Popen(command, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    claim = out / "runs" / SUBJECT / "ether-x1-seed0" / "claim.json"
-    deadline = time.time() + 240
-    while not claim.is_file() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert claim.is_file(), process.communicate()[1][-2000:]
-    time.sleep(2)  # inside the run: class images, the task, the loop
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    try:
+        claim = out / "runs" / SUBJECT / "ether-x1-seed0" / "claim.json"
+        deadline = time.time() + 240
+        while not claim.is_file() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert claim.is_file(), process.communicate()[1][-2000:]
+        time.sleep(2)  # inside the run: class images, the task, the loop
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()  # never left training 5000 steps after a failure
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("stopped; rerun the same command to resume")
