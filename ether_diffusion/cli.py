@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .files import atomic_write
-from .sources import default_model
+from .sources import ModelLoadError, default_model
 
 # torch, diffusers and the training package load where a command needs them, not here: `--help` and the parsing of
 # every command stay well under a second
@@ -207,6 +207,7 @@ def _sample(args) -> int:
 
 
 def _fuse(args) -> int:
+    from .config import DTYPES
     from .models import load_pipeline, save_folder, save_single_file
     from .pipeline import fuse_ether, unload_ether_weights
 
@@ -235,8 +236,6 @@ def _fuse(args) -> int:
     _load_adapters(pipe, adapters)
     fuse_ether(pipe, safe_fusing=True)
     unload_ether_weights(pipe)  # plain diffusers modules again, with the adapter folded into the weights
-    from .config import DTYPES
-
     dtype = DTYPES.get(args.dtype)
     if args.single_file is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -274,7 +273,7 @@ def _recorded_base_model(adapters: list[tuple[AdapterFile, float]]) -> str | Non
 
 
 def _export(args) -> int:
-    from .export import export_from_folder
+    from .export import export_to_lora
 
     output = Path(args.output)
     target = output / "pytorch_lora_weights.safetensors" if output.is_dir() else output
@@ -292,36 +291,16 @@ def _export(args) -> int:
         return 2
     if args.model is None and model is not None:
         print(f"note: no --model given: exporting against the base model the adapter records, '{model}'")
-    folder = model if model is not None else default_model()
-    summary = None
-    if args.config is None and args.original_config is None and not args.unet_only:
-        summary = export_from_folder(adapters, output, folder, format=args.format, dtype=args.dtype)
-    if summary is None:
-        summary = _export_through_pipeline(args, adapters, output, model)
-    _print_export(args, summary)
-    return 0
-
-
-def _export_through_pipeline(args, adapters, output, model):
-    """The export of what ``export_from_folder`` does not take: the pipeline loaded, the adapters loaded into it."""
-    from .export import export_adapters
-    from .models import load_pipeline
-
     try:
-        pipe = load_pipeline(model, config=args.config, original_config=args.original_config)
-    except (OSError, RuntimeError) as err:
+        summary = export_to_lora(adapters, output, model, args.format, args.dtype, args.config, args.original_config,
+                                 args.unet_only)  # fmt: skip
+    except ModelLoadError as err:
         if args.model is not None or model is None:
             raise
-        from .sources import ModelLoadError
-
         raise ModelLoadError(
             f"the adapter's recorded base model '{model}' could not be loaded ({err}); pass --model with that "
             "model's folder, checkpoint file or hub id"
         ) from err
-    return export_adapters(adapters, output, pipe, format=args.format, dtype=args.dtype, unet_only=args.unet_only)
-
-
-def _print_export(args, summary) -> None:
     for note in summary.notes:
         print(f"note: {note}")
     layers = sum(summary.layers.values())
@@ -335,6 +314,7 @@ def _print_export(args, summary) -> None:
         f"LoRA weight 1 it applies the adapters' weight changes to within {summary.max_weight_error:.1e} "
         f"({summary.max_relative_error:.1e} of a layer's largest change: {summary.dtype} rounding; docs/export.md)"
     )
+    return 0
 
 
 def _demo(args) -> int:

@@ -44,18 +44,21 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save, save_file
 from torch import nn
 
 from ._version import __version__
 from .config import ADAPTABLE_COMPONENTS, DTYPES, EtherConfig
 from .delta import LoraFactors, layer_lora_factors
-from .families import FAMILIES, pipeline_family, supported_families
+from .families import FAMILIES, model_family, other_family, pipeline_family, supported_families
 from .files import atomic_write
 from .finite import check_finite
 from .inject import adapter_layers, set_active_adapters, strengths_in_words
 from .io import AdapterFile, AdapterMismatchError, load_adapter, read_adapter_file
+from .models import load_pipeline
 from .reflection import METHODS
+from .sources import default_model
 
 __all__ = [
     "FORMATS",
@@ -520,8 +523,6 @@ def _skeleton(weights: Path, prints: Mapping[str, Sequence[int]]) -> nn.Module |
     """The adapted layers of ``prints`` (``{module path: [in, out]}``) alone, at their paths in an otherwise empty
     module tree, with the base weights and biases read from ``weights``: all an exact LoRA needs of the model. None
     where the file lacks a layer or holds it in another shape."""
-    from safetensors import safe_open
-
     root = nn.Module()
     with safe_open(str(weights), "pt") as handle:
         keys = set(handle.keys())
@@ -562,8 +563,6 @@ def export_from_folder(
     and the LoRA is computed on them: the same file, in a fraction of the time (no diffusers import, no model load).
     None where that does not apply (another layout or family, text-encoder adapters, control files): then load the
     pipeline and call ``export_adapters``. A file made for another family is refused as loading it would be."""
-    from .families import model_family
-
     folder = Path(model)
     weights = folder / FOLDER_WEIGHTS
     if not (folder / "model_index.json").is_file() or not weights.is_file():
@@ -575,8 +574,8 @@ def export_from_folder(
     if family.name not in ("sd", "sdxl") or any(s.modules or set(s.configs) != {"unet"} for s, _ in adapters):
         return None
     for source, _ in adapters:
-        made = FAMILIES.get(source.model_family or "")
-        if made is not None and made is not family:
+        made = other_family(source.model_family, family)
+        if made is not None:
             raise AdapterMismatchError(
                 f"'{source.path or '<adapter>'}' is an adapter for {made.label} models ({made.pipeline}), and "
                 f"'{folder}' is a {family.label} model: export it against the model it was trained on"
@@ -588,11 +587,38 @@ def export_from_folder(
         return None
     names = [load_adapter(source, {"unet": skeleton}, f"export{i}") for i, (source, _) in enumerate(adapters)]
     set_active_adapters(skeleton, names, [strength for _, strength in adapters])
-    header = {
-        "ether_sources": json.dumps([adapter_record(source, strength) for source, strength in adapters]),
-        **base_model_metadata(folder_configs(folder), family.name, Path(output).stem),
-    }
+    header = export_header(adapters, folder_configs(folder), family.name, output)
     return save_lora(output, format=format, dtype=dtype, metadata=header, family=family.name, unet=skeleton)
+
+
+def export_header(adapters: Sequence[tuple[AdapterFile, float]], pipe, family: str, output) -> dict[str, str]:
+    """The header fields an export adds to the LoRA's own: each adapter's record and what the base model is."""
+    return {
+        "ether_sources": json.dumps([adapter_record(source, strength) for source, strength in adapters]),
+        **base_model_metadata(pipe, family, Path(output).stem),
+    }
+
+
+def export_to_lora(
+    adapters: Sequence[tuple[AdapterFile, float]],
+    output: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    format: str = "diffusers",
+    dtype: str | torch.dtype = "fp32",
+    config: str | os.PathLike | None = None,
+    original_config: str | os.PathLike | None = None,
+    unet_only: bool = False,
+) -> ExportSummary:
+    """Export ``adapters`` (``(file, strength)`` each) against ``model`` (default: the shipped tiny model): from the
+    folder's files where ``export_from_folder`` applies, else through the loaded pipeline (``export_adapters``;
+    ``config``/``original_config`` for a single-file model). What the command line and the studio call."""
+    folder = model if model is not None else default_model()
+    if config is None and original_config is None and not unet_only:
+        summary = export_from_folder(adapters, output, folder, format=format, dtype=dtype)
+        if summary is not None:
+            return summary
+    pipe = load_pipeline(model, config=config, original_config=original_config)
+    return export_adapters(adapters, output, pipe, format=format, dtype=dtype, unet_only=unet_only)
 
 
 CONTROL_NOTE = (
@@ -619,6 +645,7 @@ def export_adapters(
     unless ``unet_only``, which exports its UNet adapters alone (the result then changes the model but does not
     follow control images).
     """
+    # pipeline.py imports diffusers' pipelines (seconds): only this way of exporting needs them, export_from_folder not
     from .pipeline import _check_family, _components, delete_ether_adapters, set_ether_adapters
 
     if not adapters:
@@ -651,12 +678,8 @@ def export_adapters(
         for i, source in enumerate(sources):
             names.append(load_adapter(source, _components(pipe), f"export{i}", accept_modules=True))
         set_ether_adapters(pipe, names, [s for _, s in specs])
-        described = [adapter_record(source, s) for source, (_, s) in zip(sources, specs)]
         family = getattr(pipeline_family(pipe), "name", None) or sources[0].model_family or "sd"
-        header = {
-            "ether_sources": json.dumps(described),
-            **base_model_metadata(pipe, family, Path(output).stem),
-        }
+        header = export_header([(source, s) for source, (_, s) in zip(sources, specs)], pipe, family, output)
         summary = save_lora(output, pipe, format=format, dtype=dtype, metadata=header)
     finally:
         if names:

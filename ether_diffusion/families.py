@@ -124,6 +124,13 @@ def model_class_name(
         return None
 
 
+def other_family(recorded: str | None, family: ModelFamily | None) -> ModelFamily | None:
+    """The family a file records (``AdapterFile.model_family``) where it is known and is not ``family``: a file made
+    for another model family, which loading or exporting refuses. None where nothing says so."""
+    made = FAMILIES.get(recorded or "")
+    return made if made is not None and family is not None and made is not family else None
+
+
 def model_family(
     model: str | Path | None, revision: str | None = None, config: str | Path | None = None
 ) -> ModelFamily:

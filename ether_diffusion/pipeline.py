@@ -26,7 +26,7 @@ from diffusers import StableDiffusionPipeline
 from torch import nn
 
 from .config import ADAPTABLE_COMPONENTS, DENOISER_COMPONENTS
-from .families import FAMILIES, check_supported_pipeline, pipeline_family
+from .families import FAMILIES, check_supported_pipeline, other_family, pipeline_family
 from .finite import check_finite
 from .inject import (
     active_adapters,
@@ -84,8 +84,9 @@ def _check_family(pipe, source: AdapterFile) -> None:
     than the pipeline's (before any layer is compared: "layers this model lacks" is not the cause then)."""
     check_supported_pipeline(pipe)
     where = source.path or "<adapter>"
-    family, made = pipeline_family(pipe), FAMILIES.get(source.model_family or "")
-    if family is not None and made is not None and family is not made:
+    family = pipeline_family(pipe)
+    made = other_family(source.model_family, family)
+    if made is not None:
         raise AdapterMismatchError(
             f"'{where}' is an adapter for {made.label} models ({made.pipeline}), and this {type(pipe).__name__} is a "
             f"{family.label} pipeline: load it into a {made.pipeline} of the model it was trained on"

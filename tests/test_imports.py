@@ -51,3 +51,18 @@ def test_the_package_names_load_on_first_use_and_help_needs_no_torch():
         module = ether_diffusion._EXPORTS.get(name)
         if module is not None:
             assert value is getattr(importlib.import_module(module, "ether_diffusion"), name), name
+
+
+def test_the_packages_static_imports_name_exactly_its_lazy_exports():
+    """ether_diffusion/__init__.py lists its public names twice: ``_EXPORTS`` (what loads on first use) and the
+    TYPE_CHECKING imports (what type checkers and the architecture test read). They must name the same things from the
+    same modules."""
+    import ast
+    from pathlib import Path
+
+    import ether_diffusion
+
+    tree = ast.parse(Path(ether_diffusion.__file__).read_text())
+    guarded = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
+    static = {alias.name: "." + node.module for node in guarded.body for alias in node.names}
+    assert static == ether_diffusion._EXPORTS

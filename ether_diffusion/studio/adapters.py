@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import METHOD_LABELS
+from ..export import export_to_lora
 from ..files import atomic_write
 from ..io import AdapterFileError, AdapterMismatchError, read_adapter_file
 from ..training.config import TaskKind
@@ -248,16 +249,12 @@ class AdapterStore:
     def export_lora(self, name: str, format: str, model: str, model_config: str | None = None):
         """Adapter ``name`` as an exact LoRA file of ``format`` (``diffusers`` or ``kohya``, fp32) for ``model`` (the
         base it was trained on), written to the workspace's ``exports`` folder: ``(path, ExportSummary)``."""
-        from ..export import export_adapters
-        from ..models import load_pipeline
-
         if format not in ("diffusers", "kohya"):
             raise StudioError(f"LoRA format {format!r} is not one of diffusers, kohya")
         source = self.require(name)
         output = inside(self.workspace.exports, f"{check_name(name)}-{format}-lora.safetensors")
-        pipe = load_pipeline(model, config=model_config)  # adapter-free: export loads the file into it and removes it
         try:
-            summary = export_adapters([source], output, pipe, format=format)
+            summary = export_to_lora([(read_adapter_file(source), 1.0)], output, model, format, config=model_config)
         except ValueError as err:  # a control file, another family's file: the reason, as the CLI gives it
             raise StudioError(f"'{name}' cannot be exported as a LoRA: {err}") from None
         return output, summary

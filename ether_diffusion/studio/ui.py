@@ -36,7 +36,7 @@ from ..assets import default_model_path, default_subjects_path  # noqa: E402
 from ..config import METHOD_LABELS, EtherConfig  # noqa: E402
 from ..control.train import ControlConfig  # noqa: E402
 from ..demo import DEFAULT_SUBJECT  # noqa: E402
-from ..training.config import ETHER_METHODS, TaskKind  # noqa: E402
+from ..training.config import ETHER_METHODS, TaskKind, adapter_targets  # noqa: E402
 from ..training.dreambooth import DreamBoothConfig  # noqa: E402
 from .access import accounts, check_exposure  # noqa: E402
 from .adapters import TABLE_HEADERS, AdapterStore  # noqa: E402
@@ -393,14 +393,13 @@ def method_row(form: dict, defaults: FormSpec, prefix: str, studio: Studio, conf
             elem_id=f"{prefix}base-quantization",
         )  # fmt: skip
     note = gr.Markdown("", elem_id=f"{prefix}blocks-note")
-    targets = config_class.__dataclass_fields__["target_modules"].default
+    targets = adapter_targets(config_class.__dataclass_fields__["target_modules"].default)  # the job's default
 
     def check(method, n_blocks):
         if n_blocks is None:
             return ""
         try:
-            config = EtherConfig(target_modules=targets[0] if len(targets) == 1 else list(targets),
-                                 method=METHODS.get(method, method), n_blocks=int(n_blocks))  # fmt: skip
+            config = EtherConfig(target_modules=targets, method=METHODS.get(method, method), n_blocks=int(n_blocks))
             studio.sampler.check_adapter_config(config)
         except Exception as err:  # noqa: BLE001  (every reason reaches the page, beside the field)
             return error_note(err)

@@ -490,12 +490,8 @@ class RunConfig:
 
     # --- derived ---------------------------------------------------------------------------------------------------
     def adapter_targets(self) -> str | list[str]:
-        """``EtherConfig.target_modules`` of ``--target_modules``: one preset by its name, else every suffix with the
-        presets among them spelled out."""
-        names = self.target_modules
-        if len(names) == 1 and names[0] in TARGET_PRESETS:
-            return names[0]
-        return list(dict.fromkeys(s for name in names for s in TARGET_PRESETS.get(name, (name,))))
+        """``EtherConfig.target_modules`` of ``--target_modules`` (``adapter_targets``)."""
+        return adapter_targets(self.target_modules)
 
     def adapter_config(self, target_modules: str | list[str] | None = None) -> EtherConfig:
         """The ETHER config of the flags (``target_modules`` overrides the flag, e.g. for the text encoder)."""
@@ -570,6 +566,14 @@ class _ForeignFlagAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         if not self.answer.accepted:
             parser.error(f"{option_string} does not apply to ETHER: {self.answer.reason}")
+
+
+def adapter_targets(names: tuple[str, ...] | list[str]) -> str | list[str]:
+    """``EtherConfig.target_modules`` of target names: one preset by its name, else every suffix with the presets among
+    them spelled out."""
+    if len(names) == 1 and names[0] in TARGET_PRESETS:
+        return names[0]
+    return list(dict.fromkeys(s for name in names for s in TARGET_PRESETS.get(name, (name,))))
 
 
 def _flag_type(annotation) -> tuple[type, bool]:
