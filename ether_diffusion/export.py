@@ -44,7 +44,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save, save_file
 from torch import nn
 
@@ -522,7 +522,14 @@ FOLDER_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 def _skeleton(weights: Path, prints: Mapping[str, Sequence[int]]) -> nn.Module | None:
     """The adapted layers of ``prints`` (``{module path: [in, out]}``) alone, at their paths in an otherwise empty
     module tree, with the base weights and biases read from ``weights``: all an exact LoRA needs of the model. None
-    where the file lacks a layer or holds it in another shape."""
+    where the file lacks a layer, holds it in another shape or cannot be read (the pipeline's loader then says why)."""
+    try:
+        return _read_skeleton(weights, prints)
+    except (SafetensorError, OSError):
+        return None
+
+
+def _read_skeleton(weights: Path, prints: Mapping[str, Sequence[int]]) -> nn.Module | None:
     root = nn.Module()
     with safe_open(str(weights), "pt") as handle:
         keys = set(handle.keys())

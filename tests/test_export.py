@@ -750,3 +750,22 @@ def test_the_folder_export_leaves_what_it_does_not_take_to_the_pipeline(tmp_path
     other = dataclasses.replace(unet, model_family="sdxl")
     with pytest.raises(ValueError, match="is an adapter for Stable Diffusion XL models .* export it against the model"):
         export_from_folder([(other, 1.0)], out, TINY_SD)
+
+
+def test_a_damaged_model_folder_is_one_clear_error_and_writes_nothing(tmp_path, capsys):
+    """The folder's weights cannot be read: the folder export steps aside and the loader names the damaged file."""
+    import shutil
+
+    from ether_diffusion.cli import main
+
+    adapter = make_adapter(load_stock(), tmp_path / "a.safetensors", EtherConfig(method="ether"))
+    damaged = tmp_path / "model"
+    shutil.copytree(TINY_SD, damaged)
+    weights = damaged / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    output = tmp_path / "lora.safetensors"
+    argv = ["export", str(adapter), "--model", str(damaged), "--format", "kohya", "--output", str(output)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: could not load the base model '{damaged}'") and "diffusion_pytorch_model" in err
+    assert not output.exists()
