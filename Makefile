@@ -28,7 +28,7 @@ test: $(BIN)/.installed browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# everyday work: the tests not marked slow (877 tests, 90 s on the 2-core reference machine; the full suite ~12 minutes)
+# everyday work: the tests not marked slow (882 tests, 90 s on the 2-core reference machine; the full suite 9-13 minutes)
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
 
