@@ -202,7 +202,7 @@ class EtherLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self._weight_before_merge: torch.Tensor | None = None  # the base weight while adapters are merged
         self._merge_delta: torch.Tensor | None = None  # what merge added, when another adapter sits inside
-        self._mixed: MixedBatch | None = None  # per-sample routing while a mixed batch runs
+        self._mixed = None  # per-sample routing: a sampling MixedBatch or a training slots.SlotRoute
         self._directions: directions.Directions | None = None  # set by each training forward of the model
         #: sampling keeps ``W' = T̃ W T`` while the adapter, its vectors and strength are unchanged (one product per
         #: forward, as the base layer; costs a copy of the weight): ``inject.set_merged_cache`` switches it off
@@ -328,6 +328,14 @@ class EtherLayer(nn.Module):
         if self.merged_adapters:
             raise RuntimeError(f"'{self.layer_name}' has merged adapters; unmerge before a mixed batch")
         self._mixed = MixedBatch(list(slot_names), slot_ids.to(self.plain.weight.device))
+
+    def route_slots(self, route) -> None:
+        """Train several adapters of one layout side by side: sample ``b`` of each forward runs through adapter
+        ``route.names[route.ids[b]]`` (``slots.SlotRoute``, shared by every layer of the model); ``None`` ends it."""
+        directions.touch()
+        if route is not None and self.merged_adapters:
+            raise RuntimeError(f"'{self.layer_name}' has merged adapters; unmerge before training slots")
+        self._mixed = route
 
     # --- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -1,0 +1,121 @@
+"""Slots: one training forward that trains several adapters of one layout side by side.
+
+A packed training step (``training/pack.py``) puts the samples of K independent runs in one batch; sample ``b`` runs
+through adapter ``names[ids[b]]`` of every adapted layer. Unlike a sampling mixed batch (``mixed.py``), which zero-pads
+adapters of any method to a common rank and gathers their factors once per denoising run, the slots of a training
+step share one layout (method, blocks, sides: the adapters of runs with the same flags), so each layer stacks the
+slots' vectors and builds every slot's transform at once::
+
+    vectors (S, n, b) per term  ->  unit rows R (S, K·n, d), scaled rows E = C R
+    x (B, ..., d)  ->  x + (x R[slot_b]ᵀ) E[slot_b]          one batched product per side
+
+The number of operations per layer does not grow with the number of slots; the base layer's product runs once for
+the whole batch, which is what makes a packed step cheaper than K steps. Each slot's gradient is the one its own
+samples give (a sample's output depends on its own adapter only). torch only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .reflection import _norm_floor, cast
+
+__all__ = ["SlotRoute", "check_same_layout"]
+
+
+class SlotRoute:
+    """Which adapter each sample of a training forward uses: ``names`` per slot, ``ids`` (B,) per sample.
+
+    One route is shared by every adapted layer of a model (``EtherLayer.route_slots``); the trainer sets ``ids`` before
+    each forward (``assign``). When every slot holds the same number of consecutive samples the batch is viewed as
+    (S, samples per slot, ...) and no per-sample copy of the rows is made."""
+
+    def __init__(self, names: list[str]):
+        self.names = list(names)
+        self.ids: torch.Tensor | None = None
+        self.per_slot: int | None = None  # samples per slot when the batch is S equal consecutive groups
+
+    def assign(self, counts: list[int], device) -> None:
+        """Samples per slot, in batch order: slot ``k``'s ``counts[k]`` samples follow slot ``k - 1``'s."""
+        if len(counts) != len(self.names):
+            raise ValueError(f"{len(counts)} sample counts for {len(self.names)} slots")
+        ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        self.ids = ids.to(device)
+        self.per_slot = counts[0] if counts and len(set(counts)) == 1 else None
+
+    def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        ids = self.ids
+        if ids is None or x.shape[0] != ids.shape[0]:
+            raise ValueError(
+                f"'{layer.layer_name}': a batch of {x.shape[0]} samples, but the slot route assigns "
+                f"{None if ids is None else ids.shape[0]}"
+            )
+        adapters = [layer.ether_adapters[name] for name in self.names]
+        strength = layer.strengths[self.names[0]]
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        h = x
+        sides = adapters[0].sides
+        if "input" in sides:
+            rows = _slot_rows(adapters, "input", strength, dtype)
+            h = layer._features_back(self._apply(layer._features_last(cast(h, dtype)), rows))
+        if "output" not in sides:
+            return layer.base_layer(h)
+        y = layer._features_last(layer._product_without_bias(h))
+        y = self._apply(y, _slot_rows(adapters, "output", strength, y.dtype))
+        return layer._add_bias(layer._features_back(y))
+
+    def _apply(self, x: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``x + (x Rᵀ) E`` with each sample's own slot's ``R``, ``E`` (S, r, d)."""
+        units, scaled = rows
+        slots = units.shape[0]
+        if self.per_slot is not None:  # (S, m·N, d): the slots' rows as they are
+            flat = x.reshape(slots, -1, x.shape[-1])
+        else:  # (B, N, d): each sample's rows gathered
+            flat = x.reshape(x.shape[0], -1, x.shape[-1])
+            units, scaled = units.index_select(0, self.ids), scaled.index_select(0, self.ids)
+        return torch.baddbmm(flat, torch.bmm(flat, units.transpose(1, 2)), scaled).reshape(x.shape)
+
+
+def _slot_rows(adapters: list, side: str, strength: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R, E)`` (S, K·n, d) of every slot's transform on ``side``: unit directions placed in their blocks, and the
+    same rows times their terms' coefficients."""
+    method = adapters[0].method
+    terms = [method.rank_one_terms(adapter.vectors(side), strength) for adapter in adapters]
+    coefficients = terms[0].coefficients
+    # (S, K, n, b): slot, term, block, entry
+    stacked = torch.stack([torch.stack(found.vectors) for found in terms])
+    units = stacked / stacked.norm(dim=-1, keepdim=True).clamp_min(_norm_floor(stacked.dtype))
+    slots, k, n, b = units.shape
+    if n == 1:
+        rows = units.reshape(slots, k, b)
+    else:  # row (k·n + m) holds block i's direction in columns i·b … (i+1)·b, zeros elsewhere
+        mask = torch.eye(n, dtype=units.dtype, device=units.device)
+        rows = torch.einsum("skij,im->skmij", units, mask).reshape(slots, k * n, n * b)
+    rows = cast(rows, dtype)
+    if len(set(coefficients)) == 1:
+        return rows, rows * coefficients[0]
+    scale = torch.tensor(coefficients, dtype=dtype).repeat_interleave(n).to(rows.device)
+    return rows, rows * scale[:, None]
+
+
+def check_same_layout(models: dict[str, nn.Module], names: list[str]) -> None:
+    """Raise unless adapters ``names`` cover the same layers with the same method, blocks and sides (what slots of one
+    step need)."""
+    from .inject import adapter_configs
+
+    for component, model in models.items():
+        configs = adapter_configs(model)
+        missing = [name for name in names if name not in configs]
+        if missing:
+            raise KeyError(f"{component} has no adapters {missing}")
+        layouts = {
+            (c.method, c.n_blocks, tuple(c.sides), tuple(c.target_suffixes))
+            for c in (configs[name] for name in names)
+        }
+        if len(layouts) > 1:
+            raise ValueError(
+                f"slots of one step need one adapter layout (method, blocks, sides, targets); {component} has "
+                f"{len(layouts)}: {sorted(layouts)}"
+            )
