@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 DEMO_STEPS = 1000
 CONTROL_DEMO_STEPS = 600
+#: jobs per packed step when neither --pack nor the jobs file says (docs/performance.md: adapters per hour by pack)
+DEFAULT_PACK = 8
 #: the training verbs: the kind each trains (a ``TaskKind`` value; ``registry.py`` picks its flags by the model)
 TRAIN_VERBS = {"train": "dreambooth", "train-control": "control"}
 
@@ -578,9 +580,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def jobs_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ether-diffusion train --jobs",
+        description="train the DreamBooth runs of a jobs file (TOML: [defaults] and one [[job]] per run, keys are "
+        "train's flags; docs/training.md) side by side, --pack at a time, each into its own output folder. Under "
+        "`accelerate launch --num_processes N` each process trains every N-th job",
+    )
+    parser.add_argument("--jobs", required=True, help="the jobs file")
+    parser.add_argument(
+        "--pack", type=_whole(1, 64), default=None,
+        help=f"runs trained in one step (default: the file's pack, else {DEFAULT_PACK}: docs/performance.md)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--resume_from_checkpoint", choices=("latest",), default=None,
+        help="continue a killed packed run from its latest checkpoint (finished jobs are kept)",
+    )  # fmt: skip
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    return parser
+
+
+def train_jobs(argv: list[str]) -> int:
+    """``train --jobs FILE``: every job checked, then trained packed (``training/pack.py``)."""
+    args = jobs_parser().parse_args(argv)
+    from .jobs import JobsFileError, load_jobs
+    from .training.pack import PackedTrainer
+
+    try:
+        found = load_jobs(args.jobs)
+    except JobsFileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    pack = args.pack or found.pack or DEFAULT_PACK
+    trainer = PackedTrainer(found.jobs, pack, found.state_dir, resume=bool(args.resume_from_checkpoint),
+                            quiet=args.quiet)  # fmt: skip
+    result = trainer.train()
+    return 1 if result.diverged else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["train"] and any(a == "--jobs" or a.startswith("--jobs=") for a in argv[1:]):
+            return train_jobs(argv[1:])
         if argv[:1] and argv[0] in TRAIN_VERBS:
             from . import registry
 

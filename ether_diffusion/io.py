@@ -396,12 +396,14 @@ def save_adapter(
     extra: dict[str, str] | None = None,
     modules: dict[str, tuple[dict, dict[str, torch.Tensor]]] | None = None,
     model_family: str | None = None,
+    recorded_name: str | None = None,
 ) -> Path:
     """Write adapter ``adapter_name`` of each component (e.g. ``{"unet": unet}``) to one file, atomically.
 
     ``path`` may be a folder (the file is then ``<folder>/ether_adapter.safetensors``). ``modules`` adds trained
     modules as ``{name: (config dict, state dict)}`` (see the module docstring); ``model_family`` records the model
-    family the components belong to (``families.FAMILIES``: "sd", "sdxl", "sd3", "flux").
+    family the components belong to (``families.FAMILIES``: "sd", "sdxl", "sd3", "flux"); ``recorded_name`` is the
+    name the file gives the adapter when it is not ``adapter_name`` (a packed run's slot saves its job's name).
     """
     if model_family is not None and not FAMILY_NAME_PATTERN.fullmatch(str(model_family)):
         raise ValueError(f"model_family must be a short name such as 'sdxl' or 'flux', not {model_family!r}")
@@ -428,7 +430,7 @@ def save_adapter(
         "format_version": str(FORMAT_VERSION),
         "config": json.dumps(configs, sort_keys=True),
         "fingerprint": json.dumps(prints, sort_keys=True),
-        "adapter_name": adapter_name,
+        "adapter_name": recorded_name or adapter_name,
         "base_model": base_model or "",
         "library_version": __version__,
         **{str(k): str(v) for k, v in (extra or {}).items()},

@@ -23,6 +23,7 @@ ROOMS = [
             "reflection",
             "config",
             "mixed",
+            "slots",
             "layers",
             "delta",
             "coexist",
@@ -44,7 +45,7 @@ ROOMS = [
     ("world", ["world", "evaluation"]),
     ("training", ["training"]),
     ("control", ["control"]),
-    ("registry", ["registry"]),
+    ("registry", ["registry", "jobs"]),
     ("apps", ["demo", "bench", "studio", "cli"]),
     ("package", [""]),  # ether_diffusion/__init__.py: the public names, imported by nothing inside
 ]

@@ -35,9 +35,10 @@ class EtherAdapters:
     #: the saved file is an ETHER adapter file: ``load_ether_weights`` puts it into a fresh pipeline
     loads_into_pipelines = True
 
-    def __init__(self, name: str, model_family: str | None = None):
+    def __init__(self, name: str, model_family: str | None = None, recorded_name: str | None = None):
         self.name = name
         self.model_family = model_family  # recorded in the file (families.FAMILIES)
+        self.recorded_name = recorded_name  # the name the file gives the adapter, when not ``name`` (a pack's slot)
         self.models: dict[str, nn.Module] = {}
         self.configs: dict[str, EtherConfig] = {}
 
@@ -74,7 +75,7 @@ class EtherAdapters:
     def save(self, path: Path, base_model: str | None = None, extra: dict | None = None, modules=None) -> Path:
         """The adapter file (``io.save_adapter``); ``modules``: ``{name: (config dict, state dict)}`` beside it."""
         return save_adapter(path, self.models, self.name, base_model=base_model, extra=extra, modules=modules,
-                            model_family=self.model_family)  # fmt: skip
+                            model_family=self.model_family, recorded_name=self.recorded_name)  # fmt: skip
 
     def load(self, path: Path) -> dict[str, dict[str, torch.Tensor]]:
         source = read_adapter_file(path)

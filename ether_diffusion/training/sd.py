@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from typing import NamedTuple
 
 import torch
 
@@ -39,7 +40,15 @@ from ..sampling import sample_images
 from .diffusion import dreambooth_loss, prediction_target, sample_noise
 from .run import Run
 
-__all__ = ["StableDiffusionBackend"]
+__all__ = ["Draws", "StableDiffusionBackend"]
+
+
+class Draws(NamedTuple):
+    """A training step's random draws: clean latents, noise and timesteps (one row per sample)."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
 
 
 def place(model: torch.nn.Module, device, dtype: torch.dtype) -> None:
@@ -234,19 +243,34 @@ class StableDiffusionBackend:
                        prior_loss_weight: float = 1.0):  # fmt: skip
         """Noise ``batch["pixel_values"]``'s latents at random timesteps and score the UNet's prediction of the
         scheduler's target (epsilon or v), conditioned on ``condition(batch)``."""
-        parts, generator = self.components, run.noise_generator
-        vae, scheduler = parts.vae, parts.noise_scheduler
-        latents = self.latent_distribution(batch, run).sample(generator=generator)
+        draws = self.draw(self.latent_distribution(batch, run), run.noise_generator, run, offset_noise)
+        prediction = self.predict_noise(draws, batch, run)
+        return self.score(prediction, draws, self.config.snr_gamma, prior_preservation, prior_loss_weight)
+
+    def draw(self, distribution, generator: torch.Generator, run: Run, offset_noise: float = 0.0) -> Draws:
+        """A step's random draws from ``generator``, in this order: the latents from the VAE's ``distribution``, the
+        noise, the timesteps. A packed step (``pack.py``) draws each run's rows from that run's own generator."""
+        vae, scheduler = self.components.vae, self.components.noise_scheduler
+        latents = distribution.sample(generator=generator)
         latents = (latents * vae.config.scaling_factor).to(run.weight_dtype)
         noise = sample_noise(latents, generator, offset_noise)
         timesteps = torch.randint(
             0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
         )
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        prediction = run.module("unet", parts.unet)(noisy, timesteps, **self.condition(batch, run)).sample
-        target = prediction_target(scheduler, latents, noise, timesteps)
+        return Draws(latents, noise, timesteps)
+
+    def predict_noise(self, draws: Draws, batch: dict, run: Run) -> torch.Tensor:
+        """The UNet's prediction on the noised latents of ``draws``, conditioned on ``batch``."""
+        parts = self.components
+        noisy = parts.noise_scheduler.add_noise(draws.latents, draws.noise, draws.timesteps)
+        return run.module("unet", parts.unet)(noisy, draws.timesteps, **self.condition(batch, run)).sample
+
+    def score(self, prediction, draws: Draws, snr_gamma, prior_preservation: bool, prior_loss_weight: float):
+        """The DreamBooth loss of ``prediction`` against the scheduler's target (epsilon or v) of ``draws``."""
+        scheduler = self.components.noise_scheduler
+        target = prediction_target(scheduler, draws.latents, draws.noise, draws.timesteps)
         return dreambooth_loss(
-            prediction, target, timesteps, scheduler, self.config.snr_gamma, prior_preservation, prior_loss_weight
+            prediction, target, draws.timesteps, scheduler, snr_gamma, prior_preservation, prior_loss_weight
         )
 
     # --- sampling -----------------------------------------------------------------------------------------------

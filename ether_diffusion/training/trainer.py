@@ -151,6 +151,54 @@ def compile_blocks(modules: dict[str, torch.nn.Module], backend: str) -> list[st
     return compiled
 
 
+def build_optimizer(config, groups: list[dict]):
+    """The run's optimizer over ``groups``: AdamW (8-bit with --use_8bit_adam; capturable with --cuda_graphs) or
+    Prodigy."""
+    if config.optimizer == "prodigy":  # diffusers' train_dreambooth_lora_sdxl.py choice; lr ~1.0 scales its step
+        import prodigyopt
+
+        return prodigyopt.Prodigy(
+            groups,
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            beta3=config.prodigy_beta3,
+            weight_decay=config.adam_weight_decay,
+            eps=config.adam_epsilon,
+            decouple=config.prodigy_decouple,
+            use_bias_correction=config.prodigy_use_bias_correction,
+            safeguard_warmup=config.prodigy_safeguard_warmup,
+        )
+    if config.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    # a captured step keeps AdamW's step count and learning rate on the device (graphs.py)
+    capture = {"capturable": True, "foreach": True} if config.cuda_graphs else {}
+    return optimizer_class(
+        groups,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+        **capture,
+    )
+
+
+def build_schedule(config, optimizer, max_train_steps: int, num_processes: int = 1):
+    """diffusers' learning-rate schedule of the flags over ``max_train_steps`` (accelerate steps it per process)."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * num_processes,
+        num_training_steps=max_train_steps * num_processes,
+        num_cycles=config.lr_num_cycles,
+        power=config.lr_power,
+    )
+
+
 @dataclass
 class LoopState:
     """What the trainer's steps share: the run, the data and what accelerate prepared, and where the loop is."""
@@ -180,6 +228,13 @@ class Trainer:
         self.task = task
         self.config = task.config
         self.callbacks = CallbackList(callbacks)
+        #: whether this process writes samples and the output folder: the main process of data parallel (None); a
+        #: packed run's process writes its own jobs' (True, ``pack.py``)
+        self.writer: bool | None = None
+        self.hub_repo = None  # the hub repository --push_to_hub uploads to (created before training)
+
+    def writes(self, accelerator) -> bool:
+        return accelerator.is_main_process if self.writer is None else self.writer
 
     # --- pieces ------------------------------------------------------------------------------------------------
     def _prepare(self, message: str, done: int | None = None, total: int | None = None) -> None:
@@ -227,36 +282,7 @@ class Trainer:
         return accelerator
 
     def _optimizer(self, groups: list[dict]):
-        config = self.config
-        if config.optimizer == "prodigy":  # diffusers' train_dreambooth_lora_sdxl.py choice; lr ~1.0 scales its step
-            import prodigyopt
-
-            return prodigyopt.Prodigy(
-                groups,
-                lr=config.learning_rate,
-                betas=(config.adam_beta1, config.adam_beta2),
-                beta3=config.prodigy_beta3,
-                weight_decay=config.adam_weight_decay,
-                eps=config.adam_epsilon,
-                decouple=config.prodigy_decouple,
-                use_bias_correction=config.prodigy_use_bias_correction,
-                safeguard_warmup=config.prodigy_safeguard_warmup,
-            )
-        if config.use_8bit_adam:
-            import bitsandbytes as bnb
-
-            optimizer_class = bnb.optim.AdamW8bit
-        else:
-            optimizer_class = torch.optim.AdamW
-        # a captured step keeps AdamW's step count and learning rate on the device (graphs.py)
-        capture = {"capturable": True, "foreach": True} if config.cuda_graphs else {}
-        return optimizer_class(
-            groups,
-            betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.adam_weight_decay,
-            eps=config.adam_epsilon,
-            **capture,
-        )
+        return build_optimizer(self.config, groups)
 
     def _resume(self, accelerator, output_dir: Path, updates_per_epoch: int) -> tuple[int, int, int]:
         """Load ``--resume_from_checkpoint`` (a folder or "latest"); returns ``(global_step, first_epoch, batches to
@@ -377,8 +403,6 @@ class Trainer:
     def prepare(self, state: LoopState) -> None:
         """The optimizer, the data loader and the schedule, compiled and wrapped by accelerate; checkpoint hooks and
         trackers."""
-        from diffusers.optimization import get_scheduler
-
         config, task, accelerator = self.config, self.task, state.run.accelerator
         groups = state.groups = task.parameter_groups()
         state.params = [p for group in groups for p in group["params"]]
@@ -404,14 +428,7 @@ class Trainer:
         optimizer = self._optimizer(groups)
         if config.cuda_graphs:
             capturable_lr(optimizer, accelerator.device)  # before the schedule reads the rates
-        lr_scheduler = get_scheduler(
-            config.lr_scheduler,
-            optimizer=optimizer,
-            num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
-            num_training_steps=state.max_train_steps * accelerator.num_processes,
-            num_cycles=config.lr_num_cycles,
-            power=config.lr_power,
-        )
+        lr_scheduler = build_schedule(config, optimizer, state.max_train_steps, accelerator.num_processes)
         trainable = task.trainable_modules()
         blocks = (
             compile_blocks(trainable, config.dynamo_backend)
@@ -594,7 +611,7 @@ class Trainer:
     def validate(self, state: LoopState, kind: SampleKind, adapter_path: Path | None = None) -> None:
         """The task's samples of ``kind`` (on the main process), written and shown to the trackers and callbacks."""
         accelerator, step = state.run.accelerator, state.step
-        if not accelerator.is_main_process:
+        if not self.writes(accelerator):
             return
         for model in state.models:
             model.eval()
@@ -622,41 +639,48 @@ class Trainer:
     def finish(self, state: LoopState) -> TrainResult:
         """The adapter file (checked finite), the reloaded file's samples, the model card and the hub upload, on the
         main process; then every process tears data parallel down together."""
-        config, task, result, accelerator = self.config, self.task, self.result, state.run.accelerator
+        result, accelerator = self.result, state.run.accelerator
         accelerator.wait_for_everyone()
         check_replicas_agree(accelerator, state.params)
         if accelerator.is_main_process:
-            self._check_finite(state.params, state.step, "the final save")
-            extra = {
-                "steps": str(state.step),
-                "learning_rate": str(config.learning_rate),
-                "trained_with": f"ether-diffusion {__version__} {task.name}",
-                "num_processes": str(accelerator.num_processes),
-            }
-            result.adapter_path = task.save(state.output_dir / task.weight_name, extra)
-            self.callbacks.on_save(result.adapter_path)
-            result.exports = task.after_save(result.adapter_path, state.run)
-            samples_file = None
-            if task.wants_validation() and not config.no_final_reload and not result.stopped_early:
-                try:
-                    self.validate(state, SampleKind.FINAL, result.adapter_path)
-                    samples_file = "samples.png"
-                except SamplingInterrupted:  # a stop during the final samples: the file is saved, skip them
-                    pass
-            card = task.model_card(result, samples_file)
-            if card:
-                write_text(state.output_dir / "README.md", card)
-            if self.hub_repo is not None:
-                upload_output(self.hub_repo, state.output_dir, task.weight_name, config.hub_token,
-                              f"ether-diffusion {task.name}: {state.step} steps")  # fmt: skip
-                accelerator.print(f"pushed to https://huggingface.co/{self.hub_repo}")
-            print(result.report(), flush=True)  # the script under accelerate launch says where it all went, too
+            self.save_outputs(state)
         if accelerator.num_processes > 1:
             state.models.clear()
             state.run.prepared.clear()
             release_wrappers(accelerator)
         self.callbacks.on_train_end(result)
         return result
+
+    def save_outputs(self, state: LoopState) -> None:
+        """What a finished run writes: the adapter file (checked finite), its exports, the reloaded file's samples,
+        the model card and the hub upload; then the report of where it all went."""
+        config, task, result = self.config, self.task, self.result
+        accelerator = state.run.accelerator
+        self._check_finite(state.params, state.step, "the final save")
+        extra = {
+            "steps": str(state.step),
+            "learning_rate": str(config.learning_rate),
+            "trained_with": f"ether-diffusion {__version__} {task.name}",
+            "num_processes": str(accelerator.num_processes),
+        }
+        result.adapter_path = task.save(state.output_dir / task.weight_name, extra)
+        self.callbacks.on_save(result.adapter_path)
+        result.exports = task.after_save(result.adapter_path, state.run)
+        samples_file = None
+        if task.wants_validation() and not config.no_final_reload and not result.stopped_early:
+            try:
+                self.validate(state, SampleKind.FINAL, result.adapter_path)
+                samples_file = "samples.png"
+            except SamplingInterrupted:  # a stop during the final samples: the file is saved, skip them
+                pass
+        card = task.model_card(result, samples_file)
+        if card:
+            write_text(state.output_dir / "README.md", card)
+        if self.hub_repo is not None:
+            upload_output(self.hub_repo, state.output_dir, task.weight_name, config.hub_token,
+                          f"ether-diffusion {task.name}: {state.step} steps")  # fmt: skip
+            accelerator.print(f"pushed to https://huggingface.co/{self.hub_repo}")
+        print(result.report(), flush=True)  # the script under accelerate launch says where it all went, too
 
 
 def check_replicas_agree(accelerator, params) -> None:

@@ -1,0 +1,363 @@
+"""Packed training: many DreamBooth runs in one step (``training/pack.py``), jobs files (``jobs.py``), the command line
+and accelerate processes."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import dreambooth_config, free_port, launch_env
+from PIL import Image
+from safetensors.torch import load_file
+
+from ether_diffusion import registry
+from ether_diffusion.cli import main
+from ether_diffusion.io import read_adapter_file
+from ether_diffusion.jobs import JobsFileError, load_jobs, make_jobs
+from ether_diffusion.training.pack import PackedTrainer
+
+ADAPTER = "ether_adapter.safetensors"
+
+
+@pytest.fixture
+def world(training_world):
+    return training_world
+
+
+def settings(count: int, steps: int, **common) -> list[dict]:
+    """Jobs that differ in everything a job owns: seed, learning rate, length, prior preservation, schedule."""
+    rates = [6e-3, 1e-2, 3e-3, 8e-3]
+    schedules = ["constant", "cosine", "linear", "constant"]
+    return [
+        dict(seed=i, learning_rate=rates[i % 4], max_train_steps=steps + 3 * i, lr_scheduler=schedules[i % 4],
+             with_prior_preservation=i % 2 == 1, class_prompt="a star", num_class_images=2, **common)
+        for i in range(count)
+    ]  # fmt: skip
+
+
+def jobs_of(world, folder, runs: list[dict]):
+    return make_jobs([(f"job{i}", dreambooth_config(world, folder / f"job{i}", **run)) for i, run in enumerate(runs)])
+
+
+def vectors(folder) -> dict[str, torch.Tensor]:
+    return load_file(Path(folder) / ADAPTER)
+
+
+def largest_gap(a: dict, b: dict) -> float:
+    """The largest difference of any vector entry, relative to the largest entry of the solo run's file."""
+    assert a.keys() == b.keys()
+    scale = max(float(v.abs().max()) for v in a.values())
+    return max(float((a[k] - b[k]).abs().max()) for k in a) / scale
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ether_plus", "ether"])
+def test_a_slot_trains_the_adapter_it_trains_alone(world, tmp_path, method):
+    """Four jobs of 50-59 steps (own seeds, learning rates, schedules, prior preservation or not) packed 1, 2 and 4
+    at a time give each job the adapter its solo run gives: bit for bit at K = 1; at K = 2 and 4 within 5e-5 of the
+    largest entry (measured: up to 1.5e-5), because the products of a batch of several runs sum in another order
+    than one run's, and 50 AdamW steps carry those float32 roundings on."""
+    runs = settings(4, 50, ether_method=method)
+    solo = {}
+    for i, run in enumerate(runs):
+        result = registry.train(dreambooth_config(world, tmp_path / "solo" / f"job{i}", no_final_reload=True, **run))
+        solo[f"job{i}"] = vectors(result.output_dir)
+    for pack in (1, 2, 4):
+        folder = tmp_path / f"pack{pack}"
+        runs_here = [{**run, "no_final_reload": True} for run in runs]
+        result = PackedTrainer(jobs_of(world, folder, runs_here), pack, folder / "state", quiet=True).train()
+        assert sorted(result.results) == sorted(solo) and not result.diverged
+        for name, expected in solo.items():
+            got = vectors(folder / name)
+            if pack == 1:
+                assert all(torch.equal(got[k], expected[k]) for k in expected), name
+            else:
+                assert largest_gap(expected, got) < 5e-5, (pack, name)
+            recorded = read_adapter_file(folder / name / ADAPTER)
+            assert recorded.adapter_name == "default"  # the job's name for it, not the slot's
+            assert recorded.extra["steps"] == str(runs[int(name[-1])]["max_train_steps"])
+
+
+class Recorder:
+    def __init__(self):
+        self.steps, self.ended = [], []
+
+    def on_pack_step(self, step, slots):
+        self.steps.append((step, dict(slots)))
+
+    def on_job_end(self, name, result):
+        self.ended.append((name, result.global_step))
+
+
+def test_a_finished_slot_writes_its_folder_and_the_next_job_takes_its_place(world, tmp_path):
+    runs = [dict(max_train_steps=n, seed=i) for i, n in enumerate((3, 6, 4))]
+    recorder = Recorder()
+    jobs = jobs_of(world, tmp_path, [{**run, "validation_prompt": "a sks star", "validation_steps": 2} for run in runs])
+    result = PackedTrainer(jobs, 2, tmp_path / "state", callbacks=[recorder], quiet=True).train()
+    assert result.pack_steps == 7  # job2 waits 3 steps, then trains 4 in job0's slot
+    assert recorder.ended == [("job0", 3), ("job1", 6), ("job2", 4)]
+    assert recorder.steps[2][1] == {1: ("job1", 3)}  # job0 done at step 3: its slot is free until the next step
+    assert recorder.steps[3][1] == {0: ("job2", 1), 1: ("job1", 4)}
+    for i in range(3):
+        folder = tmp_path / f"job{i}"
+        names = {p.name for p in folder.iterdir()}
+        assert {ADAPTER, "README.md", "samples.png", "validation"} <= names, names
+        assert "step-000000" in " ".join(p.name for p in (folder / "validation").iterdir())  # the base model
+        assert f"for {runs[i]['max_train_steps']} steps" in (folder / "README.md").read_text()
+    # job2 trained in job0's slot after it: the same adapter as alone
+    alone = registry.train(dreambooth_config(world, tmp_path / "alone", no_final_reload=True, **runs[2]))
+    assert largest_gap(vectors(alone.output_dir), vectors(tmp_path / "job2")) < 5e-5
+
+
+def test_a_diverging_slot_is_stopped_and_the_others_finish(world, tmp_path):
+    jobs = jobs_of(world, tmp_path, [dict(max_train_steps=4, seed=i, no_final_reload=True) for i in range(3)])
+    backend = jobs[1].task.backend
+    score, calls = backend.score, []
+
+    def nan_at_third(*args, **kwargs):  # what an exploding run looks like to the loop
+        loss, parts = score(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), {**parts, "loss": loss * float("nan")}) if len(calls) == 3 else (loss, parts)
+
+    backend.score = nan_at_third
+    result = PackedTrainer(jobs, 2, tmp_path / "state", quiet=True).train()
+    assert list(result.diverged) == ["job1"] and "non-finite at step 3" in result.diverged["job1"]
+    assert sorted(result.results) == ["job0", "job2"]
+    assert not (tmp_path / "job1" / ADAPTER).exists()
+    for name in ("job0", "job2"):
+        assert all(bool(torch.isfinite(v).all()) for v in vectors(tmp_path / name).values())
+    assert "job1" in result.report() and "STOPPED" in result.report()
+
+
+KILLED_RUN = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    sys.path.insert(0, sys.argv[1])
+    from pathlib import Path
+    from conftest import dreambooth_config
+    from ether_diffusion.jobs import make_jobs
+    from ether_diffusion.training.pack import PackedTrainer
+
+    world, folder, kill_at, runs = Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+    resume = sys.argv[6] == "resume"
+
+    class Kill:
+        def on_pack_step(self, step, slots):
+            if step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    jobs = make_jobs([(f"job{i}", dreambooth_config(world, folder / f"job{i}", **run)) for i, run in enumerate(runs)])
+    result = PackedTrainer(jobs, 2, folder / "state", resume=resume, callbacks=[Kill()], quiet=True).train()
+    print(json.dumps({"skipped": result.skipped}))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [3, 5])
+def test_a_killed_pack_resumes_to_the_adapters_of_the_uninterrupted_run(world, tmp_path, kill_at):
+    """kill -9 after job0 finished and wrote its folder (step 3, the last checkpoint at 2) or mid-way (step 5):
+    resuming gives every job the bit-identical adapter of the uninterrupted pack."""
+    runs = [dict(max_train_steps=n, seed=i, checkpointing_steps=2, no_final_reload=True, **extra)
+            for i, (n, extra) in enumerate([(3, {}), (6, {"with_prior_preservation": True, "class_prompt": "a star",
+                                            "num_class_images": 2}), (5, {"lr_scheduler": "cosine"})])]  # fmt: skip
+    tests = str(Path(__file__).parent)
+
+    def pack(folder, kill_at, resume=False):  # each in a process of its own, with the same threads
+        return subprocess.run([sys.executable, "-c", KILLED_RUN, tests, str(world), str(folder), str(kill_at),
+                               json.dumps(runs), "resume" if resume else "new"], capture_output=True, text=True,
+                              timeout=300, env=launch_env())  # fmt: skip
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert pack(whole, -1).returncode == 0
+    run = pack(killed, kill_at)
+    assert run.returncode == -9, run.stderr[-2000:]
+    assert not (killed / "job2" / ADAPTER).exists()  # it was killed before the end
+    resumed = pack(killed, -1, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    finished_before = ["job0"] if kill_at == 5 else []
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["skipped"] == finished_before
+    for i in range(3):
+        expected, got = vectors(whole / f"job{i}"), vectors(killed / f"job{i}")
+        assert all(torch.equal(got[k], expected[k]) for k in expected), f"job{i}"
+
+
+def test_a_pack_refuses_to_resume_with_other_jobs(world, tmp_path):
+    runs = [dict(max_train_steps=2, seed=i, checkpointing_steps=1, no_final_reload=True) for i in range(3)]
+    PackedTrainer(jobs_of(world, tmp_path, runs), 2, tmp_path / "state", quiet=True).train()
+    other = [dict(run, seed=run["seed"] + 10) for run in runs]
+    # a finished pack is skipped on resume; an unfinished one checks the jobs it trained
+    for marker in (tmp_path / "state").rglob("pack_finished"):
+        marker.unlink()
+    from ether_diffusion.training import ResumeMismatchError
+
+    with pytest.raises(ResumeMismatchError, match="job 'job0' is not the job.*settings differ: seed"):
+        PackedTrainer(jobs_of(world, tmp_path, other), 2, tmp_path / "state", resume=True, quiet=True).train()
+
+
+# --- jobs files ------------------------------------------------------------------------------------------------------
+def write_jobs(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_a_jobs_file_trains_every_job_in_its_folder(world, tmp_path, monkeypatch):
+    jobs = write_jobs(tmp_path / "jobs.toml", f"""
+        output_dir = "{tmp_path / 'runs'}"
+        pack = 2
+
+        [defaults]
+        pretrained_model_name_or_path = "{world / 'model'}"
+        instance_data_dir = "{world / 'instance'}"
+        max_train_steps = 2
+        report_to = "none"
+        no_final_reload = true
+        target_modules = ["unet-attention-image"]
+
+        [[job]]
+        name = "star"
+        instance_prompt = "a sks star"
+        learning_rate = 1e-2
+
+        [[job]]
+        name = "star-prior"
+        instance_prompt = "a sks star"
+        with_prior_preservation = true
+        class_prompt = "a star"
+        num_class_images = 2
+        seed = 3
+        output_dir = "{tmp_path / 'elsewhere'}"
+    """)  # fmt: skip
+    found = load_jobs(jobs)
+    assert [job.name for job in found.jobs] == ["star", "star-prior"] and found.pack == 2
+    assert found.jobs[0].config.learning_rate == 1e-2 and found.jobs[1].config.seed == 3
+    assert main(["train", "--jobs", str(jobs), "--quiet"]) == 0
+    for folder in (tmp_path / "runs" / "star", tmp_path / "elsewhere"):
+        assert read_adapter_file(folder / ADAPTER).extra["steps"] == "2"
+    assert (tmp_path / "runs" / "pack-state" / "process-0-of-1" / "pack-0" / "pack_finished").is_file()
+    # run again to the end: resuming a finished pack trains nothing and keeps the files
+    before = (tmp_path / "elsewhere" / ADAPTER).read_bytes()
+    assert main(["train", "--jobs", str(jobs), "--resume_from_checkpoint", "latest", "--quiet"]) == 0
+    assert (tmp_path / "elsewhere" / ADAPTER).read_bytes() == before
+
+
+def test_a_bad_jobs_file_is_refused_with_one_line_per_problem_and_nothing_written(world, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), "uint8")).save(broken / "0.png")
+    (broken / "1.png").write_bytes(b"not a png")
+    jobs = write_jobs(tmp_path / "jobs.toml", f"""
+        output_dir = "{tmp_path / 'runs'}"
+
+        [defaults]
+        pretrained_model_name_or_path = "{world / 'model'}"
+        instance_prompt = "a sks star"
+        report_to = "none"
+
+        [[job]]
+        name = "typo"
+        instance_data_dir = "{world / 'instance'}"
+        learnin_rate = 1e-3
+
+        [[job]]
+        name = "missing"
+        instance_data_dir = "{tmp_path / 'nowhere'}"
+
+        [[job]]
+        name = "corrupt"
+        instance_data_dir = "{broken}"
+
+        [[job]]
+        name = "cached"
+        instance_data_dir = "{world / 'instance'}"
+        cache_latents = true
+
+        [[job]]
+        name = "first"
+        instance_data_dir = "{world / 'instance'}"
+        output_dir = "{tmp_path / 'same'}"
+
+        [[job]]
+        name = "second"
+        instance_data_dir = "{world / 'instance'}"
+        output_dir = "{tmp_path / 'same'}"
+
+        [[job]]
+        name = "dora"
+        instance_data_dir = "{world / 'instance'}"
+        use_dora = true
+    """)  # fmt: skip
+    assert main(["train", "--jobs", str(jobs)]) == 2
+    err = capsys.readouterr().err
+    lines = [line.strip() for line in err.splitlines()[1:]]
+    assert len(lines) == 6, err
+    assert lines[0].startswith("job 'typo': unknown key 'learnin_rate'")
+    assert lines[1].startswith("job 'missing':") and "nowhere" in lines[1]
+    assert lines[2].startswith("job 'corrupt':") and "1.png" in lines[2]
+    assert lines[3].startswith("job 'cached': --cache_latents does not pack")
+    assert lines[4].startswith("job 'dora': 'use_dora' is refused")
+    assert lines[5].startswith("job 'second': writes") and "as job 'first' does" in lines[5]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "same").exists()  # nothing trained or written
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[[job]\nname = 1", "is not a TOML jobs file"),
+        ("pak = 2\n[[job]]\nname = 'a'", "unknown top-level key 'pak'"),
+        ("output_dir = 'x'", "no [[job]] tables"),
+        ("pack = 0\n[[job]]\nname = 'a'\ninstance_prompt = 'a sks star'", "pack = 0 must be a whole number"),
+        ("[[job]]\nname = 'a'\ninstance_prompt = 'a sks star'", "job 'a': no output_dir"),
+    ],
+)
+def test_a_malformed_jobs_file_says_what_is_wrong(tmp_path, text, message):
+    with pytest.raises(JobsFileError, match=message.replace("[", r"\[")):
+        load_jobs(write_jobs(tmp_path / "jobs.toml", text))
+    with pytest.raises(FileNotFoundError, match="jobs file .* does not exist"):
+        load_jobs(tmp_path / "none.toml")
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_jobs_and_train_what_one_process_trains(world, tmp_path):
+    """Under `accelerate launch --num_processes 2` process i trains jobs i, i + 2: jobs 0 and 2 in one pack, 1 and 3
+    in the other. One process given the jobs in the order 0, 2, 1, 3 packs them the same way, and trains the same
+    adapters bit for bit (each job's generator is seeded from its own seed, not from the process). Jobs packed with
+    other partners agree to float32 rounding (test_a_slot_trains_the_adapter_it_trains_alone)."""
+
+    def jobs_file(root: Path, order) -> Path:
+        head = textwrap.dedent(f"""
+            output_dir = "{root}"
+            [defaults]
+            pretrained_model_name_or_path = "{world / 'model'}"
+            instance_data_dir = "{world / 'instance'}"
+            instance_prompt = "a sks star"
+            report_to = "none"
+            no_final_reload = true
+            quiet = true
+        """)  # fmt: skip
+        entries = "".join(f'\n[[job]]\nname = "job{i}"\nseed = {i}\nmax_train_steps = {steps[i]}\n' for i in order)
+        path = tmp_path / f"{root.name}.toml"
+        path.write_text(head + entries)
+        return path
+
+    steps = [3, 5, 3, 5]  # partners end together, so the one process never pairs jobs the two processes do not
+    cli = str(Path(sys.executable).parent / "ether-diffusion")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run = subprocess.run([cli, "train", "--jobs", str(jobs_file(one, [0, 2, 1, 3])), "--pack", "2", "--quiet"],
+                         capture_output=True, text=True, timeout=600, env=launch_env())  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(free_port()), cli, "train", "--jobs", str(jobs_file(two, range(4))), "--pack", "2",
+               "--quiet"]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=launch_env())
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in (two / "pack-state").iterdir()) == ["process-0-of-2", "process-1-of-2"]
+    for i in range(4):
+        expected, got = vectors(one / f"job{i}"), vectors(two / f"job{i}")
+        assert all(torch.equal(got[k], expected[k]) for k in expected), f"job{i}"
+        assert read_adapter_file(two / f"job{i}" / ADAPTER).extra["steps"] == str(steps[i])
