@@ -111,8 +111,7 @@ def check_same_layout(models: dict[str, nn.Module], names: list[str]) -> None:
         if missing:
             raise KeyError(f"{component} has no adapters {missing}")
         layouts = {
-            (c.method, c.n_blocks, tuple(c.sides), tuple(c.target_suffixes))
-            for c in (configs[name] for name in names)
+            (c.method, c.n_blocks, tuple(c.sides), tuple(c.target_suffixes)) for c in (configs[name] for name in names)
         }
         if len(layouts) > 1:
             raise ValueError(

@@ -535,7 +535,8 @@ class PackedTrainer:
                                 if (before or {}).get(k) != job.identity().get(k))[:6]  # fmt: skip
                 raise ResumeMismatchError(
                     f"job '{job.name}' is not the job the pack checkpoint '{checkpoint}' trained ("
-                    + (f"settings differ: {', '.join(differ)}" if before else "not in it") + "); resume with the "
+                    + (f"settings differ: {', '.join(differ)}" if before else "not in it")
+                    + "); resume with the "
                     "jobs file it was started with, or start the pack in a new output folder"
                 )
         if len(recorded) != len(jobs):
