@@ -35,6 +35,7 @@ TOOLS = {
         ".bench.memory",
         "training memory before activations per --base_quantization (SDXL, SD3, Flux)",
     ),
+    ("bench", "pack"): (".bench.pack", "adapters trained per hour when K DreamBooth runs share each step (--pack)"),
     ("bench", "startup"): (".bench.startup", "how long --help, an export and a one-step run take as fresh processes"),
     ("bench", "cache-latents"): (".bench.cache_latents", "what --cache_latents saves per DreamBooth step"),
     ("bench", "lora-sizes"): (".bench.lora_sizes", "rank and file size of the exact LoRA of each ETHER setting"),

@@ -80,24 +80,36 @@ class SlotRoute:
 
 def _slot_rows(adapters: list, side: str, strength: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(R, E)`` (S, K·n, d) of every slot's transform on ``side``: unit directions placed in their blocks, and the
-    same rows times their terms' coefficients."""
+    same rows times their terms' coefficients. One stack of every slot's vectors: the operations do not grow with S."""
     method = adapters[0].method
     terms = [method.rank_one_terms(adapter.vectors(side), strength) for adapter in adapters]
     coefficients = terms[0].coefficients
-    # (S, K, n, b): slot, term, block, entry
-    stacked = torch.stack([torch.stack(found.vectors) for found in terms])
+    k = len(coefficients)
+    stacked = torch.stack([vector for found in terms for vector in found.vectors])  # (S·K, n, b)
     units = stacked / stacked.norm(dim=-1, keepdim=True).clamp_min(_norm_floor(stacked.dtype))
-    slots, k, n, b = units.shape
+    n, b = units.shape[1:]
+    slots = units.shape[0] // k
     if n == 1:
-        rows = units.reshape(slots, k, b)
+        rows = units.view(slots, k, b)
     else:  # row (k·n + m) holds block i's direction in columns i·b … (i+1)·b, zeros elsewhere
         mask = torch.eye(n, dtype=units.dtype, device=units.device)
-        rows = torch.einsum("skij,im->skmij", units, mask).reshape(slots, k * n, n * b)
+        rows = torch.einsum("skij,im->skmij", units.view(slots, k, n, b), mask).reshape(slots, k * n, n * b)
     rows = cast(rows, dtype)
     if len(set(coefficients)) == 1:
         return rows, rows * coefficients[0]
-    scale = torch.tensor(coefficients, dtype=dtype).repeat_interleave(n).to(rows.device)
-    return rows, rows * scale[:, None]
+    return rows, rows * _scale(coefficients, n, dtype, rows.device)
+
+
+_SCALES: dict[tuple, torch.Tensor] = {}
+
+
+def _scale(coefficients: tuple[float, ...], n: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(K·n, 1): term k's coefficient for each of its n rows, made once per layout and device."""
+    key = (tuple(coefficients), n, dtype, str(device))
+    found = _SCALES.get(key)
+    if found is None:
+        found = _SCALES[key] = torch.tensor(coefficients, dtype=dtype).repeat_interleave(n)[:, None].to(device)
+    return found
 
 
 def check_same_layout(models: dict[str, nn.Module], names: list[str]) -> None:

@@ -82,6 +82,21 @@ def test_a_slot_trains_the_adapter_it_trains_alone(world, tmp_path, method):
             assert recorded.extra["steps"] == str(runs[int(name[-1])]["max_train_steps"])
 
 
+def test_each_slot_keeps_its_own_latent_cache_and_prompt_table(world, tmp_path):
+    """--cache_latents and --pre_compute_text_embeddings in a pack: every run looks its rows up in its own cache and
+    table (their prompts and images differ), and trains what it trains alone."""
+    caches = dict(cache_latents=True, pre_compute_text_embeddings=True, center_crop=True, no_final_reload=True)
+    prompts = ["a sks star", "a zwx star"]
+    runs = [dict(run, instance_prompt=prompt, **caches) for run, prompt in zip(settings(2, 6), prompts)]
+    jobs = jobs_of(world, tmp_path / "pack", runs)
+    PackedTrainer(jobs, 2, tmp_path / "state", quiet=True).train()
+    assert all(job.task.backend.text_table is not None for job in jobs)
+    assert jobs[0].task.backend.latent_cache is not jobs[1].task.backend.latent_cache
+    for i, run in enumerate(runs):
+        alone = registry.train(dreambooth_config(world, tmp_path / f"alone{i}", **run))
+        assert largest_gap(vectors(alone.output_dir), vectors(tmp_path / "pack" / f"job{i}")) < 5e-5, i
+
+
 class Recorder:
     def __init__(self):
         self.steps, self.ended = [], []
@@ -272,9 +287,9 @@ def test_a_bad_jobs_file_is_refused_with_one_line_per_problem_and_nothing_writte
         instance_data_dir = "{broken}"
 
         [[job]]
-        name = "cached"
+        name = "accumulated"
         instance_data_dir = "{world / 'instance'}"
-        cache_latents = true
+        gradient_accumulation_steps = 2
 
         [[job]]
         name = "first"
@@ -298,7 +313,7 @@ def test_a_bad_jobs_file_is_refused_with_one_line_per_problem_and_nothing_writte
     assert lines[0].startswith("job 'typo': unknown key 'learnin_rate'")
     assert lines[1].startswith("job 'missing':") and "nowhere" in lines[1]
     assert lines[2].startswith("job 'corrupt':") and "1.png" in lines[2]
-    assert lines[3].startswith("job 'cached': --cache_latents does not pack")
+    assert lines[3].startswith("job 'accumulated': --gradient_accumulation_steps does not pack")
     assert lines[4].startswith("job 'dora': 'use_dora' is refused")
     assert lines[5].startswith("job 'second': writes") and "as job 'first' does" in lines[5]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "same").exists()  # nothing trained or written

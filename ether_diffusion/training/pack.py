@@ -89,9 +89,6 @@ def pack_refusal(config: RunConfig) -> str | None:
     refused = {
         "--gradient_accumulation_steps": (config.gradient_accumulation_steps != 1, "a slot steps once per batch: give "
                                           "the samples as --train_batch_size"),
-        "--cache_latents": (getattr(config, "cache_latents", False), "the latent cache is kept per run"),
-        "--pre_compute_text_embeddings": (getattr(config, "pre_compute_text_embeddings", False),
-                                          "the prompt table is kept per run"),
         "--cuda_graphs": (config.cuda_graphs, "a pack's batch changes as jobs come and go"),
         "--compile": (config.compile, "slots route samples per step, which graphs would re-trace"),
         "--resume_from_checkpoint": (config.resume_from_checkpoint, "a pack resumes as a whole (resume the pack)"),
@@ -271,6 +268,9 @@ class PackedTrainer:
         self.models: dict[str, torch.nn.Module] = {}
         self.route = SlotRoute([])
         self.routed = False
+        # shared by the group (not in PER_JOB): every run keeps its own latent cache / prompt table
+        self.cached = bool(getattr(first, "cache_latents", False))
+        self.precomputed = bool(getattr(first, "pre_compute_text_embeddings", False))
         slots: dict[int, Slot] = {}
         queue = deque(jobs)
         step = 0
@@ -348,6 +348,9 @@ class PackedTrainer:
             trainer.hub_repo = create_repository(config.hub_model_id, output_dir, config.hub_token)
         generator = torch.Generator(device=run.device).manual_seed(config.seed)
         slot_run = Run(run.accelerator, run.weight_dtype, generator)
+        if self.precomputed:  # the previous run's table moved the shared text encoders off the accelerator
+            for encoder in task.backend.all_text_encoders():
+                encoder.to(run.device)
         dataset = task.dataset(slot_run, lambda *args: None)
         data = SlotData(dataset, config.train_batch_size, task.drop_last, config.seed)
         state = LoopState(slot_run, output_dir, dataset)
@@ -397,7 +400,11 @@ class PackedTrainer:
         counts = [len(batch["pixel_values"]) for batch in batches]
         merged = {key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}
         backend, run = slots[order[0]].task.backend, self.run
-        distribution = backend.latent_distribution(merged, run)
+        if self.cached:  # each run's own latent cache (--cache_latents): its rows looked up or encoded
+            rows = [slots[i].task.backend.latent_distribution(batch, run) for i, batch in zip(order, batches)]
+            distribution = type(rows[0])(torch.cat([row.parameters for row in rows]))
+        else:  # one VAE pass for every run's images
+            distribution = backend.latent_distribution(merged, run)
         parameters = distribution.parameters
         draws, start = [], 0
         for i, count in zip(order, counts):
@@ -414,7 +421,11 @@ class PackedTrainer:
             self._route(slots)
             self.route.assign(counts, run.device)
         with run.autocast():
-            prediction = backend.predict_noise(joined, merged, run)
+            if self.precomputed:  # each run's own table of its prompts (--pre_compute_text_embeddings)
+                condition = _joined([slots[i].task.backend.condition(b, run) for i, b in zip(order, batches)])
+            else:  # one text-encoder pass for every run's prompts
+                condition = backend.condition(merged, run)
+            prediction = backend.denoise(joined, condition, run)
         losses, parts, start = [], [], 0
         for i, count, drawn in zip(order, counts, draws):
             config = slots[i].config
@@ -563,6 +574,13 @@ class PackedTrainer:
             slot.seconds = saved.get("seconds", 0.0)
             slots[index] = slot
         return record["pack_step"], deque(by_name[name] for name in record["queue"]), slots
+
+
+def _joined(conditions: list[dict]) -> dict:
+    """The runs' conditioning keyword arguments concatenated along the batch (nested dicts too: SDXL's)."""
+    first = conditions[0]
+    return {key: _joined([c[key] for c in conditions]) if isinstance(first[key], dict)
+            else torch.cat([c[key] for c in conditions]) for key in first}  # fmt: skip
 
 
 def _names(model: torch.nn.Module) -> list[str]:

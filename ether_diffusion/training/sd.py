@@ -261,9 +261,13 @@ class StableDiffusionBackend:
 
     def predict_noise(self, draws: Draws, batch: dict, run: Run) -> torch.Tensor:
         """The UNet's prediction on the noised latents of ``draws``, conditioned on ``batch``."""
+        return self.denoise(draws, self.condition(batch, run), run)
+
+    def denoise(self, draws: Draws, condition: dict, run: Run) -> torch.Tensor:
+        """The UNet's prediction on the noised latents of ``draws`` with the keyword arguments ``condition``."""
         parts = self.components
         noisy = parts.noise_scheduler.add_noise(draws.latents, draws.noise, draws.timesteps)
-        return run.module("unet", parts.unet)(noisy, draws.timesteps, **self.condition(batch, run)).sample
+        return run.module("unet", parts.unet)(noisy, draws.timesteps, **condition).sample
 
     def score(self, prediction, draws: Draws, snr_gamma, prior_preservation: bool, prior_loss_weight: float):
         """The DreamBooth loss of ``prediction`` against the scheduler's target (epsilon or v) of ``draws``."""

@@ -174,8 +174,12 @@ def build_optimizer(config, groups: list[dict]):
         optimizer_class = bnb.optim.AdamW8bit
     else:
         optimizer_class = torch.optim.AdamW
-    # a captured step keeps AdamW's step count and learning rate on the device (graphs.py)
+    # one multi-tensor update for all vectors (on a CPU the default updates them one by one: ~10 operations per
+    # tensor; the results are the same, tested); a captured step keeps AdamW's step count and learning rate on the
+    # device (graphs.py)
     capture = {"capturable": True, "foreach": True} if config.cuda_graphs else {}
+    if optimizer_class is torch.optim.AdamW:
+        capture["foreach"] = True
     return optimizer_class(
         groups,
         betas=(config.adam_beta1, config.adam_beta2),
