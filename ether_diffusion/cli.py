@@ -19,8 +19,6 @@ if TYPE_CHECKING:
 
 DEMO_STEPS = 1000
 CONTROL_DEMO_STEPS = 600
-#: jobs per packed step when neither --pack nor the jobs file says (docs/performance.md: adapters per hour by pack)
-DEFAULT_PACK = 8
 #: the training verbs: the kind each trains (a ``TaskKind`` value; ``registry.py`` picks its flags by the model)
 TRAIN_VERBS = {"train": "dreambooth", "train-control": "control"}
 
@@ -591,7 +589,7 @@ def jobs_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", required=True, help="the jobs file")
     parser.add_argument(
         "--pack", type=_whole(1, 64), default=None,
-        help=f"runs trained in one step (default: the file's pack, else {DEFAULT_PACK}: docs/performance.md)",
+        help="runs trained in one step (default: the file's pack, else the measured default of docs/performance.md)",
     )  # fmt: skip
     parser.add_argument(
         "--resume_from_checkpoint", choices=("latest",), default=None,
@@ -605,7 +603,7 @@ def train_jobs(argv: list[str]) -> int:
     """``train --jobs FILE``: every job checked, then trained packed (``training/pack.py``)."""
     args = jobs_parser().parse_args(argv)
     from .jobs import JobsFileError, load_jobs
-    from .training.pack import PackedTrainer
+    from .training.pack import DEFAULT_PACK, PackedTrainer
 
     try:
         found = load_jobs(args.jobs)

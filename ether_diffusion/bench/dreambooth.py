@@ -26,6 +26,7 @@ from ..training.class_images import ensure_class_images
 from ..training.config import ConfigError, RunConfig, TaskKind, option
 from ..training.data import load_image_folder
 from ..training.dreambooth import DreamBoothConfig
+from ..training.pack import DEFAULT_PACK
 from .config import DREAMBOOTH_METHODS, BenchOptions, hidden, is_tiny_model, shipped_model_named
 from .dataset import DEFAULT_IDENTIFIER, LIVE_CLASSES, BenchSubject, SubjectDataset, load_subject_dataset
 from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_DINO_MODEL, DinoClipMetrics, SubjectMetrics, WorldMetrics
@@ -78,6 +79,11 @@ class DreamBoothBenchConfig(BenchOptions, DreamBoothConfig):
     dino_model: str = option(DEFAULT_DINO_MODEL, "DINO ViT (hub id or local folder)")
     clip_model: str = option(DEFAULT_CLIP_MODEL, "CLIP model (hub id or local folder)")
     no_prior_preservation: bool = option(False, "train without class images (the paper uses them)")
+    pack: int = option(
+        DEFAULT_PACK, "train this many ETHER runs of a subject side by side in each step (`train --jobs`; each run "
+        "trains what it trains alone, to float32 rounding); 1: one at a time. PEFT peers train one at a time",
+        minimum=1, same_run=False,
+    )  # fmt: skip
     eval_steps: list[int] | None = option(
         None, "also evaluate the adapter as it was after each of these steps of every run (saved while it trains: "
         "points of the trade-off curves at no extra training); the last step is always evaluated",

@@ -24,17 +24,22 @@ the log, and left for that process to finish.
 
 from __future__ import annotations
 
+import contextlib
+import statistics
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
 from ..checkpoints import latest_checkpoint
+from ..files import write_json
+from ..jobs import make_jobs
 from ..registry import task_for
 from ..training.config import RunConfig, TaskKind
+from ..training.pack import PackedTrainer
 from .config import Method
 from .report import scores_line
-from .runs import RunStore, train_run
+from .runs import TRAINED, RunStore, train_run
 
 __all__ = ["BenchRunner"]
 
@@ -100,6 +105,8 @@ class BenchRunner(ABC):
         missing = 0
         for group in self.groups():
             self.base_run(group)
+            if getattr(self.config, "pack", 1) > 1 and not self.config.report_only:
+                self.train_packed(group)
             for method, scale, seed in self.config.grid():
                 if self.run(group, method, scale, seed) is None:
                     missing += 1
@@ -125,6 +132,46 @@ class BenchRunner(ABC):
             record["sample_seconds"] = time.time() - start
             self.log(f"{self.log_prefix(group)}{record['label']}: {scores_line(record['metrics'])}")
             return self.store.finish(run_dir, record)
+
+    def train_packed(self, group) -> None:
+        """``--pack K``: the group's ETHER runs that are not trained yet (and not resumed from a solo checkpoint, nor
+        asking for snapshots) trained K per step (``training/pack.py``), each into its own ``train/`` folder with its
+        training record; evaluating them is left to the grid's loop, which finds them trained. PEFT peers, runs
+        another process holds and the others train one at a time there."""
+        config = self.config
+        named, folders = [], {}
+        with contextlib.ExitStack() as claims:
+            for method, scale, seed in config.grid():
+                if self.methods[method].peer or not self.methods[method].adapters:
+                    continue
+                name = config.run_name(method, scale, seed)
+                run_dir = self.store.run_dir(self.group_name(group), name)
+                run_config = self.run_config(group, method, scale, seed, run_dir)
+                train = run_dir / "train"
+                if (
+                    self.store.finished(run_dir) is not None
+                    or (train / self.task(method, run_config).weight_name).is_file()
+                    or latest_checkpoint(train)
+                    or self.snapshot_paths(run_dir, self.task(method, run_config).weight_name)
+                ):
+                    continue
+                if not claims.enter_context(self.store.claim(run_dir)).held:
+                    continue
+                self.before_training(group, run_config)
+                named.append((name, run_config))
+                folders[name] = run_dir
+            if len(named) < 2:  # nothing to share a step with: the grid's loop trains it alone
+                return
+            self.log(f"{self.log_prefix(group)}training {len(named)} runs {config.pack} per step")
+            jobs = make_jobs(named)
+            state = self.store.root / "pack-state" / self.group_name(group)
+            result = PackedTrainer(jobs, config.pack, state, resume=True, quiet=True).train()
+            for name, trained in result.results.items():
+                losses = trained.losses[-50:]
+                write_json(folders[name] / TRAINED, dict(
+                    train_seconds=trained.train_seconds, timed=True, resumed_from_step=0, steps=trained.global_step,
+                    final_loss=statistics.fmean(losses) if losses else None, packed=config.pack,
+                ))  # fmt: skip
 
     def skip(self, group, name: str, claim) -> None:
         """Leave a run another live process holds (``claim.holder``) to that process; returns None (not finished)."""

@@ -88,10 +88,10 @@ RECORD_FIELDS = {"method": ("text",), "label": ("text",), "metrics": ("scores",)
 OPTIONAL_FIELDS = {"train_seconds": ("number", "null"), "timed": ("true/false",), "images": ("whole number",),
                    "sample_seconds": ("number", "null"), "curve": ("curve",), "command": ("text", "null"),
                    "machine": ("text", "null"), "steps": ("whole number",), "resumed_from_step": ("whole number",),
-                   "final_loss": ("number", "null"), "error": ("text",)}  # fmt: skip
+                   "final_loss": ("number", "null"), "error": ("text",), "packed": ("whole number",)}  # fmt: skip
 #: what a training's record holds (``train.json``), and nothing else: its fields go into the run record
 TRAIN_FIELDS = {"train_seconds": ("number", "null"), "timed": ("true/false",)}
-TRAIN_OPTIONAL = {k: OPTIONAL_FIELDS[k] for k in ("resumed_from_step", "steps", "final_loss")}
+TRAIN_OPTIONAL = {k: OPTIONAL_FIELDS[k] for k in ("resumed_from_step", "steps", "final_loss", "packed")}
 
 
 def record_problem(record, fields: dict, optional: dict | None = None, only: bool = False) -> str | None:

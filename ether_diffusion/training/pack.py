@@ -59,7 +59,7 @@ from .trainer import (
     check_output_dir,
 )
 
-__all__ = ["PER_JOB", "Job", "PackResult", "PackedTrainer", "pack_key", "pack_refusal"]
+__all__ = ["DEFAULT_PACK", "PER_JOB", "Job", "PackResult", "PackedTrainer", "pack_key", "pack_refusal"]
 
 #: the flags a job sets for itself; jobs that agree on every other flag of their run share a pack
 PER_JOB = frozenset(
@@ -78,6 +78,9 @@ PER_JOB = frozenset(
     }
 )  # fmt: skip
 
+#: runs per packed step when nothing else says (``train --jobs``, ``bench dreambooth``): the K of the most adapters
+#: per hour in docs/performance.md's table
+DEFAULT_PACK = 8
 #: the families whose DreamBooth step packs (the UNet models: their loss is ``StableDiffusionBackend``'s)
 PACKED_FAMILIES = ("sd", "sdxl")
 STATE_RECORD = "pack.json"
