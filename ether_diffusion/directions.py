@@ -166,6 +166,9 @@ def directed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (N, in)
     autocast = torch.is_autocast_enabled(x.device.type)
     inner, outer = directions.input, directions.output
+    if outer is not None and torch.is_grad_enabled():  # one node: autograd would keep T(x) Wᵀ for R̃'s gradient
+        y = _two_sided(flat, weight, bias, inner, outer, autocast)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
     if inner is not None:
         rows, scaled = inner if autocast else (cast(inner[0], flat.dtype), cast(inner[1], flat.dtype))
         flat = torch.addmm(flat, F.linear(flat, rows), scaled)  # T(x)
@@ -176,3 +179,90 @@ def directed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         if bias is not None:
             y = y + bias
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _two_sided(x, weight, bias, inner, outer, autocast: bool) -> torch.Tensor:
+    """``directed_linear`` of a layer with an output side, with autograd: ``_DirectedLinear`` in the dtype the products
+    would run in (autocast's, else ``x``'s)."""
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+    sides = [None if side is None else (cast(side[0], dtype), cast(side[1], dtype)) for side in (inner, outer)]
+    with torch.autocast(device, enabled=False) if autocast else _nothing():
+        return _DirectedLinear.apply(
+            cast(x, dtype), cast(weight, dtype), None if bias is None else cast(bias, dtype),
+            inner is not None, *(t for side in sides if side is not None for t in side),
+        )  # fmt: skip
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _DirectedLinear(torch.autograd.Function):
+    """``y = T̃(T(x) Wᵀ) + b`` with prepared rows: ``T(x) = x + P E`` (``P = x Rᵀ``), ``T̃(z) = z + Q Ẽ`` (``Q = z R̃ᵀ``),
+    shapes (N, ·). Keeps ``x`` and the thin ``P``, ``Q``; ``z = T(x) Wᵀ`` (an activation the size of the output,
+    which autograd would keep for ``R̃``'s gradient) only when it is no larger than ``W`` (few tokens). Backward from
+    ``g = ∂L/∂y``::
+
+        ∂L/∂Ẽ = Qᵀ g        S = g Ẽᵀ        ∂L/∂R̃ = Sᵀ z = (Sᵀ x + (Sᵀ P) E) Wᵀ        g_z = g + S R̃
+        g_h = g_z W         ∂L/∂E = Pᵀ g_h    U = g_h Eᵀ     ∂L/∂R = Uᵀ x              ∂L/∂x = g_h + U R
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, has_inner, *rows):
+        inner = rows[:2] if has_inner else None
+        outer_rows, outer_scaled = rows[2:] if has_inner else rows
+        p = None
+        h = x
+        if inner is not None:
+            p = F.linear(x, inner[0])  # (N, r)
+            h = torch.addmm(x, p, inner[1])
+        z = F.linear(h, weight)
+        q = F.linear(z, outer_rows)  # (N, r̃)
+        keep = z if x.shape[0] <= x.shape[1] else None
+        y = torch.addmm(z, q, outer_scaled) if keep is not None else z.addmm_(q, outer_scaled)
+        if bias is not None:
+            y.add_(bias)
+        ctx.has_inner, ctx.has_bias = has_inner, bias is not None
+        ctx.save_for_backward(x, weight, p, q, keep, *rows)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, p, q, z, *rows = ctx.saved_tensors
+        inner = rows[:2] if ctx.has_inner else None
+        outer_rows, outer_scaled = rows[2:] if ctx.has_inner else rows
+        needs = ctx.needs_input_grad  # x, weight, bias, has_inner, *rows
+        row_grads = []
+        if inner is not None:
+            row_grads = [None, None]
+        s = g @ outer_scaled.T  # (N, r̃)
+        outer_grads = [None, None]
+        if any(needs[4:]):
+            if z is None:  # Sᵀ z = (Sᵀ h) Wᵀ with Sᵀ h = Sᵀ x + (Sᵀ P) E
+                s_h = s.T @ x
+                if inner is not None:
+                    s_h.addmm_(s.T @ p, inner[1])
+                s_z = F.linear(s_h, weight)
+            else:
+                s_z = s.T @ z
+            outer_grads = [s_z, q.T @ g]
+        g_z = torch.addmm(g, s, outer_rows)
+        g_h = g_z @ weight  # (N, in)
+        grad_x = g_h
+        if inner is not None:
+            u = g_h @ inner[1].T  # (N, r)
+            if any(needs[4:]):
+                row_grads = [u.T @ x, p.T @ g_h]
+            if needs[0]:
+                grad_x = g_h.addmm_(u, inner[0])
+        grad_weight = None
+        if needs[1]:
+            h = x if inner is None else torch.addmm(x, p, inner[1])
+            grad_weight = g_z.T @ h
+        grad_bias = g.sum(0) if ctx.has_bias and needs[2] else None
+        return grad_x if needs[0] else None, grad_weight, grad_bias, None, *row_grads, *outer_grads

@@ -276,3 +276,61 @@ def test_without_autograd_nothing_is_prepared():
     assert all(layer._directions is None for _, layer in adapter_layers(model))
     counts = collections.Counter(type(hook).__name__ for hook in model._forward_pre_hooks.values())
     assert sum(counts.values()) == 1  # one hook, however often adapters were added
+
+
+def _prepared_rows(d_in, d_out, r, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(3)
+
+    def rows(d):
+        return [torch.randn(r, d, generator=generator, dtype=dtype, requires_grad=True) for _ in range(2)]
+
+    return rows(d_in), rows(d_out)
+
+
+@pytest.mark.parametrize("tokens", [3, 40], ids=["few-tokens-keep-z", "many-tokens-recompute-z"])
+@pytest.mark.parametrize("with_inner", [True, False], ids=["two-sided", "output-only"])
+def test_the_two_sided_node_passes_float64_gradcheck(tokens, with_inner):
+    from ether_diffusion.directions import Directions, directed_linear
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, 12, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(10, 12, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(10, generator=generator, dtype=torch.float64, requires_grad=True)
+    inner, outer = _prepared_rows(12, 10, 4)
+
+    def layer(x, weight, bias, *rows):
+        found = Directions(0, (), (), tuple(rows[:2]) if with_inner else None, tuple(rows[-2:]))
+        return directed_linear(x, weight, bias, found)
+
+    def plain(x, weight, bias, *rows):  # the products autograd differentiates itself
+        h = x + (x @ rows[0].T) @ rows[1] if with_inner else x
+        z = h @ weight.T
+        return z + (z @ rows[-2].T) @ rows[-1] + bias
+
+    inputs = (x, weight, bias, *(inner if with_inner else []), *outer)
+    assert torch.autograd.gradcheck(layer, inputs)
+    assert_close(layer(*inputs), plain(*inputs))
+
+
+def test_the_two_sided_node_keeps_no_activation_the_size_of_its_output():
+    """Many tokens: what autograd keeps for the backward is the input and thin (tokens × rank) tensors, not
+    ``T(x) Wᵀ`` (tokens × out), which the plain products kept for R̃'s gradient."""
+    from ether_diffusion.directions import Directions, directed_linear
+
+    tokens, d = 256, 64
+    x = torch.randn(tokens, d, requires_grad=True)
+    weight = torch.randn(d, d)
+    inner, outer = _prepared_rows(d, d, 2, torch.float32)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        y = directed_linear(x, weight, None, Directions(0, (), (), tuple(inner), tuple(outer)))
+    activations = [t for t in saved if t.dim() == 2 and t.shape[0] == tokens]
+    assert [tuple(t.shape) for t in activations if t.shape[1] == d] == [(tokens, d)]  # x itself
+    assert all(t.shape[1] <= 2 for t in activations if t is not x and t.shape[1] != d)  # P, Q: thin
+    y.sum().backward()
+    assert x.grad is not None and inner[0].grad is not None and outer[1].grad is not None
