@@ -12,7 +12,13 @@ ether_diffusion.training).
     accelerate launch scripts/train_dreambooth_ether.py --pretrained_model_name_or_path stable-diffusion-xl-base-1.0 \
         --pretrained_vae_model_name_or_path sdxl-vae-fp16-fix --mixed_precision fp16 \
         --instance_data_dir dog --instance_prompt "a photo of sks dog" --max_train_steps 500 --output_dir out/dog-xl
+
+Many runs in one process, 8 per step, each into its own folder (docs/training.md: the jobs file):
+
+    accelerate launch scripts/train_dreambooth_ether.py --jobs jobs.toml --pack 8
 """
+
+import sys
 
 from ether_diffusion import registry
 from ether_diffusion.training.config import TaskKind
@@ -27,4 +33,8 @@ def main(config):
 
 
 if __name__ == "__main__":
+    if any(arg == "--jobs" or arg.startswith("--jobs=") for arg in sys.argv[1:]):  # many runs: a jobs file
+        from ether_diffusion.cli import main as cli
+
+        sys.exit(cli(["train", *sys.argv[1:]]))
     main(parse_args())

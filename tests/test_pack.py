@@ -441,3 +441,10 @@ def test_flow_matching_models_are_refused_naming_the_job(tmp_path):
                                            output_dir=str(tmp_path / "out"))  # fmt: skip
     with pytest.raises(JobsFileError, match="job 'flux': Flux runs do not pack yet"):
         make_jobs([("flux", config)])
+
+
+def test_the_training_script_takes_a_jobs_file_too(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_dreambooth_ether.py"
+    run = subprocess.run([sys.executable, str(script), "--jobs", str(tmp_path / "none.toml")], capture_output=True,
+                         text=True, timeout=120, env=launch_env())  # fmt: skip
+    assert run.returncode == 2 and f"jobs file '{tmp_path / 'none.toml'}' does not exist" in run.stderr
