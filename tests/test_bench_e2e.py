@@ -129,13 +129,14 @@ def test_dreambooth_bench_runs_end_to_end_and_resumes_where_it_stopped(tmp_path,
 
 def test_dreambooth_bench_packs_its_ether_runs(tmp_path, capsys):
     """--pack (default 8): the ETHER runs of a subject train side by side, one pack per adapter layout, each into its
-    own folder with its training record; the LoRA run trains alone; the adapters are those of --pack 1."""
+    own folder with its training record and --eval_steps snapshot; the LoRA runs train alone; the adapters are those
+    of --pack 1."""
     from safetensors.torch import load_file
 
     data = tmp_path / "tiny-dreambooth"
     assert main(["bench", "export-world", "--output", str(data)]) == 0
     args = ["--dataset", str(data), "--subjects", SUBJECT, "--methods", "ether", "ether_plus", "lora", "--seeds", "0",
-            "1", "--quick", "--quiet"]  # fmt: skip
+            "1", "--quick", "--eval_steps", "1", "--quiet"]  # fmt: skip
     assert main(["bench", "dreambooth", *args, "--output_dir", str(tmp_path / "packed")]) == 0
     assert "training 4 runs 8 per step" in capsys.readouterr().out
     assert main(["bench", "dreambooth", *args, "--pack", "1", "--output_dir", str(tmp_path / "alone")]) == 0
@@ -143,6 +144,7 @@ def test_dreambooth_bench_packs_its_ether_runs(tmp_path, capsys):
         packed, alone = tmp_path / "packed" / "runs" / SUBJECT / run, tmp_path / "alone" / "runs" / SUBJECT / run
         record = json.loads((packed / "scores.json").read_text())
         assert record.get("packed") == (None if run.startswith("lora") else 8), run
+        assert [p["step"] for p in record["curve"]] == [1, 2]  # the step-1 snapshot, written while it trained
         assert record["steps"] == 2 and record["train_seconds"] > 0
         a = load_file(next((packed / "train").glob("*.safetensors")))
         b = load_file(next((alone / "train").glob("*.safetensors")))

@@ -134,12 +134,12 @@ class BenchRunner(ABC):
             return self.store.finish(run_dir, record)
 
     def train_packed(self, group) -> None:
-        """``--pack K``: the group's ETHER runs that are not trained yet (and not resumed from a solo checkpoint, nor
-        asking for snapshots) trained K per step (``training/pack.py``), each into its own ``train/`` folder with its
-        training record; evaluating them is left to the grid's loop, which finds them trained. PEFT peers, runs
-        another process holds and the others train one at a time there."""
+        """``--pack K``: the group's ETHER runs that are not trained yet (and not resumed from a solo checkpoint)
+        trained K per step (``training/pack.py``), each into its own ``train/`` folder with its training record and
+        its ``--eval_steps`` snapshots; evaluating them is left to the grid's loop, which finds them trained. PEFT
+        peers, runs another process holds and the others train one at a time there."""
         config = self.config
-        named, folders = [], {}
+        named, folders, snapshots = [], {}, {}
         with contextlib.ExitStack() as claims:
             for method, scale, seed in config.grid():
                 if self.methods[method].peer or not self.methods[method].adapters:
@@ -148,11 +148,11 @@ class BenchRunner(ABC):
                 run_dir = self.store.run_dir(self.group_name(group), name)
                 run_config = self.run_config(group, method, scale, seed, run_dir)
                 train = run_dir / "train"
+                weight_name = self.task(method, run_config).weight_name
                 if (
                     self.store.finished(run_dir) is not None
-                    or (train / self.task(method, run_config).weight_name).is_file()
+                    or (train / weight_name).is_file()
                     or latest_checkpoint(train)
-                    or self.snapshot_paths(run_dir, self.task(method, run_config).weight_name)
                 ):
                     continue
                 if not claims.enter_context(self.store.claim(run_dir)).held:
@@ -160,10 +160,13 @@ class BenchRunner(ABC):
                 self.before_training(group, run_config)
                 named.append((name, run_config))
                 folders[name] = run_dir
+                snapshots[name] = self.snapshot_paths(run_dir, weight_name)
             if len(named) < 2:  # nothing to share a step with: the grid's loop trains it alone
                 return
             self.log(f"{self.log_prefix(group)}training {len(named)} runs {config.pack} per step")
             jobs = make_jobs(named)
+            for job in jobs:  # --eval_steps: the adapter after each of those steps, written as the run passes them
+                job.snapshots = snapshots[job.name]
             state = self.store.root / "pack-state" / self.group_name(group)
             result = PackedTrainer(jobs, config.pack, state, resume=True, quiet=True).train()
             for name, trained in result.results.items():

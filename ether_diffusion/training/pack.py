@@ -116,6 +116,8 @@ class Job:
     name: str
     config: RunConfig
     task: Task | None = None
+    #: ``{step: file}``: the adapter saved as it is after each of those steps (the benchmarks' ``--eval_steps``)
+    snapshots: dict[int, Path] = field(default_factory=dict)
 
     def identity(self) -> dict:
         return {"name": self.name, "output_dir": str(self.config.output_dir), **_json_ready(self.config.identity())}
@@ -458,6 +460,10 @@ class PackedTrainer:
     def _after_step(self, slot: Slot) -> bool:
         """Previews when due; True when the slot has trained its steps."""
         state = slot.state
+        snapshot = slot.job.snapshots.get(state.step)
+        if snapshot is not None:  # written atomically; non-finite vectors raise (the loss was finite: rare)
+            Path(snapshot).parent.mkdir(parents=True, exist_ok=True)
+            slot.task.save(Path(snapshot))
         if slot.trainer.validation_due(state):
             self._sample(slot, SampleKind.PREVIEW)
         return state.step >= state.max_train_steps
