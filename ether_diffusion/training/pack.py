@@ -52,6 +52,7 @@ from .trainer import (
     LoopState,
     ResumeMismatchError,
     Trainer,
+    TrainingDivergedError,
     TrainResult,
     _json_ready,
     build_optimizer,
@@ -262,6 +263,8 @@ class PackedTrainer:
         if self.resume and (folder / FINISHED).is_file():
             result.skipped += [job.name for job in jobs]
             return
+        if not self.resume and folder.exists():  # a new run: an earlier run's pack state is not this run's
+            shutil.rmtree(folder)
         first = jobs[0].config
         run = Run(_OwnJobs(process), DTYPES.get(first.mixed_precision or "no", torch.float32), None)
         backend = jobs[0].task.backend
@@ -304,7 +307,11 @@ class PackedTrainer:
                     continue
                 done += 1
                 if self._after_step(slot):
-                    result.results[slot.job.name] = self._finish(slot)
+                    try:
+                        result.results[slot.job.name] = self._finish(slot)
+                    except TrainingDivergedError as err:  # finite losses, yet vectors that are not: nothing saved
+                        print(f"job {slot.job.name}: STOPPED, {err}", flush=True)
+                        result.diverged[slot.job.name] = str(err)
                     self._release(slots.pop(index))
             progress.update(min(done, total), slots=len(slots), waiting=len(queue))
             for callback in self.callbacks:
