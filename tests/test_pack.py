@@ -148,6 +148,21 @@ def test_a_diverging_slot_is_stopped_and_the_others_finish(world, tmp_path):
     assert "job1" in result.report() and "STOPPED" in result.report()
 
 
+def test_jobs_of_another_adapter_layout_train_in_a_pack_of_their_own(world, tmp_path):
+    """ETHER and ETHER+ runs (or other blocks, targets, model) cannot share a step: one pack each, one after the
+    other; every job is trained and written."""
+    runs = [dict(seed=0, ether_method="ether"), dict(seed=1, ether_method="ether_plus"),
+            dict(seed=2, ether_method="ether"), dict(seed=3, ether_method="ether", n_blocks=2)]  # fmt: skip
+    runs = [{**run, "max_train_steps": 2} for run in runs]
+    recorder = Recorder()
+    jobs = jobs_of(world, tmp_path, [{**run, "no_final_reload": True} for run in runs])
+    result = PackedTrainer(jobs, 4, tmp_path / "state", callbacks=[recorder], quiet=True).train()
+    assert sorted(result.results) == ["job0", "job1", "job2", "job3"]
+    assert sorted(p.name for p in (tmp_path / "state" / "process-0-of-1").iterdir()) == ["pack-0", "pack-1", "pack-2"]
+    assert recorder.steps[0][1] == {0: ("job0", 1), 1: ("job2", 1)}  # the two ETHER n=1 runs share their steps
+    assert read_adapter_file(tmp_path / "job1" / ADAPTER).configs["unet"].method == "ether_plus"
+
+
 KILLED_RUN = textwrap.dedent(
     """
     import json, os, signal, sys

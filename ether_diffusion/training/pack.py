@@ -26,6 +26,7 @@ in one process (its generator is seeded from its own seed, not the process index
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import shutil
@@ -325,6 +326,10 @@ class PackedTrainer:
         folder.mkdir(parents=True, exist_ok=True)
         write_text(folder / FINISHED, json.dumps({"jobs": [job.name for job in jobs], "pack_steps": step}))
         self._unroute()
+        for job in jobs:  # the next pack loads its own model: let this one go
+            job.task.backend.components = None
+        self.models, self.components, self.run = {}, None, None
+        gc.collect()
 
     def _planned_steps(self, job: Job) -> int:
         """The job's steps (for the progress line; epochs of its instance images where it gives no step count)."""
