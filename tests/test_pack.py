@@ -463,3 +463,17 @@ def test_the_training_script_takes_a_jobs_file_too(tmp_path):
     run = subprocess.run([sys.executable, str(script), "--jobs", str(tmp_path / "none.toml")], capture_output=True,
                          text=True, timeout=120, env=launch_env())  # fmt: skip
     assert run.returncode == 2 and f"jobs file '{tmp_path / 'none.toml'}' does not exist" in run.stderr
+
+
+def test_every_per_job_flag_is_a_flag_and_the_rest_make_the_pack_key():
+    import dataclasses
+
+    from ether_diffusion.training.dreambooth import DreamBoothConfig
+    from ether_diffusion.training.pack import PER_JOB, pack_key
+
+    fields = {f.name for f in dataclasses.fields(DreamBoothConfig)}
+    assert PER_JOB <= fields, sorted(PER_JOB - fields)
+    base = DreamBoothConfig(instance_prompt="a sks star", instance_data_dir="x")
+    assert pack_key(base) == pack_key(base.replace(seed=3, learning_rate=1e-3, instance_prompt="a zwx dog"))
+    assert pack_key(base) != pack_key(base.replace(ether_method="ether"))
+    assert pack_key(base) != pack_key(base.replace(resolution=32))
