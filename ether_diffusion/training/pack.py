@@ -453,11 +453,12 @@ class PackedTrainer:
             losses.append(loss)
             parts.append(logged)
             start += count
-        finite = torch.isfinite(torch.stack([loss.detach() for loss in losses])).tolist()
+        values = torch.stack([logged["loss"] for logged in parts]).tolist()  # the step's one wait for the device
+        finite = [math.isfinite(value) for value in values]
         total = sum(loss for loss, ok in zip(losses, finite) if ok)
         if isinstance(total, torch.Tensor):
             total.backward()
-        for i, ok, logged in zip(order, finite, parts):
+        for i, ok, value in zip(order, finite, values):
             state = slots[i].state
             if ok:
                 if slots[i].config.max_grad_norm:
@@ -465,7 +466,7 @@ class PackedTrainer:
                 state.optimizer.step()
                 state.lr_scheduler.step()
                 state.step += 1
-                slots[i].trainer.result.losses.append(float(logged["loss"]))
+                slots[i].trainer.result.losses.append(value)
             state.optimizer.zero_grad(set_to_none=True)
         return dict(zip(order, finite))
 
