@@ -23,6 +23,7 @@ forward of the model starts from the vectors as they are. torch only; the layers
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import NamedTuple
 
@@ -187,19 +188,11 @@ def _two_sided(x, weight, bias, inner, outer, autocast: bool) -> torch.Tensor:
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     sides = [None if side is None else (cast(side[0], dtype), cast(side[1], dtype)) for side in (inner, outer)]
-    with torch.autocast(device, enabled=False) if autocast else _nothing():
+    with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
         return _DirectedLinear.apply(
             cast(x, dtype), cast(weight, dtype), None if bias is None else cast(bias, dtype),
             inner is not None, *(t for side in sides if side is not None for t in side),
         )  # fmt: skip
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _DirectedLinear(torch.autograd.Function):

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .reflection import _norm_floor, cast
+from .inject import adapter_configs
+from .reflection import _norm_floor, block_rows, cast
 
 __all__ = ["SlotRoute", "check_same_layout"]
 
@@ -88,12 +89,8 @@ def _slot_rows(adapters: list, side: str, strength: float, dtype: torch.dtype) -
     stacked = torch.stack([vector for found in terms for vector in found.vectors])  # (S·K, n, b)
     units = stacked / stacked.norm(dim=-1, keepdim=True).clamp_min(_norm_floor(stacked.dtype))
     n, b = units.shape[1:]
-    slots = units.shape[0] // k
-    if n == 1:
-        rows = units.view(slots, k, b)
-    else:  # row (k·n + m) holds block i's direction in columns i·b … (i+1)·b, zeros elsewhere
-        mask = torch.eye(n, dtype=units.dtype, device=units.device)
-        rows = torch.einsum("skij,im->skmij", units.view(slots, k, n, b), mask).reshape(slots, k * n, n * b)
+    # block_rows of the S·K directions, slot by slot: rows (s, k·n + m) hold block m's direction in its columns
+    rows = block_rows(units).view(units.shape[0] // k, k * n, n * b)
     rows = cast(rows, dtype)
     if len(set(coefficients)) == 1:
         return rows, rows * coefficients[0]
@@ -115,8 +112,6 @@ def _scale(coefficients: tuple[float, ...], n: int, dtype: torch.dtype, device) 
 def check_same_layout(models: dict[str, nn.Module], names: list[str]) -> None:
     """Raise unless adapters ``names`` cover the same layers with the same method, blocks and sides (what slots of one
     step need)."""
-    from .inject import adapter_configs
-
     for component, model in models.items():
         configs = adapter_configs(model)
         missing = [name for name in names if name not in configs]

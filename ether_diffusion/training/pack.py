@@ -39,7 +39,7 @@ import torch
 
 from ..checkpoints import COMPLETE_MARKER, latest_checkpoint, partial_folder, prune_checkpoints, write_failed
 from ..config import DTYPES
-from ..inject import active_adapters, adapter_layers, delete_adapter, set_active_adapters
+from ..inject import active_adapters, adapter_layers, adapter_names, delete_adapter, set_active_adapters
 from ..slots import SlotRoute, check_same_layout
 from .artifacts import write_text
 from .config import ConfigError, RunConfig
@@ -169,9 +169,6 @@ class _OwnJobs:
 
     def print(self, *args, **kwargs) -> None:
         print(*args, **kwargs)
-
-    def log(self, *args, **kwargs) -> None:  # no trackers in a pack: losses go to the console and the model card
-        return None
 
 
 class SlotData:
@@ -304,7 +301,7 @@ class PackedTrainer:
                 slot.seconds += share
                 if not finite[index]:
                     result.diverged[slot.job.name] = self._diverged(slot)
-                    self._release(slots.pop(index))
+                    del slots[index]
                     continue
                 done += 1
                 if self._after_step(slot):
@@ -313,7 +310,7 @@ class PackedTrainer:
                     except TrainingDivergedError as err:  # finite losses, yet vectors that are not: nothing saved
                         print(f"job {slot.job.name}: STOPPED, {err}", flush=True)
                         result.diverged[slot.job.name] = str(err)
-                    self._release(slots.pop(index))
+                    del slots[index]
             progress.update(min(done, total), slots=len(slots), waiting=len(queue))
             for callback in self.callbacks:
                 if hasattr(callback, "on_pack_step"):
@@ -347,7 +344,7 @@ class PackedTrainer:
         configs = task.adapter_configs()
         self._unroute()
         for model in self.models.values():
-            if name in _names(model):
+            if name in adapter_names(model):
                 delete_adapter(model, name)
         if not self.models:  # the first slot: the adapters, the model on its device and dtype, the memory savers
             task.backend.attach(task.adapters, configs, run)
@@ -506,9 +503,6 @@ class PackedTrainer:
         print(f"job {slot.job.name}: STOPPED, {why}", flush=True)
         return why
 
-    def _release(self, slot: Slot) -> None:
-        slot.state.optimizer.zero_grad(set_to_none=True)
-
     # --- checkpoints ---------------------------------------------------------------------------------------------
     def _checkpoint(self, folder: Path, step: int, slots: dict[int, Slot], queue, result: PackResult,
                     jobs: list[Job]) -> Path:  # fmt: skip
@@ -603,9 +597,3 @@ def _joined(conditions: list[dict]) -> dict:
     first = conditions[0]
     return {key: _joined([c[key] for c in conditions]) if isinstance(first[key], dict)
             else torch.cat([c[key] for c in conditions]) for key in first}  # fmt: skip
-
-
-def _names(model: torch.nn.Module) -> list[str]:
-    from ..inject import adapter_names
-
-    return adapter_names(model)
