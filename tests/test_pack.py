@@ -216,6 +216,61 @@ def test_a_killed_pack_resumes_to_the_adapters_of_the_uninterrupted_run(world, t
         assert all(torch.equal(got[k], expected[k]) for k in expected), f"job{i}"
 
 
+class StopWhen:
+    """Asks the pack to stop at pack step ``at``, or once job ``job`` took a slot (while its class images are drawn);
+    records the per-job events a page would show."""
+
+    def __init__(self, at=None, job=None):
+        self.at, self.job, self.now, self.started, self.steps = at, job, 0, [], []
+
+    def on_pack_step(self, step, slots):
+        self.now = step
+
+    def on_job_start(self, name):
+        self.started.append(name)
+
+    def on_job_step(self, name, step, logs):
+        self.steps.append((name, step, logs["loss"], logs["lr"]))
+
+    def should_stop(self):
+        return (self.at is not None and self.now >= self.at) or self.job in self.started
+
+
+def test_a_stopped_pack_checkpoints_where_it_stood_and_resumes_exactly(world, tmp_path):
+    """``should_stop()`` ends the run after the current packed step (or while a job's class images are drawn: that
+    job waits in the queue) with a checkpoint there, whatever --checkpointing_steps says; resuming gives every job
+    the bit-identical adapter of the uninterrupted run. The per-job events carry each job's step, loss and rate."""
+    prior = {"with_prior_preservation": True, "class_prompt": "a star", "num_class_images": 2}
+    runs = [dict(max_train_steps=n, seed=i, checkpointing_steps=100, no_final_reload=True, **extra)
+            for i, (n, extra) in enumerate([(3, {}), (6, prior), (5, {"lr_scheduler": "cosine"})])]  # fmt: skip
+    whole = StopWhen()
+    PackedTrainer(jobs_of(world, tmp_path / "whole", runs), 2, tmp_path / "whole" / "state", callbacks=[whole],
+                  quiet=True).train()  # fmt: skip
+    assert [(name, step) for name, step, _, _ in whole.steps[:4]] == [("job0", 1), ("job1", 1), ("job0", 2),
+                                                                      ("job1", 2)]  # fmt: skip
+    assert all(np.isfinite(loss) and lr >= 0 for _, _, loss, lr in whole.steps) and whole.steps[0][3] > 0
+    assert whole.started == ["job0", "job1", "job2"]
+    for stopper in (StopWhen(at=4), StopWhen(job="job1")):
+        folder = tmp_path / f"stopped-{stopper.at}"
+        result = PackedTrainer(jobs_of(world, folder, runs), 2, folder / "state", callbacks=[stopper],
+                               quiet=True).train()  # fmt: skip
+        assert result.stopped
+        assert sorted(result.results) == (["job0"] if stopper.at else [])
+        assert not (folder / "job2" / ADAPTER).exists()
+        checkpoints = sorted((folder / "state").rglob("checkpoint-*"))
+        assert [c.name for c in checkpoints] == [f"checkpoint-{stopper.at or 0}"]
+        record = json.loads((checkpoints[0] / "pack.json").read_text())
+        slots, queue = {k: v["job"] for k, v in record["slots"].items()}, record["queue"]
+        # at step 4: job0 done (step 3), job2 in its slot; stopped at job1's class images: job1 waits, not drawn
+        assert (slots, queue) == (({"0": "job2", "1": "job1"}, []) if stopper.at else ({"0": "job0"}, ["job1", "job2"]))
+        resumed = PackedTrainer(jobs_of(world, folder, runs), 2, folder / "state", resume=True, quiet=True).train()
+        assert not resumed.stopped and sorted(resumed.results) == (["job1", "job2"] if stopper.at else
+                                                                   ["job0", "job1", "job2"])  # fmt: skip
+        for i in range(3):
+            expected, got = vectors(tmp_path / "whole" / f"job{i}"), vectors(folder / f"job{i}")
+            assert all(torch.equal(got[k], expected[k]) for k in expected), (stopper.at, f"job{i}")
+
+
 def test_a_pack_refuses_to_resume_with_other_jobs(world, tmp_path):
     runs = [dict(max_train_steps=2, seed=i, checkpointing_steps=1, no_final_reload=True) for i in range(3)]
     PackedTrainer(jobs_of(world, tmp_path, runs), 2, tmp_path / "state", quiet=True).train()

@@ -40,8 +40,10 @@ import torch
 from ..checkpoints import COMPLETE_MARKER, latest_checkpoint, partial_folder, prune_checkpoints, write_failed
 from ..config import DTYPES
 from ..inject import active_adapters, adapter_layers, adapter_names, delete_adapter, set_active_adapters
+from ..sampling import SamplingInterrupted, interruptible
 from ..slots import SlotRoute, check_same_layout
 from .artifacts import write_text
+from .callbacks import Callback
 from .config import ConfigError, RunConfig
 from .data import EpochShuffleSampler
 from .hub import create_repository
@@ -135,6 +137,7 @@ class PackResult:
     pack_steps: int = 0
     seconds: float = 0.0
     pack: int = 1
+    stopped: bool = False  # a callback's ``should_stop()`` ended the run early; resume continues it
 
     def report(self) -> str:
         lines = [f"packed run: {len(self.results)} jobs trained ({self.pack} at a time) in {self.pack_steps} packed "
@@ -145,6 +148,8 @@ class PackResult:
             lines.append(f"  {name:<20} STOPPED: {why}")
         if self.skipped:
             lines.append(f"  already finished before this run: {', '.join(self.skipped)}")
+        if self.stopped:
+            lines.append("  stopped before every job finished: resume the pack to continue")
         return "\n".join(lines)
 
 
@@ -220,14 +225,31 @@ class Slot:
         return self.job.config
 
 
+class _AskPack(Callback):
+    """A slot's trainer asks the pack whether to stop (its previews' and final samples' denoising steps)."""
+
+    def __init__(self, should_stop):
+        self._ask = should_stop
+
+    def should_stop(self) -> bool:
+        return self._ask()
+
+
 def slot_name(index: int) -> str:
     return f"pack{index}"
 
 
 class PackedTrainer:
     """Train ``jobs`` ``pack`` at a time (``pack`` slots per step). ``state_dir`` holds the packed run's checkpoints;
-    ``resume`` continues from its latest. ``callbacks``: objects with any of ``on_pack_step(step, slots)`` and
-    ``on_job_end(name, result)``."""
+    ``resume`` continues from its latest. ``callbacks``: objects with any of
+
+        on_job_start(name)              a job takes a slot (its class images are drawn next)
+        on_job_step(name, step, logs)   a job stepped (``logs``: its ``loss`` and ``lr``)
+        on_pack_step(step, slots)       after each packed step: ``{slot: (job, its step)}``
+        on_job_end(name, result)        a job finished and wrote its folder
+        should_stop()                   asked after every packed step and between the denoising steps of class
+                                        images and previews: True checkpoints every slot where it is and ends
+                                        the run (``PackResult.stopped``); ``resume`` continues it exactly"""
 
     def __init__(self, jobs: list[Job], pack: int, state_dir: str | Path, resume: bool = False, callbacks=(),
                  quiet: bool = False):  # fmt: skip
@@ -249,8 +271,11 @@ class PackedTrainer:
         result = PackResult(pack=self.pack)
         start = time.time()
         folder = self.state_dir / f"process-{process.process_index}-of-{process.num_processes}"
-        for number, group in enumerate(groups.values()):
-            self._train_group(process, folder / f"pack-{number}", group, result)
+        with interruptible(self._should_stop):
+            for number, group in enumerate(groups.values()):
+                self._train_group(process, folder / f"pack-{number}", group, result)
+                if result.stopped:
+                    break
         result.seconds = time.time() - start
         if not self.quiet:
             print(result.report(), flush=True)
@@ -287,9 +312,20 @@ class PackedTrainer:
         done = sum(slot.state.step for slot in slots.values())
         interval = min(job.config.checkpointing_steps for job in jobs)
         while True:
-            for index in range(self.pack):  # free slots take the next jobs waiting
-                if index not in slots and queue:
-                    slots[index] = self._start(index, queue.popleft())
+            try:
+                for index in range(self.pack):  # free slots take the next jobs waiting
+                    if index not in slots and queue:
+                        slots[index] = self._start(index, queue[0])
+                        queue.popleft()
+            except SamplingInterrupted:  # stopped while a job's class images were drawn: it waits in the queue
+                result.stopped = True
+            if result.stopped or (slots and self._should_stop()):
+                result.stopped = True
+                progress.close()
+                if step or slots or result.results:
+                    self._checkpoint(folder, step, slots, queue, result, jobs)
+                self._release(jobs)
+                return
             if not slots:
                 break
             began = time.time()
@@ -304,6 +340,8 @@ class PackedTrainer:
                     del slots[index]
                     continue
                 done += 1
+                self._emit("on_job_step", slot.job.name, slot.state.step,
+                           {"loss": slot.trainer.result.losses[-1], "lr": slot.state.lr_scheduler.get_last_lr()[0]})
                 if self._after_step(slot):
                     try:
                         result.results[slot.job.name] = self._finish(slot)
@@ -312,9 +350,7 @@ class PackedTrainer:
                         result.diverged[slot.job.name] = str(err)
                     del slots[index]
             progress.update(min(done, total), slots=len(slots), waiting=len(queue))
-            for callback in self.callbacks:
-                if hasattr(callback, "on_pack_step"):
-                    callback.on_pack_step(step, {i: (s.job.name, s.state.step) for i, s in slots.items()})
+            self._emit("on_pack_step", step, {i: (s.job.name, s.state.step) for i, s in slots.items()})
             if step % interval == 0 and slots:
                 with progress.paused():
                     self._checkpoint(folder, step, slots, queue, result, jobs)
@@ -322,11 +358,23 @@ class PackedTrainer:
         result.pack_steps += step
         folder.mkdir(parents=True, exist_ok=True)
         write_text(folder / FINISHED, json.dumps({"jobs": [job.name for job in jobs], "pack_steps": step}))
+        self._release(jobs)
+
+    def _release(self, jobs: list[Job]) -> None:
+        """The next pack loads its own model: let this one go."""
         self._unroute()
-        for job in jobs:  # the next pack loads its own model: let this one go
+        for job in jobs:
             job.task.backend.components = None
         self.models, self.components, self.run = {}, None, None
         gc.collect()
+
+    def _emit(self, event: str, *args) -> None:
+        for callback in self.callbacks:
+            if hasattr(callback, event):
+                getattr(callback, event)(*args)
+
+    def _should_stop(self) -> bool:
+        return any(callback.should_stop() for callback in self.callbacks if hasattr(callback, "should_stop"))
 
     def _planned_steps(self, job: Job) -> int:
         """The job's steps (for the progress line; epochs of its instance images where it gives no step count)."""
@@ -339,6 +387,8 @@ class PackedTrainer:
         """Put ``job`` in slot ``index``: its adapter (drawn from its seed, as alone), optimizer, schedule, data
         (class images drawn here), generator, and its step-0 baseline when it asks for previews."""
         task, config, run = job.task, job.config, self.run
+        if announce:
+            self._emit("on_job_start", job.name)
         name = task.adapters.name = slot_name(index)
         task.backend.components = self.components
         configs = task.adapter_configs()
@@ -352,7 +402,7 @@ class PackedTrainer:
         else:
             task.adapters.add({c: self.models[c] for c in configs}, configs)
         task.params = task.adapters.parameters()
-        trainer = Trainer(task)
+        trainer = Trainer(task, [_AskPack(self._should_stop)])  # its previews and samples stop with the pack
         trainer.writer = True
         output_dir = Path(config.output_dir)
         check_output_dir(output_dir)
@@ -475,7 +525,10 @@ class PackedTrainer:
             Path(snapshot).parent.mkdir(parents=True, exist_ok=True)
             slot.task.save(Path(snapshot))
         if slot.trainer.validation_due(state):
-            self._sample(slot, SampleKind.PREVIEW)
+            try:
+                self._sample(slot, SampleKind.PREVIEW)
+            except SamplingInterrupted:  # a stop during a preview: the step stands, the run stops after it
+                pass
         return state.step >= state.max_train_steps
 
     def _sample(self, slot: Slot, kind: SampleKind) -> None:
@@ -492,9 +545,7 @@ class PackedTrainer:
         trainer.result.global_step = state.step
         trainer.result.train_seconds = slot.seconds
         trainer.save_outputs(state)
-        for callback in self.callbacks:
-            if hasattr(callback, "on_job_end"):
-                callback.on_job_end(slot.job.name, trainer.result)
+        self._emit("on_job_end", slot.job.name, trainer.result)
         return trainer.result
 
     def _diverged(self, slot: Slot) -> str:
