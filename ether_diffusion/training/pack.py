@@ -340,8 +340,8 @@ class PackedTrainer:
                     del slots[index]
                     continue
                 done += 1
-                self._emit("on_job_step", slot.job.name, slot.state.step,
-                           {"loss": slot.trainer.result.losses[-1], "lr": slot.state.lr_scheduler.get_last_lr()[0]})
+                logs = {"loss": slot.trainer.result.losses[-1], "lr": slot.state.lr_scheduler.get_last_lr()[0]}
+                self._emit("on_job_step", slot.job.name, slot.state.step, logs)
                 if self._after_step(slot):
                     try:
                         result.results[slot.job.name] = self._finish(slot)
