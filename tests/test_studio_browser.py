@@ -403,6 +403,84 @@ def test_train_preview_sample_in_a_browser(browser, tmp_path):  # noqa: C901  (o
     save_shots(shots)
 
 
+def queue_rows(page) -> dict[str, list[str]]:
+    """The queue table's rows by adapter name: ``[adapter, method, phase, step, loss, ETA, job]``."""
+    rows = {}
+    for row in page.locator("#queue-table [role=row][data-index]").all():  # the grid's rows (not its header)
+        cells = [cell.strip() for cell in row.locator("[role=gridcell]").all_inner_texts()]
+        if cells and cells[0]:
+            rows[cells[0]] = cells
+    return rows
+
+
+@skip_on_request
+def test_queued_jobs_train_side_by_side_in_a_browser(browser, tmp_path):
+    """Two jobs added to the queue with the form's settings (a third with a name already queued is refused beside
+    the button), trained with Train queue: each row shows its own phase, step and loss while the run goes (and
+    Start waits for it), both end done, and both adapters are in the Adapters tab."""
+    from playwright.sync_api import expect
+
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    process, url = start_studio(STUDIO_MODULE, tmp_path / "ws", tmp_path / "log.txt")
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 1100})
+        errors = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(url)
+        queue_status, queue_note = page.locator("#queue-status"), page.locator("#queue-note")
+        expect(queue_status).to_contain_text("The queue is empty", timeout=30_000)
+        page.get_by_text("Prior preservation").click()  # off: the queue's steps start at once
+        page.locator("#preview-settings").get_by_text("Previews").click()
+        fill(page, "preview-every", 10)
+        fill(page, "preview-steps", 2)
+        for name, steps in (("queue-star", 12), ("queue-star-2", 20)):
+            fill(page, "adapter-name", name)
+            fill(page, "train-steps", steps)
+            page.locator("#queue-add").click()
+            expect(queue_note).to_contain_text(f"queued '{name}'", timeout=30_000)
+        expect(page.locator("#queue-table")).to_contain_text("queue-star-2", timeout=15_000)
+        page.locator("#queue-add").click()  # the last name again
+        expect(queue_note).to_contain_text("already trains an adapter named 'queue-star-2'", timeout=15_000)
+        assert page.locator(TOAST).count() == 0
+        expect(queue_status).to_contain_text("2 queued", timeout=15_000)
+
+        page.locator("#queue-train").click()
+        seen: dict[str, set] = {"queue-star": set(), "queue-star-2": set()}
+        steps_seen: dict[str, set] = {"queue-star": set(), "queue-star-2": set()}
+        start_disabled = False
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            rows = queue_rows(page)
+            for name in seen:
+                if name in rows:
+                    seen[name].add(rows[name][2])
+                    steps_seen[name].add(rows[name][3])
+            if "training" in queue_status.inner_text():
+                start_disabled |= page.locator("#start").is_disabled()
+            if all(rows.get(name, ["", "", ""])[2] == "done" for name in seen):
+                break
+            assert not any(row[2] == "failed" for row in rows.values()), rows
+            page.wait_for_timeout(100)
+        rows = queue_rows(page)
+        assert [rows[name][2:4] for name in seen] == [["done", "12 / 12"], ["done", "20 / 20"]], rows
+        assert all("training" in phases for phases in seen.values()), seen
+        # each row moved on its own: steps in between were shown for both jobs
+        assert all(len(steps - {"0 / 12", "0 / 20", "12 / 12", "20 / 20"}) >= 1 for steps in steps_seen.values())
+        assert start_disabled, "Start stayed enabled while the queue trained"
+        expect(page.locator("#start")).to_be_enabled(timeout=15_000)
+        page.screenshot(path=str(shots / "studio_queue.png"), full_page=True)
+
+        page.get_by_role("tab", name="Adapters").click()
+        table = page.locator("#adapter-table")
+        expect(table).to_contain_text("queue-star-2", timeout=15_000)
+        assert "queue-star" in table.inner_text()
+        assert errors == [], errors
+    finally:
+        stop_process(process)
+    save_shots(shots)
+
+
 @skip_on_request
 def test_control_train_and_sample_with_a_drawn_map_in_a_browser(browser, tmp_path):
     from playwright.sync_api import expect

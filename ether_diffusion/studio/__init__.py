@@ -8,6 +8,8 @@ a browser.
   in ``jobs``) and ``ControlSpec`` (in ``control``) extend;
 - ``jobs``: one background training job at a time on the library loop (DreamBooth or control), with live progress,
   losses, previews, TensorBoard logs, stop (within a step, in every phase) and resume;
+- ``queue``: DreamBooth jobs queued one by one and trained side by side in packed runs (``training/pack.py``), each
+  with its own progress, stop and exact resume;
 - ``control``: what control jobs train on (tiny-world sets rendered on demand, dataset folders) and the control
   maps they sample with (uploaded or drawn);
 - ``presets``: training configurations saved and loaded by name;

@@ -166,9 +166,9 @@ STATE_FIELDS = {
 }  # fmt: skip
 
 
-def check_state(state, job_dir: Path) -> str | None:
+def check_state(state, job_dir: Path, phases: tuple[str, ...] = PHASES) -> str | None:
     """Why ``state`` (a parsed ``state.json`` of ``job_dir``) is not a job's state the studio can show and resume,
-    or None: its id is its folder's name, its kind a form's, its phase one of ``PHASES``, its spec that form's fields
+    or None: its id is its folder's name, its kind a form's, its phase one of ``phases``, its spec that form's fields
     (a known method, whole numbers in range), and every other field it has of the type ``STATE_FIELDS`` says."""
     if not isinstance(state, dict):
         return "it is not a JSON object"
@@ -177,8 +177,8 @@ def check_state(state, job_dir: Path) -> str | None:
     kind = state.get("kind", TrainSpec.kind)
     if not isinstance(kind, str) or kind not in SPECS:
         return f"its kind {kind!r:.40} is not one of {', '.join(map(str, SPECS))}"
-    if state.get("phase") not in PHASES:
-        return f"its phase {state.get('phase')!r:.40} is not one of {', '.join(PHASES)}"
+    if state.get("phase") not in phases:
+        return f"its phase {state.get('phase')!r:.40} is not one of {', '.join(phases)}"
     bad = sorted(name for name, valid in STATE_FIELDS.items() if name in state and not valid(state[name]))
     if bad:
         return f"its {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} of the wrong type"
@@ -217,6 +217,7 @@ class JobManager:
         self._state: dict | None = None
         self._last_write = 0.0
         self.skipped: list[str] = []  # job folders whose state.json could not be read, with why
+        self.queue = None  # the workspace's JobQueue (``studio/queue.py``), which sets itself here
         self._load_latest()
 
     # --- state -------------------------------------------------------------------------------------------------
@@ -312,9 +313,14 @@ class JobManager:
         with self._launching:
             return self._resume()
 
+    def _queue_busy(self) -> None:
+        if self.queue is not None and self.queue.running():
+            raise StudioError("the queue is training; one training at a time: Stop queue or wait until it ends")
+
     def _start(self, spec: TrainSpec) -> dict:
         if self.running():
             raise StudioError(self._busy_message())
+        self._queue_busy()
         spec = spec.validated()
         if self.store.exists(spec.adapter_name):
             raise StudioError(
@@ -371,6 +377,7 @@ class JobManager:
                     "a training job is running: its ETA is on the page. Estimate when it has ended (measuring now "
                     "would slow it down and be slowed down by it)"
                 )
+            self._queue_busy()
             spec = spec.validated()
             with tempfile.TemporaryDirectory(prefix=".estimate-", dir=self.workspace.root) as scratch:
                 inputs = self._inputs(spec, Path(scratch))
@@ -400,6 +407,7 @@ class JobManager:
     def _resume(self) -> dict:
         if self.running():
             raise StudioError(self._busy_message())
+        self._queue_busy()
         state = self.status()
         if not state:
             raise StudioError("there is no job to resume; start one")

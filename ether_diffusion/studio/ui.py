@@ -44,6 +44,7 @@ from .control import ControlSpec, example_control, palette_colors  # noqa: E402
 from .forms import METHODS, FormSpec, short_rate  # noqa: E402
 from .jobs import JobManager, TrainSpec, shipped_subjects  # noqa: E402
 from .presets import PresetStore  # noqa: E402
+from .queue import QUEUE_HEADERS, JobQueue  # noqa: E402
 from .sampling import ControlRequest, Sampler, SampleRequest, parse_seeds  # noqa: E402
 from .workspace import StudioError, Workspace  # noqa: E402
 
@@ -147,6 +148,7 @@ class Studio:
     workspace: Workspace
     store: AdapterStore
     jobs: JobManager
+    queue: JobQueue
     sampler: Sampler
     presets: PresetStore
     subjects: dict
@@ -159,7 +161,7 @@ class Studio:
         store = AdapterStore(workspace)
         sampler = Sampler(model, workspace, store, model_config)
         jobs = JobManager(workspace, model, store, model_config, check_adapter=sampler.check_adapter_config)
-        return cls(model, workspace, store, jobs, sampler, PresetStore(workspace), shipped_subjects())
+        return cls(model, workspace, store, jobs, JobQueue(jobs), sampler, PresetStore(workspace), shipped_subjects())
 
     def subject_fields(self, name):
         """Adapter name, instance prompt, class prompt and images of shipped subject ``name``."""
@@ -317,14 +319,15 @@ def wire_jobs(studio: Studio, demo: gr.Blocks, panels: list[JobPanel]) -> None:
         losses = state.get("losses", [])
         now = {"id": state.get("id"), "previews": len(found), "losses": len(losses)}
         running = bool(state.get("running"))
+        busy = running or studio.queue.running()  # one training at a time: a queue run blocks Start too
         new_previews = found if (now["id"], now["previews"]) != (last.get("id"), last.get("previews")) else gr.skip()
         new_losses = loss_frame(losses) if (now["id"], now["losses"]) != (last.get("id"), last.get("losses")) else (
             gr.skip())  # fmt: skip
         values = [now]
         for _ in panels:
-            values += [format_status(state), new_losses, new_previews, gr.update(interactive=not running),
-                       gr.update(interactive=running), gr.update(interactive=bool(state.get("resumable"))),
-                       gr.update(interactive=not running)]  # fmt: skip
+            values += [format_status(state), new_losses, new_previews, gr.update(interactive=not busy),
+                       gr.update(interactive=running), gr.update(interactive=bool(state.get("resumable")) and not busy),
+                       gr.update(interactive=not busy)]  # fmt: skip
         return tuple(values)
 
     outputs = [seen]
@@ -482,8 +485,10 @@ def train_tab(studio: Studio, demo: gr.Blocks, first_subject: str | None) -> Job
             previews_accordion(form, defaults, "", "the instance prompt")
             presets = presets_row(studio, TrainSpec.kind, "")
             panel = job_buttons("")
+            queue_add = gr.Button("Add to queue (jobs in the queue train side by side)", elem_id="queue-add")
         with gr.Column(scale=1):
             job_view(panel, studio, "train-")
+            queue = queue_view(studio, queue_add)
 
     def spec_from(values: dict, need_subject: bool = True) -> TrainSpec:
         chosen_source = values[source]
@@ -523,7 +528,84 @@ def train_tab(studio: Studio, demo: gr.Blocks, first_subject: str | None) -> Job
                   lambda spec, state, with_name: fill(spec, (state or {}).get("instance_dir"), with_name),
                   preset_spec=lambda values: spec_from(values, need_subject=False),
                   loaded_note=lambda spec: "; upload your images" if spec.subject is None else "")  # fmt: skip
+    wire_queue(studio, queue, inputs, spec_from)
     return panel
+
+
+@dataclass
+class QueuePanel:
+    """The Train tab's queue: jobs added with the form's settings, trained side by side, one row of progress each."""
+
+    add: gr.Button
+    status: gr.Markdown
+    table: gr.Dataframe
+    train: gr.Button
+    stop: gr.Button
+    chosen: gr.Dropdown
+    remove: gr.Button
+    note: gr.Markdown
+
+
+def queue_view(studio: Studio, add: gr.Button) -> QueuePanel:
+    with gr.Accordion("Queue: jobs trained side by side", open=True, elem_id="queue"):
+        status = gr.Markdown(studio.queue.summary(), elem_id="queue-status")
+        table = gr.Dataframe(queue_frame(studio.queue.rows()), headers=QUEUE_HEADERS, interactive=False,
+                             elem_id="queue-table")  # fmt: skip
+        with gr.Row():
+            train = gr.Button("Train queue", variant="primary", elem_id="queue-train")
+            stop = gr.Button("Stop queue", variant="stop", interactive=False, elem_id="queue-stop")
+        with gr.Row():
+            chosen = gr.Dropdown(studio.queue.removable(), value=None, label="Job", elem_id="queue-job")
+            remove = gr.Button("Remove from the list", size="sm", elem_id="queue-remove")
+        note = gr.Markdown("", elem_id="queue-note")
+    return QueuePanel(add, status, table, train, stop, chosen, remove, note)
+
+
+def queue_frame(rows: list[list]) -> pd.DataFrame:
+    return pd.DataFrame(rows or [[""] * len(QUEUE_HEADERS)], columns=QUEUE_HEADERS)
+
+
+def wire_queue(studio: Studio, panel: QueuePanel, inputs: set, spec_from) -> None:
+    """Add (the Train form's settings), Train queue, Stop queue, Remove; a timer shows each job's row."""
+    queue = studio.queue
+
+    def view(last: dict, chosen=None):
+        rows, removable, running = queue.rows(), queue.removable(), queue.running()
+        now = {"rows": rows, "removable": removable}
+        table = queue_frame(rows) if rows != last.get("rows") else gr.skip()
+        choices = gr.update(choices=removable, value=chosen if chosen in removable else None) if (
+            removable != last.get("removable")) else gr.skip()  # fmt: skip
+        idle = not running and not studio.jobs.running()
+        return (now, queue.summary(), table, gr.update(interactive=idle), gr.update(interactive=running), choices)
+
+    seen = gr.State({})
+    outputs = [seen, panel.status, panel.table, panel.train, panel.stop, panel.chosen]
+
+    @inline_errors(note=0, outputs=1)
+    def add(values: dict):
+        state = queue.add(spec_from(values))
+        return f"queued '{state['spec']['adapter_name']}': press **Train queue** when every job is in"
+
+    @inline_errors(note=0, outputs=1)
+    def train():
+        return queue.start()
+
+    @inline_errors(note=0, outputs=1)
+    def stop():
+        return queue.stop()
+
+    @inline_errors(note=0, outputs=1)
+    def remove(job_id):
+        if not job_id:
+            raise StudioError("choose a job from the list to remove")
+        return queue.remove(job_id)
+
+    refresh = {"fn": view, "inputs": [seen, panel.chosen], "outputs": outputs, "show_progress": "hidden"}
+    gr.Timer(1.0).tick(**refresh)
+    panel.add.click(add, inputs, panel.note).then(lambda: {}, None, seen).then(**refresh)
+    panel.train.click(train, None, panel.note).then(**refresh)
+    panel.stop.click(stop, None, panel.note).then(**refresh)
+    panel.remove.click(remove, panel.chosen, panel.note).then(lambda: {}, None, seen).then(**refresh)
 
 
 def control_tab(studio: Studio, demo: gr.Blocks, tab: gr.Tab) -> JobPanel:
@@ -812,8 +894,8 @@ def build_app(
             with gr.Tab("Adapters", id="adapters") as tab:
                 adapters_tab(studio, demo, tab)
         wire_jobs(studio, demo, [train_panel, control_panel])
-    demo.studio = {"workspace": studio.workspace, "jobs": studio.jobs, "sampler": studio.sampler,
-                   "store": studio.store, "presets": studio.presets}  # fmt: skip
+    demo.studio = {"workspace": studio.workspace, "jobs": studio.jobs, "queue": studio.queue,
+                   "sampler": studio.sampler, "store": studio.store, "presets": studio.presets}  # fmt: skip
     return demo
 
 
@@ -859,7 +941,7 @@ def launch(args: argparse.Namespace, block: bool = True) -> gr.Blocks:
     if warning:
         print(warning, file=sys.stderr)
     demo = build_app(args.model, args.workdir, args.config)
-    for line in demo.studio["jobs"].skipped:
+    for line in demo.studio["jobs"].skipped + demo.studio["queue"].skipped:
         print(f"note: {line}", file=sys.stderr)
     workspace = demo.studio["workspace"]
     demo.queue(default_concurrency_limit=1)
