@@ -157,7 +157,7 @@ def job_for(name: str, config: RunConfig) -> tuple[Job | None, list[str]]:
     refusal = pack_refusal(config)
     if refusal:
         return None, [f"{label}: {refusal}"]
-    family, _ = resolve(TaskKind.DREAMBOOTH, config.pretrained_model_name_or_path, config.revision,
+    family, _ = resolve(config.kind, config.pretrained_model_name_or_path, config.revision,
                         config.model_config)  # fmt: skip
     if family.name not in PACKED_FAMILIES:
         return None, [f"{label}: {family.label} runs do not pack yet (the UNet models do: SD 1.x/2.x, SDXL); train it "

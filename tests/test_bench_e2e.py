@@ -184,6 +184,34 @@ def test_control_bench_runs_end_to_end(tmp_path, capsys):
     assert json.loads((out / "control.json").read_text())["rows"] == result["rows"]
 
 
+def test_control_bench_packs_its_adapter_runs(tmp_path, capsys):
+    """--pack (default 8): the ETHER and ETHER+ runs train side by side (a pack per layout), each with its own
+    condition encoder, into its own folder with its training record; the encoder-only run trains alone; every file
+    is the one of --pack 1 (to float32 rounding)."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "tiny-control"
+    assert main(["bench", "export-world", "--control", "segmentation", "--output", str(data), "--train_scenes",
+                 "8", "--eval_scenes", "4"]) == 0  # fmt: skip
+    args = ["bench", "control", "--train_data_dir", str(data / "train"), "--eval_data_dir", str(data / "eval"),
+            "--methods", "encoder", "ether", "ether_plus", "--seeds", "0", "1", "--quick", "--quiet"]  # fmt: skip
+    assert main([*args, "--output_dir", str(tmp_path / "packed")]) == 0
+    assert "training 4 runs 8 per step" in capsys.readouterr().out
+    assert main([*args, "--pack", "1", "--output_dir", str(tmp_path / "alone")]) == 0
+    for run in ("ether-x1-seed0", "ether-x1-seed1", "ether_plus-x1-seed0", "ether_plus-x1-seed1", "encoder-seed0"):
+        packed, alone = tmp_path / "packed" / "runs" / "all" / run, tmp_path / "alone" / "runs" / "all" / run
+        record = json.loads((packed / "scores.json").read_text())
+        assert record.get("packed") == (None if run.startswith("encoder") else 8), run
+        a = load_file(next((packed / "train").glob("*.safetensors")))
+        b = load_file(next((alone / "train").glob("*.safetensors")))
+        assert any(k.startswith("condition_encoder.") for k in b)
+        scale = max(float(v.abs().max()) for v in b.values())
+        assert max(float((a[k] - b[k]).abs().max()) for k in b) < 2e-3 * scale, run
+    result = json.loads((tmp_path / "packed" / "control.json").read_text())
+    assert [(r["method"], r["runs"]) for r in result["summary"]] == [("base", 1), ("encoder", 2), ("ether", 2),
+                                                                      ("ether_plus", 2)]  # fmt: skip
+
+
 def test_dino_clip_metrics_through_the_driver_score_the_class_noun_prompts(tmp_path):
     """The real DINO / CLIP path of the benchmark (tiny random-weight models from configs): the scores written for a
     run are those of its saved samples, and CLIP-T compares them with the prompts without the identifier."""
@@ -250,3 +278,18 @@ def test_ctrl_c_stops_the_command_in_one_line_and_frees_the_run(tmp_path):
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("stopped; rerun the same command to resume")
     assert not claim.exists()
+
+
+@pytest.mark.parametrize("task", ["dreambooth", "control"])
+def test_pack_bench_measures_adapters_per_hour(tmp_path, capsys, task):
+    """`bench pack`: every K of every round trains its jobs packed and is timed; the table and the JSON say it."""
+    out = tmp_path / "pack.json"
+    extra = ["--no_prior", "--resolution", "32"] if task == "dreambooth" else []
+    assert main(["bench", "pack", "--task", task, "--packs", "1", "2", "--rounds", "1", "--steps", "2", *extra,
+                 "--json", str(out)]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["task"] == task and set(report["packs"]) == {"K=1", "K=2"}
+    for row in report["packs"].values():
+        assert row["adapters_per_hour"] > 0 and row["peak_mb"] > 0 and len(row["step_seconds"]) == 1
+    table = capsys.readouterr().out
+    assert "| 2 |" in table and ("control runs (batch 8)" in table) == (task == "control")

@@ -82,6 +82,41 @@ def test_a_slot_trains_the_adapter_it_trains_alone(world, tmp_path, method):
             assert recorded.extra["steps"] == str(runs[int(name[-1])]["max_train_steps"])
 
 
+@pytest.mark.slow
+def test_control_runs_pack_each_with_its_own_encoder(tmp_path):
+    """Control runs (a condition encoder each, drawn from its seed, and ETHER+ adapters) packed 1 and 2 at a time:
+    every run's file (encoder and adapter) is its solo run's, bit for bit at K = 1, to float32 rounding at K = 2."""
+    from ether_diffusion.control.data import write_world_control_dataset
+    from ether_diffusion.control.pipeline import CONTROL_WEIGHT_NAME
+    from ether_diffusion.control.train import ControlConfig
+
+    data = write_world_control_dataset(tmp_path / "data", "segmentation", 6, start=20_000_000)
+    runs = [dict(seed=1, learning_rate=1e-2, encoder_learning_rate=1e-3, max_train_steps=6),
+            dict(seed=2, learning_rate=3e-3, encoder_learning_rate=2e-3, max_train_steps=8, lr_scheduler="cosine",
+                 proportion_empty_prompts=0.5)]  # fmt: skip
+
+    def config(folder, run):
+        return ControlConfig(train_data_dir=str(data), output_dir=str(folder), train_batch_size=2, report_to="none",
+                             quiet=True, **run)  # fmt: skip
+
+    solo = []
+    for i, run in enumerate(runs):
+        registry.train(config(tmp_path / "solo" / f"run{i}", run))
+        solo.append(load_file(tmp_path / "solo" / f"run{i}" / CONTROL_WEIGHT_NAME))
+    assert any(k.startswith("condition_encoder.") for k in solo[0])
+    for pack in (1, 2):
+        folder = tmp_path / f"pack{pack}"
+        jobs = make_jobs([(f"run{i}", config(folder / f"run{i}", run)) for i, run in enumerate(runs)])
+        result = PackedTrainer(jobs, pack, folder / "state", quiet=True).train()
+        assert sorted(result.results) == ["run0", "run1"]
+        for i, expected in enumerate(solo):
+            got = load_file(folder / f"run{i}" / CONTROL_WEIGHT_NAME)
+            if pack == 1:
+                assert all(torch.equal(got[k], expected[k]) for k in expected), i
+            else:
+                assert largest_gap(expected, got) < 5e-5, i
+
+
 def test_each_slot_keeps_its_own_latent_cache_and_prompt_table(world, tmp_path):
     """--cache_latents and --pre_compute_text_embeddings in a pack: every run looks its rows up in its own cache and
     table (their prompts and images differ), and trains what it trains alone."""

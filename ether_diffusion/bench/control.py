@@ -39,6 +39,7 @@ from ..control.train import ControlConfig
 from ..evaluation import embed, prompt_fidelity
 from ..files import atomic_folder
 from ..training.config import ConfigError, RunConfig, TaskKind, option
+from ..training.pack import DEFAULT_PACK
 from .config import CONTROL_METHODS, BenchOptions, hidden, is_tiny_model, shipped_model_named
 from .metrics import IGNORE_INDEX, Metric, Segmenter, TransformersSegmenter, WorldSegmenter, frechet_distance
 from .metrics import segmentation_scores as scores_of_masks
@@ -88,6 +89,11 @@ class ControlBenchConfig(BenchOptions, ControlConfig):
     segmenter: str | None = option(None, "world (the tiny world's; default on the shipped model) or an "
                                    "AutoModelForSemanticSegmentation hub id / folder")  # fmt: skip
     eval_seed: int = option(0, "image k of row r is drawn from seed eval_seed + r·K + k", minimum=0)
+    pack: int = option(
+        DEFAULT_PACK, "train this many adapter runs side by side in each step (`train --jobs`; each with its own "
+        "condition encoder, and trains what it trains alone, to float32 rounding); 1: one at a time. The encoder-only "
+        "runs and PEFT peers train one at a time", minimum=1, same_run=False,
+    )  # fmt: skip
 
     # shared flags with the benchmark's defaults
     pretrained_model_name_or_path: str | None = option(

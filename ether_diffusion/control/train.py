@@ -97,10 +97,26 @@ class ControlTask(Task):
 
     def setup(self, run: Run) -> None:
         super().setup(run)
+        self.setup_slot(run)
+
+    def setup_slot(self, run: Run) -> None:
+        """The encoder, drawn from the run's seed (as the global generator stands right after the loop seeds it:
+        alone or in a pack, the same encoder), attached to the UNet."""
         parts = self.backend.components
-        self.encoder = ConditionEncoder(ConditionEncoderConfig.for_model(parts.unet, parts.vae_scale_factor))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            self.encoder = ConditionEncoder(ConditionEncoderConfig.for_model(parts.unet, parts.vae_scale_factor))
         self.encoder.to(run.device)
-        attach_condition_encoder(parts.unet, self.encoder)
+        self.make_current()
+
+    def make_current(self) -> None:
+        attach_condition_encoder(self.backend.components.unet, self.encoder)
+
+    def extra_condition(self, batch: dict, run: Run) -> torch.Tensor:
+        return run.module("encoder", self.encoder)(batch["conditioning_pixel_values"].to(run.device))
+
+    def set_extra_condition(self, rows: torch.Tensor | None) -> None:
+        set_condition(self.backend.components.unet, rows)
 
     def trainable_modules(self) -> dict[str, torch.nn.Module]:
         return {"encoder": self.encoder, **super().trainable_modules()}
@@ -127,12 +143,11 @@ class ControlTask(Task):
         return dataset
 
     def loss(self, batch: dict, run: Run):
-        unet = self.backend.components.unet
-        set_condition(unet, run.module("encoder", self.encoder)(batch["conditioning_pixel_values"].to(run.device)))
+        self.set_extra_condition(self.extra_condition(batch, run))
         try:
             return self.backend.denoising_loss(batch, run)
         finally:
-            set_condition(unet, None)
+            self.set_extra_condition(None)
 
     # --- validation -------------------------------------------------------------------------------------------
     def wants_validation(self) -> bool:

@@ -100,6 +100,7 @@ def pack_refusal(config: RunConfig) -> str | None:
         "--compile": (config.compile, "slots route samples per step, which graphs would re-trace"),
         "--resume_from_checkpoint": (config.resume_from_checkpoint, "a pack resumes as a whole (resume the pack)"),
         "--mixed_precision fp16": (config.mixed_precision == "fp16", "its loss scaling is per run; use bf16"),
+        "--no_adapters": (getattr(config, "no_adapters", False), "an encoder-only run has no adapter to route"),
     }  # fmt: skip
     for flag, (given, why) in refused.items():
         if given:
@@ -402,6 +403,7 @@ class PackedTrainer:
         else:
             task.adapters.add({c: self.models[c] for c in configs}, configs)
         task.params = task.adapters.parameters()
+        task.setup_slot(run)  # its own modules besides the adapters (control: its condition encoder)
         trainer = Trainer(task, [_AskPack(self._should_stop)])  # its previews and samples stop with the pack
         trainer.writer = True
         output_dir = Path(config.output_dir)
@@ -484,18 +486,24 @@ class PackedTrainer:
         else:
             self._route(slots)
             self.route.assign(counts, run.device)
-        with run.autocast():
-            if self.precomputed:  # each run's own table of its prompts (--pre_compute_text_embeddings)
-                condition = _joined([slots[i].task.backend.condition(b, run) for i, b in zip(order, batches)])
-            else:  # one text-encoder pass for every run's prompts
-                condition = backend.condition(merged, run)
-            prediction = backend.denoise(joined, condition, run)
+        extra = [slots[i].task.extra_condition(batch, run) for i, batch in zip(order, batches)]
+        shared = slots[order[0]].task  # the model is every slot's: any task sets what it adds
+        shared.set_extra_condition(None if extra[0] is None else torch.cat(extra))  # control: each run's encoder
+        try:
+            with run.autocast():
+                if self.precomputed:  # each run's own table of its prompts (--pre_compute_text_embeddings)
+                    condition = _joined([slots[i].task.backend.condition(b, run) for i, b in zip(order, batches)])
+                else:  # one text-encoder pass for every run's prompts
+                    condition = backend.condition(merged, run)
+                prediction = backend.denoise(joined, condition, run)
+        finally:
+            shared.set_extra_condition(None)
         losses, parts, start = [], [], 0
         for i, count, drawn in zip(order, counts, draws):
             config = slots[i].config
             loss, logged = slots[i].task.backend.score(
-                prediction[start : start + count], drawn, config.snr_gamma, config.with_prior_preservation,
-                config.prior_loss_weight,
+                prediction[start : start + count], drawn, config.snr_gamma,
+                getattr(config, "with_prior_preservation", False), getattr(config, "prior_loss_weight", 1.0),
             )  # fmt: skip
             losses.append(loss)
             parts.append(logged)
@@ -535,6 +543,7 @@ class PackedTrainer:
         """``kind``'s samples of the slot's run: its adapter alone (or none, for the baseline)."""
         self._unroute()
         self._activate(slot_name(slot.index))
+        slot.task.make_current()
         slot.trainer.validate(slot.state, kind)
 
     def _finish(self, slot: Slot) -> TrainResult:

@@ -95,6 +95,25 @@ class Task(ABC):
         self.backend.attach(self.adapters, self.adapter_configs(), run)
         self.params = self.adapters.parameters()
 
+    # a packed run (``pack.py``) shares one loaded model among its slots' tasks; a task with modules of its own
+    # besides the adapters (control: its condition encoder) builds them here and feeds them to the shared model
+    def setup_slot(self, run: Run) -> None:
+        """Build this run's own modules besides the adapters (drawn as its solo run draws them), on the shared
+        model; the default has none."""
+        return None
+
+    def make_current(self) -> None:
+        """Put this run's own modules in the shared model before it samples (previews); the default has none."""
+        return None
+
+    def extra_condition(self, batch: dict, run: Run) -> torch.Tensor | None:
+        """What this run's own modules add to the denoiser for ``batch`` (one row per sample), or None."""
+        return None
+
+    def set_extra_condition(self, rows: torch.Tensor | None) -> None:
+        """Give the shared denoiser the rows of ``extra_condition`` for its next call (None: clear them)."""
+        return None
+
     def adapter_configs(self) -> dict:
         """``{component: EtherConfig}`` of what to adapt: the denoiser, with the flags' targets."""
         return {self.backend.denoiser_component: self.backend.denoiser_adapter_config()}
