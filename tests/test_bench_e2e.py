@@ -185,9 +185,9 @@ def test_control_bench_runs_end_to_end(tmp_path, capsys):
 
 
 def test_control_bench_packs_its_adapter_runs(tmp_path, capsys):
-    """--pack (default 8): the ETHER and ETHER+ runs train side by side (a pack per layout), each with its own
-    condition encoder, into its own folder with its training record; the encoder-only run trains alone; every file
-    is the one of --pack 1 (to float32 rounding)."""
+    """--pack 8: the ETHER and ETHER+ runs train side by side (a pack per layout), each with its own condition
+    encoder, into its own folder with its training record; the encoder-only run trains alone; every file is the one
+    of the default --pack 1 (to float32 rounding)."""
     from safetensors.torch import load_file
 
     data = tmp_path / "tiny-control"
@@ -195,9 +195,10 @@ def test_control_bench_packs_its_adapter_runs(tmp_path, capsys):
                  "8", "--eval_scenes", "4"]) == 0  # fmt: skip
     args = ["bench", "control", "--train_data_dir", str(data / "train"), "--eval_data_dir", str(data / "eval"),
             "--methods", "encoder", "ether", "ether_plus", "--seeds", "0", "1", "--quick", "--quiet"]  # fmt: skip
-    assert main([*args, "--output_dir", str(tmp_path / "packed")]) == 0
+    assert main([*args, "--pack", "8", "--output_dir", str(tmp_path / "packed")]) == 0
     assert "training 4 runs 8 per step" in capsys.readouterr().out
-    assert main([*args, "--pack", "1", "--output_dir", str(tmp_path / "alone")]) == 0
+    assert main([*args, "--output_dir", str(tmp_path / "alone")]) == 0
+    assert "per step" not in capsys.readouterr().out
     for run in ("ether-x1-seed0", "ether-x1-seed1", "ether_plus-x1-seed0", "ether_plus-x1-seed1", "encoder-seed0"):
         packed, alone = tmp_path / "packed" / "runs" / "all" / run, tmp_path / "alone" / "runs" / "all" / run
         record = json.loads((packed / "scores.json").read_text())

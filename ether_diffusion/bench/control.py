@@ -39,7 +39,6 @@ from ..control.train import ControlConfig
 from ..evaluation import embed, prompt_fidelity
 from ..files import atomic_folder
 from ..training.config import ConfigError, RunConfig, TaskKind, option
-from ..training.pack import DEFAULT_PACK
 from .config import CONTROL_METHODS, BenchOptions, hidden, is_tiny_model, shipped_model_named
 from .metrics import IGNORE_INDEX, Metric, Segmenter, TransformersSegmenter, WorldSegmenter, frechet_distance
 from .metrics import segmentation_scores as scores_of_masks
@@ -57,6 +56,9 @@ __all__ = [
     "run_control_bench",
 ]
 
+#: ``--pack``'s default: measured (``bench pack --task control``, docs/performance.md), 1.00× / 0.95× / 1.04× / 0.99×
+#: the adapters per hour at K = 1 / 2 / 4 / 8 on the 2-core CPU, with memory growing by 0.3 GB per 2 runs
+CONTROL_PACK = 1
 TRAIN_START, EVAL_START = 20_000_000, 30_000_000  # tiny-world scene numbers: disjoint from each other and pretraining
 # (the paper's setup on a real model, the tiny world's on the shipped one)
 DEFAULTS = {
@@ -90,9 +92,11 @@ class ControlBenchConfig(BenchOptions, ControlConfig):
                                    "AutoModelForSemanticSegmentation hub id / folder")  # fmt: skip
     eval_seed: int = option(0, "image k of row r is drawn from seed eval_seed + r·K + k", minimum=0)
     pack: int = option(
-        DEFAULT_PACK, "train this many adapter runs side by side in each step (`train --jobs`; each with its own "
-        "condition encoder, and trains what it trains alone, to float32 rounding); 1: one at a time. The encoder-only "
-        "runs and PEFT peers train one at a time", minimum=1, same_run=False,
+        CONTROL_PACK, "train this many adapter runs side by side in each step (`train --jobs`; each with its own "
+        "condition encoder, and trains what it trains alone, to float32 rounding). Default 1: at the benchmark's "
+        "batch of 8 a run's step is bound by arithmetic, and packing 8 gained nothing on a CPU (docs/performance.md); "
+        "try 8 where the step waits for the host (a GPU). The encoder-only runs and PEFT peers train one at a time",
+        minimum=1, same_run=False,
     )  # fmt: skip
 
     # shared flags with the benchmark's defaults
