@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU table of docs/performance.md in one run: ether-diffusion bench speed --device cuda (SD-1.5 UNet 64² batch 1 and 4, SDXL UNet
-# 128² with gradient checkpointing, the host-sync check, 25-step sampling, the compiled blocks, and the training step
-# captured as a CUDA graph with its 100-step eager/captured check), raw log and reports into $OUT.
+# 128² with gradient checkpointing, the host-sync check, 25-step sampling, the compiled blocks, the training step
+# captured as a CUDA graph with its 100-step eager/captured check, and 8 DreamBooth runs per step against one: the
+# adapters per hour of `train --jobs`), raw log and reports into $OUT.
 #
 # The GPU machine has torch and peft but no diffusers, and no network. Before the run, on a machine with PyPI:
 #     bash scripts/gpu_speed.sh --fetch-wheels        # diffusers + importlib_metadata wheels into .whl/ (ignored)

@@ -31,7 +31,7 @@ def test_spread_reports_median_range_and_quartiles():
 def test_the_cuda_profile_covers_the_gpu_rows_of_issues_18_and_25():
     args = bench.parse_args(["--device", "cuda"])
     assert args.dtype == "bf16" and args.sizes == [64] and args.batches == [1, 4] and args.sdxl_size == 128
-    assert args.sections == ["training", "sync", "sdxl", "inference", "compiled", "compile", "captured"]
+    assert args.sections == ["training", "sync", "sdxl", "inference", "compiled", "compile", "pack", "captured"]
     assert args.steps == 25
     assert args.compile_backend == "inductor"
     assert [bench.VARIANTS[key].label for key in args.variants] == [
@@ -99,8 +99,11 @@ def test_quick_run_of_the_cuda_rows_on_the_cpu(tmp_path):
         ]
     )
     assert args.sections == list(bench.SECTIONS)
-    args.sections = ["training", "sync", "sdxl", "inference", "compiled", "compile"]
+    args.sections = ["training", "sync", "sdxl", "inference", "compiled", "compile", "pack"]
     result = bench.main(args)
+    pack = result["pack"]  # K runs per step: K ETHER+ adapters routed per sample, each run's own AdamW
+    assert [(r["pack"], r["batch"]) for r in pack] == [(1, 2), (8, 16)] and pack[0]["ratio"]["median"] == 1.0
+    assert all(r["per_hour"] > 0 and len(r["times"]) == 2 for r in pack)
     sdxl = result["sdxl"]
     assert [r["key"] for r in sdxl] == bench.ISSUE_VARIANTS and all(r["checkpointing"] for r in sdxl)
     assert all(r["model"] == "SDXL UNet (tiny)" and r["peak_extra_mb"]["median"] >= 0 for r in sdxl)
@@ -111,6 +114,7 @@ def test_quick_run_of_the_cuda_rows_on_the_cpu(tmp_path):
     assert {r["variant"] for r in result["inference"]} >= {"base", "ETHER fused", "ETHER+ two-sided unfused"}
     report = (tmp_path / "speed_cpu_quick.md").read_text()
     assert "SDXL UNet (tiny) (gradient checkpointing)" in report and "Host-device synchronisation" in report
+    assert "K runs per training step (`train --jobs`): adapters per hour" in report
     blocks = result["compiled"]
     assert [r["key"] for r in blocks] == ["floor", "ether1", "etherplus1"] and blocks[0]["ratio"]["median"] == 1.0
     assert all(r["time"]["median"] > 0 and r["compile_s"] > 0 and len(r["times"]) == 2 for r in blocks)

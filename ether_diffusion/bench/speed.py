@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from ..architectures import SD15_UNET, SDXL_UNET
-from ..config import DTYPES, EtherConfig
+from ..config import DTYPES, TARGET_PRESETS, EtherConfig
 from ..inject import (
+    adapter_layers,
     adapter_parameters,
     count_parameters,
     eject,
@@ -50,6 +51,7 @@ from ..inject import (
 )
 from ..io import load_adapter, save_adapter
 from ..layers import EtherLayer
+from ..slots import SlotRoute
 from ..training.graphs import CapturedStep, capturable_lr
 from .speed_report import markdown
 from .speed_variants import (
@@ -243,6 +245,89 @@ def bench_compiled_training(unet, args, meter, device, dtype):
             f"first step {compile_s[key]:.0f} s",
             flush=True,
         )
+    return rows
+
+
+PACK_SAMPLES = 2  # per run and step: one instance and one class image (DreamBooth with prior preservation)
+
+
+@contextlib.contextmanager
+def packed_runs(unet, count: int, device):
+    """``count`` ETHER+ adapters (``pack0``...) on the UNet's attention (the default DreamBooth targets), each run's
+    samples routed to its own (``slots.SlotRoute``) as a packed step does; one adapter alone is a solo run's step.
+    Yields the runs' parameter lists."""
+    config = EtherConfig(method="ether_plus", n_blocks=1, target_modules=TARGET_PRESETS["unet-attention-image"])
+    names = [f"pack{k}" for k in range(count)]
+    runs = []
+    for name in names:
+        inject(unet, config, name, activate=False)
+        params = adapter_parameters(unet, name)
+        for p in params:
+            p.data = p.data.float()  # trainables in fp32 when the frozen model runs in low precision
+            p.requires_grad_(True)
+        runs.append(params)
+    route = SlotRoute(names)
+    if count > 1:
+        route.assign([PACK_SAMPLES] * count, device)
+        for _, layer in adapter_layers(unet):
+            layer.route_slots(route)
+    else:
+        set_active_adapters(unet, names)
+    try:
+        yield runs
+    finally:
+        for _, layer in adapter_layers(unet):
+            layer.route_slots(None)
+        eject(unet)
+
+
+def bench_pack(unet, args, meter, device, dtype):
+    """Adapters trained per hour when K DreamBooth runs share a step (``train --jobs``): the UNet's training step
+    (forward, backward, each run's own AdamW step) on K × 2 samples (instance + class image per run) with K ETHER+
+    adapters routed per sample, against one run's step (K = 1, its adapter alone, 2 samples), at the first of
+    ``--sizes`` (64² latents = 512 px on the GPU profile). The VAE and text-encoder passes, shared by a pack as by a
+    run, are left out. Adapters per hour = K × 3600 / step; the ratio to K = 1 is taken within each round."""
+    size = args.sizes[0]
+    packs = [1, *args.pack_sizes]
+    names = [f"K={k}" for k in packs]
+
+    def visit(name):
+        count = int(name[2:])
+        inputs = training_inputs(unet, size, count * PACK_SAMPLES, device, dtype)
+        latents, timesteps, context, extra, target = inputs
+        with packed_runs(unet, count, device) as runs:
+            optimizers = [torch.optim.AdamW(params, lr=1e-4, foreach=True) for params in runs]
+
+            def step():
+                with autocast(device, dtype):
+                    prediction = unet(latents, timesteps, context, **extra).sample
+                losses = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+                losses.view(count, PACK_SAMPLES).mean(dim=1).sum().backward()  # each run's own mean
+                for optimizer in optimizers:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+            for _ in range(args.warmup):
+                step()
+            base_memory = meter.reset_peak()
+            seconds = meter.seconds_per_call(step, args.steps_per_visit)
+            return seconds, (meter.peak() - base_memory) / 2**20
+
+    visits = interleaved(names, args.rounds, visit)
+    solo = [seconds for seconds, _ in visits["K=1"]]
+    rows = []
+    for k, name in zip(packs, names):
+        times = [seconds for seconds, _ in visits[name]]
+        row = dict(model="SD-1.5 UNet" + (" (tiny)" if args.quick else ""), size=size, pack=k,
+                   batch=k * PACK_SAMPLES, time=spread(times), times=times,
+                   per_hour=k * 3600 / statistics.median(times),
+                   ratio=spread([k * s / t for t, s in zip(times, solo)]),
+                   peak_extra_mb=spread([peak for _, peak in visits[name]]))  # fmt: skip
+        rows.append(row)
+        print(f"  pack {size}² K={k:<2} (batch {row['batch']:>2}) {row['time']['median'] * 1e3:9.1f} ms "
+              f"({row['time']['min'] * 1e3:.1f}-{row['time']['max'] * 1e3:.1f})  adapters/hour {row['per_hour']:,.0f} "
+              f" ×K=1 {row['ratio']['median']:.2f} ({row['ratio']['min']:.2f}-{row['ratio']['max']:.2f})  "
+              f"+{row['peak_extra_mb']['median']:.0f} MB", flush=True)  # fmt: skip
     return rows
 
 
@@ -523,11 +608,11 @@ def bench_adapters(unet, args, meter):
     return rows
 
 
-SECTIONS = ("training", "sync", "sdxl", "inference", "compiled", "compile", "captured", "adapters")
+SECTIONS = ("training", "sync", "sdxl", "inference", "compiled", "compile", "pack", "captured", "adapters")
 PROFILES = {  # what a plain run measures, per device kind
     "cpu": dict(sections=["training", "inference", "adapters"], variants=list(VARIANTS), sizes=[16, 32]),
     "cuda": dict(
-        sections=["training", "sync", "sdxl", "inference", "compiled", "compile", "captured"],
+        sections=["training", "sync", "sdxl", "inference", "compiled", "compile", "pack", "captured"],
         variants=ISSUE_VARIANTS,
         sizes=[64],
     ),
@@ -566,6 +651,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     parser.add_argument(
         "--captured_check_steps", type=int, default=100, help="steps of the captured section's eager/captured check"
     )
+    parser.add_argument("--pack_sizes", type=int, nargs="+", default=[8], help="K of the pack section (beside 1)")
     parser.add_argument("--skip_peers", action="store_true", help="skip the PEFT variants")
     parser.add_argument(
         "--output_dir",
@@ -648,6 +734,7 @@ def main(args: argparse.Namespace) -> dict:
         "compiled": lambda: bench_compiled_training(sd15, args, meter, device, dtype),
         "compile": lambda: bench_compile(sd15, args, device, dtype),
         "captured": lambda: bench_captured_training(sd15, args, meter, device, dtype),
+        "pack": lambda: bench_pack(sd15, args, meter, device, dtype),
         "adapters": lambda: bench_adapters(sd15, args, meter),
     }
     for name in [s for s in SECTIONS if s in args.sections]:

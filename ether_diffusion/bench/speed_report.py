@@ -105,6 +105,19 @@ def markdown(result) -> str:
             for row in result.get("captured", [])
             if "check" in row
         ]
+    packed = result.get("pack", [])
+    if packed:
+        lines += ["", "## K runs per training step (`train --jobs`): adapters per hour", ""]
+        lines += [
+            "| model | latents | K | batch | median ms | min–max ms | adapters / hour | × K=1 | × K=1 min–max | +MB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {row['model']} | {row['size']}² | {row['pack']} | {row['batch']} | {row['time']['median'] * 1e3:.1f} "
+            f"| {_range(row['time'], 1e3)} | {row['per_hour']:,.0f} | {row['ratio']['median']:.2f} "
+            f"| {_range(row['ratio'], digits=2)} | {row['peak_extra_mb']['median']:.0f} |"
+            for row in packed
+        ]
     errors = result.get("errors", {})
     if errors:
         lines += ["", "## Sections that failed", ""] + [f"- {name}: `{text}`" for name, text in errors.items()]
