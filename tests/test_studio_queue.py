@@ -165,6 +165,15 @@ def test_one_training_at_a_time_and_bad_jobs_refused_when_added(tmp_path):
     queue.stop()
     queue.wait(60)
     assert by_name(queue)["next"]["phase"] == "queued"
+    # a run whose record was damaged (a disk that filled up, a hand edit) is ended: its jobs wait again, from step 0
+    (run,) = (tmp_path / "ws" / "queue" / "runs").iterdir()
+    (run / "run.json").write_text('{"jobs": [')
+    again = JobQueue(manager, pack=2)
+    run_id, ids, resume = again._next_run()
+    assert not resume and len(ids) == 2 and not run.exists()
+    assert {n: (s["phase"], s["step"]) for n, s in by_name(again).items()} == {"long": ("queued", 0),
+                                                                              "next": ("queued", 0)}  # fmt: skip
+    queue = again
     manager.start(spec("single", max_train_steps=200, prior_preservation=False))
     try:
         with pytest.raises(StudioError, match="already running"):

@@ -239,17 +239,24 @@ class JobQueue:
 
     def _next_run(self) -> tuple[str, list[str], bool] | None:
         """``(run id, its job ids, resume)``: the oldest unfinished run, else a new run of every queued job."""
+        for run in sorted({s["run"] for s in self.jobs() if s.get("run") and unfinished(s)}):
+            if (self.runs / run / RUN_FINISHED).exists():
+                continue
+            try:
+                ids = json.loads((self.runs / run / RUN_FILE).read_text())["jobs"]
+                if not all(job_id in self._jobs for job_id in ids):
+                    raise ValueError("a job of it is gone")
+            except (OSError, ValueError, KeyError, TypeError):  # its record is unreadable or a job is gone
+                self._end_run(run, but=None)
+                continue
+            return run, ids, True
         jobs = self.jobs()
-        for run in sorted({s["run"] for s in jobs if s.get("run") and unfinished(s)}):
-            record = self.runs / run / RUN_FILE
-            if record.is_file() and not (self.runs / run / RUN_FINISHED).exists():
-                return run, json.loads(record.read_text())["jobs"], True
         waiting = [s["id"] for s in jobs if s["phase"] == "queued" and not s.get("run")]
         if not waiting:
             return None
         return time.strftime("%Y%m%d-%H%M%S-") + f"{len(waiting)}-jobs", waiting, False
 
-    def _end_run(self, run: str, but: str) -> list[str]:
+    def _end_run(self, run: str, but: str | None) -> list[str]:
         """Give up run ``run``: its unfinished jobs (but ``but``) go back to the queue, from step 0."""
         again = []
         for s in self.jobs():
@@ -273,12 +280,13 @@ class JobQueue:
         if not resume:
             folder.mkdir(parents=True, exist_ok=True)
             pack = max(1, min(self.pack, len(ids)))
-            (folder / RUN_FILE).write_text(json.dumps({"jobs": ids, "pack": pack}))
+            with atomic_write(folder / RUN_FILE) as tmp:
+                tmp.write_text(json.dumps({"jobs": ids, "pack": pack}))
             for job_id in ids:
                 self._set(job_id, run=run, message=f"waiting for a slot (run {run})")
-        pack = json.loads((folder / RUN_FILE).read_text())["pack"]
         events = _Events(self)
         try:
+            pack = json.loads((folder / RUN_FILE).read_text())["pack"]
             jobs = []
             for job_id in ids:
                 state = self._jobs[job_id]
@@ -291,7 +299,7 @@ class JobQueue:
                                    quiet=True).train()  # fmt: skip
         except BaseException as err:  # every failure reaches the page; the thread never dies silently
             for job_id in ids:
-                if unfinished(self._jobs[job_id]):
+                if job_id in self._jobs and unfinished(self._jobs[job_id]):
                     self._set(job_id, phase="failed", error=f"{type(err).__name__}: {err}", eta_seconds=None,
                               traceback=traceback.format_exc()[-4000:],
                               message="the run failed; fix the cause, then Train queue resumes it (or Remove "
