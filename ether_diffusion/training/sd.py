@@ -228,14 +228,14 @@ class StableDiffusionBackend:
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         vae = self.components.vae
-        pixels = batch["pixel_values"].to(run.device, dtype=vae.dtype)
         with torch.no_grad():
             if self.latent_cache is None:
-                return vae.encode(pixels).latent_dist
-            rows = []
-            for key, row in zip(map(tuple, batch["latent_key"].tolist()), pixels):
+                return vae.encode(batch["pixel_values"].to(run.device, dtype=vae.dtype)).latent_dist
+            rows = []  # cached rows touch no pixels (and ask no module its dtype: diffusers walks every module)
+            for i, key in enumerate(map(tuple, batch["latent_key"].tolist())):
                 if key not in self.latent_cache:
-                    self.latent_cache[key] = vae.encode(row[None]).latent_dist.parameters[0]
+                    pixels = batch["pixel_values"][i : i + 1].to(run.device, dtype=vae.dtype)
+                    self.latent_cache[key] = vae.encode(pixels).latent_dist.parameters[0]
                 rows.append(self.latent_cache[key])
             return DiagonalGaussianDistribution(torch.stack(rows))  # (B, 2C, h, w): mean and log-variance
 
