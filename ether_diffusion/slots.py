@@ -10,8 +10,10 @@ slots' vectors and builds every slot's transform at once::
     x (B, ..., d)  ->  x + (x R[slot_b]ᵀ) E[slot_b]          one batched product per side
 
 The number of operations per layer does not grow with the number of slots; the base layer's product runs once for
-the whole batch, which is what makes a packed step cheaper than K steps. Each slot's gradient is the one its own
-samples give (a sample's output depends on its own adapter only). torch only.
+the whole batch, which is what makes a packed step cheaper than K steps. A ``SlotPlan`` goes further: once per step
+it normalises every layer's slot vectors in one batch per vector shape (``prepare``), and each layer then only views
+its rows (its vectors unchanged since, or it makes its own). Each slot's gradient is the one its own samples give (a
+sample's output depends on its own adapter only). torch only.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 from .inject import adapter_configs
 from .reflection import _norm_floor, block_rows, cast
 
-__all__ = ["SlotRoute", "check_same_layout"]
+__all__ = ["SlotPlan", "SlotRoute", "check_same_layout"]
 
 
 class SlotRoute:
@@ -36,6 +38,7 @@ class SlotRoute:
         self.names = list(names)
         self.ids: torch.Tensor | None = None
         self.per_slot: int | None = None  # samples per slot when the batch is S equal consecutive groups
+        self.plan: SlotPlan | None = None  # every layer's rows made in one batch per step, when the trainer asks
 
     def assign(self, counts: list[int], device) -> None:
         """Samples per slot, in batch order: slot ``k``'s ``counts[k]`` samples follow slot ``k - 1``'s."""
@@ -59,13 +62,24 @@ class SlotRoute:
         h = x
         sides = adapters[0].sides
         if "input" in sides:
-            rows = _slot_rows(adapters, "input", strength, dtype)
+            rows = self._rows(layer, adapters, "input", strength, dtype)
             h = layer._features_back(self._apply(layer._features_last(cast(h, dtype)), rows))
         if "output" not in sides:
             return layer.base_layer(h)
         y = layer._features_last(layer._product_without_bias(h))
-        y = self._apply(y, _slot_rows(adapters, "output", strength, y.dtype))
+        y = self._apply(y, self._rows(layer, adapters, "output", strength, y.dtype))
         return layer._add_bias(layer._features_back(y))
+
+    def _rows(self, layer, adapters: list, side: str, strength: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        planned = None if self.plan is None else self.plan.rows_of(layer, side, self.names)
+        if planned is None:
+            return _slot_rows(adapters, side, strength, dtype)
+        rows, coefficients = planned
+        rows = cast(rows, dtype)
+        if len(set(coefficients)) == 1:
+            return rows, rows * coefficients[0]
+        n = rows.shape[1] // len(coefficients)
+        return rows, rows * _scale(coefficients, n, dtype, rows.device)
 
     def _apply(self, x: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``x + (x Rᵀ) E`` with each sample's own slot's ``R``, ``E`` (S, r, d)."""
@@ -95,6 +109,63 @@ def _slot_rows(adapters: list, side: str, strength: float, dtype: torch.dtype) -
     if len(set(coefficients)) == 1:
         return rows, rows * coefficients[0]
     return rows, rows * _scale(coefficients, n, dtype, rows.device)
+
+
+class _Planned:
+    """One (layer, side) of a ``SlotPlan``: its S·K vectors' place in their group and the rows made from them."""
+
+    __slots__ = ("vectors", "versions", "start", "key", "terms", "coefficients", "rows")
+
+    def __init__(self, vectors: tuple, start: int, key: tuple, terms: int, coefficients: tuple):
+        self.vectors, self.start, self.key, self.terms, self.coefficients = vectors, start, key, terms, coefficients
+        self.versions: tuple | None = None
+        self.rows: torch.Tensor | None = None
+
+
+class SlotPlan:
+    """Every routed layer's slot rows, made in one batch per vector shape: ``prepare()`` (once per step, after the
+    optimizers stepped) stacks every layer's S·K vectors of a shape, normalises them and places their blocks at once;
+    a layer's forward views its (S, K·n, d) rows. A layer whose vectors changed since (an in-place write: their
+    versions) or which the plan does not hold makes its own rows (``_slot_rows``): never stale rows."""
+
+    def __init__(self, layers, names: list[str]):
+        self.names = list(names)
+        self.groups: dict[tuple, list[torch.Tensor]] = {}
+        self.entries: dict[tuple[int, str], _Planned] = {}
+        for layer in layers:
+            adapters = [layer.ether_adapters[name] for name in self.names]
+            strength = layer.strengths[self.names[0]]
+            method = adapters[0].method
+            for side in adapters[0].sides:
+                terms = [method.rank_one_terms(adapter.vectors(side), strength) for adapter in adapters]
+                vectors = tuple(vector for found in terms for vector in found.vectors)
+                key = (tuple(vectors[0].shape), vectors[0].dtype, vectors[0].device)
+                members = self.groups.setdefault(key, [])
+                self.entries[(id(layer), side)] = _Planned(vectors, len(members), key, len(terms[0].coefficients),
+                                                           tuple(terms[0].coefficients))  # fmt: skip
+                members.extend(vectors)
+
+    def prepare(self) -> None:
+        made = {}
+        for key, members in self.groups.items():
+            stacked = torch.stack(members)  # (M, n, b)
+            units = stacked / stacked.norm(dim=-1, keepdim=True).clamp_min(_norm_floor(stacked.dtype))
+            made[key] = block_rows(units)  # (M·n, n·b)
+        for entry in self.entries.values():
+            n, b = entry.key[0]
+            count = len(entry.vectors)
+            rows = made[entry.key][entry.start * n : (entry.start + count) * n]
+            entry.rows = rows.view(count // entry.terms, entry.terms * n, n * b)
+            entry.versions = tuple(vector._version for vector in entry.vectors)
+
+    def rows_of(self, layer, side: str, names: list[str]) -> tuple[torch.Tensor, tuple] | None:
+        """``(rows, coefficients)`` of ``layer``'s ``side`` if prepared from its current vectors, else None."""
+        entry = self.entries.get((id(layer), side))
+        if entry is None or entry.rows is None or names != self.names:
+            return None
+        if any(vector._version != version for vector, version in zip(entry.vectors, entry.versions)):
+            return None
+        return entry.rows, entry.coefficients
 
 
 _SCALES: dict[tuple, torch.Tensor] = {}

@@ -41,7 +41,7 @@ from ..checkpoints import COMPLETE_MARKER, latest_checkpoint, partial_folder, pr
 from ..config import DTYPES
 from ..inject import active_adapters, adapter_layers, adapter_names, delete_adapter, set_active_adapters
 from ..sampling import SamplingInterrupted, interruptible
-from ..slots import SlotRoute, check_same_layout
+from ..slots import SlotPlan, SlotRoute, check_same_layout
 from .artifacts import write_text
 from .callbacks import Callback
 from .config import ConfigError, RunConfig
@@ -394,6 +394,7 @@ class PackedTrainer:
         task.backend.components = self.components
         configs = task.adapter_configs()
         self._unroute()
+        self.route.plan = None  # the slot's adapter is made anew: the plan holds its old vectors
         for model in self.models.values():
             if name in adapter_names(model):
                 delete_adapter(model, name)
@@ -445,6 +446,9 @@ class PackedTrainer:
                 for _, layer in adapter_layers(model):
                     layer.route_slots(self.route)
             self.routed = True
+        if self.route.plan is None or self.route.plan.names != self.route.names:
+            layers = [layer for model in self.models.values() for _, layer in adapter_layers(model)]
+            self.route.plan = SlotPlan(layers, self.route.names)
 
     def _activate(self, name: str) -> None:
         for model in self.models.values():
@@ -486,6 +490,7 @@ class PackedTrainer:
         else:
             self._route(slots)
             self.route.assign(counts, run.device)
+            self.route.plan.prepare()  # every layer's slot rows in one batch per vector shape
         extra = [slots[i].task.extra_condition(batch, run) for i, batch in zip(order, batches)]
         shared = slots[order[0]].task  # the model is every slot's: any task sets what it adds
         shared.set_extra_condition(None if extra[0] is None else torch.cat(extra))  # control: each run's encoder
