@@ -82,8 +82,9 @@ PER_JOB = frozenset(
     }
 )  # fmt: skip
 
-#: runs per packed step when nothing else says (``train --jobs``, ``bench dreambooth``): the K of the most adapters
-#: per hour in docs/performance.md's table
+#: runs per packed step when nothing else says (``train --jobs``, ``bench dreambooth``, the studio's queue): past it
+#: more runs per step add little (docs/performance.md: K = 16 gives 3-16 % more adapters per hour for 7-33 % more
+#: memory)
 DEFAULT_PACK = 8
 #: the families whose DreamBooth step packs (the UNet models: their loss is ``StableDiffusionBackend``'s)
 PACKED_FAMILIES = ("sd", "sdxl")
