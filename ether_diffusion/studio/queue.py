@@ -72,10 +72,12 @@ class JobQueue:
         found = []
         for path in sorted(self.folder.glob(f"*/{STATE_FILE}")):
             try:
-                if path.stat().st_size > MAX_STATE_BYTES:
-                    raise ValueError(f"it is {path.stat().st_size / 2**20:.0f} MB; a job's state is far smaller")
-                state = json.loads(path.read_text())
-                why = check_state(state, path.parent, QUEUE_PHASES)
+                size = path.stat().st_size
+                if size > MAX_STATE_BYTES:
+                    why = f"it is {size / 2**20:.0f} MB; a job's state is far smaller"
+                else:
+                    state = json.loads(path.read_text())
+                    why = check_state(state, path.parent, QUEUE_PHASES)
             except (OSError, ValueError, RecursionError) as err:
                 why = f"it is not readable JSON ({str(err)[:80]})"
             if why is not None:
@@ -135,7 +137,7 @@ class JobQueue:
         line = " · ".join(f"{n} {phase}" for phase, n in counts.items())
         if self.running():
             return f"**training** up to {self.pack} jobs per step · {line}"
-        waiting = sum(counts.get(p, 0) for p in ("queued", "stopped", "interrupted"))
+        waiting = sum(1 for s in jobs if unfinished(s))  # not running: none is under way
         return line + (f" · **Train queue** trains {waiting} side by side" if waiting else "")
 
     def removable(self) -> list[str]:
