@@ -197,6 +197,39 @@ def check_state(state, job_dir: Path, phases: tuple[str, ...] = PHASES) -> str |
     return None
 
 
+def read_states(folder: Path, phases: tuple[str, ...] = PHASES) -> tuple[list[dict], list[str]]:
+    """The states of ``folder``'s jobs (``<id>/state.json``) that are jobs' states (``check_state``), and a line for
+    each one skipped, with why: nothing unreadable, oversized or of another shape is shown or resumed."""
+    states, skipped = [], []
+    for path in sorted(folder.glob(f"*/{STATE_FILE}")):
+        why = None
+        try:
+            if path.stat().st_size > MAX_STATE_BYTES:
+                why = f"it is {path.stat().st_size / 2**20:.0f} MB; a job's state is far smaller"
+            else:
+                state = json.loads(path.read_text())
+        except RecursionError:
+            why = "its JSON is nested deeper than any job's state"
+        except (OSError, ValueError) as err:
+            why = f"it is not readable JSON ({str(err)[:80]})"
+        why = why or check_state(state, path.parent, phases)
+        if why is not None:
+            skipped.append(f"'{path}' is not a job's state ({why}): the job is not shown")
+            continue
+        states.append(state)
+    return states, skipped
+
+
+def new_job_id(folder: Path, name: str) -> str:
+    """``<time>-<name>``, with ``-2``, ``-3`` ... while ``folder`` has a job of that id."""
+    stamp = time.strftime("%Y%m%d-%H%M%S-")
+    job_id, n = stamp + name, 1
+    while (folder / job_id).exists():
+        n += 1
+        job_id = f"{stamp}{name}-{n}"
+    return job_id
+
+
 class JobManager:
     """Starts, watches, stops and resumes training jobs; ``status()`` is what the page polls."""
 
@@ -226,23 +259,8 @@ class JobManager:
 
     def _load_latest(self) -> None:
         """The newest job whose ``state.json`` is a job's state; each other one is skipped with why (``skipped``)."""
-        states = []
-        for path in sorted(self.workspace.jobs.glob(f"*/{STATE_FILE}")):
-            why = None
-            try:
-                if path.stat().st_size > MAX_STATE_BYTES:
-                    why = f"it is {path.stat().st_size / 2**20:.0f} MB; a job's state is far smaller"
-                else:
-                    state = json.loads(path.read_text())
-            except RecursionError:
-                why = "its JSON is nested deeper than any job's state"
-            except (OSError, ValueError) as err:
-                why = f"it is not readable JSON ({str(err)[:80]})"
-            why = why or check_state(state, path.parent)
-            if why is not None:
-                self.skipped.append(f"'{path}' is not a job's state ({why}): the job is not shown")
-                continue
-            states.append(state)
+        states, skipped = read_states(self.workspace.jobs)
+        self.skipped += skipped
         if not states:
             return
         self._state = max(states, key=lambda s: s.get("created", 0))
@@ -326,11 +344,7 @@ class JobManager:
             raise StudioError(
                 f"an adapter named {spec.adapter_name!r} already exists; choose another name or delete it first"
             )
-        job_id = time.strftime("%Y%m%d-%H%M%S-") + spec.adapter_name
-        n = 1
-        while (self.workspace.jobs / job_id).exists():
-            n += 1
-            job_id = f"{time.strftime('%Y%m%d-%H%M%S-')}{spec.adapter_name}-{n}"
+        job_id = new_job_id(self.workspace.jobs, spec.adapter_name)
         job_dir = inside(self.workspace.jobs, job_id)
         job_dir.mkdir()
         try:

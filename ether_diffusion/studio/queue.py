@@ -28,12 +28,14 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
+from PIL import Image
+
 from ..config import METHOD_LABELS
 from ..files import atomic_write
 from ..jobs import job_for
 from ..training.config import ConfigError, TaskKind
 from ..training.pack import DEFAULT_PACK, PackedTrainer
-from .jobs import MAX_STATE_BYTES, STATE_FILE, JobManager, TrainSpec, check_state
+from .jobs import STATE_FILE, JobManager, TrainSpec, new_job_id, read_states
 from .workspace import StudioError, inside
 
 __all__ = ["QUEUE_HEADERS", "QUEUE_PHASES", "JobQueue"]
@@ -69,21 +71,7 @@ class JobQueue:
 
     # --- state -------------------------------------------------------------------------------------------------
     def _load(self) -> None:
-        found = []
-        for path in sorted(self.folder.glob(f"*/{STATE_FILE}")):
-            try:
-                size = path.stat().st_size
-                if size > MAX_STATE_BYTES:
-                    why = f"it is {size / 2**20:.0f} MB; a job's state is far smaller"
-                else:
-                    state = json.loads(path.read_text())
-                    why = check_state(state, path.parent, QUEUE_PHASES)
-            except (OSError, ValueError, RecursionError) as err:
-                why = f"it is not readable JSON ({str(err)[:80]})"
-            if why is not None:
-                self.skipped.append(f"'{path}' is not a queued job's state ({why}): the job is not shown")
-                continue
-            found.append(state)
+        found, self.skipped = read_states(self.folder, QUEUE_PHASES)
         for state in sorted(found, key=lambda s: s.get("created", 0)):
             self._jobs[state["id"]] = state
             if state["phase"] in ACTIVE:  # the studio stopped during the run
@@ -157,11 +145,7 @@ class JobQueue:
             raise StudioError(f"an adapter named {name!r} already exists; choose another name or delete it first")
         if any(s["spec"]["adapter_name"] == name and unfinished(s) for s in self.jobs()):
             raise StudioError(f"a queued job already trains an adapter named {name!r}; choose another name")
-        stamp = time.strftime("%Y%m%d-%H%M%S-")
-        job_id, n = stamp + name, 1
-        while (self.folder / job_id).exists():
-            n += 1
-            job_id = f"{stamp}{name}-{n}"
+        job_id = new_job_id(self.folder, name)
         job_dir = inside(self.folder, job_id)
         job_dir.mkdir()
         try:
@@ -288,7 +272,8 @@ class JobQueue:
                 self._set(job_id, run=run, message=f"waiting for a slot (run {run})")
         events = _Events(self)
         try:
-            pack = json.loads((folder / RUN_FILE).read_text())["pack"]
+            if resume:  # the run's own pack size: its checkpoints' slots
+                pack = json.loads((folder / RUN_FILE).read_text())["pack"]
             jobs = []
             for job_id in ids:
                 state = self._jobs[job_id]
@@ -323,13 +308,14 @@ class JobQueue:
 
     def _publish(self, job_id: str, result) -> None:
         """The finished job's adapter into the store (its final samples as thumbnail)."""
-        from PIL import Image
-
         state = self._jobs[job_id]
         store, wanted = self.manager.store, state["spec"]["adapter_name"]
         name = wanted if not store.exists(wanted) else store.free_name(wanted)
         samples = Path(result.output_dir) / "samples.png"
-        thumbnail = Image.open(samples).convert("RGB") if samples.is_file() else None
+        thumbnail = None
+        if samples.is_file():
+            with Image.open(samples) as image:
+                thumbnail = image.convert("RGB")
         store.publish(Path(result.adapter_path), name, thumbnail=thumbnail)
         renamed = "" if name == wanted else f" (as '{name}': '{wanted}' was taken meanwhile)"
         self._set(job_id, phase="done", step=result.global_step, adapter=name, eta_seconds=None,
