@@ -74,12 +74,7 @@ class SlotRoute:
         planned = None if self.plan is None else self.plan.rows_of(layer, side, self.names)
         if planned is None:
             return _slot_rows(adapters, side, strength, dtype)
-        rows, coefficients = planned
-        rows = cast(rows, dtype)
-        if len(set(coefficients)) == 1:
-            return rows, rows * coefficients[0]
-        n = rows.shape[1] // len(coefficients)
-        return rows, rows * _scale(coefficients, n, dtype, rows.device)
+        return _with_coefficients(*planned, dtype)
 
     def _apply(self, x: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``x + (x Rᵀ) E`` with each sample's own slot's ``R``, ``E`` (S, r, d)."""
@@ -101,14 +96,22 @@ def _slot_rows(adapters: list, side: str, strength: float, dtype: torch.dtype) -
     coefficients = terms[0].coefficients
     k = len(coefficients)
     stacked = torch.stack([vector for found in terms for vector in found.vectors])  # (S·K, n, b)
-    units = stacked / stacked.norm(dim=-1, keepdim=True).clamp_min(_norm_floor(stacked.dtype))
-    n, b = units.shape[1:]
-    # block_rows of the S·K directions, slot by slot: rows (s, k·n + m) hold block m's direction in its columns
-    rows = block_rows(units).view(units.shape[0] // k, k * n, n * b)
+    count, n, b = stacked.shape
+    # rows (s, k·n + m) hold slot s's term k's direction of block m in its columns
+    return _with_coefficients(_unit_rows(stacked).view(count // k, k * n, n * b), coefficients, dtype)
+
+
+def _unit_rows(stacked: torch.Tensor) -> torch.Tensor:
+    """``block_rows`` of the (M, n, b) vectors made unit length: (M·n, n·b)."""
+    return block_rows(stacked / stacked.norm(dim=-1, keepdim=True).clamp_min(_norm_floor(stacked.dtype)))
+
+
+def _with_coefficients(rows: torch.Tensor, coefficients, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R, E)``: the (S, K·n, d) unit rows in ``dtype`` and the same rows times their terms' coefficients."""
     rows = cast(rows, dtype)
     if len(set(coefficients)) == 1:
         return rows, rows * coefficients[0]
-    return rows, rows * _scale(coefficients, n, dtype, rows.device)
+    return rows, rows * _scale(tuple(coefficients), rows.shape[1] // len(coefficients), dtype, rows.device)
 
 
 class _Planned:
@@ -148,9 +151,7 @@ class SlotPlan:
     def prepare(self) -> None:
         made = {}
         for key, members in self.groups.items():
-            stacked = torch.stack(members)  # (M, n, b)
-            units = stacked / stacked.norm(dim=-1, keepdim=True).clamp_min(_norm_floor(stacked.dtype))
-            made[key] = block_rows(units)  # (M·n, n·b)
+            made[key] = _unit_rows(torch.stack(members))  # (M·n, n·b) of the (M, n, b) vectors
         for entry in self.entries.values():
             n, b = entry.key[0]
             count = len(entry.vectors)
