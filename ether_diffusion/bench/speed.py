@@ -51,7 +51,7 @@ from ..inject import (
 )
 from ..io import load_adapter, save_adapter
 from ..layers import EtherLayer
-from ..slots import SlotRoute
+from ..slots import SlotPlan, SlotRoute
 from ..training.graphs import CapturedStep, capturable_lr
 from .speed_report import markdown
 from .speed_variants import (
@@ -254,8 +254,8 @@ PACK_SAMPLES = 2  # per run and step: one instance and one class image (DreamBoo
 @contextlib.contextmanager
 def packed_runs(unet, count: int, device):
     """``count`` ETHER+ adapters (``pack0``...) on the UNet's attention (the default DreamBooth targets), each run's
-    samples routed to its own (``slots.SlotRoute``) as a packed step does; one adapter alone is a solo run's step.
-    Yields the runs' parameter lists."""
+    samples routed to its own (``slots.SlotRoute`` and its ``SlotPlan``) as a packed step does; one adapter alone is
+    a solo run's step. Yields the runs' parameter lists and the plan to prepare before each forward (None alone)."""
     config = EtherConfig(method="ether_plus", n_blocks=1, target_modules=TARGET_PRESETS["unet-attention-image"])
     names = [f"pack{k}" for k in range(count)]
     runs = []
@@ -267,14 +267,16 @@ def packed_runs(unet, count: int, device):
             p.requires_grad_(True)
         runs.append(params)
     route = SlotRoute(names)
-    if count > 1:
+    if count > 1:  # as the packed trainer routes: every layer's rows made in one batch per step (prepare)
         route.assign([PACK_SAMPLES] * count, device)
-        for _, layer in adapter_layers(unet):
+        layers = [layer for _, layer in adapter_layers(unet)]
+        for layer in layers:
             layer.route_slots(route)
+        route.plan = SlotPlan(layers, names)
     else:
         set_active_adapters(unet, names)
     try:
-        yield runs
+        yield runs, route.plan
     finally:
         for _, layer in adapter_layers(unet):
             layer.route_slots(None)
@@ -295,10 +297,12 @@ def bench_pack(unet, args, meter, device, dtype):
         count = int(name[2:])
         inputs = training_inputs(unet, size, count * PACK_SAMPLES, device, dtype)
         latents, timesteps, context, extra, target = inputs
-        with packed_runs(unet, count, device) as runs:
+        with packed_runs(unet, count, device) as (runs, plan):
             optimizers = [torch.optim.AdamW(params, lr=1e-4, foreach=True) for params in runs]
 
             def step():
+                if plan is not None:
+                    plan.prepare()
                 with autocast(device, dtype):
                     prediction = unet(latents, timesteps, context, **extra).sample
                 losses = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
